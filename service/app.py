@@ -1,0 +1,56 @@
+"""The Flask application factory: `gunicorn "service.app:create_app()"`.
+
+create_app wires each concern's module; it loads settings, refuses to start
+without a model folder, and starts the engine thread, which loads the model
+in the background (/readyz answers 503 until it is done).
+"""
+
+import logging
+import sys
+from functools import partial
+
+from flask import Flask
+
+from service import errors, health, predict, requestid
+from service.settings import load_settings, require_model_path
+
+
+def create_app(settings=None):
+    """Build the app around one engine; the model is loaded once per process."""
+    settings = settings or load_settings()
+    model_path = require_model_path(settings)
+    configure_logging(settings.log_level)
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+    app.extensions["vibethinker.settings"] = settings
+
+    requestid.init_app(app)
+    errors.init_app(app)
+    app.register_blueprint(health.bp)
+    predict.init_app(app)
+    app.extensions["vibethinker.engine"] = start_engine(model_path, settings)
+    return app
+
+
+def start_engine(model_path, settings):
+    """Start the engine thread; it imports torch and loads the model off the request path."""
+    from service import model
+    from service.engine import Engine
+
+    loader = partial(model.load, str(model_path), settings.dtype)
+    return Engine(loader, settings.queue_size, settings.torch_threads).start()
+
+
+def configure_logging(level):
+    """Log lines to stderr (journald under systemd), each with its request id."""
+    root = logging.getLogger("vibethinker")
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(requestid.RequestIdFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    root.propagate = False

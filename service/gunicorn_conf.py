@@ -1,0 +1,68 @@
+"""Gunicorn configuration: `gunicorn -c service/gunicorn_conf.py "service.app:create_app()"`.
+
+Values come from the same settings as the app (VIBE_* variables and the TOML
+file named by VIBE_CONFIG). This file runs in gunicorn's master, which must
+never import torch or load the model: PyTorch's thread pools do not survive
+fork, and the model must exist once per server.
+"""
+
+import sys
+
+from service.settings import SettingsError, load_settings, require_model_path
+
+try:
+    _settings = load_settings()
+    require_model_path(_settings)  # fail in the master, with one clear line, not in a boot loop
+except SettingsError as exc:
+    print(f"vibethinker: {exc}", file=sys.stderr)
+    sys.exit(2)
+
+# --- Server socket ---
+# HOST:PORT (127.0.0.1:8000 in dev) or unix:/run/vibethinker/gunicorn.sock behind nginx.
+bind = [_settings.bind]
+# Connections the kernel queues before accept; nginx holds the rest. Range 64-2048.
+backlog = 256
+
+# --- Worker processes ---
+# Exactly one worker: each worker would load its own copy of the model (3 GB bf16),
+# and two workers would fight over the same cores. Scale out with more servers.
+workers = 1
+# gthread: a thread per in-flight HTTP request; they wait on the engine's queue
+# while one engine thread runs the model. Async workers would gain nothing.
+worker_class = "gthread"
+# Concurrent HTTP requests the worker holds (waiting or generating); beyond this
+# connections queue in the backlog. From VIBE_HTTP_THREADS, 1-1024.
+threads = _settings.http_threads
+# Seconds of worker silence before the master kills it. The gthread main loop
+# keeps heart-beating while requests generate, so this only catches a hung
+# process; it also bounds model loading, which runs in a background thread.
+timeout = 120
+# Seconds a worker gets on restart or stop to finish in-flight requests: above
+# the longest generation (the request deadline) so none is cut off.
+graceful_timeout = int(_settings.request_deadline_s) + 15
+# Seconds an idle keep-alive connection stays open; nginx reuses connections.
+keepalive = 5
+# Load the app in the worker, after fork, never in the master (see above).
+preload_app = False
+# Recycling the worker would reload the model; never do it on a request count.
+max_requests = 0
+
+# --- Requests ---
+# Request line and header bounds (bytes / count): defaults, stated for review.
+limit_request_line = 4094
+limit_request_fields = 100
+limit_request_field_size = 8190
+
+# --- Logging ---
+# Errors to stderr (journald under systemd); the app logs each request itself.
+errorlog = "-"
+loglevel = _settings.log_level
+accesslog = None
+
+# --- Process naming ---
+proc_name = "vibethinker"
+
+# --- Control ---
+# Gunicorn's runtime control socket lives under $HOME by default, which the
+# hardened unit makes read-only; reload and stop go through signals (systemd).
+control_socket_disable = True

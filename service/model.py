@@ -1,0 +1,65 @@
+"""Loading the model and tokenizer from a local folder, and the chat template.
+
+The real VibeThinker-1.5B weights and the random-weight demo model go through
+exactly this code. Nothing here talks to the Hugging Face hub.
+"""
+
+import os
+import time
+from dataclasses import dataclass
+
+# Set before transformers is imported: never reach for the hub, no progress bars.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.disable_progress_bar()
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate: weights, tokenizer, and the ids that end a reply."""
+
+    model: object
+    tokenizer: object
+    eos_ids: frozenset
+    pad_id: int
+    load_seconds: float
+
+    def encode_chat(self, messages):
+        """Token ids of the chat-templated conversation, ready for the assistant's turn."""
+        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        return list(enc["input_ids"])
+
+    def decode(self, ids):
+        """Text of generated ids, special tokens dropped."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def load(path, dtype="float32"):
+    """Load model and tokenizer once from a local folder; weights are memory-mapped."""
+    started = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype), low_cpu_mem_usage=True, local_files_only=True,
+    )
+    model.eval()
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        eos_ids.add(tokenizer.eos_token_id)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+    return LoadedModel(model, tokenizer, frozenset(eos_ids), pad_id, time.monotonic() - started)
+
+
+def chat_messages(question, system_prompt):
+    """The conversation for one question; an empty system prompt means none."""
+    messages = []
+    if system_prompt:
+        messages.append({"role": "system", "content": system_prompt})
+    messages.append({"role": "user", "content": question})
+    return messages

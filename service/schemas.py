@@ -1,0 +1,88 @@
+"""Request bodies: JSON decoding and typed request models with precise 400s.
+
+Types are strict (a string is not a number, a boolean is not an integer) and
+unknown fields are refused by name, so a typo such as `max_new_token` is never
+silently ignored. Bounds that come from settings are checked after parsing.
+"""
+
+import json
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.errors import APIError
+
+TYPE_NAMES = {"string_type": "a string", "int_type": "an integer", "float_type": "a number",
+              "bool_type": "a boolean", "list_type": "a list", "dict_type": "an object",
+              "model_type": "an object", "int_from_float": "an integer", "finite_number": "a finite number"}
+
+
+class StrictModel(BaseModel):
+    """Base of request models: strict types, no unknown fields."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class PredictRequest(StrictModel):
+    """POST /predict and /v1/predict."""
+
+    question: str
+    system_prompt: str | None = None
+    max_new_tokens: int | None = None
+    temperature: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(allow_inf_nan=False)] | None = None
+
+
+def decode_body(raw, is_json):
+    """The request body as a JSON object, or APIError 415/400 saying what is wrong."""
+    if not is_json:
+        raise APIError(415, "Content-Type must be application/json", "unsupported_media_type")
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError:
+        raise APIError(400, "request body is not valid UTF-8", "invalid_json") from None
+    except ValueError as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc.msg} at line {exc.lineno} "
+                       f"column {exc.colno}", "invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object", "invalid_type")
+    return data
+
+
+def parse(model, data):
+    """Validate `data` against `model`; raise APIError 400 naming the first bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _to_api_error(model, exc.errors()[0]) from None
+
+
+def _to_api_error(model, err):
+    param = ".".join(str(part) for part in err["loc"]) or None
+    kind = err["type"]
+    if kind == "missing":
+        return APIError(400, f"{param} is required", "missing", param)
+    if kind == "extra_forbidden":
+        allowed = ", ".join(model.model_fields)
+        return APIError(400, f"unknown field '{param}'; allowed fields: {allowed}", "unknown_field", param)
+    if kind in TYPE_NAMES:
+        return APIError(400, f"{param} must be {TYPE_NAMES[kind]}", "invalid_type", param)
+    return APIError(400, f"{param}: {err['msg']}", "invalid_value", param)
+
+
+def check_range(name, value, low, high, integer=False, low_open=False):
+    """Raise APIError 400 unless low <= value <= high (low < value if low_open)."""
+    if not (low < value if low_open else low <= value) or value > high:
+        kind = "an integer" if integer else "a number"
+        span = f"greater than {low} and at most {high}" if low_open else f"between {low} and {high}"
+        raise APIError(400, f"{name} must be {kind} {span}", "out_of_range", name)
+    return value
+
+
+def check_text(name, value, max_chars, allow_empty=False):
+    """Raise APIError 400 for empty (or whitespace-only) or over-long text."""
+    if not allow_empty and not value.strip():
+        raise APIError(400, f"{name} must not be empty", "empty", name)
+    if len(value) > max_chars:
+        raise APIError(400, f"{name} is {len(value)} characters; the limit is {max_chars}", "too_long", name)
+    return value

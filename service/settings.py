@@ -1,0 +1,109 @@
+"""One typed settings object, read from VIBE_* variables and an optional TOML file.
+
+Precedence: explicit arguments, then environment variables (`VIBE_MODEL_PATH`),
+then the TOML file named by `VIBE_CONFIG` (keys without the prefix:
+`model_path = "/srv/model"`), then the defaults below. There are no default
+secrets. This module imports nothing of ours and no torch, so gunicorn's master
+can read it without loading the model stack.
+"""
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+ENV_PREFIX = "VIBE_"
+
+
+class SettingsError(Exception):
+    """Invalid configuration; the message names the setting."""
+
+
+class Settings(BaseSettings):
+    """Every knob of the service, with its default, bounds and meaning."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True, validate_default=True)
+
+    # --- the model ---
+    model_path: Path | None = Field(None, description="Local Hugging Face model folder (config.json, safetensors, tokenizer).")
+    model_name: str = Field("VibeThinker-1.5B", min_length=1, max_length=128, description="Name reported in responses and /v1/models.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Numeric type the weights are loaded in.")
+    torch_threads: int = Field(default_factory=lambda: max(1, len(os.sched_getaffinity(0))), ge=1, le=256,
+                               description="Torch intra-op threads; keep workers x threads <= free cores.")
+
+    # --- generation bounds ---
+    default_system_prompt: str = Field(
+        "You are a careful assistant for math and code. Reason step by step, then give the final answer.",
+        max_length=8192, description="System prompt used when a request gives none.")
+    default_max_new_tokens: int = Field(512, ge=1, description="max_new_tokens when a request gives none.")
+    max_new_tokens_limit: int = Field(2048, ge=1, le=131072, description="Largest max_new_tokens a request may ask for.")
+    default_temperature: float = Field(0.6, ge=0.0, le=2.0, description="Sampling temperature when a request gives none; 0 is greedy.")
+    default_top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass when a request gives none.")
+    max_prompt_tokens: int = Field(4096, ge=16, description="Longest chat-templated prompt accepted, in tokens.")
+    max_question_chars: int = Field(16384, ge=1, description="Longest question or system prompt accepted, in characters.")
+    request_deadline_s: float = Field(60.0, gt=0.0, le=3600.0, description="Wall-clock budget of one request, queue wait included.")
+    queue_size: int = Field(32, ge=1, le=100000, description="Requests that may wait for the engine; more get 503 at once.")
+
+    # --- HTTP ---
+    bind: str = Field("127.0.0.1:8000", min_length=1, description="Gunicorn bind: HOST:PORT or unix:/path.")
+    http_threads: int = Field(8, ge=1, le=1024, description="Gunicorn gthread threads: concurrent HTTP requests held.")
+    max_body_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024, description="Largest request body; nginx's client_max_body_size matches.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level of the service.")
+
+    @model_validator(mode="after")
+    def _check_bounds(self):
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
+                             f"max_new_tokens_limit ({self.max_new_tokens_limit})")
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        config_file = os.environ.get(ENV_PREFIX + "CONFIG")
+        if config_file:
+            sources += (TomlConfigSettingsSource(settings_cls, toml_file=config_file),)
+        return sources
+
+
+def load_settings(**overrides):
+    """Read and validate the settings; raise SettingsError naming the bad setting."""
+    config_file = os.environ.get(ENV_PREFIX + "CONFIG")
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | {ENV_PREFIX + "CONFIG"}
+    unknown = sorted(name for name in os.environ if name.startswith(ENV_PREFIX) and name not in known)
+    if unknown:  # a typo such as VIBE_MODLE_PATH must not be silently ignored
+        raise SettingsError(f"invalid settings: {unknown[0]}: unknown setting")
+    if config_file and not Path(config_file).is_file():
+        raise SettingsError(f"VIBE_CONFIG: {config_file} is not a readable file")
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+    except ValueError as exc:  # a malformed TOML file
+        raise SettingsError(f"VIBE_CONFIG: {config_file}: {exc}") from None
+
+
+def _describe(exc):
+    """Turn pydantic's errors into one line per setting, named as the operator writes it."""
+    lines = []
+    for err in exc.errors():
+        loc = [str(part) for part in err["loc"] if isinstance(part, str)]
+        name = (ENV_PREFIX + loc[0].upper()) if loc else "settings"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown setting"
+        lines.append(f"{name}: {message}")
+    return "invalid settings: " + "; ".join(lines)
+
+
+def require_model_path(settings):
+    """Return the model folder, or raise SettingsError if it is unset or not a model."""
+    path = settings.model_path
+    if path is None:
+        raise SettingsError("VIBE_MODEL_PATH: not set; point it at a model folder "
+                            "(python -m service.demo_model DIR builds a demo one)")
+    if not (path / "config.json").is_file():
+        raise SettingsError(f"VIBE_MODEL_PATH: {path} has no config.json; it is not a model folder")
+    return path
