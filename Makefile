@@ -1,0 +1,59 @@
+# The front door. `make run` serves the demo (or configured) model on
+# 127.0.0.1:8000; `make test` installs what the tests need and runs them all.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   := var/demo-model
+# The CPU build of torch; an unpinned torch pulls a multi-GB CUDA build.
+TORCH  := torch==2.13.0
+
+.PHONY: install system-deps run test test-quick bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+# nginx and redis-server for the tests that run them for real; installed only
+# on Debian as root, without starting their packaged services (RUNLEVEL=1).
+system-deps:
+	@missing=""; \
+	for cmd in nginx:nginx redis-server:redis-server; do \
+	  command -v $${cmd%%:*} >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin" command -v $${cmd%%:*} >/dev/null 2>&1 \
+	    || missing="$$missing $${cmd##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing$$missing"; \
+	    apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "note: missing$$missing (install them as root on Debian)"; fi; \
+	fi
+
+$(DEMO)/config.json: | $(STAMP)
+	$(BIN)/python -m service.demo_model $(DEMO)
+
+# Serves VIBE_MODEL_PATH if set, else the demo model (random weights, gibberish).
+run: install
+	@if [ -z "$$VIBE_MODEL_PATH" ]; then $(MAKE) --no-print-directory $(DEMO)/config.json; fi
+	@echo "serving on http://$${VIBE_BIND:-127.0.0.1:8000}; logs go to this terminal (stderr); Ctrl-C stops"
+	VIBE_MODEL_PATH="$${VIBE_MODEL_PATH:-$(CURDIR)/$(DEMO)}" $(BIN)/gunicorn -c service/gunicorn_conf.py "service.app:create_app()"
+
+test: install system-deps
+	$(BIN)/python -m pytest
+
+# For quick loops: everything but the slow tests.
+test-quick: install
+	$(BIN)/python -m pytest -m "not slow" -x -q
+
+bench: install
+	$(BIN)/python bench/load_and_decode.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,128 @@
+"""Shared fixtures: the tiny demo model, an in-process reference, and real gunicorn servers."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(**extra):
+    """The environment without any VIBE_* variable of the caller's, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIBE_")}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The tiny random-weight model, built once per session by the real entry point."""
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    subprocess.run([sys.executable, "-m", "service.demo_model", str(out), "--preset", "tiny"],
+                   cwd=ROOT, check=True, capture_output=True, env=clean_env())
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model):
+    """The same model loaded in this process, to compare the server's answers with."""
+    from service import model
+
+    return model.load(str(tiny_model))
+
+
+def greedy(loaded, messages, max_new_tokens):
+    """Direct in-process greedy generate: (text, new ids)."""
+    import torch
+
+    ids = loaded.encode_chat(messages)
+    inputs = torch.tensor([ids])
+    with torch.inference_mode():
+        out = loaded.model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs),
+                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=loaded.pad_id)
+    new = out[0, len(ids):].tolist()
+    return loaded.decode(new), new
+
+
+class Server:
+    """A real gunicorn serving the app on a loopback port."""
+
+    def __init__(self, log_dir, env):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"gunicorn-{self.port}.log"
+        self.env = clean_env(VIBE_BIND=f"127.0.0.1:{self.port}", VIBE_TORCH_THREADS=1, **env)
+        self.proc = None
+
+    def start(self, timeout=90):
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [str(BIN / "gunicorn"), "-c", "service/gunicorn_conf.py", "service.app:create_app()"],
+                cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if requests.get(self.url("/readyz"), timeout=2).status_code == 200:
+                    return self
+            except (requests.ConnectionError, requests.Timeout):  # still importing torch
+                pass
+            time.sleep(0.2)
+        self.stop()
+        pytest.fail(f"gunicorn not ready after {timeout} s:\n{self.log()}")
+
+    def url(self, path):
+        return self.base + path
+
+    def post(self, path, body=None, **kwargs):
+        kwargs.setdefault("timeout", 60)
+        return requests.post(self.url(path), json=body, **kwargs)
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory, tiny_model):
+    """Builder: start_server(VIBE_SETTING=value, ...) -> a running Server; all stopped at the end."""
+    servers = []
+    log_dir = tmp_path_factory.mktemp("logs")
+
+    def start(**env):
+        env.setdefault("VIBE_MODEL_PATH", tiny_model)
+        server = Server(log_dir, env)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server):
+    """The default server: default settings, the tiny model."""
+    return start_server()
