@@ -25,7 +25,7 @@ install: $(STAMP)
 # on Debian as root, without starting their packaged services (RUNLEVEL=1).
 system-deps:
 	@missing=""; \
-	for cmd in nginx:nginx redis-server:redis-server; do \
+	for cmd in nginx:nginx redis-server:redis-server curl:curl; do \
 	  command -v $${cmd%%:*} >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin" command -v $${cmd%%:*} >/dev/null 2>&1 \
 	    || missing="$$missing $${cmd##*:}"; \
 	done; \

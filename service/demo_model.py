@@ -92,10 +92,10 @@ def build_tokenizer(out_dir):
     return fast
 
 
-def build_model(out_dir, preset, tokenizer, seed=0):
-    """Create a random-weight Qwen2ForCausalLM of the preset's shape and save it."""
+def make_config(preset, tokenizer):
+    """The Qwen2Config of a preset, with the tokenizer's special ids; also the init std and dtype."""
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config
 
     spec = dict(PRESETS[preset])
     init_std = spec.pop("init_std")
@@ -109,6 +109,16 @@ def build_model(out_dir, preset, tokenizer, seed=0):
         bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id,
         use_sliding_window=False, hidden_act="silu",
     )
+    return config, init_std, dtype
+
+
+def build_model(out_dir, preset, tokenizer, seed=0):
+    """Create a random-weight Qwen2ForCausalLM of the preset's shape and save it."""
+    import torch
+    from transformers import GenerationConfig, Qwen2ForCausalLM
+
+    config, init_std, dtype = make_config(preset, tokenizer)
+    pad_id, eos_id = config.pad_token_id, config.eos_token_id
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

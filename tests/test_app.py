@@ -1,0 +1,56 @@
+"""App behaviour best seen through Flask's test client: the 500 path and the loading state."""
+
+import logging
+import threading
+
+import pytest
+
+from service.app import create_app
+from service.engine import Engine
+from service.settings import load_settings
+
+
+@pytest.fixture
+def app(tiny_model, monkeypatch):
+    app = create_app(load_settings(model_path=tiny_model, torch_threads=1))
+
+    @app.get("/boom")
+    def boom():
+        raise RuntimeError("secret detail /etc/vibethinker/key.pem")
+
+    engine = app.extensions["vibethinker.engine"]
+    yield app
+    engine.stop(timeout=30)
+
+
+def test_unexpected_exception_is_a_500_without_its_text(app, caplog):
+    caplog.set_level(logging.ERROR, logger="vibethinker")
+    response = app.test_client().get("/boom", headers={"X-Request-ID": "req-500"})
+    assert response.status_code == 500
+    error = response.get_json()["error"]
+    assert error["type"] == "server_error" and error["code"] == "internal_error"
+    assert "secret" not in response.get_data(as_text=True) and "req-500" in error["message"]
+    records = [r for r in caplog.records if r.name == "vibethinker.errors"]
+    assert records and records[0].request_id == "req-500" and records[0].exc_info
+
+
+@pytest.mark.parametrize("fails,code,retry", [(False, "model_loading", "5"), (True, "model_failed", "30")])
+def test_requests_before_the_model_is_ready_get_503_with_retry_after(app, fails, code, retry):
+    loading = threading.Event()
+
+    def slow_loader():  # the first seconds of a worker's life, or a broken model folder
+        loading.wait(30)
+        raise OSError("model.safetensors is truncated")
+
+    engine = Engine(slow_loader, queue_size=1, torch_threads=1).start()
+    app.extensions["vibethinker.engine"] = engine
+    if fails:
+        loading.set()
+        engine.stop(timeout=10)
+    client = app.test_client()
+    for response in (client.post("/predict", json={"question": "hi"}), client.get("/readyz")):
+        assert response.status_code == 503
+        assert response.get_json()["error"]["code"] == code
+        assert response.headers["Retry-After"] == retry
+        assert "truncated" not in response.get_data(as_text=True)
+    loading.set()

@@ -1,0 +1,71 @@
+"""The engine without HTTP: streaming deltas, deadlines, cancellation, the bounded queue."""
+
+import time
+
+import pytest
+
+from service import model
+from service.engine import Engine, GenerationRequest, QueueFull, decode_step
+from tests.conftest import greedy
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    engine = Engine(lambda: model.load(str(tiny_model)), queue_size=2, torch_threads=1).start()
+    deadline = time.monotonic() + 60
+    while not engine.ready:
+        assert engine.state != "failed" and time.monotonic() < deadline
+        time.sleep(0.05)
+    yield engine
+    engine.stop(timeout=30)
+
+
+def request(engine, question, max_new_tokens, deadline_s=30.0):
+    ids = engine.model.encode_chat([{"role": "user", "content": question}])
+    return GenerationRequest(ids, max_new_tokens, deadline=time.monotonic() + deadline_s)
+
+
+@pytest.mark.parametrize("text", ["héllo wörld ✓", "日本語のテキスト", "emoji 🧮🙂 mixed ascii", "plain"])
+def test_incremental_decoding_never_splits_a_character(reference, text):
+    ids = reference.tokenizer.encode(text, add_special_tokens=False)
+    pieces, prefix, read = [], 0, 0
+    for i in range(1, len(ids) + 1):
+        piece, prefix, read = decode_step(reference.decode, ids[:i], prefix, read)
+        assert "\ufffd" not in piece
+        pieces.append(piece)
+    assert "".join(pieces) == text
+
+
+def test_stream_of_deltas_adds_up_to_the_greedy_answer(engine, reference):
+    handle = engine.submit(request(engine, "Stream this please", 40))
+    streamed = "".join(handle.deltas())
+    result = handle.result(timeout=5)
+    expected, ids = greedy(reference, [{"role": "user", "content": "Stream this please"}], 40)
+    assert streamed == result.text == expected
+    assert result.token_ids == ids
+
+
+def test_cancel_stops_at_the_next_step(engine):
+    handle = engine.submit(request(engine, "Count to a thousand.", 2048))
+    next(handle.deltas())  # it is running
+    handle.cancel()
+    result = handle.result(timeout=5)
+    assert result.finish_reason == "cancelled" and result.completion_tokens < 2048
+
+
+def test_expired_request_is_skipped_without_running(engine):
+    handle = engine.submit(request(engine, "hi", 50, deadline_s=-1))
+    result = handle.result(timeout=5)
+    assert result.finish_reason == "timeout" and result.completion_tokens == 0 and result.run_seconds == 0
+
+
+def test_queue_refuses_at_once_when_full(engine):
+    running = engine.submit(request(engine, "Count to a thousand.", 2048))
+    next(running.deltas())
+    waiting = [engine.submit(request(engine, "hi", 4)) for _ in range(2)]
+    started = time.monotonic()
+    with pytest.raises(QueueFull):
+        engine.submit(request(engine, "hi", 4))
+    assert time.monotonic() - started < 0.1
+    running.cancel()
+    assert all(h.result(timeout=10).finish_reason in ("length", "stop") for h in waiting)

@@ -1,0 +1,104 @@
+"""The deadline, the bounded queue and the single model-holding worker, against real gunicorn."""
+
+import threading
+import time
+
+import psutil
+import pytest
+import requests
+
+from service.settings import Settings
+from tests.conftest import greedy
+
+DEADLINE_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def long_question(reference):
+    """A question whose greedy reply runs past 2048 tokens without an end token."""
+    system_prompt = Settings().default_system_prompt
+    for question in ["Count to a thousand.", "hello there", "What is 2+2?", "Tell me a story"]:
+        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
+        if not set(greedy(reference, messages, 2048)[1]) & reference.eos_ids:
+            return question
+    pytest.fail("no candidate question runs 2048 tokens without an end token")
+
+
+@pytest.fixture(scope="module")
+def strict_server(start_server):
+    """A server with a short deadline and room for one waiting request."""
+    return start_server(VIBE_REQUEST_DEADLINE_S=DEADLINE_S, VIBE_QUEUE_SIZE=1, VIBE_HTTP_THREADS=8)
+
+
+def test_deadline_stops_a_long_generation_with_504(strict_server, long_question):
+    started = time.monotonic()
+    response = strict_server.post("/predict", {"question": long_question, "temperature": 0, "max_new_tokens": 2048})
+    elapsed = time.monotonic() - started
+    assert response.status_code == 504, response.text
+    body = response.json()
+    assert body["success"] is False
+    assert body["error"]["code"] == "deadline_exceeded" and body["error"]["type"] == "timeout_error"
+    assert DEADLINE_S * 0.9 <= elapsed < DEADLINE_S + 1.5
+    # the engine is free again at once: the long generation really stopped
+    started = time.monotonic()
+    quick = strict_server.post("/predict", {"question": "hi", "temperature": 0, "max_new_tokens": 4})
+    assert quick.status_code == 200 and time.monotonic() - started < 0.9
+
+
+def test_full_queue_gets_503_with_retry_after_at_once(strict_server, long_question):
+    long_body = {"question": long_question, "temperature": 0, "max_new_tokens": 2048}
+    results = {}
+
+    def call(name):
+        results[name] = strict_server.post("/predict", long_body)
+
+    running = threading.Thread(target=call, args=("running",))
+    running.start()
+    time.sleep(0.3)
+    waiting = threading.Thread(target=call, args=("waiting",))
+    waiting.start()
+    deadline = time.monotonic() + 0.6
+    while requests.get(strict_server.url("/readyz"), timeout=5).json()["queued"] < 1:
+        assert time.monotonic() < deadline, "second request never queued"
+        time.sleep(0.02)
+    started = time.monotonic()
+    refused = strict_server.post("/predict", long_body)
+    assert time.monotonic() - started < 0.5
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "queue_full"
+    assert int(refused.headers["Retry-After"]) >= 1
+    running.join()
+    waiting.join()
+    assert results["running"].status_code == 504
+    # the waiting request spent its deadline in the queue and was never run
+    assert results["waiting"].status_code == 504
+
+
+def test_exactly_one_worker_holds_the_model(server, tiny_model):
+    master = psutil.Process(server.proc.pid)
+    workers = master.children(recursive=True)
+    assert len(workers) == 1
+
+    def mapped(proc):
+        return {m.path for m in proc.memory_maps(grouped=True)}
+
+    assert not any("libtorch" in path for path in mapped(master)), "torch loaded in gunicorn's master"
+    worker_maps = mapped(workers[0])
+    assert any("libtorch_cpu" in path for path in worker_maps)
+    assert requests.get(server.url("/readyz"), timeout=5).json()["status"] == "ready"
+
+
+def test_bad_settings_stop_start_up_naming_the_setting(tmp_path, tiny_model):
+    import subprocess
+
+    from tests.conftest import BIN, ROOT, clean_env
+
+    for env, name in [({"VIBE_MODEL_PATH": tiny_model, "VIBE_QUEUE_SIZE": "0"}, "VIBE_QUEUE_SIZE"),
+                      ({"VIBE_MODEL_PATH": tmp_path}, "VIBE_MODEL_PATH"),
+                      ({}, "VIBE_MODEL_PATH"),
+                      ({"VIBE_MODEL_PATH": tiny_model, "VIBE_MODLE_PATH": "x"}, "VIBE_MODLE_PATH")]:
+        proc = subprocess.run([str(BIN / "gunicorn"), "-c", "service/gunicorn_conf.py", "service.app:create_app()"],
+                              cwd=ROOT, env=clean_env(VIBE_BIND="127.0.0.1:1", **env),
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0
+        assert name in proc.stderr and "Traceback" not in proc.stderr

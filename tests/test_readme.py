@@ -1,0 +1,33 @@
+"""The README's examples run as printed (against a test server's address)."""
+
+import json
+import re
+import subprocess
+
+from tests.conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+
+
+def shell_blocks():
+    return re.findall(r"```sh\n(.*?)```", README, flags=re.S)
+
+
+def test_quick_start_is_two_commands():
+    first = shell_blocks()[0]
+    assert [line.split("#")[0].strip() for line in first.strip().splitlines()] == ["make run", "make test"]
+
+
+def test_curl_example_works_as_printed(server):
+    block = next(b for b in shell_blocks() if b.lstrip().startswith("curl"))
+    command = block.replace("http://127.0.0.1:8000", server.base)
+    out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60, check=True)
+    body = json.loads(out.stdout)
+    assert body["success"] is True and body["input"] == "What is 12 * 34?"
+    assert body["usage"]["completion_tokens"] <= 64
+
+
+def test_error_example_is_what_the_service_says(server):
+    example = json.loads(re.search(r"```json\n(.*?)```", README, flags=re.S).group(1))
+    response = server.post("/predict", {"question": "a", "max_new_tokens": 4096})
+    assert response.json() == example

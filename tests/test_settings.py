@@ -1,0 +1,78 @@
+"""Settings: environment, TOML file, precedence and messages that name the setting."""
+
+import pytest
+
+from service.settings import SettingsError, load_settings, require_model_path
+
+
+@pytest.fixture(autouse=True)
+def no_vibe_env(monkeypatch):
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("VIBE_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_have_no_secret_and_sane_bounds():
+    settings = load_settings()
+    assert settings.model_path is None
+    assert 1 <= settings.default_max_new_tokens <= settings.max_new_tokens_limit
+    assert settings.request_deadline_s == 60.0
+
+
+def test_environment_overrides_toml(tmp_path, monkeypatch):
+    config = tmp_path / "config.toml"
+    config.write_text('queue_size = 5\nmodel_name = "from-toml"\nrequest_deadline_s = 12.5\n')
+    monkeypatch.setenv("VIBE_CONFIG", str(config))
+    monkeypatch.setenv("VIBE_QUEUE_SIZE", "9")
+    settings = load_settings()
+    assert (settings.queue_size, settings.model_name, settings.request_deadline_s) == (9, "from-toml", 12.5)
+
+
+@pytest.mark.parametrize("name,value,fragment", [
+    ("VIBE_QUEUE_SIZE", "abc", "valid integer"),
+    ("VIBE_QUEUE_SIZE", "0", "greater than or equal to 1"),
+    ("VIBE_DTYPE", "float16", "float32"),
+    ("VIBE_REQUEST_DEADLINE_S", "-1", "greater than 0"),
+    ("VIBE_TOP_P", "1", "unknown setting"),
+    ("VIBE_MODLE_PATH", "/srv/model", "unknown setting"),
+])
+def test_invalid_environment_names_the_setting(monkeypatch, name, value, fragment):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert name in str(err.value) and fragment in str(err.value)
+
+
+def test_cross_field_check(monkeypatch):
+    monkeypatch.setenv("VIBE_DEFAULT_MAX_NEW_TOKENS", "4096")
+    with pytest.raises(SettingsError, match="VIBE_DEFAULT_MAX_NEW_TOKENS|max_new_tokens_limit"):
+        load_settings()
+
+
+@pytest.mark.parametrize("content,fragment", [
+    ("bogus = 1\n", "VIBE_BOGUS: unknown setting"),
+    ("queue_size = 'many'\n", "VIBE_QUEUE_SIZE"),
+    ("queue_size = \n", "VIBE_CONFIG"),
+])
+def test_bad_toml_names_the_setting_or_file(tmp_path, monkeypatch, content, fragment):
+    config = tmp_path / "config.toml"
+    config.write_text(content)
+    monkeypatch.setenv("VIBE_CONFIG", str(config))
+    with pytest.raises(SettingsError, match=fragment):
+        load_settings()
+
+
+def test_missing_config_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("VIBE_CONFIG", str(tmp_path / "absent.toml"))
+    with pytest.raises(SettingsError, match="VIBE_CONFIG"):
+        load_settings()
+
+
+def test_model_path_must_be_a_model_folder(tmp_path, tiny_model):
+    with pytest.raises(SettingsError, match="VIBE_MODEL_PATH: not set"):
+        require_model_path(load_settings())
+    with pytest.raises(SettingsError, match="no config.json"):
+        require_model_path(load_settings(model_path=tmp_path))
+    assert require_model_path(load_settings(model_path=tiny_model)) == tiny_model
