@@ -39,9 +39,16 @@ system-deps:
 $(DEMO)/config.json: | $(STAMP)
 	$(BIN)/python -m service.demo_model $(DEMO)
 
+ADMIN := $(BIN)/vibethinker-admin
+
 # Serves VIBE_MODEL_PATH if set, else the demo model (random weights, gibberish).
+# State (SQLite, signing keys) lives under ./var unless VIBE_* settings say otherwise.
 run: install
 	@if [ -z "$$VIBE_MODEL_PATH" ]; then $(MAKE) --no-print-directory $(DEMO)/config.json; fi
+	@test -n "$$($(ADMIN) keys list)" || $(ADMIN) keys generate
+	@$(ADMIN) --json users list | grep -q '"name": "admin"' || $(ADMIN) users add admin --admin
+	@token=$$($(ADMIN) tokens issue admin --scope generate,admin --ttl 7d --label "make run" | tail -n 1); \
+	  echo "a token for the local admin user (scopes generate, admin; 7 days):"; echo "export TOKEN=$$token"
 	@echo "serving on http://$${VIBE_BIND:-127.0.0.1:8000}; logs go to this terminal (stderr); Ctrl-C stops"
 	VIBE_MODEL_PATH="$${VIBE_MODEL_PATH:-$(CURDIR)/$(DEMO)}" $(BIN)/gunicorn -c service/gunicorn_conf.py "service.app:create_app()"
 

@@ -1,10 +1,11 @@
-"""Which routes need a token: all of them, except those marked `@public`.
+"""Which routes need a token, and which scope: all need one except those marked `@public`.
 
-Authentication is one `before_request` hook (added with the token store) that
-asks `is_public` about the matched endpoint, so routes carry no auth code.
+Authentication is one `before_request` hook (auth.guard) that asks `is_public`
+about the matched endpoint and `scope_for` about the path, so routes carry no
+auth code.
 """
 
-from flask import current_app, request
+from flask import current_app, g, request
 
 
 def public(view):
@@ -17,3 +18,17 @@ def is_public():
     """True when the current request matched a view marked `@public`."""
     view = current_app.view_functions.get(request.endpoint) if request.endpoint else None
     return bool(getattr(view, "vibethinker_public", False))
+
+
+def scope_for(path):
+    """The scope a path needs: admin routes need `admin`, /v1/me any token, the rest `generate`."""
+    if path == "/admin" or path.startswith("/admin/"):
+        return "admin"
+    if path == "/v1/me":
+        return None
+    return "generate"
+
+
+def caller():
+    """The authenticated token record of this request (user, jti, scope, expiry)."""
+    return g.auth

@@ -1,8 +1,9 @@
 """The Flask application factory: `gunicorn "service.app:create_app()"`.
 
 create_app wires each concern's module; it loads settings, refuses to start
-without a model folder, and starts the engine thread, which loads the model
-in the background (/readyz answers 503 until it is done).
+without a model folder or a signing key, opens (and migrates) the store, and
+starts the engine thread, which loads the model in the background (/readyz
+answers 503 until it is done).
 """
 
 import logging
@@ -11,8 +12,12 @@ from functools import partial
 
 from flask import Flask
 
-from service import errors, health, predict, requestid
-from service.settings import load_settings, require_model_path
+from auth import guard
+from auth.errors import StoreError
+from auth.keys import KeyFolderError, KeySet
+from auth.store import Store
+from service import access, admin, errors, health, me, predict, requestid
+from service.settings import SettingsError, load_settings, require_model_path
 
 
 def create_app(settings=None):
@@ -25,13 +30,30 @@ def create_app(settings=None):
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
     app.extensions["vibethinker.settings"] = settings
+    store, keyset = open_state(settings)
+    app.extensions["vibethinker.store"] = store
+    app.extensions["vibethinker.keys"] = keyset
 
     requestid.init_app(app)
     errors.init_app(app)
+    app.register_error_handler(StoreError, lambda e: errors.error_response(e.status, e.message, e.code, e.param))
+    guard.init_app(app, store=store, keyset=keyset, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
+                   is_public=access.is_public, scope_for=access.scope_for, respond=errors.error_response)
     app.register_blueprint(health.bp)
+    app.register_blueprint(me.bp)
+    app.register_blueprint(admin.bp)
     predict.init_app(app)
     app.extensions["vibethinker.engine"] = start_engine(model_path, settings)
     return app
+
+
+def open_state(settings):
+    """The key set and the (migrated) store; SettingsError when the keys are missing or unsafe."""
+    try:
+        keyset = KeySet(settings.jwt_key_dir)
+    except KeyFolderError as exc:
+        raise SettingsError(str(exc)) from None
+    return Store(settings.db_url), keyset
 
 
 def start_engine(model_path, settings):

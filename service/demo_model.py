@@ -143,6 +143,9 @@ def build_model(out_dir, preset, tokenizer, seed=0):
 
 def build(out_dir, preset="tiny"):
     """Build the demo model folder and return its path."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out)

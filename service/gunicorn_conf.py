@@ -8,12 +8,15 @@ fork, and the model must exist once per server.
 
 import sys
 
+from auth.keys import KeyFolderError, KeySet
 from service.settings import SettingsError, load_settings, require_model_path
 
 try:
     _settings = load_settings()
-    require_model_path(_settings)  # fail in the master, with one clear line, not in a boot loop
-except SettingsError as exc:
+    # Fail in the master, with one clear line, not in a worker boot loop.
+    require_model_path(_settings)
+    KeySet(_settings.jwt_key_dir)
+except (SettingsError, KeyFolderError) as exc:
     print(f"vibethinker: {exc}", file=sys.stderr)
     sys.exit(2)
 

@@ -3,6 +3,7 @@
 from flask import Blueprint, current_app
 
 from service.access import public
+from service.errors import APIError
 from service.generate import not_ready
 
 bp = Blueprint("health", __name__)
@@ -18,9 +19,19 @@ def healthz():
 @bp.get("/readyz")
 @public
 def readyz():
-    """200 once the model is loaded; 503 with Retry-After before that or if loading failed."""
+    """200 once the model is loaded and the database answers; 503 with Retry-After otherwise."""
     engine = current_app.extensions["vibethinker.engine"]
     if not engine.ready:
         raise not_ready(engine)
+    if not _database_answers():
+        raise APIError(503, "database is unreachable", "database_unavailable", headers={"Retry-After": 5})
     return {"status": "ready", "model": current_app.extensions["vibethinker.settings"].model_name,
             "load_seconds": round(engine.model.load_seconds, 3), "queued": engine.queued()}
+
+
+def _database_answers():
+    try:
+        return current_app.extensions["vibethinker.store"].ping()
+    except Exception:  # any driver error means "not ready"; the reason is logged
+        current_app.logger.exception("database ping failed")
+        return False

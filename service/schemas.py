@@ -86,3 +86,32 @@ def check_text(name, value, max_chars, allow_empty=False):
     if len(value) > max_chars:
         raise APIError(400, f"{name} is {len(value)} characters; the limit is {max_chars}", "too_long", name)
     return value
+
+
+class AdminUserCreate(StrictModel):
+    """POST /admin/users."""
+
+    name: str
+    admin: bool = False
+    rate_limit: str | None = None
+    daily_tokens: int | None = None
+    max_concurrent: int | None = None
+
+
+class AdminUserPatch(StrictModel):
+    """PATCH /admin/users/<name>: only the fields given change; null clears a quota."""
+
+    active: bool = None
+    admin: bool = None
+    rate_limit: str | None = None
+    daily_tokens: int | None = None
+    max_concurrent: int | None = None
+
+
+class AdminTokenRequest(StrictModel):
+    """POST /admin/tokens."""
+
+    user: str
+    scope: str = "generate"
+    ttl: str | None = None
+    label: str = ""

@@ -46,6 +46,15 @@ class Settings(BaseSettings):
     request_deadline_s: float = Field(60.0, gt=0.0, le=3600.0, description="Wall-clock budget of one request, queue wait included.")
     queue_size: int = Field(32, ge=1, le=100000, description="Requests that may wait for the engine; more get 503 at once.")
 
+    # --- state and tokens ---
+    db_url: str = Field("sqlite:///var/vibethinker.db", min_length=1,
+                        description="SQLAlchemy URL of users, tokens and audit (SQLite in WAL mode, or PostgreSQL).")
+    jwt_key_dir: Path = Field(Path("var/keys"), description="Folder of the Ed25519 signing keys (mode 0700, files 0600).")
+    jwt_issuer: str = Field("vibethinker", min_length=1, description="`iss` of issued tokens; checked on every request.")
+    jwt_audience: str = Field("vibethinker-api", min_length=1, description="`aud` of issued tokens; checked on every request.")
+    token_ttl: str = Field("30d", pattern=r"^\d+[smhdw]$", description="Lifetime of a token when `--ttl` is not given.")
+    token_max_ttl: str = Field("365d", pattern=r"^\d+[smhdw]$", description="Longest lifetime a token may be issued with.")
+
     # --- HTTP ---
     bind: str = Field("127.0.0.1:8000", min_length=1, description="Gunicorn bind: HOST:PORT or unix:/path.")
     http_threads: int = Field(8, ge=1, le=1024, description="Gunicorn gthread threads: concurrent HTTP requests held.")

@@ -57,14 +57,37 @@ def greedy(loaded, messages, max_new_tokens):
     return loaded.decode(new), new
 
 
-class Server:
-    """A real gunicorn serving the app on a loopback port."""
+def admin_cli(env, *args, check=True):
+    """Run the real vibethinker-admin with `env`; the CompletedProcess."""
+    proc = subprocess.run([str(BIN / "vibethinker-admin"), *map(str, args)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        pytest.fail(f"vibethinker-admin {' '.join(map(str, args))} failed: {proc.stderr}")
+    return proc
 
-    def __init__(self, log_dir, env):
+
+def state_env(state_dir, **extra):
+    """Settings for a fresh database and key folder under `state_dir`."""
+    return clean_env(VIBE_DB_URL=f"sqlite:///{state_dir}/vibethinker.db", VIBE_JWT_KEY_DIR=state_dir / "keys", **extra)
+
+
+def provision(env):
+    """Keys, an admin user, and a token with both scopes for it, made by the real CLI."""
+    admin_cli(env, "keys", "generate")
+    admin_cli(env, "users", "add", "root", "--admin")
+    return admin_cli(env, "tokens", "issue", "root", "--scope", "generate,admin", "--label", "tests")\
+        .stdout.strip().splitlines()[-1]
+
+
+class Server:
+    """A real gunicorn serving the app on a loopback port, with its own state and an admin token."""
+
+    def __init__(self, state_dir, env):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"gunicorn-{self.port}.log"
-        self.env = clean_env(VIBE_BIND=f"127.0.0.1:{self.port}", VIBE_TORCH_THREADS=1, **env)
+        self.log_path = state_dir / f"gunicorn-{self.port}.log"
+        self.env = state_env(state_dir, VIBE_BIND=f"127.0.0.1:{self.port}", VIBE_TORCH_THREADS=1, **env)
+        self.token = provision(self.env)
         self.proc = None
 
     def start(self, timeout=90):
@@ -88,9 +111,27 @@ class Server:
     def url(self, path):
         return self.base + path
 
-    def post(self, path, body=None, **kwargs):
+    def auth(self, token=None):
+        return {"Authorization": f"Bearer {token or self.token}"}
+
+    def request(self, method, path, body=None, token=None, headers=None, **kwargs):
+        """An HTTP call carrying the admin token (or `token`)."""
         kwargs.setdefault("timeout", 60)
-        return requests.post(self.url(path), json=body, **kwargs)
+        return requests.request(method, self.url(path), json=body, headers={**self.auth(token), **(headers or {})},
+                                **kwargs)
+
+    def post(self, path, body=None, **kwargs):
+        return self.request("POST", path, body, **kwargs)
+
+    def get(self, path, **kwargs):
+        return self.request("GET", path, **kwargs)
+
+    def cli(self, *args, check=True):
+        return admin_cli(self.env, *args, check=check)
+
+    def restart(self):
+        self.stop()
+        return self.start()
 
     def log(self):
         return self.log_path.read_text(errors="replace")
@@ -109,11 +150,10 @@ class Server:
 def start_server(tmp_path_factory, tiny_model):
     """Builder: start_server(VIBE_SETTING=value, ...) -> a running Server; all stopped at the end."""
     servers = []
-    log_dir = tmp_path_factory.mktemp("logs")
 
     def start(**env):
         env.setdefault("VIBE_MODEL_PATH", tiny_model)
-        server = Server(log_dir, env)
+        server = Server(tmp_path_factory.mktemp("server"), env)
         servers.append(server)
         return server.start()
 

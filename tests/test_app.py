@@ -5,16 +5,22 @@ import threading
 
 import pytest
 
+from auth import keys
+from auth.tokens import issue_token
+from service.access import public
 from service.app import create_app
 from service.engine import Engine
 from service.settings import load_settings
 
 
 @pytest.fixture
-def app(tiny_model, monkeypatch):
-    app = create_app(load_settings(model_path=tiny_model, torch_threads=1))
+def app(tiny_model, tmp_path):
+    keys.generate(tmp_path / "keys")
+    app = create_app(load_settings(model_path=tiny_model, torch_threads=1, jwt_key_dir=tmp_path / "keys",
+                                   db_url=f"sqlite:///{tmp_path}/db.sqlite"))
 
     @app.get("/boom")
+    @public
     def boom():
         raise RuntimeError("secret detail /etc/vibethinker/key.pem")
 
@@ -48,7 +54,11 @@ def test_requests_before_the_model_is_ready_get_503_with_retry_after(app, fails,
         loading.set()
         engine.stop(timeout=10)
     client = app.test_client()
-    for response in (client.post("/predict", json={"question": "hi"}), client.get("/readyz")):
+    store, keyset, settings = (app.extensions[f"vibethinker.{k}"] for k in ("store", "keys", "settings"))
+    store.add_user("u")
+    token, _ = issue_token(store, keyset, "u", issuer=settings.jwt_issuer, audience=settings.jwt_audience)
+    predict = client.post("/predict", json={"question": "hi"}, headers={"Authorization": f"Bearer {token}"})
+    for response in (predict, client.get("/readyz")):
         assert response.status_code == 503
         assert response.get_json()["error"]["code"] == code
         assert response.headers["Retry-After"] == retry

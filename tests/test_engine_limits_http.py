@@ -96,7 +96,8 @@ def test_bad_settings_stop_start_up_naming_the_setting(tmp_path, tiny_model):
     for env, name in [({"VIBE_MODEL_PATH": tiny_model, "VIBE_QUEUE_SIZE": "0"}, "VIBE_QUEUE_SIZE"),
                       ({"VIBE_MODEL_PATH": tmp_path}, "VIBE_MODEL_PATH"),
                       ({}, "VIBE_MODEL_PATH"),
-                      ({"VIBE_MODEL_PATH": tiny_model, "VIBE_MODLE_PATH": "x"}, "VIBE_MODLE_PATH")]:
+                      ({"VIBE_MODEL_PATH": tiny_model, "VIBE_MODLE_PATH": "x"}, "VIBE_MODLE_PATH"),
+                      ({"VIBE_MODEL_PATH": tiny_model, "VIBE_JWT_KEY_DIR": tmp_path / "nokeys"}, "VIBE_JWT_KEY_DIR")]:
         proc = subprocess.run([str(BIN / "gunicorn"), "-c", "service/gunicorn_conf.py", "service.app:create_app()"],
                               cwd=ROOT, env=clean_env(VIBE_BIND="127.0.0.1:1", **env),
                               capture_output=True, text=True, timeout=60)

@@ -42,6 +42,7 @@ BAD = [
 def send(server, path, body, content_type):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = {"Content-Type": content_type} if content_type else {}
+    headers.update(server.auth())
     return requests.post(server.url(path), data=data, headers=headers, timeout=30)
 
 
@@ -80,7 +81,7 @@ def test_unknown_route_is_json_404(server):
 
 
 def test_wrong_method_is_json_405_with_allow(server):
-    response = requests.get(server.url("/predict"), timeout=5)
+    response = server.get("/predict")
     assert_error_shape(response, 405, "method_not_allowed")
     assert "POST" in response.headers["Allow"]
     assert_error_shape(requests.post(server.url("/healthz"), timeout=5), 405, "method_not_allowed",

@@ -21,7 +21,8 @@ def test_quick_start_is_two_commands():
 def test_curl_example_works_as_printed(server):
     block = next(b for b in shell_blocks() if b.lstrip().startswith("curl"))
     command = block.replace("http://127.0.0.1:8000", server.base)
-    out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60, check=True,
+                         env={**server.env, "TOKEN": server.token})
     body = json.loads(out.stdout)
     assert body["success"] is True and body["input"] == "What is 12 * 34?"
     assert body["usage"]["completion_tokens"] <= 64

@@ -1,0 +1,75 @@
+"""Every request is authenticated here, in one before_request hook.
+
+flask-jwt-extended decodes the bearer token from the Authorization header only
+(no query strings, no cookies) with the algorithm pinned to EdDSA, the key
+picked by `kid`, and `iss`/`aud`/`exp`/`nbf` checked. Then this hook checks
+what the library does not: every required claim is present, the jti was
+recorded at issue and is not revoked, the user exists and is active, and the
+token's scope allows the route. That is one indexed query per request, on
+purpose: revocation must hold from the very next request in every worker.
+"""
+
+from flask import g, request
+from flask_jwt_extended import JWTManager, get_jwt, verify_jwt_in_request
+
+from auth.errors import AuthError
+from auth.keys import ALGORITHM
+from auth.tokens import TOKEN_TYPE
+
+REQUIRED_CLAIMS = ("iss", "aud", "exp", "iat", "nbf", "jti", "sub", "scope", "typ")
+QUERY_TOKEN_NAMES = ("token", "access_token", "jwt", "api_key", "apikey")
+
+
+def init_app(app, *, store, keyset, issuer, audience, is_public, scope_for, respond):
+    """Require a valid token on every route except `is_public()` ones.
+
+    `scope_for(path)` names the scope a route needs (None: any valid token); `respond(status, message, code)`
+    builds the app's error response (the auth layer knows nothing of its shape).
+    """
+    app.config.update(JWT_ALGORITHM=ALGORITHM, JWT_DECODE_ALGORITHMS=[ALGORITHM], JWT_TOKEN_LOCATION=["headers"],
+                      JWT_DECODE_ISSUER=issuer, JWT_DECODE_AUDIENCE=audience, JWT_DECODE_LEEWAY=0,
+                      JWT_IDENTITY_CLAIM="sub", JWT_ERROR_MESSAGE_KEY="message")
+    jwt = JWTManager(app)
+
+    @jwt.decode_key_loader
+    def _key(header, _claims):
+        key = keyset.public_key(header.get("kid", ""))
+        if key is None:  # unknown or retired kid: refuse before any signature check
+            raise AuthError(401, "token was signed by an unknown or retired key", "invalid_token")
+        return key
+
+    unauthorized = lambda code, message: respond(401, message, code)  # noqa: E731
+    jwt.unauthorized_loader(lambda reason: unauthorized("missing_token", f"no bearer token: {reason}"))
+    jwt.invalid_token_loader(lambda reason: unauthorized("invalid_token", f"invalid token: {reason}"))
+    jwt.expired_token_loader(lambda _h, _c: unauthorized("token_expired", "token has expired"))
+    app.register_error_handler(AuthError, lambda exc: respond(exc.status, exc.message, exc.code))
+
+    @app.before_request
+    def _authenticate():
+        if request.method == "OPTIONS" or is_public() or request.endpoint is None:
+            return None  # unknown routes fall through to the 404/405 handlers
+        if any(name in request.args for name in QUERY_TOKEN_NAMES):
+            raise AuthError(401, "tokens in the query string are refused; use the Authorization header",
+                            "token_in_query")
+        verify_jwt_in_request()
+        g.auth = authorize(store, get_jwt(), scope_for(request.path))
+        return None
+
+
+def authorize(store, claims, needed_scope):
+    """Check a decoded token against the store; the token's record, or AuthError."""
+    missing = [name for name in REQUIRED_CLAIMS if claims.get(name) in (None, "")]
+    if missing:
+        raise AuthError(401, f"invalid token: missing claim {missing[0]}", "invalid_token")
+    if claims["typ"] != TOKEN_TYPE:
+        raise AuthError(401, f"invalid token: typ must be {TOKEN_TYPE}", "invalid_token")
+    token = store.get_token(str(claims["jti"]))
+    if token is None or token["user"] != claims["sub"]:
+        raise AuthError(401, "token was not issued by this service", "invalid_token")
+    if token["revoked_at"] is not None:
+        raise AuthError(401, "token has been revoked", "token_revoked")
+    if not token["user_active"]:
+        raise AuthError(403, f"account {token['user']!r} is disabled", "account_disabled")
+    if needed_scope is not None and needed_scope not in token["scope"].split():
+        raise AuthError(403, f"token lacks the {needed_scope!r} scope this route needs", "insufficient_scope")
+    return token

@@ -1,0 +1,259 @@
+"""The state that must survive anything: users, issued tokens, and the audit trail.
+
+SQLAlchemy Core over any URL: SQLite in WAL mode by default, PostgreSQL by
+URL alone. The schema is created and upgraded by Alembic migrations
+(auth/migrations), so an upgrade never loses a user, a token or a revocation.
+Token text is never stored: only its jti and metadata.
+"""
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+
+from auth.errors import StoreError
+
+metadata = sa.MetaData()
+users = sa.Table(
+    "users", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("is_admin", sa.Boolean, nullable=False),
+    sa.Column("active", sa.Boolean, nullable=False),
+    sa.Column("rate_limit", sa.String(200)),
+    sa.Column("daily_tokens", sa.Integer),
+    sa.Column("max_concurrent", sa.Integer),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+tokens = sa.Table(
+    "tokens", metadata,
+    sa.Column("jti", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False, index=True),
+    sa.Column("scope", sa.String(64), nullable=False),
+    sa.Column("label", sa.String(200), nullable=False),
+    sa.Column("kid", sa.String(64), nullable=False),
+    sa.Column("issued_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("revoked_at", sa.DateTime(timezone=True)),
+    sa.Column("revoked_by", sa.String(64)),
+)
+audit = sa.Table(
+    "audit", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("actor", sa.String(64), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("target", sa.String(200), nullable=False),
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.Column("source", sa.String(100), nullable=False),
+)
+QUOTA_FIELDS = ("rate_limit", "daily_tokens", "max_concurrent")
+NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def utcnow():
+    return datetime.now(timezone.utc)
+
+
+def aware(value):
+    """SQLite returns naive datetimes; every time in the store is UTC."""
+    return value if value is None or value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def connect(url):
+    """An SQLAlchemy engine; SQLite gets WAL, foreign keys and a busy timeout."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=5000")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+    return engine
+
+
+def migrate(engine, revision="head"):
+    """Bring the schema to `revision` with Alembic (creating it on an empty database)."""
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, revision)
+
+
+class Store:
+    """Users, tokens and audit events over one SQLAlchemy engine."""
+
+    def __init__(self, url, clock=utcnow, upgrade=True):
+        self.engine = connect(url)
+        self.clock = clock
+        if upgrade:
+            migrate(self.engine)
+
+    # --- users ---
+    def add_user(self, name, is_admin=False, actor="system", source="cli", **quotas):
+        """Create a user; StoreError 409 if the name is taken."""
+        check_name(name)
+        check_quotas(quotas)
+        row = dict(name=name, is_admin=bool(is_admin), active=True, created_at=self.clock(),
+                   **{k: quotas.get(k) for k in QUOTA_FIELDS})
+        with self.engine.begin() as conn:
+            if conn.execute(sa.select(users.c.id).where(users.c.name == name)).first():
+                raise StoreError(409, f"user {name!r} already exists", "user_exists", "name")
+            conn.execute(users.insert().values(**row))
+            self._audit(conn, actor, "user.add", name, {"admin": bool(is_admin), **_given(quotas)}, source)
+        return self.get_user(name)
+
+    def get_user(self, name):
+        """The user as a dict; StoreError 404 if unknown."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(users).where(users.c.name == name)).mappings().first()
+        if row is None:
+            raise StoreError(404, f"no such user: {name!r}", "unknown_user", "name")
+        return _user(row)
+
+    def list_users(self):
+        with self.engine.connect() as conn:
+            return [_user(r) for r in conn.execute(sa.select(users).order_by(users.c.name)).mappings()]
+
+    def update_user(self, name, actor="system", source="cli", **changes):
+        """Change active/is_admin/quota fields; None in a quota field clears it."""
+        allowed = {"active", "is_admin", *QUOTA_FIELDS}
+        unknown = set(changes) - allowed
+        if unknown:
+            raise StoreError(400, f"cannot change {sorted(unknown)[0]}", "unknown_field", sorted(unknown)[0])
+        check_quotas(changes)
+        user = self.get_user(name)
+        with self.engine.begin() as conn:
+            conn.execute(users.update().where(users.c.id == user["id"]).values(**changes))
+            action = {(True,): "user.enable", (False,): "user.disable"}.get(
+                (changes["active"],) if set(changes) == {"active"} else None, "user.update")
+            self._audit(conn, actor, action, name, changes, source)
+        return self.get_user(name)
+
+    # --- tokens ---
+    def record_token(self, jti, user_name, scope, label, kid, issued_at, expires_at, actor="system", source="cli"):
+        """Record an issued token's metadata (never its text)."""
+        user = self.get_user(user_name)
+        with self.engine.begin() as conn:
+            conn.execute(tokens.insert().values(jti=jti, user_id=user["id"], scope=scope, label=label, kid=kid,
+                                                issued_at=issued_at, expires_at=expires_at))
+            self._audit(conn, actor, "token.issue", user_name,
+                        {"jti": jti, "scope": scope, "label": label, "expires_at": expires_at.isoformat()}, source)
+
+    def list_tokens(self, user_name=None, include_inactive=False):
+        query = sa.select(tokens, users.c.name.label("user")).join(users).order_by(tokens.c.issued_at)
+        if user_name is not None:
+            query = query.where(users.c.id == self.get_user(user_name)["id"])
+        if not include_inactive:
+            query = query.where(tokens.c.revoked_at.is_(None), tokens.c.expires_at > self.clock())
+        with self.engine.connect() as conn:
+            return [_token(r) for r in conn.execute(query).mappings()]
+
+    def get_token(self, jti):
+        """Token metadata with its user's name and state, or None if never issued."""
+        query = (sa.select(tokens, users.c.name.label("user"), users.c.active.label("user_active"),
+                           users.c.is_admin.label("user_admin"))
+                 .join(users).where(tokens.c.jti == jti))
+        with self.engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+        return _token(row) if row else None
+
+    def revoke_token(self, jti, actor="system", source="cli"):
+        """Revoke one token; StoreError 404 if never issued. Revoking twice is harmless."""
+        token = self.get_token(jti)
+        if token is None:
+            raise StoreError(404, f"no such token: {jti!r}", "unknown_token", "jti")
+        with self.engine.begin() as conn:
+            conn.execute(tokens.update().where(tokens.c.jti == jti, tokens.c.revoked_at.is_(None))
+                         .values(revoked_at=self.clock(), revoked_by=actor))
+            self._audit(conn, actor, "token.revoke", token["user"], {"jti": jti}, source)
+        return self.get_token(jti)
+
+    def revoke_all(self, user_name, actor="system", source="cli"):
+        """Revoke every live token of a user; the number revoked."""
+        user = self.get_user(user_name)
+        with self.engine.begin() as conn:
+            count = conn.execute(tokens.update().where(tokens.c.user_id == user["id"], tokens.c.revoked_at.is_(None))
+                                 .values(revoked_at=self.clock(), revoked_by=actor)).rowcount
+            self._audit(conn, actor, "token.revoke_all", user_name, {"count": count}, source)
+        return count
+
+    # --- audit ---
+    def list_audit(self, actor=None, action=None, target=None, since=None, limit=100):
+        query = sa.select(audit).order_by(audit.c.id.desc()).limit(limit)
+        for column, value in ((audit.c.actor, actor), (audit.c.action, action), (audit.c.target, target)):
+            if value is not None:
+                query = query.where(column == value)
+        if since is not None:
+            query = query.where(audit.c.at >= (since if since.tzinfo else since.replace(tzinfo=timezone.utc)))
+        with self.engine.connect() as conn:
+            return [{**dict(r), "at": aware(r["at"]).isoformat(), "detail": json.loads(r["detail"])}
+                    for r in conn.execute(query).mappings()]
+
+    def record_event(self, action, target, detail, actor="system", source="cli"):
+        """Audit an action that changes nothing in the database (a key rotation, say)."""
+        with self.engine.begin() as conn:
+            self._audit(conn, actor, action, target, detail, source)
+
+    def _audit(self, conn, actor, action, target, detail, source):
+        conn.execute(audit.insert().values(at=self.clock(), actor=actor, action=action, target=target,
+                                           detail=json.dumps(detail, default=str, sort_keys=True), source=source))
+
+    def ping(self):
+        """True when the database answers."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.text("SELECT 1")).scalar() == 1
+
+
+def check_name(name):
+    if not (1 <= len(name) <= 64) or not set(name) <= NAME_CHARS or name[0] in ".-":
+        raise StoreError(400, "user name must be 1-64 characters of a-z, 0-9, '.', '_', '-', "
+                         "starting with a letter, digit or '_'", "invalid_name", "name")
+
+
+def check_quotas(quotas):
+    """Validate quota fields (None clears one); StoreError 400 naming the bad one."""
+    from limits import parse_many
+
+    rate = quotas.get("rate_limit")
+    if rate is not None:
+        try:
+            if not parse_many(rate):
+                raise ValueError(rate)
+        except ValueError:
+            raise StoreError(400, f"rate_limit {rate!r} is not a limit such as '60/minute;2000/day'",
+                             "invalid_rate_limit", "rate_limit") from None
+    for name in ("daily_tokens", "max_concurrent"):
+        value = quotas.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise StoreError(400, f"{name} must be a positive integer", "out_of_range", name)
+    return quotas
+
+
+def _given(quotas):
+    return {k: v for k, v in quotas.items() if v is not None}
+
+
+def _user(row):
+    return {"id": row["id"], "name": row["name"], "admin": row["is_admin"], "active": row["active"],
+            "rate_limit": row["rate_limit"], "daily_tokens": row["daily_tokens"],
+            "max_concurrent": row["max_concurrent"], "created_at": aware(row["created_at"]).isoformat()}
+
+
+def _token(row):
+    token = {"jti": row["jti"], "user": row["user"], "scope": row["scope"], "label": row["label"],
+             "kid": row["kid"], "issued_at": aware(row["issued_at"]), "expires_at": aware(row["expires_at"]),
+             "revoked_at": aware(row["revoked_at"]), "revoked_by": row["revoked_by"]}
+    for extra in ("user_active", "user_admin"):
+        if extra in row:
+            token[extra] = row[extra]
+    return token

@@ -1,0 +1,103 @@
+"""The admin HTTP API (scope `admin`): users, tokens and the audit trail.
+
+Routes are thin: parse, call auth.store / auth.tokens, return. Every change is
+audited with the calling admin as actor and the client address as source.
+"""
+
+from datetime import datetime
+
+from flask import Blueprint, current_app, request
+
+from auth.tokens import issue_token
+from service.access import caller
+from service.errors import APIError
+from service.schemas import AdminTokenRequest, AdminUserCreate, AdminUserPatch, decode_body, parse
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+
+
+def _store():
+    return current_app.extensions["vibethinker.store"]
+
+
+def _who():
+    return {"actor": caller()["user"], "source": request.remote_addr or "-"}
+
+
+def _body(model):
+    return parse(model, decode_body(request.get_data(cache=False), request.is_json))
+
+
+@bp.post("/users")
+def add_user():
+    body = _body(AdminUserCreate)
+    user = _store().add_user(body.name, body.admin, rate_limit=body.rate_limit, daily_tokens=body.daily_tokens,
+                             max_concurrent=body.max_concurrent, **_who())
+    return user, 201
+
+
+@bp.get("/users")
+def list_users():
+    return {"object": "list", "data": _store().list_users()}
+
+
+@bp.patch("/users/<name>")
+def update_user(name):
+    changes = _body(AdminUserPatch).model_dump(exclude_unset=True)
+    if "admin" in changes:
+        changes["is_admin"] = changes.pop("admin")
+    if not changes:
+        raise APIError(400, "nothing to change: give active, admin or a quota field", "empty", None)
+    return _store().update_user(name, **changes, **_who())
+
+
+@bp.post("/tokens")
+def add_token():
+    body = _body(AdminTokenRequest)
+    settings = current_app.extensions["vibethinker.settings"]
+    text, meta = issue_token(_store(), current_app.extensions["vibethinker.keys"], body.user, scope=body.scope,
+                             ttl=body.ttl or settings.token_ttl, max_ttl=settings.token_max_ttl, label=body.label,
+                             issuer=settings.jwt_issuer, audience=settings.jwt_audience, **_who())
+    return {**meta, "token": text}, 201
+
+
+@bp.get("/tokens")
+def list_tokens():
+    tokens = _store().list_tokens(request.args.get("user"), include_inactive=request.args.get("all") == "true")
+    return {"object": "list", "data": [_public(t) for t in tokens]}
+
+
+@bp.delete("/tokens/<jti>")
+def revoke_token(jti):
+    return _public(_store().revoke_token(jti, **_who()))
+
+
+@bp.get("/audit")
+def list_audit():
+    args = request.args
+    since = _date(args.get("since"))
+    limit = _int(args.get("limit", "100"), "limit", 1, 1000)
+    return {"object": "list", "data": _store().list_audit(actor=args.get("actor"), action=args.get("action"),
+                                                          target=args.get("target"), since=since, limit=limit)}
+
+
+def _public(token):
+    """Token metadata as JSON: never the token text, which is not stored anyway."""
+    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in token.items()
+            if k not in ("user_active", "user_admin")}
+
+
+def _date(text):
+    if text is None:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise APIError(400, f"since must be a date or time in ISO 8601 (YYYY-MM-DD), not {text!r}",
+                       "invalid_value", "since") from None
+
+
+def _int(text, name, low, high):
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise APIError(400, f"{name} must be an integer between {low} and {high}", "out_of_range", name)
+    return int(text)

@@ -1,0 +1,204 @@
+"""vibethinker-admin: users, tokens, keys and the audit trail, from the server's shell.
+
+Reads the same settings as the service (VIBE_* and VIBE_CONFIG). Any error
+exits non-zero with one line on stderr. `tokens issue` prints the token text
+once, alone on the last line; nothing stores or logs it.
+"""
+
+import argparse
+import getpass
+import json
+import sys
+from datetime import datetime
+
+from auth import keys
+from auth.errors import StoreError
+from auth.keys import KeyFolderError
+from auth.store import Store
+from auth.tokens import issue_token
+from service.settings import SettingsError, load_settings
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        return args.handler(args, settings) or 0
+    except (SettingsError, StoreError, KeyFolderError) as exc:
+        print(f"vibethinker-admin: error: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 1
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="vibethinker-admin", description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{users,tokens,keys,audit,db}")
+
+    users = groups.add_parser("users", help="add, list, disable, enable, set").add_subparsers(dest="cmd", required=True)
+    add = users.add_parser("add", help="create a user")
+    add.add_argument("name")
+    add.add_argument("--admin", action="store_true", help="may hold admin-scope tokens")
+    _quota_options(add)
+    add.set_defaults(handler=users_add)
+    users.add_parser("list", help="list users").set_defaults(handler=users_list)
+    for verb, active in (("disable", False), ("enable", True)):
+        cmd = users.add_parser(verb, help=f"{verb} a user (all their tokens {'work again' if active else 'stop'})")
+        cmd.add_argument("name")
+        cmd.set_defaults(handler=users_toggle, active=active)
+    set_ = users.add_parser("set", help="change quotas or the admin flag ('none' clears a quota)")
+    set_.add_argument("name")
+    set_.add_argument("--admin", action=argparse.BooleanOptionalAction, default=None)
+    _quota_options(set_, clearable=True)
+    set_.set_defaults(handler=users_set)
+
+    tokens = groups.add_parser("tokens", help="issue, list, revoke").add_subparsers(dest="cmd", required=True)
+    issue = tokens.add_parser("issue", help="issue a token; the last line printed is the token")
+    issue.add_argument("name")
+    issue.add_argument("--ttl", help="lifetime such as 30d, 12h, 90m (default from settings)")
+    issue.add_argument("--scope", default="generate", help="generate, admin, or generate,admin")
+    issue.add_argument("--label", default="", help="what the token is for")
+    issue.set_defaults(handler=tokens_issue)
+    list_ = tokens.add_parser("list", help="list live tokens (never their text)")
+    list_.add_argument("--user")
+    list_.add_argument("--all", action="store_true", help="include revoked and expired tokens")
+    list_.set_defaults(handler=tokens_list)
+    revoke = tokens.add_parser("revoke", help="revoke one token by jti")
+    revoke.add_argument("jti")
+    revoke.set_defaults(handler=tokens_revoke)
+    revoke_all = tokens.add_parser("revoke-all", help="revoke every token of a user")
+    revoke_all.add_argument("name")
+    revoke_all.set_defaults(handler=tokens_revoke_all)
+
+    key_cmds = groups.add_parser("keys", help="generate, rotate, retire, list").add_subparsers(dest="cmd", required=True)
+    key_cmds.add_parser("generate", help="make the first signing key").set_defaults(handler=keys_change, op="generate")
+    key_cmds.add_parser("rotate", help="add a new signing key").set_defaults(handler=keys_change, op="rotate")
+    retire = key_cmds.add_parser("retire", help="delete a key; tokens it signed stop working")
+    retire.add_argument("kid")
+    retire.set_defaults(handler=keys_change, op="retire")
+    key_cmds.add_parser("list", help="list key ids, newest (signing) last").set_defaults(handler=keys_list)
+
+    audit = groups.add_parser("audit", help="list admin actions, newest first")
+    for name in ("actor", "action", "target"):
+        audit.add_argument(f"--{name}")
+    audit.add_argument("--since", type=_date, help="YYYY-MM-DD")
+    audit.add_argument("--limit", type=int, default=100)
+    audit.set_defaults(handler=audit_list)
+
+    db = groups.add_parser("db", help="database schema").add_subparsers(dest="cmd", required=True)
+    db.add_parser("upgrade", help="apply migrations (the service also does at start)").set_defaults(handler=db_upgrade)
+    return parser
+
+
+def _quota_options(parser, clearable=False):
+    kind = (lambda v: None if v == "none" else v) if clearable else str
+    number = (lambda v: None if v == "none" else int(v)) if clearable else int
+    parser.add_argument("--rate-limit", type=kind, default=argparse.SUPPRESS, help='e.g. "60/minute;2000/day"')
+    parser.add_argument("--daily-tokens", type=number, default=argparse.SUPPRESS, help="prompt+completion tokens a day")
+    parser.add_argument("--max-concurrent", type=number, default=argparse.SUPPRESS, help="simultaneous requests")
+
+
+def _quotas(args):
+    return {k: getattr(args, k) for k in ("rate_limit", "daily_tokens", "max_concurrent") if hasattr(args, k)}
+
+
+def _date(text):
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date: {text!r} (use YYYY-MM-DD)") from None
+
+
+def _who():
+    return {"actor": f"cli:{getpass.getuser()}"[:64], "source": "cli"}
+
+
+def _emit(args, data, text):
+    print(json.dumps(data, default=str) if args.json else text)
+
+
+def users_add(args, settings):
+    user = Store(settings.db_url).add_user(args.name, args.admin, **_quotas(args), **_who())
+    _emit(args, user, f"added user {user['name']}{' (admin)' if user['admin'] else ''}")
+
+
+def users_list(args, settings):
+    rows = Store(settings.db_url).list_users()
+    _emit(args, rows, _table(rows, ("name", "admin", "active", "rate_limit", "daily_tokens", "max_concurrent")))
+
+
+def users_toggle(args, settings):
+    Store(settings.db_url).update_user(args.name, active=args.active, **_who())
+    _emit(args, {"name": args.name, "active": args.active}, f"{'enabled' if args.active else 'disabled'} {args.name}")
+
+
+def users_set(args, settings):
+    changes = _quotas(args)
+    if args.admin is not None:
+        changes["is_admin"] = args.admin
+    if not changes:
+        raise StoreError(400, "nothing to change: give --admin/--no-admin or a quota option", "empty")
+    user = Store(settings.db_url).update_user(args.name, **changes, **_who())
+    _emit(args, user, f"updated {args.name}")
+
+
+def tokens_issue(args, settings):
+    text, meta = issue_token(Store(settings.db_url), keys.KeySet(settings.jwt_key_dir), args.name,
+                             scope=args.scope, ttl=args.ttl or settings.token_ttl, max_ttl=settings.token_max_ttl,
+                             label=args.label, issuer=settings.jwt_issuer, audience=settings.jwt_audience, **_who())
+    _emit(args, meta, f"issued token {meta['jti']} for {meta['user']} (scope {meta['scope']}, expires "
+                      f"{meta['expires_at']}); it is shown once, store it now:")
+    print(text)
+
+
+def tokens_list(args, settings):
+    rows = Store(settings.db_url).list_tokens(args.user, include_inactive=args.all)
+    _emit(args, rows, _table(rows, ("jti", "user", "scope", "label", "expires_at", "revoked_at")))
+
+
+def tokens_revoke(args, settings):
+    token = Store(settings.db_url).revoke_token(args.jti, **_who())
+    _emit(args, token, f"revoked {token['jti']} ({token['user']})")
+
+
+def tokens_revoke_all(args, settings):
+    count = Store(settings.db_url).revoke_all(args.name, **_who())
+    _emit(args, {"user": args.name, "revoked": count}, f"revoked {count} token(s) of {args.name}")
+
+
+def keys_change(args, settings):
+    if args.op == "retire":
+        keys.retire(settings.jwt_key_dir, args.kid)
+        kid = args.kid
+    else:
+        kid = getattr(keys, args.op)(settings.jwt_key_dir)
+    Store(settings.db_url).record_event(f"key.{args.op}", kid, {}, **_who())
+    _emit(args, {"op": args.op, "kid": kid, "key_dir": str(settings.jwt_key_dir)},
+          f"{args.op}: {kid} in {settings.jwt_key_dir}")
+
+
+def keys_list(args, settings):
+    kids = keys.list_kids(settings.jwt_key_dir)
+    _emit(args, kids, "\n".join(f"{kid}{'  (signing)' if kid == kids[-1] else ''}" for kid in kids))
+
+
+def audit_list(args, settings):
+    rows = Store(settings.db_url).list_audit(actor=args.actor, action=args.action, target=args.target,
+                                             since=args.since, limit=args.limit)
+    _emit(args, rows, _table(rows, ("at", "actor", "action", "target", "source", "detail")))
+
+
+def db_upgrade(args, settings):
+    Store(settings.db_url)
+    _emit(args, {"upgraded": True}, "database schema is up to date")
+
+
+def _table(rows, columns):
+    cells = [[str(r.get(c) if r.get(c) is not None else "-") for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
