@@ -54,7 +54,9 @@ def parse(model, data):
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _to_api_error(model, exc.errors()[0]) from None
+        # An unknown field is most often a typo of a missing one: name it first.
+        errors = sorted(exc.errors(), key=lambda err: err["type"] != "extra_forbidden")
+        raise _to_api_error(model, errors[0]) from None
 
 
 def _to_api_error(model, err):

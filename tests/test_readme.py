@@ -4,7 +4,7 @@ import json
 import re
 import subprocess
 
-from tests.conftest import ROOT
+from tests.conftest import BIN, ROOT
 
 README = (ROOT / "README.md").read_text()
 
@@ -32,3 +32,18 @@ def test_error_example_is_what_the_service_says(server):
     example = json.loads(re.search(r"```json\n(.*?)```", README, flags=re.S).group(1))
     response = server.post("/predict", {"question": "a", "max_new_tokens": 4096})
     assert response.json() == example
+
+
+def test_admins_day_runs_as_printed(start_server):
+    server = start_server()  # its own: the example retires the first key
+    block = next(b for b in shell_blocks() if "vibethinker-admin users add team-math" in b)
+    command = "set -euo pipefail\n" + block.replace("http://127.0.0.1:8000", server.base)
+    env = {**server.env, "PATH": f"{BIN}:{server.env['PATH']}"}
+    out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    me = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
+    assert me["user"] == "team-math" and me["limits"]["daily_tokens"] == 200000
+    assert "\n401\n" in out.stdout
+    assert "disabled team-math" in out.stdout and "retire:" in out.stdout
+    assert "key.retire" in out.stdout  # the audit listing shows it
+    assert server.get("/v1/me").status_code == 401  # the admin's own token was signed with the retired key

@@ -1,0 +1,71 @@
+"""vibethinker-admin as an admin runs it: outputs, --json, and one-line errors."""
+
+import json
+
+import pytest
+
+from tests.conftest import admin_cli, state_env
+
+
+@pytest.fixture
+def env(tmp_path):
+    env = state_env(tmp_path)
+    admin_cli(env, "keys", "generate")
+    return env
+
+
+def test_tokens_issue_prints_the_token_alone_on_the_last_line(env):
+    admin_cli(env, "users", "add", "alice")
+    lines = admin_cli(env, "tokens", "issue", "alice", "--ttl", "12h", "--label", "nb").stdout.splitlines()
+    assert len(lines[-1].split(".")) == 3 and " " not in lines[-1]
+    meta_line, token = admin_cli(env, "--json", "tokens", "issue", "alice").stdout.splitlines()
+    meta = json.loads(meta_line)
+    assert meta["user"] == "alice" and meta["scope"] == "generate" and "token" not in meta
+    assert len(token.split(".")) == 3
+
+
+def test_json_listings(env):
+    admin_cli(env, "users", "add", "bob", "--rate-limit", "5/minute", "--daily-tokens", "100")
+    admin_cli(env, "users", "set", "bob", "--max-concurrent", "2", "--daily-tokens", "none")
+    [bob] = json.loads(admin_cli(env, "--json", "users", "list").stdout)
+    assert (bob["rate_limit"], bob["daily_tokens"], bob["max_concurrent"]) == ("5/minute", None, 2)
+    admin_cli(env, "tokens", "issue", "bob")
+    [token] = json.loads(admin_cli(env, "--json", "tokens", "list").stdout)
+    assert token["user"] == "bob" and "token" not in token
+    actions = [e["action"] for e in json.loads(admin_cli(env, "--json", "audit").stdout)]
+    assert actions == ["token.issue", "user.update", "user.add", "key.generate"]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["users", "add", "carol", "--rate-limit", "often"], "rate_limit 'often'"),
+    (["users", "disable", "nobody"], "no such user: 'nobody'"),
+    (["tokens", "issue", "nobody"], "no such user: 'nobody'"),
+    (["tokens", "issue", "dave", "--ttl", "3 days"], "bad duration '3 days'"),
+    (["tokens", "issue", "dave", "--ttl", "0d"], "bad duration '0d'"),
+    (["tokens", "issue", "dave", "--scope", "admin"], "not an admin"),
+    (["tokens", "revoke", "no-such-jti"], "no such token"),
+    (["users", "add", "dave"], "already exists"),
+    (["users", "set", "dave"], "nothing to change"),
+    (["keys", "generate"], "already holds keys"),
+    (["keys", "retire", "nope"], "no key with kid 'nope'"),
+])
+def test_errors_are_one_line_and_non_zero(env, args, fragment):
+    admin_cli(env, "users", "add", "dave")
+    proc = admin_cli(env, *args, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and fragment in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_only_key_cannot_be_retired_and_keys_are_private(env):
+    from pathlib import Path
+
+    [kid] = admin_cli(env, "keys", "list").stdout.split()[:1]
+    assert "only key" in admin_cli(env, "keys", "retire", kid, check=False).stderr
+    key_dir = Path(env["VIBE_JWT_KEY_DIR"])
+    assert oct(key_dir.stat().st_mode & 0o777) == "0o700"
+    assert {oct(p.stat().st_mode & 0o777) for p in key_dir.iterdir()} == {"0o600"}
+
+
+def test_bad_settings_are_one_line(env):
+    proc = admin_cli({**env, "VIBE_DB_URL": ""}, "users", "list", check=False)
+    assert proc.returncode == 1 and "VIBE_DB_URL" in proc.stderr and proc.stderr.count("\n") == 1
