@@ -21,19 +21,21 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# nginx and redis-server for the tests that run them for real; installed only
-# on Debian as root, without starting their packaged services (RUNLEVEL=1).
+# Servers the tests run for real (nginx, redis-server, PostgreSQL) and curl for
+# the README's examples: installed when missing, only on Debian as root, without
+# starting their packaged services (RUNLEVEL=1 makes invoke-rc.d skip them).
 system-deps:
 	@missing=""; \
-	for cmd in nginx:nginx redis-server:redis-server curl:curl; do \
-	  command -v $${cmd%%:*} >/dev/null 2>&1 || PATH="$$PATH:/usr/sbin" command -v $${cmd%%:*} >/dev/null 2>&1 \
-	    || missing="$$missing $${cmd##*:}"; \
-	done; \
+	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	command -v curl >/dev/null 2>&1 || missing="$$missing curl"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing$$missing"; \
-	    apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	  else echo "note: missing$$missing (install them as root on Debian)"; fi; \
+	    apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "missing$$missing: install them (as root on Debian, make test does)"; exit 1; fi; \
 	fi
 
 $(DEMO)/config.json: | $(STAMP)

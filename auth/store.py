@@ -98,6 +98,10 @@ class Store:
         if upgrade:
             migrate(self.engine)
 
+    def close(self):
+        """Close the pooled connections."""
+        self.engine.dispose()
+
     # --- users ---
     def add_user(self, name, is_admin=False, actor="system", source="cli", **quotas):
         """Create a user; StoreError 409 if the name is taken."""

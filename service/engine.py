@@ -115,6 +115,7 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="vibethinker-engine", daemon=True)
         self._stopping = threading.Event()
         self.model = None
+        self.running = 0  # requests being generated now (one until batching)
         self.state = "loading"
         self.load_error = None
 
@@ -162,7 +163,11 @@ class Engine:
                 handle = self._queue.get(timeout=0.2)
             except queue.Empty:
                 continue
-            self._serve(handle)
+            self.running = 1
+            try:
+                self._serve(handle)
+            finally:
+                self.running = 0
 
     def _serve(self, handle):
         started = time.monotonic()

@@ -26,7 +26,7 @@ def readyz():
     if not _database_answers():
         raise APIError(503, "database is unreachable", "database_unavailable", headers={"Retry-After": 5})
     return {"status": "ready", "model": current_app.extensions["vibethinker.settings"].model_name,
-            "load_seconds": round(engine.model.load_seconds, 3), "queued": engine.queued()}
+            "load_seconds": round(engine.model.load_seconds, 3), "queued": engine.queued(), "running": engine.running}
 
 
 def _database_answers():

@@ -166,3 +166,21 @@ def start_server(tmp_path_factory, tiny_model):
 def server(start_server):
     """The default server: default settings, the tiny model."""
     return start_server()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session; `postgres.create_db(name)` gives a URL."""
+    from tests.databases import Postgres
+
+    server = Postgres().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A fresh, empty database of each kind the store supports."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/db.sqlite"
+    return request.getfixturevalue("postgres").create_db(f"t{abs(hash(str(tmp_path))) % 10**9}")

@@ -10,7 +10,7 @@ import requests
 from service.settings import Settings
 from tests.conftest import greedy
 
-DEADLINE_S = 1.0
+DEADLINE_S = 1.5
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +52,18 @@ def test_full_queue_gets_503_with_retry_after_at_once(strict_server, long_questi
     def call(name):
         results[name] = strict_server.post("/predict", long_body)
 
+    def wait_for(key):
+        deadline = time.monotonic() + DEADLINE_S * 0.8
+        while requests.get(strict_server.url("/readyz"), timeout=5).json()[key] < 1:
+            assert time.monotonic() < deadline, f"no request {key} in time"
+            time.sleep(0.01)
+
     running = threading.Thread(target=call, args=("running",))
     running.start()
-    time.sleep(0.3)
+    wait_for("running")
     waiting = threading.Thread(target=call, args=("waiting",))
     waiting.start()
-    deadline = time.monotonic() + 0.6
-    while requests.get(strict_server.url("/readyz"), timeout=5).json()["queued"] < 1:
-        assert time.monotonic() < deadline, "second request never queued"
-        time.sleep(0.02)
+    wait_for("queued")
     started = time.monotonic()
     refused = strict_server.post("/predict", long_body)
     assert time.monotonic() - started < 0.5

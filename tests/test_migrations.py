@@ -1,4 +1,4 @@
-"""An upgrade never loses users, tokens or revocations."""
+"""An upgrade never loses users, tokens or revocations, on SQLite and on PostgreSQL."""
 
 from datetime import datetime, timedelta, timezone
 
@@ -7,21 +7,24 @@ import sqlalchemy as sa
 from auth.store import Store, connect, migrate
 
 
-def test_upgrade_from_the_first_schema_keeps_the_data(tmp_path):
-    url = f"sqlite:///{tmp_path}/old.db"
-    engine = connect(url)
+def test_upgrade_from_the_first_schema_keeps_the_data(db_url):
+    engine = connect(db_url)
     migrate(engine, "0001")
     now = datetime(2026, 1, 1, tzinfo=timezone.utc)
     with engine.begin() as conn:
-        conn.execute(sa.text("INSERT INTO users (id, name, is_admin, active, created_at) "
-                             "VALUES (1, 'old-team', 0, 1, :now), (2, 'old-admin', 1, 0, :now)"), {"now": now})
-        conn.execute(sa.text("INSERT INTO tokens (jti, user_id, scope, label, kid, issued_at, expires_at, revoked_at, "
-                             "revoked_by) VALUES ('j-live', 1, 'generate', 'l', 'k', :now, :exp, NULL, NULL), "
-                             "('j-dead', 1, 'generate', 'l', 'k', :now, :exp, :now, 'root')"),
-                     {"now": now, "exp": now + timedelta(days=3650)})
+        meta = sa.MetaData()
+        users, tokens = (sa.Table(name, meta, autoload_with=conn) for name in ("users", "tokens"))
+        assert "rate_limit" not in users.c  # really the first schema
+        conn.execute(users.insert(), [
+            {"id": 1, "name": "old-team", "is_admin": False, "active": True, "created_at": now},
+            {"id": 2, "name": "old-admin", "is_admin": True, "active": False, "created_at": now}])
+        token = {"user_id": 1, "scope": "generate", "label": "l", "kid": "k", "issued_at": now,
+                 "expires_at": now + timedelta(days=3650)}
+        conn.execute(tokens.insert(), [{**token, "jti": "j-live", "revoked_at": None, "revoked_by": None},
+                                       {**token, "jti": "j-dead", "revoked_at": now, "revoked_by": "root"}])
     engine.dispose()
 
-    store = Store(url)  # upgrades to head on open
+    store = Store(db_url)  # upgrades to head on open
     users = {u["name"]: u for u in store.list_users()}
     assert users["old-team"]["active"] and not users["old-admin"]["active"] and users["old-admin"]["admin"]
     assert users["old-team"]["rate_limit"] is None
@@ -31,10 +34,25 @@ def test_upgrade_from_the_first_schema_keeps_the_data(tmp_path):
     assert store.list_audit()[0]["action"] == "user.update"
     with store.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+    store.close()
+
+
+def test_sqlite_runs_in_wal_mode(tmp_path):
+    store = Store(f"sqlite:///{tmp_path}/db.sqlite")
+    with store.engine.connect() as conn:
         assert conn.execute(sa.text("PRAGMA journal_mode")).scalar() == "wal"
+    store.close()
 
 
-def test_opening_twice_is_harmless(tmp_path):
-    url = f"sqlite:///{tmp_path}/db.sqlite"
-    Store(url).add_user("a")
-    assert [u["name"] for u in Store(url).list_users()] == ["a"]
+def test_store_round_trip(db_url):
+    store = Store(db_url)
+    store.add_user("a", rate_limit="5/minute")
+    again = Store(db_url)  # opening twice is harmless
+    assert [u["name"] for u in again.list_users()] == ["a"]
+    again.close()
+    expires = datetime.now(timezone.utc) + timedelta(days=1)
+    store.record_token("j1", "a", "generate", "", "kid", datetime.now(timezone.utc), expires)
+    assert [t["jti"] for t in store.list_tokens("a")] == ["j1"]
+    assert store.revoke_all("a") == 1 and store.get_token("j1")["revoked_at"] is not None
+    assert store.list_tokens("a") == [] and store.ping()
+    store.close()

@@ -1,0 +1,63 @@
+"""A real PostgreSQL server for the store's tests, started on a unix socket in a temporary folder."""
+
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+
+def _pg_bin(name):
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))), None)
+    if not found:
+        pytest.fail(f"PostgreSQL's {name} is missing: `make test` installs Debian's postgresql as root")
+    return found
+
+
+class Postgres:
+    """initdb + postgres on a private socket; postgres refuses root, so it runs as the postgres user."""
+
+    def __init__(self):
+        # Not under pytest's tmp folder: the postgres user cannot enter root's 0700 folders.
+        self.base = Path(tempfile.mkdtemp(prefix="vibethinker-pg-"))
+        self.data, self.sock = self.base / "data", self.base / "sock"
+        self.user = "postgres" if os.geteuid() == 0 else None
+        self.proc = None
+
+    def _cmd(self, *args):
+        return (["runuser", "-u", self.user, "--"] if self.user else []) + list(args)
+
+    def start(self):
+        self.sock.mkdir(parents=True)
+        if self.user:
+            entry = pwd.getpwnam(self.user)
+            for path in (self.base, self.sock):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        subprocess.run(self._cmd(_pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust",
+                                 "--no-sync"), check=True, capture_output=True)
+        self.proc = subprocess.Popen(
+            self._cmd(_pg_bin("postgres"), "-D", str(self.data), "-k", str(self.sock), "-c", "listen_addresses=",
+                      "-c", "fsync=off"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not (self.sock / ".s.PGSQL.5432").exists():
+            assert self.proc.poll() is None, "postgres exited at start"
+            assert time.monotonic() < deadline, "postgres did not start"
+            time.sleep(0.1)
+        time.sleep(0.3)
+        return self
+
+    def create_db(self, name):
+        subprocess.run(self._cmd(_pg_bin("createdb"), "-h", str(self.sock), "-U", "postgres", name),
+                       check=True, capture_output=True)
+        return f"postgresql+psycopg://postgres@/{name}?host={self.sock}"
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+        shutil.rmtree(self.base, ignore_errors=True)
