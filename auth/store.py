@@ -165,7 +165,8 @@ class Store:
     def get_token(self, jti):
         """Token metadata with its user's name and state, or None if never issued."""
         query = (sa.select(tokens, users.c.name.label("user"), users.c.active.label("user_active"),
-                           users.c.is_admin.label("user_admin"))
+                           users.c.is_admin.label("user_admin"), users.c.rate_limit, users.c.daily_tokens,
+                           users.c.max_concurrent)
                  .join(users).where(tokens.c.jti == jti))
         with self.engine.connect() as conn:
             row = conn.execute(query).mappings().first()
@@ -257,7 +258,7 @@ def _token(row):
     token = {"jti": row["jti"], "user": row["user"], "scope": row["scope"], "label": row["label"],
              "kid": row["kid"], "issued_at": aware(row["issued_at"]), "expires_at": aware(row["expires_at"]),
              "revoked_at": aware(row["revoked_at"]), "revoked_by": row["revoked_by"]}
-    for extra in ("user_active", "user_admin"):
+    for extra in ("user_active", "user_admin", *QUOTA_FIELDS):
         if extra in row:
             token[extra] = row[extra]
     return token

@@ -84,7 +84,7 @@ def list_audit():
 def _public(token):
     """Token metadata as JSON: never the token text, which is not stored anyway."""
     return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in token.items()
-            if k not in ("user_active", "user_admin")}
+            if k not in ("user_active", "user_admin", "rate_limit", "daily_tokens", "max_concurrent")}
 
 
 def _date(text):

@@ -16,7 +16,7 @@ from auth import guard
 from auth.errors import StoreError
 from auth.keys import KeyFolderError, KeySet
 from auth.store import Store
-from service import access, admin, errors, health, me, predict, requestid
+from service import access, admin, errors, filtering, health, me, predict, quotas, requestid
 from service.settings import SettingsError, load_settings, require_model_path
 
 
@@ -33,12 +33,14 @@ def create_app(settings=None):
     store, keyset = open_state(settings)
     app.extensions["vibethinker.store"] = store
     app.extensions["vibethinker.keys"] = keyset
+    app.extensions["vibethinker.policy"] = load_policy(settings)
 
     requestid.init_app(app)
     errors.init_app(app)
     app.register_error_handler(StoreError, lambda e: errors.error_response(e.status, e.message, e.code, e.param))
     guard.init_app(app, store=store, keyset=keyset, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
-                   is_public=access.is_public, scope_for=access.scope_for, respond=errors.error_response)
+                   is_public=access.is_public, scope_for=access.scope_for, respond=quotas.record_auth_failure)
+    quotas.init_app(app, settings, limited_blueprints=[predict.bp])  # after the guard: it keys on the user
     app.register_blueprint(health.bp)
     app.register_blueprint(me.bp)
     app.register_blueprint(admin.bp)
@@ -54,6 +56,14 @@ def open_state(settings):
     except KeyFolderError as exc:
         raise SettingsError(str(exc)) from None
     return Store(settings.db_url), keyset
+
+
+def load_policy(settings):
+    """The content policy's rules; SettingsError when the file is bad."""
+    try:
+        return filtering.load_policy(settings.content_policy_path)
+    except filtering.PolicyError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def start_engine(model_path, settings):

@@ -38,14 +38,18 @@ def resolve_params(settings, max_new_tokens=None, temperature=None, top_p=None):
     )
 
 
-def prompt_ids(engine, messages, settings):
-    """Chat-templated token ids; APIError 503 if the model is not loaded, 400 if too long."""
+def prompt_ids(engine, messages, settings, max_new_tokens):
+    """Chat-templated token ids; APIError 503 if the model is not loaded, 400 if they do not fit."""
     if not engine.ready:
         raise not_ready(engine)
     ids = engine.model.encode_chat(messages)
     if len(ids) > settings.max_prompt_tokens:
         raise APIError(400, f"prompt is {len(ids)} tokens after the chat template; the limit is "
                        f"{settings.max_prompt_tokens}", "context_length_exceeded", "question")
+    context = engine.model.context_length
+    if len(ids) + max_new_tokens > context:
+        raise APIError(400, f"prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
+                       f"model's context of {context} tokens", "context_length_exceeded", "max_new_tokens")
     return ids
 
 
@@ -73,8 +77,10 @@ def complete(engine, ids, params, settings):
         result = None
     if result is None or result.finish_reason in ("timeout", "cancelled"):
         done = result.completion_tokens if result else 0
-        raise APIError(504, f"generation passed the {settings.request_deadline_s:g} s deadline after "
-                       f"{done} tokens; ask for fewer max_new_tokens", "deadline_exceeded")
+        error = APIError(504, f"generation passed the {settings.request_deadline_s:g} s deadline after "
+                         f"{done} tokens; ask for fewer max_new_tokens", "deadline_exceeded")
+        error.tokens_used = len(ids) + done  # the compute was spent: it counts against the budget
+        raise error
     return result
 
 

@@ -9,6 +9,7 @@ fork, and the model must exist once per server.
 import sys
 
 from auth.keys import KeyFolderError, KeySet
+from service.filtering import PolicyError, load_policy
 from service.settings import SettingsError, load_settings, require_model_path
 
 try:
@@ -16,7 +17,8 @@ try:
     # Fail in the master, with one clear line, not in a worker boot loop.
     require_model_path(_settings)
     KeySet(_settings.jwt_key_dir)
-except (SettingsError, KeyFolderError) as exc:
+    load_policy(_settings.content_policy_path)
+except (SettingsError, KeyFolderError, PolicyError) as exc:
     print(f"vibethinker: {exc}", file=sys.stderr)
     sys.exit(2)
 

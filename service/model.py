@@ -29,6 +29,7 @@ class LoadedModel:
     eos_ids: frozenset
     pad_id: int
     load_seconds: float
+    context_length: int
 
     def encode_chat(self, messages):
         """Token ids of the chat-templated conversation, ready for the assistant's turn."""
@@ -53,7 +54,8 @@ def load(path, dtype="float32"):
     if tokenizer.eos_token_id is not None:
         eos_ids.add(tokenizer.eos_token_id)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
-    return LoadedModel(model, tokenizer, frozenset(eos_ids), pad_id, time.monotonic() - started)
+    context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    return LoadedModel(model, tokenizer, frozenset(eos_ids), pad_id, time.monotonic() - started, int(context))
 
 
 def chat_messages(question, system_prompt):

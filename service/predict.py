@@ -1,12 +1,14 @@
 """POST /predict and /v1/predict: the original contract, one question in, one answer out."""
 
+import json
 import uuid
 
 from flask import Blueprint, current_app, request
 
-from service import generate
+from service import filtering, generate, quotas
+from service.access import caller
 from service.model import chat_messages
-from service.schemas import PredictRequest, check_text, decode_body, parse
+from service.schemas import PredictRequest, decode_body, parse
 
 bp = Blueprint("predict", __name__)
 PATHS = ("/predict", "/v1/predict")
@@ -19,12 +21,16 @@ def predict():
     settings = current_app.extensions["vibethinker.settings"]
     engine = current_app.extensions["vibethinker.engine"]
     body = parse(PredictRequest, decode_body(request.get_data(cache=False), request.is_json))
-    question = check_text("question", body.question, settings.max_question_chars)
+    question = filtering.clean_text("question", body.question, settings.max_question_chars)
     system_prompt = settings.default_system_prompt if body.system_prompt is None else \
-        check_text("system_prompt", body.system_prompt, settings.max_question_chars, allow_empty=True)
+        filtering.clean_text("system_prompt", body.system_prompt, settings.max_question_chars, allow_empty=True)
+    filtering.check_policy(current_app.extensions["vibethinker.policy"],
+                           {"system_prompt": system_prompt, "question": question})
     params = generate.resolve_params(settings, body.max_new_tokens, body.temperature, body.top_p)
-    ids = generate.prompt_ids(engine, chat_messages(question, system_prompt), settings)
-    result = generate.complete(engine, ids, params, settings)
+    ids = generate.prompt_ids(engine, chat_messages(question, system_prompt), settings, params.max_new_tokens)
+    with quotas.admit(caller(), len(ids) + params.max_new_tokens, settings.request_deadline_s) as ticket:
+        result = generate.complete(engine, ids, params, settings)
+        ticket.used = result.prompt_tokens + result.completion_tokens
     return {"id": f"pred-{uuid.uuid4().hex}", "model": settings.model_name, "input": question,
             "system_prompt": system_prompt, "response": result.text, "success": True,
             "usage": generate.usage(result), "finish_reason": result.finish_reason}
@@ -36,7 +42,7 @@ def _flag_failure(response):
         body = response.get_json()
         if isinstance(body, dict) and "error" in body:
             body["success"] = False
-            response.set_data(current_app.json.dumps(body))
+            response.set_data(json.dumps(body, separators=(",", ":")) + "\n")
     return response
 
 

@@ -81,15 +81,6 @@ def check_range(name, value, low, high, integer=False, low_open=False):
     return value
 
 
-def check_text(name, value, max_chars, allow_empty=False):
-    """Raise APIError 400 for empty (or whitespace-only) or over-long text."""
-    if not allow_empty and not value.strip():
-        raise APIError(400, f"{name} must not be empty", "empty", name)
-    if len(value) > max_chars:
-        raise APIError(400, f"{name} is {len(value)} characters; the limit is {max_chars}", "too_long", name)
-    return value
-
-
 class AdminUserCreate(StrictModel):
     """POST /admin/users."""
 

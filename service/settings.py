@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 ENV_PREFIX = "VIBE_"
@@ -55,11 +55,39 @@ class Settings(BaseSettings):
     token_ttl: str = Field("30d", pattern=r"^\d+[smhdw]$", description="Lifetime of a token when `--ttl` is not given.")
     token_max_ttl: str = Field("365d", pattern=r"^\d+[smhdw]$", description="Longest lifetime a token may be issued with.")
 
+    # --- quotas and admission ---
+    ratelimit_storage_uri: str = Field("memory://", min_length=1, description=(
+        "Where rate limits, token budgets and concurrency counts live: redis+unix:///run/redis/redis.sock or "
+        "redis://host:6379 in production (shared by every worker, kept across restarts); memory:// only for dev."))
+    ratelimit_fail_open: bool = Field(False, description="If the counter storage is down: false refuses with 503 "
+                                      "(fail closed), true serves without limits (and logs it).")
+    default_rate_limit: str = Field("60/minute;2000/day", description="Per-user request limit when the user has none.")
+    anonymous_rate_limit: str = Field("30/minute", description="Failed-authentication requests allowed per client IP.")
+    default_daily_tokens: int = Field(200000, ge=1, description="Per-user daily prompt+completion tokens when the user has none.")
+    default_max_concurrent: int = Field(2, ge=1, le=1000, description="Per-user simultaneous generations when the user has none.")
+    content_policy_path: Path | None = Field(None, description="TOML file of content rules (terms and regexes); none: no policy.")
+
     # --- HTTP ---
     bind: str = Field("127.0.0.1:8000", min_length=1, description="Gunicorn bind: HOST:PORT or unix:/path.")
     http_threads: int = Field(8, ge=1, le=1024, description="Gunicorn gthread threads: concurrent HTTP requests held.")
     max_body_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024, description="Largest request body; nginx's client_max_body_size matches.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level of the service.")
+
+    @field_validator("default_rate_limit", "anonymous_rate_limit")
+    @classmethod
+    def _check_limit(cls, value):
+        from limits import parse_many
+
+        if not parse_many(value):
+            raise ValueError(f"{value!r} is not a rate limit such as '60/minute;2000/day'")
+        return value
+
+    @field_validator("ratelimit_storage_uri")
+    @classmethod
+    def _check_storage(cls, value):
+        if not value.startswith(("memory://", "redis://", "rediss://", "redis+unix://", "unix://")):
+            raise ValueError("use memory://, redis://HOST:PORT or redis+unix:///path/to/redis.sock")
+        return value
 
     @model_validator(mode="after")
     def _check_bounds(self):

@@ -74,7 +74,9 @@ def state_env(state_dir, **extra):
 def provision(env):
     """Keys, an admin user, and a token with both scopes for it, made by the real CLI."""
     admin_cli(env, "keys", "generate")
-    admin_cli(env, "users", "add", "root", "--admin")
+    # generous limits: tests about limits make users of their own
+    admin_cli(env, "users", "add", "root", "--admin", "--rate-limit", "100000/minute", "--daily-tokens", 10**9,
+              "--max-concurrent", 100)
     return admin_cli(env, "tokens", "issue", "root", "--scope", "generate,admin", "--label", "tests")\
         .stdout.strip().splitlines()[-1]
 
