@@ -186,3 +186,26 @@ def db_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/db.sqlite"
     return request.getfixturevalue("postgres").create_db(f"t{abs(hash(str(tmp_path))) % 10**9}")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server for the session, on a unix socket."""
+    from tests.databases import Redis
+
+    server = Redis(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def long_question(reference):
+    """A question whose greedy reply runs past 2048 tokens without an end token."""
+    from service.settings import Settings
+
+    system_prompt = Settings().default_system_prompt
+    for question in ["Count to a thousand.", "hello there", "What is 2+2?", "Tell me a story"]:
+        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
+        if not set(greedy(reference, messages, 2048)[1]) & reference.eos_ids:
+            return question
+    pytest.fail("no candidate question runs 2048 tokens without an end token")

@@ -61,3 +61,37 @@ class Postgres:
             self.proc.terminate()
             self.proc.wait(timeout=30)
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+class Redis:
+    """A real redis-server on a unix socket only (no TCP), stoppable and restartable on the same socket."""
+
+    def __init__(self, base):
+        self.base = Path(base)
+        self.sock = self.base / "redis.sock"
+        self.proc = None
+
+    @property
+    def uri(self):
+        return f"redis+unix://{self.sock}"
+
+    def start(self):
+        binary = shutil.which("redis-server")
+        if not binary:
+            pytest.fail("redis-server is missing: `make test` installs Debian's redis-server as root")
+        self.proc = subprocess.Popen(
+            [binary, "--port", "0", "--unixsocket", str(self.sock), "--unixsocketperm", "700",
+             "--save", "", "--appendonly", "no", "--dir", str(self.base)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while not self.sock.exists():
+            assert self.proc.poll() is None, "redis-server exited at start"
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        return self
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=15)
+        self.sock.unlink(missing_ok=True)

@@ -7,21 +7,7 @@ import psutil
 import pytest
 import requests
 
-from service.settings import Settings
-from tests.conftest import greedy
-
 DEADLINE_S = 1.5
-
-
-@pytest.fixture(scope="module")
-def long_question(reference):
-    """A question whose greedy reply runs past 2048 tokens without an end token."""
-    system_prompt = Settings().default_system_prompt
-    for question in ["Count to a thousand.", "hello there", "What is 2+2?", "Tell me a story"]:
-        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
-        if not set(greedy(reference, messages, 2048)[1]) & reference.eos_ids:
-            return question
-    pytest.fail("no candidate question runs 2048 tokens without an end token")
 
 
 @pytest.fixture(scope="module")
