@@ -1,0 +1,110 @@
+"""Input filtering as tables: text cleaning, the content policy, and the policy file itself."""
+
+import logging
+
+import pytest
+
+from service.errors import APIError
+from service.filtering import PolicyError, check_policy, clean_text, load_policy
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("plain", "plain"),
+    ("tab\tand\nnewline\r\n", "tab\tand\nnewline\r\n"),
+    ("ｆｕｌｌ　ｗｉｄｔｈ", "full width"),  # NFKC folds full-width letters and spaces
+    ("ﬁ ligature", "fi ligature"),
+    ("x² + y²", "x2 + y2"),
+    ("e\u0301", "é"),  # combining accent composed
+    ("日本語 ✓ 🙂", "日本語 ✓ 🙂"),
+])
+def test_clean_text_normalises(value, expected):
+    assert clean_text("question", value, 100) == expected
+
+
+@pytest.mark.parametrize("value,code,fragment", [
+    ("", "empty", "must not be empty"),
+    ("  \n\t ", "empty", "must not be empty"),
+    ("nul\x00byte", "control_character", "U+0000"),
+    ("bell\x07", "control_character", "U+0007"),
+    ("escape \x1b[31m", "control_character", "U+001B"),
+    ("del\x7f", "control_character", "U+007F"),
+    ("c1 \x85", "control_character", "U+0085"),
+    ("lone \ud800 surrogate", "invalid_unicode", "lone surrogate"),
+    ("a" * 101, "too_long", "101 characters; the limit is 100"),
+    ("ｘ" * 101, "too_long", "limit is 100"),
+])
+def test_clean_text_refuses(value, code, fragment):
+    with pytest.raises(APIError) as err:
+        clean_text("question", value, 100)
+    assert (err.value.status, err.value.code, err.value.param) == (400, code, "question")
+    assert fragment in err.value.message
+
+
+def test_empty_allowed_where_asked():
+    assert clean_text("system_prompt", "", 10, allow_empty=True) == ""
+
+
+POLICY = """
+[[rule]]
+id = "private-key"
+regex = "-----BEGIN [A-Z ]*PRIVATE KEY-----"
+
+[[rule]]
+id = "banned"
+terms = ["forbidden phrase", "a.b*c"]
+"""
+
+
+@pytest.fixture
+def rules(tmp_path):
+    path = tmp_path / "policy.toml"
+    path.write_text(POLICY)
+    return load_policy(path)
+
+
+@pytest.mark.parametrize("field,text,rule", [
+    ("question", "please say the Forbidden Phrase now", "banned"),
+    ("question", "FORBIDDEN PHRASE", "banned"),
+    ("system_prompt", "you know the forbidden phrase", "banned"),
+    ("question", "terms are literal: a.b*c", "banned"),
+    ("question", "-----BEGIN RSA PRIVATE KEY-----\nMII", "private-key"),
+    ("question", "-----begin openssh private key-----", "private-key"),
+])
+def test_policy_refuses_with_422_and_logs_no_input(rules, caplog, field, text, rule):
+    caplog.set_level(logging.WARNING, logger="vibethinker.filtering")
+    fields = {"system_prompt": "", "question": "fine", field: text}
+    with pytest.raises(APIError) as err:
+        check_policy(rules, fields)
+    assert (err.value.status, err.value.code, err.value.param) == (422, "content_policy", field)
+    assert rule in err.value.message
+    logged = caplog.text
+    assert f"rule={rule}" in logged and "input_sha256=" in logged and text not in logged
+
+
+@pytest.mark.parametrize("text", ["a forbidden-phrase", "abbbc", "BEGIN PRIVATE KEY", "ordinary math: 12*34"])
+def test_policy_lets_the_rest_through(rules, text):
+    check_policy(rules, {"question": text})
+
+
+def test_full_width_evasion_is_caught_after_normalisation(rules):
+    text = clean_text("question", "ｆｏｒｂｉｄｄｅｎ ｐｈｒａｓｅ", 100)
+    with pytest.raises(APIError):
+        check_policy(rules, {"question": text})
+
+
+@pytest.mark.parametrize("content,fragment", [
+    ("[[rule]]\nid = 'x'\nregex = '('\n", "rule 'x'"),
+    ("[[rule]]\nid = 'y'\n", "needs terms or a regex"),
+    ("[[rule]]\nid = 'z'\nwords = ['a']\n", "unknown key 'words'"),
+    ("[[rule]\n", "cannot read"),
+])
+def test_bad_policy_file_names_the_problem(tmp_path, content, fragment):
+    path = tmp_path / "policy.toml"
+    path.write_text(content)
+    with pytest.raises(PolicyError, match="VIBE_CONTENT_POLICY_PATH") as err:
+        load_policy(path)
+    assert fragment in str(err.value)
+
+
+def test_no_policy_file_means_no_rules():
+    assert load_policy(None) == ()

@@ -1,0 +1,49 @@
+"""Filtering over real HTTP: control characters, the content policy, and the model's context."""
+
+import json
+
+import pytest
+import requests
+
+from tests.test_filtering import POLICY
+
+
+@pytest.fixture(scope="module")
+def guarded(start_server, tmp_path_factory):
+    policy = tmp_path_factory.mktemp("policy") / "policy.toml"
+    policy.write_text(POLICY)
+    return start_server(VIBE_CONTENT_POLICY_PATH=policy, VIBE_MAX_NEW_TOKENS_LIMIT=100000,
+                        VIBE_MAX_PROMPT_TOKENS=100000)
+
+
+@pytest.mark.parametrize("body,status,code,param", [
+    ({"question": "say the forbidden phrase"}, 422, "content_policy", "question"),
+    ({"question": "hi", "system_prompt": "ＦＯＲＢＩＤＤＥＮ ＰＨＲＡＳＥ"}, 422, "content_policy", "system_prompt"),
+    ({"question": "nul\u0000"}, 400, "control_character", "question"),
+    ({"question": "hi", "system_prompt": "\u001b[2J"}, 400, "control_character", "system_prompt"),
+    ({"question": "hi", "max_new_tokens": 9000}, 400, "context_length_exceeded", "max_new_tokens"),
+])
+def test_refusals(guarded, body, status, code, param):
+    response = guarded.post("/predict", body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == (code, param) and response.json()["success"] is False
+
+
+def test_lone_surrogate_escape_is_refused(guarded):
+    raw = b'{"question": "bad \\ud800 half"}'
+    response = requests.post(guarded.url("/predict"), data=raw, timeout=30,
+                             headers={**guarded.auth(), "Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_unicode"
+
+
+def test_policy_refusal_logs_rule_and_hash_but_not_the_input(guarded):
+    guarded.post("/predict", {"question": "secret words: forbidden phrase 8472"})
+    log = guarded.log()
+    assert "rule=banned" in log and "input_sha256=" in log and "8472" not in log
+
+
+def test_normalised_text_is_what_the_model_sees(guarded):
+    body = guarded.post("/predict", {"question": "ｘ² ＋ １", "max_new_tokens": 1, "temperature": 0}).json()
+    assert body["input"] == "x2 + 1"
+    assert json.dumps(body)  # a normal answer
