@@ -26,6 +26,7 @@ users = sa.Table(
     sa.Column("rate_limit", sa.String(200)),
     sa.Column("daily_tokens", sa.Integer),
     sa.Column("max_concurrent", sa.Integer),
+    sa.Column("system_prompts", sa.Text),  # JSON list of allowed system prompts; NULL: any
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )
 tokens = sa.Table(
@@ -50,7 +51,8 @@ audit = sa.Table(
     sa.Column("detail", sa.Text, nullable=False),
     sa.Column("source", sa.String(100), nullable=False),
 )
-QUOTA_FIELDS = ("rate_limit", "daily_tokens", "max_concurrent")
+QUOTA_FIELDS = ("rate_limit", "daily_tokens", "max_concurrent", "system_prompts")
+MAX_SYSTEM_PROMPTS = 50
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789._-")
 
 
@@ -108,7 +110,7 @@ class Store:
         check_name(name)
         check_quotas(quotas)
         row = dict(name=name, is_admin=bool(is_admin), active=True, created_at=self.clock(),
-                   **{k: quotas.get(k) for k in QUOTA_FIELDS})
+                   **_encode({k: quotas.get(k) for k in QUOTA_FIELDS}))
         with self.engine.begin() as conn:
             if conn.execute(sa.select(users.c.id).where(users.c.name == name)).first():
                 raise StoreError(409, f"user {name!r} already exists", "user_exists", "name")
@@ -137,7 +139,7 @@ class Store:
         check_quotas(changes)
         user = self.get_user(name)
         with self.engine.begin() as conn:
-            conn.execute(users.update().where(users.c.id == user["id"]).values(**changes))
+            conn.execute(users.update().where(users.c.id == user["id"]).values(**_encode(changes)))
             action = {(True,): "user.enable", (False,): "user.disable"}.get(
                 (changes["active"],) if set(changes) == {"active"} else None, "user.update")
             self._audit(conn, actor, action, name, changes, source)
@@ -166,7 +168,7 @@ class Store:
         """Token metadata with its user's name and state, or None if never issued."""
         query = (sa.select(tokens, users.c.name.label("user"), users.c.active.label("user_active"),
                            users.c.is_admin.label("user_admin"), users.c.rate_limit, users.c.daily_tokens,
-                           users.c.max_concurrent)
+                           users.c.max_concurrent, users.c.system_prompts)
                  .join(users).where(tokens.c.jti == jti))
         with self.engine.connect() as conn:
             row = conn.execute(query).mappings().first()
@@ -241,7 +243,23 @@ def check_quotas(quotas):
         value = quotas.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise StoreError(400, f"{name} must be a positive integer", "out_of_range", name)
+    prompts = quotas.get("system_prompts")
+    if prompts is not None and (not isinstance(prompts, list) or len(prompts) > MAX_SYSTEM_PROMPTS
+                                or not all(isinstance(p, str) and len(p) <= 16384 for p in prompts)):
+        raise StoreError(400, f"system_prompts must be a list of at most {MAX_SYSTEM_PROMPTS} strings "
+                         "(null allows any)", "invalid_value", "system_prompts")
     return quotas
+
+
+def _encode(fields):
+    """Store the system-prompt list as JSON text."""
+    if fields.get("system_prompts") is not None:
+        fields = {**fields, "system_prompts": json.dumps(fields["system_prompts"])}
+    return fields
+
+
+def _prompts(text):
+    return None if text is None else json.loads(text)
 
 
 def _given(quotas):
@@ -251,7 +269,8 @@ def _given(quotas):
 def _user(row):
     return {"id": row["id"], "name": row["name"], "admin": row["is_admin"], "active": row["active"],
             "rate_limit": row["rate_limit"], "daily_tokens": row["daily_tokens"],
-            "max_concurrent": row["max_concurrent"], "created_at": aware(row["created_at"]).isoformat()}
+            "max_concurrent": row["max_concurrent"], "system_prompts": _prompts(row["system_prompts"]),
+            "created_at": aware(row["created_at"]).isoformat()}
 
 
 def _token(row):
@@ -260,5 +279,5 @@ def _token(row):
              "revoked_at": aware(row["revoked_at"]), "revoked_by": row["revoked_by"]}
     for extra in ("user_active", "user_admin", *QUOTA_FIELDS):
         if extra in row:
-            token[extra] = row[extra]
+            token[extra] = _prompts(row[extra]) if extra == "system_prompts" else row[extra]
     return token

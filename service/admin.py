@@ -8,6 +8,7 @@ from datetime import datetime
 
 from flask import Blueprint, current_app, request
 
+from auth.store import QUOTA_FIELDS
 from auth.tokens import issue_token
 from service.access import caller
 from service.errors import APIError
@@ -32,7 +33,7 @@ def _body(model):
 def add_user():
     body = _body(AdminUserCreate)
     user = _store().add_user(body.name, body.admin, rate_limit=body.rate_limit, daily_tokens=body.daily_tokens,
-                             max_concurrent=body.max_concurrent, **_who())
+                             max_concurrent=body.max_concurrent, system_prompts=body.system_prompts, **_who())
     return user, 201
 
 
@@ -84,7 +85,7 @@ def list_audit():
 def _public(token):
     """Token metadata as JSON: never the token text, which is not stored anyway."""
     return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in token.items()
-            if k not in ("user_active", "user_admin", "rate_limit", "daily_tokens", "max_concurrent")}
+            if k not in ("user_active", "user_admin", *QUOTA_FIELDS)}
 
 
 def _date(text):

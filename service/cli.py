@@ -14,7 +14,7 @@ from datetime import datetime
 from auth import keys
 from auth.errors import StoreError
 from auth.keys import KeyFolderError
-from auth.store import Store
+from auth.store import QUOTA_FIELDS, Store
 from auth.tokens import issue_token
 from service.settings import SettingsError, load_settings
 
@@ -95,10 +95,15 @@ def _quota_options(parser, clearable=False):
     parser.add_argument("--rate-limit", type=kind, default=argparse.SUPPRESS, help='e.g. "60/minute;2000/day"')
     parser.add_argument("--daily-tokens", type=number, default=argparse.SUPPRESS, help="prompt+completion tokens a day")
     parser.add_argument("--max-concurrent", type=number, default=argparse.SUPPRESS, help="simultaneous requests")
+    parser.add_argument("--allow-system-prompt", dest="system_prompts", action="append", default=argparse.SUPPRESS,
+                        help="a system prompt this user may send (repeat for more); others are refused")
+    if clearable:
+        parser.add_argument("--any-system-prompt", dest="system_prompts", action="store_const", const=None,
+                            default=argparse.SUPPRESS, help="lift the system-prompt allow-list")
 
 
 def _quotas(args):
-    return {k: getattr(args, k) for k in ("rate_limit", "daily_tokens", "max_concurrent") if hasattr(args, k)}
+    return {k: getattr(args, k) for k in QUOTA_FIELDS if hasattr(args, k)}
 
 
 def _date(text):

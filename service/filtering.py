@@ -101,3 +101,12 @@ def check_policy(rules, fields):
                 log.warning("content policy refusal: rule=%s field=%s input_sha256=%s", rule.id, name, digest)
                 raise APIError(422, f"{name} was refused by the content policy (rule {rule.id})",
                                "content_policy", name)
+
+
+def check_allowed_prompt(system_prompt, allowed):
+    """APIError 403 unless the user's allow-list (None: any) holds this system prompt."""
+    if allowed is None:
+        return
+    if system_prompt not in {unicodedata.normalize("NFKC", p) for p in allowed}:
+        raise APIError(403, "this system prompt is not on your account's allow-list; omit system_prompt for "
+                       "the default or ask an admin", "system_prompt_not_allowed", "system_prompt")

@@ -15,4 +15,4 @@ def me():
             "token": {"jti": token["jti"], "scope": token["scope"].split(), "label": token["label"],
                       "issued_at": token["issued_at"].isoformat(), "expires_at": token["expires_at"].isoformat()},
             "limits": {"rate_limit": user["rate_limit"], "daily_tokens": user["daily_tokens"],
-                       "max_concurrent": user["max_concurrent"]}}
+                       "max_concurrent": user["max_concurrent"], "system_prompts": user["system_prompts"]}}

@@ -24,6 +24,8 @@ def predict():
     question = filtering.clean_text("question", body.question, settings.max_question_chars)
     system_prompt = settings.default_system_prompt if body.system_prompt is None else \
         filtering.clean_text("system_prompt", body.system_prompt, settings.max_question_chars, allow_empty=True)
+    if body.system_prompt is not None:
+        filtering.check_allowed_prompt(system_prompt, caller().get("system_prompts"))
     filtering.check_policy(current_app.extensions["vibethinker.policy"],
                            {"system_prompt": system_prompt, "question": question})
     params = generate.resolve_params(settings, body.max_new_tokens, body.temperature, body.top_p)

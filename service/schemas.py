@@ -89,6 +89,7 @@ class AdminUserCreate(StrictModel):
     rate_limit: str | None = None
     daily_tokens: int | None = None
     max_concurrent: int | None = None
+    system_prompts: list[str] | None = None
 
 
 class AdminUserPatch(StrictModel):
@@ -99,6 +100,7 @@ class AdminUserPatch(StrictModel):
     rate_limit: str | None = None
     daily_tokens: int | None = None
     max_concurrent: int | None = None
+    system_prompts: list[str] | None = None
 
 
 class AdminTokenRequest(StrictModel):

@@ -26,6 +26,7 @@ def test_users_create_list_patch(admin):
     ("POST", "/admin/users", {"name": "x", "rate_limit": "lots"}, 400, "invalid_rate_limit", "rate_limit"),
     ("POST", "/admin/users", {"name": "x", "daily_tokens": 0}, 400, "out_of_range", "daily_tokens"),
     ("POST", "/admin/users", {"nam": "x"}, 400, "unknown_field", "nam"),
+    ("POST", "/admin/users", {"name": "x", "system_prompts": "one"}, 400, "invalid_type", "system_prompts"),
     ("PATCH", "/admin/users/nobody", {"active": False}, 404, "unknown_user", "name"),
     ("PATCH", "/admin/users/root", {}, 400, "empty", None),
     ("PATCH", "/admin/users/root", {"active": "no"}, 400, "invalid_type", "active"),
@@ -65,7 +66,8 @@ def test_me_shows_limits_and_expiry(admin):
     admin.cli("users", "add", "me-team", "--rate-limit", "60/minute;2000/day", "--max-concurrent", "3")
     token = admin.cli("tokens", "issue", "me-team", "--ttl", "1d").stdout.strip().splitlines()[-1]
     me = admin.get("/v1/me", token=token).json()
-    assert me["limits"] == {"rate_limit": "60/minute;2000/day", "daily_tokens": None, "max_concurrent": 3}
+    assert me["limits"] == {"rate_limit": "60/minute;2000/day", "daily_tokens": None, "max_concurrent": 3,
+                            "system_prompts": None}
     assert me["admin"] is False and me["token"]["expires_at"] > me["token"]["issued_at"]
 
 

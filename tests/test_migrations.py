@@ -27,13 +27,13 @@ def test_upgrade_from_the_first_schema_keeps_the_data(db_url):
     store = Store(db_url)  # upgrades to head on open
     users = {u["name"]: u for u in store.list_users()}
     assert users["old-team"]["active"] and not users["old-admin"]["active"] and users["old-admin"]["admin"]
-    assert users["old-team"]["rate_limit"] is None
+    assert users["old-team"]["rate_limit"] is None and users["old-team"]["system_prompts"] is None
     assert store.get_token("j-dead")["revoked_at"] == now and store.get_token("j-dead")["revoked_by"] == "root"
     assert store.get_token("j-live")["revoked_at"] is None
     store.update_user("old-team", daily_tokens=10)  # the new columns work
     assert store.list_audit()[0]["action"] == "user.update"
     with store.engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0003"
     store.close()
 
 
