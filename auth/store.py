@@ -51,6 +51,20 @@ audit = sa.Table(
     sa.Column("detail", sa.Text, nullable=False),
     sa.Column("source", sa.String(100), nullable=False),
 )
+usage = sa.Table(
+    "usage", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("user", sa.String(64), nullable=False),
+    sa.Column("route", sa.String(64), nullable=False),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False),
+    sa.Column("completion_tokens", sa.Integer, nullable=False),
+    sa.Column("latency_ms", sa.Integer, nullable=False),
+    sa.Column("finish_reason", sa.String(32)),
+    sa.Column("request_id", sa.String(128), nullable=False),
+    sa.Index("ix_usage_user_at", "user", "at"),
+)
 QUOTA_FIELDS = ("rate_limit", "daily_tokens", "max_concurrent", "system_prompts")
 MAX_SYSTEM_PROMPTS = 50
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789._-")
@@ -205,6 +219,40 @@ class Store:
         with self.engine.connect() as conn:
             return [{**dict(r), "at": aware(r["at"]).isoformat(), "detail": json.loads(r["detail"])}
                     for r in conn.execute(query).mappings()]
+
+    # --- usage ---
+    def record_usage(self, user, route, status, prompt_tokens, completion_tokens, latency_ms, finish_reason,
+                     request_id):
+        """One row per generation, committed before the response leaves."""
+        with self.engine.begin() as conn:
+            conn.execute(usage.insert().values(
+                at=self.clock(), user=user, route=route, status=status, prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens, latency_ms=latency_ms, finish_reason=finish_reason,
+                request_id=request_id))
+
+    def usage_by_day(self, user=None, since=None):
+        """Daily totals per user (UTC days), newest first."""
+        day = sa.func.date(usage.c.at).label("day")
+        query = (sa.select(day, usage.c.user, sa.func.count().label("requests"),
+                           sa.func.sum(sa.case((usage.c.status < 400, 1), else_=0)).label("succeeded"),
+                           sa.func.sum(usage.c.prompt_tokens).label("prompt_tokens"),
+                           sa.func.sum(usage.c.completion_tokens).label("completion_tokens"))
+                 .group_by(day, usage.c.user).order_by(day.desc(), usage.c.user))
+        if user is not None:
+            query = query.where(usage.c.user == user)
+        if since is not None:
+            query = query.where(usage.c.at >= (since if since.tzinfo else since.replace(tzinfo=timezone.utc)))
+        with self.engine.connect() as conn:
+            return [{"day": str(r.day), "user": r.user, "requests": r.requests, "succeeded": int(r.succeeded),
+                     "prompt_tokens": int(r.prompt_tokens), "completion_tokens": int(r.completion_tokens),
+                     "total_tokens": int(r.prompt_tokens + r.completion_tokens)} for r in conn.execute(query)]
+
+    def usage_rows(self, user=None, limit=100):
+        query = sa.select(usage).order_by(usage.c.id.desc()).limit(limit)
+        if user is not None:
+            query = query.where(usage.c.user == user)
+        with self.engine.connect() as conn:
+            return [{**dict(r), "at": aware(r["at"]).isoformat()} for r in conn.execute(query).mappings()]
 
     def record_event(self, action, target, detail, actor="system", source="cli"):
         """Audit an action that changes nothing in the database (a key rotation, say)."""

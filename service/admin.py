@@ -73,6 +73,13 @@ def revoke_token(jti):
     return _public(_store().revoke_token(jti, **_who()))
 
 
+@bp.get("/usage")
+def usage_by_day():
+    """Daily totals per user (?user=NAME&since=YYYY-MM-DD)."""
+    rows = _store().usage_by_day(request.args.get("user"), _date(request.args.get("since")))
+    return {"object": "list", "data": rows}
+
+
 @bp.get("/audit")
 def list_audit():
     args = request.args

@@ -7,7 +7,6 @@ answers 503 until it is done).
 """
 
 import logging
-import sys
 from functools import partial
 
 from flask import Flask
@@ -16,7 +15,8 @@ from auth import guard
 from auth.errors import StoreError
 from auth.keys import KeyFolderError, KeySet
 from auth.store import Store
-from service import access, admin, errors, filtering, health, me, predict, quotas, requestid
+from service import (accounting, access, admin, errors, filtering, health, logs, me, metrics, predict, quotas,
+                     requestid)
 from service.settings import SettingsError, load_settings, require_model_path
 
 
@@ -24,7 +24,7 @@ def create_app(settings=None):
     """Build the app around one engine; the model is loaded once per process."""
     settings = settings or load_settings()
     model_path = require_model_path(settings)
-    configure_logging(settings.log_level)
+    logs.configure(settings.log_level)
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -36,17 +36,33 @@ def create_app(settings=None):
     app.extensions["vibethinker.policy"] = load_policy(settings)
 
     requestid.init_app(app)
+    accounting.init_app(app)
     errors.init_app(app)
     app.register_error_handler(StoreError, lambda e: errors.error_response(e.status, e.message, e.code, e.param))
     guard.init_app(app, store=store, keyset=keyset, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
                    is_public=access.is_public, scope_for=access.scope_for, respond=quotas.record_auth_failure)
     quotas.init_app(app, settings, limited_blueprints=[predict.bp])  # after the guard: it keys on the user
     app.register_blueprint(health.bp)
+    app.register_blueprint(metrics.bp)
     app.register_blueprint(me.bp)
     app.register_blueprint(admin.bp)
     predict.init_app(app)
     app.extensions["vibethinker.engine"] = start_engine(model_path, settings)
+    metrics.MODEL_INFO.info({"model": settings.model_name, "dtype": settings.dtype, "version": _version()})
+    logging.getLogger("vibethinker.app").info("service starting", extra={"fields": {
+        "model": settings.model_name, "model_path": str(model_path), "dtype": settings.dtype,
+        "bind": settings.bind, "ratelimit_storage": settings.ratelimit_storage_uri.split(":")[0],
+        "db": settings.db_url.split(":")[0], "version": _version()}})
     return app
+
+
+def _version():
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vibethinker-service")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def open_state(settings):
@@ -73,16 +89,3 @@ def start_engine(model_path, settings):
 
     loader = partial(model.load, str(model_path), settings.dtype)
     return Engine(loader, settings.queue_size, settings.torch_threads).start()
-
-
-def configure_logging(level):
-    """Log lines to stderr (journald under systemd), each with its request id."""
-    root = logging.getLogger("vibethinker")
-    if root.handlers:
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(requestid.RequestIdFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-    root.propagate = False

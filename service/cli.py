@@ -8,6 +8,7 @@ once, alone on the last line; nothing stores or logs it.
 import argparse
 import getpass
 import json
+import os
 import sys
 from datetime import datetime
 
@@ -27,12 +28,15 @@ def main(argv=None):
     except (SettingsError, StoreError, KeyFolderError) as exc:
         print(f"vibethinker-admin: error: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="vibethinker-admin", description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{users,tokens,keys,audit,db}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{users,tokens,keys,usage,audit,db}")
 
     users = groups.add_parser("users", help="add, list, disable, enable, set").add_subparsers(dest="cmd", required=True)
     add = users.add_parser("add", help="create a user")
@@ -76,6 +80,11 @@ def build_parser():
     retire.add_argument("kid")
     retire.set_defaults(handler=keys_change, op="retire")
     key_cmds.add_parser("list", help="list key ids, newest (signing) last").set_defaults(handler=keys_list)
+
+    usage = groups.add_parser("usage", help="daily usage per user, newest first")
+    usage.add_argument("--user")
+    usage.add_argument("--since", type=_date, help="YYYY-MM-DD")
+    usage.set_defaults(handler=usage_list)
 
     audit = groups.add_parser("audit", help="list admin actions, newest first")
     for name in ("actor", "action", "target"):
@@ -184,6 +193,15 @@ def keys_change(args, settings):
 def keys_list(args, settings):
     kids = keys.list_kids(settings.jwt_key_dir)
     _emit(args, kids, "\n".join(f"{kid}{'  (signing)' if kid == kids[-1] else ''}" for kid in kids))
+
+
+def usage_list(args, settings):
+    store = Store(settings.db_url)
+    if args.user is not None:
+        store.get_user(args.user)  # an unknown user is an error, not an empty table
+    rows = store.usage_by_day(args.user, args.since)
+    _emit(args, rows, _table(rows, ("day", "user", "requests", "succeeded", "prompt_tokens", "completion_tokens",
+                                    "total_tokens")))
 
 
 def audit_list(args, settings):

@@ -14,6 +14,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from service import metrics
+
 log = logging.getLogger("vibethinker.engine")
 
 _END = object()
@@ -121,6 +123,8 @@ class Engine:
 
     def start(self):
         """Start the engine thread; it loads the model, then serves the queue."""
+        metrics.WAITING.set_function(self.queued)
+        metrics.RUNNING.set_function(lambda: self.running)
         self._thread.start()
         return self
 
@@ -157,7 +161,8 @@ class Engine:
             self.state, self.load_error = "failed", exc
             return
         self.state = "ready"
-        log.info("model loaded in %.1f s", self.model.load_seconds)
+        metrics.MODEL_LOAD.set(self.model.load_seconds)
+        log.info("model loaded", extra={"fields": {"load_seconds": round(self.model.load_seconds, 2)}})
         while not self._stopping.is_set():
             try:
                 handle = self._queue.get(timeout=0.2)
@@ -176,6 +181,7 @@ class Engine:
             handle._finish(GenerationResult("", [], len(handle.request.prompt_ids), reason,
                                             started - handle.submitted, 0.0))
             return
+        metrics.QUEUE_WAIT.observe(started - handle.submitted)
         try:
             result = _generate(self.model, handle)
         except Exception as exc:
@@ -184,6 +190,9 @@ class Engine:
             return
         result.queue_seconds = started - handle.submitted
         result.run_seconds = time.monotonic() - started
+        metrics.PROMPT_TOKENS.inc(result.prompt_tokens)
+        metrics.GENERATION_TOKENS.inc(result.completion_tokens)
+        metrics.FINISHED.labels(result.finish_reason).inc()
         handle._finish(result)
 
 
@@ -203,11 +212,19 @@ def _generate(loaded, handle):
     class Stream(BaseStreamer):
         def __init__(self):
             self.ids, self.prefix, self.read, self.seen_prompt = [], 0, 0, False
+            self.last = None
 
         def put(self, value):
             if not self.seen_prompt:  # generate() first hands over the prompt
                 self.seen_prompt = True
                 return
+            now = time.monotonic()
+            if self.last is None:
+                metrics.TTFT.observe(now - handle.submitted)
+            else:
+                metrics.INTER_TOKEN.observe(now - self.last)
+            self.last = now
+            metrics.BATCH_SIZE.observe(1)  # one sequence per step until batching lands
             self.ids.extend(value.reshape(-1).tolist())
             text, self.prefix, self.read = decode_step(loaded.decode, self.ids, self.prefix, self.read)
             handle._emit(text)

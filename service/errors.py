@@ -43,6 +43,7 @@ class APIError(Exception):
 
 def error_response(status, message, code, param=None, headers=None):
     """Build the JSON error response in the one shape."""
+    g.error_code = code  # for accounting: the refusal reason of this request
     body = {"error": {"message": message, "type": TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
     response = jsonify(body)

@@ -10,6 +10,7 @@ import sys
 
 from auth.keys import KeyFolderError, KeySet
 from service.filtering import PolicyError, load_policy
+from service.logs import GUNICORN_LOGCONFIG
 from service.settings import SettingsError, load_settings, require_model_path
 
 try:
@@ -59,10 +60,12 @@ limit_request_fields = 100
 limit_request_field_size = 8190
 
 # --- Logging ---
-# Errors to stderr (journald under systemd); the app logs each request itself.
+# Gunicorn's own lines as JSON on stderr (journald under systemd), like the app's;
+# no access log: the app writes one JSON line per request, with user and tokens.
 errorlog = "-"
 loglevel = _settings.log_level
 accesslog = None
+logconfig_dict = GUNICORN_LOGCONFIG
 
 # --- Process naming ---
 proc_name = "vibethinker"

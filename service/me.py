@@ -1,4 +1,6 @@
-"""GET /v1/me: who the token belongs to, its scope and expiry, and the user's limits."""
+"""GET /v1/me: who the token belongs to, its scope and expiry, the user's limits and today's use."""
+
+from datetime import datetime, timezone
 
 from flask import Blueprint, current_app
 
@@ -10,9 +12,17 @@ bp = Blueprint("me", __name__)
 @bp.get("/v1/me")
 def me():
     token = caller()
-    user = current_app.extensions["vibethinker.store"].get_user(token["user"])
+    store, settings = current_app.extensions["vibethinker.store"], current_app.extensions["vibethinker.settings"]
+    user = store.get_user(token["user"])
+    midnight = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    today = (store.usage_by_day(user["name"], since=midnight) or [None])[0]
     return {"user": user["name"], "admin": user["admin"], "active": user["active"],
             "token": {"jti": token["jti"], "scope": token["scope"].split(), "label": token["label"],
                       "issued_at": token["issued_at"].isoformat(), "expires_at": token["expires_at"].isoformat()},
             "limits": {"rate_limit": user["rate_limit"], "daily_tokens": user["daily_tokens"],
-                       "max_concurrent": user["max_concurrent"], "system_prompts": user["system_prompts"]}}
+                       "max_concurrent": user["max_concurrent"], "system_prompts": user["system_prompts"]},
+            "effective_limits": {"rate_limit": user["rate_limit"] or settings.default_rate_limit,
+                                 "daily_tokens": user["daily_tokens"] or settings.default_daily_tokens,
+                                 "max_concurrent": user["max_concurrent"] or settings.default_max_concurrent},
+            "today": {k: (today or {}).get(k, 0) for k in ("requests", "prompt_tokens", "completion_tokens",
+                                                           "total_tokens")}}

@@ -30,9 +30,9 @@ def predict():
                            {"system_prompt": system_prompt, "question": question})
     params = generate.resolve_params(settings, body.max_new_tokens, body.temperature, body.top_p)
     ids = generate.prompt_ids(engine, chat_messages(question, system_prompt), settings, params.max_new_tokens)
-    with quotas.admit(caller(), len(ids) + params.max_new_tokens, settings.request_deadline_s) as ticket:
+    with quotas.admit(caller(), len(ids), params.max_new_tokens, settings.request_deadline_s) as ticket:
         result = generate.complete(engine, ids, params, settings)
-        ticket.used = result.prompt_tokens + result.completion_tokens
+        ticket.complete(result)
     return {"id": f"pred-{uuid.uuid4().hex}", "model": settings.model_name, "input": question,
             "system_prompt": system_prompt, "response": result.text, "success": True,
             "usage": generate.usage(result), "finish_reason": result.finish_reason}

@@ -121,18 +121,33 @@ def record_auth_failure(status, message, code):
 
 
 class Ticket:
-    """An admitted request: `used` is set to the real token count once known."""
+    """An admitted generation and what it used; accounting writes it to the usage table."""
 
-    def __init__(self, reserved):
-        self.reserved = reserved
-        self.used = 0
+    def __init__(self, user, prompt_tokens, reserved):
+        self.user, self.prompt_tokens, self.reserved = user, prompt_tokens, reserved
+        self.completion_tokens, self.finish_reason, self.ran = 0, None, False
+
+    def complete(self, result):
+        """Record a finished generation's real counts."""
+        self.completion_tokens, self.finish_reason, self.ran = result.completion_tokens, result.finish_reason, True
+
+    def fail(self, exc):
+        """Record what a failed generation still spent (a deadline cut: what it computed)."""
+        used = getattr(exc, "tokens_used", None)
+        if used is not None:
+            self.completion_tokens, self.finish_reason, self.ran = used - self.prompt_tokens, "timeout", True
+
+    @property
+    def used(self):
+        return self.prompt_tokens + self.completion_tokens if self.ran else 0
 
 
 @contextmanager
-def admit(token, need, deadline_s):
-    """Hold a concurrency slot and reserve `need` tokens of today's budget; settle on exit."""
+def admit(token, prompt_tokens, max_new_tokens, deadline_s):
+    """Hold a concurrency slot and reserve prompt + max_new_tokens of today's budget; settle on exit."""
     settings, counters = _settings(), current_app.extensions["vibethinker.counters"]
-    user = token["user"]
+    user, need = token["user"], prompt_tokens + max_new_tokens
+    ticket = Ticket(user, prompt_tokens, need)
     daily = token.get("daily_tokens") or settings.default_daily_tokens
     cap = token.get("max_concurrent") or settings.default_max_concurrent
     now = datetime.now(timezone.utc)
@@ -147,7 +162,8 @@ def admit(token, need, deadline_s):
         log.warning("quota storage unreachable: serving %s without budget or concurrency limits", user)
         ok = None
     if ok is None:
-        yield Ticket(need)
+        g.ticket = ticket
+        yield ticket
         return
     left = max(daily - total, 0)
     g.token_headers = {"x-ratelimit-limit-tokens": daily, "x-ratelimit-remaining-tokens": left,
@@ -158,11 +174,11 @@ def admit(token, need, deadline_s):
         raise APIError(429, f"daily token budget of {daily} {spent}; this request may use up to {need} "
                        "(prompt + max_new_tokens); it resets at 00:00 UTC", "daily_token_quota_exceeded",
                        "max_new_tokens", headers={"Retry-After": reset_s, "x-should-retry": "false"})
-    ticket = Ticket(need)
+    g.ticket = ticket  # admitted: accounting writes its usage row, whatever happens next
     try:
         yield ticket
     except BaseException as exc:
-        ticket.used = getattr(exc, "tokens_used", ticket.used)
+        ticket.fail(exc)
         raise
     finally:
         _settle(counters, budget_key, slot_key, member, ticket, daily, total)

@@ -33,7 +33,7 @@ def test_upgrade_from_the_first_schema_keeps_the_data(db_url):
     store.update_user("old-team", daily_tokens=10)  # the new columns work
     assert store.list_audit()[0]["action"] == "user.update"
     with store.engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0004"
     store.close()
 
 

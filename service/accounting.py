@@ -1,0 +1,58 @@
+"""After every request: HTTP metrics, the usage row of a generation, and one JSON log line.
+
+The usage row is written before the response leaves (a crash after it cannot
+lose it). The log line has who, what route, status, latency, tokens, finish
+reason and refusal reason; never a token or prompt text.
+"""
+
+import logging
+import time
+
+from flask import current_app, g, request
+
+from service import metrics
+
+log = logging.getLogger("vibethinker.access")
+
+
+def _start():
+    g.started = time.monotonic()
+
+
+def _account(response):
+    latency = time.monotonic() - g.get("started", time.monotonic())
+    route = request.url_rule.rule if request.url_rule else "unmatched"
+    metrics.HTTP_REQUESTS.labels(route, request.method, str(response.status_code)).inc()
+    metrics.REQUEST_DURATION.labels(route).observe(latency)
+    code = g.get("error_code")
+    reason = metrics.refusal_reason(response.status_code, code)
+    if reason:
+        metrics.REFUSALS.labels(reason).inc()
+    ticket = g.get("ticket")
+    if ticket is not None:
+        _record_usage(ticket, route, response.status_code, latency)
+    auth = g.get("auth")
+    fields = {"method": request.method, "route": route, "status": response.status_code,
+              "latency_ms": round(latency * 1000, 1), "user": auth["user"] if auth else None,
+              "client_ip": request.remote_addr}
+    if ticket is not None:
+        fields.update(prompt_tokens=ticket.prompt_tokens if ticket.ran else 0,
+                      completion_tokens=ticket.completion_tokens, finish_reason=ticket.finish_reason)
+    if code:
+        fields.update(error_code=code, refusal=reason)
+    log.info("request", extra={"fields": fields})
+    return response
+
+
+def _record_usage(ticket, route, status, latency):
+    try:
+        current_app.extensions["vibethinker.store"].record_usage(
+            ticket.user, route, status, ticket.prompt_tokens if ticket.ran else 0, ticket.completion_tokens,
+            int(latency * 1000), ticket.finish_reason, g.get("request_id", "-"))
+    except Exception:  # the answer is computed; say loudly that its record is missing
+        log.exception("usage row not written", extra={"fields": {"user": ticket.user, "route": route}})
+
+
+def init_app(app):
+    app.before_request(_start)
+    app.after_request(_account)

@@ -1,0 +1,63 @@
+"""Prometheus metrics, named as model servers name them (vibethinker_...).
+
+No per-user labels anywhere (cardinality): per-user totals live in the usage
+table. The engine records generation figures here; the app records HTTP ones.
+/metrics is served without a token: nginx allows it only from configured
+addresses, and gunicorn listens on a unix socket only nginx can reach.
+"""
+
+from flask import Blueprint, Response
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, Info, generate_latest
+
+from service.access import public
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+HTTP_REQUESTS = Counter("vibethinker_http_requests_total", "HTTP requests by route, method and status.",
+                        ["route", "method", "status"])
+REQUEST_DURATION = Histogram("vibethinker_request_duration_seconds", "Wall time of HTTP requests by route.",
+                             ["route"], buckets=LATENCY_BUCKETS)
+REFUSALS = Counter("vibethinker_refusals_total", "Requests refused, by reason.", ["reason"])
+TTFT = Histogram("vibethinker_time_to_first_token_seconds", "From submission to the first generated token.",
+                 buckets=LATENCY_BUCKETS)
+INTER_TOKEN = Histogram("vibethinker_inter_token_latency_seconds", "Time between generated tokens.",
+                        buckets=TOKEN_BUCKETS)
+QUEUE_WAIT = Histogram("vibethinker_queue_wait_seconds", "Time a generation waited in the queue.",
+                       buckets=LATENCY_BUCKETS)
+BATCH_SIZE = Histogram("vibethinker_batch_size", "Sequences generated together per engine step.",
+                       buckets=(1, 2, 4, 8, 16, 32, 64))
+RUNNING = Gauge("vibethinker_requests_running", "Generations running now.")
+WAITING = Gauge("vibethinker_requests_waiting", "Generations waiting in the queue.")
+PROMPT_TOKENS = Counter("vibethinker_prompt_tokens_total", "Prompt tokens processed.")
+GENERATION_TOKENS = Counter("vibethinker_generation_tokens_total", "Tokens generated.")
+FINISHED = Counter("vibethinker_request_finish_total", "Finished generations by finish reason.", ["finish_reason"])
+MODEL_LOAD = Gauge("vibethinker_model_load_seconds", "Seconds the model took to load.")
+MODEL_INFO = Info("vibethinker_model", "The model this server serves.")
+
+# Error codes -> refusal reasons (a small, fixed label set).
+REASONS = {
+    "missing_token": "auth", "invalid_token": "auth", "token_expired": "auth", "token_revoked": "auth",
+    "token_in_query": "auth", "account_disabled": "auth", "insufficient_scope": "auth",
+    "rate_limit_exceeded": "rate_limit", "too_many_auth_failures": "rate_limit",
+    "daily_token_quota_exceeded": "budget", "concurrency_limit_exceeded": "concurrency",
+    "queue_full": "queue_full", "content_policy": "content_policy", "system_prompt_not_allowed": "content_policy",
+    "model_loading": "not_ready", "model_failed": "not_ready", "ratelimit_storage_unavailable": "storage",
+    "deadline_exceeded": "deadline", "body_too_large": "validation",
+}
+
+bp = Blueprint("metrics", __name__)
+
+
+@bp.get("/metrics")
+@public
+def metrics():
+    """The Prometheus text exposition."""
+    return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
+
+
+def refusal_reason(status, code):
+    """The refusal label of an error response, or None for a success or a server error."""
+    if status < 400 or status == 500 or status in (404, 405):
+        return None
+    return REASONS.get(code, "validation" if status in (400, 413, 415) else "other")
