@@ -51,7 +51,9 @@ run: install
 	@$(ADMIN) --json users list | grep -q '"name": "admin"' || $(ADMIN) users add admin --admin
 	@token=$$($(ADMIN) tokens issue admin --scope generate,admin --ttl 7d --label "make run" | tail -n 1); \
 	  echo "a token for the local admin user (scopes generate, admin; 7 days):"; echo "export TOKEN=$$token"
-	@echo "serving on http://$${VIBE_BIND:-127.0.0.1:8000}; logs go to this terminal (stderr); Ctrl-C stops"
+	@echo "serving on http://$${VIBE_BIND:-127.0.0.1:8000} (Ctrl-C stops)"
+	@echo "logs: this terminal, one JSON object per line on stderr"
+	@echo "metrics: http://$${VIBE_BIND:-127.0.0.1:8000}/metrics (Prometheus text)"
 	VIBE_MODEL_PATH="$${VIBE_MODEL_PATH:-$(CURDIR)/$(DEMO)}" $(BIN)/gunicorn -c service/gunicorn_conf.py "service.app:create_app()"
 
 test: install system-deps

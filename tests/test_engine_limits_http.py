@@ -7,6 +7,8 @@ import psutil
 import pytest
 import requests
 
+from auth.store import Store
+
 DEADLINE_S = 1.5
 
 
@@ -26,6 +28,11 @@ def test_deadline_stops_a_long_generation_with_504(strict_server, long_question)
     assert body["success"] is False
     assert body["error"]["code"] == "deadline_exceeded" and body["error"]["type"] == "timeout_error"
     assert DEADLINE_S * 0.9 <= elapsed < DEADLINE_S + 1.5
+    # a failed generation still has its usage row, with what it computed
+    store = Store(strict_server.env["VIBE_DB_URL"], upgrade=False)
+    [row] = [r for r in store.usage_rows("root") if r["request_id"] == response.headers["X-Request-ID"]]
+    store.close()
+    assert (row["status"], row["finish_reason"]) == (504, "timeout") and row["completion_tokens"] > 0
     # the engine is free again at once: the long generation really stopped
     started = time.monotonic()
     quick = strict_server.post("/predict", {"question": "hi", "temperature": 0, "max_new_tokens": 4})
