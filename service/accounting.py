@@ -53,6 +53,16 @@ def _record_usage(ticket, route, status, latency):
         log.exception("usage row not written", extra={"fields": {"user": ticket.user, "route": route}})
 
 
+def record_stream(ticket, route, status, started):
+    """A stream's usage row and log line, written when the stream ends (499: the client left)."""
+    latency = time.monotonic() - started
+    _record_usage(ticket, route, status, latency)
+    log.info("stream ended", extra={"fields": {
+        "route": route, "status": status, "latency_ms": round(latency * 1000, 1), "user": ticket.user,
+        "prompt_tokens": ticket.prompt_tokens if ticket.ran else 0, "completion_tokens": ticket.completion_tokens,
+        "finish_reason": ticket.finish_reason}})
+
+
 def init_app(app):
     app.before_request(_start)
     app.after_request(_account)

@@ -7,6 +7,7 @@ answers 503 until it is done).
 """
 
 import logging
+import time
 from functools import partial
 
 from flask import Flask
@@ -15,8 +16,8 @@ from auth import guard
 from auth.errors import StoreError
 from auth.keys import KeyFolderError, KeySet
 from auth.store import Store
-from service import (accounting, access, admin, errors, filtering, health, logs, me, metrics, predict, quotas,
-                     requestid)
+from service import (accounting, access, admin, chat, errors, filtering, health, logs, me, metrics, predict,
+                     quotas, requestid)
 from service.settings import SettingsError, load_settings, require_model_path
 
 
@@ -28,6 +29,7 @@ def create_app(settings=None):
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["STARTED_AT"] = time.time()
     app.json.sort_keys = False
     app.extensions["vibethinker.settings"] = settings
     store, keyset = open_state(settings)
@@ -41,11 +43,12 @@ def create_app(settings=None):
     app.register_error_handler(StoreError, lambda e: errors.error_response(e.status, e.message, e.code, e.param))
     guard.init_app(app, store=store, keyset=keyset, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
                    is_public=access.is_public, scope_for=access.scope_for, respond=quotas.record_auth_failure)
-    quotas.init_app(app, settings, limited_blueprints=[predict.bp])  # after the guard: it keys on the user
+    quotas.init_app(app, settings, limited_blueprints=[predict.bp, chat.bp])  # after the guard: keys on the user
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(me.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(chat.bp)
     predict.init_app(app)
     app.extensions["vibethinker.engine"] = start_engine(model_path, settings)
     metrics.MODEL_INFO.info({"model": settings.model_name, "dtype": settings.dtype, "version": _version()})

@@ -42,6 +42,8 @@ class GenerationRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     deadline: float = field(default_factory=lambda: time.monotonic() + 60.0)
+    stop: tuple = ()  # strings that end the reply (not included in it)
+    seed: int | None = None  # makes sampling repeatable
 
 
 @dataclass
@@ -91,10 +93,25 @@ class Generation:
             raise self._error
         return self._result
 
-    def deltas(self):
-        """Yield text pieces as they are decoded, ending when the generation ends."""
-        while (piece := self._deltas.get()) is not _END:
+    def deltas(self, idle=None):
+        """Yield text pieces as they are decoded, ending when the generation ends.
+
+        With `idle` seconds, yields None whenever nothing came for that long (a
+        stream writes a keep-alive then, which also notices a gone client).
+        """
+        while True:
+            try:
+                piece = self._deltas.get(timeout=idle)
+            except queue.Empty:
+                yield None
+                continue
+            if piece is _END:
+                return
             yield piece
+
+    @property
+    def done(self):
+        return self._done.is_set()
 
     # --- called by the engine thread ---
     def _emit(self, text):
@@ -206,13 +223,14 @@ def _generate(loaded, handle):
 
     class Deadline(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            stop = handle.cancelled or handle.expired()
+            stop = handle.cancelled or handle.expired() or stream.text.hit
             return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
     class Stream(BaseStreamer):
         def __init__(self):
             self.ids, self.prefix, self.read, self.seen_prompt = [], 0, 0, False
             self.last = None
+            self.text = StopText(req.stop)
 
         def put(self, value):
             if not self.seen_prompt:  # generate() first hands over the prompt
@@ -227,21 +245,26 @@ def _generate(loaded, handle):
             metrics.BATCH_SIZE.observe(1)  # one sequence per step until batching lands
             self.ids.extend(value.reshape(-1).tolist())
             text, self.prefix, self.read = decode_step(loaded.decode, self.ids, self.prefix, self.read)
-            handle._emit(text)
+            handle._emit(self.text.feed(text))
 
         def end(self):
-            pass
+            handle._emit(self.text.flush())
 
     sampling = dict(do_sample=True, temperature=req.temperature, top_p=req.top_p) if req.temperature > 0 \
         else dict(do_sample=False)
     input_ids = torch.tensor([req.prompt_ids], dtype=torch.long)
+    stream = Stream()
+    if req.seed is not None:
+        torch.manual_seed(req.seed)  # this thread runs one generation at a time
     with torch.inference_mode():
         out = loaded.model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
             max_new_tokens=req.max_new_tokens, pad_token_id=loaded.pad_id,
-            stopping_criteria=StoppingCriteriaList([Deadline()]), streamer=Stream(), **sampling,
+            stopping_criteria=StoppingCriteriaList([Deadline()]), streamer=stream, **sampling,
         )
     new_ids = out[0, input_ids.shape[1]:].tolist()
+    if stream.text.hit:
+        return GenerationResult(stream.text.text, new_ids, len(req.prompt_ids), "stop", 0.0, 0.0)
     return GenerationResult(loaded.decode(new_ids), new_ids, len(req.prompt_ids),
                             finish_reason(new_ids, loaded.eos_ids, req.max_new_tokens, handle), 0.0, 0.0)
 
@@ -266,3 +289,32 @@ def decode_step(decode, ids, prefix, read):
     if len(after) > len(before) and not after.endswith("\ufffd"):
         return after[len(before):], read, len(ids)
     return "", prefix, read
+
+
+class StopText:
+    """Generated text, cut at the first stop string; releases only text that cannot start one."""
+
+    def __init__(self, stops):
+        self.stops = tuple(s for s in stops if s)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.text, self.sent, self.hit = "", 0, False
+
+    def feed(self, piece):
+        """Add decoded text; return what may be sent now."""
+        if self.hit:
+            return ""
+        self.text += piece
+        start = max(0, self.sent - self.hold)
+        found = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if found:
+            self.text, self.hit = self.text[:min(found)], True
+            return self._release(len(self.text))
+        return self._release(max(self.sent, len(self.text) - self.hold))
+
+    def flush(self):
+        """What is left to send once generation has ended."""
+        return self._release(len(self.text))
+
+    def _release(self, upto):
+        piece, self.sent = self.text[self.sent:upto], upto
+        return piece

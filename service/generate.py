@@ -23,13 +23,17 @@ class Params:
     max_new_tokens: int
     temperature: float
     top_p: float
+    stop: tuple = ()
+    seed: int | None = None
 
 
-def resolve_params(settings, max_new_tokens=None, temperature=None, top_p=None):
+def resolve_params(settings, max_new_tokens=None, temperature=None, top_p=None, stop=(), seed=None,
+                   tokens_name="max_new_tokens"):
     """Fill defaults from settings and check bounds; raise APIError 400 when out of range."""
     limit = settings.max_new_tokens_limit
     return Params(
-        max_new_tokens=check_range("max_new_tokens", settings.default_max_new_tokens
+        stop=tuple(stop), seed=seed,
+        max_new_tokens=check_range(tokens_name, settings.default_max_new_tokens
                                    if max_new_tokens is None else max_new_tokens, 1, limit, integer=True),
         temperature=float(check_range("temperature", settings.default_temperature
                                       if temperature is None else temperature, 0.0, 2.0)),
@@ -38,25 +42,26 @@ def resolve_params(settings, max_new_tokens=None, temperature=None, top_p=None):
     )
 
 
-def prompt_ids(engine, messages, settings, max_new_tokens):
+def prompt_ids(engine, messages, settings, max_new_tokens, param="question", tokens_name="max_new_tokens"):
     """Chat-templated token ids; APIError 503 if the model is not loaded, 400 if they do not fit."""
     if not engine.ready:
         raise not_ready(engine)
     ids = engine.model.encode_chat(messages)
     if len(ids) > settings.max_prompt_tokens:
         raise APIError(400, f"prompt is {len(ids)} tokens after the chat template; the limit is "
-                       f"{settings.max_prompt_tokens}", "context_length_exceeded", "question")
+                       f"{settings.max_prompt_tokens}", "context_length_exceeded", param)
     context = engine.model.context_length
     if len(ids) + max_new_tokens > context:
-        raise APIError(400, f"prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
-                       f"model's context of {context} tokens", "context_length_exceeded", "max_new_tokens")
+        raise APIError(400, f"prompt ({len(ids)} tokens) plus {tokens_name} ({max_new_tokens}) exceeds the "
+                       f"model's context of {context} tokens", "context_length_exceeded", tokens_name)
     return ids
 
 
 def submit(engine, ids, params, settings):
     """Queue a generation with the request deadline; the handle, or APIError 503."""
     request = GenerationRequest(ids, params.max_new_tokens, params.temperature, params.top_p,
-                                deadline=time.monotonic() + settings.request_deadline_s)
+                                deadline=time.monotonic() + settings.request_deadline_s, stop=params.stop,
+                                seed=params.seed)
     try:
         return engine.submit(request)
     except NotReady:
@@ -76,12 +81,16 @@ def complete(engine, ids, params, settings):
         handle.cancel()
         result = None
     if result is None or result.finish_reason in ("timeout", "cancelled"):
-        done = result.completion_tokens if result else 0
-        error = APIError(504, f"generation passed the {settings.request_deadline_s:g} s deadline after "
-                         f"{done} tokens; ask for fewer max_new_tokens", "deadline_exceeded")
-        error.tokens_used = len(ids) + done  # the compute was spent: it counts against the budget
-        raise error
+        raise deadline_error(settings, len(ids), result.completion_tokens if result else 0)
     return result
+
+
+def deadline_error(settings, prompt_tokens, done):
+    """APIError 504 for a generation cut by its deadline, carrying what it computed."""
+    error = APIError(504, f"generation passed the {settings.request_deadline_s:g} s deadline after {done} "
+                     "tokens; ask for fewer tokens", "deadline_exceeded")
+    error.tokens_used = prompt_tokens + done  # the compute was spent: it counts against the budget
+    return error
 
 
 def not_ready(engine):

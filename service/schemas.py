@@ -6,7 +6,7 @@ silently ignored. Bounds that come from settings are checked after parsing.
 """
 
 import json
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -14,7 +14,8 @@ from service.errors import APIError
 
 TYPE_NAMES = {"string_type": "a string", "int_type": "an integer", "float_type": "a number",
               "bool_type": "a boolean", "list_type": "a list", "dict_type": "an object",
-              "model_type": "an object", "int_from_float": "an integer", "finite_number": "a finite number"}
+              "model_type": "an object", "int_from_float": "an integer", "finite_number": "a finite number",
+              "literal_error": "one of the allowed values"}
 
 
 class StrictModel(BaseModel):
@@ -31,6 +32,42 @@ class PredictRequest(StrictModel):
     max_new_tokens: int | None = None
     temperature: Annotated[float, Field(allow_inf_nan=False)] | None = None
     top_p: Annotated[float, Field(allow_inf_nan=False)] | None = None
+
+
+class ContentPart(StrictModel):
+    """One part of a message's content; only text here."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(StrictModel):
+    """One message of a conversation."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class ChatRequest(StrictModel):
+    """POST /v1/chat/completions, as the official openai client sends it."""
+
+    model: str
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = None
+    user: str | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
 
 
 def decode_body(raw, is_json):
