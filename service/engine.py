@@ -19,6 +19,9 @@ from service import metrics
 log = logging.getLogger("vibethinker.engine")
 
 _END = object()
+# Below this temperature, sampling is greedy decoding: dividing logits by a
+# near-zero temperature overflows to inf/NaN (5e-324 did, found by hypothesis).
+GREEDY_BELOW = 1e-3
 
 
 class EngineError(Exception):
@@ -250,8 +253,8 @@ def _generate(loaded, handle):
         def end(self):
             handle._emit(self.text.flush())
 
-    sampling = dict(do_sample=True, temperature=req.temperature, top_p=req.top_p) if req.temperature > 0 \
-        else dict(do_sample=False)
+    sampling = dict(do_sample=True, temperature=req.temperature, top_p=req.top_p) \
+        if req.temperature >= GREEDY_BELOW else dict(do_sample=False)
     input_ids = torch.tensor([req.prompt_ids], dtype=torch.long)
     stream = Stream()
     if req.seed is not None:

@@ -69,3 +69,11 @@ def test_queue_refuses_at_once_when_full(engine):
     assert time.monotonic() - started < 0.1
     running.cancel()
     assert all(h.result(timeout=10).finish_reason in ("length", "stop") for h in waiting)
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-9, 0.0])
+def test_near_zero_temperature_is_greedy(engine, reference, temperature):
+    req = request(engine, "tiny temperature", 16)
+    req.temperature = temperature
+    result = engine.submit(req).result(timeout=10)
+    assert result.text == greedy(reference, [{"role": "user", "content": "tiny temperature"}], 16)[0]

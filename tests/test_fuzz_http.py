@@ -4,7 +4,7 @@ import json
 
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 FIELDS = ["question", "system_prompt", "max_new_tokens", "temperature", "top_p"]
@@ -28,6 +28,7 @@ def fuzzed(start_server):
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=bodies)
+@example(body={"question": "0", "system_prompt": "", "top_p": 1.0, "temperature": 5e-324})  # once a 500
 def test_no_body_is_a_server_error(fuzzed, body):
     response = requests.post(fuzzed.url("/v1/predict"), data=json.dumps(body), timeout=60,
                              headers={**fuzzed.auth(), "Content-Type": "application/json"})

@@ -3,6 +3,7 @@
 import json
 import re
 import subprocess
+import sys
 
 from tests.conftest import BIN, ROOT
 
@@ -47,3 +48,12 @@ def test_admins_day_runs_as_printed(start_server):
     assert "disabled team-math" in out.stdout and "retire:" in out.stdout
     assert "key.retire" in out.stdout  # the audit listing shows it
     assert server.get("/v1/me").status_code == 401  # the admin's own token was signed with the retired key
+
+
+def test_openai_example_runs_as_printed(server):
+    block = re.search(r"```python\n(.*?)```", README, flags=re.S).group(1)
+    code = block.replace("http://127.0.0.1:8000", server.base)
+    out = subprocess.run([sys.executable, "-c", f"TOKEN = {server.token!r}\n" + code], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
