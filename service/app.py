@@ -11,6 +11,7 @@ import time
 from functools import partial
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from auth import guard
 from auth.errors import StoreError
@@ -28,6 +29,9 @@ def create_app(settings=None):
     logs.configure(settings.log_level)
 
     app = Flask(__name__)
+    if settings.proxy_fix_hops:  # the real client address and scheme, as nginx saw them
+        hops = settings.proxy_fix_hops
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["STARTED_AT"] = time.time()
     app.json.sort_keys = False

@@ -26,6 +26,9 @@ except (SettingsError, KeyFolderError, PolicyError) as exc:
 # --- Server socket ---
 # HOST:PORT (127.0.0.1:8000 in dev) or unix:/run/vibethinker/gunicorn.sock behind nginx.
 bind = [_settings.bind]
+# Mode of a unix socket: 0660, so nginx (in the socket's group, www-data) can
+# connect and nobody else can; the unit's UMask=0077 would otherwise make it 0600.
+umask = 0o117
 # Connections the kernel queues before accept; nginx holds the rest. Range 64-2048.
 backlog = 256
 

@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     # --- HTTP ---
     bind: str = Field("127.0.0.1:8000", min_length=1, description="Gunicorn bind: HOST:PORT or unix:/path.")
     http_threads: int = Field(8, ge=1, le=1024, description="Gunicorn gthread threads: concurrent HTTP requests held.")
+    proxy_fix_hops: int = Field(0, ge=0, le=5, description="Proxies in front that set X-Forwarded-For/-Proto "
+                                "(1 behind nginx); 0 trusts none, so a direct client cannot forge its address.")
     stream_keepalive_s: float = Field(10.0, gt=0.0, le=300.0, description="Seconds of silence before a stream "
                                       "sends a keep-alive comment (also how soon a gone client is noticed).")
     max_body_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024, description="Largest request body; nginx's client_max_body_size matches.")

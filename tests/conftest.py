@@ -57,6 +57,25 @@ def greedy(loaded, messages, max_new_tokens):
     return loaded.decode(new), new
 
 
+def unix_get(socket_path, path):
+    """GET over a unix socket: (status, body)."""
+    import http.client
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(2)
+            self.sock.connect(socket_path)
+
+    conn = UnixConnection("localhost")
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
 def admin_cli(env, *args, check=True):
     """Run the real vibethinker-admin with `env`; the CompletedProcess."""
     proc = subprocess.run([str(BIN / "vibethinker-admin"), *map(str, args)], env=env, cwd=ROOT,
@@ -88,7 +107,8 @@ class Server:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = state_dir / f"gunicorn-{self.port}.log"
-        self.env = state_env(state_dir, VIBE_BIND=f"127.0.0.1:{self.port}", VIBE_TORCH_THREADS=1, **env)
+        env.setdefault("VIBE_BIND", f"127.0.0.1:{self.port}")
+        self.env = state_env(state_dir, VIBE_TORCH_THREADS=1, **env)
         self.token = provision(self.env)
         self.proc = None
 
@@ -102,13 +122,19 @@ class Server:
             if self.proc.poll() is not None:
                 pytest.fail(f"gunicorn exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if requests.get(self.url("/readyz"), timeout=2).status_code == 200:
+                if self.ready():
                     return self
-            except (requests.ConnectionError, requests.Timeout):  # still importing torch
+            except (requests.ConnectionError, requests.Timeout, OSError):  # still importing torch
                 pass
             time.sleep(0.2)
         self.stop()
         pytest.fail(f"gunicorn not ready after {timeout} s:\n{self.log()}")
+
+    def ready(self):
+        bind = self.env["VIBE_BIND"]
+        if bind.startswith("unix:"):
+            return unix_get(bind.removeprefix("unix:"), "/readyz")[0] == 200
+        return requests.get(self.url("/readyz"), timeout=2).status_code == 200
 
     def url(self, path):
         return self.base + path

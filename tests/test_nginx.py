@@ -1,0 +1,213 @@
+"""Real nginx (the rendered template, a certificate made here) in front of real gunicorn on a unix socket."""
+
+import datetime
+import ipaddress
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import jinja2
+import pytest
+import requests
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from service.settings import Settings
+from tests.conftest import ROOT, free_port
+
+MAX_BODY = 65536
+DEADLINE_S = 60
+
+
+def nginx_binary():
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if not found:
+        pytest.fail("nginx is missing: `make test` installs Debian's nginx as root")
+    return found
+
+
+def make_certificate(folder):
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .sign(key, hashes.SHA256()))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                       serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    return folder / "cert.pem", folder / "key.pem"
+
+
+def render(**values):
+    template = jinja2.Environment(loader=jinja2.FileSystemLoader(ROOT / "nginx"), undefined=jinja2.StrictUndefined,
+                                  keep_trailing_newline=True).get_template("vibethinker.conf.j2")
+    return template.render(**values)
+
+
+class Nginx:
+    def __init__(self, folder, site):
+        self.folder = folder
+        (folder / "site.conf").write_text(site)
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        (folder / "nginx.conf").write_text(
+            f"{user}worker_processes 1;\npid {folder}/nginx.pid;\nerror_log {folder}/error.log;\n"
+            "events { worker_connections 256; }\n"
+            f"http {{\n  access_log off;\n  client_body_temp_path {folder}/body;\n  proxy_temp_path {folder}/proxy;\n"
+            f"  fastcgi_temp_path {folder}/fcgi;\n  uwsgi_temp_path {folder}/uwsgi;\n  scgi_temp_path {folder}/scgi;\n"
+            f"  include {folder}/site.conf;\n}}\n")
+        self.proc = None
+
+    def test_config(self):
+        return subprocess.run([nginx_binary(), "-t", "-c", str(self.folder / "nginx.conf"), "-p", str(self.folder)],
+                              capture_output=True, text=True)
+
+    def start(self):
+        self.proc = subprocess.Popen([nginx_binary(), "-c", str(self.folder / "nginx.conf"), "-p", str(self.folder),
+                                      "-g", "daemon off;"], stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        assert self.proc.poll() is None, (self.folder / "error.log").read_text()
+        return self
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def front(start_server, long_question):
+    # Not under pytest's tmp folder: nginx's workers must reach the socket.
+    folder = Path(tempfile.mkdtemp(prefix="vibethinker-nginx-"))
+    os.chmod(folder, 0o755)
+    sock = folder / "gunicorn.sock"
+    app = start_server(VIBE_BIND=f"unix:{sock}", VIBE_PROXY_FIX_HOPS=1)
+    cert, key = make_certificate(folder)
+    http_port, https_port = free_port(), free_port()
+    site = render(server_name="localhost", http_port=http_port, https_port=https_port, listen_address="127.0.0.1",
+                  socket_path=sock, cert_path=cert, key_path=key, max_body_bytes=MAX_BODY,
+                  proxy_read_timeout_s=DEADLINE_S + 30, req_rate="20r/s", req_burst=20, conn_limit=20,
+                  metrics_allow=["10.11.12.13"], admin_allow=["127.0.0.1"])
+    nginx = Nginx(folder, site)
+    checked = nginx.test_config()
+    assert checked.returncode == 0, checked.stderr
+    nginx.start()
+    nginx.app, nginx.cert = app, str(cert)
+    nginx.https = f"https://localhost:{https_port}"
+    nginx.http = f"http://localhost:{http_port}"
+    nginx.https_port, nginx.http_port = https_port, http_port
+    yield nginx
+    nginx.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def get(front, path, **kwargs):
+    kwargs.setdefault("timeout", 30)
+    return requests.get(front.https + path, verify=front.cert, **kwargs)
+
+
+def test_nginx_t_passes(front):
+    result = front.test_config()
+    assert result.returncode == 0 and "syntax is ok" in result.stderr
+
+
+def test_https_works_and_http_redirects(front):
+    response = get(front, "/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    assert response.headers["Strict-Transport-Security"].startswith("max-age=")
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Cache-Control"] == "no-store"
+    assert "nginx/" not in response.headers.get("Server", "")
+    redirect = requests.get(front.http + "/healthz?x=1", allow_redirects=False, timeout=10)
+    assert redirect.status_code == 301
+    assert redirect.headers["Location"] == f"https://localhost:{front.https_port}/healthz?x=1"
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
+@pytest.mark.parametrize("version,accepted", [(ssl.TLSVersion.TLSv1, False), (ssl.TLSVersion.TLSv1_1, False),
+                                              (ssl.TLSVersion.TLSv1_2, True), (ssl.TLSVersion.TLSv1_3, True)])
+def test_only_tls_1_2_and_1_3(front, version, accepted):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(front.cert)
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # let the client offer old versions: the server must refuse
+    context.minimum_version = context.maximum_version = version
+    with socket.create_connection(("127.0.0.1", front.https_port), timeout=10) as raw:
+        if accepted:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                assert tls.version() == {ssl.TLSVersion.TLSv1_2: "TLSv1.2", ssl.TLSVersion.TLSv1_3: "TLSv1.3"}[version]
+        else:
+            with pytest.raises(ssl.SSLError):
+                context.wrap_socket(raw, server_hostname="localhost")
+
+
+def test_unknown_host_gets_no_response(front):
+    with pytest.raises(requests.ConnectionError):
+        requests.get(front.http + "/healthz", headers={"Host": "evil.example"}, timeout=10)
+    context = ssl.create_default_context(cafile=front.cert)
+    context.check_hostname = False
+    with socket.create_connection(("127.0.0.1", front.https_port), timeout=10) as raw:
+        with pytest.raises(ssl.SSLError):
+            context.wrap_socket(raw, server_hostname="evil.example")
+
+
+def test_oversize_body_is_413_json(front):
+    response = requests.post(front.https + "/predict", data=b"x" * (MAX_BODY + 1), verify=front.cert, timeout=30,
+                             headers={**front.app.auth(), "Content-Type": "application/json"})
+    assert response.status_code == 413 and response.headers["Content-Type"] == "application/json"
+    assert response.json()["error"]["code"] == "body_too_large"
+
+
+def test_burst_beyond_limit_req_is_429_json(front):
+    with requests.Session() as session:
+        statuses = [session.get(front.https + "/healthz", verify=front.cert, timeout=10) for _ in range(60)]
+    refused = [r for r in statuses if r.status_code == 429]
+    assert refused and refused[0].json()["error"]["type"] == "rate_limit_error"
+    assert refused[0].headers["Retry-After"] == "1"
+    time.sleep(2)  # let the bucket refill for the other tests
+
+
+def test_metrics_only_from_allowed_addresses(front):
+    refused = get(front, "/metrics")
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "address_not_allowed"
+    assert get(front, "/admin/users", headers=front.app.auth()).status_code == 200  # 127.0.0.1 is allowed there
+
+
+def test_real_client_ip_and_request_id_reach_the_app(front):
+    response = get(front, "/v1/me", headers={**front.app.auth(), "X-Forwarded-For": "6.6.6.6",
+                                            "X-Request-ID": "through-nginx-1"})
+    assert response.status_code == 200 and response.headers["X-Request-ID"] == "through-nginx-1"
+    generated = get(front, "/healthz").headers["X-Request-ID"]
+    assert len(generated) == 32
+    lines = [json.loads(line) for line in front.app.log().splitlines() if line.startswith("{")]
+    [line] = [entry for entry in lines if entry.get("request_id") == "through-nginx-1"]
+    assert line["client_ip"] == "127.0.0.1"
+    assert any(entry.get("request_id") == generated for entry in lines)  # nginx's id is the app's id
+
+
+def test_a_stream_arrives_chunk_by_chunk(front, long_question):
+    messages = [{"role": "system", "content": Settings().default_system_prompt},
+                {"role": "user", "content": long_question}]
+    body = {"model": "VibeThinker-1.5B", "messages": messages, "max_tokens": 1500, "temperature": 0, "stream": True}
+    started = time.monotonic()
+    arrivals = []
+    with requests.post(front.https + "/v1/chat/completions", json=body, headers=front.app.auth(), stream=True,
+                       verify=front.cert, timeout=60) as response:
+        assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith(b"data: {"):
+                arrivals.append(time.monotonic() - started)
+    total = arrivals[-1]
+    assert len(arrivals) > 100 and total > 1.0
+    assert arrivals[1] < total / 4  # the first tokens came long before the last: nothing buffered them
