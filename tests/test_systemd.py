@@ -1,0 +1,66 @@
+"""The systemd unit: verified by systemd-analyze, and its exposure bounded."""
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT
+
+UNIT = ROOT / "systemd" / "vibethinker.service"
+MAX_EXPOSURE = 2.0
+
+
+def analyze(*args):
+    binary = shutil.which("systemd-analyze")
+    if not binary:
+        pytest.fail("systemd-analyze is missing (Debian's systemd package)")
+    return subprocess.run([binary, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_security_exposure_is_bounded():
+    out = analyze("security", "--offline=true", "--no-pager", str(UNIT))
+    level = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out.stdout).group(1))
+    assert level <= MAX_EXPOSURE, out.stdout
+
+
+def fake_root(tmp_path, unit_text):
+    """A root holding systemd's own units, the ExecStart binaries, and our unit."""
+    (tmp_path / "usr/lib/systemd").mkdir(parents=True)
+    shutil.copytree("/lib/systemd/system", tmp_path / "usr/lib/systemd/system", symlinks=True)
+    gunicorn = tmp_path / "opt/vibethinker/venv/bin/gunicorn"
+    gunicorn.parent.mkdir(parents=True)
+    gunicorn.write_text("#!/bin/sh\n")
+    gunicorn.chmod(0o755)
+    (tmp_path / "bin").mkdir()
+    shutil.copy("/bin/kill", tmp_path / "bin/kill")
+    (tmp_path / "etc/systemd/system").mkdir(parents=True)
+    (tmp_path / "etc/systemd/system/vibethinker.service").write_text(unit_text)
+    return tmp_path
+
+
+def test_unit_verifies(tmp_path):
+    root = fake_root(tmp_path, UNIT.read_text())
+    out = analyze("verify", f"--root={root}", "vibethinker.service")
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+
+
+def test_verify_would_catch_a_broken_unit(tmp_path):
+    broken = UNIT.read_text().replace("ExecStart=/opt/vibethinker/venv/bin/gunicorn",
+                                      "ExecStart=/opt/vibethinker/venv/bin/gunicorm")
+    root = fake_root(tmp_path, broken)
+    assert analyze("verify", f"--root={root}", "vibethinker.service").returncode != 0
+
+
+def test_unit_keeps_what_the_service_needs():
+    text = UNIT.read_text()
+    for line in ["Type=notify", "KillMode=mixed", "ExecReload=/bin/kill -HUP $MAINPID", "Restart=on-failure",
+                 "NoNewPrivileges=yes", "ProtectSystem=strict", "CapabilityBoundingSet=", "UMask=0077",
+                 "SystemCallFilter=@system-service", "RestrictAddressFamilies=AF_UNIX", "StateDirectory=vibethinker",
+                 "RuntimeDirectory=vibethinker", "LogsDirectory=vibethinker"]:
+        assert line in text.splitlines(), line
+    # PyTorch's oneDNN JIT needs writable+executable pages
+    assert not any(line.startswith("MemoryDenyWriteExecute=yes") for line in text.splitlines())
+    stop = int(re.search(r"^TimeoutStopSec=(\d+)", text, re.M).group(1))
+    assert stop > 60 + 15  # above gunicorn's graceful_timeout at the default deadline
