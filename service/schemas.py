@@ -118,26 +118,27 @@ def check_range(name, value, low, high, integer=False, low_open=False):
     return value
 
 
-class AdminUserCreate(StrictModel):
+class QuotaFields(StrictModel):
+    """A user's quota fields; null clears one (the service default applies)."""
+
+    rate_limit: str | None = None
+    daily_tokens: int | None = None
+    max_concurrent: int | None = None
+    system_prompts: list[str] | None = None
+
+
+class AdminUserCreate(QuotaFields):
     """POST /admin/users."""
 
     name: str
     admin: bool = False
-    rate_limit: str | None = None
-    daily_tokens: int | None = None
-    max_concurrent: int | None = None
-    system_prompts: list[str] | None = None
 
 
-class AdminUserPatch(StrictModel):
-    """PATCH /admin/users/<name>: only the fields given change; null clears a quota."""
+class AdminUserPatch(QuotaFields):
+    """PATCH /admin/users/<name>: only the fields given change."""
 
     active: bool = None
     admin: bool = None
-    rate_limit: str | None = None
-    daily_tokens: int | None = None
-    max_concurrent: int | None = None
-    system_prompts: list[str] | None = None
 
 
 class AdminTokenRequest(StrictModel):
