@@ -6,6 +6,8 @@ import pytest
 
 from tests.conftest import admin_cli, state_env
 
+pytestmark = pytest.mark.slow  # real restarts, many CLI calls or long runs: not in make test-quick
+
 
 @pytest.fixture
 def env(tmp_path):

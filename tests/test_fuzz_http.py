@@ -7,6 +7,8 @@ import requests
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+pytestmark = pytest.mark.slow  # real restarts, many CLI calls or long runs: not in make test-quick
+
 FIELDS = ["question", "system_prompt", "max_new_tokens", "temperature", "top_p"]
 scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=40)
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,

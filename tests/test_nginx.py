@@ -23,6 +23,8 @@ from cryptography.x509.oid import NameOID
 from service.settings import Settings
 from tests.conftest import ROOT, free_port
 
+pytestmark = pytest.mark.slow  # real restarts, many CLI calls or long runs: not in make test-quick
+
 MAX_BODY = 65536
 DEADLINE_S = 60
 

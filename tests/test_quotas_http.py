@@ -9,6 +9,8 @@ import requests
 
 from tests.databases import Redis
 
+pytestmark = pytest.mark.slow  # real restarts, many CLI calls or long runs: not in make test-quick
+
 
 @pytest.fixture(scope="module")
 def limited(start_server, redis_server):

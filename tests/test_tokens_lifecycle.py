@@ -3,6 +3,8 @@
 import jwt
 import pytest
 
+pytestmark = pytest.mark.slow  # real restarts, many CLI calls or long runs: not in make test-quick
+
 
 @pytest.fixture(scope="module")
 def life(start_server):
