@@ -95,4 +95,4 @@ def start_engine(model_path, settings):
     from service.engine import Engine
 
     loader = partial(model.load, str(model_path), settings.dtype)
-    return Engine(loader, settings.queue_size, settings.torch_threads).start()
+    return Engine(loader, settings.queue_size, settings.torch_threads, settings.max_batch_size).start()

@@ -4,10 +4,14 @@ A caller builds a `GenerationRequest`, calls `Engine.submit`, and gets a
 `Generation` handle: `result()` blocks for the whole answer, `deltas()` yields
 text as it is decoded. Each request carries a deadline and a cancel flag that
 a stopping criterion checks between decode steps, so a late or abandoned
-request stops consuming compute. Requests run one at a time for now; the
-handle is the interface a batching scheduler keeps.
+request stops consuming compute.
+
+Batching: the engine thread takes everything waiting (up to max_batch) that
+can share one sampling configuration and generates it together as a wave
+(service.batching); requests that arrive meanwhile wait for the next wave.
 """
 
+import collections
 import logging
 import queue
 import threading
@@ -15,13 +19,11 @@ import time
 from dataclasses import dataclass, field
 
 from service import metrics
+from service.batching import GREEDY_BELOW, StopText, decode_step, generate_wave, wave_key  # noqa: F401
 
 log = logging.getLogger("vibethinker.engine")
 
 _END = object()
-# Below this temperature, sampling is greedy decoding: dividing logits by a
-# near-zero temperature overflows to inf/NaN (5e-324 did, found by hypothesis).
-GREEDY_BELOW = 1e-3
 
 
 class EngineError(Exception):
@@ -130,14 +132,16 @@ class Generation:
 class Engine:
     """Owns the model in one thread; everything else talks to it through the queue."""
 
-    def __init__(self, loader, queue_size, torch_threads):
+    def __init__(self, loader, queue_size, torch_threads, max_batch=16):
         self._loader = loader
         self._queue = queue.Queue(maxsize=queue_size)
+        self._pending = collections.deque()  # taken from the queue, waiting for a wave of their kind
+        self._max_batch = max_batch
         self._torch_threads = torch_threads
         self._thread = threading.Thread(target=self._run, name="vibethinker-engine", daemon=True)
         self._stopping = threading.Event()
         self.model = None
-        self.running = 0  # requests being generated now (one until batching)
+        self.running = 0  # sequences being generated now (the live rows of the wave)
         self.state = "loading"
         self.load_error = None
 
@@ -157,7 +161,7 @@ class Engine:
         return self.state == "ready"
 
     def queued(self):
-        return self._queue.qsize()
+        return self._queue.qsize() + len(self._pending)
 
     def submit(self, request):
         """Queue a request and return its handle; raise NotReady or QueueFull at once."""
@@ -184,140 +188,58 @@ class Engine:
         metrics.MODEL_LOAD.set(self.model.load_seconds)
         log.info("model loaded", extra={"fields": {"load_seconds": round(self.model.load_seconds, 2)}})
         while not self._stopping.is_set():
-            try:
-                handle = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            self.running = 1
-            try:
-                self._serve(handle)
-            finally:
-                self.running = 0
+            if not self._pending:
+                try:
+                    self._pending.append(self._queue.get(timeout=0.2))
+                except queue.Empty:
+                    continue
+            while len(self._pending) < self._max_batch:  # everything else already waiting joins
+                try:
+                    self._pending.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            wave = self._take_wave()
+            if wave:
+                self._serve(wave)
 
-    def _serve(self, handle):
+    def _take_wave(self):
+        """Up to max_batch pending requests that can run together (same sampling); skip dead ones."""
+        key, wave, rest, now = wave_key(self._pending[0].request), [], collections.deque(), time.monotonic()
+        while self._pending:
+            handle = self._pending.popleft()
+            if handle.cancelled or handle.expired(now):
+                reason = "cancelled" if handle.cancelled else "timeout"
+                handle._finish(GenerationResult("", [], len(handle.request.prompt_ids), reason,
+                                                now - handle.submitted, 0.0))
+            elif len(wave) < self._max_batch and wave_key(handle.request) == key:
+                wave.append(handle)
+            else:
+                rest.append(handle)
+        self._pending = rest
+        return wave
+
+    def _serve(self, wave):
         started = time.monotonic()
-        if handle.cancelled or handle.expired(started):
-            reason = "cancelled" if handle.cancelled else "timeout"
-            handle._finish(GenerationResult("", [], len(handle.request.prompt_ids), reason,
-                                            started - handle.submitted, 0.0))
-            return
-        metrics.QUEUE_WAIT.observe(started - handle.submitted)
+        for handle in wave:
+            metrics.QUEUE_WAIT.observe(started - handle.submitted)
         try:
-            result = _generate(self.model, handle)
+            outcomes = generate_wave(self.model, wave, self._set_running)
         except Exception as exc:
             log.exception("generation failed")
-            handle._finish(error=exc)
+            for handle in wave:
+                handle._finish(error=exc)
             return
-        result.queue_seconds = started - handle.submitted
-        result.run_seconds = time.monotonic() - started
-        metrics.PROMPT_TOKENS.inc(result.prompt_tokens)
-        metrics.GENERATION_TOKENS.inc(result.completion_tokens)
-        metrics.FINISHED.labels(result.finish_reason).inc()
-        handle._finish(result)
+        finally:
+            self.running = 0
+        for handle, (text, ids, reason) in zip(wave, outcomes):
+            result = GenerationResult(text, ids, len(handle.request.prompt_ids), reason,
+                                      started - handle.submitted, time.monotonic() - started)
+            metrics.PROMPT_TOKENS.inc(result.prompt_tokens)
+            metrics.GENERATION_TOKENS.inc(result.completion_tokens)
+            metrics.FINISHED.labels(result.finish_reason).inc()
+            handle._finish(result)
+
+    def _set_running(self, count):
+        self.running = count
 
 
-def _generate(loaded, handle):
-    """Run one request through model.generate with its deadline and streaming."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-    from transformers.generation.streamers import BaseStreamer
-
-    req = handle.request
-
-    class Deadline(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            stop = handle.cancelled or handle.expired() or stream.text.hit
-            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-    class Stream(BaseStreamer):
-        def __init__(self):
-            self.ids, self.prefix, self.read, self.seen_prompt = [], 0, 0, False
-            self.last = None
-            self.text = StopText(req.stop)
-
-        def put(self, value):
-            if not self.seen_prompt:  # generate() first hands over the prompt
-                self.seen_prompt = True
-                return
-            now = time.monotonic()
-            if self.last is None:
-                metrics.TTFT.observe(now - handle.submitted)
-            else:
-                metrics.INTER_TOKEN.observe(now - self.last)
-            self.last = now
-            metrics.BATCH_SIZE.observe(1)  # one sequence per step until batching lands
-            self.ids.extend(value.reshape(-1).tolist())
-            text, self.prefix, self.read = decode_step(loaded.decode, self.ids, self.prefix, self.read)
-            handle._emit(self.text.feed(text))
-
-        def end(self):
-            handle._emit(self.text.flush())
-
-    sampling = dict(do_sample=True, temperature=req.temperature, top_p=req.top_p) \
-        if req.temperature >= GREEDY_BELOW else dict(do_sample=False)
-    input_ids = torch.tensor([req.prompt_ids], dtype=torch.long)
-    stream = Stream()
-    if req.seed is not None:
-        torch.manual_seed(req.seed)  # this thread runs one generation at a time
-    with torch.inference_mode():
-        out = loaded.model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=req.max_new_tokens, pad_token_id=loaded.pad_id,
-            stopping_criteria=StoppingCriteriaList([Deadline()]), streamer=stream, **sampling,
-        )
-    new_ids = out[0, input_ids.shape[1]:].tolist()
-    if stream.text.hit:
-        return GenerationResult(stream.text.text, new_ids, len(req.prompt_ids), "stop", 0.0, 0.0)
-    return GenerationResult(loaded.decode(new_ids), new_ids, len(req.prompt_ids),
-                            finish_reason(new_ids, loaded.eos_ids, req.max_new_tokens, handle), 0.0, 0.0)
-
-
-def finish_reason(new_ids, eos_ids, max_new_tokens, handle):
-    """Why generation ended: an end token, the length budget, the deadline, or a cancel."""
-    if new_ids and new_ids[-1] in eos_ids:
-        return "stop"
-    if len(new_ids) >= max_new_tokens:
-        return "length"
-    return "cancelled" if handle.cancelled else "timeout"
-
-
-def decode_step(decode, ids, prefix, read):
-    """Incremental detokenisation: the new text since `read`, never a split character.
-
-    Decodes a short window (from `prefix`) rather than the whole sequence, and
-    holds text back while it ends in a replacement character (half a UTF-8 sequence).
-    """
-    before = decode(ids[prefix:read])
-    after = decode(ids[prefix:])
-    if len(after) > len(before) and not after.endswith("\ufffd"):
-        return after[len(before):], read, len(ids)
-    return "", prefix, read
-
-
-class StopText:
-    """Generated text, cut at the first stop string; releases only text that cannot start one."""
-
-    def __init__(self, stops):
-        self.stops = tuple(s for s in stops if s)
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.text, self.sent, self.hit = "", 0, False
-
-    def feed(self, piece):
-        """Add decoded text; return what may be sent now."""
-        if self.hit:
-            return ""
-        self.text += piece
-        start = max(0, self.sent - self.hold)
-        found = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-        if found:
-            self.text, self.hit = self.text[:min(found)], True
-            return self._release(len(self.text))
-        return self._release(max(self.sent, len(self.text) - self.hold))
-
-    def flush(self):
-        """What is left to send once generation has ended."""
-        return self._release(len(self.text))
-
-    def _release(self, upto):
-        piece, self.sent = self.text[self.sent:upto], upto
-        return piece

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = Field(4096, ge=16, description="Longest chat-templated prompt accepted, in tokens.")
     max_question_chars: int = Field(16384, ge=1, description="Longest question or system prompt accepted, in characters.")
     request_deadline_s: float = Field(60.0, gt=0.0, le=3600.0, description="Wall-clock budget of one request, queue wait included.")
+    max_batch_size: int = Field(16, ge=1, le=256, description="Requests generated together in one wave.")
     queue_size: int = Field(32, ge=1, le=100000, description="Requests that may wait for the engine; more get 503 at once.")
 
     # --- state and tokens ---
