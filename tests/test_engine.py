@@ -77,3 +77,35 @@ def test_near_zero_temperature_is_greedy(engine, reference, temperature):
     req.temperature = temperature
     result = engine.submit(req).result(timeout=10)
     assert result.text == greedy(reference, [{"role": "user", "content": "tiny temperature"}], 16)[0]
+
+
+def test_concurrent_greedy_requests_batch_and_match_one_at_a_time(engine, reference):
+    questions = [f"batch question {i}: {'why ' * i}" for i in range(2)]
+    handles = [engine.submit(request(engine, q, 32)) for q in questions]
+    results = [h.result(timeout=30) for h in handles]
+    for question, result in zip(questions, results):
+        assert result.token_ids == greedy(reference, [{"role": "user", "content": question}], 32)[1]
+
+
+def test_a_cancelled_row_leaves_the_wave_while_the_others_finish(tiny_model, reference):
+    wide = Engine(lambda: model.load(str(tiny_model)), queue_size=8, torch_threads=1, max_batch=4).start()
+    try:
+        while not wide.ready:
+            time.sleep(0.05)
+        long_ids = wide.model.encode_chat([{"role": "user", "content": "Count to a thousand."}])
+        rows = [wide.submit(GenerationRequest(long_ids, 600, deadline=time.monotonic() + 60)) for _ in range(3)]
+        for row in rows:
+            next(row.deltas())  # all three are generating
+        assert wide.running == 3
+        rows[0].cancel()
+        deadline = time.monotonic() + 5
+        while wide.running != 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        cancelled = rows[0].result(timeout=30)
+        finished = [row.result(timeout=60) for row in rows[1:]]
+        assert cancelled.finish_reason == "cancelled" and cancelled.completion_tokens < 600
+        assert all(r.token_ids == finished[0].token_ids and r.completion_tokens > cancelled.completion_tokens
+                   for r in finished)
+    finally:
+        wide.stop(timeout=30)

@@ -1,0 +1,230 @@
+"""Throughput, overhead and time to first token of the service, next to a seed-style baseline.
+
+    python bench/throughput.py [--requests 3] [--tokens 64] [--real]
+
+On the tiny demo model, in one run on this machine, prints JSON lines:
+1. aggregate tokens/s at 1, 4, 8 and 16 concurrent clients: the service
+   (real gunicorn, auth, limits, filtering, batching engine) against
+   bench/seed_app.py (a Flask route calling generate, one request at a time);
+2. the full stack's overhead per request over a direct in-process engine
+   call, for a 1-token generation (medians);
+3. time to first token, p50 and p99, of streams under 16 clients;
+4. with --real: batch 1 and 4 aggregate tokens/s at VibeThinker-1.5B's size
+   (the random-weight preset in var/bench-model; slow).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT))
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code in (200, 405):
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready")
+
+
+def load(url, headers, clients, per_client, tokens, body_of):
+    """Aggregate completion tokens/s with `clients` threads sending `per_client` requests each."""
+    counts = [0] * clients
+
+    def client(i):
+        with requests.Session() as session:
+            for j in range(per_client):
+                response = session.post(url, json=body_of(i, j, tokens), headers=headers, timeout=600)
+                response.raise_for_status()
+                data = response.json()
+                counts[i] += data["usage"]["completion_tokens"] if "usage" in data else data["completion_tokens"]
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return round(sum(counts) / (time.monotonic() - started), 1)
+
+
+def question(i, j, tokens):
+    return {"question": f"client {i} asks question {j}: what is {i} * {j}?", "max_new_tokens": tokens,
+            "temperature": 0}
+
+
+def start_service(work, model_dir, port):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIBE_")}
+    env.update(VIBE_MODEL_PATH=str(model_dir), VIBE_DB_URL=f"sqlite:///{work}/db.sqlite",
+               VIBE_JWT_KEY_DIR=str(work / "keys"), VIBE_BIND=f"127.0.0.1:{port}", VIBE_HTTP_THREADS="32",
+               VIBE_QUEUE_SIZE="64", VIBE_TORCH_THREADS=str(len(os.sched_getaffinity(0))))
+
+    def admin(*argv):
+        return subprocess.run([str(BIN / "vibethinker-admin"), *argv], env=env, check=True, capture_output=True,
+                              text=True).stdout.strip().splitlines()[-1]
+
+    admin("keys", "generate")
+    admin("users", "add", "bench", "--rate-limit", "1000000/minute", "--daily-tokens", str(10**12),
+          "--max-concurrent", "100")
+    token = admin("tokens", "issue", "bench")
+    proc = subprocess.Popen([str(BIN / "gunicorn"), "-c", "service/gunicorn_conf.py", "service.app:create_app()"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_ready(f"http://127.0.0.1:{port}/readyz")
+    return proc, {"Authorization": f"Bearer {token}"}
+
+
+def start_seed(model_dir, port):
+    env = {**os.environ, "SEED_MODEL_PATH": str(model_dir), "SEED_THREADS": str(len(os.sched_getaffinity(0)))}
+    proc = subprocess.Popen([str(BIN / "gunicorn"), "-w", "1", "-k", "sync", "-b", f"127.0.0.1:{port}",
+                             "--chdir", str(ROOT / "bench"), "seed_app:app"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_ready(f"http://127.0.0.1:{port}/predict")
+    return proc
+
+
+def overhead(model_dir, url, headers, samples=40):
+    """Median ms of a 1-token request: full stack over HTTP minus a direct engine call."""
+    from service import model
+    from service.engine import Engine, GenerationRequest
+    from service.model import chat_messages
+    from service.settings import Settings
+
+    system = Settings().default_system_prompt
+    engine = Engine(lambda: model.load(str(model_dir)), 4, len(os.sched_getaffinity(0))).start()
+    while not engine.ready:
+        time.sleep(0.05)
+    ids = engine.model.encode_chat(chat_messages("overhead?", system))
+    direct = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        engine.submit(GenerationRequest(ids, 1, deadline=time.monotonic() + 60)).result(60)
+        direct.append(time.perf_counter() - started)
+    engine.stop(10)
+    full = []
+    with requests.Session() as session:
+        for _ in range(samples):
+            started = time.perf_counter()
+            session.post(url, json={"question": "overhead?", "max_new_tokens": 1, "temperature": 0},
+                         headers=headers, timeout=60).raise_for_status()
+            full.append(time.perf_counter() - started)
+    return round(statistics.median(direct) * 1000, 2), round(statistics.median(full) * 1000, 2)
+
+
+def ttft(url, headers, clients=16, tokens=64):
+    """p50 and p99 seconds from sending a stream request to its first content chunk."""
+    firsts = []
+
+    def client(i):
+        body = {"model": "VibeThinker-1.5B", "messages": [{"role": "user", "content": f"stream {i}"}],
+                "max_tokens": tokens, "temperature": 0, "stream": True}
+        started = time.monotonic()
+        with requests.post(url, json=body, headers=headers, stream=True, timeout=600) as response:
+            for line in response.iter_lines():
+                if line.startswith(b"data: {") and b'"content":"' in line and b'"content":""' not in line:
+                    firsts.append(time.monotonic() - started)
+                    break
+            for _ in response.iter_lines():
+                pass
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    firsts.sort()
+    return round(statistics.median(firsts), 3), round(firsts[min(len(firsts) - 1, int(len(firsts) * 0.99))], 3)
+
+
+def real_size(tokens=8):
+    """Aggregate tokens/s at batch 1 and 4 on the full-size preset, in process."""
+    from service import model
+    from service.engine import Engine, GenerationRequest
+    from service.model import chat_messages
+
+    model_dir = ROOT / "var" / "bench-model"
+    if not (model_dir / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "service.demo_model", str(model_dir), "--preset", "vibethinker-1.5b"],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    figures = {}
+    for dtype in ("bfloat16", "float32"):
+        engine = Engine(lambda: model.load(str(model_dir), dtype), 8, len(os.sched_getaffinity(0))).start()
+        while not engine.ready:
+            time.sleep(0.1)
+        for batch in (1, 4):
+            ids = [engine.model.encode_chat(chat_messages(f"q{i}", "s")) for i in range(batch)]
+            started = time.monotonic()
+            handles = [engine.submit(GenerationRequest(x, tokens, deadline=time.monotonic() + 3600)) for x in ids]
+            done = sum(h.result(3600).completion_tokens for h in handles)
+            figures[f"{dtype}_batch{batch}_tok_s"] = round(done / (time.monotonic() - started), 2)
+        engine.stop(30)
+    return figures
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=3, help="requests per client")
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--real", action="store_true", help="also measure at VibeThinker-1.5B's size (slow)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="vibethinker-bench-"))
+    procs = []
+    try:
+        model_dir = work / "model"
+        subprocess.run([sys.executable, "-m", "service.demo_model", str(model_dir)], cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL)
+        service_port, seed_port = free_port(), free_port()
+        proc, headers = start_service(work, model_dir, service_port)
+        procs.append(proc)
+        ours = {n: load(f"http://127.0.0.1:{service_port}/predict", headers, n, args.requests, args.tokens, question)
+                for n in (1, 4, 8, 16)}
+        p50, p99 = ttft(f"http://127.0.0.1:{service_port}/v1/chat/completions", headers)
+        direct_ms, full_ms = overhead(model_dir, f"http://127.0.0.1:{service_port}/predict", headers)
+        proc.terminate()
+        proc.wait(30)
+        procs.append(start_seed(model_dir, seed_port))
+        seed = {n: load(f"http://127.0.0.1:{seed_port}/predict", {}, n, args.requests, args.tokens, question)
+                for n in (1, 4, 8, 16)}
+        for n in (1, 4, 8, 16):
+            print(json.dumps({"bench": "throughput", "model": "tiny", "clients": n, "tokens": args.tokens,
+                              "service_tok_s": ours[n], "seed_tok_s": seed[n],
+                              "ratio": round(ours[n] / seed[n], 2)}))
+        print(json.dumps({"bench": "overhead", "direct_engine_ms": direct_ms, "full_stack_ms": full_ms,
+                          "overhead_ms": round(full_ms - direct_ms, 2)}))
+        print(json.dumps({"bench": "ttft", "clients": 16, "p50_s": p50, "p99_s": p99}))
+        if args.real:
+            print(json.dumps({"bench": "real_size", "preset": "vibethinker-1.5b", **real_size()}))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
