@@ -119,6 +119,8 @@ def test_redis_down_then_back(start_server, tmp_path_factory, fail_open):
         token = user_token(server, "flaky", "--rate-limit", "100/minute")
         assert ask(server, token).status_code == 200
         redis.stop()
+        ready = requests.get(server.url("/readyz"), timeout=10)
+        assert ready.status_code == (200 if fail_open else 503)
         down = ask(server, token)
         if fail_open:
             assert down.status_code == 200
@@ -128,6 +130,7 @@ def test_redis_down_then_back(start_server, tmp_path_factory, fail_open):
             assert "unreachable" in down.json()["error"]["message"] and down.headers["Retry-After"] == "5"
         redis.start()
         assert ask(server, token).status_code == 200  # recovery needs no restart
+        assert requests.get(server.url("/readyz"), timeout=10).status_code == 200
         server.stop()
     finally:
         redis.stop()
