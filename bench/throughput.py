@@ -172,7 +172,7 @@ def real_size(tokens=8):
                        cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     figures = {}
     for dtype in ("bfloat16", "float32"):
-        engine = Engine(lambda: model.load(str(model_dir), dtype), 8, len(os.sched_getaffinity(0))).start()
+        engine = Engine(lambda dtype=dtype: model.load(str(model_dir), dtype), 8, len(os.sched_getaffinity(0))).start()
         while not engine.ready:
             time.sleep(0.1)
         for batch in (1, 4):

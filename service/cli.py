@@ -73,7 +73,9 @@ def build_parser():
     revoke_all.add_argument("name")
     revoke_all.set_defaults(handler=tokens_revoke_all)
 
-    key_cmds = groups.add_parser("keys", help="generate, rotate, retire, list").add_subparsers(dest="cmd", required=True)
+    key_cmds = groups.add_parser("keys", help="generate, rotate, retire, list").add_subparsers(
+        dest="cmd", required=True
+    )
     key_cmds.add_parser("generate", help="make the first signing key").set_defaults(handler=keys_change, op="generate")
     key_cmds.add_parser("rotate", help="add a new signing key").set_defaults(handler=keys_change, op="rotate")
     retire = key_cmds.add_parser("retire", help="delete a key; tokens it signed stop working")
@@ -104,11 +106,22 @@ def _quota_options(parser, clearable=False):
     parser.add_argument("--rate-limit", type=kind, default=argparse.SUPPRESS, help='e.g. "60/minute;2000/day"')
     parser.add_argument("--daily-tokens", type=number, default=argparse.SUPPRESS, help="prompt+completion tokens a day")
     parser.add_argument("--max-concurrent", type=number, default=argparse.SUPPRESS, help="simultaneous requests")
-    parser.add_argument("--allow-system-prompt", dest="system_prompts", action="append", default=argparse.SUPPRESS,
-                        help="a system prompt this user may send (repeat for more); others are refused")
+    parser.add_argument(
+        "--allow-system-prompt",
+        dest="system_prompts",
+        action="append",
+        default=argparse.SUPPRESS,
+        help="a system prompt this user may send (repeat for more); others are refused",
+    )
     if clearable:
-        parser.add_argument("--any-system-prompt", dest="system_prompts", action="store_const", const=None,
-                            default=argparse.SUPPRESS, help="lift the system-prompt allow-list")
+        parser.add_argument(
+            "--any-system-prompt",
+            dest="system_prompts",
+            action="store_const",
+            const=None,
+            default=argparse.SUPPRESS,
+            help="lift the system-prompt allow-list",
+        )
 
 
 def _quotas(args):
@@ -156,11 +169,24 @@ def users_set(args, settings):
 
 
 def tokens_issue(args, settings):
-    text, meta = issue_token(Store(settings.db_url), keys.KeySet(settings.jwt_key_dir), args.name,
-                             scope=args.scope, ttl=args.ttl or settings.token_ttl, max_ttl=settings.token_max_ttl,
-                             label=args.label, issuer=settings.jwt_issuer, audience=settings.jwt_audience, **_who())
-    _emit(args, meta, f"issued token {meta['jti']} for {meta['user']} (scope {meta['scope']}, expires "
-                      f"{meta['expires_at']}); it is shown once, store it now:")
+    text, meta = issue_token(
+        Store(settings.db_url),
+        keys.KeySet(settings.jwt_key_dir),
+        args.name,
+        scope=args.scope,
+        ttl=args.ttl or settings.token_ttl,
+        max_ttl=settings.token_max_ttl,
+        label=args.label,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        **_who(),
+    )
+    _emit(
+        args,
+        meta,
+        f"issued token {meta['jti']} for {meta['user']} (scope {meta['scope']}, expires "
+        f"{meta['expires_at']}); it is shown once, store it now:",
+    )
     print(text)
 
 
@@ -186,8 +212,11 @@ def keys_change(args, settings):
     else:
         kid = getattr(keys, args.op)(settings.jwt_key_dir)
     Store(settings.db_url).record_event(f"key.{args.op}", kid, {}, **_who())
-    _emit(args, {"op": args.op, "kid": kid, "key_dir": str(settings.jwt_key_dir)},
-          f"{args.op}: {kid} in {settings.jwt_key_dir}")
+    _emit(
+        args,
+        {"op": args.op, "kid": kid, "key_dir": str(settings.jwt_key_dir)},
+        f"{args.op}: {kid} in {settings.jwt_key_dir}",
+    )
 
 
 def keys_list(args, settings):
@@ -200,13 +229,17 @@ def usage_list(args, settings):
     if args.user is not None:
         store.get_user(args.user)  # an unknown user is an error, not an empty table
     rows = store.usage_by_day(args.user, args.since)
-    _emit(args, rows, _table(rows, ("day", "user", "requests", "succeeded", "prompt_tokens", "completion_tokens",
-                                    "total_tokens")))
+    _emit(
+        args,
+        rows,
+        _table(rows, ("day", "user", "requests", "succeeded", "prompt_tokens", "completion_tokens", "total_tokens")),
+    )
 
 
 def audit_list(args, settings):
-    rows = Store(settings.db_url).list_audit(actor=args.actor, action=args.action, target=args.target,
-                                             since=args.since, limit=args.limit)
+    rows = Store(settings.db_url).list_audit(
+        actor=args.actor, action=args.action, target=args.target, since=args.since, limit=args.limit
+    )
     _emit(args, rows, _table(rows, ("at", "actor", "action", "target", "source", "detail")))
 
 

@@ -27,55 +27,112 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True, validate_default=True)
 
     # --- the model ---
-    model_path: Path | None = Field(None, description="Local Hugging Face model folder (config.json, safetensors, tokenizer).")
-    model_name: str = Field("VibeThinker-1.5B", min_length=1, max_length=128, description="Name reported in responses and /v1/models.")
+    model_path: Path | None = Field(
+        None, description="Local Hugging Face model folder (config.json, safetensors, tokenizer)."
+    )
+    model_name: str = Field(
+        "VibeThinker-1.5B", min_length=1, max_length=128, description="Name reported in responses and /v1/models."
+    )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Numeric type the weights are loaded in.")
-    torch_threads: int = Field(default_factory=lambda: max(1, len(os.sched_getaffinity(0))), ge=1, le=256,
-                               description="Torch intra-op threads; keep workers x threads <= free cores.")
+    torch_threads: int = Field(
+        default_factory=lambda: max(1, len(os.sched_getaffinity(0))),
+        ge=1,
+        le=256,
+        description="Torch intra-op threads; keep workers x threads <= free cores.",
+    )
 
     # --- generation bounds ---
     default_system_prompt: str = Field(
         "You are a careful assistant for math and code. Reason step by step, then give the final answer.",
-        max_length=8192, description="System prompt used when a request gives none.")
+        max_length=8192,
+        description="System prompt used when a request gives none.",
+    )
     default_max_new_tokens: int = Field(512, ge=1, description="max_new_tokens when a request gives none.")
-    max_new_tokens_limit: int = Field(2048, ge=1, le=131072, description="Largest max_new_tokens a request may ask for.")
-    default_temperature: float = Field(0.6, ge=0.0, le=2.0, description="Sampling temperature when a request gives none; 0 is greedy.")
+    max_new_tokens_limit: int = Field(
+        2048, ge=1, le=131072, description="Largest max_new_tokens a request may ask for."
+    )
+    default_temperature: float = Field(
+        0.6, ge=0.0, le=2.0, description="Sampling temperature when a request gives none; 0 is greedy."
+    )
     default_top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass when a request gives none.")
     max_prompt_tokens: int = Field(4096, ge=16, description="Longest chat-templated prompt accepted, in tokens.")
-    max_question_chars: int = Field(16384, ge=1, description="Longest question or system prompt accepted, in characters.")
-    request_deadline_s: float = Field(60.0, gt=0.0, le=3600.0, description="Wall-clock budget of one request, queue wait included.")
+    max_question_chars: int = Field(
+        16384, ge=1, description="Longest question or system prompt accepted, in characters."
+    )
+    request_deadline_s: float = Field(
+        60.0, gt=0.0, le=3600.0, description="Wall-clock budget of one request, queue wait included."
+    )
     max_batch_size: int = Field(16, ge=1, le=256, description="Requests generated together in one wave.")
-    queue_size: int = Field(32, ge=1, le=100000, description="Requests that may wait for the engine; more get 503 at once.")
+    queue_size: int = Field(
+        32, ge=1, le=100000, description="Requests that may wait for the engine; more get 503 at once."
+    )
 
     # --- state and tokens ---
-    db_url: str = Field("sqlite:///var/vibethinker.db", min_length=1,
-                        description="SQLAlchemy URL of users, tokens and audit (SQLite in WAL mode, or PostgreSQL).")
-    jwt_key_dir: Path = Field(Path("var/keys"), description="Folder of the Ed25519 signing keys (mode 0700, files 0600).")
-    jwt_issuer: str = Field("vibethinker", min_length=1, description="`iss` of issued tokens; checked on every request.")
-    jwt_audience: str = Field("vibethinker-api", min_length=1, description="`aud` of issued tokens; checked on every request.")
+    db_url: str = Field(
+        "sqlite:///var/vibethinker.db",
+        min_length=1,
+        description="SQLAlchemy URL of users, tokens and audit (SQLite in WAL mode, or PostgreSQL).",
+    )
+    jwt_key_dir: Path = Field(
+        Path("var/keys"), description="Folder of the Ed25519 signing keys (mode 0700, files 0600)."
+    )
+    jwt_issuer: str = Field(
+        "vibethinker", min_length=1, description="`iss` of issued tokens; checked on every request."
+    )
+    jwt_audience: str = Field(
+        "vibethinker-api", min_length=1, description="`aud` of issued tokens; checked on every request."
+    )
     token_ttl: str = Field("30d", pattern=r"^\d+[smhdw]$", description="Lifetime of a token when `--ttl` is not given.")
-    token_max_ttl: str = Field("365d", pattern=r"^\d+[smhdw]$", description="Longest lifetime a token may be issued with.")
+    token_max_ttl: str = Field(
+        "365d", pattern=r"^\d+[smhdw]$", description="Longest lifetime a token may be issued with."
+    )
 
     # --- quotas and admission ---
-    ratelimit_storage_uri: str = Field("memory://", min_length=1, description=(
-        "Where rate limits, token budgets and concurrency counts live: redis+unix:///run/redis/redis.sock or "
-        "redis://host:6379 in production (shared by every worker, kept across restarts); memory:// only for dev."))
-    ratelimit_fail_open: bool = Field(False, description="If the counter storage is down: false refuses with 503 "
-                                      "(fail closed), true serves without limits (and logs it).")
+    ratelimit_storage_uri: str = Field(
+        "memory://",
+        min_length=1,
+        description=(
+            "Where rate limits, token budgets and concurrency counts live: redis+unix:///run/redis/redis.sock or "
+            "redis://host:6379 in production (shared by every worker, kept across restarts); memory:// only for dev."
+        ),
+    )
+    ratelimit_fail_open: bool = Field(
+        False,
+        description="If the counter storage is down: false refuses with 503 "
+        "(fail closed), true serves without limits (and logs it).",
+    )
     default_rate_limit: str = Field("60/minute;2000/day", description="Per-user request limit when the user has none.")
     anonymous_rate_limit: str = Field("30/minute", description="Failed-authentication requests allowed per client IP.")
-    default_daily_tokens: int = Field(200000, ge=1, description="Per-user daily prompt+completion tokens when the user has none.")
-    default_max_concurrent: int = Field(2, ge=1, le=1000, description="Per-user simultaneous generations when the user has none.")
-    content_policy_path: Path | None = Field(None, description="TOML file of content rules (terms and regexes); none: no policy.")
+    default_daily_tokens: int = Field(
+        200000, ge=1, description="Per-user daily prompt+completion tokens when the user has none."
+    )
+    default_max_concurrent: int = Field(
+        2, ge=1, le=1000, description="Per-user simultaneous generations when the user has none."
+    )
+    content_policy_path: Path | None = Field(
+        None, description="TOML file of content rules (terms and regexes); none: no policy."
+    )
 
     # --- HTTP ---
     bind: str = Field("127.0.0.1:8000", min_length=1, description="Gunicorn bind: HOST:PORT or unix:/path.")
     http_threads: int = Field(8, ge=1, le=1024, description="Gunicorn gthread threads: concurrent HTTP requests held.")
-    proxy_fix_hops: int = Field(0, ge=0, le=5, description="Proxies in front that set X-Forwarded-For/-Proto "
-                                "(1 behind nginx); 0 trusts none, so a direct client cannot forge its address.")
-    stream_keepalive_s: float = Field(10.0, gt=0.0, le=300.0, description="Seconds of silence before a stream "
-                                      "sends a keep-alive comment (also how soon a gone client is noticed).")
-    max_body_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024, description="Largest request body; nginx's client_max_body_size matches.")
+    proxy_fix_hops: int = Field(
+        0,
+        ge=0,
+        le=5,
+        description="Proxies in front that set X-Forwarded-For/-Proto "
+        "(1 behind nginx); 0 trusts none, so a direct client cannot forge its address.",
+    )
+    stream_keepalive_s: float = Field(
+        10.0,
+        gt=0.0,
+        le=300.0,
+        description="Seconds of silence before a stream "
+        "sends a keep-alive comment (also how soon a gone client is noticed).",
+    )
+    max_body_bytes: int = Field(
+        65536, ge=1024, le=16 * 1024 * 1024, description="Largest request body; nginx's client_max_body_size matches."
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level of the service.")
 
     @field_validator("default_rate_limit", "anonymous_rate_limit")
@@ -97,12 +154,16 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_bounds(self):
         if self.default_max_new_tokens > self.max_new_tokens_limit:
-            raise ValueError(f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
-                             f"max_new_tokens_limit ({self.max_new_tokens_limit})")
+            raise ValueError(
+                f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
+                f"max_new_tokens_limit ({self.max_new_tokens_limit})"
+            )
         return self
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
         sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
         config_file = os.environ.get(ENV_PREFIX + "CONFIG")
         if config_file:
@@ -144,8 +205,9 @@ def require_model_path(settings):
     """Return the model folder, or raise SettingsError if it is unset or not a model."""
     path = settings.model_path
     if path is None:
-        raise SettingsError("VIBE_MODEL_PATH: not set; point it at a model folder "
-                            "(python -m service.demo_model DIR builds a demo one)")
+        raise SettingsError(
+            "VIBE_MODEL_PATH: not set; point it at a model folder (python -m service.demo_model DIR builds a demo one)"
+        )
     if not (path / "config.json").is_file():
         raise SettingsError(f"VIBE_MODEL_PATH: {path} has no config.json; it is not a model folder")
     return path
