@@ -215,7 +215,7 @@ class Store:
             if value is not None:
                 query = query.where(column == value)
         if since is not None:
-            query = query.where(audit.c.at >= (since if since.tzinfo else since.replace(tzinfo=timezone.utc)))
+            query = query.where(audit.c.at >= aware(since))
         with self.engine.connect() as conn:
             return [{**dict(r), "at": aware(r["at"]).isoformat(), "detail": json.loads(r["detail"])}
                     for r in conn.execute(query).mappings()]
@@ -241,7 +241,7 @@ class Store:
         if user is not None:
             query = query.where(usage.c.user == user)
         if since is not None:
-            query = query.where(usage.c.at >= (since if since.tzinfo else since.replace(tzinfo=timezone.utc)))
+            query = query.where(usage.c.at >= aware(since))
         with self.engine.connect() as conn:
             return [{"day": str(r.day), "user": r.user, "requests": r.requests, "succeeded": int(r.succeeded),
                      "prompt_tokens": int(r.prompt_tokens), "completion_tokens": int(r.completion_tokens),

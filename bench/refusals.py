@@ -11,26 +11,15 @@ the ratios to /healthz are the figures to compare across machines.
 
 import argparse
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import requests
-
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from harness import build_demo_model, free_port, start_service
 
 
 def drive(url, headers, body, seconds, clients, expect):
@@ -60,8 +49,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="vibethinker-bench-"))
     procs = []
     try:
-        subprocess.run([sys.executable, "-m", "service.demo_model", str(work / "model")], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL)
+        model_dir = build_demo_model(work / "model")
         storage = "memory://"
         if shutil.which("redis-server"):
             procs.append(subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", str(work / "redis.sock"),
@@ -70,32 +58,13 @@ def main():
                 time.sleep(0.05)
             storage = f"redis+unix://{work / 'redis.sock'}"
         port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VIBE_")}
-        env.update(VIBE_MODEL_PATH=str(work / "model"), VIBE_DB_URL=f"sqlite:///{work}/db.sqlite",
-                   VIBE_JWT_KEY_DIR=str(work / "keys"), VIBE_BIND=f"127.0.0.1:{port}",
-                   VIBE_RATELIMIT_STORAGE_URI=storage, VIBE_ANONYMOUS_RATE_LIMIT="100000000/minute",
-                   VIBE_HTTP_THREADS=str(args.clients), VIBE_TORCH_THREADS="1")
-
-        def admin(*argv):
-            return subprocess.run([str(BIN / "vibethinker-admin"), *argv], env=env, check=True,
-                                  capture_output=True, text=True).stdout.strip().splitlines()[-1]
-
-        admin("keys", "generate")
-        admin("users", "add", "slow", "--rate-limit", "1/hour")
-        token = admin("tokens", "issue", "slow")
-        procs.append(subprocess.Popen([str(BIN / "gunicorn"), "-c", "service/gunicorn_conf.py",
-                                       "service.app:create_app()"], cwd=ROOT, env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        proc, auth = start_service(work, model_dir, port, ["--rate-limit", "1/hour"],
+                                   VIBE_RATELIMIT_STORAGE_URI=storage,
+                                   VIBE_ANONYMOUS_RATE_LIMIT="100000000/minute",
+                                   VIBE_HTTP_THREADS=str(args.clients), VIBE_TORCH_THREADS="1")
+        procs.append(proc)
         base = f"http://127.0.0.1:{port}"
-        while True:
-            try:
-                if requests.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
         body = {"question": "hi", "max_new_tokens": 1}
-        auth = {"Authorization": f"Bearer {token}"}
         assert requests.post(base + "/predict", json=body, headers=auth, timeout=30).status_code == 200
         figures = {
             "healthz_rps": drive(base + "/healthz", {}, None, args.seconds, args.clients, 200),

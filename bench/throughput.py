@@ -26,30 +26,9 @@ import time
 from pathlib import Path
 
 import requests
+from harness import BIN, ROOT, build_demo_model, free_port, start_service, wait_ready
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_ready(url, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url, timeout=2).status_code in (200, 405):
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} not ready")
 
 
 def load(url, headers, clients, per_client, tokens, body_of):
@@ -76,26 +55,6 @@ def load(url, headers, clients, per_client, tokens, body_of):
 def question(i, j, tokens):
     return {"question": f"client {i} asks question {j}: what is {i} * {j}?", "max_new_tokens": tokens,
             "temperature": 0}
-
-
-def start_service(work, model_dir, port):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VIBE_")}
-    env.update(VIBE_MODEL_PATH=str(model_dir), VIBE_DB_URL=f"sqlite:///{work}/db.sqlite",
-               VIBE_JWT_KEY_DIR=str(work / "keys"), VIBE_BIND=f"127.0.0.1:{port}", VIBE_HTTP_THREADS="32",
-               VIBE_QUEUE_SIZE="64", VIBE_TORCH_THREADS=str(len(os.sched_getaffinity(0))))
-
-    def admin(*argv):
-        return subprocess.run([str(BIN / "vibethinker-admin"), *argv], env=env, check=True, capture_output=True,
-                              text=True).stdout.strip().splitlines()[-1]
-
-    admin("keys", "generate")
-    admin("users", "add", "bench", "--rate-limit", "1000000/minute", "--daily-tokens", str(10**12),
-          "--max-concurrent", "100")
-    token = admin("tokens", "issue", "bench")
-    proc = subprocess.Popen([str(BIN / "gunicorn"), "-c", "service/gunicorn_conf.py", "service.app:create_app()"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_ready(f"http://127.0.0.1:{port}/readyz")
-    return proc, {"Authorization": f"Bearer {token}"}
 
 
 def start_seed(model_dir, port):
@@ -194,11 +153,13 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="vibethinker-bench-"))
     procs = []
     try:
-        model_dir = work / "model"
-        subprocess.run([sys.executable, "-m", "service.demo_model", str(model_dir)], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL)
+        model_dir = build_demo_model(work / "model")
         service_port, seed_port = free_port(), free_port()
-        proc, headers = start_service(work, model_dir, service_port)
+        proc, headers = start_service(work, model_dir, service_port,
+                                      ["--rate-limit", "1000000/minute", "--daily-tokens", str(10**12),
+                                       "--max-concurrent", "100"],
+                                      VIBE_HTTP_THREADS="32", VIBE_QUEUE_SIZE="64",
+                                      VIBE_TORCH_THREADS=str(len(os.sched_getaffinity(0))))
         procs.append(proc)
         ours = {n: load(f"http://127.0.0.1:{service_port}/predict", headers, n, args.requests, args.tokens, question)
                 for n in (1, 4, 8, 16)}

@@ -36,8 +36,7 @@ def _account(response):
               "latency_ms": round(latency * 1000, 1), "user": auth["user"] if auth else None,
               "client_ip": request.remote_addr}
     if ticket is not None:
-        fields.update(prompt_tokens=ticket.prompt_tokens if ticket.ran else 0,
-                      completion_tokens=ticket.completion_tokens, finish_reason=ticket.finish_reason)
+        fields.update(ticket.counts())
     if code:
         fields.update(error_code=code, refusal=reason)
     log.info("request", extra={"fields": fields})
@@ -47,8 +46,8 @@ def _account(response):
 def _record_usage(ticket, route, status, latency):
     try:
         current_app.extensions["vibethinker.store"].record_usage(
-            ticket.user, route, status, ticket.prompt_tokens if ticket.ran else 0, ticket.completion_tokens,
-            int(latency * 1000), ticket.finish_reason, g.get("request_id", "-"))
+            user=ticket.user, route=route, status=status, latency_ms=int(latency * 1000),
+            request_id=g.get("request_id", "-"), **ticket.counts())
     except Exception:  # the answer is computed; say loudly that its record is missing
         log.exception("usage row not written", extra={"fields": {"user": ticket.user, "route": route}})
 
@@ -59,8 +58,7 @@ def record_stream(ticket, route, status, started):
     _record_usage(ticket, route, status, latency)
     log.info("stream ended", extra={"fields": {
         "route": route, "status": status, "latency_ms": round(latency * 1000, 1), "user": ticket.user,
-        "prompt_tokens": ticket.prompt_tokens if ticket.ran else 0, "completion_tokens": ticket.completion_tokens,
-        "finish_reason": ticket.finish_reason}})
+        **ticket.counts()}})
 
 
 def init_app(app):

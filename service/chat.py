@@ -19,7 +19,7 @@ from flask import Blueprint, Response, current_app, g, request, stream_with_cont
 
 from service import accounting, filtering, generate, quotas
 from service.access import caller
-from service.errors import TYPES, APIError
+from service.errors import APIError, error_body
 from service.schemas import ChatRequest, decode_body, parse
 
 bp = Blueprint("chat", __name__)
@@ -164,6 +164,5 @@ def _stream(engine, ids, params, settings, options):
 
 
 def _error_event(error):
-    body = {"error": {"message": error.message, "type": TYPES.get(error.status, "server_error"),
-                      "param": error.param, "code": error.code}}
+    body = error_body(error.status, error.message, error.code, error.param)
     return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"

@@ -41,12 +41,16 @@ class APIError(Exception):
         self.headers = dict(headers or {})
 
 
+def error_body(status, message, code, param=None):
+    """The one error shape, as a dict."""
+    return {"error": {"message": message, "type": TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
 def error_response(status, message, code, param=None, headers=None):
     """Build the JSON error response in the one shape."""
     g.error_code = code  # for accounting: the refusal reason of this request
-    body = {"error": {"message": message, "type": TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
-    response = jsonify(body)
+    response = jsonify(error_body(status, message, code, param))
     response.status_code = status
     for name, value in (headers or {}).items():
         response.headers[name] = str(value)

@@ -141,6 +141,11 @@ class Ticket:
     def used(self):
         return self.prompt_tokens + self.completion_tokens if self.ran else 0
 
+    def counts(self):
+        """What this generation used, as the usage row and log line record it (no prompt if it never ran)."""
+        return {"prompt_tokens": self.prompt_tokens if self.ran else 0,
+                "completion_tokens": self.completion_tokens, "finish_reason": self.finish_reason}
+
 
 @contextmanager
 def admit(token, prompt_tokens, max_new_tokens, deadline_s):

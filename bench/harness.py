@@ -1,0 +1,61 @@
+"""What the bench scripts share: a free port, the demo model, and a running service with a token."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(url, timeout=120):
+    """Poll `url` until it answers 200 (or 405, for a POST-only route)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code in (200, 405):
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready")
+
+
+def build_demo_model(out):
+    subprocess.run([sys.executable, "-m", "service.demo_model", str(out)], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
+    return out
+
+
+def start_service(work, model_dir, port, user_options, **settings):
+    """Real gunicorn on 127.0.0.1:port with state under `work`, and a token for user `bench`.
+
+    `user_options` go to `vibethinker-admin users add bench`; `settings` are VIBE_* variables.
+    Returns (process, Authorization headers).
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIBE_")}
+    env.update(VIBE_MODEL_PATH=str(model_dir), VIBE_DB_URL=f"sqlite:///{work}/db.sqlite",
+               VIBE_JWT_KEY_DIR=str(work / "keys"), VIBE_BIND=f"127.0.0.1:{port}", **settings)
+
+    def admin(*argv):
+        return subprocess.run([str(BIN / "vibethinker-admin"), *argv], env=env, check=True, capture_output=True,
+                              text=True).stdout.strip().splitlines()[-1]
+
+    admin("keys", "generate")
+    admin("users", "add", "bench", *user_options)
+    token = admin("tokens", "issue", "bench")
+    proc = subprocess.Popen([str(BIN / "gunicorn"), "-c", "service/gunicorn_conf.py", "service.app:create_app()"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_ready(f"http://127.0.0.1:{port}/readyz")
+    return proc, {"Authorization": f"Bearer {token}"}
