@@ -105,6 +105,14 @@ def migrate(engine, revision="head"):
         command.upgrade(config, revision)
 
 
+def revision(engine):
+    """The schema's current Alembic revision (None for an empty database)."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
 class Store:
     """Users, tokens and audit events over one SQLAlchemy engine."""
 

@@ -15,7 +15,7 @@ from datetime import datetime
 from auth import keys
 from auth.errors import StoreError
 from auth.keys import KeyFolderError
-from auth.store import QUOTA_FIELDS, Store
+from auth.store import QUOTA_FIELDS, Store, migrate, revision
 from auth.tokens import issue_token
 from service.settings import SettingsError, load_settings
 
@@ -244,8 +244,13 @@ def audit_list(args, settings):
 
 
 def db_upgrade(args, settings):
-    Store(settings.db_url)
-    _emit(args, {"upgraded": True}, "database schema is up to date")
+    store = Store(settings.db_url, upgrade=False)
+    before = revision(store.engine)
+    migrate(store.engine)
+    after = revision(store.engine)
+    text = f"database schema upgraded from {before or 'empty'} to {after}" if before != after else (
+        f"database schema is up to date ({after})")
+    _emit(args, {"upgraded": before != after, "from": before, "to": after}, text)
 
 
 def _table(rows, columns):

@@ -1,5 +1,7 @@
 """Liveness and readiness, without a token."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from flask import Blueprint, current_app
 
 from service.access import public
@@ -28,7 +30,7 @@ def readyz():
     if not _counters_answer() and not current_app.extensions["vibethinker.settings"].ratelimit_fail_open:
         raise APIError(503, "rate-limit storage is unreachable", "ratelimit_storage_unavailable",
                        headers={"Retry-After": 5})
-    return {"status": "ready", "model": current_app.extensions["vibethinker.settings"].model_name,
+    return {"status": "ready", "version": _version(), "model": current_app.extensions["vibethinker.settings"].model_name,
             "load_seconds": round(engine.model.load_seconds, 3), "queued": engine.queued(), "running": engine.running}
 
 
@@ -46,3 +48,11 @@ def _counters_answer():
     except Exception:  # StorageUnavailable or a driver error: not ready while generation would be refused
         current_app.logger.warning("rate-limit storage ping failed")
         return False
+
+
+def _version():
+    """The installed build's version: which release is serving, for upgrades."""
+    try:
+        return version("vibethinker-service")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
