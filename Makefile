@@ -8,7 +8,7 @@ DEMO   := var/demo-model
 # The CPU build of torch; an unpinned torch pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install system-deps run test test-quick bench clean
+.PHONY: install system-deps run test test-quick bench clean wheel wheelhouse lint deploy-test deploy-test-vm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,deploy]'
 	touch $@
 
 install: $(STAMP)
@@ -68,6 +68,24 @@ bench: install
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/refusals.py
 	$(BIN)/python bench/load_and_decode.py
+
+# What ansible/ deploys: the project wheel, and for offline servers a
+# wheelhouse of every dependency (torch's CPU build included) for Debian 12's Python.
+wheel: install
+	rm -rf dist/*.whl && $(BIN)/pip wheel -q --no-deps -w dist .
+	@ls dist/*.whl
+
+wheelhouse: wheel
+	$(BIN)/python ansible/build_wheelhouse.py dist/vibethinker_service-*.whl dist/wheelhouse
+
+lint: install
+	$(BIN)/ansible-lint
+	$(BIN)/ansible-playbook -i ansible/inventory.example.ini ansible/site.yml --syntax-check
+
+# Boots a Debian 12 host with systemd-nspawn (root) and deploys to it with
+# ansible/site.yml; part of `make test` too.
+deploy-test: install system-deps
+	$(BIN)/python -m pytest tests/test_deploy.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

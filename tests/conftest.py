@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny demo model, an in-process reference, and real gunicorn servers."""
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -235,3 +236,23 @@ def long_question(reference):
         if not set(greedy(reference, messages, 2048)[1]) & reference.eos_ids:
             return question
     pytest.fail("no candidate question runs 2048 tokens without an end token")
+
+
+PHASES = []
+
+
+@contextlib.contextmanager
+def phase(name):
+    """Time a named phase of a long test; the durations are printed at the end of the run."""
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        PHASES.append((name, time.monotonic() - start))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if PHASES:
+        terminalreporter.section("phase durations")
+        for name, seconds in PHASES:
+            terminalreporter.write_line(f"{seconds:8.1f} s  {name}")

@@ -1,0 +1,237 @@
+"""`ansible-playbook ansible/site.yml` against a real Debian 12 host with systemd as PID 1 (`make deploy-test`).
+
+The host is booted here with systemd-nspawn in its own network namespace
+(tests/deployhost.py). The tests run in file order, as phases of one story:
+provision, provision again (nothing changes), check mode, use the API through
+nginx, restart, upgrade. Each phase's duration is printed at the end of the run.
+"""
+
+import hashlib
+import json
+import re
+import shutil
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import urllib3
+
+from conftest import ROOT, phase
+from deployhost import Host, require_tools
+
+pytestmark = [pytest.mark.slow, pytest.mark.deploy]
+
+BIN = Path(sys.executable).parent
+SERVER_NAME = "vibethinker.test"
+CLI = "runuser -u vibethinker -- env VIBE_CONFIG=/etc/vibethinker/config.toml /opt/vibethinker/venv/bin/vibethinker-admin"
+
+
+def build_wheel(out, version=None):
+    """The project wheel, from a copy of the source tree (with `version` written into pyproject.toml)."""
+    src = out / "src"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    if version:
+        pyproject = src / "pyproject.toml"
+        pyproject.write_text(re.sub(r'(?m)^version = ".*"$', f'version = "{version}"', pyproject.read_text(), 1))
+    subprocess.run([BIN / "pip", "wheel", "-q", "--no-deps", "-w", out / "dist", src], check=True,
+                   capture_output=True)
+    return next((out / "dist").glob("vibethinker_service-*.whl"))
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def playbook(host, workdir, variables, *extra):
+    """Run site.yml against the host: (recap counts, full output)."""
+    (workdir / "vars.json").write_text(json.dumps(variables))
+    inventory = host.inventory(workdir / "inventory.ini")
+    result = subprocess.run(
+        [BIN / "ansible-playbook", "-i", inventory, ROOT / "ansible/site.yml", "-e", f"@{workdir / 'vars.json'}",
+         *extra],
+        capture_output=True, text=True, timeout=900,
+        env={"PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "ANSIBLE_NOCOLOR": "1", "HOME": str(workdir),
+             "ANSIBLE_LOCAL_TEMP": str(workdir / "ansible-tmp"), "LANG": "C.UTF-8"})
+    recap = re.search(r"testhost\s*:\s*(.*)", result.stdout.split("PLAY RECAP")[-1])
+    assert result.returncode == 0 and recap, result.stdout[-6000:] + result.stderr[-2000:]
+    counts = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", recap.group(1))}
+    return counts, result.stdout
+
+
+class Api:
+    """HTTPS through the host's nginx, by name (SNI), trusting the host's own certificate."""
+
+    def __init__(self, host, cafile):
+        context = ssl.create_default_context(cafile=str(cafile))
+        self.pool = urllib3.HTTPSConnectionPool(host.address, 443, server_hostname=SERVER_NAME,
+                                                assert_hostname=SERVER_NAME, ssl_context=context, retries=False,
+                                                timeout=60)
+
+    def call(self, method, path, token=None, body=None):
+        headers = {"Host": SERVER_NAME, "Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        response = self.pool.request(method, path, headers=headers, body=json.dumps(body) if body else None)
+        return response.status, json.loads(response.data or b"null")
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, tiny_model):
+    """A booted host, the builds to deploy, and the variables of the first deployment."""
+    work = tmp_path_factory.mktemp("deploy")
+    with phase("deploy: build the wheel and the offline wheelhouse"):
+        require_tools()
+        wheel = build_wheel(work / "build1")
+        wheelhouse = work / "wheelhouse"
+        subprocess.run([sys.executable, ROOT / "ansible/build_wheelhouse.py", wheel, wheelhouse], check=True,
+                       capture_output=True)
+    hub = work / "hub"
+    shutil.copytree(tiny_model, hub / "local/tiny/r1")
+    host = Host(work / "host", hub_root=hub)
+    (work / "host").mkdir()
+    try:
+        with phase("deploy: boot the Debian 12 host (systemd-nspawn)"):
+            host.boot()
+        variables = {
+            "app_wheel": str(wheel), "app_install_mode": "offline", "app_wheelhouse": str(wheelhouse),
+            "app_dtype": "float32", "app_model_name": "vibethinker-demo", "app_memory_max": "3G",
+            "app_settings": {"torch_threads": 1, "max_new_tokens_limit": 64, "default_max_new_tokens": 32},
+            "model_source": "local", "model_local_dir": str(tiny_model),
+            "model_sha256": {name: sha256(tiny_model / name) for name in ("config.json", "model.safetensors")},
+            "base_apt_proxy": host.proxy.url, "nginx_server_name": SERVER_NAME,
+            "nginx_admin_allow": [host.gateway], "nginx_metrics_allow": [host.gateway],
+        }
+        yield {"host": host, "work": work, "vars": variables, "hub": hub}
+    finally:
+        with phase("deploy: tear the host down"):
+            left = host.stop()
+        assert left == [], f"processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def provisioned(deployment):
+    """The first run of the playbook on the fresh host."""
+    with phase("deploy: first run of site.yml (fresh host)"):
+        counts, output = playbook(deployment["host"], deployment["work"], deployment["vars"])
+    assert counts["failed"] == 0 and counts["changed"] > 0
+    deployment["first_output"] = output
+    host = deployment["host"]
+    cert = deployment["work"] / "cert.pem"
+    cert.write_text(host.ssh("cat /etc/ssl/vibethinker/cert.pem").stdout)
+    deployment["api"] = Api(host, cert)
+    deployment["admin_token"] = host.ssh("cat /root/vibethinker-admin-token").stdout.strip()
+    return deployment
+
+
+def test_a_second_run_changes_nothing(provisioned):
+    with phase("deploy: second run of site.yml (idempotence)"):
+        counts, output = playbook(provisioned["host"], provisioned["work"], provisioned["vars"])
+    assert counts["changed"] == 0, output[-6000:]
+    assert counts["failed"] == 0
+
+
+def test_check_mode_reports_no_changes(provisioned):
+    with phase("deploy: site.yml --check --diff"):
+        counts, output = playbook(provisioned["host"], provisioned["work"], provisioned["vars"], "--check", "--diff")
+    assert counts["changed"] == 0 and counts["failed"] == 0, output[-6000:]
+
+
+def test_the_admin_token_is_root_only_and_never_printed(provisioned):
+    host, token = provisioned["host"], provisioned["admin_token"]
+    assert host.ssh("stat -c '%a %U %G' /root/vibethinker-admin-token").stdout.split() == ["600", "root", "root"]
+    assert token.count(".") == 2
+    assert token not in provisioned["first_output"]
+    assert host.ssh("stat -c '%a %U' /var/lib/vibethinker/keys").stdout.split() == ["700", "vibethinker"]
+    assert host.ssh("stat -c '%a %U %G' /etc/vibethinker/config.toml").stdout.split() == ["640", "root", "vibethinker"]
+
+
+def test_the_api_answers_through_nginx_and_revocation_works(provisioned):
+    host, api, admin = provisioned["host"], provisioned["api"], provisioned["admin_token"]
+    with phase("deploy: API through nginx (token issue, predict, revoke)"):
+        status, me = api.call("GET", "/v1/me", admin)
+        assert status == 200 and me["user"] == "admin", me
+        host.ssh(f"{CLI} users add alice")
+        issued = host.ssh(f"{CLI} tokens issue alice --label deploy-test").stdout.strip().splitlines()
+        token, jti = issued[-1], issued[0].split()[2]
+        status, answer = api.call("POST", "/v1/predict", token, {"question": "What is 2+2?", "max_new_tokens": 8})
+        assert status == 200 and answer["success"] is True, answer
+        assert answer["usage"]["completion_tokens"] == 8 or answer["finish_reason"] == "stop"
+        host.ssh(f"{CLI} tokens revoke {jti}")
+        status, refused = api.call("POST", "/v1/predict", token, {"question": "again?"})
+        assert status == 401 and refused["error"]["code"] == "token_revoked", refused
+        # A second token for alice, to check it survives the upgrade.
+        provisioned["alice_token"] = host.ssh(f"{CLI} tokens issue alice").stdout.strip().splitlines()[-1]
+        provisioned["revoked_token"] = token
+
+
+def test_the_firewall_drops_ports_that_are_not_listed(provisioned):
+    host = provisioned["host"]
+    host.ssh("systemd-run --unit=probe-8081 python3 -m http.server 8081 --bind 0.0.0.0")
+    try:
+        assert host.ssh("python3 -c \"import urllib.request; urllib.request.urlopen('http://127.0.0.1:8081')\"",
+                        check=False).returncode == 0, "the probe server is not up inside the host"
+        with pytest.raises(OSError):  # dropped, not refused: the connection times out
+            urllib3.PoolManager(retries=False).request("GET", f"http://{host.address}:8081/", timeout=3)
+    finally:
+        host.ssh("systemctl stop probe-8081", check=False)
+    assert "policy drop" in host.ssh("nft list chain inet filter input").stdout
+
+
+def test_restart_brings_the_service_back_and_the_unit_is_hardened(provisioned):
+    host, api = provisioned["host"], provisioned["api"]
+    with phase("deploy: systemctl restart and systemd-analyze security"):
+        host.ssh("systemctl restart vibethinker")
+        assert "Active: active (running)" in host.ssh("systemctl status vibethinker --no-pager").stdout
+        assert wait_ready(api)["status"] == "ready"
+        exposure = host.ssh("systemd-analyze security vibethinker --no-pager").stdout
+    level = float(re.search(r"Overall exposure level for vibethinker\.service: ([\d.]+)", exposure).group(1))
+    assert level <= 2.0, exposure[-3000:]
+
+
+def wait_ready(api, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status, body = api.call("GET", "/readyz")
+            if status == 200:
+                return body
+        except urllib3.exceptions.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError("the service did not become ready")
+
+
+def test_an_upgrade_keeps_users_tokens_and_revocations(provisioned):
+    host, api, work = provisioned["host"], provisioned["api"], provisioned["work"]
+    upgraded = dict(provisioned["vars"])
+    with phase("deploy: build the next version"):
+        upgraded["app_wheel"] = str(build_wheel(work / "build2", version="0.1.0.post1"))
+    # The new build also takes the model from a hub (a local stand-in) at a pinned revision.
+    hub_files = sorted(p.name for p in (provisioned["hub"] / "local/tiny/r1").iterdir())
+    upgraded.update(model_source="hub", model_dir="/opt/vibethinker/model-hub", model_hub_endpoint=f"{host.proxy.url}/hub",
+                    model_hub_repo="local/tiny", model_hub_revision="r1",
+                    model_files=[{"name": n, "sha256": sha256(provisioned["hub"] / "local/tiny/r1" / n)}
+                                 for n in hub_files])
+    with phase("deploy: upgrade run of site.yml"):
+        counts, output = playbook(host, work, upgraded)
+    assert counts["changed"] > 0 and counts["failed"] == 0
+    ready = wait_ready(api)
+    assert ready["version"] == "0.1.0.post1", ready
+    assert "/opt/vibethinker/model-hub" in host.ssh("cat /etc/vibethinker/config.toml").stdout
+    users = json.loads(host.ssh(f"{CLI} --json users list").stdout)
+    assert {"admin", "alice"} <= {u["name"] for u in users}
+    status, answer = api.call("POST", "/v1/predict", provisioned["alice_token"], {"question": "1+1?", "max_new_tokens": 4})
+    assert status == 200, answer
+    status, refused = api.call("POST", "/v1/predict", provisioned["revoked_token"], {"question": "1+1?"})
+    assert status == 401 and refused["error"]["code"] == "token_revoked"
+    with phase("deploy: second run after the upgrade (idempotence)"):
+        counts, output = playbook(host, work, upgraded)
+    assert counts["changed"] == 0, output[-6000:]
