@@ -87,5 +87,10 @@ lint: install
 deploy-test: install system-deps
 	$(BIN)/python -m pytest tests/test_deploy.py
 
+# The same scenario against a qemu VM with its own kernel. Software emulation
+# here (no usable KVM): about an hour, so not part of `make test`.
+deploy-test-vm: install system-deps
+	VIBE_DEPLOY_HOST=vm $(BIN)/python -m pytest tests/test_deploy.py
+
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -32,7 +32,10 @@ def require_tools():
     """Install what booting a test host needs (Debian, as root), or fail saying what is missing."""
     if os.geteuid() != 0:
         raise RuntimeError("the deployment test boots a container with systemd-nspawn: run it as root")
-    missing = sorted({pkg for tool, pkg in HOST_TOOLS.items() if shutil.which(tool) is None})
+    tools = dict(HOST_TOOLS)
+    if os.environ.get("VIBE_DEPLOY_HOST") == "vm":
+        tools.update({"qemu-system-x86_64": "qemu-system-x86", "mkfs.ext4": "e2fsprogs"})
+    missing = sorted({pkg for tool, pkg in tools.items() if shutil.which(tool) is None})
     if missing:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", RUNLEVEL="1")
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
@@ -131,6 +134,7 @@ class Host:
         self.key = self.workdir / "id_ed25519"
         self.known_hosts = self.workdir / "known_hosts"
         self.netns = self.tag
+        self.ssh_port, self.https_port, self.probe_port = 22, 443, 8081
         self.proc = None
         self.proxy = None
         self.hub_root = hub_root
@@ -146,6 +150,7 @@ class Host:
         (self.root / "etc/hostname").write_text("vibethinker-test\n")
         self._network()
         self.proxy = MirrorProxy((self.gateway, 0), self.hub_root)
+        self.proxy_url = self.proxy.url
         with open(self.workdir / "boot.log", "wb") as log:
             self.proc = subprocess.Popen(
                 ["systemd-nspawn", "-b", "-D", str(self.root), "--register=no", "--keep-unit", "--console=pipe",
@@ -187,7 +192,8 @@ class Host:
 
     def ssh(self, command, check=True, timeout=120, input=None):
         """Run a shell command on the host as root: CompletedProcess with text output."""
-        result = subprocess.run(["ssh", *self.ssh_args(), f"root@{self.address}", command], capture_output=True,
+        result = subprocess.run(["ssh", *self.ssh_args(), "-p", str(self.ssh_port), f"root@{self.address}", command],
+                                capture_output=True,
                                 text=True, timeout=timeout, input=input)
         if check and result.returncode != 0:
             raise AssertionError(f"{command!r} failed ({result.returncode}): {result.stderr[-2000:]}")
@@ -197,7 +203,8 @@ class Host:
         """An Ansible inventory naming this host."""
         path.write_text(
             "[vibethinker]\n"
-            f"testhost ansible_host={self.address} ansible_user=root ansible_python_interpreter=/usr/bin/python3 "
+            f"testhost ansible_host={self.address} ansible_port={self.ssh_port} ansible_user=root "
+            "ansible_python_interpreter=/usr/bin/python3 "
             f"ansible_ssh_private_key_file={self.key} "
             f"ansible_ssh_common_args='-o UserKnownHostsFile={self.known_hosts} -o StrictHostKeyChecking=accept-new'\n")
         return path
@@ -230,3 +237,118 @@ class Host:
         left = self.processes()
         shutil.rmtree(self.root, ignore_errors=True)
         return left
+
+
+def vm_image():
+    """A bootable disk image of the same Debian 12 (kernel, DHCP, a baked test key), built once and cached."""
+    base = base_rootfs()
+    out = CACHE / f"vm-{base.name}"
+    if (out / "disk.img").exists():
+        return out
+    partial = CACHE / f".partial-vm-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    root = partial / "root"
+    partial.mkdir(parents=True)
+    subprocess.run(["cp", "-a", str(base), str(root)], check=True)
+    for mount in ("proc", "sys", "dev"):
+        subprocess.run(["mount", "--bind", f"/{mount}", str(root / mount)], check=True)
+    try:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        for cmd in ("apt-get update -qq", "apt-get install -y -qq --no-install-recommends linux-image-amd64"):
+            subprocess.run(["chroot", str(root), *cmd.split()], check=True, env=env, stdout=subprocess.DEVNULL)
+    finally:
+        for mount in ("dev", "sys", "proc"):
+            subprocess.run(["umount", str(root / mount)], check=True)
+    (root / "etc/fstab").write_text("/dev/vda / ext4 defaults 0 1\n")
+    (root / "etc/hostname").write_text("vibethinker-vm\n")
+    (root / "etc/resolv.conf").unlink(missing_ok=True)
+    (root / "etc/resolv.conf").write_text("nameserver 10.0.2.3\n")  # qemu's user-mode DNS
+    (root / "etc/systemd/network/10-dhcp.network").write_text("[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n")
+    subprocess.run(["systemctl", f"--root={root}", "enable", "systemd-networkd"], check=True, capture_output=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(partial / "id_ed25519")], check=True)
+    (root / "root/.ssh").mkdir(mode=0o700, exist_ok=True)
+    shutil.copy(partial / "id_ed25519.pub", root / "root/.ssh/authorized_keys")
+    for cert in Path("/usr/local/share/ca-certificates").glob("*.crt"):
+        shutil.copy(cert, root / "usr/local/share/ca-certificates" / cert.name)
+    subprocess.run(["chroot", str(root), "update-ca-certificates"], check=True, capture_output=True)
+    shutil.copy(next(root.glob("boot/vmlinuz-*")), partial / "vmlinuz")
+    shutil.copy(next(root.glob("boot/initrd.img-*")), partial / "initrd.img")
+    subprocess.run(["mkfs.ext4", "-q", "-L", "root", "-d", str(root), str(partial / "disk.img"), "8G"], check=True)
+    shutil.rmtree(root)
+    partial.rename(out)
+    return out
+
+
+class VmHost(Host):
+    """The same Debian 12 under qemu (software emulation here: slow), reached through user-mode port forwards."""
+
+    def __init__(self, workdir, hub_root=None):
+        super().__init__(workdir, hub_root)
+        self.address, self.gateway = "127.0.0.1", "10.0.2.2"  # qemu's user network: the host is 10.0.2.2
+        self.ssh_port, self.https_port, self.probe_port = (_free_port() for _ in range(3))
+        self.root = None
+
+    def boot(self):
+        image = vm_image()
+        disk = self.workdir / "disk.img"
+        subprocess.run(["cp", "--sparse=always", str(image / "disk.img"), str(disk)], check=True)
+        shutil.copy(image / "id_ed25519", self.key)
+        os.chmod(self.key, 0o600)
+        self.proxy = MirrorProxy(("127.0.0.1", 0), self.hub_root)
+        self.proxy_url = f"http://10.0.2.2:{self.proxy.server_address[1]}"
+        forwards = ",".join(f"hostfwd=tcp:127.0.0.1:{outside}-:{inside}" for outside, inside in (
+            (self.ssh_port, 22), (self.https_port, 443), (self.probe_port, 8081)))
+        with open(self.workdir / "console.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                ["qemu-system-x86_64", "-accel", "tcg", "-m", "6144", "-smp", "2", "-nographic", "-no-reboot",
+                 "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
+                 "-append", "root=/dev/vda rw console=ttyS0",
+                 "-drive", f"file={disk},format=raw,if=virtio", "-netdev", f"user,id=net0,{forwards}",
+                 "-device", "virtio-net-pci,netdev=net0"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"qemu exited: {(self.workdir / 'console.log').read_text()[-2000:]}")
+            try:
+                state = self.ssh("systemctl is-system-running --wait", check=False, timeout=120).stdout.strip()
+            except subprocess.TimeoutExpired:
+                continue
+            if state in ("running", "degraded"):
+                return self
+            time.sleep(2)
+        raise RuntimeError("the VM did not come up within 600 s")
+
+    def processes(self):
+        return [self.proc.pid] if self.proc and self.proc.poll() is None else []
+
+    def stop(self):
+        """Power the VM off (kill qemu after 60 s) and remove its disk."""
+        if self.proc and self.proc.poll() is None:
+            self.ssh("systemctl poweroff", check=False, timeout=30)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        if self.proxy:
+            self.proxy.shutdown()
+            self.proxy.server_close()
+        (self.workdir / "disk.img").unlink(missing_ok=True)
+        return self.processes()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_host(workdir, hub_root=None):
+    """The deployment target: a systemd-nspawn container, or a qemu VM when VIBE_DEPLOY_HOST=vm."""
+    kind = os.environ.get("VIBE_DEPLOY_HOST", "nspawn")
+    if kind not in ("nspawn", "vm"):
+        raise ValueError(f"VIBE_DEPLOY_HOST must be nspawn or vm, not {kind!r}")
+    return (VmHost if kind == "vm" else Host)(workdir, hub_root)
