@@ -28,7 +28,8 @@ def requirements(wheel):
     with zipfile.ZipFile(wheel) as archive:
         name = next(n for n in archive.namelist() if re.fullmatch(r"[^/]+\.dist-info/METADATA", n))
         text = archive.read(name).decode()
-    return [Requirement(line.split(":", 1)[1].strip()) for line in text.splitlines() if line.startswith("Requires-Dist:")]
+    lines = [line for line in text.splitlines() if line.startswith("Requires-Dist:")]
+    return [Requirement(line.split(":", 1)[1].strip()) for line in lines]
 
 
 def missing(folder, environment):

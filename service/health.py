@@ -30,7 +30,8 @@ def readyz():
     if not _counters_answer() and not current_app.extensions["vibethinker.settings"].ratelimit_fail_open:
         raise APIError(503, "rate-limit storage is unreachable", "ratelimit_storage_unavailable",
                        headers={"Retry-After": 5})
-    return {"status": "ready", "version": _version(), "model": current_app.extensions["vibethinker.settings"].model_name,
+    settings = current_app.extensions["vibethinker.settings"]
+    return {"status": "ready", "version": _version(), "model": settings.model_name,
             "load_seconds": round(engine.model.load_seconds, 3), "queued": engine.queued(), "running": engine.running}
 
 

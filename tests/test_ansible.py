@@ -22,7 +22,8 @@ def test_the_playbook_passes_the_syntax_check():
 
 
 def test_units_and_nginx_sites_come_from_their_own_folders():
-    copies = [p for p in (ROOT / "ansible").rglob("*") if p.suffix in (".service", ".socket") or "vibethinker.conf" in p.name]
+    copies = [p for p in (ROOT / "ansible").rglob("*")
+              if p.suffix in (".service", ".socket") or "vibethinker.conf" in p.name]
     assert copies == []
     for path, source in (("roles/app/vars/main.yml", "systemd/vibethinker.service"),
                          ("roles/nginx/tasks/main.yml", "nginx/vibethinker.conf.j2")):

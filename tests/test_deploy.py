@@ -26,7 +26,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.deploy]
 
 BIN = Path(sys.executable).parent
 SERVER_NAME = "vibethinker.test"
-CLI = "runuser -u vibethinker -- env VIBE_CONFIG=/etc/vibethinker/config.toml /opt/vibethinker/venv/bin/vibethinker-admin"
+CLI = ("runuser -u vibethinker -- env VIBE_CONFIG=/etc/vibethinker/config.toml "
+       "/opt/vibethinker/venv/bin/vibethinker-admin")
 
 
 def build_wheel(out, version=None):
@@ -222,19 +223,22 @@ def test_an_upgrade_keeps_users_tokens_and_revocations(provisioned):
         upgraded["app_wheel"] = str(build_wheel(work / "build2", version="0.1.0.post1"))
     # The new build also takes the model from a hub (a local stand-in) at a pinned revision.
     hub_files = sorted(p.name for p in (provisioned["hub"] / "local/tiny/r1").iterdir())
-    upgraded.update(model_source="hub", model_dir="/opt/vibethinker/model-hub", model_hub_endpoint=f"{host.proxy_url}/hub",
-                    model_hub_repo="local/tiny", model_hub_revision="r1",
+    upgraded.update(model_source="hub", model_dir="/opt/vibethinker/model-hub",
+                    model_hub_endpoint=f"{host.proxy_url}/hub", model_hub_repo="local/tiny", model_hub_revision="r1",
                     model_files=[{"name": n, "sha256": sha256(provisioned["hub"] / "local/tiny/r1" / n)}
                                  for n in hub_files])
+    keys_before = host.ssh(f"{CLI} --json keys list").stdout
     with phase("deploy: upgrade run of site.yml"):
         counts, output = playbook(host, work, upgraded)
     assert counts["changed"] > 0 and counts["failed"] == 0
     ready = wait_ready(api)
     assert ready["version"] == "0.1.0.post1", ready
     assert "/opt/vibethinker/model-hub" in host.ssh("cat /etc/vibethinker/config.toml").stdout
+    assert host.ssh(f"{CLI} --json keys list").stdout == keys_before  # the signing key is never replaced
     users = json.loads(host.ssh(f"{CLI} --json users list").stdout)
     assert {"admin", "alice"} <= {u["name"] for u in users}
-    status, answer = api.call("POST", "/v1/predict", provisioned["alice_token"], {"question": "1+1?", "max_new_tokens": 4})
+    question = {"question": "1+1?", "max_new_tokens": 4}
+    status, answer = api.call("POST", "/v1/predict", provisioned["alice_token"], question)
     assert status == 200, answer
     status, refused = api.call("POST", "/v1/predict", provisioned["revoked_token"], {"question": "1+1?"})
     assert status == 401 and refused["error"]["code"] == "token_revoked"

@@ -1,5 +1,6 @@
 """The deadline, the bounded queue and the single model-holding worker, against real gunicorn."""
 
+import importlib.metadata
 import threading
 import time
 
@@ -82,7 +83,9 @@ def test_exactly_one_worker_holds_the_model(server, tiny_model):
     assert not any("libtorch" in path for path in mapped(master)), "torch loaded in gunicorn's master"
     worker_maps = mapped(workers[0])
     assert any("libtorch_cpu" in path for path in worker_maps)
-    assert requests.get(server.url("/readyz"), timeout=5).json()["status"] == "ready"
+    ready = requests.get(server.url("/readyz"), timeout=5).json()
+    assert ready["status"] == "ready"
+    assert ready["version"] == importlib.metadata.version("vibethinker-service")  # which build is serving
 
 
 def test_bad_settings_stop_start_up_naming_the_setting(tmp_path, tiny_model):

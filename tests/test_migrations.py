@@ -56,3 +56,16 @@ def test_store_round_trip(db_url):
     assert store.revoke_all("a") == 1 and store.get_token("j1")["revoked_at"] is not None
     assert store.list_tokens("a") == [] and store.ping()
     store.close()
+
+
+def test_cli_db_upgrade_says_whether_it_moved_the_schema(tmp_path):
+    import json
+
+    from conftest import admin_cli, state_env
+
+    env = state_env(tmp_path)
+    first = json.loads(admin_cli(env, "--json", "db", "upgrade").stdout)
+    again = json.loads(admin_cli(env, "--json", "db", "upgrade").stdout)
+    assert first["upgraded"] is True and first["from"] is None and first["to"]
+    assert again == {"upgraded": False, "from": first["to"], "to": first["to"]}
+    assert "up to date" in admin_cli(env, "db", "upgrade").stdout
