@@ -220,18 +220,22 @@ class Host:
                 continue
         return pids
 
-    def stop(self):
-        """Power the host off (SIGKILL after 30 s), remove its network and files."""
+    def _power_off(self, ask, grace):
+        """Ask the host to power off, kill it after `grace` seconds, stop the proxy."""
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # nspawn asks the host's systemd to power off
+            ask()
             try:
-                self.proc.wait(30)
+                self.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         if self.proxy:
             self.proxy.shutdown()
             self.proxy.server_close()
+
+    def stop(self):
+        """Power the host off (SIGKILL after 30 s), remove its network and files."""
+        self._power_off(lambda: self.proc.send_signal(signal.SIGTERM), 30)  # nspawn asks systemd to power off
         subprocess.run(["ip", "link", "del", f"{self.tag}h"], capture_output=True)
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
         left = self.processes()
@@ -324,16 +328,7 @@ class VmHost(Host):
 
     def stop(self):
         """Power the VM off (kill qemu after 60 s) and remove its disk."""
-        if self.proc and self.proc.poll() is None:
-            self.ssh("systemctl poweroff", check=False, timeout=30)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        if self.proxy:
-            self.proxy.shutdown()
-            self.proxy.server_close()
+        self._power_off(lambda: self.ssh("systemctl poweroff", check=False, timeout=30), 60)
         (self.workdir / "disk.img").unlink(missing_ok=True)
         return self.processes()
 
