@@ -135,6 +135,7 @@ class Host:
         self.known_hosts = self.workdir / "known_hosts"
         self.netns = self.tag
         self.ssh_port, self.https_port, self.probe_port = 22, 443, 8081
+        self.playbook_timeout_s = 900
         self.proc = None
         self.proxy = None
         self.hub_root = hub_root
@@ -290,6 +291,7 @@ class VmHost(Host):
         super().__init__(workdir, hub_root)
         self.address, self.gateway = "127.0.0.1", "10.0.2.2"  # qemu's user network: the host is 10.0.2.2
         self.ssh_port, self.https_port, self.probe_port = (_free_port() for _ in range(3))
+        self.playbook_timeout_s = 3 * 3600  # software emulation: 10-20 s per task
         self.root = None
 
     def boot(self):

@@ -58,7 +58,7 @@ def playbook(host, workdir, variables, *extra):
     result = subprocess.run(
         [BIN / "ansible-playbook", "-i", inventory, ROOT / "ansible/site.yml", "-e", f"@{workdir / 'vars.json'}",
          *extra],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=host.playbook_timeout_s,
         env={"PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "ANSIBLE_NOCOLOR": "1", "HOME": str(workdir),
              "ANSIBLE_LOCAL_TEMP": str(workdir / "ansible-tmp"), "LANG": "C.UTF-8"})
     recap = re.search(r"testhost\s*:\s*(.*)", result.stdout.split("PLAY RECAP")[-1])
@@ -105,7 +105,7 @@ def deployment(tmp_path_factory, tiny_model):
     host = make_host(work / "host", hub_root=hub)
     (work / "host").mkdir()
     try:
-        with phase("deploy: boot the Debian 12 host (systemd-nspawn)"):
+        with phase(f"deploy: boot the Debian 12 host ({type(host).__name__})"):
             host.boot()
         variables = {
             "app_wheel": str(wheel), "app_install_mode": "offline", "app_wheelhouse": str(wheelhouse),
