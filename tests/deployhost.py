@@ -306,7 +306,7 @@ class VmHost(Host):
             (self.ssh_port, 22), (self.https_port, 443), (self.probe_port, 8081)))
         with open(self.workdir / "console.log", "wb") as log:
             self.proc = subprocess.Popen(
-                ["qemu-system-x86_64", "-accel", "tcg", "-m", "6144", "-smp", "2", "-nographic", "-no-reboot",
+                ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "6144", "-smp", "2", "-nographic", "-no-reboot",
                  "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
                  "-append", "root=/dev/vda rw console=ttyS0",
                  "-drive", f"file={disk},format=raw,if=virtio", "-netdev", f"user,id=net0,{forwards}",
