@@ -38,9 +38,10 @@ def test_lone_surrogate_escape_is_refused(guarded):
 
 
 def test_policy_refusal_logs_rule_and_hash_but_not_the_input(guarded):
-    guarded.post("/predict", {"question": "secret words: forbidden phrase 8472"})
+    # A marker that no hex request id or hash can contain by chance (one did: "8472").
+    guarded.post("/predict", {"question": "secret words: forbidden phrase quokka-marker"})
     log = guarded.log()
-    assert "rule=banned" in log and "input_sha256=" in log and "8472" not in log
+    assert "rule=banned" in log and "input_sha256=" in log and "quokka-marker" not in log
 
 
 def test_normalised_text_is_what_the_model_sees(guarded):
