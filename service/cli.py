@@ -15,7 +15,7 @@ from datetime import datetime
 from auth import keys
 from auth.errors import StoreError
 from auth.keys import KeyFolderError
-from auth.store import QUOTA_FIELDS, Store, migrate, revision
+from auth.store import QUOTA_FIELDS, Store, connect, migrate, revision
 from auth.tokens import issue_token
 from service.settings import SettingsError, load_settings
 
@@ -244,10 +244,11 @@ def audit_list(args, settings):
 
 
 def db_upgrade(args, settings):
-    store = Store(settings.db_url, upgrade=False)
-    before = revision(store.engine)
-    migrate(store.engine)
-    after = revision(store.engine)
+    engine = connect(settings.db_url)
+    before = revision(engine)
+    migrate(engine)
+    after = revision(engine)
+    engine.dispose()
     text = f"database schema upgraded from {before or 'empty'} to {after}" if before != after else (
         f"database schema is up to date ({after})")
     _emit(args, {"upgraded": before != after, "from": before, "to": after}, text)

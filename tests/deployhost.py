@@ -19,6 +19,8 @@ import time
 import urllib.parse
 from pathlib import Path
 
+from conftest import free_port
+
 CACHE = Path(os.environ.get("VIBE_DEPLOY_CACHE", "/var/cache/vibethinker-deploy"))
 MIRROR = "deb.debian.org"
 SUITE = "bookworm"
@@ -55,6 +57,20 @@ def base_rootfs():
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     partial.rename(root)
     return root
+
+
+def trust_host_cas(root):
+    """Make `root` trust this machine's extra CAs: HTTPS from here passes through a proxy they sign for."""
+    for cert in Path("/usr/local/share/ca-certificates").glob("*.crt"):
+        shutil.copy(cert, root / "usr/local/share/ca-certificates" / cert.name)
+    subprocess.run(["chroot", str(root), "update-ca-certificates"], check=True, capture_output=True)
+
+
+def authorize_new_key(root, key):
+    """A new ssh key pair at `key`, whose public half may log in to `root` as root."""
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    (root / "root/.ssh").mkdir(mode=0o700, exist_ok=True)
+    shutil.copy(f"{key}.pub", root / "root/.ssh/authorized_keys")
 
 
 class MirrorProxy(http.server.ThreadingHTTPServer):
@@ -143,11 +159,8 @@ class Host:
     def boot(self):
         """Copy the cached root filesystem, wire the network, boot systemd, wait for sshd."""
         subprocess.run(["cp", "-a", "--reflink=auto", str(base_rootfs()), str(self.root)], check=True)
-        self._trust_host_cas()
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)], check=True)
-        ssh_dir = self.root / "root/.ssh"
-        ssh_dir.mkdir(mode=0o700, exist_ok=True)
-        shutil.copy(f"{self.key}.pub", ssh_dir / "authorized_keys")
+        trust_host_cas(self.root)
+        authorize_new_key(self.root, self.key)
         (self.root / "etc/hostname").write_text("vibethinker-test\n")
         self._network()
         self.proxy = MirrorProxy((self.gateway, 0), self.hub_root)
@@ -158,21 +171,22 @@ class Host:
                  "--capability=CAP_NET_ADMIN",  # its own firewall, in its own netns
                  f"--network-namespace-path=/run/netns/{self.netns}", f"--machine={self.tag}"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
+        return self._wait_booted(self.workdir / "boot.log", timeout=60, pause=0.5)
+
+    def _wait_booted(self, log, timeout, pause):
+        """Wait until systemd inside says it is up, over ssh; fail with the console's end if the host dies."""
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"systemd-nspawn exited: {(self.workdir / 'boot.log').read_text()[-2000:]}")
-            if self.ssh("systemctl is-system-running --wait", check=False, timeout=30).stdout.strip() in (
-                    "running", "degraded"):
+                raise RuntimeError(f"{type(self).__name__} exited: {log.read_text(errors='replace')[-2000:]}")
+            try:
+                state = self.ssh("systemctl is-system-running --wait", check=False, timeout=120).stdout.strip()
+            except subprocess.TimeoutExpired:
+                continue
+            if state in ("running", "degraded"):
                 return self
-            time.sleep(0.5)
-        raise RuntimeError("the test host did not come up within 60 s")
-
-    def _trust_host_cas(self):
-        # HTTPS from here passes through a proxy whose CAs live in this folder.
-        for cert in Path("/usr/local/share/ca-certificates").glob("*.crt"):
-            shutil.copy(cert, self.root / "usr/local/share/ca-certificates" / cert.name)
-        subprocess.run(["chroot", str(self.root), "update-ca-certificates"], check=True, capture_output=True)
+            time.sleep(pause)
+        raise RuntimeError(f"the test host did not come up within {timeout} s")
 
     def _network(self):
         outside, inside = f"{self.tag}h", f"{self.tag}c"
@@ -270,12 +284,8 @@ def vm_image():
     (root / "etc/resolv.conf").write_text("nameserver 10.0.2.3\n")  # qemu's user-mode DNS
     (root / "etc/systemd/network/10-dhcp.network").write_text("[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n")
     subprocess.run(["systemctl", f"--root={root}", "enable", "systemd-networkd"], check=True, capture_output=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(partial / "id_ed25519")], check=True)
-    (root / "root/.ssh").mkdir(mode=0o700, exist_ok=True)
-    shutil.copy(partial / "id_ed25519.pub", root / "root/.ssh/authorized_keys")
-    for cert in Path("/usr/local/share/ca-certificates").glob("*.crt"):
-        shutil.copy(cert, root / "usr/local/share/ca-certificates" / cert.name)
-    subprocess.run(["chroot", str(root), "update-ca-certificates"], check=True, capture_output=True)
+    authorize_new_key(root, partial / "id_ed25519")
+    trust_host_cas(root)
     shutil.copy(next(root.glob("boot/vmlinuz-*")), partial / "vmlinuz")
     shutil.copy(next(root.glob("boot/initrd.img-*")), partial / "initrd.img")
     subprocess.run(["mkfs.ext4", "-q", "-L", "root", "-d", str(root), str(partial / "disk.img"), "8G"], check=True)
@@ -290,7 +300,7 @@ class VmHost(Host):
     def __init__(self, workdir, hub_root=None):
         super().__init__(workdir, hub_root)
         self.address, self.gateway = "127.0.0.1", "10.0.2.2"  # qemu's user network: the host is 10.0.2.2
-        self.ssh_port, self.https_port, self.probe_port = (_free_port() for _ in range(3))
+        self.ssh_port, self.https_port, self.probe_port = (free_port() for _ in range(3))
         self.playbook_timeout_s = 3 * 3600  # software emulation: 10-20 s per task
         self.root = None
 
@@ -306,24 +316,14 @@ class VmHost(Host):
             (self.ssh_port, 22), (self.https_port, 443), (self.probe_port, 8081)))
         with open(self.workdir / "console.log", "wb") as log:
             self.proc = subprocess.Popen(
-                ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", "6144", "-smp", "2", "-nographic", "-no-reboot",
+                ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max",  # max: torch needs AVX2/FMA (qemu64: SIGILL)
+                 "-m", "6144", "-smp", "2", "-nographic", "-no-reboot",
                  "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
                  "-append", "root=/dev/vda rw console=ttyS0",
                  "-drive", f"file={disk},format=raw,if=virtio", "-netdev", f"user,id=net0,{forwards}",
                  "-device", "virtio-net-pci,netdev=net0"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"qemu exited: {(self.workdir / 'console.log').read_text()[-2000:]}")
-            try:
-                state = self.ssh("systemctl is-system-running --wait", check=False, timeout=120).stdout.strip()
-            except subprocess.TimeoutExpired:
-                continue
-            if state in ("running", "degraded"):
-                return self
-            time.sleep(2)
-        raise RuntimeError("the VM did not come up within 600 s")
+        return self._wait_booted(self.workdir / "console.log", timeout=600, pause=2)
 
     def processes(self):
         return [self.proc.pid] if self.proc and self.proc.poll() is None else []
@@ -333,14 +333,6 @@ class VmHost(Host):
         self._power_off(lambda: self.ssh("systemctl poweroff", check=False, timeout=30), 60)
         (self.workdir / "disk.img").unlink(missing_ok=True)
         return self.processes()
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_host(workdir, hub_root=None):
