@@ -1,15 +1,20 @@
-"""One wave of batched generation: left-padded prompts through one model.generate call.
+"""Continuous batching: one step loop over the model's KV cache.
 
-Every row has its own end: an end token, its max_new_tokens, its deadline,
-its cancel flag, or one of its stop strings. A per-row stopping criterion
-finishes rows independently (a finished row is padded until the wave ends),
-and a streamer hands each row's tokens to its caller as they are decoded.
-Rows share one sampling configuration (`wave_key`): greedy rows batch
-together; sampled rows batch with the same temperature and top_p; a seeded
-row runs alone so its seed is repeatable.
+The running batch holds one row per request: its row of the KV cache and of
+the attention mask, its next input token and its position. Between decode
+steps, new requests join (their prompts are prefilled together, left-padded,
+and their cache rows are merged in) and finished rows leave (their cache rows
+are dropped, then the padding columns no remaining row needs). A row ends at
+an end token, its max_new_tokens, its deadline, its cancel flag or one of its
+stop strings, and hands each token's text to its caller as it is decoded.
+Every row samples with its own temperature and top_p, and a seeded row with
+its own generator, so any requests can share a step.
 """
 
 import time
+
+import torch
+from transformers import DynamicCache
 
 from service import metrics
 
@@ -18,23 +23,18 @@ from service import metrics
 GREEDY_BELOW = 1e-3
 
 
-def wave_key(request):
-    """Requests with equal keys may share a wave."""
-    if request.temperature < GREEDY_BELOW:
-        return ("greedy",)
-    if request.seed is not None:
-        return ("seeded", id(request))
-    return ("sample", request.temperature, request.top_p)
-
-
 class Row:
-    """One request inside a wave: its tokens, its text and why it ended."""
+    """One request inside the batch: its tokens, its text, its sampler and why it ended."""
 
     def __init__(self, handle, loaded):
         self.handle, self.loaded, self.request = handle, loaded, handle.request
         self.ids, self.prefix, self.read, self.last = [], 0, 0, None
         self.text = StopText(self.request.stop)
         self.done = False
+        self.greedy = self.request.temperature < GREEDY_BELOW
+        self.generator = None
+        if not self.greedy and self.request.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.request.seed)
 
     def add(self, token, now):
         """Take the row's next token: metrics, incremental decoding, stop strings, end token."""
@@ -44,71 +44,140 @@ class Row:
         self.ids.append(token)
         piece, self.prefix, self.read = decode_step(self.loaded.decode, self.ids, self.prefix, self.read)
         self.handle._emit(self.text.feed(piece))
-        if token in self.loaded.eos_ids:
-            self.done = True
+        self.done = token in self.loaded.eos_ids or self.should_stop()
 
     def should_stop(self):
         return (self.handle.cancelled or self.handle.expired() or self.text.hit
                 or len(self.ids) >= self.request.max_new_tokens)
 
     def outcome(self):
-        """(text, token ids, finish reason)."""
+        """(text, token ids, finish reason), once the row has left the batch."""
+        self.handle._emit(self.text.flush())
         if self.text.hit:
             return self.text.text, self.ids, "stop"
         reason = finish_reason(self.ids, self.loaded.eos_ids, self.request.max_new_tokens, self.handle)
         return self.loaded.decode(self.ids), self.ids, reason
 
 
-def generate_wave(loaded, handles, set_running):
-    """Generate for `handles` together; a (text, ids, finish reason) per handle, in order."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-    from transformers.generation.streamers import BaseStreamer
+class Batch:
+    """The running rows and their shared KV cache; `admit`, `step` and `evict` change it."""
 
-    rows = [Row(handle, loaded) for handle in handles]
-    width = max(len(row.request.prompt_ids) for row in rows)
-    input_ids = torch.full((len(rows), width), loaded.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):  # left padding: every row's next token is in the last column
-        prompt = row.request.prompt_ids
-        input_ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[i, width - len(prompt):] = 1
+    def __init__(self, loaded):
+        self.loaded = loaded
+        self.rows = []
+        self.cache = self.mask = self.tokens = self.positions = None
 
-    class PerRow(StoppingCriteria):
-        def __call__(self, ids, scores, **kwargs):
-            for row in rows:
-                row.done = row.done or row.should_stop()
-            set_running(sum(not row.done for row in rows))
-            return torch.tensor([row.done for row in rows], dtype=torch.bool, device=ids.device)
+    def __len__(self):
+        return len(self.rows)
 
-    class Stream(BaseStreamer):
-        seen_prompt = False
+    @torch.inference_mode()
+    def admit(self, handles):
+        """Prefill the prompts of `handles` together, take each one's first token, and join the batch."""
+        rows = [Row(handle, self.loaded) for handle in handles]
+        lengths = [len(row.request.prompt_ids) for row in rows]
+        width = max(lengths)
+        input_ids = torch.full((len(rows), width), self.loaded.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):  # left padding: every row's next token is in the last column
+            input_ids[i, width - lengths[i]:] = torch.tensor(row.request.prompt_ids, dtype=torch.long)
+            mask[i, width - lengths[i]:] = 1
+        cache = DynamicCache(config=self.loaded.model.config)
+        logits = self.loaded.model(input_ids=input_ids, attention_mask=mask, cache=cache, use_cache=True,
+                                   position_ids=(mask.cumsum(-1) - 1).clamp_min(0), logits_to_keep=1).logits
+        tokens = self._take(rows, logits[:, -1, :])
+        self._merge(rows, cache, mask, tokens, torch.tensor(lengths, dtype=torch.long))
 
-        def put(self, value):
-            if not self.seen_prompt:  # generate() first hands over the prompts
-                self.seen_prompt = True
-                return
-            now, live = time.monotonic(), [row for row in rows if not row.done]
-            metrics.BATCH_SIZE.observe(len(live))
-            for row, token in zip(rows, value.reshape(-1).tolist()):
-                if not row.done:
-                    row.add(token, now)
+    @torch.inference_mode()
+    def step(self):
+        """One decode step for every row."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        logits = self.loaded.model(input_ids=self.tokens[:, None], attention_mask=self.mask, cache=self.cache,
+                                   position_ids=self.positions[:, None], use_cache=True).logits
+        self.positions += 1
+        self.tokens = self._take(self.rows, logits[:, -1, :])
 
-        def end(self):
-            for row in rows:
-                row.handle._emit(row.text.flush())
+    def evict(self):
+        """Drop the rows that are done (or whose caller gave up); return them."""
+        for row in self.rows:
+            row.done = row.done or row.should_stop()
+        gone = [row for row in self.rows if row.done]
+        if gone:
+            keep = [i for i, row in enumerate(self.rows) if not row.done]
+            self.rows = [self.rows[i] for i in keep]
+            if not keep:
+                self.cache = self.mask = self.tokens = self.positions = None
+            else:
+                index = torch.tensor(keep, dtype=torch.long)
+                self.cache.batch_select_indices(index)
+                self.mask, self.tokens, self.positions = self.mask[index], self.tokens[index], self.positions[index]
+                self._trim()
+        return gone
 
-    first = rows[0].request
-    sampling = dict(do_sample=True, temperature=first.temperature, top_p=first.top_p) \
-        if first.temperature >= GREEDY_BELOW else dict(do_sample=False)
-    if first.seed is not None:
-        torch.manual_seed(first.seed)  # a seeded request runs alone, and this thread runs one wave at a time
-    set_running(len(rows))
-    with torch.inference_mode():
-        loaded.model.generate(input_ids=input_ids, attention_mask=mask, pad_token_id=loaded.pad_id,
-                              max_new_tokens=max(row.request.max_new_tokens for row in rows),
-                              stopping_criteria=StoppingCriteriaList([PerRow()]), streamer=Stream(), **sampling)
-    return [row.outcome() for row in rows]
+    def fail(self):
+        """Empty the batch after an error; return the rows that were in it."""
+        rows, self.rows = self.rows, []
+        self.cache = self.mask = self.tokens = self.positions = None
+        return rows
+
+    def _take(self, rows, logits):
+        """Choose each row's next token from its logits and hand it to the row."""
+        tokens = choose(logits, rows)
+        now = time.monotonic()
+        metrics.BATCH_SIZE.observe(len(rows))
+        for row, token in zip(rows, tokens.tolist()):
+            row.add(token, now)
+        return tokens
+
+    def _merge(self, rows, cache, mask, tokens, positions):
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.tokens, self.positions = rows, cache, mask, tokens, positions
+            return
+        old, new = self.mask.shape[1], mask.shape[1]
+        for ours, theirs in zip(self.cache.layers, cache.layers):  # left-pad the shorter, then stack rows
+            ours.keys = torch.cat([_left_pad(ours.keys, new - old), _left_pad(theirs.keys, old - new)])
+            ours.values = torch.cat([_left_pad(ours.values, new - old), _left_pad(theirs.values, old - new)])
+        self.mask = torch.cat([_left_pad(self.mask, new - old), _left_pad(mask, old - new)])
+        self.rows = self.rows + rows
+        self.tokens = torch.cat([self.tokens, tokens])
+        self.positions = torch.cat([self.positions, positions])
+
+    def _trim(self):
+        """Drop the leading columns that are padding in every remaining row."""
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        if start:
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+
+
+def _left_pad(tensor, columns):
+    """`tensor` with `columns` zero columns before its sequence dimension (-2 for KV, -1 for a mask)."""
+    if columns <= 0:
+        return tensor
+    dim = -1 if tensor.dim() == 2 else -2
+    shape = list(tensor.shape)
+    shape[dim] = columns
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def choose(logits, rows):
+    """The next token of each row: argmax for greedy rows, a top-p sample for the others."""
+    tokens = logits.argmax(dim=-1)
+    for i, row in enumerate(rows):
+        if not row.greedy:
+            tokens[i] = sample(logits[i].float(), row.request.temperature, row.request.top_p, row.generator)
+    return tokens
+
+
+def sample(logits, temperature, top_p, generator=None):
+    """One token id drawn from softmax(logits / temperature), restricted to the top_p nucleus."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        probs, order = probs.sort(descending=True)
+        probs = probs * ((probs.cumsum(-1) - probs) < top_p)  # the smallest prefix reaching top_p
+        return int(order[torch.multinomial(probs, 1, generator=generator)])
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def finish_reason(new_ids, eos_ids, max_new_tokens, handle):

@@ -6,12 +6,11 @@ text as it is decoded. Each request carries a deadline and a cancel flag that
 a stopping criterion checks between decode steps, so a late or abandoned
 request stops consuming compute.
 
-Batching: the engine thread takes everything waiting (up to max_batch) that
-can share one sampling configuration and generates it together as a wave
-(service.batching); requests that arrive meanwhile wait for the next wave.
+Batching is continuous (service.batching): between decode steps, waiting
+requests join the running batch (up to max_batch rows) and finished ones
+leave it, so a request never waits for another one to end.
 """
 
-import collections
 import logging
 import queue
 import threading
@@ -19,7 +18,9 @@ import time
 from dataclasses import dataclass, field
 
 from service import metrics
-from service.batching import GREEDY_BELOW, StopText, decode_step, generate_wave, wave_key  # noqa: F401
+import torch
+
+from service.batching import GREEDY_BELOW, Batch, StopText, decode_step  # noqa: F401
 
 log = logging.getLogger("vibethinker.engine")
 
@@ -73,6 +74,7 @@ class Generation:
     def __init__(self, request):
         self.request = request
         self.submitted = time.monotonic()
+        self.started = None  # when it joined the batch
         self._cancelled = threading.Event()
         self._done = threading.Event()
         self._deltas = queue.SimpleQueue()
@@ -135,13 +137,12 @@ class Engine:
     def __init__(self, loader, queue_size, torch_threads, max_batch=16):
         self._loader = loader
         self._queue = queue.Queue(maxsize=queue_size)
-        self._pending = collections.deque()  # taken from the queue, waiting for a wave of their kind
         self._max_batch = max_batch
         self._torch_threads = torch_threads
         self._thread = threading.Thread(target=self._run, name="vibethinker-engine", daemon=True)
         self._stopping = threading.Event()
         self.model = None
-        self.running = 0  # sequences being generated now (the live rows of the wave)
+        self._batch = None
         self.state = "loading"
         self.load_error = None
 
@@ -160,8 +161,13 @@ class Engine:
     def ready(self):
         return self.state == "ready"
 
+    @property
+    def running(self):
+        """Sequences being generated now: the rows of the batch."""
+        return len(self._batch) if self._batch is not None else 0
+
     def queued(self):
-        return self._queue.qsize() + len(self._pending)
+        return self._queue.qsize()
 
     def submit(self, request):
         """Queue a request and return its handle; raise NotReady or QueueFull at once."""
@@ -175,8 +181,6 @@ class Engine:
         return handle
 
     def _run(self):
-        import torch
-
         torch.set_num_threads(self._torch_threads)  # per thread: a non-main thread starts with one
         try:
             self.model = self._loader()
@@ -187,59 +191,56 @@ class Engine:
         self.state = "ready"
         metrics.MODEL_LOAD.set(self.model.load_seconds)
         log.info("model loaded", extra={"fields": {"load_seconds": round(self.model.load_seconds, 2)}})
+        batch = self._batch = Batch(self.model)
         while not self._stopping.is_set():
-            if not self._pending:
-                try:
-                    self._pending.append(self._queue.get(timeout=0.2))
-                except queue.Empty:
-                    continue
-            while len(self._pending) < self._max_batch:  # everything else already waiting joins
-                try:
-                    self._pending.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            wave = self._take_wave()
-            if wave:
-                self._serve(wave)
+            joining = self._take(room=self._max_batch - len(batch), wait=not batch)
+            if joining:
+                self._guarded(batch, batch.admit, joining)
+            self._finish_rows(batch.evict())
+            if batch:
+                self._guarded(batch, batch.step)
+        for row in batch.fail():
+            row.handle._finish(error=EngineError("the engine stopped"))
 
-    def _take_wave(self):
-        """Up to max_batch pending requests that can run together (same sampling); skip dead ones."""
-        key, wave, rest, now = wave_key(self._pending[0].request), [], collections.deque(), time.monotonic()
-        while self._pending:
-            handle = self._pending.popleft()
+    def _take(self, room, wait):
+        """Up to `room` queued requests that are still wanted; waits a little when the batch is empty."""
+        joining, now = [], time.monotonic()
+        while len(joining) < room:
+            try:
+                handle = self._queue.get(timeout=0.2) if wait and not joining else self._queue.get_nowait()
+            except queue.Empty:
+                break
             if handle.cancelled or handle.expired(now):
                 reason = "cancelled" if handle.cancelled else "timeout"
                 handle._finish(GenerationResult("", [], len(handle.request.prompt_ids), reason,
                                                 now - handle.submitted, 0.0))
-            elif len(wave) < self._max_batch and wave_key(handle.request) == key:
-                wave.append(handle)
-            else:
-                rest.append(handle)
-        self._pending = rest
-        return wave
+                continue
+            handle.started = now
+            metrics.QUEUE_WAIT.observe(now - handle.submitted)
+            joining.append(handle)
+        return joining
 
-    def _serve(self, wave):
-        started = time.monotonic()
-        for handle in wave:
-            metrics.QUEUE_WAIT.observe(started - handle.submitted)
+    def _guarded(self, batch, action, handles=None):
+        """Run a batch action; on an error, fail the requests it touched (all of the batch for a step)."""
         try:
-            outcomes = generate_wave(self.model, wave, self._set_running)
+            action(handles) if handles is not None else action()
         except Exception as exc:
             log.exception("generation failed")
-            for handle in wave:
+            touched = handles if handles is not None else [row.handle for row in batch.fail()]
+            for handle in touched:
                 handle._finish(error=exc)
-            return
-        finally:
-            self.running = 0
-        for handle, (text, ids, reason) in zip(wave, outcomes):
+
+    def _finish_rows(self, rows):
+        now = time.monotonic()
+        for row in rows:
+            handle = row.handle
+            text, ids, reason = row.outcome()
             result = GenerationResult(text, ids, len(handle.request.prompt_ids), reason,
-                                      started - handle.submitted, time.monotonic() - started)
+                                      handle.started - handle.submitted, now - handle.started)
             metrics.PROMPT_TOKENS.inc(result.prompt_tokens)
             metrics.GENERATION_TOKENS.inc(result.completion_tokens)
             metrics.FINISHED.labels(result.finish_reason).inc()
             handle._finish(result)
 
-    def _set_running(self, count):
-        self.running = count
 
 

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     request_deadline_s: float = Field(
         60.0, gt=0.0, le=3600.0, description="Wall-clock budget of one request, queue wait included."
     )
-    max_batch_size: int = Field(16, ge=1, le=256, description="Requests generated together in one wave.")
+    max_batch_size: int = Field(16, ge=1, le=256, description="Requests generated together: rows of the running batch.")
     queue_size: int = Field(
         32, ge=1, le=100000, description="Requests that may wait for the engine; more get 503 at once."
     )

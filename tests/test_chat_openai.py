@@ -141,7 +141,8 @@ def test_a_disconnected_stream_stops_consuming_compute(chat_server, long_questio
 
 
 def test_keep_alive_while_waiting_and_error_mid_stream(start_server, long_question):
-    server = start_server(VIBE_STREAM_KEEPALIVE_S=0.2, VIBE_REQUEST_DEADLINE_S=1.5)
+    # One row at a time, so the stream waits in the queue behind the busy request.
+    server = start_server(VIBE_STREAM_KEEPALIVE_S=0.2, VIBE_REQUEST_DEADLINE_S=1.5, VIBE_MAX_BATCH_SIZE=1)
     long_body = {"model": MODEL, "messages": long_messages(long_question), "max_tokens": 2048,
                  "temperature": 0}
     busy = threading.Thread(target=lambda: server.post("/v1/chat/completions", long_body))

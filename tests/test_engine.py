@@ -9,13 +9,26 @@ from service.engine import Engine, GenerationRequest, QueueFull, decode_step
 from tests.conftest import greedy
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model):
-    engine = Engine(lambda: model.load(str(tiny_model)), queue_size=2, torch_threads=1).start()
+def started(tiny_model, **kwargs):
+    engine = Engine(lambda: model.load(str(tiny_model)), torch_threads=1, **kwargs).start()
     deadline = time.monotonic() + 60
     while not engine.ready:
         assert engine.state != "failed" and time.monotonic() < deadline
         time.sleep(0.05)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    engine = started(tiny_model, queue_size=2)
+    yield engine
+    engine.stop(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def single(tiny_model):
+    """An engine that runs one row at a time, so others wait in its queue."""
+    engine = started(tiny_model, queue_size=2, max_batch=1)
     yield engine
     engine.stop(timeout=30)
 
@@ -59,14 +72,15 @@ def test_expired_request_is_skipped_without_running(engine):
     assert result.finish_reason == "timeout" and result.completion_tokens == 0 and result.run_seconds == 0
 
 
-def test_queue_refuses_at_once_when_full(engine):
+def test_queue_refuses_at_once_when_full(single):
+    engine = single
     running = engine.submit(request(engine, "Count to a thousand.", 2048))
     next(running.deltas())
     waiting = [engine.submit(request(engine, "hi", 4)) for _ in range(2)]
-    started = time.monotonic()
+    begun = time.monotonic()
     with pytest.raises(QueueFull):
         engine.submit(request(engine, "hi", 4))
-    assert time.monotonic() - started < 0.1
+    assert time.monotonic() - begun < 0.1
     running.cancel()
     assert all(h.result(timeout=10).finish_reason in ("length", "stop") for h in waiting)
 
@@ -87,11 +101,9 @@ def test_concurrent_greedy_requests_batch_and_match_one_at_a_time(engine, refere
         assert result.token_ids == greedy(reference, [{"role": "user", "content": question}], 32)[1]
 
 
-def test_a_cancelled_row_leaves_the_wave_while_the_others_finish(tiny_model, reference):
-    wide = Engine(lambda: model.load(str(tiny_model)), queue_size=8, torch_threads=1, max_batch=4).start()
+def test_a_cancelled_row_leaves_the_batch_while_the_others_finish(tiny_model, reference):
+    wide = started(tiny_model, queue_size=8, max_batch=4)
     try:
-        while not wide.ready:
-            time.sleep(0.05)
         long_ids = wide.model.encode_chat([{"role": "user", "content": "Count to a thousand."}])
         rows = [wide.submit(GenerationRequest(long_ids, 600, deadline=time.monotonic() + 60)) for _ in range(3)]
         for row in rows:
@@ -109,3 +121,46 @@ def test_a_cancelled_row_leaves_the_wave_while_the_others_finish(tiny_model, ref
                    for r in finished)
     finally:
         wide.stop(timeout=30)
+
+
+def test_a_request_joins_the_running_batch_and_leaves_it_first(engine, reference, long_question):
+    from service.settings import Settings
+
+    messages = [{"role": "system", "content": Settings().default_system_prompt},
+                {"role": "user", "content": long_question}]
+    long = engine.submit(GenerationRequest(engine.model.encode_chat(messages), 2048,
+                                           deadline=time.monotonic() + 30))
+    next(long.deltas())  # the long one is generating
+    question = "a short question that arrives late"
+    short = engine.submit(request(engine, question, 12))
+    result = short.result(timeout=10)
+    assert not long.done, "the short request waited for the long one"
+    assert result.token_ids == greedy(reference, [{"role": "user", "content": question}], 12)[1]
+    long.cancel()
+    assert long.result(timeout=10).finish_reason == "cancelled"
+
+
+def test_seeded_sampling_repeats_whoever_shares_the_batch(engine):
+    def sampled(seed):
+        req = request(engine, "sample me", 24)
+        req.temperature, req.top_p, req.seed = 1.0, 0.9, seed
+        return req
+
+    alone = engine.submit(sampled(7)).result(timeout=10).token_ids
+    company = engine.submit(request(engine, "company", 40))
+    assert engine.submit(sampled(7)).result(timeout=10).token_ids == alone
+    company.result(timeout=10)
+    assert engine.submit(sampled(8)).result(timeout=10).token_ids != alone
+
+
+@pytest.mark.parametrize("top_p", [1e-9, 0.5, 1.0])
+def test_sampling_stays_in_the_nucleus(top_p):
+    import torch
+
+    from service.batching import sample
+
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.0])
+    probs = torch.softmax(logits, -1)
+    nucleus = {i for i in range(4) if probs[:i].sum() < top_p}  # the smallest prefix reaching top_p
+    drawn = {sample(logits, 1.0, top_p, torch.Generator().manual_seed(s)) for s in range(300)}
+    assert drawn <= nucleus and (len(nucleus) < 4 or len(drawn) == 4)

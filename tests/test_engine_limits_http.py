@@ -15,9 +15,9 @@ DEADLINE_S = 1.5
 
 @pytest.fixture(scope="module")
 def strict_server(start_server):
-    """A server with a short deadline and room for one waiting request."""
+    """A server with a short deadline, one running row and room for one waiting request."""
     return start_server(VIBE_REQUEST_DEADLINE_S=DEADLINE_S, VIBE_QUEUE_SIZE=1, VIBE_HTTP_THREADS=8,
-                        VIBE_DEFAULT_MAX_CONCURRENT=10)
+                        VIBE_MAX_BATCH_SIZE=1, VIBE_DEFAULT_MAX_CONCURRENT=10)
 
 
 def test_deadline_stops_a_long_generation_with_504(strict_server, long_question):
