@@ -67,7 +67,7 @@ test-quick: install
 bench: install
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/refusals.py
-	$(BIN)/python bench/load_and_decode.py
+	$(BIN)/python bench/modes.py
 
 # What ansible/ deploys: the project wheel, and for offline servers a
 # wheelhouse of every dependency (torch's CPU build included) for Debian 12's Python.

@@ -55,9 +55,11 @@ def create_app(settings=None):
     app.register_blueprint(chat.bp)
     predict.init_app(app)
     app.extensions["vibethinker.engine"] = start_engine(model_path, settings)
-    metrics.MODEL_INFO.info({"model": settings.model_name, "dtype": settings.dtype, "version": _version()})
+    metrics.MODEL_INFO.info({"model": settings.model_name, "dtype": settings.dtype,
+                             "quantization": settings.quantization, "version": _version()})
     logging.getLogger("vibethinker.app").info("service starting", extra={"fields": {
         "model": settings.model_name, "model_path": str(model_path), "dtype": settings.dtype,
+        "quantization": settings.quantization,
         "bind": settings.bind, "ratelimit_storage": settings.ratelimit_storage_uri.split(":")[0],
         "db": settings.db_url.split(":")[0], "version": _version()}})
     return app
@@ -94,5 +96,5 @@ def start_engine(model_path, settings):
     from service import model
     from service.engine import Engine
 
-    loader = partial(model.load, str(model_path), settings.dtype)
+    loader = partial(model.load, str(model_path), settings.dtype, settings.quantization, settings.prefill_float32)
     return Engine(loader, settings.queue_size, settings.torch_threads, settings.max_batch_size).start()

@@ -82,8 +82,9 @@ class Batch:
             input_ids[i, width - lengths[i]:] = torch.tensor(row.request.prompt_ids, dtype=torch.long)
             mask[i, width - lengths[i]:] = 1
         cache = DynamicCache(config=self.loaded.model.config)
-        logits = self.loaded.model(input_ids=input_ids, attention_mask=mask, cache=cache, use_cache=True,
-                                   position_ids=(mask.cumsum(-1) - 1).clamp_min(0), logits_to_keep=1).logits
+        with self.loaded.prefill_mode():
+            logits = self.loaded.model(input_ids=input_ids, attention_mask=mask, cache=cache, use_cache=True,
+                                       position_ids=(mask.cumsum(-1) - 1).clamp_min(0), logits_to_keep=1).logits
         tokens = self._take(rows, logits[:, -1, :])
         self._merge(rows, cache, mask, tokens, torch.tensor(lengths, dtype=torch.long))
 

@@ -31,7 +31,7 @@ def readyz():
         raise APIError(503, "rate-limit storage is unreachable", "ratelimit_storage_unavailable",
                        headers={"Retry-After": 5})
     settings = current_app.extensions["vibethinker.settings"]
-    return {"status": "ready", "version": _version(), "model": settings.model_name,
+    return {"status": "ready", "version": _version(), "model": settings.model_name, "mode": engine.model.mode,
             "load_seconds": round(engine.model.load_seconds, 3), "queued": engine.queued(), "running": engine.running}
 
 

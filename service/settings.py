@@ -34,6 +34,14 @@ class Settings(BaseSettings):
         "VibeThinker-1.5B", min_length=1, max_length=128, description="Name reported in responses and /v1/models."
     )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Numeric type the weights are loaded in.")
+    quantization: Literal["none", "int8"] = Field(
+        "none", description="int8: the decoder's and output head's linear layers in int8 (about 3x faster decode "
+        "on a CPU; dtype then does not apply).",
+    )
+    prefill_float32: Literal["auto", "on", "off"] = Field(
+        "auto", description="bfloat16 only: run prefill matmuls in float32; auto does so on CPUs without "
+        "bfloat16 units.",
+    )
     torch_threads: int = Field(
         default_factory=lambda: max(1, len(os.sched_getaffinity(0))),
         ge=1,

@@ -1,0 +1,176 @@
+"""Numeric modes side by side: speed against the memory-bandwidth floor, load cost, and quality.
+
+    python bench/modes.py [--preset tiny|vibethinker-1.5b] [--steps 8] [--prefill 256]
+
+Each mode (float32, bfloat16, bfloat16 with float32 prefill, int8) loads in its
+own process, so its peak RSS is its own. Prints one JSON line per mode:
+- decode tokens/s at batch 1 and 4 through the engine's step loop, and the
+  floor for batch 1: this run's measured memory read bandwidth over the bytes
+  of weights one step reads, with the percentage reached;
+- prefill tokens/s for one prompt of --prefill tokens;
+- load seconds and peak RSS;
+- quality against float32: top-1 next-token agreement over fixed prompts and
+  positions (all, and where float32's top two logits are not near-tied), and
+  how many greedy tokens match float32's before they first differ.
+The full-size preset (a random-weight model with VibeThinker-1.5B's shape,
+built into var/bench-model on first use) takes several minutes.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODES = {"float32": ("float32", "none", "off"), "bfloat16": ("bfloat16", "none", "off"),
+         "bfloat16+float32-prefill": ("bfloat16", "none", "on"), "int8": ("float32", "int8", "off")}
+PROMPTS = ["What is 17 * 23?", "Write a Python function that reverses a list.",
+           "Prove that the square root of 2 is irrational.", "List three prime numbers above 100."]
+NEAR_TIE = 0.05  # float32 logit gap between the top two below which either token is a fair answer
+
+
+def bandwidth_gb_s(threads, gib=2):
+    """Memory read bandwidth: the best of five sums over a buffer far larger than any cache."""
+    import torch
+
+    torch.set_num_threads(threads)
+    data = torch.ones(gib * 2**28)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return data.numel() * 4 / best / 1e9
+
+
+def measure(model_dir, mode, steps, prefill, reference_file, threads):
+    """Everything about one mode, in this process: a dict."""
+    import torch
+
+    from service import model, numerics
+    from service.batching import Batch
+    from service.engine import Engine, Generation, GenerationRequest
+
+    torch.set_num_threads(threads)
+    dtype, quantization, prefill_float32 = MODES[mode]
+    started = time.monotonic()
+    loaded = model.load(str(model_dir), dtype, quantization, prefill_float32)
+    figures = {"mode": mode, "load_s": round(time.monotonic() - started, 2),
+               "bytes_per_step": numerics.weight_bytes(loaded.model)}
+
+    def handles(prompts, max_new_tokens):
+        return [Generation(GenerationRequest(loaded.encode_chat([{"role": "user", "content": p}]), max_new_tokens,
+                                             deadline=time.monotonic() + 36000)) for p in prompts]
+
+    for batch in (1, 4):
+        running = Batch(loaded)
+        running.admit(handles(PROMPTS[:batch], 10**6))
+        running.step()
+        started = time.perf_counter()
+        for _ in range(steps):
+            running.step()
+        figures[f"decode_batch{batch}_tok_s"] = round(batch * steps / (time.perf_counter() - started), 2)
+    long_prompt = handles([" ".join(["seven"] * prefill)], 1)
+    started = time.perf_counter()
+    Batch(loaded).admit(long_prompt)
+    figures["prefill_tokens"] = len(long_prompt[0].request.prompt_ids)
+    figures["prefill_tok_s"] = round(figures["prefill_tokens"] / (time.perf_counter() - started), 1)
+
+    engine = Engine(lambda: loaded, len(PROMPTS), threads, max_batch=len(PROMPTS)).start()
+    while not engine.ready:
+        time.sleep(0.01)
+    greedy = [h.result().token_ids for h in [engine.submit(g.request) for g in handles(PROMPTS, steps * 2)]]
+    engine.stop()
+    figures.update(quality(loaded, greedy, reference_file))
+    figures["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    return figures
+
+
+def quality(loaded, greedy, reference_file):
+    """Agreement with float32 (the reference file); the float32 run writes that file instead."""
+    prompts = [loaded.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+    if not reference_file.exists():  # this is the float32 run: record its greedy answers, top-1s and margins
+        tops, margins = [], []
+        for prompt, answer in zip(prompts, greedy):
+            logits = next_token_logits(loaded, prompt + answer)[len(prompt) - 1:-1]
+            best = logits.topk(2, dim=-1)
+            tops.append(best.indices[:, 0].tolist())
+            margins.append((best.values[:, 0] - best.values[:, 1]).tolist())
+        reference_file.write_text(json.dumps({"greedy": greedy, "top1": tops, "margins": margins}))
+        return {}
+    reference = json.loads(reference_file.read_text())
+    agree = clear = clear_agree = 0
+    positions = 0
+    for prompt, answer, tops, margins in zip(prompts, reference["greedy"], reference["top1"], reference["margins"]):
+        ours = next_token_logits(loaded, prompt + answer)[len(prompt) - 1:-1].argmax(dim=-1).tolist()
+        for mine, theirs, margin in zip(ours, tops, margins):
+            positions += 1
+            agree += mine == theirs
+            if margin >= NEAR_TIE:
+                clear += 1
+                clear_agree += mine == theirs
+    matched, tie_explains = [], []
+    for mine, theirs, margins in zip(greedy, reference["greedy"], reference["margins"]):
+        same = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+        matched.append(same)
+        tie_explains.append(same >= min(len(mine), len(theirs)) or margins[same] < NEAR_TIE)
+    return {"top1_agreement": round(agree / positions, 4),
+            "top1_agreement_not_near_tied": round(clear_agree / max(clear, 1), 4),
+            "positions": positions, "greedy_tokens": len(greedy[0]), "greedy_tokens_matching": matched,
+            "greedy_differs_only_at_near_ties": all(tie_explains)}
+
+
+def next_token_logits(loaded, ids):
+    """Float32 logits at every position of `ids` (one forward, no cache)."""
+    import torch
+
+    with torch.inference_mode(), loaded.prefill_mode():
+        return loaded.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="tiny", choices=["tiny", "vibethinker-1.5b"])
+    parser.add_argument("--steps", type=int, default=8, help="decode steps timed per batch size")
+    parser.add_argument("--prefill", type=int, default=256, help="words in the prefill prompt")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure this mode, print its JSON
+    parser.add_argument("--reference", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    threads = len(os.sched_getaffinity(0))
+    model_dir = ROOT / "var" / ("bench-model" if args.preset != "tiny" else "bench-tiny")
+    if args.one:
+        print(json.dumps(measure(model_dir, args.one, args.steps, args.prefill, Path(args.reference), threads)))
+        return
+    if not (model_dir / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "service.demo_model", str(model_dir), "--preset", args.preset],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    results = []
+    with tempfile.TemporaryDirectory() as work:
+        reference = Path(work) / "float32.json"
+        modes = ["float32"] + [m for m in args.modes.split(",") if m != "float32"]  # float32 first: the reference
+        for mode in modes:
+            out = subprocess.run([sys.executable, __file__, "--one", mode, "--reference", str(reference),
+                                  "--steps", str(args.steps), "--prefill", str(args.prefill),
+                                  "--preset", args.preset], cwd=ROOT, check=True, capture_output=True, text=True)
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    read_gb_s = bandwidth_gb_s(threads)  # after the modes: exec keeps a parent's peak RSS in the child's figure
+    base = results[0]
+    for figures in results:
+        floor = read_gb_s * 1e9 / figures["bytes_per_step"]
+        print(json.dumps({"bench": "modes", "preset": args.preset, "threads": threads, **figures,
+                          "read_gb_s": round(read_gb_s, 1), "floor_batch1_tok_s": round(floor, 2),
+                          "batch1_pct_of_floor": round(100 * figures["decode_batch1_tok_s"] / floor, 1),
+                          **{f"batch{b}_vs_float32": round(figures[f"decode_batch{b}_tok_s"]
+                                                           / base[f"decode_batch{b}_tok_s"], 2) for b in (1, 4)}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Numeric modes: int8 quantisation, float32 prefill for bfloat16, CPU feature detection; int8 behind gunicorn."""
+
+import openai
+import pytest
+import requests
+import torch
+
+from service import model, numerics
+from tests.conftest import greedy
+
+
+@pytest.fixture(scope="module")
+def int8(tiny_model):
+    return model.load(str(tiny_model), quantization="int8")
+
+
+def test_bf16_units_are_read_from_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f\n\nprocessor\t: 1\n")
+    assert not numerics.cpu_has_bf16(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n")
+    assert numerics.cpu_has_bf16(cpuinfo)
+    assert not numerics.cpu_has_bf16(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("setting, dtype, expected", [
+    ("on", "bfloat16", True), ("off", "bfloat16", False), ("on", "float32", False),
+    ("auto", "float32", False), ("auto", "bfloat16", not numerics.cpu_has_bf16()),
+])
+def test_float32_prefill_setting(setting, dtype, expected):
+    assert numerics.wants_float32_prefill(setting, dtype) is expected
+
+
+def test_int8_quantises_every_decoder_linear_and_the_head(int8, reference):
+    quantized = torch.ao.nn.quantized.dynamic.Linear
+    linears = [m for m in int8.model.model.layers.modules() if isinstance(m, (torch.nn.Linear, quantized))]
+    assert linears and all(isinstance(m, quantized) for m in linears)
+    assert isinstance(int8.model.lm_head, quantized)
+    assert int8.mode == "int8" and not int8.float32_prefill
+    # a step reads the int8 layers and head: under a third of float32's bytes (the embedding is one row)
+    assert numerics.weight_bytes(int8.model) < numerics.weight_bytes(reference.model) / 3
+
+
+def test_int8_keeps_most_top1_choices_of_float32(int8, reference):
+    ids = reference.encode_chat([{"role": "user", "content": "What is 17 * 23? Show the steps."}])
+    ids += greedy(reference, [{"role": "user", "content": "What is 17 * 23? Show the steps."}], 48)[1]
+    with torch.inference_mode():
+        ours = int8.model(input_ids=torch.tensor([ids])).logits[0].argmax(-1)
+        theirs = reference.model(input_ids=torch.tensor([ids])).logits[0].argmax(-1)
+    agreement = (ours == theirs).float().mean().item()
+    assert 0.5 < agreement  # tiny random weights are harsh on int8 (bench/modes.py has the figures)
+
+
+def test_float32_matmuls_upcast_bf16_linears_and_restore_them(tiny_model):
+    bf16 = model.load(str(tiny_model), dtype="bfloat16", prefill_float32="on")
+    assert bf16.float32_prefill
+    ids = torch.tensor([bf16.encode_chat([{"role": "user", "content": "upcast me"}])])
+    layer = bf16.model.model.layers[0].mlp.up_proj
+    seen = []
+    hook = torch.nn.functional.linear
+    try:
+        torch.nn.functional.linear = lambda x, w, b=None: (seen.append((x.dtype, w.dtype)), hook(x, w, b))[1]
+        with torch.inference_mode(), bf16.prefill_mode():
+            upcast = bf16.model(input_ids=ids).logits
+        seen_inside, seen[:] = list(seen), []
+        with torch.inference_mode():
+            plain = bf16.model(input_ids=ids).logits
+    finally:
+        torch.nn.functional.linear = hook
+    assert seen_inside and all(pair == (torch.float32, torch.float32) for pair in seen_inside)
+    assert "forward" not in vars(layer)  # the instance override is gone
+    assert upcast.dtype == plain.dtype == torch.bfloat16
+    assert (upcast.float() - plain.float()).abs().max() < 0.25 * plain.float().abs().max()
+
+
+def test_the_int8_service_answers_chat_completions(start_server):
+    server = start_server(VIBE_QUANTIZATION="int8")
+    ready = requests.get(server.url("/readyz"), timeout=5).json()
+    assert ready["mode"] == "int8"
+    with openai.OpenAI(base_url=server.url("/v1"), api_key=server.token, max_retries=0, timeout=60) as client:
+        answer = client.chat.completions.create(model="VibeThinker-1.5B", max_tokens=12, temperature=0,
+                                                messages=[{"role": "user", "content": "What is 6 * 7?"}])
+    assert answer.choices[0].finish_reason in ("stop", "length") and answer.usage.completion_tokens > 0
+    assert answer.choices[0].message.content
