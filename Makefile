@@ -65,6 +65,7 @@ test-quick: install
 	$(BIN)/python -m pytest -m "not slow" -x -q
 
 bench: install
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/refusals.py
 	$(BIN)/python bench/modes.py

@@ -5,7 +5,9 @@
 On the tiny demo model, in one run on this machine, prints JSON lines:
 1. aggregate tokens/s at 1, 4, 8 and 16 concurrent clients: the service
    (real gunicorn, auth, limits, filtering, batching engine) against
-   bench/seed_app.py (a Flask route calling generate, one request at a time);
+   bench/seed_app.py (a Flask route calling generate, one request at a time)
+   and `transformers serve` with continuous batching (Hugging Face's own
+   server, installed by `make bench` through the `bench` extra);
 2. the full stack's overhead per request over a direct in-process engine
    call, for a 1-token generation (medians);
 3. time to first token, p50 and p99, of streams under 16 clients;
@@ -64,6 +66,23 @@ def start_seed(model_dir, port):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_ready(f"http://127.0.0.1:{port}/predict")
     return proc
+
+
+def start_transformers_serve(model_dir, port):
+    """Hugging Face's server on the same model, continuous batching on, with a KV cache sized for 16 clients."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([str(BIN / "transformers"), "serve", str(model_dir), "--continuous-batching",
+                             "--cb-num-blocks", "64", "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_ready(f"http://127.0.0.1:{port}/health")
+    return proc
+
+
+def chat_question(model_name):
+    def body(i, j, tokens):
+        return {"model": model_name, "messages": [{"role": "user", "content": question(i, j, tokens)["question"]}],
+                "max_tokens": tokens, "temperature": 0}
+    return body
 
 
 def overhead(model_dir, url, headers, samples=40):
@@ -130,8 +149,10 @@ def real_size(tokens=8):
         subprocess.run([sys.executable, "-m", "service.demo_model", str(model_dir), "--preset", "vibethinker-1.5b"],
                        cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     figures = {}
-    for dtype in ("bfloat16", "float32"):
-        engine = Engine(lambda dtype=dtype: model.load(str(model_dir), dtype), 8, len(os.sched_getaffinity(0))).start()
+    for name, dtype, quantization in (("bfloat16", "bfloat16", "none"), ("float32", "float32", "none"),
+                                      ("int8", "float32", "int8")):
+        engine = Engine(lambda d=dtype, q=quantization: model.load(str(model_dir), d, q), 8,
+                        len(os.sched_getaffinity(0))).start()
         while not engine.ready:
             time.sleep(0.1)
         for batch in (1, 4):
@@ -139,7 +160,7 @@ def real_size(tokens=8):
             started = time.monotonic()
             handles = [engine.submit(GenerationRequest(x, tokens, deadline=time.monotonic() + 3600)) for x in ids]
             done = sum(h.result(3600).completion_tokens for h in handles)
-            figures[f"{dtype}_batch{batch}_tok_s"] = round(done / (time.monotonic() - started), 2)
+            figures[f"{name}_batch{batch}_tok_s"] = round(done / (time.monotonic() - started), 2)
         engine.stop(30)
     return figures
 
@@ -170,10 +191,17 @@ def main():
         procs.append(start_seed(model_dir, seed_port))
         seed = {n: load(f"http://127.0.0.1:{seed_port}/predict", {}, n, args.requests, args.tokens, question)
                 for n in (1, 4, 8, 16)}
+        procs[-1].terminate()
+        procs[-1].wait(30)
+        peer_port = free_port()
+        procs.append(start_transformers_serve(model_dir, peer_port))
+        peer = {n: load(f"http://127.0.0.1:{peer_port}/v1/chat/completions", {}, n, args.requests, args.tokens,
+                        chat_question(str(model_dir))) for n in (1, 4, 8, 16)}
         for n in (1, 4, 8, 16):
             print(json.dumps({"bench": "throughput", "model": "tiny", "clients": n, "tokens": args.tokens,
-                              "service_tok_s": ours[n], "seed_tok_s": seed[n],
-                              "ratio": round(ours[n] / seed[n], 2)}))
+                              "service_tok_s": ours[n], "seed_tok_s": seed[n], "transformers_serve_tok_s": peer[n],
+                              "ratio": round(ours[n] / seed[n], 2),
+                              "ratio_to_transformers_serve": round(ours[n] / peer[n], 2)}))
         print(json.dumps({"bench": "overhead", "direct_engine_ms": direct_ms, "full_stack_ms": full_ms,
                           "overhead_ms": round(full_ms - direct_ms, 2)}))
         print(json.dumps({"bench": "ttft", "clients": 16, "p50_s": p50, "p99_s": p99}))

@@ -193,10 +193,11 @@ class Engine:
         log.info("model loaded", extra={"fields": {"load_seconds": round(self.model.load_seconds, 2)}})
         batch = self._batch = Batch(self.model)
         while not self._stopping.is_set():
+            self._finish_rows(batch.evict())  # first, so finished rows make room
             joining = self._take(room=self._max_batch - len(batch), wait=not batch)
             if joining:
                 self._guarded(batch, batch.admit, joining)
-            self._finish_rows(batch.evict())
+                self._finish_rows(batch.evict())
             if batch:
                 self._guarded(batch, batch.step)
         for row in batch.fail():
