@@ -164,3 +164,19 @@ def test_sampling_stays_in_the_nucleus(top_p):
     nucleus = {i for i in range(4) if probs[:i].sum() < top_p}  # the smallest prefix reaching top_p
     drawn = {sample(logits, 1.0, top_p, torch.Generator().manual_seed(s)) for s in range(300)}
     assert drawn <= nucleus and (len(nucleus) < 4 or len(drawn) == 4)
+
+
+def test_padding_a_long_prompt_needed_is_trimmed_and_the_rest_still_match(engine, reference, long_question):
+    from service.settings import Settings
+
+    wordy = [{"role": "system", "content": Settings().default_system_prompt + " Be thorough. " * 20},
+             {"role": "user", "content": long_question}]
+    long = engine.submit(GenerationRequest(engine.model.encode_chat(wordy), 2048, deadline=time.monotonic() + 30))
+    short = engine.submit(request(engine, "short prompt", 40))
+    next(long.deltas())
+    while engine.running < 2 and not short.done:
+        time.sleep(0.001)
+    long.cancel()  # the only row that needed the leading columns leaves: they are cut from the cache
+    result = short.result(timeout=10)
+    assert long.result(timeout=10).finish_reason in ("cancelled", "stop")
+    assert result.token_ids == greedy(reference, [{"role": "user", "content": "short prompt"}], 40)[1]
