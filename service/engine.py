@@ -17,9 +17,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from service import metrics
 import torch
 
+from service import metrics
 from service.batching import GREEDY_BELOW, Batch, StopText, decode_step  # noqa: F401
 
 log = logging.getLogger("vibethinker.engine")

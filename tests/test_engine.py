@@ -47,6 +47,8 @@ def test_incremental_decoding_never_splits_a_character(reference, text):
         assert "\ufffd" not in piece
         pieces.append(piece)
     assert "".join(pieces) == text
+    assert reference.backend is not None  # the engine's fast path: the same text as the tokenizer's own decode
+    assert reference.decode(ids) == reference.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def test_stream_of_deltas_adds_up_to_the_greedy_answer(engine, reference):
