@@ -32,10 +32,16 @@ def wait_ready(url, timeout=120):
     raise RuntimeError(f"{url} not ready")
 
 
-def build_demo_model(out):
-    subprocess.run([sys.executable, "-m", "service.demo_model", str(out)], cwd=ROOT, check=True,
+def build_demo_model(out, preset="tiny"):
+    subprocess.run([sys.executable, "-m", "service.demo_model", str(out), "--preset", preset], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
     return out
+
+
+def cached_demo_model(preset):
+    """The preset's random-weight model under var/, built on first use (the full size takes minutes and 3.1 GB)."""
+    out = ROOT / "var" / ("bench-tiny" if preset == "tiny" else "bench-model")
+    return out if (out / "config.json").is_file() else build_demo_model(out, preset)
 
 
 def start_service(work, model_dir, port, user_options, **settings):

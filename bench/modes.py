@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import ROOT, cached_demo_model
+
 sys.path.insert(0, str(ROOT))
 
 MODES = {"float32": ("float32", "none", "off"), "bfloat16": ("bfloat16", "none", "off"),
@@ -65,9 +66,12 @@ def measure(model_dir, mode, steps, prefill, reference_file, threads):
     figures = {"mode": mode, "load_s": round(time.monotonic() - started, 2),
                "bytes_per_step": numerics.weight_bytes(loaded.model)}
 
+    def requests_for(prompts, max_new_tokens):
+        return [GenerationRequest(loaded.encode_chat([{"role": "user", "content": p}]), max_new_tokens,
+                                  deadline=time.monotonic() + 36000) for p in prompts]
+
     def handles(prompts, max_new_tokens):
-        return [Generation(GenerationRequest(loaded.encode_chat([{"role": "user", "content": p}]), max_new_tokens,
-                                             deadline=time.monotonic() + 36000)) for p in prompts]
+        return [Generation(request) for request in requests_for(prompts, max_new_tokens)]
 
     for batch in (1, 4):
         running = Batch(loaded)
@@ -86,7 +90,7 @@ def measure(model_dir, mode, steps, prefill, reference_file, threads):
     engine = Engine(lambda: loaded, len(PROMPTS), threads, max_batch=len(PROMPTS)).start()
     while not engine.ready:
         time.sleep(0.01)
-    greedy = [h.result().token_ids for h in [engine.submit(g.request) for g in handles(PROMPTS, steps * 2)]]
+    greedy = [h.result().token_ids for h in [engine.submit(r) for r in requests_for(PROMPTS, steps * 2)]]
     engine.stop()
     figures.update(quality(loaded, greedy, reference_file))
     figures["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
@@ -145,13 +149,10 @@ def main():
     parser.add_argument("--reference", help=argparse.SUPPRESS)
     args = parser.parse_args()
     threads = len(os.sched_getaffinity(0))
-    model_dir = ROOT / "var" / ("bench-model" if args.preset != "tiny" else "bench-tiny")
+    model_dir = cached_demo_model(args.preset)
     if args.one:
         print(json.dumps(measure(model_dir, args.one, args.steps, args.prefill, Path(args.reference), threads)))
         return
-    if not (model_dir / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "service.demo_model", str(model_dir), "--preset", args.preset],
-                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     results = []
     with tempfile.TemporaryDirectory() as work:
         reference = Path(work) / "float32.json"

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import requests
-from harness import BIN, ROOT, build_demo_model, free_port, start_service, wait_ready
+from harness import BIN, ROOT, build_demo_model, cached_demo_model, free_port, start_service, wait_ready
 
 sys.path.insert(0, str(ROOT))
 
@@ -144,10 +144,7 @@ def real_size(tokens=8):
     from service.engine import Engine, GenerationRequest
     from service.model import chat_messages
 
-    model_dir = ROOT / "var" / "bench-model"
-    if not (model_dir / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "service.demo_model", str(model_dir), "--preset", "vibethinker-1.5b"],
-                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    model_dir = cached_demo_model("vibethinker-1.5b")
     figures = {}
     for name, dtype, quantization in (("bfloat16", "bfloat16", "none"), ("float32", "float32", "none"),
                                       ("int8", "float32", "int8")):

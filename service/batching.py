@@ -63,9 +63,8 @@ class Batch:
     """The running rows and their shared KV cache; `admit`, `step` and `evict` change it."""
 
     def __init__(self, loaded):
-        self.loaded = loaded
-        self.rows = []
-        self.cache = self.mask = self.tokens = self.positions = None
+        self.loaded, self.rows = loaded, []
+        self.empty()
 
     def __len__(self):
         return len(self.rows)
@@ -106,7 +105,7 @@ class Batch:
             keep = [i for i, row in enumerate(self.rows) if not row.done]
             self.rows = [self.rows[i] for i in keep]
             if not keep:
-                self.cache = self.mask = self.tokens = self.positions = None
+                self.empty()
             else:
                 index = torch.tensor(keep, dtype=torch.long)
                 self.cache.batch_select_indices(index)
@@ -114,8 +113,8 @@ class Batch:
                 self._trim()
         return gone
 
-    def fail(self):
-        """Empty the batch after an error; return the rows that were in it."""
+    def empty(self):
+        """Drop every row and the cache (after an error, or once none is left); return the rows."""
         rows, self.rows = self.rows, []
         self.cache = self.mask = self.tokens = self.positions = None
         return rows

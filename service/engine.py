@@ -200,7 +200,7 @@ class Engine:
                 self._finish_rows(batch.evict())
             if batch:
                 self._guarded(batch, batch.step)
-        for row in batch.fail():
+        for row in batch.empty():
             row.handle._finish(error=EngineError("the engine stopped"))
 
     def _take(self, room, wait):
@@ -227,7 +227,7 @@ class Engine:
             action(handles) if handles is not None else action()
         except Exception as exc:
             log.exception("generation failed")
-            touched = handles if handles is not None else [row.handle for row in batch.fail()]
+            touched = handles if handles is not None else [row.handle for row in batch.empty()]
             for handle in touched:
                 handle._finish(error=exc)
 
