@@ -205,12 +205,13 @@ class Engine:
 
     def _take(self, room, wait):
         """Up to `room` queued requests that are still wanted; waits a little when the batch is empty."""
-        joining, now = [], time.monotonic()
+        joining = []
         while len(joining) < room:
             try:
                 handle = self._queue.get(timeout=0.2) if wait and not joining else self._queue.get_nowait()
             except queue.Empty:
                 break
+            now = time.monotonic()  # after the wait: a request cannot start before it was submitted
             if handle.cancelled or handle.expired(now):
                 reason = "cancelled" if handle.cancelled else "timeout"
                 handle._finish(GenerationResult("", [], len(handle.request.prompt_ids), reason,

@@ -74,6 +74,15 @@ def test_expired_request_is_skipped_without_running(engine):
     assert result.finish_reason == "timeout" and result.completion_tokens == 0 and result.run_seconds == 0
 
 
+def test_queue_and_run_times_split_at_the_moment_a_request_joins(engine):
+    time.sleep(0.3)  # the engine idles in its queue wait
+    submitted = time.monotonic()
+    result = engine.submit(request(engine, "time me", 2)).result(timeout=30)
+    took = time.monotonic() - submitted
+    assert 0 <= result.queue_seconds < 0.1
+    assert 0 < result.run_seconds <= took and result.queue_seconds + result.run_seconds <= took
+
+
 def test_queue_refuses_at_once_when_full(single):
     engine = single
     running = engine.submit(request(engine, "Count to a thousand.", 2048))

@@ -1,0 +1,141 @@
+"""A pre-converted int8 model folder: `vibethinker-admin model convert IN OUT --quantization int8`.
+
+Converting at every start costs the int8 mode about 40 s at full size. The
+folder `convert` writes holds the source's config, generation config and
+tokenizer files, a marker, and `model.int8.safetensors`: each int8 linear
+layer as its int8 weight, per-channel scales and zero points and its bias;
+every other parameter as it was. `load` builds the model's skeleton on the
+meta device (no memory, no random init) and fills it from that file, so the
+load holds nothing but the final weights.
+
+The marker makes the folder self-describing: `service.model.load` sees it and
+refuses a setting that asks for another mode, rather than guess.
+"""
+
+import gc
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from service import numerics
+
+MARKER = "vibethinker-quantized.json"
+WEIGHTS = "model.int8.safetensors"
+FORMAT = 1
+# Everything of the source folder but its weights.
+COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+          "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json",
+          "DEMO_MODEL.txt")
+
+
+class ConvertError(Exception):
+    """The conversion cannot start or the folder cannot be loaded; the message says why."""
+
+
+def quantization_of(path):
+    """The quantisation a model folder was converted to ("int8"), or None for a plain checkpoint."""
+    marker = Path(path) / MARKER
+    if not marker.is_file():
+        return None
+    return json.loads(marker.read_text())["quantization"]
+
+
+def convert(source, out, quantization="int8"):
+    """Write `source` converted to `quantization` into the new folder `out`; return its weight bytes.
+
+    The folder appears whole or not at all: it is written beside `out` and renamed.
+    """
+    from service import model
+
+    source, out = Path(source), Path(out)
+    if quantization != "int8":
+        raise ConvertError(f"unknown quantization {quantization!r}; the one offered is int8")
+    if not (source / "config.json").is_file():
+        raise ConvertError(f"{source} is not a model folder (no config.json)")
+    if quantization_of(source):
+        raise ConvertError(f"{source} is already converted ({quantization_of(source)})")
+    if out.exists():
+        raise ConvertError(f"{out} exists; choose a new folder")
+    loaded = model.load(str(source), quantization=quantization)
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        save_file(_tensors(loaded.model), partial / WEIGHTS, metadata={"format": str(FORMAT)})
+        for name in COPIED:
+            if (source / name).is_file():
+                shutil.copy2(source / name, partial / name)
+        (partial / MARKER).write_text(json.dumps({"format": FORMAT, "quantization": quantization,
+                                                  "source": source.name}) + "\n")
+        os.rename(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return (out / WEIGHTS).stat().st_size
+
+
+def _tensors(model):
+    """Name -> tensor of everything the int8 model holds."""
+    tensors = {}
+    for name, module in model.named_modules():
+        if isinstance(module, numerics.Int8Linear):
+            weight, bias = module._weight_bias()
+            tensors[f"{name}.weight"] = weight.int_repr().contiguous()
+            tensors[f"{name}.weight_scales"] = weight.q_per_channel_scales().contiguous()
+            tensors[f"{name}.weight_zero_points"] = weight.q_per_channel_zero_points().contiguous()
+            if bias is not None:
+                tensors[f"{name}.bias"] = bias.detach().contiguous()
+    for name, param in model.named_parameters():
+        tensors[name] = param.detach().contiguous()
+    return tensors
+
+
+def load(path, full_range=None):
+    """The int8 model of a converted folder, ready for inference (as numerics.quantize_int8 leaves it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    path = Path(path)
+    meta = json.loads((path / MARKER).read_text())
+    if meta.get("format") != FORMAT:
+        raise ConvertError(f"{path} has int8 format {meta.get('format')}; this service reads {FORMAT}: "
+                           "convert the model again")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with safe_open(path / WEIGHTS, framework="pt") as weights:
+        names = set(weights.keys())
+        for name in sorted(n[:-len(".weight_scales")] for n in names if n.endswith(".weight_scales")):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, _int8_linear(weights, name, names))
+        for name, _ in list(model.named_parameters()):
+            if name not in names:
+                raise ConvertError(f"{path / WEIGHTS} lacks {name}; convert the model again")
+            parent, _, leaf = name.rpartition(".")
+            model.get_submodule(parent)._parameters[leaf] = torch.nn.Parameter(weights.get_tensor(name),
+                                                                               requires_grad=False)
+    rotary = model.model.rotary_emb  # its buffers are computed from the config, not stored
+    model.model.rotary_emb = type(rotary)(config=model.config)
+    left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if left:
+        raise ConvertError(f"{path / WEIGHTS} does not fill {left[0]}; convert the model again")
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+    model.eval()
+    gc.collect()
+    return numerics.finish_int8(model, full_range)
+
+
+def _int8_linear(weights, name, names):
+    """The Int8Linear stored under `name`; packing its weight for fbgemm is most of a load's time."""
+    int8 = weights.get_tensor(f"{name}.weight")
+    qweight = torch._make_per_channel_quantized_tensor(
+        int8, weights.get_tensor(f"{name}.weight_scales"), weights.get_tensor(f"{name}.weight_zero_points"), 0)
+    bias = weights.get_tensor(f"{name}.bias") if f"{name}.bias" in names else None
+    module = numerics.Int8Linear(int8.shape[1], int8.shape[0], bias_=bias is not None)
+    module.set_weight_bias(qweight, bias)
+    return module
