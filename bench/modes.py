@@ -2,16 +2,21 @@
 
     python bench/modes.py [--preset tiny|vibethinker-1.5b] [--steps 8] [--prefill 256]
 
-Each mode (float32, bfloat16, bfloat16 with float32 prefill, int8) loads in its
-own process, so its peak RSS is its own. Prints one JSON line per mode:
+Each mode (float32, bfloat16, bfloat16 with float32 prefill, int8 converted at
+load, and int8 from a folder `vibethinker-admin model convert` wrote) loads in
+its own process, so its peak RSS is its own. Prints one JSON line per mode:
 - decode tokens/s at batch 1 and 4 through the engine's step loop, and the
   floor for batch 1: this run's measured memory read bandwidth over the bytes
   of weights one step reads, with the percentage reached;
 - prefill tokens/s for one prompt of --prefill tokens;
-- load seconds and peak RSS;
+- load seconds, peak RSS, and peak anonymous RSS (without the pages of the
+  memory-mapped checkpoint, which the kernel can take back);
 - quality against float32: top-1 next-token agreement over fixed prompts and
   positions (all, and where float32's top two logits are not near-tied), and
-  how many greedy tokens match float32's before they first differ.
+  how many greedy tokens match float32's before they first differ;
+- and one line for the kernels alone: a batch-1 pass over 24 linear layers
+  of the model's MLP shape in float32, bfloat16 and int8, the ceiling of
+  what int8 can gain over float32 on this CPU.
 The full-size preset (a random-weight model with VibeThinker-1.5B's shape,
 built into var/bench-model on first use) takes several minutes.
 """
@@ -23,15 +28,18 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-from harness import ROOT, cached_demo_model
+from harness import BIN, ROOT, cached_demo_model
 
 sys.path.insert(0, str(ROOT))
 
 MODES = {"float32": ("float32", "none", "off"), "bfloat16": ("bfloat16", "none", "off"),
-         "bfloat16+float32-prefill": ("bfloat16", "none", "on"), "int8": ("float32", "int8", "off")}
+         "bfloat16+float32-prefill": ("bfloat16", "none", "on"), "int8": ("float32", "int8", "off"),
+         "int8-converted": ("float32", "int8", "off")}
+CONVERTED = "int8-converted"  # loads the folder cached_int8_model wrote
 PROMPTS = ["What is 17 * 23?", "Write a Python function that reverses a list.",
            "Prove that the square root of 2 is irrational.", "List three prime numbers above 100."]
 NEAR_TIE = 0.05  # float32 logit gap between the top two below which either token is a fair answer
@@ -61,6 +69,9 @@ def measure(model_dir, mode, steps, prefill, reference_file, threads):
 
     torch.set_num_threads(threads)
     dtype, quantization, prefill_float32 = MODES[mode]
+    if mode == CONVERTED:
+        model_dir = cached_int8_model(model_dir)
+    anon = AnonymousPeak().start()
     started = time.monotonic()
     loaded = model.load(str(model_dir), dtype, quantization, prefill_float32)
     figures = {"mode": mode, "load_s": round(time.monotonic() - started, 2),
@@ -94,7 +105,87 @@ def measure(model_dir, mode, steps, prefill, reference_file, threads):
     engine.stop()
     figures.update(quality(loaded, greedy, reference_file))
     figures["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    figures["peak_anon_gib"] = round(anon.stop() / 2**30, 2)
     return figures
+
+
+def int8_dir(model_dir):
+    return model_dir.with_name(model_dir.name + "-int8")
+
+
+class AnonymousPeak:
+    """The highest RssAnon of this process, sampled every 20 ms.
+
+    Peak RSS also counts the pages of memory-mapped weight files, which are
+    clean and which the kernel takes back under pressure; RssAnon is the
+    memory a load really needs.
+    """
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+    def _sample(self):
+        while True:
+            status = Path("/proc/self/status").read_text()
+            kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("RssAnon:"))
+            self.peak = max(self.peak, kib * 1024)
+            if self._stop.wait(0.02):
+                return
+
+
+def kernels(model_dir, threads, layers=24):
+    """ms per batch-1 pass over `layers` linear layers of the model's MLP shape, per numeric type.
+
+    The ceiling of int8's speed-up over float32 that the kernels alone allow,
+    apart from everything else a decode step does.
+    """
+    import torch
+
+    from service import numerics
+
+    torch.set_num_threads(threads)
+    config = json.loads((model_dir / "config.json").read_text())
+    shape = (config["hidden_size"], config["intermediate_size"])
+    dense = [torch.nn.Linear(*shape, bias=False) for _ in range(layers)]
+    int8 = []
+    for layer in dense:
+        layer.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+        int8.append(numerics.Int8Linear.from_float(layer))
+        int8[-1].full_range = numerics.cpu_has_vnni()  # as the service runs it
+    bf16 = [torch.nn.Linear(*shape, bias=False, dtype=torch.bfloat16) for _ in range(layers)]
+    kinds = {"float32": dense, "bfloat16": bf16, "int8": int8}
+    figures = {}
+    for name, stack in kinds.items():
+        x = torch.randn(1, shape[0], dtype=torch.bfloat16 if name == "bfloat16" else torch.float32)
+        with torch.inference_mode():
+            for layer in stack:
+                layer(x)
+            started = time.perf_counter()
+            for _ in range(10):
+                for layer in stack:
+                    layer(x)
+        figures[f"{name}_ms"] = round((time.perf_counter() - started) / 10 * 1000, 2)
+    return {"bench": "kernels", "shape": list(shape), "layers": layers, **figures,
+            "int8_vs_float32": round(figures["float32_ms"] / figures["int8_ms"], 2)}
+
+
+def cached_int8_model(model_dir):
+    """The int8 folder of `model_dir`, converted by the real CLI on first use."""
+    out = int8_dir(model_dir)
+    if not out.is_dir():
+        subprocess.run([str(BIN / "vibethinker-admin"), "model", "convert", str(model_dir), str(out),
+                        "--quantization", "int8"], cwd=ROOT, check=True, capture_output=True)
+    return out
 
 
 def quality(loaded, greedy, reference_file):
@@ -154,15 +245,23 @@ def main():
         print(json.dumps(measure(model_dir, args.one, args.steps, args.prefill, Path(args.reference), threads)))
         return
     results = []
+    modes = ["float32"] + [m for m in args.modes.split(",") if m != "float32"]  # float32 first: the reference
+    convert_s = None
+    if CONVERTED in modes and not int8_dir(model_dir).is_dir():  # timed when this run converts
+        started = time.monotonic()
+        cached_int8_model(model_dir)
+        convert_s = round(time.monotonic() - started, 1)
     with tempfile.TemporaryDirectory() as work:
         reference = Path(work) / "float32.json"
-        modes = ["float32"] + [m for m in args.modes.split(",") if m != "float32"]  # float32 first: the reference
         for mode in modes:
             out = subprocess.run([sys.executable, __file__, "--one", mode, "--reference", str(reference),
                                   "--steps", str(args.steps), "--prefill", str(args.prefill),
                                   "--preset", args.preset], cwd=ROOT, check=True, capture_output=True, text=True)
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     read_gb_s = bandwidth_gb_s(threads)  # after the modes: exec keeps a parent's peak RSS in the child's figure
+    print(json.dumps({"preset": args.preset, "threads": threads, **kernels(model_dir, threads)}))
+    if convert_s is not None:
+        next(r for r in results if r["mode"] == CONVERTED)["convert_s"] = convert_s
     base = results[0]
     for figures in results:
         floor = read_gb_s * 1e9 / figures["bytes_per_step"]

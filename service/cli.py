@@ -1,4 +1,4 @@
-"""vibethinker-admin: users, tokens, keys and the audit trail, from the server's shell.
+"""vibethinker-admin: users, tokens, keys, the audit trail and model conversion, from the server's shell.
 
 Reads the same settings as the service (VIBE_* and VIBE_CONFIG). Any error
 exits non-zero with one line on stderr. `tokens issue` prints the token text
@@ -36,7 +36,7 @@ def main(argv=None):
 def build_parser():
     parser = argparse.ArgumentParser(prog="vibethinker-admin", description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{users,tokens,keys,usage,audit,db}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{users,tokens,keys,usage,audit,db,model}")
 
     users = groups.add_parser("users", help="add, list, disable, enable, set").add_subparsers(dest="cmd", required=True)
     add = users.add_parser("add", help="create a user")
@@ -97,6 +97,13 @@ def build_parser():
 
     db = groups.add_parser("db", help="database schema").add_subparsers(dest="cmd", required=True)
     db.add_parser("upgrade", help="apply migrations (the service also does at start)").set_defaults(handler=db_upgrade)
+
+    model = groups.add_parser("model", help="convert").add_subparsers(dest="cmd", required=True)
+    convert = model.add_parser("convert", help="write a pre-converted model folder the service loads directly")
+    convert.add_argument("source", help="a model folder (config.json, safetensors weights, tokenizer)")
+    convert.add_argument("out", help="the new folder to write; point model_path at it")
+    convert.add_argument("--quantization", choices=["int8"], required=True)
+    convert.set_defaults(handler=model_convert)
     return parser
 
 
@@ -252,6 +259,21 @@ def db_upgrade(args, settings):
     text = f"database schema upgraded from {before or 'empty'} to {after}" if before != after else (
         f"database schema is up to date ({after})")
     _emit(args, {"upgraded": before != after, "from": before, "to": after}, text)
+
+
+def model_convert(args, settings):
+    import torch
+
+    from service import artifact
+
+    torch.set_num_threads(settings.torch_threads)
+    try:
+        size = artifact.convert(args.source, args.out, args.quantization)
+    except artifact.ConvertError as exc:
+        raise SettingsError(str(exc)) from None
+    _emit(args, {"out": args.out, "quantization": args.quantization, "weight_bytes": size},
+          f"wrote {args.out} ({args.quantization}, {size / 2**20:,.0f} MiB of weights); set model_path to it "
+          f"and quantization = {args.quantization}")
 
 
 def _table(rows, columns):

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from service import numerics  # noqa: E402
+from service import artifact, numerics  # noqa: E402
 
 hf_logging.disable_progress_bar()
 
@@ -61,19 +61,27 @@ class LoadedModel:
 def load(path, dtype="float32", quantization="none", prefill_float32="auto"):
     """Load model and tokenizer once from a local folder; weights are memory-mapped.
 
-    With quantization "int8", the weights load as bfloat16 (a bfloat16 checkpoint
-    stays mapped, not copied) and become int8 one decoder layer at a time.
+    With quantization "int8", a plain checkpoint loads in its own dtype (a
+    bfloat16 one stays mapped, not copied) and becomes int8 one decoder layer
+    at a time; a folder written by `vibethinker-admin model convert` loads as
+    it is. Such a folder only loads with the quantization it was converted to.
     """
     started = time.monotonic()
+    converted = artifact.quantization_of(path)
+    if converted is not None and converted != quantization:
+        raise ValueError(f"{path} is a pre-converted {converted} model: set quantization = {converted} "
+                         f"(it is {quantization}), or point model_path at the original checkpoint")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     int8 = quantization == "int8"
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.bfloat16 if int8 else getattr(torch, dtype), low_cpu_mem_usage=True,
-        local_files_only=True,
-    )
-    model.eval()
-    if int8:
-        numerics.quantize_int8(model)
+    if converted:
+        model = artifact.load(path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype="auto" if int8 else getattr(torch, dtype), low_cpu_mem_usage=True, local_files_only=True,
+        )
+        model.eval()
+        if int8:
+            numerics.quantize_int8(model)
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:

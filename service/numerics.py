@@ -8,6 +8,12 @@ so a row's output can shift slightly with the other rows in its batch; the
 README has the measured trade-off). Conversion goes layer by layer from the
 memory-mapped checkpoint, so the load never holds a float32 copy of the model.
 
+fbgemm quantises activations to 7 bits by default, because its AVX2 kernel
+sums pairs of 8-bit products in 16 bits and would saturate. On a CPU with
+AVX512-VNNI the products are summed in 32 bits, so `Int8Linear` uses all 8
+bits there: measured on the random-weight presets, top-1 agreement with
+float32 rises from 77% to 94% (tiny) and from 52% to 70% (full size).
+
 In bfloat16 mode on a CPU without bfloat16 units, prefill matmuls are much
 faster in float32 (1000 tokens: 142 s against 21 s measured on AVX2), so
 `float32_prefill` runs them that way: each weight is upcast for the call.
@@ -22,16 +28,45 @@ from pathlib import Path
 import torch
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+VNNI_FLAGS = ("avx512_vnni",)  # fbgemm's 32-bit int8 accumulation (AVX-VNNI alone does not select it)
+CPUINFO = Path("/proc/cpuinfo")
 
 
-def cpu_has_bf16(cpuinfo=Path("/proc/cpuinfo")):
-    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX)."""
+def cpu_flags(cpuinfo=CPUINFO):
+    """The first CPU's feature flags, or an empty set when /proc/cpuinfo cannot be read."""
     try:
         text = cpuinfo.read_text()
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return any(flag in flags for flag in BF16_FLAGS)
+        return frozenset()
+    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                           if line.startswith("flags")), []))
+
+
+def cpu_has_bf16(cpuinfo=CPUINFO):
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX)."""
+    return any(flag in cpu_flags(cpuinfo) for flag in BF16_FLAGS)
+
+
+def cpu_has_vnni(cpuinfo=CPUINFO):
+    """Whether fbgemm can take 8-bit activations without saturating (AVX512-VNNI)."""
+    return any(flag in cpu_flags(cpuinfo) for flag in VNNI_FLAGS)
+
+
+class Int8Linear(torch.ao.nn.quantized.dynamic.Linear):
+    """fbgemm's dynamic int8 linear layer, with 8-bit activations when `full_range` (a VNNI CPU)."""
+
+    full_range = False
+
+    def __init__(self, in_features, out_features, bias_=True, dtype=torch.qint8):
+        # Packed with a 1x1 placeholder: from_float and artifact.load pack the real weight next, and packing a
+        # full-size zero weight first cost as much (two thirds of an int8 load's time).
+        super().__init__(1, 1, bias_, dtype)
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, x):
+        y = torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params,
+                                               reduce_range=not self.full_range)
+        return y.to(x.dtype)
 
 
 def wants_float32_prefill(setting, dtype):
@@ -41,20 +76,21 @@ def wants_float32_prefill(setting, dtype):
     return setting == "on" or not cpu_has_bf16()
 
 
-def quantize_int8(model):
+def quantize_int8(model, full_range=None):
     """Make the decoder layers' and the output head's linear layers int8, one layer at a time.
 
     The embedding stays in the dtype it was loaded in (a lookup reads one row
-    per token) and hands float32 to the layers.
+    per token) and hands float32 to the layers. `full_range` (8-bit
+    activations) defaults to whether the CPU has VNNI.
     """
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    spec = {torch.nn.Linear: per_channel_dynamic_qconfig}
+    spec, mapping = {torch.nn.Linear: per_channel_dynamic_qconfig}, {torch.nn.Linear: Int8Linear}
     with warnings.catch_warnings():  # torch.ao's dynamic quantisation is marked deprecated; see the module doc
         warnings.simplefilter("ignore")
         for layer in model.model.layers:
             layer.float()  # only this layer is ever float32
-            quantize_dynamic(layer, spec, inplace=True)
+            quantize_dynamic(layer, spec, mapping=mapping, inplace=True)
             gc.collect()  # the swapped-out float32 modules sit in reference cycles
         model.model.norm.float()
         model.model.rotary_emb.float()
@@ -64,9 +100,18 @@ def quantize_int8(model):
             full.weight = torch.nn.Parameter(head.weight.detach().float(), requires_grad=False)
             if head.bias is not None:
                 full.bias = torch.nn.Parameter(head.bias.detach().float(), requires_grad=False)
-            model.lm_head = quantize_dynamic(torch.nn.Sequential(full), spec, inplace=True)[0]
+            model.lm_head = quantize_dynamic(torch.nn.Sequential(full), spec, mapping=mapping, inplace=True)[0]
             del full
             gc.collect()
+    return finish_int8(model, full_range)
+
+
+def finish_int8(model, full_range=None):
+    """The last touches of a model whose linears are Int8Linear: its activation range, float32 embeddings."""
+    full_range = cpu_has_vnni() if full_range is None else full_range
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            module.full_range = full_range
     model.model.embed_tokens.register_forward_hook(lambda module, args, output: output.float())
     model.config.dtype = torch.float32
     return model

@@ -1,12 +1,15 @@
-"""Numeric modes: int8 quantisation, float32 prefill for bfloat16, CPU feature detection; int8 behind gunicorn."""
+"""Numeric modes: int8 quantisation and its pre-converted folder, float32 prefill for bfloat16, CPU feature
+detection; int8 behind gunicorn."""
+
+import json
 
 import openai
 import pytest
 import requests
 import torch
 
-from service import model, numerics
-from tests.conftest import greedy
+from service import artifact, model, numerics
+from tests.conftest import admin_cli, clean_env, greedy
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +24,9 @@ def test_bf16_units_are_read_from_the_cpu_flags(tmp_path):
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n")
     assert numerics.cpu_has_bf16(cpuinfo)
     assert not numerics.cpu_has_bf16(tmp_path / "missing")
+    assert not numerics.cpu_has_vnni(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert numerics.cpu_has_vnni(cpuinfo) and not numerics.cpu_has_bf16(cpuinfo)
 
 
 @pytest.mark.parametrize("setting, dtype, expected", [
@@ -34,8 +40,10 @@ def test_float32_prefill_setting(setting, dtype, expected):
 def test_int8_quantises_every_decoder_linear_and_the_head(int8, reference):
     quantized = torch.ao.nn.quantized.dynamic.Linear
     linears = [m for m in int8.model.model.layers.modules() if isinstance(m, (torch.nn.Linear, quantized))]
-    assert linears and all(isinstance(m, quantized) for m in linears)
-    assert isinstance(int8.model.lm_head, quantized)
+    assert linears and all(isinstance(m, numerics.Int8Linear) for m in linears)
+    assert isinstance(int8.model.lm_head, numerics.Int8Linear)
+    # 8-bit activations exactly where fbgemm cannot saturate
+    assert all(m.full_range is numerics.cpu_has_vnni() for m in [*linears, int8.model.lm_head])
     assert int8.mode == "int8" and not int8.float32_prefill
     # a step reads the int8 layers and head: under a third of float32's bytes (the embedding is one row)
     assert numerics.weight_bytes(int8.model) < numerics.weight_bytes(reference.model) / 3
@@ -49,6 +57,58 @@ def test_int8_keeps_most_top1_choices_of_float32(int8, reference):
         theirs = reference.model(input_ids=torch.tensor([ids])).logits[0].argmax(-1)
     agreement = (ours == theirs).float().mean().item()
     assert 0.5 < agreement  # tiny random weights are harsh on int8 (bench/modes.py has the figures)
+
+
+def test_int8_activation_range_decides_the_error():
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(256, 512)
+    dense.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+    layer = numerics.Int8Linear.from_float(dense)
+    x = torch.randn(4, 256) * 3
+    errors = {}
+    for full_range in (False, True):
+        layer.full_range = full_range
+        with torch.inference_mode():
+            errors[full_range] = ((layer(x) - dense(x)).norm() / dense(x).norm()).item()
+    assert errors[False] < 0.05
+    if numerics.cpu_has_vnni():  # 8 bits of activation: about half the error of fbgemm's default 7
+        assert errors[True] < 0.7 * errors[False]
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "tiny-int8"
+    proc = admin_cli(clean_env(), "model", "convert", tiny_model, out, "--quantization", "int8")
+    assert str(out) in proc.stdout.splitlines()[-1]
+    return out
+
+
+def test_a_converted_folder_loads_the_same_int8_model(converted, int8):
+    loaded = model.load(str(converted), quantization="int8")
+    assert loaded.mode == "int8" and isinstance(loaded.model.lm_head, numerics.Int8Linear)
+    assert json.loads((converted / artifact.MARKER).read_text())["quantization"] == "int8"
+    ids = torch.tensor([int8.encode_chat([{"role": "user", "content": "Is 91 prime?"}])])
+    with torch.inference_mode():
+        assert torch.equal(loaded.model(input_ids=ids).logits, int8.model(input_ids=ids).logits)
+    assert loaded.encode_chat([{"role": "user", "content": "hi"}]) == int8.encode_chat([{"role": "user",
+                                                                                          "content": "hi"}])
+    assert loaded.eos_ids == int8.eos_ids and loaded.context_length == int8.context_length
+
+
+def test_a_converted_folder_refuses_another_mode(converted):
+    with pytest.raises(ValueError, match="pre-converted int8 model: set quantization = int8"):
+        model.load(str(converted), dtype="bfloat16")
+
+
+def test_convert_refuses_what_it_cannot_do_and_leaves_nothing_behind(converted, tiny_model, tmp_path):
+    cases = [((tiny_model, converted), f"{converted} exists"),
+             ((converted, tmp_path / "again"), "is already converted"),
+             ((tmp_path / "nothing", tmp_path / "out"), "is not a model folder")]
+    for (source, out), message in cases:
+        proc = admin_cli(clean_env(), "model", "convert", source, out, "--quantization", "int8", check=False)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert sorted(p.name for p in converted.parent.iterdir()) == [converted.name]
 
 
 def test_float32_matmuls_upcast_bf16_linears_and_restore_them(tiny_model):
@@ -73,8 +133,8 @@ def test_float32_matmuls_upcast_bf16_linears_and_restore_them(tiny_model):
     assert (upcast.float() - plain.float()).abs().max() < 0.25 * plain.float().abs().max()
 
 
-def test_the_int8_service_answers_chat_completions(start_server):
-    server = start_server(VIBE_QUANTIZATION="int8")
+def test_the_int8_service_answers_chat_completions(start_server, converted):
+    server = start_server(VIBE_QUANTIZATION="int8", VIBE_MODEL_PATH=converted)
     ready = requests.get(server.url("/readyz"), timeout=5).json()
     assert ready["mode"] == "int8"
     with openai.OpenAI(base_url=server.url("/v1"), api_key=server.token, max_retries=0, timeout=60) as client:
