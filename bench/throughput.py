@@ -9,7 +9,8 @@ On the tiny demo model, in one run on this machine, prints JSON lines:
    and `transformers serve` with continuous batching (Hugging Face's own
    server, installed by `make bench` through the `bench` extra);
 2. the full stack's overhead per request over a direct in-process engine
-   call, for a 1-token generation (medians);
+   call, for a 1-token generation, and GET /healthz as the floor of any
+   request (medians);
 3. time to first token, p50 and p99, of streams under 16 clients;
 4. with --real: batch 1 and 4 aggregate tokens/s at VibeThinker-1.5B's size
    (the random-weight preset in var/bench-model; slow).
@@ -85,8 +86,11 @@ def chat_question(model_name):
     return body
 
 
-def overhead(model_dir, url, headers, samples=40):
-    """Median ms of a 1-token request: full stack over HTTP minus a direct engine call."""
+def overhead(model_dir, url, health_url, headers, samples=40):
+    """Medians of a 1-token request, over HTTP and as a direct engine call, and of GET /healthz.
+
+    /healthz (no token, no engine) is the floor of any request here: HTTP, gunicorn, Flask, the client.
+    """
     from service import model
     from service.engine import Engine, GenerationRequest
     from service.model import chat_messages
@@ -103,14 +107,22 @@ def overhead(model_dir, url, headers, samples=40):
         engine.submit(GenerationRequest(ids, 1, deadline=time.monotonic() + 60)).result(60)
         direct.append(time.perf_counter() - started)
     engine.stop(10)
-    full = []
+    full, floor = [], []
     with requests.Session() as session:
         for _ in range(samples):
             started = time.perf_counter()
             session.post(url, json={"question": "overhead?", "max_new_tokens": 1, "temperature": 0},
                          headers=headers, timeout=60).raise_for_status()
             full.append(time.perf_counter() - started)
-    return round(statistics.median(direct) * 1000, 2), round(statistics.median(full) * 1000, 2)
+            started = time.perf_counter()
+            session.get(health_url, timeout=60).raise_for_status()
+            floor.append(time.perf_counter() - started)
+    return {"direct_engine_ms": _median_ms(direct), "full_stack_ms": _median_ms(full),
+            "overhead_ms": round(_median_ms(full) - _median_ms(direct), 2), "healthz_ms": _median_ms(floor)}
+
+
+def _median_ms(seconds):
+    return round(statistics.median(seconds) * 1000, 2)
 
 
 def ttft(url, headers, clients=16, tokens=64):
@@ -182,7 +194,8 @@ def main():
         ours = {n: load(f"http://127.0.0.1:{service_port}/predict", headers, n, args.requests, args.tokens, question)
                 for n in (1, 4, 8, 16)}
         p50, p99 = ttft(f"http://127.0.0.1:{service_port}/v1/chat/completions", headers)
-        direct_ms, full_ms = overhead(model_dir, f"http://127.0.0.1:{service_port}/predict", headers)
+        costs = overhead(model_dir, f"http://127.0.0.1:{service_port}/predict",
+                         f"http://127.0.0.1:{service_port}/healthz", headers)
         proc.terminate()
         proc.wait(30)
         procs.append(start_seed(model_dir, seed_port))
@@ -199,8 +212,7 @@ def main():
                               "service_tok_s": ours[n], "seed_tok_s": seed[n], "transformers_serve_tok_s": peer[n],
                               "ratio": round(ours[n] / seed[n], 2),
                               "ratio_to_transformers_serve": round(ours[n] / peer[n], 2)}))
-        print(json.dumps({"bench": "overhead", "direct_engine_ms": direct_ms, "full_stack_ms": full_ms,
-                          "overhead_ms": round(full_ms - direct_ms, 2)}))
+        print(json.dumps({"bench": "overhead", **costs}))
         print(json.dumps({"bench": "ttft", "clients": 16, "p50_s": p50, "p99_s": p99}))
         if args.real:
             print(json.dumps({"bench": "real_size", "preset": "vibethinker-1.5b", **real_size()}))
