@@ -1,21 +1,25 @@
 """A pre-converted int8 model folder: `vibethinker-admin model convert IN OUT --quantization int8`.
 
-Converting at every start costs the int8 mode about 40 s at full size. The
-folder `convert` writes holds the source's config, generation config and
-tokenizer files, a marker, and `model.int8.safetensors`: each int8 linear
-layer as its int8 weight, per-channel scales and zero points and its bias;
-every other parameter as it was. `load` builds the model's skeleton on the
-meta device (no memory, no random init) and fills it from that file, so the
-load holds nothing but the final weights.
+Converting at every start costs the int8 mode about 35 s at full size. The
+folder `convert` writes holds every file of the source but its weights
+(config, tokenizer, chat template), a marker, and `model.int8.safetensors`:
+each int8 linear layer as its int8 weight, per-channel scales and zero points
+and its bias; every other parameter as it was. `load` builds the model's
+skeleton on the meta device (no memory, no random init) and fills it from
+that file, so the load holds nothing but the final weights.
 
 The marker makes the folder self-describing: `service.model.load` sees it and
-refuses a setting that asks for another mode, rather than guess.
+refuses a setting that asks for another mode, rather than guess. It also
+records the source's files (names, sizes and modification times), so
+converting again does nothing until the source changes: Ansible runs it on
+every deploy.
 """
 
 import gc
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import torch
@@ -27,10 +31,8 @@ from service import numerics
 MARKER = "vibethinker-quantized.json"
 WEIGHTS = "model.int8.safetensors"
 FORMAT = 1
-# Everything of the source folder but its weights.
-COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-          "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "added_tokens.json",
-          "DEMO_MODEL.txt")
+# The source's weight files: every other file of its folder is copied as it is.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 
 class ConvertError(Exception):
@@ -46,9 +48,11 @@ def quantization_of(path):
 
 
 def convert(source, out, quantization="int8"):
-    """Write `source` converted to `quantization` into the new folder `out`; return its weight bytes.
+    """Make `out` hold `source` converted to `quantization`; return True if it wrote it, False if up to date.
 
-    The folder appears whole or not at all: it is written beside `out` and renamed.
+    `out` is written beside itself and renamed into place, so it appears whole
+    or not at all. A folder converted from the source's current files is left
+    as it is; a stale one is replaced; any other existing folder is refused.
     """
     from service import model
 
@@ -59,24 +63,49 @@ def convert(source, out, quantization="int8"):
         raise ConvertError(f"{source} is not a model folder (no config.json)")
     if quantization_of(source):
         raise ConvertError(f"{source} is already converted ({quantization_of(source)})")
+    meta = {"format": FORMAT, "quantization": quantization, "source": str(source.resolve()),
+            "source_files": _fingerprint(source)}
     if out.exists():
-        raise ConvertError(f"{out} exists; choose a new folder")
+        if not (out / MARKER).is_file():
+            raise ConvertError(f"{out} exists and is not a converted model folder; choose a new folder")
+        if json.loads((out / MARKER).read_text()) == meta:
+            return False
     loaded = model.load(str(source), quantization=quantization)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
         save_file(_tensors(loaded.model), partial / WEIGHTS, metadata={"format": str(FORMAT)})
-        for name in COPIED:
-            if (source / name).is_file():
-                shutil.copy2(source / name, partial / name)
-        (partial / MARKER).write_text(json.dumps({"format": FORMAT, "quantization": quantization,
-                                                  "source": source.name}) + "\n")
-        os.rename(partial, out)
+        for path in source.iterdir():
+            if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES):
+                shutil.copy2(path, partial / path.name)
+        (partial / MARKER).write_text(json.dumps(meta) + "\n")
+        _readable_as(source, partial)
+        if out.exists():  # stale: moved aside, then removed once the new one is in place
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+            os.rename(partial, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return (out / WEIGHTS).stat().st_size
+    return True
+
+
+def _readable_as(source, folder):
+    """Give `folder` its source's permissions: safetensors writes 0600, and the service may be another user."""
+    file_mode = stat.S_IMODE((source / "config.json").stat().st_mode)
+    for path in folder.iterdir():
+        os.chmod(path, file_mode)
+    os.chmod(folder, stat.S_IMODE(source.stat().st_mode))
+
+
+def _fingerprint(source):
+    """Name -> [size, mtime in ns] of every file of the source folder (a copy of new files changes them)."""
+    files = sorted(path for path in source.iterdir() if path.is_file())
+    return {path.name: [path.stat().st_size, path.stat().st_mtime_ns] for path in files}
 
 
 def _tensors(model):

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from datetime import datetime
+from pathlib import Path
 
 from auth import keys
 from auth.errors import StoreError
@@ -99,9 +100,10 @@ def build_parser():
     db.add_parser("upgrade", help="apply migrations (the service also does at start)").set_defaults(handler=db_upgrade)
 
     model = groups.add_parser("model", help="convert").add_subparsers(dest="cmd", required=True)
-    convert = model.add_parser("convert", help="write a pre-converted model folder the service loads directly")
+    convert = model.add_parser("convert", help="write a pre-converted model folder the service loads directly "
+                               "(again only when the source's files change)")
     convert.add_argument("source", help="a model folder (config.json, safetensors weights, tokenizer)")
-    convert.add_argument("out", help="the new folder to write; point model_path at it")
+    convert.add_argument("out", help="the folder to write (or bring up to date); point model_path at it")
     convert.add_argument("--quantization", choices=["int8"], required=True)
     convert.set_defaults(handler=model_convert)
     return parser
@@ -268,11 +270,13 @@ def model_convert(args, settings):
 
     torch.set_num_threads(settings.torch_threads)
     try:
-        size = artifact.convert(args.source, args.out, args.quantization)
+        written = artifact.convert(args.source, args.out, args.quantization)
     except artifact.ConvertError as exc:
         raise SettingsError(str(exc)) from None
-    _emit(args, {"out": args.out, "quantization": args.quantization, "weight_bytes": size},
-          f"wrote {args.out} ({args.quantization}, {size / 2**20:,.0f} MiB of weights); set model_path to it "
+    size = (Path(args.out) / artifact.WEIGHTS).stat().st_size
+    done = "wrote" if written else "up to date:"
+    _emit(args, {"out": args.out, "quantization": args.quantization, "written": written, "weight_bytes": size},
+          f"{done} {args.out} ({args.quantization}, {size / 2**20:,.0f} MiB of weights); set model_path to it "
           f"and quantization = {args.quantization}")
 
 

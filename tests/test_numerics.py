@@ -2,6 +2,8 @@
 detection; int8 behind gunicorn."""
 
 import json
+import os
+import shutil
 
 import openai
 import pytest
@@ -101,14 +103,36 @@ def test_a_converted_folder_refuses_another_mode(converted):
 
 
 def test_convert_refuses_what_it_cannot_do_and_leaves_nothing_behind(converted, tiny_model, tmp_path):
-    cases = [((tiny_model, converted), f"{converted} exists"),
-             ((converted, tmp_path / "again"), "is already converted"),
-             ((tmp_path / "nothing", tmp_path / "out"), "is not a model folder")]
+    (tmp_path / "notes").mkdir()
+    cases = [((converted, tmp_path / "again"), "is already converted"),
+             ((tmp_path / "nothing", tmp_path / "out"), "is not a model folder"),
+             ((tiny_model, tmp_path / "notes"), "not a converted model folder")]
     for (source, out), message in cases:
         proc = admin_cli(clean_env(), "model", "convert", source, out, "--quantization", "int8", check=False)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
-    assert sorted(p.name for p in converted.parent.iterdir()) == [converted.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
+def test_convert_again_changes_nothing_until_the_source_changes(tiny_model, tmp_path):
+    source, out = tmp_path / "model", tmp_path / "int8"
+    shutil.copytree(tiny_model, source)
+
+    def convert():
+        proc = admin_cli(clean_env(), "--json", "model", "convert", source, out, "--quantization", "int8")
+        return json.loads(proc.stdout)["written"]
+
+    source.chmod(0o750)
+    assert convert() is True
+    first = (out / artifact.WEIGHTS).stat().st_mtime_ns
+    # as readable as the source, for a service running as another user (safetensors alone writes 0600)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {oct((source / "config.json").stat().st_mode
+                                                                          & 0o777)}
+    assert out.stat().st_mode & 0o777 == 0o750
+    assert convert() is False and (out / artifact.WEIGHTS).stat().st_mtime_ns == first
+    os.utime(source / "model.safetensors", ns=(first + 10**9, first + 10**9))  # as a copy of new weights does
+    assert convert() is True and (out / artifact.WEIGHTS).stat().st_mtime_ns != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8", "model"]  # no partial or old folder left
+    assert model.load(str(out), quantization="int8").mode == "int8"
 
 
 def test_float32_matmuls_upcast_bf16_linears_and_restore_them(tiny_model):
