@@ -1,13 +1,15 @@
 """Throughput, overhead and time to first token of the service, next to a seed-style baseline.
 
-    python bench/throughput.py [--requests 3] [--tokens 64] [--real]
+    python bench/throughput.py [--requests 3] [--tokens 64] [--rounds 3] [--real]
 
 On the tiny demo model, in one run on this machine, prints JSON lines:
 1. aggregate tokens/s at 1, 4, 8 and 16 concurrent clients: the service
    (real gunicorn, auth, limits, filtering, batching engine) against
    bench/seed_app.py (a Flask route calling generate, one request at a time)
    and `transformers serve` with continuous batching (Hugging Face's own
-   server, installed by `make bench` through the `bench` extra);
+   server, installed by `make bench` through the `bench` extra); the three
+   run side by side and take turns, and each figure is the median of the
+   rounds;
 2. the full stack's overhead per request over a direct in-process engine
    call, for a 1-token generation, and GET /healthz as the floor of any
    request (medians);
@@ -33,6 +35,27 @@ import requests
 from harness import BIN, ROOT, build_demo_model, cached_demo_model, free_port, start_service, wait_ready
 
 sys.path.insert(0, str(ROOT))
+
+
+CLIENTS = (1, 4, 8, 16)
+
+
+def compare(targets, tokens, per_client, rounds):
+    """Median aggregate tokens/s per target and client count, the targets taking turns.
+
+    This machine's speed drifts by up to 2x over minutes, so the servers are
+    measured alternately, round after round, never one block after another.
+    `targets` maps a name to (url, headers, body_of); all are running.
+    """
+    for url, headers, body_of in targets.values():
+        load(url, headers, 4, 1, tokens, body_of)  # warm-up: first calls pay one-off costs
+    runs = {name: {n: [] for n in CLIENTS} for name in targets}
+    for _ in range(rounds):
+        for n in CLIENTS:
+            for name, (url, headers, body_of) in targets.items():
+                runs[name][n].append(load(url, headers, n, per_client, tokens, body_of))
+    return {name: {n: round(statistics.median(values), 1) for n, values in by_n.items()}
+            for name, by_n in runs.items()}
 
 
 def load(url, headers, clients, per_client, tokens, body_of):
@@ -189,38 +212,36 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=3, help="requests per client")
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="turns each server takes per client count")
     parser.add_argument("--real", action="store_true", help="also measure at VibeThinker-1.5B's size (slow)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="vibethinker-bench-"))
     procs = []
     try:
         model_dir = build_demo_model(work / "model")
-        service_port, seed_port = free_port(), free_port()
+        service_port, seed_port, peer_port = free_port(), free_port(), free_port()
         proc, headers = start_service(work, model_dir, service_port,
                                       ["--rate-limit", "1000000/minute", "--daily-tokens", str(10**12),
                                        "--max-concurrent", "100"],
                                       VIBE_HTTP_THREADS="32", VIBE_QUEUE_SIZE="64",
                                       VIBE_TORCH_THREADS=str(len(os.sched_getaffinity(0))))
-        procs.append(proc)
-        ours = {n: load(f"http://127.0.0.1:{service_port}/predict", headers, n, args.requests, args.tokens, question)
-                for n in (1, 4, 8, 16)}
+        procs += [proc, start_seed(model_dir, seed_port), start_transformers_serve(model_dir, peer_port)]
+        figures = compare({
+            "service": (f"http://127.0.0.1:{service_port}/predict", headers, question),
+            "seed": (f"http://127.0.0.1:{seed_port}/predict", {}, question),
+            "transformers_serve": (f"http://127.0.0.1:{peer_port}/v1/chat/completions", {},
+                                   chat_question(str(model_dir))),
+        }, args.tokens, args.requests, args.rounds)
+        for other in procs[1:]:  # the service alone from here on
+            other.terminate()
+            other.wait(30)
         p50, p99 = ttft(f"http://127.0.0.1:{service_port}/v1/chat/completions", headers)
         costs = overhead(model_dir, service_port, headers)
-        proc.terminate()
-        proc.wait(30)
-        procs.append(start_seed(model_dir, seed_port))
-        seed = {n: load(f"http://127.0.0.1:{seed_port}/predict", {}, n, args.requests, args.tokens, question)
-                for n in (1, 4, 8, 16)}
-        procs[-1].terminate()
-        procs[-1].wait(30)
-        peer_port = free_port()
-        procs.append(start_transformers_serve(model_dir, peer_port))
-        peer = {n: load(f"http://127.0.0.1:{peer_port}/v1/chat/completions", {}, n, args.requests, args.tokens,
-                        chat_question(str(model_dir))) for n in (1, 4, 8, 16)}
-        for n in (1, 4, 8, 16):
+        ours, seed, peer = figures["service"], figures["seed"], figures["transformers_serve"]
+        for n in CLIENTS:
             print(json.dumps({"bench": "throughput", "model": "tiny", "clients": n, "tokens": args.tokens,
-                              "service_tok_s": ours[n], "seed_tok_s": seed[n], "transformers_serve_tok_s": peer[n],
-                              "ratio": round(ours[n] / seed[n], 2),
+                              "rounds": args.rounds, "service_tok_s": ours[n], "seed_tok_s": seed[n],
+                              "transformers_serve_tok_s": peer[n], "ratio": round(ours[n] / seed[n], 2),
                               "ratio_to_transformers_serve": round(ours[n] / peer[n], 2)}))
         print(json.dumps({"bench": "overhead", **costs}))
         print(json.dumps({"bench": "ttft", "clients": 16, "p50_s": p50, "p99_s": p99}))
