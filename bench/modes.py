@@ -1,6 +1,6 @@
 """Numeric modes side by side: speed against the memory-bandwidth floor, load cost, and quality.
 
-    python bench/modes.py [--preset tiny|vibethinker-1.5b] [--steps 8] [--prefill 256]
+    python bench/modes.py [--preset tiny|vibethinker-1.5b | --model-dir PATH] [--steps 8] [--prefill 256]
 
 Each mode (float32, bfloat16, bfloat16 with float32 prefill, int8 converted at
 load, and int8 from a folder `vibethinker-admin model convert` wrote) loads in
@@ -110,7 +110,8 @@ def measure(model_dir, mode, steps, prefill, reference_file, threads):
 
 
 def int8_dir(model_dir):
-    return model_dir.with_name(model_dir.name + "-int8")
+    """Where this bench keeps the int8 conversion of `model_dir`: under var/, never beside the weights."""
+    return ROOT / "var" / (model_dir.name + "-int8")
 
 
 class AnonymousPeak:
@@ -236,11 +237,13 @@ def main():
     parser.add_argument("--steps", type=int, default=8, help="decode steps timed per batch size")
     parser.add_argument("--prefill", type=int, default=256, help="words in the prefill prompt")
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--model-dir", type=Path, help="a model folder to measure instead of the preset "
+                        "(the real weights: their quality check decides whether int8 may be the default)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure this mode, print its JSON
     parser.add_argument("--reference", help=argparse.SUPPRESS)
     args = parser.parse_args()
     threads = len(os.sched_getaffinity(0))
-    model_dir = cached_demo_model(args.preset)
+    model_dir = args.model_dir.resolve() if args.model_dir else cached_demo_model(args.preset)
     if args.one:
         print(json.dumps(measure(model_dir, args.one, args.steps, args.prefill, Path(args.reference), threads)))
         return
@@ -256,16 +259,18 @@ def main():
         for mode in modes:
             out = subprocess.run([sys.executable, __file__, "--one", mode, "--reference", str(reference),
                                   "--steps", str(args.steps), "--prefill", str(args.prefill),
-                                  "--preset", args.preset], cwd=ROOT, check=True, capture_output=True, text=True)
+                                  "--model-dir", str(model_dir)], cwd=ROOT, check=True, capture_output=True,
+                                 text=True)
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     read_gb_s = bandwidth_gb_s(threads)  # after the modes: exec keeps a parent's peak RSS in the child's figure
-    print(json.dumps({"preset": args.preset, "threads": threads, **kernels(model_dir, threads)}))
+    name = str(model_dir) if args.model_dir else args.preset
+    print(json.dumps({"model": name, "threads": threads, **kernels(model_dir, threads)}))
     if convert_s is not None:
         next(r for r in results if r["mode"] == CONVERTED)["convert_s"] = convert_s
     base = results[0]
     for figures in results:
         floor = read_gb_s * 1e9 / figures["bytes_per_step"]
-        print(json.dumps({"bench": "modes", "preset": args.preset, "threads": threads, **figures,
+        print(json.dumps({"bench": "modes", "model": name, "threads": threads, **figures,
                           "read_gb_s": round(read_gb_s, 1), "floor_batch1_tok_s": round(floor, 2),
                           "batch1_pct_of_floor": round(100 * figures["decode_batch1_tok_s"] / floor, 1),
                           **{f"batch{b}_vs_float32": round(figures[f"decode_batch{b}_tok_s"]
