@@ -61,8 +61,9 @@ def convert(source, out, quantization="int8"):
         raise ConvertError(f"unknown quantization {quantization!r}; the one offered is int8")
     if not (source / "config.json").is_file():
         raise ConvertError(f"{source} is not a model folder (no config.json)")
-    if quantization_of(source):
-        raise ConvertError(f"{source} is already converted ({quantization_of(source)})")
+    already = quantization_of(source)
+    if already:
+        raise ConvertError(f"{source} is already converted ({already})")
     meta = {"format": FORMAT, "quantization": quantization, "source": str(source.resolve()),
             "source_files": _fingerprint(source)}
     if out.exists():
@@ -124,7 +125,7 @@ def _tensors(model):
     return tensors
 
 
-def load(path, full_range=None):
+def load(path):
     """The int8 model of a converted folder, ready for inference (as numerics.quantize_int8 leaves it)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -156,7 +157,7 @@ def load(path, full_range=None):
         model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
     model.eval()
     gc.collect()
-    return numerics.finish_int8(model, full_range)
+    return numerics.finish_int8(model)
 
 
 def _int8_linear(weights, name, names):

@@ -76,12 +76,11 @@ def wants_float32_prefill(setting, dtype):
     return setting == "on" or not cpu_has_bf16()
 
 
-def quantize_int8(model, full_range=None):
+def quantize_int8(model):
     """Make the decoder layers' and the output head's linear layers int8, one layer at a time.
 
     The embedding stays in the dtype it was loaded in (a lookup reads one row
-    per token) and hands float32 to the layers. `full_range` (8-bit
-    activations) defaults to whether the CPU has VNNI.
+    per token) and hands float32 to the layers.
     """
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
@@ -103,12 +102,12 @@ def quantize_int8(model, full_range=None):
             model.lm_head = quantize_dynamic(torch.nn.Sequential(full), spec, mapping=mapping, inplace=True)[0]
             del full
             gc.collect()
-    return finish_int8(model, full_range)
+    return finish_int8(model)
 
 
-def finish_int8(model, full_range=None):
-    """The last touches of a model whose linears are Int8Linear: its activation range, float32 embeddings."""
-    full_range = cpu_has_vnni() if full_range is None else full_range
+def finish_int8(model):
+    """Finish a model whose linears are Int8Linear: 8-bit activations on a VNNI CPU, float32 embeddings."""
+    full_range = cpu_has_vnni()
     for module in model.modules():
         if isinstance(module, Int8Linear):
             module.full_range = full_range
