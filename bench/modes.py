@@ -63,9 +63,9 @@ def measure(model_dir, mode, steps, prefill, reference_file, threads):
     """Everything about one mode, in this process: a dict."""
     import torch
 
-    from service import model, numerics
-    from service.batching import Batch
-    from service.engine import Engine, Generation, GenerationRequest
+    from service.inference import model, numerics
+    from service.inference.batching import Batch
+    from service.inference.engine import Engine, Generation, GenerationRequest
 
     torch.set_num_threads(threads)
     dtype, quantization, prefill_float32 = MODES[mode]
@@ -75,7 +75,7 @@ def measure(model_dir, mode, steps, prefill, reference_file, threads):
     started = time.monotonic()
     loaded = model.load(str(model_dir), dtype, quantization, prefill_float32)
     figures = {"mode": mode, "load_s": round(time.monotonic() - started, 2),
-               "bytes_per_step": numerics.weight_bytes(loaded.model)}
+               "bytes_per_step": weight_bytes(loaded.model)}
 
     def requests_for(prompts, max_new_tokens):
         return [GenerationRequest(loaded.encode_chat([{"role": "user", "content": p}]), max_new_tokens,
@@ -152,7 +152,7 @@ def kernels(model_dir, threads, layers=24):
     """
     import torch
 
-    from service import numerics
+    from service.inference import numerics
 
     torch.set_num_threads(threads)
     config = json.loads((model_dir / "config.json").read_text())
@@ -275,6 +275,27 @@ def main():
                           "batch1_pct_of_floor": round(100 * figures["decode_batch1_tok_s"] / floor, 1),
                           **{f"batch{b}_vs_float32": round(figures[f"decode_batch{b}_tok_s"]
                                                            / base[f"decode_batch{b}_tok_s"], 2) for b in (1, 4)}}))
+
+
+def weight_bytes(model):
+    """Bytes of weights one decode step reads: every weight once, except the embedding (one row), unless tied."""
+    import torch
+
+    embedding = model.get_input_embeddings()
+    head = getattr(model.get_output_embeddings(), "weight", None)
+    total, seen = 0, set()
+    for module in model.modules():
+        if module is embedding and head is not embedding.weight:
+            continue
+        if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):  # int8: the packed weight and its scales
+            weight, bias = module._weight_bias()
+            total += weight.numel() * weight.element_size() + weight.q_per_channel_scales().numel() * 8
+            total += bias.numel() * bias.element_size() if bias is not None else 0
+        for param in module.parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                total += param.numel() * param.element_size()
+    return total
 
 
 if __name__ == "__main__":

@@ -118,9 +118,9 @@ def overhead(model_dir, port, headers, samples=200):
     cost, not the service's. /healthz (no token, no engine) is the floor of
     any request here: HTTP, gunicorn, Flask and the app's hooks.
     """
-    from service import model
-    from service.engine import Engine, GenerationRequest
-    from service.model import chat_messages
+    from service.inference import model
+    from service.inference.engine import Engine, GenerationRequest
+    from service.inference.model import chat_messages
     from service.settings import Settings
 
     system = Settings().default_system_prompt
@@ -186,9 +186,9 @@ def ttft(url, headers, clients=16, tokens=64):
 
 def real_size(tokens=8):
     """Aggregate tokens/s at batch 1 and 4 on the full-size preset, in process."""
-    from service import model
-    from service.engine import Engine, GenerationRequest
-    from service.model import chat_messages
+    from service.inference import model
+    from service.inference.engine import Engine, GenerationRequest
+    from service.inference.model import chat_messages
 
     model_dir = cached_demo_model("vibethinker-1.5b")
     figures = {}

@@ -17,9 +17,13 @@ from auth import guard
 from auth.errors import StoreError
 from auth.keys import KeyFolderError, KeySet
 from auth.store import Store
-from service import (accounting, access, admin, chat, errors, filtering, health, logs, me, metrics, predict,
-                     quotas, requestid)
+from service import errors
+from service.admission import access, ratelimit
+from service.api import admin, chat, health, me, predict
+from service.inputs import filtering
+from service.records import accounting, logs, metrics, requestid
 from service.settings import SettingsError, load_settings, require_model_path
+from service.state import State, attach
 
 
 def create_app(settings=None):
@@ -33,45 +37,32 @@ def create_app(settings=None):
         hops = settings.proxy_fix_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.config["STARTED_AT"] = time.time()
     app.json.sort_keys = False
-    app.extensions["vibethinker.settings"] = settings
     store, keyset = open_state(settings)
-    app.extensions["vibethinker.store"] = store
-    app.extensions["vibethinker.keys"] = keyset
-    app.extensions["vibethinker.policy"] = load_policy(settings)
+    state = attach(app, State(settings, store, keyset, load_policy(settings), started_at=time.time()))
 
+    accounting.init_app(app)  # first: every later hook writes to the request's record
     requestid.init_app(app)
-    accounting.init_app(app)
     errors.init_app(app)
     app.register_error_handler(StoreError, lambda e: errors.error_response(e.status, e.message, e.code, e.param))
     guard.init_app(app, store=store, keyset=keyset, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
-                   is_public=access.is_public, scope_for=access.scope_for, respond=quotas.record_auth_failure)
-    quotas.init_app(app, settings, limited_blueprints=[predict.bp, chat.bp])  # after the guard: keys on the user
+                   is_public=access.is_public, scope_for=access.scope_for, respond=ratelimit.record_auth_failure)
+    ratelimit.init_app(app, settings, limited_blueprints=[predict.bp, chat.bp])  # after the guard: keys on the user
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(me.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(chat.bp)
     predict.init_app(app)
-    app.extensions["vibethinker.engine"] = start_engine(model_path, settings)
+    state.engine = start_engine(model_path, settings)
     metrics.MODEL_INFO.info({"model": settings.model_name, "dtype": settings.dtype,
-                             "quantization": settings.quantization, "version": _version()})
+                             "quantization": settings.quantization, "version": health.version()})
     logging.getLogger("vibethinker.app").info("service starting", extra={"fields": {
         "model": settings.model_name, "model_path": str(model_path), "dtype": settings.dtype,
         "quantization": settings.quantization,
         "bind": settings.bind, "ratelimit_storage": settings.ratelimit_storage_uri.split(":")[0],
-        "db": settings.db_url.split(":")[0], "version": _version()}})
+        "db": settings.db_url.split(":")[0], "version": health.version()}})
     return app
-
-
-def _version():
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("vibethinker-service")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def open_state(settings):
@@ -93,8 +84,8 @@ def load_policy(settings):
 
 def start_engine(model_path, settings):
     """Start the engine thread; it imports torch and loads the model off the request path."""
-    from service import model
-    from service.engine import Engine
+    from service.inference import model
+    from service.inference.engine import Engine
 
     loader = partial(model.load, str(model_path), settings.dtype, settings.quantization, settings.prefill_float32)
     return Engine(loader, settings.queue_size, settings.torch_threads, settings.max_batch_size).start()

@@ -13,6 +13,8 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+import sqlalchemy.exc
+
 from auth import keys
 from auth.errors import StoreError
 from auth.keys import KeyFolderError
@@ -21,21 +23,40 @@ from auth.tokens import issue_token
 from service.settings import SettingsError, load_settings
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors in one line as every other error here (`--help` shows the usage)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
         return args.handler(args, settings) or 0
     except (SettingsError, StoreError, KeyFolderError) as exc:
-        print(f"vibethinker-admin: error: {getattr(exc, 'message', exc)}", file=sys.stderr)
-        return 1
+        return _fail(getattr(exc, "message", exc))
+    except sqlalchemy.exc.SQLAlchemyError as exc:  # the database is unreachable, locked or not ours
+        return _fail(f"database error ({type(exc).__name__}): {_first_line(getattr(exc, 'orig', None) or exc)}")
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:  # a folder or file that cannot be read or written
+        return _fail(f"{exc.strerror or type(exc).__name__}: {exc.filename or exc}")
+
+
+def _fail(message):
+    print(f"vibethinker-admin: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _first_line(exc):
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="vibethinker-admin", description=__doc__.split("\n")[0])
+    parser = Parser(prog="vibethinker-admin", description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     groups = parser.add_subparsers(dest="group", required=True, metavar="{users,tokens,keys,usage,audit,db,model}")
 
@@ -266,11 +287,11 @@ def db_upgrade(args, settings):
 def model_convert(args, settings):
     import torch
 
-    from service import artifact
+    from service.inference import artifact, convert
 
     torch.set_num_threads(settings.torch_threads)
     try:
-        written = artifact.convert(args.source, args.out, args.quantization)
+        written = convert.convert(args.source, args.out, args.quantization)
     except artifact.ConvertError as exc:
         raise SettingsError(str(exc)) from None
     size = (Path(args.out) / artifact.WEIGHTS).stat().st_size

@@ -9,8 +9,10 @@ here. A 500 never shows exception text: it is logged with the request id.
 
 import logging
 
-from flask import current_app, g, jsonify, request
+from flask import current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
+
+from service.records import requestid
 
 log = logging.getLogger("vibethinker.errors")
 
@@ -49,9 +51,9 @@ def error_body(status, message, code, param=None):
 
 def error_response(status, message, code, param=None, headers=None):
     """Build the JSON error response in the one shape."""
-    g.error_code = code  # for accounting: the refusal reason of this request
     response = jsonify(error_body(status, message, code, param))
     response.status_code = status
+    response.error_code = code  # for accounting: the refusal reason of this request
     for name, value in (headers or {}).items():
         response.headers[name] = str(value)
     return response
@@ -72,8 +74,8 @@ def _http_error(exc):
 
 
 def _unexpected(exc):
-    log.error("unhandled exception in request %s", g.get("request_id", "-"), exc_info=exc)
-    return error_response(500, f"internal error; quote request id {g.get('request_id', '-')} "
+    log.error("unhandled exception in request %s", requestid.current(), exc_info=exc)
+    return error_response(500, f"internal error; quote request id {requestid.current()} "
                           "when reporting it", "internal_error")
 
 

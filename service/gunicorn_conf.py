@@ -9,8 +9,8 @@ fork, and the model must exist once per server.
 import sys
 
 from auth.keys import KeyFolderError, KeySet
-from service.filtering import PolicyError, load_policy
-from service.logs import GUNICORN_LOGCONFIG
+from service.inputs.filtering import PolicyError, load_policy
+from service.records.logs import GUNICORN_LOGCONFIG
 from service.settings import SettingsError, load_settings, require_model_path
 
 try:

@@ -13,12 +13,9 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT / "bench"))  # the harness the benchmarks share: one free_port for both
 
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from harness import free_port  # noqa: E402
 
 
 def clean_env(**extra):
@@ -40,7 +37,7 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def reference(tiny_model):
     """The same model loaded in this process, to compare the server's answers with."""
-    from service import model
+    from service.inference import model
 
     return model.load(str(tiny_model))
 

@@ -7,10 +7,11 @@ import pytest
 
 from auth import keys
 from auth.tokens import issue_token
-from service.access import public
+from service.admission.access import public
 from service.app import create_app
-from service.engine import Engine
+from service.inference.engine import Engine
 from service.settings import load_settings
+from service.state import state
 
 
 @pytest.fixture
@@ -24,7 +25,7 @@ def app(tiny_model, tmp_path):
     def boom():
         raise RuntimeError("secret detail /etc/vibethinker/key.pem")
 
-    engine = app.extensions["vibethinker.engine"]
+    engine = state(app).engine
     yield app
     engine.stop(timeout=30)
 
@@ -49,12 +50,12 @@ def test_requests_before_the_model_is_ready_get_503_with_retry_after(app, fails,
         raise OSError("model.safetensors is truncated")
 
     engine = Engine(slow_loader, queue_size=1, torch_threads=1).start()
-    app.extensions["vibethinker.engine"] = engine
+    state(app).engine = engine
     if fails:
         loading.set()
         engine.stop(timeout=10)
     client = app.test_client()
-    store, keyset, settings = (app.extensions[f"vibethinker.{k}"] for k in ("store", "keys", "settings"))
+    store, keyset, settings = state(app).store, state(app).keys, state(app).settings
     store.add_user("u")
     token, _ = issue_token(store, keyset, "u", issuer=settings.jwt_issuer, audience=settings.jwt_audience)
     predict = client.post("/predict", json={"question": "hi"}, headers={"Authorization": f"Bearer {token}"})

@@ -3,7 +3,7 @@
 import json
 import re
 
-from service import metrics
+from service.records import metrics
 from tests.conftest import ROOT
 
 

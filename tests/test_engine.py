@@ -4,8 +4,9 @@ import time
 
 import pytest
 
-from service import model
-from service.engine import Engine, GenerationRequest, QueueFull, decode_step
+from service.inference import model
+from service.inference.batching import decode_step
+from service.inference.engine import Engine, GenerationRequest, QueueFull
 from tests.conftest import greedy
 
 
@@ -168,7 +169,7 @@ def test_seeded_sampling_repeats_whoever_shares_the_batch(engine):
 def test_sampling_stays_in_the_nucleus(top_p):
     import torch
 
-    from service.batching import sample
+    from service.inference.batching import sample
 
     logits = torch.tensor([2.0, 1.5, 1.0, 0.0])
     probs = torch.softmax(logits, -1)

@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from service.errors import APIError
-from service.filtering import PolicyError, check_policy, clean_text, load_policy
+from service.inputs.filtering import PolicyError, check_policy, clean_text, load_policy
 
 
 @pytest.mark.parametrize("value,expected", [

@@ -10,7 +10,8 @@ import pytest
 import requests
 import torch
 
-from service import artifact, model, numerics
+from modes import weight_bytes  # bench/modes.py: what a decode step reads (conftest puts bench/ on the path)
+from service.inference import artifact, model, numerics
 from tests.conftest import admin_cli, clean_env, greedy
 
 
@@ -48,7 +49,7 @@ def test_int8_quantises_every_decoder_linear_and_the_head(int8, reference):
     assert all(m.full_range is numerics.cpu_has_vnni() for m in [*linears, int8.model.lm_head])
     assert int8.mode == "int8" and not int8.float32_prefill
     # a step reads the int8 layers and head: under a third of float32's bytes (the embedding is one row)
-    assert numerics.weight_bytes(int8.model) < numerics.weight_bytes(reference.model) / 3
+    assert weight_bytes(int8.model) < weight_bytes(reference.model) / 3
 
 
 def test_int8_keeps_most_top1_choices_of_float32(int8, reference):

@@ -5,7 +5,9 @@ exactly this code. Nothing here talks to the Hugging Face hub.
 """
 
 import contextlib
+import copy
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -18,7 +20,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from service import artifact, numerics  # noqa: E402
+from service.inference import artifact, numerics  # noqa: E402
 
 hf_logging.disable_progress_bar()
 
@@ -38,13 +40,19 @@ class LoadedModel:
     float32_prefill: bool = False  # bfloat16 weights, upcast for prefill (a CPU without bf16 units)
 
     def __post_init__(self):
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None and not getattr(self.tokenizer, "clean_up_tokenization_spaces", True):
+        # The tokenizer has one owner per side. A fast tokenizer is one Rust object that refuses a mutable
+        # borrow while another thread holds it ("RuntimeError: Already borrowed"), so request threads
+        # encode through `tokenizer` one at a time, and the engine thread decodes through its own copy.
+        self._encoding = threading.Lock()
+        self.decoder = copy.deepcopy(self.tokenizer)
+        backend = getattr(self.decoder, "backend_tokenizer", None)
+        if backend is not None and not getattr(self.decoder, "clean_up_tokenization_spaces", True):
             self.backend = backend  # 3x faster than tokenizer.decode; the engine decodes every row each step
 
     def encode_chat(self, messages):
         """Token ids of the chat-templated conversation, ready for the assistant's turn."""
-        enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        with self._encoding:
+            enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
         return list(enc["input_ids"])
 
     def prefill_mode(self):
@@ -52,10 +60,10 @@ class LoadedModel:
         return numerics.float32_matmuls(self.model) if self.float32_prefill else contextlib.nullcontext()
 
     def decode(self, ids):
-        """Text of generated ids, special tokens dropped."""
+        """Text of generated ids, special tokens dropped (the engine thread's copy of the tokenizer)."""
         if self.backend is not None:
             return self.backend.decode(ids, skip_special_tokens=True)
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.decoder.decode(ids, skip_special_tokens=True)
 
 
 def load(path, dtype="float32", quantization="none", prefill_float32="auto"):

@@ -6,19 +6,20 @@ audited with the calling admin as actor and the client address as source.
 
 from datetime import datetime
 
-from flask import Blueprint, current_app, request
+from flask import Blueprint, request
 
 from auth.store import QUOTA_FIELDS
 from auth.tokens import issue_token
-from service.access import caller
+from service.admission.access import caller
 from service.errors import APIError
-from service.schemas import AdminTokenRequest, AdminUserCreate, AdminUserPatch, decode_body, parse
+from service.state import state
+from service.inputs.schemas import AdminTokenRequest, AdminUserCreate, AdminUserPatch, decode_body, parse
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
 
 def _store():
-    return current_app.extensions["vibethinker.store"]
+    return state().store
 
 
 def _who():
@@ -55,8 +56,8 @@ def update_user(name):
 @bp.post("/tokens")
 def add_token():
     body = _body(AdminTokenRequest)
-    settings = current_app.extensions["vibethinker.settings"]
-    text, meta = issue_token(_store(), current_app.extensions["vibethinker.keys"], body.user, scope=body.scope,
+    settings = state().settings
+    text, meta = issue_token(_store(), state().keys, body.user, scope=body.scope,
                              ttl=body.ttl or settings.token_ttl, max_ttl=settings.token_max_ttl, label=body.label,
                              issuer=settings.jwt_issuer, audience=settings.jwt_audience, **_who())
     return {**meta, "token": text}, 201

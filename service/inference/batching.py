@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from service import metrics
+from service.records import metrics
 
 # Below this temperature, sampling is greedy decoding: dividing logits by a
 # near-zero temperature overflows to inf/NaN (5e-324 did, found by hypothesis).

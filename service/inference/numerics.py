@@ -132,22 +132,3 @@ def float32_matmuls(model):
 def _float32_linear(module, x):
     bias = None if module.bias is None else module.bias.float()
     return torch.nn.functional.linear(x.float(), module.weight.float(), bias).to(x.dtype)
-
-
-def weight_bytes(model):
-    """Bytes of weights one decode step reads: every weight once, except the embedding (one row), unless tied."""
-    embedding = model.get_input_embeddings()
-    head = getattr(model.get_output_embeddings(), "weight", None)
-    total, seen = 0, set()
-    for module in model.modules():
-        if module is embedding and head is not embedding.weight:
-            continue
-        if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):  # int8: the packed weight and its scales
-            weight, bias = module._weight_bias()
-            total += weight.numel() * weight.element_size() + weight.q_per_channel_scales().numel() * 8
-            total += bias.numel() * bias.element_size() if bias is not None else 0
-        for param in module.parameters(recurse=False):
-            if id(param) not in seen:
-                seen.add(id(param))
-                total += param.numel() * param.element_size()
-    return total

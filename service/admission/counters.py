@@ -62,7 +62,8 @@ class RedisCounters:
         self._errors = (redis.exceptions.RedisError, OSError)
         self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2,
                                            health_check_interval=30)
-        self._reserve, self._adjust, self._take = (self._redis.register_script(s) for s in (RESERVE, ADJUST, TAKE_SLOT))
+        self._reserve, self._adjust, self._take_slot = (self._redis.register_script(s)
+                                                        for s in (RESERVE, ADJUST, TAKE_SLOT))
 
     def _call(self, fn, *args, **kwargs):
         try:
@@ -77,11 +78,8 @@ class RedisCounters:
     def adjust(self, key, delta, ttl):
         return int(self._call(self._adjust, keys=[PREFIX + key], args=[delta, ttl]))
 
-    def get(self, key):
-        return int(self._call(self._redis.get, PREFIX + key) or 0)
-
     def take_slot(self, key, member, cap, ttl):
-        ok, held = self._call(self._take, keys=[PREFIX + key], args=[member, cap, ttl])
+        ok, held = self._call(self._take_slot, keys=[PREFIX + key], args=[member, cap, ttl])
         return bool(ok), int(held)
 
     def free_slot(self, key, member):
@@ -122,10 +120,6 @@ class MemoryCounters:
             expires = self._clock() + ttl
         self._values[key] = (value, expires)
         return value
-
-    def get(self, key):
-        with self._lock:
-            return self._value(key)
 
     def take_slot(self, key, member, cap, ttl):
         with self._lock:

@@ -10,7 +10,7 @@ import sys
 import time
 import traceback
 
-from service.requestid import RequestIdFilter
+from service.records.requestid import RequestIdFilter
 
 
 class JsonFormatter(logging.Formatter):
@@ -49,7 +49,7 @@ def configure(level):
 GUNICORN_LOGCONFIG = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"json": {"()": "service.logs.JsonFormatter"}},
+    "formatters": {"json": {"()": "service.records.logs.JsonFormatter"}},
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
     "root": {"level": "WARNING", "handlers": ["stderr"]},
     "loggers": {"gunicorn.error": {"handlers": ["stderr"], "level": "INFO", "propagate": False},

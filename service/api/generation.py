@@ -1,15 +1,24 @@
-"""Between routes and the engine: prompt checks, submission, and error mapping.
+"""Between routes and the engine: parameters, prompt checks, admission, submission, settling.
 
-Plain functions, no Flask: they take the engine and settings and raise
-APIError with the right status for every way a generation can be refused.
+Every generation goes through the same three steps, streamed or not:
+`admit` (a budget lease, service.admission.budget), `submit` (the engine's
+queue), and `settle` (the lease released and the request's usage recorded,
+both from the GenerationResult). `answer` does all three for a whole answer;
+service.api.streaming does them around a stream. Every way a generation can
+be refused is an APIError with its status.
 """
 
 import time
 from dataclasses import dataclass
 
-from service.engine import GenerationRequest, NotReady, QueueFull
+from flask import g
+
+from service.admission import budget
 from service.errors import APIError
-from service.schemas import check_range
+from service.inference.engine import GenerationRequest, NotReady, QueueFull
+from service.inputs.schemas import check_range
+from service.records import accounting
+from service.state import state
 
 # Seconds a client should wait before retrying when the engine is loading or full.
 RETRY_LOADING_S = 5
@@ -57,6 +66,42 @@ def prompt_ids(engine, messages, settings, max_new_tokens, param="question", tok
     return ids
 
 
+def admit(ids, params):
+    """The caller's budget lease for this generation (prompt + max_new_tokens); APIError 429 when refused."""
+    app, token = state(), g.auth
+    lease = budget.admit(app.counters, token["user"], budget.Limits.of(token, app.settings),
+                         len(ids) + params.max_new_tokens, app.settings.request_deadline_s,
+                         fail_open=app.settings.ratelimit_fail_open)
+    accounting.current().lease = lease  # admitted: a usage row is written, whatever happens next
+    return lease
+
+
+def settle(lease, result):
+    """Release the lease to what `result` used (nothing if None) and record it as this request's usage."""
+    usage = accounting.Usage.of(result)
+    budget.release(state().counters, lease, usage.total)
+    accounting.current().usage = usage
+    return usage
+
+
+def answer(ids, params):
+    """Admit, generate to the end and settle: the result, or APIError 429/503/504."""
+    engine, settings = state().engine, state().settings
+    lease, result = admit(ids, params), None
+    try:
+        handle = submit(engine, ids, params, settings)
+        try:
+            # The engine stops the request at its deadline; the margin covers one slow step.
+            result = handle.result(timeout=settings.request_deadline_s + 30)
+        except TimeoutError:
+            handle.cancel()
+    finally:
+        settle(lease, result)
+    if result is None or result.finish_reason in ("timeout", "cancelled"):
+        raise deadline_error(settings, result.completion_tokens if result else 0)
+    return result
+
+
 def submit(engine, ids, params, settings):
     """Queue a generation with the request deadline; the handle, or APIError 503."""
     request = GenerationRequest(ids, params.max_new_tokens, params.temperature, params.top_p,
@@ -71,26 +116,10 @@ def submit(engine, ids, params, settings):
                        "queue_full", headers={"Retry-After": RETRY_FULL_S}) from None
 
 
-def complete(engine, ids, params, settings):
-    """Generate to the end; the result, or APIError 503/504."""
-    handle = submit(engine, ids, params, settings)
-    try:
-        # The engine stops the request at its deadline; the margin covers one slow step.
-        result = handle.result(timeout=settings.request_deadline_s + 30)
-    except TimeoutError:
-        handle.cancel()
-        result = None
-    if result is None or result.finish_reason in ("timeout", "cancelled"):
-        raise deadline_error(settings, len(ids), result.completion_tokens if result else 0)
-    return result
-
-
-def deadline_error(settings, prompt_tokens, done):
-    """APIError 504 for a generation cut by its deadline, carrying what it computed."""
-    error = APIError(504, f"generation passed the {settings.request_deadline_s:g} s deadline after {done} "
-                     "tokens; ask for fewer tokens", "deadline_exceeded")
-    error.tokens_used = prompt_tokens + done  # the compute was spent: it counts against the budget
-    return error
+def deadline_error(settings, done):
+    """APIError 504 for a generation cut by its deadline after `done` tokens."""
+    return APIError(504, f"generation passed the {settings.request_deadline_s:g} s deadline after {done} "
+                    "tokens; ask for fewer tokens", "deadline_exceeded")
 
 
 def not_ready(engine):

@@ -3,7 +3,7 @@
 Text fields are checked for broken Unicode and control characters, NFKC
 normalised (so look-alike and full-width characters cannot slip past the
 policy), bounded in characters, then matched against the content policy.
-Token bounds are checked where the tokenizer is (service.generate).
+Token bounds are checked where the tokenizer is (service.api.generation).
 
 The content policy is a TOML file named by VIBE_CONTENT_POLICY_PATH:
 

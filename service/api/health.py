@@ -1,12 +1,13 @@
 """Liveness and readiness, without a token."""
 
-from importlib.metadata import PackageNotFoundError, version
+from importlib import metadata
 
 from flask import Blueprint, current_app
 
-from service.access import public
+from service.admission.access import public
 from service.errors import APIError
-from service.generate import not_ready
+from service.api.generation import not_ready
+from service.state import state
 
 bp = Blueprint("health", __name__)
 
@@ -22,22 +23,22 @@ def healthz():
 @public
 def readyz():
     """200 once the model is loaded and the database and Redis answer; 503 with Retry-After otherwise."""
-    engine = current_app.extensions["vibethinker.engine"]
+    app = state()
+    engine = app.engine
     if not engine.ready:
         raise not_ready(engine)
     if not _database_answers():
         raise APIError(503, "database is unreachable", "database_unavailable", headers={"Retry-After": 5})
-    if not _counters_answer() and not current_app.extensions["vibethinker.settings"].ratelimit_fail_open:
+    if not _counters_answer() and not app.settings.ratelimit_fail_open:
         raise APIError(503, "rate-limit storage is unreachable", "ratelimit_storage_unavailable",
                        headers={"Retry-After": 5})
-    settings = current_app.extensions["vibethinker.settings"]
-    return {"status": "ready", "version": _version(), "model": settings.model_name, "mode": engine.model.mode,
+    return {"status": "ready", "version": version(), "model": app.settings.model_name, "mode": engine.model.mode,
             "load_seconds": round(engine.model.load_seconds, 3), "queued": engine.queued(), "running": engine.running}
 
 
 def _database_answers():
     try:
-        return current_app.extensions["vibethinker.store"].ping()
+        return state().store.ping()
     except Exception:  # any driver error means "not ready"; the reason is logged
         current_app.logger.exception("database ping failed")
         return False
@@ -45,15 +46,15 @@ def _database_answers():
 
 def _counters_answer():
     try:
-        return current_app.extensions["vibethinker.counters"].ping()
+        return state().counters.ping()
     except Exception:  # StorageUnavailable or a driver error: not ready while generation would be refused
         current_app.logger.warning("rate-limit storage ping failed")
         return False
 
 
-def _version():
+def version():
     """The installed build's version: which release is serving, for upgrades."""
     try:
-        return version("vibethinker-service")
-    except PackageNotFoundError:  # run from a source tree that was never installed
+        return metadata.version("vibethinker-service")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
         return "unknown"

@@ -4,7 +4,7 @@ import logging
 import re
 import uuid
 
-from flask import g, request
+from flask import g
 
 HEADER = "X-Request-ID"
 # What a client may choose: short, printable, no spaces (it ends up in logs).
@@ -13,7 +13,8 @@ VALID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 def current():
     """The id of the request being served, or '-' outside a request."""
-    return g.get("request_id", "-") if g else "-"
+    record = g.get("record") if g else None
+    return record.request_id if record is not None else "-"
 
 
 class RequestIdFilter(logging.Filter):
@@ -27,9 +28,10 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-def _assign():
-    given = request.headers.get(HEADER, "")
-    g.request_id = given if VALID.fullmatch(given) else uuid.uuid4().hex
+def choose(headers):
+    """nginx's X-Request-ID when it is sane, else a new one (it is only ever a log and lookup key)."""
+    given = headers.get(HEADER, "")
+    return given if VALID.fullmatch(given) else uuid.uuid4().hex
 
 
 def _echo(response):
@@ -38,5 +40,4 @@ def _echo(response):
 
 
 def init_app(app):
-    app.before_request(_assign)
     app.after_request(_echo)

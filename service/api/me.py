@@ -2,9 +2,10 @@
 
 from datetime import datetime, timezone
 
-from flask import Blueprint, current_app
+from flask import Blueprint
 
-from service.access import caller
+from service.admission.access import caller
+from service.state import state
 
 bp = Blueprint("me", __name__)
 
@@ -12,7 +13,7 @@ bp = Blueprint("me", __name__)
 @bp.get("/v1/me")
 def me():
     token = caller()
-    store, settings = current_app.extensions["vibethinker.store"], current_app.extensions["vibethinker.settings"]
+    store, settings = state().store, state().settings
     user = store.get_user(token["user"])
     midnight = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
     today = (store.usage_by_day(user["name"], since=midnight) or [None])[0]

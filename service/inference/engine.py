@@ -6,7 +6,7 @@ text as it is decoded. Each request carries a deadline and a cancel flag that
 a stopping criterion checks between decode steps, so a late or abandoned
 request stops consuming compute.
 
-Batching is continuous (service.batching): between decode steps, waiting
+Batching is continuous (service.inference.batching): between decode steps, waiting
 requests join the running batch (up to max_batch rows) and finished ones
 leave it, so a request never waits for another one to end.
 """
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from service import metrics
-from service.batching import GREEDY_BELOW, Batch, StopText, decode_step  # noqa: F401
+from service.records import metrics
+from service.inference.batching import Batch
 
 log = logging.getLogger("vibethinker.engine")
 
@@ -144,7 +144,6 @@ class Engine:
         self.model = None
         self._batch = None
         self.state = "loading"
-        self.load_error = None
 
     def start(self):
         """Start the engine thread; it loads the model, then serves the queue."""
@@ -184,9 +183,9 @@ class Engine:
         torch.set_num_threads(self._torch_threads)  # per thread: a non-main thread starts with one
         try:
             self.model = self._loader()
-        except Exception as exc:  # the process stays up to answer /readyz with the reason
+        except Exception:  # the process stays up to answer /readyz; the log has the reason
             log.exception("model failed to load")
-            self.state, self.load_error = "failed", exc
+            self.state = "failed"
             return
         self.state = "ready"
         metrics.MODEL_LOAD.set(self.model.load_seconds)
@@ -194,7 +193,7 @@ class Engine:
         batch = self._batch = Batch(self.model)
         while not self._stopping.is_set():
             self._finish_rows(batch.evict())  # first, so finished rows make room
-            joining = self._take(room=self._max_batch - len(batch), wait=not batch)
+            joining = self._dequeue(room=self._max_batch - len(batch), wait=not batch)
             if joining:
                 self._guarded(batch, batch.admit, joining)
                 self._finish_rows(batch.evict())
@@ -203,7 +202,7 @@ class Engine:
         for row in batch.empty():
             row.handle._finish(error=EngineError("the engine stopped"))
 
-    def _take(self, room, wait):
+    def _dequeue(self, room, wait):
         """Up to `room` queued requests that are still wanted; waits a little when the batch is empty."""
         joining = []
         while len(joining) < room:

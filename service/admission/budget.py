@@ -1,0 +1,107 @@
+"""Admission: a per-user daily token budget and concurrency cap, held for one generation.
+
+Plain functions over counters (service.admission.counters) and limits, no
+Flask, so they are tested without HTTP:
+
+- `admit` takes one of the user's concurrency slots, then reserves prompt +
+  max_new_tokens of today's budget; it refuses with 429 when either is spent.
+- `release` settles the reservation to what the generation really used and
+  frees the slot.
+
+A slot's member is a fresh random id per lease, never anything a client sent.
+With the storage down, `admit` raises StorageUnavailable (fail closed), or,
+with `fail_open`, returns a lease that holds nothing and limits nothing.
+"""
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from service.admission.counters import StorageUnavailable
+from service.errors import APIError
+
+log = logging.getLogger("vibethinker.budget")
+DAY_S = 86400
+SLOT_MARGIN_S = 60  # a slot outlives its request's deadline by this much, then expires on its own
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A user's effective limits: their own where set, else the settings' defaults."""
+
+    daily_tokens: int
+    max_concurrent: int
+
+    @classmethod
+    def of(cls, token, settings):
+        return cls(token.get("daily_tokens") or settings.default_daily_tokens,
+                   token.get("max_concurrent") or settings.default_max_concurrent)
+
+
+@dataclass
+class Lease:
+    """What one admitted generation holds: a slot and a reservation (none of either when `held` is False)."""
+
+    user: str
+    reserved: int
+    daily: int
+    total: int  # today's total, after the reservation and then after settling
+    reset_s: int
+    budget_key: str = ""
+    slot_key: str = ""
+    member: str = field(default_factory=lambda: uuid.uuid4().hex)
+    held: bool = True
+
+    def headers(self):
+        """x-ratelimit-*-tokens of this lease (none when the storage was down)."""
+        if not self.held:
+            return {}
+        return {"x-ratelimit-limit-tokens": self.daily, "x-ratelimit-remaining-tokens": max(self.daily - self.total, 0),
+                "x-ratelimit-reset-tokens": f"{self.reset_s}s"}
+
+
+def admit(counters, user, limits, need, lease_s, fail_open=False, now=None):
+    """A lease on a concurrency slot and `need` tokens of today's budget; APIError 429 when refused."""
+    now = now or datetime.now(timezone.utc)
+    midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), timezone.utc)
+    lease = Lease(user, need, limits.daily_tokens, 0, int((midnight - now).total_seconds()) + 1,
+                  budget_key=f"budget:{user}:{now:%Y-%m-%d}", slot_key=f"inflight:{user}")
+    try:
+        ok, held = counters.take_slot(lease.slot_key, lease.member, limits.max_concurrent,
+                                      int(lease_s) + SLOT_MARGIN_S)
+        if not ok:
+            raise APIError(429, f"{user} already has {held} requests running; the limit is "
+                           f"{limits.max_concurrent} at a time", "concurrency_limit_exceeded",
+                           headers={"Retry-After": 1})
+        try:
+            ok, lease.total = counters.reserve(lease.budget_key, need, limits.daily_tokens, 2 * DAY_S)
+        except StorageUnavailable:
+            counters.free_slot(lease.slot_key, lease.member)
+            raise
+    except StorageUnavailable:
+        if not fail_open:
+            raise
+        log.warning("quota storage unreachable: serving %s without budget or concurrency limits", user)
+        lease.held = False
+        return lease
+    if not ok:
+        counters.free_slot(lease.slot_key, lease.member)
+        left = max(limits.daily_tokens - lease.total, 0)
+        spent = "is spent" if left == 0 else f"has {left} tokens left"
+        raise APIError(429, f"daily token budget of {limits.daily_tokens} {spent}; this request may use up to "
+                       f"{need} (prompt + max_new_tokens); it resets at 00:00 UTC", "daily_token_quota_exceeded",
+                       "max_new_tokens", headers={"Retry-After": lease.reset_s, "x-should-retry": "false",
+                                                  **lease.headers()})
+    return lease
+
+
+def release(counters, lease, used):
+    """Settle the reservation to `used` tokens and free the slot; a storage failure is logged, not raised."""
+    if not lease.held:
+        return
+    try:
+        lease.total = counters.adjust(lease.budget_key, used - lease.reserved, 2 * DAY_S)
+        counters.free_slot(lease.slot_key, lease.member)
+    except StorageUnavailable:  # the slot expires on its own; the reservation stays counted
+        log.warning("quota storage unreachable while settling %s", lease.budget_key)

@@ -1,0 +1,113 @@
+"""Request rate limits (flask-limiter) and the failed-authentication limit, with their headers.
+
+- Request rate: keyed by the token's user (never the IP), with the user's own
+  limit from the store or the default from settings; storage in Redis so every
+  worker shares it and it survives restarts.
+- Failed authentication: limited per client IP (the real one, through
+  ProxyFix); past the limit a bad or missing token gets 429 instead of 401.
+- Storage down: 503 (fail closed) by default, or serve unlimited (fail open).
+
+Responses carry OpenAI-style headers: x-ratelimit-{limit,remaining,reset}-
+requests here, the -tokens ones from the request's budget lease
+(service.admission.budget), retry-after on every 429/503, and
+x-should-retry: false when a daily limit is spent.
+"""
+
+import logging
+import time
+
+from flask import g, request
+from flask_limiter import Limiter
+from flask_limiter.errors import RateLimitExceeded
+from limits import parse_many
+
+from service.admission.counters import StorageUnavailable, open_counters
+from service.errors import error_response
+from service.records import accounting
+from service.state import state
+
+log = logging.getLogger("vibethinker.ratelimit")
+DAY_S = 86400
+
+
+def init_app(app, settings, limited_blueprints):
+    """Bind the limiter (after the auth hook, so it sees the user) and open the admission counters."""
+    limiter = Limiter(key_func=_user_key, storage_uri=settings.ratelimit_storage_uri, strategy="moving-window",
+                      headers_enabled=False, swallow_errors=settings.ratelimit_fail_open,
+                      storage_options={"socket_timeout": 2, "socket_connect_timeout": 2})
+    for bp in limited_blueprints:
+        limiter.shared_limit(_user_limit, scope="generate", key_func=_user_key)(bp)
+    limiter.init_app(app)
+    if settings.ratelimit_storage_uri.startswith("memory://"):
+        log.warning("rate limits, token budgets and concurrency use memory://: per process and lost on "
+                    "restart; set VIBE_RATELIMIT_STORAGE_URI to Redis in production")
+    state(app).limiter, state(app).counters = limiter, open_counters(settings.ratelimit_storage_uri)
+    app.register_error_handler(RateLimitExceeded, _rate_limited)
+    app.register_error_handler(StorageUnavailable, _storage_down)
+    try:
+        import redis
+
+        app.register_error_handler(redis.exceptions.RedisError, _storage_down)
+    except ImportError:  # memory:// only
+        pass
+    app.after_request(_headers)
+
+
+def _user_key():
+    return f"user:{g.auth['user']}"
+
+
+def _user_limit():
+    return g.auth.get("rate_limit") or state().settings.default_rate_limit
+
+
+def _rate_limited(exc):
+    window = exc.limit.limit
+    per_day = window.get_expiry() >= DAY_S
+    retry = _request_reset_s() or 1
+    headers = {"Retry-After": retry, **({"x-should-retry": "false"} if per_day else {})}
+    return error_response(429, f"rate limit of {window} reached for {g.auth['user']}; retry in {retry} s",
+                          "rate_limit_exceeded", headers=headers)
+
+
+def _storage_down(exc):
+    log.error("rate-limit storage unreachable: %s", type(exc).__name__)
+    return error_response(503, "rate-limit storage is unreachable, so requests are refused until it is back",
+                          "ratelimit_storage_unavailable", headers={"Retry-After": 5})
+
+
+def _request_reset_s():
+    current = state().limiter.current_limit
+    return max(0, int(current.reset_at - time.time())) if current else None
+
+
+def _headers(response):
+    """x-ratelimit-* for requests (flask-limiter's window) and tokens (the request's budget lease)."""
+    try:
+        current = state().limiter.current_limit if g.get("auth") else None
+        if current is not None:
+            response.headers["x-ratelimit-limit-requests"] = str(current.limit.amount)
+            response.headers["x-ratelimit-remaining-requests"] = str(current.remaining)
+            response.headers["x-ratelimit-reset-requests"] = f"{max(0, int(current.reset_at - time.time()))}s"
+    except Exception:  # the storage went away between check and response: headers are best effort
+        log.warning("rate-limit headers skipped: storage unreachable")
+    lease = accounting.current().lease
+    for name, value in (lease.headers() if lease is not None else {}).items():
+        response.headers.setdefault(name, str(value))
+    return response
+
+
+def record_auth_failure(status, message, code):
+    """The auth layer's refusal, counted per client IP: past the limit, 429 instead of 401."""
+    if status == 401:
+        ip = request.remote_addr or "-"
+        try:
+            allowed = all([state().limiter.limiter.hit(item, "auth-failures", ip)
+                           for item in parse_many(state().settings.anonymous_rate_limit)])
+        except Exception:  # storage down: the request is refused anyway
+            log.warning("auth-failure counter unreachable")
+            allowed = True
+        if not allowed:
+            return error_response(429, f"too many unauthenticated requests from {ip}; slow down",
+                                  "too_many_auth_failures", headers={"Retry-After": 60})
+    return error_response(status, message, code)

@@ -1,0 +1,121 @@
+"""A streamed chat answer: server-sent events with an open / events / close life.
+
+- `open` admits and queues before the response starts, so a refusal keeps its
+  own status (429, 503) rather than becoming an event.
+- `events` yields `data: {chat.completion.chunk}` per decoded piece, keep-alive
+  comments while a request waits (they also notice a gone client), a final
+  chunk with the finish reason, a usage chunk when asked, then `data: [DONE]`.
+  A deadline cut ends with `data: {"error": {...}}` in the one error shape.
+- `close` runs however the stream ends (finished, cut, or the client gone,
+  499): it cancels the generation, settles the lease and the usage from the
+  result (service.api.generation.settle, as a whole answer does), and writes
+  the usage row and log line.
+"""
+
+import json
+import logging
+import time
+import uuid
+
+from flask import Response, stream_with_context
+
+from service.api import generation
+from service.errors import error_body
+from service.records import accounting
+from service.state import state
+
+log = logging.getLogger("vibethinker.streaming")
+CLIENT_GONE = 499
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ChatStream:
+    """One streamed answer, from admission to its usage row."""
+
+    def __init__(self, ids, params, include_usage=False):
+        self.ids, self.params, self.include_usage = ids, params, include_usage
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        self.record = accounting.current()
+        self.lease = self.handle = self.result = None
+        self.status = 200
+
+    def open(self):
+        """Admit and queue now; refusals raise APIError with their status."""
+        settings = state().settings
+        self.lease = generation.admit(self.ids, self.params)
+        try:
+            self.handle = generation.submit(state().engine, self.ids, self.params, settings)
+        except Exception:
+            generation.settle(self.lease, None)
+            raise
+        self.record.streamed = True  # close() writes the row, when the stream ends
+        return self
+
+    def response(self):
+        """The SSE response; it closes the stream however it ends."""
+        return Response(stream_with_context(self._lifetime()), mimetype="text/event-stream", headers=SSE_HEADERS)
+
+    def _lifetime(self):
+        try:
+            yield from self.events()
+        except GeneratorExit:  # the client went away: the server closed us at a write
+            self.status = CLIENT_GONE
+            raise
+        finally:
+            self.close()
+
+    def events(self):
+        """The stream's events, as SSE text."""
+        settings = state().settings
+        yield self._chunk({"role": "assistant", "content": ""})
+        for piece in self.handle.deltas(idle=settings.stream_keepalive_s):
+            yield ": keep-alive\n\n" if piece is None else self._chunk({"content": piece}) if piece else ""
+        try:
+            self.result = self.handle.result(timeout=5)
+        except Exception:  # the engine failed this request: say so in the stream, as a 500 would
+            log.exception("streamed generation failed")
+            self.status = 500
+            yield _event(error_body(500, f"internal error; quote request id {self.record.request_id} when "
+                                    "reporting it", "internal_error"))
+            yield "data: [DONE]\n\n"
+            return
+        if self.result.finish_reason in ("timeout", "cancelled"):
+            self.status = 504
+            error = generation.deadline_error(settings, self.result.completion_tokens)
+            yield _event(error_body(error.status, error.message, error.code, error.param))
+        else:
+            yield self._chunk({}, finish=openai_reason(self.result.finish_reason))
+            if self.include_usage:
+                yield self._chunk({}, usage=generation.usage(self.result))
+        yield "data: [DONE]\n\n"
+
+    def close(self):
+        """Stop the generation, settle what it used, write the usage row and log line."""
+        self.handle.cancel()
+        if self.result is None:  # cut short: count what was computed before the cancel took hold
+            self.result = self._outcome()
+        generation.settle(self.lease, self.result)
+        accounting.finish(self.record, self.status)
+
+    def _outcome(self):
+        try:
+            return self.handle.result(timeout=5)
+        except Exception:  # the engine failed this request or did not stop in time: nothing known to count
+            return None
+
+    def _chunk(self, delta, finish=None, usage=None):
+        choices = [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": state().settings.model_name, "choices": choices}
+        if usage:
+            body["usage"] = usage
+        return _event(body)
+
+
+def openai_reason(reason):
+    """OpenAI's finish_reason for ours: length, or stop."""
+    return "length" if reason == "length" else "stop"
+
+
+def _event(body):
+    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
