@@ -5,8 +5,13 @@ flask-jwt-extended decodes the bearer token from the Authorization header only
 picked by `kid`, and `iss`/`aud`/`exp`/`nbf` checked. Then this hook checks
 what the library does not: every required claim is present, the jti was
 recorded at issue and is not revoked, the user exists and is active, and the
-token's scope allows the route. That is one indexed query per request, on
-purpose: revocation must hold from the very next request in every worker.
+token's scope allows the route and the user still holds the rights it names.
+
+With a `cache` (auth.cache), a token this worker verified before skips the
+decode and the query while the access epoch is unchanged; every change that
+could refuse it replaces the epoch, so revocation still holds from the very
+next request in every worker. The route's scope and the user's rights are
+checked on every request, cached or not.
 """
 
 from flask import g, request
@@ -20,7 +25,7 @@ REQUIRED_CLAIMS = ("iss", "aud", "exp", "iat", "nbf", "jti", "sub", "scope", "ty
 QUERY_TOKEN_NAMES = ("token", "access_token", "jwt", "api_key", "apikey")
 
 
-def init_app(app, *, store, keyset, issuer, audience, is_public, scope_for, respond):
+def init_app(app, *, store, keyset, issuer, audience, is_public, scope_for, respond, cache=None):
     """Require a valid token on every route except `is_public()` ones.
 
     `scope_for(path)` names the scope a route needs (None: any valid token); `respond(status, message, code)`
@@ -51,13 +56,27 @@ def init_app(app, *, store, keyset, issuer, audience, is_public, scope_for, resp
         if any(name in request.args for name in QUERY_TOKEN_NAMES):
             raise AuthError(401, "tokens in the query string are refused; use the Authorization header",
                             "token_in_query")
-        verify_jwt_in_request()
-        g.auth = authorize(store, get_jwt(), scope_for(request.path))
+        g.auth = check_access(_token(store, cache), scope_for(request.path))
         return None
 
 
-def authorize(store, claims, needed_scope):
-    """Check a decoded token against the store; the token's record, or AuthError."""
+def _token(store, cache):
+    """The bearer token's record: from this worker's cache, or decoded and checked against the store."""
+    header = request.headers.get("Authorization", "")
+    epoch = cache.begin() if cache is not None and header else None
+    hit = cache.get(header) if epoch is not None else None
+    if hit is not None:
+        return hit[1]
+    verify_jwt_in_request()
+    claims = get_jwt()
+    token = check_token(store, claims)
+    if epoch is not None:
+        cache.put(header, claims, token, epoch)
+    return token
+
+
+def check_token(store, claims):
+    """A decoded token's record, if it was issued here and is not revoked; AuthError otherwise."""
     missing = [name for name in REQUIRED_CLAIMS if claims.get(name) in (None, "")]
     if missing:
         raise AuthError(401, f"invalid token: missing claim {missing[0]}", "invalid_token")
@@ -68,8 +87,16 @@ def authorize(store, claims, needed_scope):
         raise AuthError(401, "token was not issued by this service", "invalid_token")
     if token["revoked_at"] is not None:
         raise AuthError(401, "token has been revoked", "token_revoked")
+    return token
+
+
+def check_access(token, needed_scope):
+    """The token, if its user is active and it may use a route needing `needed_scope`; AuthError otherwise."""
     if not token["user_active"]:
         raise AuthError(403, f"account {token['user']!r} is disabled", "account_disabled")
     if needed_scope is not None and needed_scope not in token["scope"].split():
         raise AuthError(403, f"token lacks the {needed_scope!r} scope this route needs", "insufficient_scope")
+    if needed_scope == "admin" and not token["user_admin"]:  # a scope follows the user's current rights
+        raise AuthError(403, f"user {token['user']!r} is no longer an admin; admin tokens stop working",
+                        "insufficient_scope")
     return token

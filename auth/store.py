@@ -7,6 +7,7 @@ Token text is never stored: only its jti and metadata.
 """
 
 import json
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -65,6 +66,14 @@ usage = sa.Table(
     sa.Column("request_id", sa.String(128), nullable=False),
     sa.Index("ix_usage_user_at", "user", "at"),
 )
+# One row: replaced by every change that can turn a valid token invalid (revocation, disable, demotion,
+# a quota or key change), so workers that cache verified tokens know to drop them (auth.cache).
+auth_epoch = sa.Table(
+    "auth_epoch", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("value", sa.String(64), nullable=False),
+)
+MIGRATIONS = Path(__file__).parent / "migrations"
 QUOTA_FIELDS = ("rate_limit", "daily_tokens", "max_concurrent", "system_prompts")
 MAX_SYSTEM_PROMPTS = 50
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789._-")
@@ -99,7 +108,7 @@ def connect(url):
 def migrate(engine, revision="head"):
     """Bring the schema to `revision` with Alembic (creating it on an empty database)."""
     config = Config()
-    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
         config.attributes["connection"] = conn
         command.upgrade(config, revision)
@@ -114,13 +123,30 @@ def revision(engine):
 
 
 class Store:
-    """Users, tokens and audit events over one SQLAlchemy engine."""
+    """Users, tokens and audit events over one SQLAlchemy engine.
 
-    def __init__(self, url, clock=utcnow, upgrade=True):
+    `publish(epoch)` is called after every commit that replaced the access epoch (the service mirrors it
+    in Redis there); it must not raise.
+    """
+
+    def __init__(self, url, clock=utcnow, upgrade=True, publish=None):
         self.engine = connect(url)
         self.clock = clock
+        self.publish = publish or (lambda epoch: None)
         if upgrade:
             migrate(self.engine)
+
+    # --- the access epoch ---
+    def epoch(self):
+        """The current access epoch."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(auth_epoch.c.value).where(auth_epoch.c.id == 1)).scalar_one()
+
+    def _changed_access(self, conn):
+        """Replace the epoch inside the caller's transaction; the new value, to publish after the commit."""
+        value = uuid.uuid4().hex
+        conn.execute(auth_epoch.update().where(auth_epoch.c.id == 1).values(value=value))
+        return value
 
     def close(self):
         """Close the pooled connections."""
@@ -165,6 +191,8 @@ class Store:
             action = {(True,): "user.enable", (False,): "user.disable"}.get(
                 (changes["active"],) if set(changes) == {"active"} else None, "user.update")
             self._audit(conn, actor, action, name, changes, source)
+            epoch = self._changed_access(conn)
+        self.publish(epoch)
         return self.get_user(name)
 
     # --- tokens ---
@@ -205,6 +233,8 @@ class Store:
             conn.execute(tokens.update().where(tokens.c.jti == jti, tokens.c.revoked_at.is_(None))
                          .values(revoked_at=self.clock(), revoked_by=actor))
             self._audit(conn, actor, "token.revoke", token["user"], {"jti": jti}, source)
+            epoch = self._changed_access(conn)
+        self.publish(epoch)
         return self.get_token(jti)
 
     def revoke_all(self, user_name, actor="system", source="cli"):
@@ -214,6 +244,8 @@ class Store:
             count = conn.execute(tokens.update().where(tokens.c.user_id == user["id"], tokens.c.revoked_at.is_(None))
                                  .values(revoked_at=self.clock(), revoked_by=actor)).rowcount
             self._audit(conn, actor, "token.revoke_all", user_name, {"count": count}, source)
+            epoch = self._changed_access(conn)
+        self.publish(epoch)
         return count
 
     # --- audit ---
@@ -262,10 +294,13 @@ class Store:
         with self.engine.connect() as conn:
             return [{**dict(r), "at": aware(r["at"]).isoformat()} for r in conn.execute(query).mappings()]
 
-    def record_event(self, action, target, detail, actor="system", source="cli"):
-        """Audit an action that changes nothing in the database (a key rotation, say)."""
+    def record_event(self, action, target, detail, actor="system", source="cli", changes_access=False):
+        """Audit an action outside the database (a key rotation, say); `changes_access`: a key retirement."""
         with self.engine.begin() as conn:
             self._audit(conn, actor, action, target, detail, source)
+            epoch = self._changed_access(conn) if changes_access else None
+        if epoch is not None:
+            self.publish(epoch)
 
     def _audit(self, conn, actor, action, target, detail, source):
         conn.execute(audit.insert().values(at=self.clock(), actor=actor, action=action, target=target,

@@ -14,11 +14,13 @@ from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from auth import guard
+from auth.cache import TokenCache
 from auth.errors import StoreError
 from auth.keys import KeyFolderError, KeySet
 from auth.store import Store
 from service import errors
 from service.admission import access, ratelimit
+from service.admission.counters import epoch_publisher, open_counters
 from service.api import admin, chat, health, me, predict
 from service.inputs import filtering
 from service.records import accounting, logs, metrics, requestid
@@ -38,15 +40,18 @@ def create_app(settings=None):
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
-    store, keyset = open_state(settings)
-    state = attach(app, State(settings, store, keyset, load_policy(settings), started_at=time.time()))
+    counters = open_counters(settings.ratelimit_storage_uri)
+    store, keyset = open_state(settings, counters)
+    state = attach(app, State(settings, store, keyset, load_policy(settings), started_at=time.time(),
+                              counters=counters))
 
     accounting.init_app(app)  # first: every later hook writes to the request's record
     requestid.init_app(app)
     errors.init_app(app)
     app.register_error_handler(StoreError, lambda e: errors.error_response(e.status, e.message, e.code, e.param))
     guard.init_app(app, store=store, keyset=keyset, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
-                   is_public=access.is_public, scope_for=access.scope_for, respond=ratelimit.record_auth_failure)
+                   is_public=access.is_public, scope_for=access.scope_for, respond=ratelimit.record_auth_failure,
+                   cache=token_cache(settings, store, counters))
     ratelimit.init_app(app, settings, limited_blueprints=[predict.bp, chat.bp])  # after the guard: keys on the user
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
@@ -65,13 +70,21 @@ def create_app(settings=None):
     return app
 
 
-def open_state(settings):
-    """The key set and the (migrated) store; SettingsError when the keys are missing or unsafe."""
+def open_state(settings, counters):
+    """The (migrated) store, publishing access changes to `counters`, and the key set; SettingsError when the
+    keys are missing or unsafe."""
     try:
         keyset = KeySet(settings.jwt_key_dir)
     except KeyFolderError as exc:
         raise SettingsError(str(exc)) from None
-    return Store(settings.db_url), keyset
+    return Store(settings.db_url, publish=epoch_publisher(counters)), keyset
+
+
+def token_cache(settings, store, counters):
+    """This worker's cache of verified tokens, where another process can tell it of a change (Redis)."""
+    if not settings.token_cache_entries or not counters.shared:
+        return None
+    return TokenCache(store, counters.get_epoch, counters.set_epoch, max_entries=settings.token_cache_entries)
 
 
 def load_policy(settings):

@@ -20,6 +20,7 @@ from auth.errors import StoreError
 from auth.keys import KeyFolderError
 from auth.store import QUOTA_FIELDS, Store, connect, migrate, revision
 from auth.tokens import issue_token
+from service.admission.counters import epoch_publisher, open_counters
 from service.settings import SettingsError, load_settings
 
 
@@ -44,6 +45,12 @@ def main(argv=None):
         return 141
     except OSError as exc:  # a folder or file that cannot be read or written
         return _fail(f"{exc.strerror or type(exc).__name__}: {exc.filename or exc}")
+
+
+def _store(settings):
+    """The store, telling the running service's workers (through Redis) when access changes."""
+    warn = lambda message: print(f"vibethinker-admin: warning: {message}", file=sys.stderr)  # noqa: E731
+    return Store(settings.db_url, publish=epoch_publisher(open_counters(settings.ratelimit_storage_uri), warn))
 
 
 def _fail(message):
@@ -174,17 +181,17 @@ def _emit(args, data, text):
 
 
 def users_add(args, settings):
-    user = Store(settings.db_url).add_user(args.name, args.admin, **_quotas(args), **_who())
+    user = _store(settings).add_user(args.name, args.admin, **_quotas(args), **_who())
     _emit(args, user, f"added user {user['name']}{' (admin)' if user['admin'] else ''}")
 
 
 def users_list(args, settings):
-    rows = Store(settings.db_url).list_users()
+    rows = _store(settings).list_users()
     _emit(args, rows, _table(rows, ("name", "admin", "active", "rate_limit", "daily_tokens", "max_concurrent")))
 
 
 def users_toggle(args, settings):
-    Store(settings.db_url).update_user(args.name, active=args.active, **_who())
+    _store(settings).update_user(args.name, active=args.active, **_who())
     _emit(args, {"name": args.name, "active": args.active}, f"{'enabled' if args.active else 'disabled'} {args.name}")
 
 
@@ -194,13 +201,13 @@ def users_set(args, settings):
         changes["is_admin"] = args.admin
     if not changes:
         raise StoreError(400, "nothing to change: give --admin/--no-admin or a quota option", "empty")
-    user = Store(settings.db_url).update_user(args.name, **changes, **_who())
+    user = _store(settings).update_user(args.name, **changes, **_who())
     _emit(args, user, f"updated {args.name}")
 
 
 def tokens_issue(args, settings):
     text, meta = issue_token(
-        Store(settings.db_url),
+        _store(settings),
         keys.KeySet(settings.jwt_key_dir),
         args.name,
         scope=args.scope,
@@ -221,17 +228,17 @@ def tokens_issue(args, settings):
 
 
 def tokens_list(args, settings):
-    rows = Store(settings.db_url).list_tokens(args.user, include_inactive=args.all)
+    rows = _store(settings).list_tokens(args.user, include_inactive=args.all)
     _emit(args, rows, _table(rows, ("jti", "user", "scope", "label", "expires_at", "revoked_at")))
 
 
 def tokens_revoke(args, settings):
-    token = Store(settings.db_url).revoke_token(args.jti, **_who())
+    token = _store(settings).revoke_token(args.jti, **_who())
     _emit(args, token, f"revoked {token['jti']} ({token['user']})")
 
 
 def tokens_revoke_all(args, settings):
-    count = Store(settings.db_url).revoke_all(args.name, **_who())
+    count = _store(settings).revoke_all(args.name, **_who())
     _emit(args, {"user": args.name, "revoked": count}, f"revoked {count} token(s) of {args.name}")
 
 
@@ -241,7 +248,7 @@ def keys_change(args, settings):
         kid = args.kid
     else:
         kid = getattr(keys, args.op)(settings.jwt_key_dir)
-    Store(settings.db_url).record_event(f"key.{args.op}", kid, {}, **_who())
+    _store(settings).record_event(f"key.{args.op}", kid, {}, changes_access=args.op == "retire", **_who())
     _emit(
         args,
         {"op": args.op, "kid": kid, "key_dir": str(settings.jwt_key_dir)},
@@ -255,7 +262,7 @@ def keys_list(args, settings):
 
 
 def usage_list(args, settings):
-    store = Store(settings.db_url)
+    store = _store(settings)
     if args.user is not None:
         store.get_user(args.user)  # an unknown user is an error, not an empty table
     rows = store.usage_by_day(args.user, args.since)
@@ -267,7 +274,7 @@ def usage_list(args, settings):
 
 
 def audit_list(args, settings):
-    rows = Store(settings.db_url).list_audit(
+    rows = _store(settings).list_audit(
         actor=args.actor, action=args.action, target=args.target, since=args.since, limit=args.limit
     )
     _emit(args, rows, _table(rows, ("at", "actor", "action", "target", "source", "detail")))

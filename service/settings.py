@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     token_max_ttl: str = Field(
         "365d", pattern=r"^\d+[smhdw]$", description="Longest lifetime a token may be issued with."
     )
+    token_cache_entries: int = Field(
+        4096, ge=0, le=1000000, description="Verified tokens a worker keeps, skipping the decode and the database "
+        "while nothing changed who may do what (needs Redis; 0 turns it off).",
+    )
 
     # --- quotas and admission ---
     ratelimit_storage_uri: str = Field(

@@ -71,3 +71,26 @@ def test_the_only_key_cannot_be_retired_and_keys_are_private(env):
 def test_bad_settings_are_one_line(env):
     proc = admin_cli({**env, "VIBE_DB_URL": ""}, "users", "list", check=False)
     assert proc.returncode == 1 and "VIBE_DB_URL" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("args,status,fragment", [
+    (["users", "add"], 2, "the following arguments are required: name"),
+    (["tokens", "issue", "x", "--bogus"], 2, "unrecognized arguments: --bogus"),
+    (["nothing"], 2, "invalid choice: 'nothing'"),
+])
+def test_usage_errors_are_one_line(env, args, status, fragment):
+    proc = admin_cli(env, *args, check=False)
+    assert proc.returncode == status and proc.stderr.count("\n") == 1 and fragment in proc.stderr
+    assert proc.stderr.startswith("vibethinker-admin") and "--help" in proc.stderr
+
+
+@pytest.mark.parametrize("setting,fragment", [
+    ({"VIBE_DB_URL": "postgresql+psycopg://nobody@127.0.0.1:9/none"}, "database error (OperationalError)"),
+    ({"VIBE_DB_URL": "sqlite:////proc/vibethinker/db.sqlite"}, "/proc/vibethinker"),
+    ({"VIBE_JWT_KEY_DIR": "/proc/vibethinker-keys"}, "/proc/vibethinker-keys"),
+])
+def test_database_and_os_errors_are_one_line(env, setting, fragment):
+    args = ("keys", "rotate") if "VIBE_JWT_KEY_DIR" in setting else ("users", "list")
+    proc = admin_cli({**env, **setting}, *args, check=False)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert fragment in proc.stderr and "Traceback" not in proc.stderr

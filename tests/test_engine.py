@@ -192,3 +192,43 @@ def test_padding_a_long_prompt_needed_is_trimmed_and_the_rest_still_match(engine
     result = short.result(timeout=10)
     assert long.result(timeout=10).finish_reason in ("cancelled", "stop")
     assert result.token_ids == greedy(reference, [{"role": "user", "content": "short prompt"}], 40)[1]
+
+
+def test_request_threads_encode_while_the_engine_thread_decodes(reference):
+    """One tokenizer per side: encodes in request threads never share a Rust tokenizer with the engine's decodes
+    (a shared one refuses a mutable borrow while another thread holds it: "RuntimeError: Already borrowed")."""
+    import threading
+
+    assert reference.backend is not reference.tokenizer.backend_tokenizer
+    conversations = [[{"role": "user", "content": f"question {i}: " + "word " * (i * 7 % 90)}] for i in range(24)]
+    expected = [reference.encode_chat(c) for c in conversations]
+    decoded = reference.decode(expected[5])
+    errors, mismatches, stop = [], [], threading.Event()
+
+    def encode(offset):
+        for n in range(150):
+            i = (offset + n) % len(conversations)
+            try:
+                if reference.encode_chat(conversations[i]) != expected[i]:
+                    mismatches.append(i)
+            except Exception as exc:  # noqa: BLE001 - the failure this test is about
+                errors.append(repr(exc))
+
+    def decode():
+        while not stop.is_set():
+            try:
+                if reference.decode(expected[5]) != decoded:
+                    mismatches.append("decode")
+            except Exception as exc:  # noqa: BLE001
+                errors.append(repr(exc))
+
+    decoders = [threading.Thread(target=decode) for _ in range(2)]
+    encoders = [threading.Thread(target=encode, args=(k * 5,)) for k in range(6)]
+    for thread in decoders + encoders:
+        thread.start()
+    for thread in encoders:
+        thread.join()
+    stop.set()
+    for thread in decoders:
+        thread.join()
+    assert errors == [] and mismatches == []

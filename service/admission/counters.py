@@ -12,10 +12,15 @@ Any storage failure raises StorageUnavailable; the caller decides between
 failing closed and failing open.
 """
 
+import logging
 import threading
 import time
 
+from auth.cache import DB_CHECK_S
+
+log = logging.getLogger("vibethinker.counters")
 PREFIX = "vibethinker:"
+EPOCH_KEY = "auth-epoch"  # the access epoch's mirror (auth.cache)
 
 RESERVE = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -52,6 +57,20 @@ def open_counters(uri):
     return RedisCounters(uri)
 
 
+def epoch_publisher(counters, warn=None):
+    """Store(publish=...): mirror a new access epoch here, so every worker drops its cached tokens now.
+
+    A failed write is reported, not raised (the change is committed; workers read the database's epoch
+    every few seconds and catch up)."""
+    def publish(epoch):
+        try:
+            counters.set_epoch(epoch)
+        except StorageUnavailable:
+            (warn or log.warning)("access change stored, but the counter storage did not answer: workers "
+                                  f"drop cached tokens within {DB_CHECK_S:g} s instead of at once")
+    return publish
+
+
 class RedisCounters:
     """Counters in Redis: shared by every worker and server, kept across restarts."""
 
@@ -84,6 +103,16 @@ class RedisCounters:
 
     def free_slot(self, key, member):
         self._call(self._redis.zrem, PREFIX + key, member)
+
+    shared = True  # other processes (workers, servers, the admin CLI) see the same values
+
+    def get_epoch(self):
+        """The access epoch mirrored here, or None when the key is absent (a new or flushed Redis)."""
+        value = self._call(self._redis.get, PREFIX + EPOCH_KEY)
+        return value.decode() if value is not None else None
+
+    def set_epoch(self, value, only_if_absent=False):
+        self._call(self._redis.set, PREFIX + EPOCH_KEY, value, nx=only_if_absent)
 
     def ping(self):
         return bool(self._call(self._redis.ping))
@@ -135,6 +164,14 @@ class MemoryCounters:
     def free_slot(self, key, member):
         with self._lock:
             self._slots.get(key, {}).pop(member, None)
+
+    shared = False  # no other process can publish an access epoch here: tokens are never cached
+
+    def get_epoch(self):
+        return None
+
+    def set_epoch(self, value, only_if_absent=False):
+        pass
 
     def ping(self):
         return True

@@ -21,7 +21,7 @@ from flask_limiter import Limiter
 from flask_limiter.errors import RateLimitExceeded
 from limits import parse_many
 
-from service.admission.counters import StorageUnavailable, open_counters
+from service.admission.counters import StorageUnavailable
 from service.errors import error_response
 from service.records import accounting
 from service.state import state
@@ -31,7 +31,7 @@ DAY_S = 86400
 
 
 def init_app(app, settings, limited_blueprints):
-    """Bind the limiter (after the auth hook, so it sees the user) and open the admission counters."""
+    """Bind the limiter (after the auth hook, so it sees the user)."""
     limiter = Limiter(key_func=_user_key, storage_uri=settings.ratelimit_storage_uri, strategy="moving-window",
                       headers_enabled=False, swallow_errors=settings.ratelimit_fail_open,
                       storage_options={"socket_timeout": 2, "socket_connect_timeout": 2})
@@ -41,7 +41,7 @@ def init_app(app, settings, limited_blueprints):
     if settings.ratelimit_storage_uri.startswith("memory://"):
         log.warning("rate limits, token budgets and concurrency use memory://: per process and lost on "
                     "restart; set VIBE_RATELIMIT_STORAGE_URI to Redis in production")
-    state(app).limiter, state(app).counters = limiter, open_counters(settings.ratelimit_storage_uri)
+    state(app).limiter = limiter
     app.register_error_handler(RateLimitExceeded, _rate_limited)
     app.register_error_handler(StorageUnavailable, _storage_down)
     try:

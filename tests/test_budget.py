@@ -1,0 +1,77 @@
+"""Admission as plain functions: a concurrency slot and a budget reservation per generation, no Flask."""
+
+from datetime import datetime, timezone
+
+import pytest
+
+from service.admission import budget
+from service.admission.counters import MemoryCounters, RedisCounters, StorageUnavailable
+from service.errors import APIError
+
+NOW = datetime(2026, 12, 1, 23, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def counters(request):
+    if request.param == "memory":
+        return MemoryCounters()
+    redis = request.getfixturevalue("redis_server")
+    store = RedisCounters(redis.uri)
+    store._redis.flushall()
+    return store
+
+
+def admit(counters, need=100, daily=1000, cap=2, **kwargs):
+    return budget.admit(counters, "u", budget.Limits(daily, cap), need, lease_s=60, now=NOW, **kwargs)
+
+
+def test_a_lease_reserves_then_settles_to_what_was_used(counters):
+    lease = admit(counters, need=300)
+    assert lease.held and lease.total == 300 and lease.reset_s == 3601
+    assert lease.headers() == {"x-ratelimit-limit-tokens": 1000, "x-ratelimit-remaining-tokens": 700,
+                               "x-ratelimit-reset-tokens": "3601s"}
+    budget.release(counters, lease, used=120)
+    assert lease.total == 120
+    assert admit(counters, need=880).total == 1000  # exactly what is left
+
+
+def test_the_budget_refuses_what_could_pass_it_and_frees_the_slot(counters):
+    admit(counters, need=900)
+    with pytest.raises(APIError) as refused:
+        admit(counters, need=200)
+    assert refused.value.status == 429 and refused.value.code == "daily_token_quota_exceeded"
+    assert "has 100 tokens left" in refused.value.message and refused.value.headers["x-should-retry"] == "false"
+    admit(counters, need=100)  # the refused request's slot was given back: the second slot is free
+
+
+def test_the_concurrency_cap_counts_leases_not_client_ids(counters):
+    first, second = admit(counters, need=1), admit(counters, need=1)
+    assert first.member != second.member  # a random member per lease, never a request id a client chose
+    with pytest.raises(APIError) as refused:
+        admit(counters, need=1)
+    assert refused.value.code == "concurrency_limit_exceeded" and "2 requests running" in refused.value.message
+    budget.release(counters, first, used=1)
+    admit(counters, need=1)
+
+
+class Down:
+    """Counters whose storage does not answer."""
+
+    def __getattr__(self, name):
+        def fail(*args, **kwargs):
+            raise StorageUnavailable("ConnectionError")
+        return fail
+
+
+def test_storage_down_fails_closed_or_open():
+    with pytest.raises(StorageUnavailable):
+        admit(Down())
+    lease = admit(Down(), fail_open=True)
+    assert not lease.held and lease.headers() == {}
+    budget.release(Down(), lease, used=5)  # nothing held, nothing to settle
+
+
+def test_a_release_while_the_storage_is_down_does_not_raise(counters):
+    lease = admit(counters)
+    budget.release(Down(), lease, used=5)
+    assert lease.total == 100  # unchanged: the reservation stays counted, the slot expires on its own

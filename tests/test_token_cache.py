@@ -1,0 +1,90 @@
+"""auth.cache without HTTP: entries live while the epoch stands, and an epoch read before a change never
+lets a check made before it into the cache."""
+
+import pytest
+
+from auth.cache import TokenCache
+
+
+class Epochs:
+    """The database's epoch and its mirror, as plain values (the mirror may fail)."""
+
+    def __init__(self):
+        self.db, self.mirror, self.mirror_down = "e1", "e1", False
+
+    def epoch(self):
+        return self.db
+
+    def read(self):
+        if self.mirror_down:
+            raise ConnectionError("down")
+        return self.mirror
+
+    def write(self, value):
+        self.mirror = value
+
+
+@pytest.fixture
+def clock():
+    return {"mono": 100.0, "wall": 1000.0}
+
+
+@pytest.fixture
+def epochs():
+    return Epochs()
+
+
+@pytest.fixture
+def cache(epochs, clock):
+    return TokenCache(epochs, epochs.read, epochs.write, max_entries=2, db_check_s=5,
+                      clock=lambda: clock["mono"], wall=lambda: clock["wall"])
+
+
+CLAIMS = {"nbf": 900, "exp": 1100}
+
+
+def test_an_entry_lives_until_the_epoch_moves(cache, epochs):
+    epoch = cache.begin()
+    cache.put("Bearer a", CLAIMS, {"user": "a"}, epoch)
+    assert cache.begin() == "e1" and cache.get("Bearer a") == (CLAIMS, {"user": "a"})
+    epochs.db = epochs.mirror = "e2"  # a revocation, published
+    assert cache.begin() == "e2" and cache.get("Bearer a") is None
+
+
+def test_a_check_made_under_an_older_epoch_is_not_kept(cache, epochs):
+    seen = cache.begin()  # request A reads e1, then checks the database...
+    epochs.db = epochs.mirror = "e2"  # ...while a revocation commits and publishes...
+    cache.begin()  # ...and request B sees e2
+    cache.put("Bearer a", CLAIMS, {"user": "a"}, seen)
+    assert cache.get("Bearer a") is None
+
+
+def test_expiry_and_not_before_are_checked_on_every_hit(cache, clock):
+    cache.put("Bearer a", CLAIMS, {}, cache.begin())
+    clock["wall"] = 1100
+    assert cache.get("Bearer a") is None
+
+
+def test_mirror_down_means_no_cache(cache, epochs):
+    cache.put("Bearer a", CLAIMS, {}, cache.begin())
+    epochs.mirror_down = True
+    assert cache.begin() is None and len(cache) == 0
+
+
+def test_a_change_the_mirror_missed_reaches_the_worker_from_the_database(cache, epochs, clock):
+    cache.put("Bearer a", CLAIMS, {}, cache.begin())
+    epochs.db = "e2"  # committed, but the publish failed
+    clock["mono"] += 5
+    assert cache.begin() == "e2" and cache.get("Bearer a") is None and epochs.mirror == "e2"
+
+
+def test_an_empty_mirror_is_filled_from_the_database(cache, epochs):
+    epochs.mirror = None  # a new or flushed Redis
+    assert cache.begin() == "e1" and epochs.mirror == "e1"
+
+
+def test_the_cache_is_bounded(cache):
+    epoch = cache.begin()
+    for name in "abc":
+        cache.put(f"Bearer {name}", CLAIMS, {}, epoch)
+    assert len(cache) == 2 and cache.get("Bearer a") is None
