@@ -261,14 +261,12 @@ class Store:
                     for r in conn.execute(query).mappings()]
 
     # --- usage ---
-    def record_usage(self, user, route, status, prompt_tokens, completion_tokens, latency_ms, finish_reason,
-                     request_id):
-        """One row per generation, committed before the response leaves."""
+    def record_usage(self, rows):
+        """Usage rows (user, route, status, prompt_tokens, completion_tokens, latency_ms, finish_reason,
+        request_id) in one transaction: the service's group commit."""
+        at = self.clock()
         with self.engine.begin() as conn:
-            conn.execute(usage.insert().values(
-                at=self.clock(), user=user, route=route, status=status, prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens, latency_ms=latency_ms, finish_reason=finish_reason,
-                request_id=request_id))
+            conn.execute(usage.insert(), [{"at": at, **row} for row in rows])
 
     def usage_by_day(self, user=None, since=None):
         """Daily totals per user (UTC days), newest first."""

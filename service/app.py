@@ -24,6 +24,7 @@ from service.admission.counters import epoch_publisher, open_counters
 from service.api import admin, chat, health, me, predict
 from service.inputs import filtering
 from service.records import accounting, logs, metrics, requestid
+from service.records.usagelog import UsageLog
 from service.settings import SettingsError, load_settings, require_model_path
 from service.state import State, attach
 
@@ -43,7 +44,7 @@ def create_app(settings=None):
     counters = open_counters(settings.ratelimit_storage_uri)
     store, keyset = open_state(settings, counters)
     state = attach(app, State(settings, store, keyset, load_policy(settings), started_at=time.time(),
-                              counters=counters))
+                              counters=counters, usage_log=UsageLog(store)))
 
     accounting.init_app(app)  # first: every later hook writes to the request's record
     requestid.init_app(app)

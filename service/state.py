@@ -26,6 +26,7 @@ class State:
     counters: Any = None  # service.admission.counters: budgets and concurrency slots
     limiter: Any = None  # flask_limiter.Limiter
     engine: Any = None  # service.inference.engine.Engine
+    usage_log: Any = None  # service.records.usagelog.UsageLog: the store's usage rows, by group commit
 
 
 def attach(app, state):

@@ -35,13 +35,13 @@ def test_a_lease_reserves_then_settles_to_what_was_used(counters):
     assert admit(counters, need=880).total == 1000  # exactly what is left
 
 
-def test_the_budget_refuses_what_could_pass_it_and_frees_the_slot(counters):
+def test_the_budget_refuses_what_could_pass_it_and_holds_no_slot(counters):
     admit(counters, need=900)
     with pytest.raises(APIError) as refused:
         admit(counters, need=200)
     assert refused.value.status == 429 and refused.value.code == "daily_token_quota_exceeded"
     assert "has 100 tokens left" in refused.value.message and refused.value.headers["x-should-retry"] == "false"
-    admit(counters, need=100)  # the refused request's slot was given back: the second slot is free
+    admit(counters, need=100)  # the refused request took no slot: the second one is free
 
 
 def test_the_concurrency_cap_counts_leases_not_client_ids(counters):

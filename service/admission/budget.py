@@ -3,8 +3,9 @@
 Plain functions over counters (service.admission.counters) and limits, no
 Flask, so they are tested without HTTP:
 
-- `admit` takes one of the user's concurrency slots, then reserves prompt +
-  max_new_tokens of today's budget; it refuses with 429 when either is spent.
+- `admit` takes one of the user's concurrency slots and reserves prompt +
+  max_new_tokens of today's budget, in one atomic step; it refuses with 429
+  when either is spent.
 - `release` settles the reservation to what the generation really used and
   frees the slot.
 
@@ -18,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from service.admission.counters import StorageUnavailable
+from service.admission.counters import NO_SLOT, OVER_BUDGET, StorageUnavailable
 from service.errors import APIError
 
 log = logging.getLogger("vibethinker.budget")
@@ -68,26 +69,21 @@ def admit(counters, user, limits, need, lease_s, fail_open=False, now=None):
     lease = Lease(user, need, limits.daily_tokens, 0, int((midnight - now).total_seconds()) + 1,
                   budget_key=f"budget:{user}:{now:%Y-%m-%d}", slot_key=f"inflight:{user}")
     try:
-        ok, held = counters.take_slot(lease.slot_key, lease.member, limits.max_concurrent,
-                                      int(lease_s) + SLOT_MARGIN_S)
-        if not ok:
-            raise APIError(429, f"{user} already has {held} requests running; the limit is "
-                           f"{limits.max_concurrent} at a time", "concurrency_limit_exceeded",
-                           headers={"Retry-After": 1})
-        try:
-            ok, lease.total = counters.reserve(lease.budget_key, need, limits.daily_tokens, 2 * DAY_S)
-        except StorageUnavailable:
-            counters.free_slot(lease.slot_key, lease.member)
-            raise
+        status, value = counters.admit(lease.slot_key, lease.member, limits.max_concurrent,
+                                       int(lease_s) + SLOT_MARGIN_S, lease.budget_key, need, limits.daily_tokens,
+                                       2 * DAY_S)
     except StorageUnavailable:
         if not fail_open:
             raise
         log.warning("quota storage unreachable: serving %s without budget or concurrency limits", user)
         lease.held = False
         return lease
-    if not ok:
-        counters.free_slot(lease.slot_key, lease.member)
-        left = max(limits.daily_tokens - lease.total, 0)
+    if status == NO_SLOT:
+        raise APIError(429, f"{user} already has {value} requests running; the limit is "
+                       f"{limits.max_concurrent} at a time", "concurrency_limit_exceeded", headers={"Retry-After": 1})
+    lease.total = value
+    if status == OVER_BUDGET:
+        left = max(limits.daily_tokens - value, 0)
         spent = "is spent" if left == 0 else f"has {left} tokens left"
         raise APIError(429, f"daily token budget of {limits.daily_tokens} {spent}; this request may use up to "
                        f"{need} (prompt + max_new_tokens); it resets at 00:00 UTC", "daily_token_quota_exceeded",
@@ -101,7 +97,7 @@ def release(counters, lease, used):
     if not lease.held:
         return
     try:
-        lease.total = counters.adjust(lease.budget_key, used - lease.reserved, 2 * DAY_S)
-        counters.free_slot(lease.slot_key, lease.member)
+        lease.total = counters.release(lease.slot_key, lease.member, lease.budget_key, used - lease.reserved,
+                                       2 * DAY_S)
     except StorageUnavailable:  # the slot expires on its own; the reservation stays counted
         log.warning("quota storage unreachable while settling %s", lease.budget_key)

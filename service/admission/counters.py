@@ -1,12 +1,14 @@
 """Shared counters for token budgets and concurrency slots, in Redis or (dev only) in memory.
 
-Both operations are atomic check-and-take, so two workers (or two servers on
-one Redis) never both take the last unit:
+Each operation is one atomic step (one Redis round trip), so two workers (or
+two servers on one Redis) never both take the last unit:
 
-- `reserve(key, amount, limit, ttl)`: add `amount` unless the total would pass
-  `limit`; `adjust` later settles the real amount.
-- `take_slot(key, member, cap, ttl)`: hold one of `cap` slots; a slot expires
-  after `ttl` seconds on its own, so a crashed worker cannot leak it.
+- `admit(slots, member, cap, slot_ttl, budget, amount, limit, budget_ttl)`:
+  hold one of `cap` slots and add `amount` to the budget, unless either is
+  spent (then nothing is taken); a slot expires after `slot_ttl` seconds on
+  its own, so a crashed worker cannot leak it.
+- `release(slots, member, budget, delta, budget_ttl)`: free the slot and
+  settle the budget by `delta` (the real use minus the reservation).
 
 Any storage failure raises StorageUnavailable; the caller decides between
 failing closed and failing open.
@@ -22,28 +24,30 @@ log = logging.getLogger("vibethinker.counters")
 PREFIX = "vibethinker:"
 EPOCH_KEY = "auth-epoch"  # the access epoch's mirror (auth.cache)
 
-RESERVE = """
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-local amount, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
-if current + amount > limit then return {0, current} end
-local total = redis.call('INCRBY', KEYS[1], amount)
-if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
-return {1, total}
-"""
-ADJUST = """
-local total = redis.call('INCRBY', KEYS[1], ARGV[1])
-if redis.call('TTL', KEYS[1]) < 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-return total
-"""
-TAKE_SLOT = """
+# KEYS: slot set, budget. ARGV: member, cap, slot ttl, amount, limit, budget ttl.
+# {1, total}: admitted; {0, held}: no slot free; {-1, total}: the budget would pass its limit (no slot kept).
+ADMIT = """
 local now = tonumber(redis.call('TIME')[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local held = redis.call('ZCARD', KEYS[1])
 if held >= tonumber(ARGV[2]) then return {0, held} end
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+local amount, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
+if current + amount > limit then return {-1, current} end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-return {1, held + 1}
+local total = redis.call('INCRBY', KEYS[2], amount)
+if redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], ARGV[6]) end
+return {1, total}
 """
+# KEYS: slot set, budget. ARGV: member, delta, budget ttl. Returns today's total.
+RELEASE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+local total = redis.call('INCRBY', KEYS[2], ARGV[2])
+if redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
+return total
+"""
+ADMITTED, NO_SLOT, OVER_BUDGET = 1, 0, -1
 
 
 class StorageUnavailable(Exception):
@@ -74,6 +78,8 @@ def epoch_publisher(counters, warn=None):
 class RedisCounters:
     """Counters in Redis: shared by every worker and server, kept across restarts."""
 
+    shared = True  # other processes (workers, servers, the admin CLI) see the same values
+
     def __init__(self, uri):
         import redis
 
@@ -81,8 +87,7 @@ class RedisCounters:
         self._errors = (redis.exceptions.RedisError, OSError)
         self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2,
                                            health_check_interval=30)
-        self._reserve, self._adjust, self._take_slot = (self._redis.register_script(s)
-                                                        for s in (RESERVE, ADJUST, TAKE_SLOT))
+        self._admit, self._release = self._redis.register_script(ADMIT), self._redis.register_script(RELEASE)
 
     def _call(self, fn, *args, **kwargs):
         try:
@@ -90,21 +95,14 @@ class RedisCounters:
         except self._errors as exc:
             raise StorageUnavailable(type(exc).__name__) from exc
 
-    def reserve(self, key, amount, limit, ttl):
-        ok, total = self._call(self._reserve, keys=[PREFIX + key], args=[amount, limit, ttl])
-        return bool(ok), int(total)
+    def admit(self, slots, member, cap, slot_ttl, budget, amount, limit, budget_ttl):
+        status, value = self._call(self._admit, keys=[PREFIX + slots, PREFIX + budget],
+                                   args=[member, cap, slot_ttl, amount, limit, budget_ttl])
+        return int(status), int(value)
 
-    def adjust(self, key, delta, ttl):
-        return int(self._call(self._adjust, keys=[PREFIX + key], args=[delta, ttl]))
+    def release(self, slots, member, budget, delta, budget_ttl):
+        return int(self._call(self._release, keys=[PREFIX + slots, PREFIX + budget], args=[member, delta, budget_ttl]))
 
-    def take_slot(self, key, member, cap, ttl):
-        ok, held = self._call(self._take_slot, keys=[PREFIX + key], args=[member, cap, ttl])
-        return bool(ok), int(held)
-
-    def free_slot(self, key, member):
-        self._call(self._redis.zrem, PREFIX + key, member)
-
-    shared = True  # other processes (workers, servers, the admin CLI) see the same values
 
     def get_epoch(self):
         """The access epoch mirrored here, or None when the key is absent (a new or flushed Redis)."""
@@ -121,6 +119,8 @@ class RedisCounters:
 class MemoryCounters:
     """Counters in this process only: for `make run`'s dev mode, lost on restart."""
 
+    shared = False  # no other process can publish an access epoch here: tokens are never cached
+
     def __init__(self, clock=time.monotonic):
         self._lock = threading.Lock()
         self._values = {}  # key -> (value, expires_at)
@@ -131,17 +131,23 @@ class MemoryCounters:
         value, expires = self._values.get(key, (0, 0))
         return value if expires > self._clock() else 0
 
-    def reserve(self, key, amount, limit, ttl):
+    def admit(self, slots, member, cap, slot_ttl, budget, amount, limit, budget_ttl):
         with self._lock:
-            current = self._value(key)
+            now = self._clock()
+            held = {m: t for m, t in self._slots.get(slots, {}).items() if t > now}
+            self._slots[slots] = held
+            if len(held) >= cap:
+                return NO_SLOT, len(held)
+            current = self._value(budget)
             if current + amount > limit:
-                return False, current
-            self._set(key, current + amount, ttl)
-            return True, current + amount
+                return OVER_BUDGET, current
+            held[member] = now + slot_ttl
+            return ADMITTED, self._set(budget, current + amount, budget_ttl)
 
-    def adjust(self, key, delta, ttl):
+    def release(self, slots, member, budget, delta, budget_ttl):
         with self._lock:
-            return self._set(key, self._value(key) + delta, ttl)
+            self._slots.get(slots, {}).pop(member, None)
+            return self._set(budget, self._value(budget) + delta, budget_ttl)
 
     def _set(self, key, value, ttl):
         _, expires = self._values.get(key, (0, 0))
@@ -150,22 +156,6 @@ class MemoryCounters:
         self._values[key] = (value, expires)
         return value
 
-    def take_slot(self, key, member, cap, ttl):
-        with self._lock:
-            now = self._clock()
-            held = {m: t for m, t in self._slots.get(key, {}).items() if t > now}
-            if len(held) >= cap:
-                self._slots[key] = held
-                return False, len(held)
-            held[member] = now + ttl
-            self._slots[key] = held
-            return True, len(held)
-
-    def free_slot(self, key, member):
-        with self._lock:
-            self._slots.get(key, {}).pop(member, None)
-
-    shared = False  # no other process can publish an access epoch here: tokens are never cached
 
     def get_epoch(self):
         return None

@@ -107,8 +107,8 @@ def finish(record, status, message="stream ended"):
 
 def _write_usage(record, user, status, latency):
     try:
-        state().store.record_usage(user=user, route=record.route, status=status, latency_ms=int(latency * 1000),
-                                   request_id=record.request_id, **record.usage.fields())
+        state().usage_log.write(user=user, route=record.route, status=status, latency_ms=int(latency * 1000),
+                                request_id=record.request_id, **record.usage.fields())
     except Exception:  # the answer is computed; say loudly that its record is missing
         log.exception("usage row not written", extra={"fields": {"user": user, "route": record.route}})
 
