@@ -1,79 +1,19 @@
-"""The state that must survive anything: users, issued tokens, and the audit trail.
+"""The state that must survive anything: users, issued tokens, usage, and the audit trail.
 
-SQLAlchemy Core over any URL: SQLite in WAL mode by default, PostgreSQL by
-URL alone. The schema is created and upgraded by Alembic migrations
-(auth/migrations), so an upgrade never loses a user, a token or a revocation.
-Token text is never stored: only its jti and metadata.
+Its tables live in auth.schema, created and upgraded by Alembic migrations,
+so an upgrade never loses a user, a token or a revocation. Token text is
+never stored: only its jti and metadata.
 """
 
 import json
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
 
 from auth.errors import StoreError
+from auth.schema import audit, auth_epoch, connect, migrate, tokens, usage, users
 
-metadata = sa.MetaData()
-users = sa.Table(
-    "users", metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("name", sa.String(64), nullable=False, unique=True),
-    sa.Column("is_admin", sa.Boolean, nullable=False),
-    sa.Column("active", sa.Boolean, nullable=False),
-    sa.Column("rate_limit", sa.String(200)),
-    sa.Column("daily_tokens", sa.Integer),
-    sa.Column("max_concurrent", sa.Integer),
-    sa.Column("system_prompts", sa.Text),  # JSON list of allowed system prompts; NULL: any
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-)
-tokens = sa.Table(
-    "tokens", metadata,
-    sa.Column("jti", sa.String(64), primary_key=True),
-    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id"), nullable=False, index=True),
-    sa.Column("scope", sa.String(64), nullable=False),
-    sa.Column("label", sa.String(200), nullable=False),
-    sa.Column("kid", sa.String(64), nullable=False),
-    sa.Column("issued_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("revoked_at", sa.DateTime(timezone=True)),
-    sa.Column("revoked_by", sa.String(64)),
-)
-audit = sa.Table(
-    "audit", metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("at", sa.DateTime(timezone=True), nullable=False, index=True),
-    sa.Column("actor", sa.String(64), nullable=False),
-    sa.Column("action", sa.String(64), nullable=False),
-    sa.Column("target", sa.String(200), nullable=False),
-    sa.Column("detail", sa.Text, nullable=False),
-    sa.Column("source", sa.String(100), nullable=False),
-)
-usage = sa.Table(
-    "usage", metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("user", sa.String(64), nullable=False),
-    sa.Column("route", sa.String(64), nullable=False),
-    sa.Column("status", sa.Integer, nullable=False),
-    sa.Column("prompt_tokens", sa.Integer, nullable=False),
-    sa.Column("completion_tokens", sa.Integer, nullable=False),
-    sa.Column("latency_ms", sa.Integer, nullable=False),
-    sa.Column("finish_reason", sa.String(32)),
-    sa.Column("request_id", sa.String(128), nullable=False),
-    sa.Index("ix_usage_user_at", "user", "at"),
-)
-# One row: replaced by every change that can turn a valid token invalid (revocation, disable, demotion,
-# a quota or key change), so workers that cache verified tokens know to drop them (auth.cache).
-auth_epoch = sa.Table(
-    "auth_epoch", metadata,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("value", sa.String(64), nullable=False),
-)
-MIGRATIONS = Path(__file__).parent / "migrations"
 QUOTA_FIELDS = ("rate_limit", "daily_tokens", "max_concurrent", "system_prompts")
 MAX_SYSTEM_PROMPTS = 50
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789._-")
@@ -86,40 +26,6 @@ def utcnow():
 def aware(value):
     """SQLite returns naive datetimes; every time in the store is UTC."""
     return value if value is None or value.tzinfo else value.replace(tzinfo=timezone.utc)
-
-
-def connect(url):
-    """An SQLAlchemy engine; SQLite gets WAL, foreign keys and a busy timeout."""
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(url, pool_pre_ping=True)
-    if engine.dialect.name == "sqlite":
-        @sa.event.listens_for(engine, "connect")
-        def _pragmas(dbapi_conn, _record):
-            cursor = dbapi_conn.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA busy_timeout=5000")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.close()
-    return engine
-
-
-def migrate(engine, revision="head"):
-    """Bring the schema to `revision` with Alembic (creating it on an empty database)."""
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
-        config.attributes["connection"] = conn
-        command.upgrade(config, revision)
-
-
-def revision(engine):
-    """The schema's current Alembic revision (None for an empty database)."""
-    from alembic.runtime.migration import MigrationContext
-
-    with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
 
 
 class Store:

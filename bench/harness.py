@@ -1,6 +1,7 @@
 """What the bench scripts share: a free port, the demo model, and a running service with a token."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -42,6 +43,23 @@ def cached_demo_model(preset):
     """The preset's random-weight model under var/, built on first use (the full size takes minutes and 3.1 GB)."""
     out = ROOT / "var" / ("bench-tiny" if preset == "tiny" else "bench-model")
     return out if (out / "config.json").is_file() else build_demo_model(out, preset)
+
+
+def start_redis(work):
+    """A redis-server on a unix socket under `work`, as production runs it: (process, storage URI)."""
+    binary = shutil.which("redis-server")
+    if not binary:
+        raise SystemExit("redis-server is missing: install Debian's redis-server (make test does, as root)")
+    sock = Path(work) / "redis.sock"
+    proc = subprocess.Popen([binary, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+                             "--save", "", "--appendonly", "no", "--dir", str(work)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("redis-server did not start")
+        time.sleep(0.05)
+    return proc, f"redis+unix://{sock}"
 
 
 def start_service(work, model_dir, port, user_options, **settings):

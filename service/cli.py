@@ -18,7 +18,8 @@ import sqlalchemy.exc
 from auth import keys
 from auth.errors import StoreError
 from auth.keys import KeyFolderError
-from auth.store import QUOTA_FIELDS, Store, connect, migrate, revision
+from auth.schema import connect, migrate, revision
+from auth.store import QUOTA_FIELDS, Store
 from auth.tokens import issue_token
 from service.admission.counters import epoch_publisher, open_counters
 from service.settings import SettingsError, load_settings

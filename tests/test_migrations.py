@@ -9,7 +9,8 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from auth.store import MIGRATIONS, Store, connect, metadata, migrate
+from auth.schema import MIGRATIONS, connect, metadata, migrate
+from auth.store import Store
 
 
 def _head():

@@ -1,4 +1,4 @@
-"""Alembic environment: runs on the connection auth.store.migrate hands over."""
+"""Alembic environment: runs on the connection auth.schema.migrate hands over."""
 
 from alembic import context
 

@@ -45,7 +45,7 @@ def chat_completions():
     messages = _clean_messages(body.messages, settings)
     tokens_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     params = generation.resolve_params(settings, body.max_completion_tokens or body.max_tokens, body.temperature,
-                                     body.top_p, _stops(body.stop), body.seed, tokens_name=tokens_name)
+                                       body.top_p, _stops(body.stop), body.seed, tokens_name=tokens_name)
     ids = generation.prompt_ids(engine, messages, settings, params.max_new_tokens, "messages", tokens_name)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage

@@ -27,8 +27,7 @@ def predict():
         filtering.clean_text("system_prompt", body.system_prompt, settings.max_question_chars, allow_empty=True)
     if body.system_prompt is not None:
         filtering.check_allowed_prompt(system_prompt, caller().get("system_prompts"))
-    filtering.check_policy(state().policy,
-                           {"system_prompt": system_prompt, "question": question})
+    filtering.check_policy(state().policy, {"system_prompt": system_prompt, "question": question})
     params = generation.resolve_params(settings, body.max_new_tokens, body.temperature, body.top_p)
     ids = generation.prompt_ids(engine, chat_messages(question, system_prompt), settings, params.max_new_tokens)
     result = generation.answer(ids, params)
