@@ -26,9 +26,10 @@ DB_CHECK_S = 5.0  # how stale a worker's epoch may get when a change could not r
 class TokenCache:
     """Header value -> (claims, token record) of tokens this worker verified under the current epoch."""
 
-    def __init__(self, store, read_mirror, write_mirror, max_entries=4096, db_check_s=DB_CHECK_S,
+    def __init__(self, store, read_mirror, replace_mirror, max_entries=4096, db_check_s=DB_CHECK_S,
                  clock=time.monotonic, wall=time.time):
-        self._store, self._read, self._write = store, read_mirror, write_mirror
+        # replace_mirror(new, expected): set the mirror to `new` only while it holds `expected` (None: absent)
+        self._store, self._read, self._write = store, read_mirror, replace_mirror
         self._max, self._db_check_s, self._clock, self._wall = max_entries, db_check_s, clock, wall
         self._lock = threading.Lock()
         self._entries = OrderedDict()
@@ -52,12 +53,16 @@ class TokenCache:
         return epoch
 
     def _from_database(self, mirrored, now):
-        """The database's epoch, copied into the mirror when the mirror lacks it or lags behind."""
+        """The database's epoch, copied into the mirror when the mirror lacks it or lags behind.
+
+        Only while the mirror still holds what was read (compare and set): a newer epoch published in
+        between must never be overwritten by this older read.
+        """
         epoch = self._store.epoch()
         self._db_checked = now
         if epoch != mirrored:
             try:
-                self._write(epoch)
+                self._write(epoch, mirrored)
             except Exception:  # the next request reads the mirror again, or skips the cache
                 pass
         return epoch

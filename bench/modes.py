@@ -63,7 +63,7 @@ def measure(model_dir, mode, steps, prefill, reference_file, threads):
     """Everything about one mode, in this process: a dict."""
     import torch
 
-    from service.inference import model, numerics
+    from service.inference import model
     from service.inference.batching import Batch
     from service.inference.engine import Engine, Generation, GenerationRequest
 
@@ -86,7 +86,7 @@ def measure(model_dir, mode, steps, prefill, reference_file, threads):
 
     for batch in (1, 4):
         running = Batch(loaded)
-        running.admit(handles(PROMPTS[:batch], 10**6))
+        running.join(handles(PROMPTS[:batch], 10**6))
         running.step()
         started = time.perf_counter()
         for _ in range(steps):
@@ -94,7 +94,7 @@ def measure(model_dir, mode, steps, prefill, reference_file, threads):
         figures[f"decode_batch{batch}_tok_s"] = round(batch * steps / (time.perf_counter() - started), 2)
     long_prompt = handles([" ".join(["seven"] * prefill)], 1)
     started = time.perf_counter()
-    Batch(loaded).admit(long_prompt)
+    Batch(loaded).join(long_prompt)
     figures["prefill_tokens"] = len(long_prompt[0].request.prompt_ids)
     figures["prefill_tok_s"] = round(figures["prefill_tokens"] / (time.perf_counter() - started), 1)
 

@@ -20,8 +20,9 @@ class Epochs:
             raise ConnectionError("down")
         return self.mirror
 
-    def write(self, value):
-        self.mirror = value
+    def write(self, value, expected):
+        if self.mirror == expected:
+            self.mirror = value
 
 
 @pytest.fixture
@@ -83,8 +84,31 @@ def test_an_empty_mirror_is_filled_from_the_database(cache, epochs):
     assert cache.begin() == "e1" and epochs.mirror == "e1"
 
 
+def test_filling_the_mirror_never_overwrites_a_newer_epoch(cache, epochs):
+    epochs.mirror = None  # a flushed Redis...
+    epochs.epoch = lambda: (setattr(epochs, "mirror", "e2"), "e1")[1]  # ...and a revocation publishes e2 meanwhile
+    cache.begin()
+    assert epochs.mirror == "e2"
+
+
 def test_the_cache_is_bounded(cache):
     epoch = cache.begin()
     for name in "abc":
         cache.put(f"Bearer {name}", CLAIMS, {}, epoch)
     assert len(cache) == 2 and cache.get("Bearer a") is None
+
+
+def test_the_redis_mirror_replaces_only_what_it_was_told_it_holds(redis_server):
+    from service.admission.counters import RedisCounters
+
+    mirror = RedisCounters(redis_server.uri)
+    mirror._redis.flushall()
+    assert mirror.get_epoch() is None
+    mirror.set_epoch("a", expected="x")
+    assert mirror.get_epoch() is None
+    mirror.set_epoch("a", expected=None)
+    mirror.set_epoch("b", expected="x")
+    assert mirror.get_epoch() == "a"
+    mirror.set_epoch("b", expected="a")
+    mirror.set_epoch("c")  # a publish after a commit: unconditional
+    assert mirror.get_epoch() == "c"

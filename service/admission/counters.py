@@ -48,6 +48,12 @@ if redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], ARGV[3]) en
 return total
 """
 ADMITTED, NO_SLOT, OVER_BUDGET = 1, 0, -1
+# KEYS: the epoch's mirror. ARGV: new value, the value it must still hold ('' for absent).
+REPLACE_EPOCH = """
+if (redis.call('GET', KEYS[1]) or '') == ARGV[2] then redis.call('SET', KEYS[1], ARGV[1]) return 1 end
+return 0
+"""
+ANY = object()  # set_epoch without a condition: a new epoch, published after its commit
 
 
 class StorageUnavailable(Exception):
@@ -88,6 +94,7 @@ class RedisCounters:
         self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2,
                                            health_check_interval=30)
         self._admit, self._release = self._redis.register_script(ADMIT), self._redis.register_script(RELEASE)
+        self._replace_epoch = self._redis.register_script(REPLACE_EPOCH)
 
     def _call(self, fn, *args, **kwargs):
         try:
@@ -109,8 +116,12 @@ class RedisCounters:
         value = self._call(self._redis.get, PREFIX + EPOCH_KEY)
         return value.decode() if value is not None else None
 
-    def set_epoch(self, value, only_if_absent=False):
-        self._call(self._redis.set, PREFIX + EPOCH_KEY, value, nx=only_if_absent)
+    def set_epoch(self, value, expected=ANY):
+        """Mirror `value`; with `expected`, only while the mirror still holds it (None: while it is absent)."""
+        if expected is ANY:
+            self._call(self._redis.set, PREFIX + EPOCH_KEY, value)
+        else:
+            self._call(self._replace_epoch, keys=[PREFIX + EPOCH_KEY], args=[value, expected or ""])
 
     def ping(self):
         return bool(self._call(self._redis.ping))
@@ -160,7 +171,7 @@ class MemoryCounters:
     def get_epoch(self):
         return None
 
-    def set_epoch(self, value, only_if_absent=False):
+    def set_epoch(self, value, expected=None):
         pass
 
     def ping(self):

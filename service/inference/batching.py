@@ -60,7 +60,7 @@ class Row:
 
 
 class Batch:
-    """The running rows and their shared KV cache; `admit`, `step` and `evict` change it."""
+    """The running rows and their shared KV cache; `join`, `step` and `evict` change it."""
 
     def __init__(self, loaded):
         self.loaded, self.rows = loaded, []
@@ -70,7 +70,7 @@ class Batch:
         return len(self.rows)
 
     @torch.inference_mode()
-    def admit(self, handles):
+    def join(self, handles):
         """Prefill the prompts of `handles` together, take each one's first token, and join the batch."""
         rows = [Row(handle, self.loaded) for handle in handles]
         lengths = [len(row.request.prompt_ids) for row in rows]
@@ -84,7 +84,7 @@ class Batch:
         with self.loaded.prefill_mode():
             logits = self.loaded.model(input_ids=input_ids, attention_mask=mask, cache=cache, use_cache=True,
                                        position_ids=(mask.cumsum(-1) - 1).clamp_min(0), logits_to_keep=1).logits
-        tokens = self._take(rows, logits[:, -1, :])
+        tokens = self._next_tokens(rows, logits[:, -1, :])
         self._merge(rows, cache, mask, tokens, torch.tensor(lengths, dtype=torch.long))
 
     @torch.inference_mode()
@@ -94,7 +94,7 @@ class Batch:
         logits = self.loaded.model(input_ids=self.tokens[:, None], attention_mask=self.mask, cache=self.cache,
                                    position_ids=self.positions[:, None], use_cache=True).logits
         self.positions += 1
-        self.tokens = self._take(self.rows, logits[:, -1, :])
+        self.tokens = self._next_tokens(self.rows, logits[:, -1, :])
 
     def evict(self):
         """Drop the rows that are done (or whose caller gave up); return them."""
@@ -119,7 +119,7 @@ class Batch:
         self.cache = self.mask = self.tokens = self.positions = None
         return rows
 
-    def _take(self, rows, logits):
+    def _next_tokens(self, rows, logits):
         """Choose each row's next token from its logits and hand it to the row."""
         tokens = choose(logits, rows)
         now = time.monotonic()

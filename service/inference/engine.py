@@ -195,7 +195,7 @@ class Engine:
             self._finish_rows(batch.evict())  # first, so finished rows make room
             joining = self._dequeue(room=self._max_batch - len(batch), wait=not batch)
             if joining:
-                self._guarded(batch, batch.admit, joining)
+                self._guarded(batch, batch.join, joining)
                 self._finish_rows(batch.evict())
             if batch:
                 self._guarded(batch, batch.step)

@@ -1,0 +1,174 @@
+"""What each vibethinker-admin command does; service.cli parses the command line and reports errors.
+
+Each handler takes the parsed arguments and the settings, calls auth/ (or the
+model conversion), and prints a table or, with --json, JSON. Changes are
+audited with `cli:<login>` as actor; every change to who may do what is
+published to Redis, so running workers drop their cached tokens at once.
+"""
+
+import getpass
+import json
+import sys
+from pathlib import Path
+
+from auth import keys
+from auth.errors import StoreError
+from auth.schema import connect, migrate, revision
+from auth.store import QUOTA_FIELDS, Store
+from auth.tokens import issue_token
+from service.admission.counters import epoch_publisher, open_counters
+from service.settings import SettingsError
+
+
+def _store(settings):
+    """The store, telling the running service's workers (through Redis) when access changes."""
+    warn = lambda message: print(f"vibethinker-admin: warning: {message}", file=sys.stderr)  # noqa: E731
+    return Store(settings.db_url, publish=epoch_publisher(open_counters(settings.ratelimit_storage_uri), warn))
+
+
+def _quotas(args):
+    return {k: getattr(args, k) for k in QUOTA_FIELDS if hasattr(args, k)}
+
+
+def _who():
+    return {"actor": f"cli:{getpass.getuser()}"[:64], "source": "cli"}
+
+
+def _emit(args, data, text):
+    print(json.dumps(data, default=str) if args.json else text)
+
+
+def users_add(args, settings):
+    user = _store(settings).add_user(args.name, args.admin, **_quotas(args), **_who())
+    _emit(args, user, f"added user {user['name']}{' (admin)' if user['admin'] else ''}")
+
+
+def users_list(args, settings):
+    rows = _store(settings).list_users()
+    _emit(args, rows, _table(rows, ("name", "admin", "active", "rate_limit", "daily_tokens", "max_concurrent")))
+
+
+def users_toggle(args, settings):
+    _store(settings).update_user(args.name, active=args.active, **_who())
+    _emit(args, {"name": args.name, "active": args.active}, f"{'enabled' if args.active else 'disabled'} {args.name}")
+
+
+def users_set(args, settings):
+    changes = _quotas(args)
+    if args.admin is not None:
+        changes["is_admin"] = args.admin
+    if not changes:
+        raise StoreError(400, "nothing to change: give --admin/--no-admin or a quota option", "empty")
+    user = _store(settings).update_user(args.name, **changes, **_who())
+    _emit(args, user, f"updated {args.name}")
+
+
+def tokens_issue(args, settings):
+    text, meta = issue_token(
+        _store(settings),
+        keys.KeySet(settings.jwt_key_dir),
+        args.name,
+        scope=args.scope,
+        ttl=args.ttl or settings.token_ttl,
+        max_ttl=settings.token_max_ttl,
+        label=args.label,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        **_who(),
+    )
+    _emit(
+        args,
+        meta,
+        f"issued token {meta['jti']} for {meta['user']} (scope {meta['scope']}, expires "
+        f"{meta['expires_at']}); it is shown once, store it now:",
+    )
+    print(text)
+
+
+def tokens_list(args, settings):
+    rows = _store(settings).list_tokens(args.user, include_inactive=args.all)
+    _emit(args, rows, _table(rows, ("jti", "user", "scope", "label", "expires_at", "revoked_at")))
+
+
+def tokens_revoke(args, settings):
+    token = _store(settings).revoke_token(args.jti, **_who())
+    _emit(args, token, f"revoked {token['jti']} ({token['user']})")
+
+
+def tokens_revoke_all(args, settings):
+    count = _store(settings).revoke_all(args.name, **_who())
+    _emit(args, {"user": args.name, "revoked": count}, f"revoked {count} token(s) of {args.name}")
+
+
+def keys_change(args, settings):
+    if args.op == "retire":
+        keys.retire(settings.jwt_key_dir, args.kid)
+        kid = args.kid
+    else:
+        kid = getattr(keys, args.op)(settings.jwt_key_dir)
+    _store(settings).record_event(f"key.{args.op}", kid, {}, changes_access=args.op == "retire", **_who())
+    _emit(
+        args,
+        {"op": args.op, "kid": kid, "key_dir": str(settings.jwt_key_dir)},
+        f"{args.op}: {kid} in {settings.jwt_key_dir}",
+    )
+
+
+def keys_list(args, settings):
+    kids = keys.list_kids(settings.jwt_key_dir)
+    _emit(args, kids, "\n".join(f"{kid}{'  (signing)' if kid == kids[-1] else ''}" for kid in kids))
+
+
+def usage_list(args, settings):
+    store = _store(settings)
+    if args.user is not None:
+        store.get_user(args.user)  # an unknown user is an error, not an empty table
+    rows = store.usage_by_day(args.user, args.since)
+    _emit(
+        args,
+        rows,
+        _table(rows, ("day", "user", "requests", "succeeded", "prompt_tokens", "completion_tokens", "total_tokens")),
+    )
+
+
+def audit_list(args, settings):
+    rows = _store(settings).list_audit(
+        actor=args.actor, action=args.action, target=args.target, since=args.since, limit=args.limit
+    )
+    _emit(args, rows, _table(rows, ("at", "actor", "action", "target", "source", "detail")))
+
+
+def db_upgrade(args, settings):
+    engine = connect(settings.db_url)
+    before = revision(engine)
+    migrate(engine)
+    after = revision(engine)
+    engine.dispose()
+    text = f"database schema upgraded from {before or 'empty'} to {after}" if before != after else (
+        f"database schema is up to date ({after})")
+    _emit(args, {"upgraded": before != after, "from": before, "to": after}, text)
+
+
+def model_convert(args, settings):
+    import torch
+
+    from service.inference import artifact, convert
+
+    torch.set_num_threads(settings.torch_threads)
+    try:
+        written = convert.convert(args.source, args.out, args.quantization)
+    except artifact.ConvertError as exc:
+        raise SettingsError(str(exc)) from None
+    size = (Path(args.out) / artifact.WEIGHTS).stat().st_size
+    done = "wrote" if written else "up to date:"
+    _emit(args, {"out": args.out, "quantization": args.quantization, "written": written, "weight_bytes": size},
+          f"{done} {args.out} ({args.quantization}, {size / 2**20:,.0f} MiB of weights); set model_path to it "
+          f"and quantization = {args.quantization}")
+
+
+def _table(rows, columns):
+    cells = [[str(r.get(c) if r.get(c) is not None else "-") for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
