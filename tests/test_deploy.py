@@ -172,7 +172,8 @@ def test_the_api_answers_through_nginx_and_revocation_works(provisioned):
         status, answer = api.call("POST", "/v1/predict", token, {"question": "What is 2+2?", "max_new_tokens": 8})
         assert status == 200 and answer["success"] is True, answer
         assert answer["usage"]["completion_tokens"] == 8 or answer["finish_reason"] == "stop"
-        host.ssh(f"{CLI} tokens revoke {jti}")
+        revoked = host.ssh(f"{CLI} tokens revoke {jti}")
+        assert "warning" not in revoked.stderr, revoked.stderr  # the CLI told the workers, through Redis
         status, refused = api.call("POST", "/v1/predict", token, {"question": "again?"})
         assert status == 401 and refused["error"]["code"] == "token_revoked", refused
         # A second token for alice, to check it survives the upgrade.
