@@ -115,6 +115,11 @@ class KeySet:
         kid = self.signing_kid
         return kid, self._private[kid]
 
+    def holds(self, kid):
+        """True while `kid` is in the folder (one stat when nothing changed)."""
+        self.reload()
+        return kid in self._private
+
     def public_key(self, kid):
         """The public key for `kid`, or None if no such key (retired or never made)."""
         self.reload()

@@ -115,3 +115,16 @@ def test_with_redis_down_every_request_is_checked_against_the_database(pair, red
     first.cli("tokens", "revoke-all", "cached-e")
     assert statuses(pair, other) == {401}
     assert requests.get(first.url("/readyz"), timeout=10).status_code == 200
+
+
+def test_a_key_removed_by_hand_ends_its_cached_tokens_too(pair):
+    from pathlib import Path
+
+    first, _ = pair
+    first.cli("users", "add", "cached-f")
+    old = issue(first, "cached-f")
+    first.cli("keys", "rotate")
+    new = issue(first, "cached-f")
+    assert statuses(pair, old) == statuses(pair, new) == {200}
+    (Path(first.env["VIBE_JWT_KEY_DIR"]) / f"{jwt.get_unverified_header(old)['kid']}.pem").unlink()  # no CLI
+    assert statuses(pair, old) == {401} and statuses(pair, new) == {200}
