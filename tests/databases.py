@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import start_redis  # bench/harness.py (conftest puts bench/ on the path)
 
 
 def _pg_bin(name):
@@ -76,18 +77,9 @@ class Redis:
         return f"redis+unix://{self.sock}"
 
     def start(self):
-        binary = shutil.which("redis-server")
-        if not binary:
+        if not shutil.which("redis-server"):
             pytest.fail("redis-server is missing: `make test` installs Debian's redis-server as root")
-        self.proc = subprocess.Popen(
-            [binary, "--port", "0", "--unixsocket", str(self.sock), "--unixsocketperm", "700",
-             "--save", "", "--appendonly", "no", "--dir", str(self.base)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while not self.sock.exists():
-            assert self.proc.poll() is None, "redis-server exited at start"
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
+        self.proc, _ = start_redis(self.base)  # the benchmarks' own: one redis-server command line
         return self
 
     def stop(self):

@@ -171,7 +171,7 @@ class MemoryCounters:
     def get_epoch(self):
         return None
 
-    def set_epoch(self, value, expected=None):
+    def set_epoch(self, value, expected=ANY):
         pass
 
     def ping(self):

@@ -21,13 +21,13 @@ from flask_limiter import Limiter
 from flask_limiter.errors import RateLimitExceeded
 from limits import parse_many
 
+from service.admission.budget import DAY_S
 from service.admission.counters import StorageUnavailable
 from service.errors import error_response
 from service.records import accounting
 from service.state import state
 
 log = logging.getLogger("vibethinker.ratelimit")
-DAY_S = 86400
 
 
 def init_app(app, settings, limited_blueprints):
