@@ -15,7 +15,8 @@ checked on every request, cached or not.
 """
 
 from flask import g, request
-from flask_jwt_extended import JWTManager, get_jwt, verify_jwt_in_request
+from flask_jwt_extended import JWTManager, decode_token, get_jwt, verify_jwt_in_request
+from flask_jwt_extended.exceptions import NoAuthorizationError
 
 from auth.errors import AuthError
 from auth.keys import ALGORITHM
@@ -25,8 +26,8 @@ REQUIRED_CLAIMS = ("iss", "aud", "exp", "iat", "nbf", "jti", "sub", "scope", "ty
 QUERY_TOKEN_NAMES = ("token", "access_token", "jwt", "api_key", "apikey")
 
 
-def init_app(app, *, store, keyset, issuer, audience, is_public, scope_for, respond, cache=None):
-    """Require a valid token on every route except `is_public()` ones.
+def init_app(app, *, store, keyset, issuer, audience, needs_token, scope_for, respond, cache=None):
+    """Require a valid token on every request for which `needs_token()` is true.
 
     `scope_for(path)` names the scope a route needs (None: any valid token); `respond(status, message, code)`
     builds the app's error response (the auth layer knows nothing of its shape).
@@ -51,8 +52,8 @@ def init_app(app, *, store, keyset, issuer, audience, is_public, scope_for, resp
 
     @app.before_request
     def _authenticate():
-        if request.method == "OPTIONS" or is_public() or request.endpoint is None:
-            return None  # unknown routes fall through to the 404/405 handlers
+        if not needs_token():
+            return None  # public views, and unknown routes (the 404 handler)
         if any(name in request.args for name in QUERY_TOKEN_NAMES):
             raise AuthError(401, "tokens in the query string are refused; use the Authorization header",
                             "token_in_query")
@@ -68,12 +69,22 @@ def _token(store, keyset, cache):
     # A key deleted from the folder by hand (not by `keys retire`) moves no epoch: ask the folder too.
     if hit is not None and keyset.holds(hit[1]["kid"]):
         return hit[1]
-    verify_jwt_in_request()
-    claims = get_jwt()
-    token = check_token(store, claims)
+    token = check_token(store, _claims())
     if epoch is not None:
         cache.put(header, claims, token, epoch)
     return token
+
+
+def _claims():
+    """The bearer token's verified claims (flask-jwt-extended's checks, errors and loaders)."""
+    if request.method != "OPTIONS":
+        verify_jwt_in_request()
+        return get_jwt()
+    # verify_jwt_in_request lets every OPTIONS request through untouched: decode this one by hand.
+    scheme, _, text = request.headers.get("Authorization", "").partition(" ")
+    if scheme != "Bearer" or not text:
+        raise NoAuthorizationError("Missing 'Bearer' type in 'Authorization' header")
+    return decode_token(text)
 
 
 def check_token(store, claims):

@@ -16,6 +16,8 @@ from auth.schema import audit, auth_epoch, connect, migrate, tokens, usage, user
 
 QUOTA_FIELDS = ("rate_limit", "daily_tokens", "max_concurrent", "system_prompts")
 MAX_SYSTEM_PROMPTS = 50
+# Bounds of the integer quotas: a database column holds 64 bits, and no real quota comes near these.
+QUOTA_MAX = {"daily_tokens": 10**15, "max_concurrent": 10_000}
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789._-")
 
 
@@ -234,16 +236,35 @@ def check_quotas(quotas):
         except ValueError:
             raise StoreError(400, f"rate_limit {rate!r} is not a limit such as '60/minute;2000/day'",
                              "invalid_rate_limit", "rate_limit") from None
-    for name in ("daily_tokens", "max_concurrent"):
+    for name, high in QUOTA_MAX.items():
         value = quotas.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise StoreError(400, f"{name} must be a positive integer", "out_of_range", name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high):
+            raise StoreError(400, f"{name} must be an integer between 1 and {high}", "out_of_range", name)
     prompts = quotas.get("system_prompts")
     if prompts is not None and (not isinstance(prompts, list) or len(prompts) > MAX_SYSTEM_PROMPTS
                                 or not all(isinstance(p, str) and len(p) <= 16384 for p in prompts)):
         raise StoreError(400, f"system_prompts must be a list of at most {MAX_SYSTEM_PROMPTS} strings "
                          "(null allows any)", "invalid_value", "system_prompts")
+    for i, prompt in enumerate(prompts or ()):
+        check_text(f"system_prompts.{i}", prompt, controls="\t\n")
     return quotas
+
+
+def check_text(name, value, limit=None, controls=""):
+    """Stored text must be valid Unicode without control characters (bar `controls`): it is printed in
+    terminals (vibethinker-admin) and logs, where an escape sequence or a newline could forge a row."""
+    if limit is not None and len(value) > limit:
+        raise StoreError(400, f"{name} is longer than {limit} characters", "too_long", name)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise StoreError(400, f"{name} is not valid Unicode (it has a lone surrogate)", "invalid_unicode",
+                         name) from None
+    bad = next((c for c in value if (c < " " or "\x7f" <= c <= "\x9f") and c not in controls), None)
+    if bad is not None:
+        raise StoreError(400, f"{name} contains the control character U+{ord(bad):04X}", "control_character",
+                         name)
+    return value
 
 
 def _encode(fields):

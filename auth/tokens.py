@@ -12,6 +12,7 @@ from datetime import timedelta
 import jwt
 
 from auth.errors import StoreError
+from auth.store import check_text
 from auth.keys import ALGORITHM
 
 SCOPES = ("generate", "admin")
@@ -50,8 +51,7 @@ def issue_token(store, keyset, user_name, *, scope="generate", ttl="30d", max_tt
     if "admin" in scope.split() and not user["admin"]:
         raise StoreError(400, f"user {user_name!r} is not an admin; it cannot hold an admin token",
                          "not_admin", "scope")
-    if len(label) > 200:
-        raise StoreError(400, "label is longer than 200 characters", "too_long", "label")
+    check_text("label", label, limit=200)
     now = (now or store.clock()).replace(microsecond=0)
     expires = now + lifetime
     jti = str(uuid.uuid4())

@@ -21,7 +21,7 @@ from auth.store import Store
 from service import errors
 from service.admission import access, ratelimit
 from service.admission.counters import epoch_publisher, open_counters
-from service.api import admin, chat, health, me, predict
+from service.api import admin, chat, contract, health, me, predict
 from service.inputs import filtering
 from service.records import accounting, logs, metrics, requestid
 from service.records.usagelog import UsageLog
@@ -40,6 +40,7 @@ def create_app(settings=None):
         hops = settings.proxy_fix_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False  # no CORS here: OPTIONS is a 405 like any other method
     app.json.sort_keys = False
     counters = open_counters(settings.ratelimit_storage_uri)
     store, keyset = open_state(settings, counters)
@@ -51,11 +52,12 @@ def create_app(settings=None):
     errors.init_app(app)
     app.register_error_handler(StoreError, lambda e: errors.error_response(e.status, e.message, e.code, e.param))
     guard.init_app(app, store=store, keyset=keyset, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
-                   is_public=access.is_public, scope_for=access.scope_for, respond=ratelimit.record_auth_failure,
+                   needs_token=access.needs_token, scope_for=access.scope_for, respond=ratelimit.record_auth_failure,
                    cache=token_cache(settings, store, counters))
     ratelimit.init_app(app, settings, limited_blueprints=[predict.bp, chat.bp])  # after the guard: keys on the user
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
+    app.register_blueprint(contract.bp)
     app.register_blueprint(me.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(chat.bp)

@@ -167,8 +167,14 @@ def model_convert(args, settings):
 
 
 def _table(rows, columns):
-    cells = [[str(r.get(c) if r.get(c) is not None else "-") for c in columns] for r in rows]
+    cells = [[_printable(str(r.get(c) if r.get(c) is not None else "-")) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _printable(text):
+    """Text as a terminal shows it harmlessly: control and other unprintable characters escaped (\\x1b,
+    \\n), so a stored value can never move the cursor, recolour the screen or forge a row."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

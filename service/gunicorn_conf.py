@@ -6,9 +6,14 @@ never import torch or load the model: PyTorch's thread pools do not survive
 fork, and the model must exist once per server.
 """
 
+import json
 import sys
 
+from gunicorn import util
+
 from auth.keys import KeyFolderError, KeySet
+from service.admission.counters import reclaim_orphans, reclaim_worker
+from service.errors import error_body
 from service.inputs.filtering import PolicyError, load_policy
 from service.records.logs import GUNICORN_LOGCONFIG
 from service.settings import SettingsError, load_settings, require_model_path
@@ -61,6 +66,49 @@ max_requests = 0
 limit_request_line = 4094
 limit_request_fields = 100
 limit_request_field_size = 8190
+
+# What gunicorn answers itself (a request it cannot parse, past those bounds) is
+# the app's one JSON error shape too, not its HTML page.
+GUNICORN_ERRORS = {
+    400: "invalid_http_request", 403: "forbidden", 414: "request_line_too_long", 417: "expectation_failed",
+    431: "headers_too_large", 500: "internal_error", 501: "unsupported_transfer_coding",
+}
+GUNICORN_MESSAGES = {
+    414: f"request line is longer than {limit_request_line} bytes",
+    431: f"request headers are too large: at most {limit_request_fields} fields of {limit_request_field_size} "
+         "bytes each",
+    500: "internal error",
+}
+
+
+def write_json_error(sock, status_int, reason, mesg):
+    """gunicorn.util.write_error, in the one error shape (the worker calls it through the module)."""
+    message = GUNICORN_MESSAGES.get(status_int) or f"malformed HTTP request: {mesg[:200]}".rstrip(": ")
+    body = (json.dumps(error_body(status_int, message, GUNICORN_ERRORS.get(status_int, "invalid_http_request")))
+            + "\n").encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+    util.write_nonblock(sock, head + body)
+
+
+util.write_error = write_json_error
+
+# --- Server hooks ---
+# A worker that dies (kill -9, out of memory) cannot release its concurrency
+# slots and budget reservations: the master gives them back before it starts
+# the next worker, and at its own start for workers of a master that is gone.
+def on_starting(server):
+    count = reclaim_orphans(_settings.ratelimit_storage_uri, warn=server.log.warning)
+    if count:
+        server.log.warning(f"gave back {count} lease(s) held by workers of a previous run")
+
+
+def child_exit(server, worker):
+    count = reclaim_worker(_settings.ratelimit_storage_uri, worker.pid, warn=server.log.warning)
+    if count:
+        server.log.warning(f"worker {worker.pid} ended holding {count} lease(s): slots freed, reservations "
+                           "given back")
+
 
 # --- Logging ---
 # Gunicorn's own lines as JSON on stderr (journald under systemd), like the app's;

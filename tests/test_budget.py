@@ -1,5 +1,7 @@
 """Admission as plain functions: a concurrency slot and a budget reservation per generation, no Flask."""
 
+import os
+import subprocess
 from datetime import datetime, timezone
 
 import pytest
@@ -75,3 +77,35 @@ def test_a_release_while_the_storage_is_down_does_not_raise(counters):
     lease = admit(counters)
     budget.release(Down(), lease, used=5)
     assert lease.total == 100  # unchanged: the reservation stays counted, the slot expires on its own
+
+
+def test_a_dead_workers_ledger_gives_back_its_slots_and_reservations(redis_server):
+    from service.admission.counters import ledger_name, reclaim_worker
+
+    dead = RedisCounters(redis_server.uri, ledger=ledger_name(master_pid=os.getpid(), worker_pid=999_999))
+    alive = RedisCounters(redis_server.uri, ledger=ledger_name(master_pid=os.getpid(), worker_pid=1))
+    dead._redis.flushall()
+    settled = admit(dead, need=100)
+    budget.release(dead, settled, used=40)  # finished before the crash: counted, off the ledger
+    admit(dead, need=300)
+    kept = admit(alive, need=200, cap=3)
+    with pytest.raises(APIError):  # the cap of 2 is full: one lease of each worker
+        admit(alive, need=1)
+    assert reclaim_worker(redis_server.uri, 999_999) == 1
+    assert admit(alive, need=1, daily=241).total == 241  # 40 used + 200 held by the live worker + 1
+    assert reclaim_worker(redis_server.uri, 999_999) == 0  # once only
+    budget.release(alive, kept, used=200)
+
+
+def test_a_master_that_starts_reclaims_the_ledgers_of_masters_that_are_gone(redis_server):
+    from service.admission.counters import ledger_name, reclaim_orphans
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    orphan = RedisCounters(redis_server.uri, ledger=ledger_name(master_pid=gone.pid, worker_pid=5))
+    live = RedisCounters(redis_server.uri, ledger=ledger_name(master_pid=os.getpid(), worker_pid=6))
+    orphan._redis.flushall()
+    admit(orphan, need=500)
+    admit(live, need=100)
+    assert reclaim_orphans(redis_server.uri) == 1
+    assert admit(live, need=900, cap=2).total == 1000  # the orphan's 500 are back, the live 100 are not

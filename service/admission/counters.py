@@ -10,11 +10,21 @@ two servers on one Redis) never both take the last unit:
 - `release(slots, member, budget, delta, budget_ttl)`: free the slot and
   settle the budget by `delta` (the real use minus the reservation).
 
+In Redis, each worker also keeps a ledger of the leases it holds (a hash
+named after its host, its master's pid and its own pid). When a worker dies
+(kill -9, out of memory) gunicorn's master, in `child_exit`, calls
+`reclaim` on that worker's ledger before it starts the next worker: the
+dead worker's slots are freed and its reservations given back at once,
+since nothing it was computing was delivered or recorded. A master that
+starts reclaims the ledgers of masters on its host that are gone.
+
 Any storage failure raises StorageUnavailable; the caller decides between
 failing closed and failing open.
 """
 
 import logging
+import os
+import socket
 import threading
 import time
 
@@ -24,7 +34,7 @@ log = logging.getLogger("vibethinker.counters")
 PREFIX = "vibethinker:"
 EPOCH_KEY = "auth-epoch"  # the access epoch's mirror (auth.cache)
 
-# KEYS: slot set, budget. ARGV: member, cap, slot ttl, amount, limit, budget ttl.
+# KEYS: slot set, budget, ledger. ARGV: member, cap, slot ttl, amount, limit, budget ttl.
 # {1, total}: admitted; {0, held}: no slot free; {-1, total}: the budget would pass its limit (no slot kept).
 ADMIT = """
 local now = tonumber(redis.call('TIME')[1])
@@ -38,14 +48,28 @@ redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 local total = redis.call('INCRBY', KEYS[2], amount)
 if redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], ARGV[6]) end
+redis.call('HSET', KEYS[3], ARGV[1], KEYS[1] .. '\\n' .. KEYS[2] .. '\\n' .. ARGV[4])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
 return {1, total}
 """
-# KEYS: slot set, budget. ARGV: member, delta, budget ttl. Returns today's total.
+# KEYS: slot set, budget, ledger. ARGV: member, delta, budget ttl. Returns today's total.
 RELEASE = """
 redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
 local total = redis.call('INCRBY', KEYS[2], ARGV[2])
 if redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
 return total
+"""
+# KEYS: a ledger. Frees each of its slots, gives each reservation back; returns how many leases it held.
+RECLAIM = """
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  local slot, budget, reserved = string.match(entries[i + 1], '^(.-)\\n(.-)\\n(.*)$')
+  redis.call('ZREM', slot, entries[i])
+  if redis.call('EXISTS', budget) == 1 then redis.call('DECRBY', budget, reserved) end
+end
+redis.call('DEL', KEYS[1])
+return #entries / 2
 """
 ADMITTED, NO_SLOT, OVER_BUDGET = 1, 0, -1
 # KEYS: the epoch's mirror. ARGV: new value, the value it must still hold ('' for absent).
@@ -60,11 +84,58 @@ class StorageUnavailable(Exception):
     """The counter storage did not answer."""
 
 
-def open_counters(uri):
-    """Counters for a limits-style storage URI (memory://, redis://..., redis+unix:///path)."""
+def open_counters(uri, ledger=None):
+    """Counters for a limits-style storage URI (memory://, redis://..., redis+unix:///path); `ledger` names
+    this process's lease ledger in Redis (ledger_name())."""
     if uri.startswith("memory://"):
         return MemoryCounters()
-    return RedisCounters(uri)
+    return RedisCounters(uri, ledger)
+
+
+def ledger_name(master_pid=None, worker_pid=None, host=None):
+    """The lease ledger of one worker: by default, this process as a worker of its parent."""
+    return (f"ledger:{host or socket.gethostname()}:{master_pid or os.getppid()}:"
+            f"{worker_pid or os.getpid()}")
+
+
+def reclaim_worker(uri, worker_pid, warn=log.warning):
+    """gunicorn's child_exit: give back what the dead worker `worker_pid` (of this master) held."""
+    if uri.startswith("memory://"):
+        return 0
+    try:
+        counters = RedisCounters(uri)
+        return counters.reclaim(ledger_name(os.getpid(), worker_pid))
+    except StorageUnavailable:
+        warn(f"worker {worker_pid} ended, but the counter storage did not answer: its leases expire on "
+             "their own after the request deadline")
+        return 0
+
+
+def reclaim_orphans(uri, warn=log.warning):
+    """A starting master: give back the leases of workers whose master on this host is gone."""
+    if uri.startswith("memory://"):
+        return 0
+    try:
+        counters = RedisCounters(uri)
+        count = 0
+        for name in counters.ledgers(socket.gethostname()):
+            master = int(name.split(":")[2])
+            if master != os.getpid() and not _alive(master):
+                count += counters.reclaim(name)
+        return count
+    except StorageUnavailable:
+        warn("the counter storage did not answer at start: leases of a previous run expire on their own")
+        return 0
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def epoch_publisher(counters, warn=None):
@@ -86,15 +157,17 @@ class RedisCounters:
 
     shared = True  # other processes (workers, servers, the admin CLI) see the same values
 
-    def __init__(self, uri):
+    def __init__(self, uri, ledger=None):
         import redis
 
+        self._ledger = PREFIX + (ledger or ledger_name())
         url = uri.removeprefix("redis+") if uri.startswith("redis+unix://") else uri
         self._errors = (redis.exceptions.RedisError, OSError)
         self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2,
                                            health_check_interval=30)
         self._admit, self._release = self._redis.register_script(ADMIT), self._redis.register_script(RELEASE)
         self._replace_epoch = self._redis.register_script(REPLACE_EPOCH)
+        self._reclaim = self._redis.register_script(RECLAIM)
 
     def _call(self, fn, *args, **kwargs):
         try:
@@ -103,12 +176,22 @@ class RedisCounters:
             raise StorageUnavailable(type(exc).__name__) from exc
 
     def admit(self, slots, member, cap, slot_ttl, budget, amount, limit, budget_ttl):
-        status, value = self._call(self._admit, keys=[PREFIX + slots, PREFIX + budget],
+        status, value = self._call(self._admit, keys=[PREFIX + slots, PREFIX + budget, self._ledger],
                                    args=[member, cap, slot_ttl, amount, limit, budget_ttl])
         return int(status), int(value)
 
     def release(self, slots, member, budget, delta, budget_ttl):
-        return int(self._call(self._release, keys=[PREFIX + slots, PREFIX + budget], args=[member, delta, budget_ttl]))
+        return int(self._call(self._release, keys=[PREFIX + slots, PREFIX + budget, self._ledger],
+                              args=[member, delta, budget_ttl]))
+
+    def reclaim(self, ledger):
+        """Free the slots and give back the reservations of ledger `ledger`; how many leases it held."""
+        return int(self._call(self._reclaim, keys=[PREFIX + ledger]))
+
+    def ledgers(self, host):
+        """The ledgers of workers on `host`."""
+        keys = self._call(lambda: list(self._redis.scan_iter(match=f"{PREFIX}ledger:{host}:*", count=500)))
+        return [key.decode().removeprefix(PREFIX) for key in keys]
 
 
     def get_epoch(self):

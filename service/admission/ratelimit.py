@@ -101,13 +101,17 @@ def record_auth_failure(status, message, code):
     """The auth layer's refusal, counted per client IP: past the limit, 429 instead of 401."""
     if status == 401:
         ip = request.remote_addr or "-"
+        strategy, items = state().limiter.limiter, parse_many(state().settings.anonymous_rate_limit)
         try:
-            allowed = all([state().limiter.limiter.hit(item, "auth-failures", ip)
-                           for item in parse_many(state().settings.anonymous_rate_limit)])
+            spent = [item for item in items if not strategy.hit(item, "auth-failures", ip)]
+            if spent:  # the limit the client ran into, as x-ratelimit-* headers say for any 429
+                reset_at, _ = strategy.get_window_stats(spent[0], "auth-failures", ip)
+                retry = max(1, int(reset_at - time.time()))
+                return error_response(429, f"too many unauthenticated requests from {ip}; slow down",
+                                      "too_many_auth_failures", headers={
+                                          "Retry-After": retry, "x-ratelimit-limit-requests": spent[0].amount,
+                                          "x-ratelimit-remaining-requests": 0,
+                                          "x-ratelimit-reset-requests": f"{retry}s"})
         except Exception:  # storage down: the request is refused anyway
             log.warning("auth-failure counter unreachable")
-            allowed = True
-        if not allowed:
-            return error_response(429, f"too many unauthenticated requests from {ip}; slow down",
-                                  "too_many_auth_failures", headers={"Retry-After": 60})
     return error_response(status, message, code)

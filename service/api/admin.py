@@ -13,7 +13,7 @@ from auth.tokens import issue_token
 from service.admission.access import caller
 from service.errors import APIError
 from service.state import state
-from service.inputs.schemas import AdminTokenRequest, AdminUserCreate, AdminUserPatch, decode_body, parse
+from service.inputs.schemas import AdminTokenRequest, AdminUserCreate, AdminUserPatch, read
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -27,7 +27,7 @@ def _who():
 
 
 def _body(model):
-    return parse(model, decode_body(request.get_data(cache=False), request.is_json))
+    return read(model)
 
 
 @bp.post("/users")
@@ -65,7 +65,10 @@ def add_token():
 
 @bp.get("/tokens")
 def list_tokens():
-    tokens = _store().list_tokens(request.args.get("user"), include_inactive=request.args.get("all") == "true")
+    every = request.args.get("all", "false")
+    if every not in ("true", "false"):
+        raise APIError(400, f"all must be true or false, not {every[:40]!r}", "invalid_value", "all")
+    tokens = _store().list_tokens(request.args.get("user"), include_inactive=every == "true")
     return {"object": "list", "data": [_public(t) for t in tokens]}
 
 
@@ -107,6 +110,6 @@ def _date(text):
 
 
 def _int(text, name, low, high):
-    if not text.isdigit() or not low <= int(text) <= high:
+    if not (text.isascii() and text.isdigit() and len(text) <= 9) or not low <= int(text) <= high:
         raise APIError(400, f"{name} must be an integer between {low} and {high}", "out_of_range", name)
     return int(text)

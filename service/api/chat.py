@@ -16,7 +16,7 @@ from service.api import generation
 from service.api.streaming import ChatStream, openai_reason
 from service.errors import APIError
 from service.inputs import filtering
-from service.inputs.schemas import ChatRequest, decode_body, parse
+from service.inputs.schemas import ChatRequest, read
 from service.state import state
 
 bp = Blueprint("chat", __name__)
@@ -38,13 +38,14 @@ def get_model(model):
 def chat_completions():
     """Answer a conversation, whole or as a stream."""
     settings, engine = state().settings, state().engine
-    body = parse(ChatRequest, decode_body(request.get_data(cache=False), request.is_json))
+    body = read(ChatRequest)
     _check_model(body.model)
     if body.n not in (None, 1):
         raise APIError(400, "only n=1 is supported", "unsupported_value", "n")
     messages = _clean_messages(body.messages, settings)
     tokens_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    params = generation.resolve_params(settings, body.max_completion_tokens or body.max_tokens, body.temperature,
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = generation.resolve_params(settings, max_tokens, body.temperature,
                                        body.top_p, _stops(body.stop), body.seed, tokens_name=tokens_name)
     ids = generation.prompt_ids(engine, messages, settings, params.max_new_tokens, "messages", tokens_name)
     if body.stream:
@@ -81,10 +82,10 @@ def _clean_messages(messages, settings):
         name = f"messages.{i}.content"
         text = filtering.clean_text(name, content, settings.max_question_chars,
                                     allow_empty=message.role != "user")
-        filtering.check_policy(state().policy, {name: text})
         if message.role == "system":
             filtering.check_allowed_prompt(text, caller().get("system_prompts"))
         cleaned.append({"role": message.role, "content": text})
+    filtering.check_policy(state().policy, {f"messages.{i}.content": m["content"] for i, m in enumerate(cleaned)})
     return cleaned
 
 

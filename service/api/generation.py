@@ -14,15 +14,19 @@ from dataclasses import dataclass
 from flask import g
 
 from service.admission import budget
+from service.api import client
 from service.errors import APIError
 from service.inference.engine import GenerationRequest, NotReady, QueueFull
-from service.inputs.schemas import check_range
+from service.inference.model import PromptError
+from service.inputs.schemas import SEED_RANGE, check_range
 from service.records import accounting
 from service.state import state
 
 # Seconds a client should wait before retrying when the engine is loading or full.
 RETRY_LOADING_S = 5
 RETRY_FULL_S = 2
+CLIENT_CHECK_S = 0.25  # how often a non-streamed answer looks whether its client is still there
+CANCEL_WAIT_S = 30  # for the engine to drop a cancelled row (one decode step)
 
 
 @dataclass
@@ -41,7 +45,7 @@ def resolve_params(settings, max_new_tokens=None, temperature=None, top_p=None, 
     """Fill defaults from settings and check bounds; raise APIError 400 when out of range."""
     limit = settings.max_new_tokens_limit
     return Params(
-        stop=tuple(stop), seed=seed,
+        stop=tuple(stop), seed=None if seed is None else check_range("seed", seed, *SEED_RANGE, integer=True),
         max_new_tokens=check_range(tokens_name, settings.default_max_new_tokens
                                    if max_new_tokens is None else max_new_tokens, 1, limit, integer=True),
         temperature=float(check_range("temperature", settings.default_temperature
@@ -55,7 +59,10 @@ def prompt_ids(engine, messages, settings, max_new_tokens, param="question", tok
     """Chat-templated token ids; APIError 503 if the model is not loaded, 400 if they do not fit."""
     if not engine.ready:
         raise not_ready(engine)
-    ids = engine.model.encode_chat(messages)
+    try:
+        ids = engine.model.encode_chat(messages)
+    except PromptError as exc:
+        raise APIError(400, f"{exc}; this conversation cannot be encoded", "invalid_value", param) from None
     if len(ids) > settings.max_prompt_tokens:
         raise APIError(400, f"prompt is {len(ids)} tokens after the chat template; the limit is "
                        f"{settings.max_prompt_tokens}", "context_length_exceeded", param)
@@ -85,18 +92,30 @@ def settle(lease, result):
 
 
 def answer(ids, params):
-    """Admit, generate to the end and settle: the result, or APIError 429/503/504."""
+    """Admit, generate to the end and settle: the result, or APIError 429/503/504 (499: the client left)."""
     engine, settings = state().engine, state().settings
-    lease, result = admit(ids, params), None
+    lease, result, left = admit(ids, params), None, False
     try:
         handle = submit(engine, ids, params, settings)
-        try:
-            # The engine stops the request at its deadline; the margin covers one slow step.
-            result = handle.result(timeout=settings.request_deadline_s + 30)
-        except TimeoutError:
+        # The engine stops the request at its deadline; the margin covers one slow step.
+        until = time.monotonic() + settings.request_deadline_s + 30
+        while result is None and time.monotonic() < until:
+            try:
+                result = handle.result(timeout=CLIENT_CHECK_S)
+            except TimeoutError:
+                if client.gone():  # nobody will read the answer: free its batch row now
+                    handle.cancel()
+                    left = True
+                    result = handle.result(timeout=CANCEL_WAIT_S)
+        if result is None:
             handle.cancel()
+    except TimeoutError:  # cancelled, but the engine did not let go in time: count nothing more
+        pass
     finally:
         settle(lease, result)
+    if left:
+        raise APIError(client.CLIENT_GONE, "the client closed the connection before the answer was ready",
+                       "client_closed_request")
     if result is None or result.finish_reason in ("timeout", "cancelled"):
         raise deadline_error(settings, result.completion_tokens if result else 0)
     return result

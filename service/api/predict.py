@@ -9,7 +9,7 @@ from service.admission.access import caller
 from service.api import generation
 from service.inference.model import chat_messages
 from service.inputs import filtering
-from service.inputs.schemas import PredictRequest, decode_body, parse
+from service.inputs.schemas import PredictRequest, read
 from service.state import state
 
 bp = Blueprint("predict", __name__)
@@ -21,13 +21,14 @@ PATHS = ("/predict", "/v1/predict")
 def predict():
     """Answer one question with the model."""
     settings, engine = state().settings, state().engine
-    body = parse(PredictRequest, decode_body(request.get_data(cache=False), request.is_json))
+    body = read(PredictRequest)
     question = filtering.clean_text("question", body.question, settings.max_question_chars)
     system_prompt = settings.default_system_prompt if body.system_prompt is None else \
         filtering.clean_text("system_prompt", body.system_prompt, settings.max_question_chars, allow_empty=True)
     if body.system_prompt is not None:
         filtering.check_allowed_prompt(system_prompt, caller().get("system_prompts"))
-    filtering.check_policy(state().policy, {"system_prompt": system_prompt, "question": question})
+    filtering.check_policy(state().policy, {"system_prompt": system_prompt, "question": question},
+                           whole="question")
     params = generation.resolve_params(settings, body.max_new_tokens, body.temperature, body.top_p)
     ids = generation.prompt_ids(engine, chat_messages(question, system_prompt), settings, params.max_new_tokens)
     result = generation.answer(ids, params)

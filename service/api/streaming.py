@@ -20,12 +20,12 @@ import uuid
 from flask import Response, stream_with_context
 
 from service.api import generation
+from service.api.client import CLIENT_GONE
 from service.errors import error_body
 from service.records import accounting
 from service.state import state
 
 log = logging.getLogger("vibethinker.streaming")
-CLIENT_GONE = 499
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 

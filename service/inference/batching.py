@@ -30,14 +30,20 @@ class Row:
         self.handle, self.loaded, self.request = handle, loaded, handle.request
         self.ids, self.prefix, self.read, self.last = [], 0, 0, None
         self.text = StopText(self.request.stop)
-        self.done = False
+        self.done, self.error = False, None
         self.greedy = self.request.temperature < GREEDY_BELOW
         self.generator = None
         if not self.greedy and self.request.seed is not None:
             self.generator = torch.Generator().manual_seed(self.request.seed)
 
+    def fail(self, error):
+        """End this row with `error` (its caller gets it); the batch goes on without it."""
+        self.error, self.done = error, True
+
     def add(self, token, now):
         """Take the row's next token: metrics, incremental decoding, stop strings, end token."""
+        if self.error is not None:
+            return
         metrics.TTFT.observe(now - self.handle.submitted) if self.last is None \
             else metrics.INTER_TOKEN.observe(now - self.last)
         self.last = now
@@ -162,11 +168,16 @@ def _left_pad(tensor, columns):
 
 
 def choose(logits, rows):
-    """The next token of each row: argmax for greedy rows, a top-p sample for the others."""
+    """The next token of each row: argmax for greedy rows, a top-p sample for the others.
+
+    A row whose sampling fails is marked failed (its caller gets the error) and the others go on."""
     tokens = logits.argmax(dim=-1)
     for i, row in enumerate(rows):
         if not row.greedy:
-            tokens[i] = sample(logits[i].float(), row.request.temperature, row.request.top_p, row.generator)
+            try:
+                tokens[i] = sample(logits[i].float(), row.request.temperature, row.request.top_p, row.generator)
+            except Exception as exc:  # noqa: BLE001 - any failure of one row is that row's alone
+                row.fail(exc)
     return tokens
 
 
@@ -175,8 +186,9 @@ def sample(logits, temperature, top_p, generator=None):
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         probs, order = probs.sort(descending=True)
-        probs = probs * ((probs.cumsum(-1) - probs) < top_p)  # the smallest prefix reaching top_p
-        return int(order[torch.multinomial(probs, 1, generator=generator)])
+        keep = (probs.cumsum(-1) - probs) < top_p  # the smallest prefix reaching top_p
+        keep[0] = True  # however small top_p is (below float32's smallest, it compares as 0)
+        return int(order[torch.multinomial(probs * keep, 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -222,7 +222,10 @@ class Engine:
         return joining
 
     def _guarded(self, batch, action, handles=None):
-        """Run a batch action; on an error, fail the requests it touched (all of the batch for a step)."""
+        """Run a batch action; on an error, fail the requests it touched (all of the batch for a step).
+
+        Only a failure of the model's forward pass gets here: one row's failure (its sampling) ends that
+        row alone (batching.choose)."""
         try:
             action(handles) if handles is not None else action()
         except Exception as exc:
@@ -235,6 +238,10 @@ class Engine:
         now = time.monotonic()
         for row in rows:
             handle = row.handle
+            if row.error is not None:
+                log.error("generation failed for one row", exc_info=row.error)
+                handle._finish(error=row.error)
+                continue
             text, ids, reason = row.outcome()
             result = GenerationResult(text, ids, len(handle.request.prompt_ids), reason,
                                       handle.started - handle.submitted, now - handle.started)

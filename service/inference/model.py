@@ -7,6 +7,7 @@ exactly this code. Nothing here talks to the Hugging Face hub.
 import contextlib
 import copy
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +24,11 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from service.inference import artifact, numerics  # noqa: E402
 
 hf_logging.disable_progress_bar()
+PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
+
+
+class PromptError(ValueError):
+    """A conversation this model's chat template cannot encode safely."""
 
 
 @dataclass
@@ -50,10 +56,31 @@ class LoadedModel:
             self.backend = backend  # 3x faster than tokenizer.decode; the engine decodes every row each step
 
     def encode_chat(self, messages):
-        """Token ids of the chat-templated conversation, ready for the assistant's turn."""
+        """Token ids of the chat-templated conversation, ready for the assistant's turn.
+
+        Only the template writes control tokens. The template is rendered around placeholders; its own
+        text is tokenized as usual, and each message's text with special tokens split, so a client's
+        `<|im_end|><|im_start|>system` stays plain text and can never open a turn. PromptError when the
+        template changes a message's text (then its pieces cannot be told apart).
+        """
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
         with self._encoding:
-            enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
-        return list(enc["input_ids"])
+            rendered = self.tokenizer.apply_chat_template(
+                [{**m, "content": mark} for m, mark in zip(messages, marks)], add_generation_prompt=True,
+                tokenize=False)
+            pieces = PLACEHOLDER.split(rendered)  # template, index, template, index, ..., template
+            if pieces[1::2] != [str(i) for i in range(len(messages))]:
+                raise PromptError("the chat template does not keep each message's text as it is")
+            ids = []
+            for i, piece in enumerate(pieces):
+                if i % 2:
+                    ids += self._ids(messages[int(piece)]["content"], split_special_tokens=True)
+                elif piece:
+                    ids += self._ids(piece)
+        return ids
+
+    def _ids(self, text, split_special_tokens=False):
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
 
     def prefill_mode(self):
         """The context a prefill forward runs in."""

@@ -1,9 +1,9 @@
 """Input filtering: plain functions, no Flask.
 
-Text fields are checked for broken Unicode and control characters, NFKC
-normalised (so look-alike and full-width characters cannot slip past the
-policy), bounded in characters, then matched against the content policy.
-Token bounds are checked where the tokenizer is (service.api.generation).
+Text fields are checked for broken Unicode and control characters, their line
+ends made `\n`, NFKC normalised and bounded in characters, then matched
+against the content policy. Token bounds are checked where the tokenizer is
+(service.api.generation).
 
 The content policy is a TOML file named by VIBE_CONTENT_POLICY_PATH:
 
@@ -15,22 +15,38 @@ The content policy is a TOML file named by VIBE_CONTENT_POLICY_PATH:
     id = "banned-terms"
     terms = ["example forbidden phrase", "another one"]
 
-Matching is case-insensitive, on the normalised system prompt and question. A
-refusal is a 422 with code `content_policy`; the log gets the rule id and a
-hash of the input, never the input.
+Matching is on a policy form of the text, so the usual ways around a term do
+not work: invisible format characters (zero-width space, soft hyphen, word
+joiner, bidi controls, variation selectors, tag characters) are dropped,
+look-alike letters of other scripts are folded to Latin with Unicode's
+confusables table (UTS #39, through confusable-homoglyphs), case is folded
+and whitespace runs collapse (a term's words match with any whitespace, or
+none, between them). Each field is matched, then the whole conversation as
+one text, so a term split across two messages is found too. A refusal is a
+422 with code `content_policy`; the log gets the rule id and a hash of the
+input, never the input nor what matched.
+
+The text the model sees is the cleaned field, not its policy form.
 """
 
+import functools
 import hashlib
+import json
 import logging
 import re
 import tomllib
 import unicodedata
 from dataclasses import dataclass
+from importlib import resources
 
 from service.errors import APIError
 
 log = logging.getLogger("vibethinker.filtering")
 ALLOWED_CONTROLS = {"\t", "\n", "\r"}
+LINE_ENDS = re.compile(r"\r\n?")
+WHITESPACE = re.compile(r"\s+")
+# Characters that render as nothing (or only change their neighbour's look): dropped before matching.
+INVISIBLE_RANGES = ((0xFE00, 0xFE0F), (0xE0100, 0xE01EF), (0x034F, 0x034F), (0x115F, 0x1160), (0x3164, 0x3164))
 
 
 class PolicyError(Exception):
@@ -52,9 +68,9 @@ def clean_text(name, value, max_chars, allow_empty=False):
                        name) from None
     bad = next((c for c in value if unicodedata.category(c) == "Cc" and c not in ALLOWED_CONTROLS), None)
     if bad is not None:
-        raise APIError(400, f"{name} contains the control character U+{ord(bad):04X}; only tab and newline "
-                       "are allowed", "control_character", name)
-    value = unicodedata.normalize("NFKC", value)
+        raise APIError(400, f"{name} contains the control character U+{ord(bad):04X}; only tab, newline and "
+                       "carriage return are allowed", "control_character", name)
+    value = unicodedata.normalize("NFKC", LINE_ENDS.sub("\n", value))
     if not allow_empty and not value.strip():
         raise APIError(400, f"{name} must not be empty", "empty", name)
     if len(value) > max_chars:
@@ -84,7 +100,7 @@ def _compile(entry):
     unknown = set(entry) - {"id", "terms", "regex"}
     if unknown:
         raise ValueError(f"unknown key {sorted(unknown)[0]!r} (use id, terms, regex)")
-    parts = [re.escape(unicodedata.normalize("NFKC", t)) for t in entry.get("terms", [])]
+    parts = [r"\s*".join(map(re.escape, policy_form(t).split())) for t in entry.get("terms", [])]
     if entry.get("regex"):
         parts.append(f"(?:{entry['regex']})")
     if not parts:
@@ -92,15 +108,52 @@ def _compile(entry):
     return re.compile("|".join(parts), re.IGNORECASE)
 
 
-def check_policy(rules, fields):
-    """APIError 422 if any field matches a rule; logs the rule id and an input hash only."""
-    for name, text in fields.items():
+def check_policy(rules, fields, whole="messages"):
+    """APIError 422 if any field, or all of them as one text (param `whole`), matches a rule; logs the
+    rule id and an input hash only."""
+    if not rules:
+        return
+    forms = {name: policy_form(text) for name, text in fields.items() if text}
+    candidates = list(forms.items())
+    if len(forms) > 1:
+        candidates.append((whole, "".join(forms.values())))
+    for name, form in candidates:
         for rule in rules:
-            if text and rule.pattern.search(text):
-                digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+            if rule.pattern.search(form):
+                digest = hashlib.sha256(form.encode("utf-8")).hexdigest()[:16]
                 log.warning("content policy refusal: rule=%s field=%s input_sha256=%s", rule.id, name, digest)
-                raise APIError(422, f"{name} was refused by the content policy (rule {rule.id})",
+                what = "the conversation" if name == whole and len(forms) > 1 else name
+                raise APIError(422, f"{what} was refused by the content policy (rule {rule.id})",
                                "content_policy", name)
+
+
+def policy_form(text):
+    """The text as the policy matches it: NFKC, invisible characters dropped, confusables folded to
+    Latin, case folded, whitespace runs made one space."""
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(c for c in text if not _invisible(c)).translate(_confusables())
+    return WHITESPACE.sub(" ", text.casefold())
+
+
+def _invisible(char):
+    point = ord(char)
+    return unicodedata.category(char) == "Cf" or any(low <= point <= high for low, high in INVISIBLE_RANGES)
+
+
+@functools.cache
+def _confusables():
+    """str.translate table: each non-ASCII character that Unicode lists as confusable with an ASCII letter
+    or digit (Cyrillic а, Greek ο, ...) becomes that character."""
+    data = json.loads(resources.files("confusable_homoglyphs").joinpath("confusables.json").read_text("utf-8"))
+    table = {}
+    for char, glyphs in data.items():
+        if len(char) != 1 or char.isascii():
+            continue
+        ascii_glyphs = [g["c"] for g in glyphs if len(g["c"]) == 1 and g["c"].isascii() and g["c"].isalnum()]
+        letters = [g for g in ascii_glyphs if g.isalpha()] or ascii_glyphs
+        if letters:
+            table[ord(char)] = letters[0]
+    return table
 
 
 def check_allowed_prompt(system_prompt, allowed):

@@ -8,9 +8,13 @@ silently ignored. Bounds that come from settings are checked after parsing.
 import json
 from typing import Annotated, Literal
 
+from flask import current_app, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from service.errors import APIError
+
+SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch's generators take, and what OpenAI clients send
 
 TYPE_NAMES = {"string_type": "a string", "int_type": "an integer", "float_type": "a number",
               "bool_type": "a boolean", "list_type": "a list", "dict_type": "an object",
@@ -70,6 +74,23 @@ class ChatRequest(StrictModel):
     stream_options: StreamOptions | None = None
 
 
+def read(model):
+    """This request's JSON body as `model`: APIError 413/415/400 saying what is wrong."""
+    return parse(model, decode_body(read_body(), request.is_json))
+
+
+def read_body():
+    """The body's bytes; 413 past MAX_CONTENT_LENGTH whether its length was declared or it came chunked
+    (werkzeug refuses a declared length, but cuts a chunked body at the limit without a word)."""
+    if request.content_length is not None:
+        return request.get_data(cache=False)
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    raw = request.environ["wsgi.input"].read(limit + 1)
+    if len(raw) > limit:
+        raise RequestEntityTooLarge()
+    return raw
+
+
 def decode_body(raw, is_json):
     """The request body as a JSON object, or APIError 415/400 saying what is wrong."""
     if not is_json:
@@ -78,12 +99,40 @@ def decode_body(raw, is_json):
         data = json.loads(raw)
     except UnicodeDecodeError:
         raise APIError(400, "request body is not valid UTF-8", "invalid_json") from None
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise APIError(400, f"request body is not valid JSON: {exc.msg} at line {exc.lineno} "
                        f"column {exc.colno}", "invalid_json") from None
+    except ValueError:  # Python refuses to convert an integer literal of more than 4300 digits
+        raise APIError(400, "request body has a number too long to read (over 4300 digits)",
+                       "invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "request body nests arrays or objects too deeply", "invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", "invalid_type")
+    where = _lone_surrogate(data)
+    if where is not None:  # a \ud800 escape decodes to one, which no database, log or tokenizer takes
+        raise APIError(400, f"{where or 'a field name'} is not valid Unicode (it has a lone surrogate escape)",
+                       "invalid_unicode", where or None)
     return data
+
+
+def _lone_surrogate(data):
+    """The dotted path of the first string (or field name: "") holding a lone surrogate, else None."""
+    stack = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(value, (dict, list)):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str) and _lone_surrogate(key) is not None:
+                    return ""
+                stack.append((f"{path}.{key}" if path else str(key), item))
+    return None
 
 
 def parse(model, data):

@@ -79,7 +79,7 @@ def _account(response):
     record = current()
     status = response.status_code
     record.error_code = getattr(response, "error_code", None)
-    metrics.HTTP_REQUESTS.labels(record.route, request.method, str(status)).inc()
+    metrics.HTTP_REQUESTS.labels(record.route, metrics.method_label(request.method), str(status)).inc()
     metrics.REQUEST_DURATION.labels(record.route).observe(record.latency)
     reason = metrics.refusal_reason(status, record.error_code)
     if reason:

@@ -1,7 +1,9 @@
 """Prometheus metrics, named as model servers name them (vibethinker_...).
 
 No per-user labels anywhere (cardinality): per-user totals live in the usage
-table. The engine records generation figures here; the app records HTTP ones.
+table. Every label value comes from a fixed set: the route is the matched
+rule (or "unmatched"), the method one of HTTP's (else "other"), the status
+one the app answers with. The engine records generation figures here; the app records HTTP ones.
 /metrics is served without a token: nginx allows it only from configured
 addresses, and gunicorn listens on a unix socket only nginx can reach.
 """
@@ -46,6 +48,8 @@ REASONS = {
     "deadline_exceeded": "deadline", "body_too_large": "validation",
 }
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
 bp = Blueprint("metrics", __name__)
 
 
@@ -58,6 +62,11 @@ def metrics():
 
 def refusal_reason(status, code):
     """The refusal label of an error response, or None for a success or a server error."""
-    if status < 400 or status == 500 or status in (404, 405):
+    if status < 400 or status in (404, 405, 499, 500):
         return None
     return REASONS.get(code, "validation" if status in (400, 413, 415) else "other")
+
+
+def method_label(method):
+    """The method as a label: one of METHODS, else "other" (any upper-case word reaches the app)."""
+    return method if method in METHODS else "other"

@@ -1,0 +1,331 @@
+"""The HTTP contract as OpenAPI 3.1, generated: `GET /openapi.json`, no token needed.
+
+Request bodies are the pydantic models the routes validate with
+(service.inputs.schemas); responses are the models below, which the routes'
+answers follow. Paths come from the app's own URL map, and every route must
+have an entry in ROUTES, so nothing is served undocumented (the spec refuses
+to build otherwise). Bounds that come from settings (max_new_tokens, the
+body size) are written in from the running settings. Every error response is
+the one error shape (service.errors).
+"""
+
+from typing import Any, Literal
+
+from flask import Blueprint, current_app
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from service.admission.access import public, scope_for
+from service.api import health
+from service.inputs import schemas
+from service.state import state
+
+REF = "#/components/schemas/{model}"
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class Error(BaseModel):
+    """The one error shape of every 4xx and 5xx."""
+
+    error: ErrorDetail
+    success: Literal[False] | None = None  # /predict's original contract adds it
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Prediction(BaseModel):
+    id: str
+    model: str
+    input: str
+    system_prompt: str
+    response: str
+    success: Literal[True]
+    usage: Usage
+    finish_reason: Literal["stop", "length"]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    version: str
+    model: str
+    mode: str
+    load_seconds: float
+    queued: int
+    running: int
+
+
+class User(BaseModel):
+    id: int
+    name: str
+    admin: bool
+    active: bool
+    rate_limit: str | None
+    daily_tokens: int | None
+    max_concurrent: int | None
+    system_prompts: list[str] | None
+    created_at: str
+
+
+class UserList(BaseModel):
+    object: Literal["list"]
+    data: list[User]
+
+
+class Token(BaseModel):
+    jti: str
+    user: str
+    scope: str
+    label: str
+    kid: str
+    issued_at: str
+    expires_at: str
+    revoked_at: str | None
+    revoked_by: str | None
+
+
+class IssuedToken(BaseModel):
+    jti: str
+    user: str
+    scope: str
+    label: str
+    kid: str
+    issued_at: str
+    expires_at: str
+    token: str
+
+
+class TokenList(BaseModel):
+    object: Literal["list"]
+    data: list[Token]
+
+
+class UsageDay(BaseModel):
+    day: str
+    user: str
+    requests: int
+    succeeded: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class UsageList(BaseModel):
+    object: Literal["list"]
+    data: list[UsageDay]
+
+
+class AuditEvent(BaseModel):
+    id: int
+    at: str
+    actor: str
+    action: str
+    target: str | None
+    source: str | None
+    detail: dict[str, Any]
+
+
+class AuditList(BaseModel):
+    object: Literal["list"]
+    data: list[AuditEvent]
+
+
+class MeToken(BaseModel):
+    jti: str
+    scope: list[str]
+    label: str
+    issued_at: str
+    expires_at: str
+
+
+class Me(BaseModel):
+    user: str
+    admin: bool
+    active: bool
+    token: MeToken
+    limits: dict[str, Any]
+    effective_limits: dict[str, Any]
+    today: dict[str, int]
+
+
+# Statuses every route can answer, by what it does.
+AUTH = (401, 403, 429, 503)
+BODY = (400, 413, 415)
+GENERATION = (*AUTH, *BODY, 422, 499, 500, 504)
+QUERY = [{"name": "user", "in": "query", "schema": {"type": "string"}},
+         {"name": "since", "in": "query", "schema": {"type": "string", "format": "date-time"}}]
+
+# endpoint -> (summary, request model, response model, success status, error statuses, query parameters).
+ROUTES = {
+    "health.healthz": ("The process is alive", None, Health, 200, (), ()),
+    "health.readyz": ("The model is loaded and the database and Redis answer", None, Ready, 200, (503,), ()),
+    "metrics.metrics": ("Prometheus metrics (nginx serves them to allowed addresses only)", None, None, 200, (), ()),
+    "contract.openapi": ("This document", None, None, 200, (), ()),
+    "predict.predict": ("Answer one question", schemas.PredictRequest, Prediction, 200, GENERATION, ()),
+    "chat.chat_completions": ("Answer a conversation, whole or streamed (stream: true gives server-sent events)",
+                              schemas.ChatRequest, ChatCompletion, 200, (*GENERATION, 404), ()),
+    "chat.list_models": ("The models served here", None, ModelList, 200, AUTH, ()),
+    "chat.get_model": ("One model", None, ModelCard, 200, (*AUTH, 404), ()),
+    "me.me": ("Who this token belongs to, its limits and today's use", None, Me, 200, AUTH, ()),
+    "admin.add_user": ("Create a user", schemas.AdminUserCreate, User, 201, (*AUTH, *BODY, 409), ()),
+    "admin.list_users": ("Every user", None, UserList, 200, AUTH, ()),
+    "admin.update_user": ("Change a user's state, rights or quotas", schemas.AdminUserPatch, User, 200,
+                          (*AUTH, *BODY, 404), ()),
+    "admin.add_token": ("Issue a token (its text is shown once)", schemas.AdminTokenRequest, IssuedToken, 201,
+                        (*AUTH, *BODY, 404), ()),
+    "admin.list_tokens": ("Tokens, active only unless all=true", None, TokenList, 200, (*AUTH, 400, 404),
+                          ({"name": "user", "in": "query", "schema": {"type": "string"}},
+                           {"name": "all", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]}})),
+    "admin.revoke_token": ("Revoke a token", None, Token, 200, (*AUTH, 404), ()),
+    "admin.usage_by_day": ("Usage per user and UTC day", None, UsageList, 200, (*AUTH, 400, 404), QUERY),
+    "admin.list_audit": ("The audit trail, newest first", None, AuditList, 200, (*AUTH, 400), (
+        {"name": "actor", "in": "query", "schema": {"type": "string"}},
+        {"name": "action", "in": "query", "schema": {"type": "string"}},
+        {"name": "target", "in": "query", "schema": {"type": "string"}},
+        QUERY[1], {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}})),
+}
+DESCRIPTIONS = {200: "OK", 201: "Created", 400: "Bad request", 401: "No valid token", 403: "Not allowed",
+                404: "No such thing", 405: "Method not allowed", 409: "Already exists", 413: "Body too large",
+                415: "Not JSON", 422: "Refused by the content policy", 429: "A limit is reached",
+                499: "The client closed the connection (recorded, never read)", 500: "Internal error",
+                503: "Not ready, at capacity, or a storage is down", 504: "Deadline passed"}
+
+bp = Blueprint("contract", __name__)
+
+
+@bp.get("/openapi.json")
+@public
+def openapi():
+    return spec(current_app)
+
+
+def spec(app):
+    """The OpenAPI 3.1 document of `app`; ValueError when a route has no entry in ROUTES."""
+    settings = state(app).settings
+    models = {Error, *(m for entry in ROUTES.values() for m in entry[1:3] if m is not None)}
+    modes = [(m, "validation" if issubclass(m, schemas.StrictModel) else "serialization") for m in models]
+    _, top = models_json_schema(modes, ref_template=REF)
+    components = top.get("$defs", {})
+    _bound(components, settings)
+    paths = {}
+    for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
+        if rule.endpoint == "static":
+            continue
+        if rule.endpoint not in ROUTES:
+            raise ValueError(f"route {rule.rule} ({rule.endpoint}) is not described in service.api.contract")
+        path = _openapi_path(rule)
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            paths.setdefault(path, {})[method.lower()] = _operation(app, rule, method)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "VibeThinker reasoning API", "version": health.version(),
+                 "description": "Bearer tokens are issued by an admin (vibethinker-admin tokens issue)."},
+        "paths": paths,
+        "components": {"schemas": components, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}}},
+        "security": [{"bearer": []}],
+    }
+
+
+def _operation(app, rule, method):
+    summary, body, answer, ok, errors, query = ROUTES[rule.endpoint]
+    view = app.view_functions[rule.endpoint]
+    operation = {"operationId": f"{rule.endpoint}.{method.lower()}", "summary": summary,
+                 "responses": {str(ok): _success(rule, answer, ok)}}
+    if getattr(view, "vibethinker_public", False):
+        operation["security"] = []
+    else:
+        scope = scope_for(rule.rule)
+        operation["description"] = f"Needs a token with the {scope!r} scope." if scope else "Needs any token."
+    params = [{"name": arg, "in": "path", "required": True, "schema": {"type": "string"}} for arg in rule.arguments]
+    if params or query:
+        operation["parameters"] = params + list(query)
+    if body is not None:
+        operation["requestBody"] = {"required": True, "content": {
+            "application/json": {"schema": {"$ref": REF.format(model=body.__name__)}}}}
+    for status in sorted(set(errors)):
+        operation["responses"][str(status)] = {"description": DESCRIPTIONS[status], "content": {
+            "application/json": {"schema": {"$ref": REF.format(model="Error")}}}}
+    return operation
+
+
+def _success(rule, answer, status):
+    if rule.endpoint == "metrics.metrics":
+        return {"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    if rule.endpoint == "contract.openapi":
+        return {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}
+    content = {"application/json": {"schema": {"$ref": REF.format(model=answer.__name__)}}}
+    if rule.endpoint == "chat.chat_completions":
+        content["text/event-stream"] = {"schema": {"type": "string"}, "description": (
+            "data: lines of chat.completion.chunk objects, then data: [DONE]")}
+    return {"description": DESCRIPTIONS[status], "content": content}
+
+
+def _bound(components, settings):
+    """The bounds the routes check from settings, written into the request schemas."""
+    tokens = {"type": "integer", "minimum": 1, "maximum": settings.max_new_tokens_limit}
+    number = lambda low, high: {"type": "number", "minimum": low, "maximum": high}  # noqa: E731
+    for name, fields in (("PredictRequest", ("max_new_tokens",)), ("ChatRequest", ("max_tokens",
+                                                                                   "max_completion_tokens"))):
+        props = components[name]["properties"]
+        for field in fields:
+            props[field] = {"anyOf": [tokens, {"type": "null"}]}
+        props["temperature"] = {"anyOf": [number(0, 2), {"type": "null"}]}
+        props["top_p"] = {"anyOf": [{**number(0, 1), "exclusiveMinimum": 0}, {"type": "null"}]}
+    components["ChatRequest"]["properties"]["seed"] = {"anyOf": [
+        {"type": "integer", "minimum": schemas.SEED_RANGE[0], "maximum": schemas.SEED_RANGE[1]}, {"type": "null"}]}
+
+
+def _openapi_path(rule):
+    """/admin/users/<name> -> /admin/users/{name}."""
+    path = rule.rule
+    for arg in rule.arguments:
+        for converter in ("", "path:", "string:"):
+            path = path.replace(f"<{converter}{arg}>", "{" + arg + "}")
+    return path
