@@ -69,7 +69,8 @@ def _token(store, keyset, cache):
     # A key deleted from the folder by hand (not by `keys retire`) moves no epoch: ask the folder too.
     if hit is not None and keyset.holds(hit[1]["kid"]):
         return hit[1]
-    token = check_token(store, _claims())
+    claims = _claims()
+    token = check_token(store, claims)
     if epoch is not None:
         cache.put(header, claims, token, epoch)
     return token

@@ -6,6 +6,7 @@ never stored: only its jti and metadata.
 """
 
 import json
+import re
 import uuid
 from datetime import datetime, timezone
 
@@ -18,7 +19,7 @@ QUOTA_FIELDS = ("rate_limit", "daily_tokens", "max_concurrent", "system_prompts"
 MAX_SYSTEM_PROMPTS = 50
 # Bounds of the integer quotas: a database column holds 64 bits, and no real quota comes near these.
 QUOTA_MAX = {"daily_tokens": 10**15, "max_concurrent": 10_000}
-NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789._-")
+NAME_PATTERN = r"[a-z0-9_][a-z0-9._-]{0,63}"  # a user name: also the spec's pattern (service.api.contract)
 
 
 def utcnow():
@@ -219,7 +220,7 @@ class Store:
 
 
 def check_name(name):
-    if not (1 <= len(name) <= 64) or not set(name) <= NAME_CHARS or name[0] in ".-":
+    if not re.fullmatch(NAME_PATTERN, name):
         raise StoreError(400, "user name must be 1-64 characters of a-z, 0-9, '.', '_', '-', "
                          "starting with a letter, digit or '_'", "invalid_name", "name")
 

@@ -15,6 +15,7 @@ from flask import Blueprint, current_app
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from auth.store import NAME_PATTERN
 from service.admission.access import public, scope_for
 from service.api import health
 from service.inputs import schemas
@@ -230,6 +231,13 @@ ROUTES = {
         {"name": "target", "in": "query", "schema": {"type": "string"}},
         QUERY[1], {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}})),
 }
+# What a created thing leads to (OpenAPI links): clients and fuzzers follow them.
+LINKS = {
+    "admin.add_user": {"UpdateUser": {"operationId": "admin.update_user.patch",
+                                      "parameters": {"name": "$response.body#/name"}}},
+    "admin.add_token": {"RevokeToken": {"operationId": "admin.revoke_token.delete",
+                                        "parameters": {"jti": "$response.body#/jti"}}},
+}
 DESCRIPTIONS = {200: "OK", 201: "Created", 400: "Bad request", 401: "No valid token", 403: "Not allowed",
                 404: "No such thing", 405: "Method not allowed", 409: "Already exists", 413: "Body too large",
                 415: "Not JSON", 422: "Refused by the content policy", 429: "A limit is reached",
@@ -302,9 +310,15 @@ def _success(rule, answer, status):
         return {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}
     content = {"application/json": {"schema": {"$ref": REF.format(model=answer.__name__)}}}
     if rule.endpoint == "chat.chat_completions":
-        content["text/event-stream"] = {"schema": {"type": "string"}, "description": (
-            "data: lines of chat.completion.chunk objects, then data: [DONE]")}
-    return {"description": DESCRIPTIONS[status], "content": content}
+        content["text/event-stream"] = {"schema": {  # one server-sent event
+            "type": "object", "required": ["data"],
+            "properties": {"data": {"type": "string", "description": (
+                "a chat.completion.chunk object as JSON; on a failure after the stream began, the one error "
+                "shape; last, [DONE]")}, "event": {"type": "string"}, "id": {"type": "string"}}}}
+    success = {"description": DESCRIPTIONS[status], "content": content}
+    if rule.endpoint in LINKS:
+        success["links"] = LINKS[rule.endpoint]
+    return success
 
 
 def _bound(components, settings):
@@ -318,6 +332,9 @@ def _bound(components, settings):
             props[field] = {"anyOf": [tokens, {"type": "null"}]}
         props["temperature"] = {"anyOf": [number(0, 2), {"type": "null"}]}
         props["top_p"] = {"anyOf": [{**number(0, 1), "exclusiveMinimum": 0}, {"type": "null"}]}
+    components["ChatRequest"]["properties"]["model"]["examples"] = [settings.model_name]
+    components["PredictRequest"]["properties"]["question"]["examples"] = ["What is 2 + 2?"]
+    components["AdminUserCreate"]["properties"]["name"].update(pattern=f"^{NAME_PATTERN}$", maxLength=64)
     components["ChatRequest"]["properties"]["seed"] = {"anyOf": [
         {"type": "integer", "minimum": schemas.SEED_RANGE[0], "maximum": schemas.SEED_RANGE[1]}, {"type": "null"}]}
 
