@@ -8,7 +8,7 @@ DEMO   := var/demo-model
 # The CPU build of torch; an unpinned torch pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install system-deps run test test-quick bench clean wheel wheelhouse lint deploy-test deploy-test-vm
+.PHONY: install system-deps run test test-quick test-load bench clean wheel wheelhouse lint deploy-test deploy-test-vm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,11 @@ test: install system-deps
 # For quick loops: everything but the slow tests.
 test-quick: install
 	$(BIN)/python -m pytest -m "not slow" -x -q
+
+# The full load test: 200 clients for 60 s of mixed traffic through nginx
+# (make test runs the same test with 40 clients for 15 s).
+test-load: install system-deps
+	LOAD_CLIENTS=200 LOAD_SECONDS=60 $(BIN)/python -m pytest -q -s tests/test_load.py
 
 bench: install
 	$(BIN)/pip install -q -e '.[bench]'

@@ -60,13 +60,13 @@ def render(**values):
 
 
 class Nginx:
-    def __init__(self, folder, site):
+    def __init__(self, folder, site, connections=256):
         self.folder = folder
         (folder / "site.conf").write_text(site)
         user = "user root;\n" if os.geteuid() == 0 else ""
         (folder / "nginx.conf").write_text(
             f"{user}worker_processes 1;\npid {folder}/nginx.pid;\nerror_log {folder}/error.log;\n"
-            "events { worker_connections 256; }\n"
+            f"events {{ worker_connections {connections}; }}\n"
             f"http {{\n  access_log off;\n  client_body_temp_path {folder}/body;\n  proxy_temp_path {folder}/proxy;\n"
             f"  fastcgi_temp_path {folder}/fcgi;\n  uwsgi_temp_path {folder}/uwsgi;\n  scgi_temp_path {folder}/scgi;\n"
             f"  include {folder}/site.conf;\n}}\n")

@@ -26,7 +26,9 @@ EXPLAINED = {
     404: "needs a name or jti that does not exist, or another model: test_admin_api.py, test_chat_openai.py",
     409: "needs a user name taken before: test_admin_api.py",
     413: "needs a body over the limit: test_errors_http.py, test_attacks_http.py (chunked)",
+    414: "needs a request line past gunicorn's bound (the fuzz may reach it): test_attacks_http.py",
     415: "needs a body that is not JSON: test_errors_http.py",
+    431: "needs headers past gunicorn's bounds: test_attacks_http.py",
     422: "needs a content policy and a refused term: test_filtering_http.py",
     429: "the fuzz user has limits it cannot reach: test_quotas_http.py",
     499: "needs a client that leaves: test_attacks_http.py, test_chat_openai.py",
@@ -34,6 +36,7 @@ EXPLAINED = {
     503: "needs the model loading or Redis down: test_faults.py, test_quotas_http.py",
     504: "needs a generation past its deadline: test_engine_limits_http.py",
 }
+CALLS = [0]  # requests the fuzz made, printed with the statuses it reached
 # Answers of one operation the fuzz does not reach, and the tests that do.
 EXPLAINED_FOR = {
     ("DELETE /admin/tokens/{jti}", 200): "needs the jti of an issued token (the fuzz does not issue one for an "
@@ -76,7 +79,7 @@ def test_the_spec_is_served_without_a_token(fuzzed):
 def run_schemathesis(server, token, report, *selection, phases="examples,coverage,fuzzing,stateful"):
     seed = os.environ.get("FUZZ_SEED", "20261202")
     command = [str(BIN / "st"), "run", server.url("/openapi.json"), "-H", f"Authorization: Bearer {token}",
-               "--checks", CHECKS, "--max-examples", os.environ.get("FUZZ_EXAMPLES", "40"), "--seed", seed,
+               "--checks", CHECKS, "--max-examples", os.environ.get("FUZZ_EXAMPLES", "100"), "--seed", seed,
                "--phases", phases, "--report", "ndjson", "--report-dir", str(report), "--no-color",
                "--suppress-health-check", "all", *selection]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900,
@@ -99,6 +102,7 @@ def reached(report):
             if response is None:
                 continue
             seen[f"{request['method']} {_template(request['uri'])}"].add(response["status_code"])
+            CALLS[0] += 1
     return seen
 
 
@@ -128,6 +132,8 @@ def test_schemathesis_finds_nothing_and_every_declared_status_is_reached_or_expl
         for label, statuses in run_schemathesis(fuzzed, token, tmp_path / name, *selection, phases=phases).items():
             seen[label] |= statuses
     spec = requests.get(fuzzed.url("/openapi.json"), timeout=10).json()
+    print(json.dumps({"fuzz_requests": CALLS[0], "statuses": {k: sorted(v) for k, v in sorted(seen.items())
+                                                              if k.split(" ", 1)[1] in spec["paths"]}}))
     unexplained = {}
     for path, operations in spec["paths"].items():
         for method, operation in operations.items():

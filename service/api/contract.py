@@ -195,7 +195,9 @@ class Me(BaseModel):
     today: dict[str, int]
 
 
-# Statuses every route can answer, by what it does.
+# Statuses every route can answer, by what it does; gunicorn itself answers any request whose line or
+# headers pass its bounds (service.gunicorn_conf), in the same shape.
+EVERY = (414, 431)
 AUTH = (401, 403, 429, 503)
 BODY = (400, 413, 415)
 GENERATION = (*AUTH, *BODY, 422, 499, 500, 504)
@@ -240,7 +242,7 @@ LINKS = {
 }
 DESCRIPTIONS = {200: "OK", 201: "Created", 400: "Bad request", 401: "No valid token", 403: "Not allowed",
                 404: "No such thing", 405: "Method not allowed", 409: "Already exists", 413: "Body too large",
-                415: "Not JSON", 422: "Refused by the content policy", 429: "A limit is reached",
+                414: "Request line too long", 415: "Not JSON", 431: "Request headers too large", 422: "Refused by the content policy", 429: "A limit is reached",
                 499: "The client closed the connection (recorded, never read)", 500: "Internal error",
                 503: "Not ready, at capacity, or a storage is down", 504: "Deadline passed"}
 
@@ -297,7 +299,7 @@ def _operation(app, rule, method):
     if body is not None:
         operation["requestBody"] = {"required": True, "content": {
             "application/json": {"schema": {"$ref": REF.format(model=body.__name__)}}}}
-    for status in sorted(set(errors)):
+    for status in sorted({*errors, *EVERY}):
         operation["responses"][str(status)] = {"description": DESCRIPTIONS[status], "content": {
             "application/json": {"schema": {"$ref": REF.format(model="Error")}}}}
     return operation
