@@ -10,7 +10,7 @@ from service.inputs.filtering import PolicyError, check_policy, clean_text, load
 
 @pytest.mark.parametrize("value,expected", [
     ("plain", "plain"),
-    ("tab\tand\nnewline\r\n", "tab\tand\nnewline\r\n"),
+    ("tab\tand\nnewline\r\n", "tab\tand\nnewline\n"),
     ("ｆｕｌｌ　ｗｉｄｔｈ", "full width"),  # NFKC folds full-width letters and spaces
     ("ﬁ ligature", "fi ligature"),
     ("x² + y²", "x2 + y2"),
@@ -108,3 +108,35 @@ def test_bad_policy_file_names_the_problem(tmp_path, content, fragment):
 
 def test_no_policy_file_means_no_rules():
     assert load_policy(None) == ()
+
+
+@pytest.mark.parametrize("text", [
+    "the forbid\u200bden phrase",  # zero-width space
+    "the forbid\u00adden phrase",  # soft hyphen
+    "the forbidden\u2060phrase",  # word joiner instead of the space
+    "the \u202eforbidden phrase\u202c",  # bidi controls
+    "the forbidde\ufe0fn phrase",  # a variation selector
+    "the forbidden\U000e0020phrase",  # a tag character
+    "the f\u043erbidden phr\u0430se",  # Cyrillic o and a
+    "the f\u03bfrbidden \u03c1hrase",  # Greek omicron and rho
+    "the forbidden \t\n  phrase",  # extra whitespace
+    "the FORBIDDENPHRASE",  # no whitespace at all
+])
+def test_the_usual_ways_around_a_term_are_caught(rules, text):
+    with pytest.raises(APIError) as err:
+        check_policy(rules, {"question": clean_text("question", text, 200)})
+    assert err.value.code == "content_policy"
+
+
+@pytest.mark.parametrize("parts", [("say the forbidden", "phrase please"), ("say the forb", "idden phrase")])
+def test_a_term_split_across_messages_is_caught(rules, parts):
+    fields = {f"messages.{i}.content": part for i, part in enumerate(parts)}
+    for name, part in fields.items():
+        check_policy(rules, {name: part})  # alone, each part passes
+    with pytest.raises(APIError) as err:
+        check_policy(rules, fields)
+    assert err.value.param == "messages" and "the conversation" in err.value.message
+
+
+def test_the_text_the_model_sees_keeps_its_characters():
+    assert clean_text("question", "emoji \u2764\ufe0f and \u0430", 100) == "emoji \u2764\ufe0f and \u0430"

@@ -171,6 +171,25 @@ def test_oversize_body_is_413_json(front):
     assert response.json()["error"]["code"] == "body_too_large"
 
 
+@pytest.mark.parametrize("request_bytes, status, code", [
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", 414, "request_line_too_long"),
+    (b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 431, "headers_too_large"),
+    (b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nBad Header\r\n\r\n", 400, "invalid_http_request"),
+])
+def test_what_nginx_refuses_itself_is_the_json_error_shape(front, request_bytes, status, code):
+    context = ssl.create_default_context(cafile=front.cert)
+    with socket.create_connection(("127.0.0.1", front.https_port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as sock:
+            sock.sendall(request_bytes)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert int(head.split()[1]) == status and b"application/json" in head
+    assert b"Strict-Transport-Security" in head
+    assert json.loads(body)["error"]["code"] == code
+
+
 def test_burst_beyond_limit_req_is_429_json(front):
     with requests.Session() as session:
         statuses = [session.get(front.https + "/healthz", verify=front.cert, timeout=10) for _ in range(60)]
