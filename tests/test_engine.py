@@ -135,6 +135,23 @@ def test_a_cancelled_row_leaves_the_batch_while_the_others_finish(tiny_model, re
         wide.stop(timeout=30)
 
 
+def test_a_row_whose_sampling_fails_fails_alone(tiny_model):
+    wide = started(tiny_model, queue_size=8, max_batch=4)
+    try:
+        ids = wide.model.encode_chat([{"role": "user", "content": "Count to a thousand."}])
+        good = [wide.submit(GenerationRequest(ids, 40, deadline=time.monotonic() + 60)) for _ in range(2)]
+        # NaN is refused at the API; inside the engine it makes the sampler raise, as any row failure would.
+        bad = wide.submit(GenerationRequest(ids, 40, temperature=float("nan"), deadline=time.monotonic() + 60))
+        with pytest.raises(RuntimeError):
+            bad.result(timeout=60)
+        results = [handle.result(timeout=60) for handle in good]
+        assert [r.completion_tokens for r in results] == [40, 40] or all(r.finish_reason == "stop" for r in results)
+        assert wide.running == 0 and wide.ready
+        assert wide.submit(GenerationRequest(ids, 4, deadline=time.monotonic() + 60)).result(timeout=60)
+    finally:
+        wide.stop(timeout=30)
+
+
 def test_a_request_joins_the_running_batch_and_leaves_it_first(engine, reference, long_question):
     from service.settings import Settings
 

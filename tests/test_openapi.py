@@ -82,7 +82,8 @@ def run_schemathesis(server, token, report, *selection, phases="examples,coverag
                "--checks", CHECKS, "--max-examples", os.environ.get("FUZZ_EXAMPLES", "100"), "--seed", seed,
                "--phases", phases, "--report", "ndjson", "--report-dir", str(report), "--no-color",
                "--suppress-health-check", "all", *selection]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900,
+    report.mkdir(parents=True)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=report,  # its cache too
                             env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
     assert result.returncode == 0, result.stdout[-12000:] + result.stderr[-3000:]
     return reached(report)

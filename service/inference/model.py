@@ -27,6 +27,10 @@ hf_logging.disable_progress_bar()
 PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
 
 
+PROBE = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+         {"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}]
+
+
 class PromptError(ValueError):
     """A conversation this model's chat template cannot encode safely."""
 
@@ -123,9 +127,11 @@ def load(path, dtype="float32", quantization="none", prefill_float32="auto"):
         eos_ids.add(tokenizer.eos_token_id)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
     context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
-    return LoadedModel(model, tokenizer, frozenset(eos_ids), pad_id, time.monotonic() - started, int(context),
-                       mode="int8" if int8 else dtype,
-                       float32_prefill=not int8 and numerics.wants_float32_prefill(prefill_float32, dtype))
+    loaded = LoadedModel(model, tokenizer, frozenset(eos_ids), pad_id, time.monotonic() - started, int(context),
+                         mode="int8" if int8 else dtype,
+                         float32_prefill=not int8 and numerics.wants_float32_prefill(prefill_float32, dtype))
+    loaded.encode_chat(PROBE)  # a chat template the service cannot encode safely fails the load, not each request
+    return loaded
 
 
 def chat_messages(question, system_prompt):
