@@ -119,7 +119,7 @@ class UserList(BaseModel):
     data: list[User]
 
 
-class Token(BaseModel):
+class TokenMeta(BaseModel):
     jti: str
     user: str
     scope: str
@@ -127,19 +127,15 @@ class Token(BaseModel):
     kid: str
     issued_at: str
     expires_at: str
+
+
+class Token(TokenMeta):
     revoked_at: str | None
     revoked_by: str | None
 
 
-class IssuedToken(BaseModel):
-    jti: str
-    user: str
-    scope: str
-    label: str
-    kid: str
-    issued_at: str
-    expires_at: str
-    token: str
+class IssuedToken(TokenMeta):
+    token: str  # shown once; never stored
 
 
 class TokenList(BaseModel):
