@@ -68,7 +68,12 @@ class Settings(BaseSettings):
         16384, ge=1, description="Longest question or system prompt accepted, in characters."
     )
     request_deadline_s: float = Field(
-        60.0, gt=0.0, le=3600.0, description="Wall-clock budget of one request, queue wait included."
+        60.0, gt=0.0, le=3600.0, description="Wall-clock budget of one whole (non-streamed) answer, queue wait "
+        "included. A request that asks for more tokens than fit in it at the measured speed is refused at once.",
+    )
+    stream_deadline_s: float = Field(
+        3600.0, gt=0.0, le=86400.0, description="Wall-clock budget of one streamed answer: long reasoning "
+        "streams past the whole-answer deadline.",
     )
     max_batch_size: int = Field(16, ge=1, le=256, description="Requests generated together: rows of the running batch.")
     queue_size: int = Field(

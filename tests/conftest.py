@@ -235,6 +235,13 @@ def long_question(reference):
     pytest.fail("no candidate question runs 2048 tokens without an end token")
 
 
+def long_messages(question):
+    """The conversation /predict builds for `question`: long_question runs 2048 tokens without an end."""
+    from service.settings import Settings
+
+    return [{"role": "system", "content": Settings().default_system_prompt}, {"role": "user", "content": question}]
+
+
 PHASES = []
 
 

@@ -10,15 +10,10 @@ import requests
 
 from auth.store import Store
 from service.settings import Settings
-from tests.conftest import greedy
+from tests.conftest import greedy, long_messages
 
 MODEL = "VibeThinker-1.5B"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 6 * 7?"}]
-
-
-def long_messages(question):
-    """The conversation /predict builds for `question`: long_question runs 2048 tokens without an end."""
-    return [{"role": "system", "content": Settings().default_system_prompt}, {"role": "user", "content": question}]
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +137,8 @@ def test_a_disconnected_stream_stops_consuming_compute(chat_server, long_questio
 
 def test_keep_alive_while_waiting_and_error_mid_stream(start_server, long_question):
     # One row at a time, so the stream waits in the queue behind the busy request.
-    server = start_server(VIBE_STREAM_KEEPALIVE_S=0.2, VIBE_REQUEST_DEADLINE_S=1.5, VIBE_MAX_BATCH_SIZE=1)
+    server = start_server(VIBE_STREAM_KEEPALIVE_S=0.2, VIBE_REQUEST_DEADLINE_S=1.5, VIBE_STREAM_DEADLINE_S=1.5,
+                          VIBE_MAX_BATCH_SIZE=1)
     long_body = {"model": MODEL, "messages": long_messages(long_question), "max_tokens": 2048,
                  "temperature": 0}
     busy = threading.Thread(target=lambda: server.post("/v1/chat/completions", long_body))

@@ -1,6 +1,7 @@
 """The deadline, the bounded queue and the single model-holding worker, against real gunicorn."""
 
 import importlib.metadata
+import json
 import threading
 import time
 
@@ -9,18 +10,21 @@ import pytest
 import requests
 
 from auth.store import Store
+from tests.conftest import long_messages
 
 DEADLINE_S = 1.5
 
 
 @pytest.fixture(scope="module")
 def strict_server(start_server):
-    """A server with a short deadline, one running row and room for one waiting request."""
-    return start_server(VIBE_REQUEST_DEADLINE_S=DEADLINE_S, VIBE_QUEUE_SIZE=1, VIBE_HTTP_THREADS=8,
+    """A server with short deadlines, one running row and room for one waiting request."""
+    return start_server(VIBE_REQUEST_DEADLINE_S=DEADLINE_S, VIBE_STREAM_DEADLINE_S=DEADLINE_S, VIBE_QUEUE_SIZE=1,
+                        VIBE_HTTP_THREADS=8,
                         VIBE_MAX_BATCH_SIZE=1, VIBE_DEFAULT_MAX_CONCURRENT=10)
 
 
 def test_deadline_stops_a_long_generation_with_504(strict_server, long_question):
+    # The server's first generation: the engine has not measured its speed, so nothing sizes it in advance.
     started = time.monotonic()
     response = strict_server.post("/predict", {"question": long_question, "temperature": 0, "max_new_tokens": 2048})
     elapsed = time.monotonic() - started
@@ -41,11 +45,15 @@ def test_deadline_stops_a_long_generation_with_504(strict_server, long_question)
 
 
 def test_full_queue_gets_503_with_retry_after_at_once(strict_server, long_question):
-    long_body = {"question": long_question, "temperature": 0, "max_new_tokens": 2048}
+    # Streams: a whole answer asking for more than fits its deadline is refused before it queues.
+    long_body = {"model": "VibeThinker-1.5B", "messages": long_messages(long_question),
+                 "temperature": 0, "max_tokens": 2048, "stream": True}
     results = {}
 
     def call(name):
-        results[name] = strict_server.post("/predict", long_body)
+        response = strict_server.post("/v1/chat/completions", long_body, stream=True)
+        events = [line for line in response.iter_lines() if line.startswith(b"data: {")]
+        results[name] = json.loads(events[-1][6:])
 
     def wait_for(key):
         deadline = time.monotonic() + DEADLINE_S * 0.8
@@ -60,16 +68,16 @@ def test_full_queue_gets_503_with_retry_after_at_once(strict_server, long_questi
     waiting.start()
     wait_for("queued")
     started = time.monotonic()
-    refused = strict_server.post("/predict", long_body)
+    refused = strict_server.post("/v1/chat/completions", long_body)
     assert time.monotonic() - started < 0.5
     assert refused.status_code == 503, refused.text
     assert refused.json()["error"]["code"] == "queue_full"
     assert int(refused.headers["Retry-After"]) >= 1
     running.join()
     waiting.join()
-    assert results["running"].status_code == 504
+    assert results["running"]["error"]["code"] == "deadline_exceeded"
     # the waiting request spent its deadline in the queue and was never run
-    assert results["waiting"].status_code == 504
+    assert results["waiting"]["error"]["code"] == "deadline_exceeded"
 
 
 def test_exactly_one_worker_holds_the_model(server, tiny_model):

@@ -51,6 +51,7 @@ def chat_completions():
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return ChatStream(ids, params, include_usage).open().response()
+    params = generation.fit_deadline(engine, settings, params, ids, max_tokens, tokens_name)
     result = generation.answer(ids, params)
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": settings.model_name,

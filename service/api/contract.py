@@ -100,6 +100,8 @@ class Ready(BaseModel):
     load_seconds: float
     queued: int
     running: int
+    decode_tokens_per_s: float | None  # one request's measured speed at the current batch size
+    decode_batch_size: int
 
 
 class User(BaseModel):

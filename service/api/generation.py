@@ -25,6 +25,7 @@ from service.state import state
 # Seconds a client should wait before retrying when the engine is loading or full.
 RETRY_LOADING_S = 5
 RETRY_FULL_S = 2
+DEADLINE_SHARE = 0.8  # of the deadline a sized answer may plan to use: the rest is margin (queue, slower steps)
 CLIENT_CHECK_S = 0.25  # how often a non-streamed answer looks whether its client is still there
 CANCEL_WAIT_S = 30  # for the engine to drop a cancelled row (one decode step)
 
@@ -73,12 +74,12 @@ def prompt_ids(engine, messages, settings, max_new_tokens, param="question", tok
     return ids
 
 
-def admit(ids, params):
-    """The caller's budget lease for this generation (prompt + max_new_tokens); APIError 429 when refused."""
+def admit(ids, params, deadline_s):
+    """The caller's budget lease for this generation (prompt + max_new_tokens), held at most `deadline_s`
+    (and a margin); APIError 429 when refused."""
     app, token = state(), g.auth
     lease = budget.admit(app.counters, token["user"], budget.Limits.of(token, app.settings),
-                         len(ids) + params.max_new_tokens, app.settings.request_deadline_s,
-                         fail_open=app.settings.ratelimit_fail_open)
+                         len(ids) + params.max_new_tokens, deadline_s, fail_open=app.settings.ratelimit_fail_open)
     accounting.current().lease = lease  # admitted: a usage row is written, whatever happens next
     return lease
 
@@ -94,11 +95,12 @@ def settle(lease, result):
 def answer(ids, params):
     """Admit, generate to the end and settle: the result, or APIError 429/503/504 (499: the client left)."""
     engine, settings = state().engine, state().settings
-    lease, result, left = admit(ids, params), None, False
+    deadline_s = settings.request_deadline_s
+    lease, result, left = admit(ids, params, deadline_s), None, False
     try:
-        handle = submit(engine, ids, params, settings)
+        handle = submit(engine, ids, params, deadline_s)
         # The engine stops the request at its deadline; the margin covers one slow step.
-        until = time.monotonic() + settings.request_deadline_s + 30
+        until = time.monotonic() + deadline_s + 30
         while result is None and time.monotonic() < until:
             try:
                 result = handle.result(timeout=CLIENT_CHECK_S)
@@ -117,15 +119,14 @@ def answer(ids, params):
         raise APIError(client.CLIENT_GONE, "the client closed the connection before the answer was ready",
                        "client_closed_request")
     if result is None or result.finish_reason in ("timeout", "cancelled"):
-        raise deadline_error(settings, result.completion_tokens if result else 0)
+        raise deadline_error(deadline_s, result.completion_tokens if result else 0)
     return result
 
 
-def submit(engine, ids, params, settings):
-    """Queue a generation with the request deadline; the handle, or APIError 503."""
+def submit(engine, ids, params, deadline_s):
+    """Queue a generation that must end within `deadline_s`; the handle, or APIError 503."""
     request = GenerationRequest(ids, params.max_new_tokens, params.temperature, params.top_p,
-                                deadline=time.monotonic() + settings.request_deadline_s, stop=params.stop,
-                                seed=params.seed)
+                                deadline=time.monotonic() + deadline_s, stop=params.stop, seed=params.seed)
     try:
         return engine.submit(request)
     except NotReady:
@@ -135,10 +136,30 @@ def submit(engine, ids, params, settings):
                        "queue_full", headers={"Retry-After": RETRY_FULL_S}) from None
 
 
-def deadline_error(settings, done):
-    """APIError 504 for a generation cut by its deadline after `done` tokens."""
-    return APIError(504, f"generation passed the {settings.request_deadline_s:g} s deadline after {done} "
-                    "tokens; ask for fewer tokens", "deadline_exceeded")
+def deadline_error(deadline_s, done):
+    """APIError 504 for a generation cut by its deadline of `deadline_s` after `done` tokens."""
+    return APIError(504, f"generation passed the {deadline_s:g} s deadline after {done} tokens; ask for fewer "
+                    "tokens, or stream the answer", "deadline_exceeded")
+
+
+def fit_deadline(engine, settings, params, ids, asked, tokens_name="max_new_tokens"):
+    """Size a whole (non-streamed) answer to its deadline at the engine's measured speed.
+
+    Not asked for (`asked` None): the default, lowered to what fits (finish_reason "length" if reached).
+    Asked for more than fits: APIError 400 at once, saying how many fit, rather than a minute of compute
+    thrown away for a 504. Until the engine has measured its speed, nothing changes."""
+    fit = engine.tokens_within(settings.request_deadline_s * DEADLINE_SHARE, len(ids))
+    if fit is None or params.max_new_tokens <= fit:
+        return params
+    if asked is None:
+        params.max_new_tokens = max(1, fit)
+        return params
+    rate, _ = engine.speed_now()
+    raise APIError(400, f"{tokens_name} {params.max_new_tokens} cannot finish within the "
+                   f"{settings.request_deadline_s:g} s deadline of a whole answer at this server's measured speed "
+                   f"(about {rate:.1f} tokens/s per request now): at most {fit} fit. Ask for fewer, or stream the "
+                   f"answer (/v1/chat/completions with \"stream\": true, up to {settings.stream_deadline_s:g} s)",
+                   "exceeds_deadline", tokens_name)
 
 
 def not_ready(engine):

@@ -32,8 +32,10 @@ def readyz():
     if not _counters_answer() and not app.settings.ratelimit_fail_open:
         raise APIError(503, "rate-limit storage is unreachable", "ratelimit_storage_unavailable",
                        headers={"Retry-After": 5})
+    rate, rows = engine.speed_now()
     return {"status": "ready", "version": version(), "model": app.settings.model_name, "mode": engine.model.mode,
-            "load_seconds": round(engine.model.load_seconds, 3), "queued": engine.queued(), "running": engine.running}
+            "load_seconds": round(engine.model.load_seconds, 3), "queued": engine.queued(), "running": engine.running,
+            "decode_tokens_per_s": None if rate is None else round(rate, 2), "decode_batch_size": rows}
 
 
 def _database_answers():

@@ -31,6 +31,7 @@ def predict():
                            whole="question")
     params = generation.resolve_params(settings, body.max_new_tokens, body.temperature, body.top_p)
     ids = generation.prompt_ids(engine, chat_messages(question, system_prompt), settings, params.max_new_tokens)
+    params = generation.fit_deadline(engine, settings, params, ids, body.max_new_tokens)
     result = generation.answer(ids, params)
     return {"id": f"pred-{uuid.uuid4().hex}", "model": settings.model_name, "input": question,
             "system_prompt": system_prompt, "response": result.text, "success": True,

@@ -41,10 +41,10 @@ class ChatStream:
 
     def open(self):
         """Admit and queue now; refusals raise APIError with their status."""
-        settings = state().settings
-        self.lease = generation.admit(self.ids, self.params)
+        deadline_s = state().settings.stream_deadline_s
+        self.lease = generation.admit(self.ids, self.params, deadline_s)
         try:
-            self.handle = generation.submit(state().engine, self.ids, self.params, settings)
+            self.handle = generation.submit(state().engine, self.ids, self.params, deadline_s)
         except Exception:
             generation.settle(self.lease, None)
             raise
@@ -81,7 +81,7 @@ class ChatStream:
             return
         if self.result.finish_reason in ("timeout", "cancelled"):
             self.status = 504
-            error = generation.deadline_error(settings, self.result.completion_tokens)
+            error = generation.deadline_error(settings.stream_deadline_s, self.result.completion_tokens)
             yield _event(error_body(error.status, error.message, error.code, error.param))
         else:
             yield self._chunk({}, finish=openai_reason(self.result.finish_reason))

@@ -8,7 +8,9 @@ request stops consuming compute.
 
 Batching is continuous (service.inference.batching): between decode steps, waiting
 requests join the running batch (up to max_batch rows) and finished ones
-leave it, so a request never waits for another one to end.
+leave it, so a request never waits for another one to end. Every step and
+prefill is timed (service.inference.speed), so callers can size a request
+to its deadline.
 """
 
 import logging
@@ -21,6 +23,7 @@ import torch
 
 from service.records import metrics
 from service.inference.batching import Batch
+from service.inference.speed import DecodeSpeed
 
 log = logging.getLogger("vibethinker.engine")
 
@@ -144,11 +147,13 @@ class Engine:
         self.model = None
         self._batch = None
         self.state = "loading"
+        self.speed = DecodeSpeed()
 
     def start(self):
         """Start the engine thread; it loads the model, then serves the queue."""
         metrics.WAITING.set_function(self.queued)
         metrics.RUNNING.set_function(lambda: self.running)
+        metrics.DECODE_SPEED.set_function(lambda: self.speed.per_row(max(1, self.running)) or 0.0)
         self._thread.start()
         return self
 
@@ -167,6 +172,17 @@ class Engine:
 
     def queued(self):
         return self._queue.qsize()
+
+    def tokens_within(self, seconds, prompt_tokens):
+        """Tokens a request submitted now could generate in `seconds`, with the rows it would share a batch
+        with; None until the engine has measured its speed."""
+        rows = min(self._max_batch, self.running + self.queued() + 1)
+        return self.speed.tokens_within(seconds, rows, prompt_tokens)
+
+    def speed_now(self):
+        """(tokens/s of one row, rows) at the current batch size; the rate is None until measured."""
+        rows = max(1, self.running)
+        return self.speed.per_row(rows), rows
 
     def submit(self, request):
         """Queue a request and return its handle; raise NotReady or QueueFull at once."""
@@ -195,10 +211,15 @@ class Engine:
             self._finish_rows(batch.evict())  # first, so finished rows make room
             joining = self._dequeue(room=self._max_batch - len(batch), wait=not batch)
             if joining:
+                started = time.monotonic()
                 self._guarded(batch, batch.join, joining)
+                self.speed.observe_prefill(sum(len(h.request.prompt_ids) for h in joining),
+                                           time.monotonic() - started)
                 self._finish_rows(batch.evict())
             if batch:
+                rows, started = len(batch), time.monotonic()
                 self._guarded(batch, batch.step)
+                self.speed.observe_step(rows, time.monotonic() - started)
         for row in batch.empty():
             row.handle._finish(error=EngineError("the engine stopped"))
 

@@ -30,6 +30,8 @@ QUEUE_WAIT = Histogram("vibethinker_queue_wait_seconds", "Time a generation wait
 BATCH_SIZE = Histogram("vibethinker_batch_size", "Sequences generated together per engine step.",
                        buckets=(1, 2, 4, 8, 16, 32, 64))
 RUNNING = Gauge("vibethinker_requests_running", "Generations running now.")
+DECODE_SPEED = Gauge("vibethinker_decode_tokens_per_second",
+                     "Measured decode speed of one request at the current batch size (0 until measured).")
 WAITING = Gauge("vibethinker_requests_waiting", "Generations waiting in the queue.")
 PROMPT_TOKENS = Counter("vibethinker_prompt_tokens_total", "Prompt tokens processed.")
 GENERATION_TOKENS = Counter("vibethinker_generation_tokens_total", "Tokens generated.")
