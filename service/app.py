@@ -21,7 +21,9 @@ from auth.store import Store
 from service import errors
 from service.admission import access, ratelimit
 from service.admission.counters import epoch_publisher, open_counters
-from service.api import admin, chat, contract, health, me, predict
+from service.api import admin, batches, chat, contract, health, me, predict
+from service.batches.records import BatchRecords
+from service.batches.runner import BatchRunner
 from service.inputs import filtering
 from service.records import accounting, logs, metrics, requestid
 from service.records.usagelog import UsageLog
@@ -45,7 +47,8 @@ def create_app(settings=None):
     counters = open_counters(settings.ratelimit_storage_uri)
     store, keyset = open_state(settings, counters)
     state = attach(app, State(settings, store, keyset, load_policy(settings), started_at=time.time(),
-                              counters=counters, usage_log=UsageLog(store)))
+                              counters=counters, usage_log=UsageLog(store),
+                              batches=BatchRecords(store.engine, settings.files_dir)))
 
     accounting.init_app(app)  # first: every later hook writes to the request's record
     requestid.init_app(app)
@@ -61,8 +64,10 @@ def create_app(settings=None):
     app.register_blueprint(me.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(chat.bp)
+    app.register_blueprint(batches.bp)
     predict.init_app(app)
     state.engine = start_engine(model_path, settings)
+    state.batch_runner = BatchRunner(app, state).start()
     metrics.MODEL_INFO.info({"model": settings.model_name, "dtype": settings.dtype,
                              "quantization": settings.quantization, "version": health.version()})
     logging.getLogger("vibethinker.app").info("service starting", extra={"fields": {

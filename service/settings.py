@@ -152,6 +152,21 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level of the service.")
 
+    # --- batch jobs (the OpenAI Batch API) ---
+    files_dir: Path = Field(Path("var/files"), description="Folder of uploaded batch input files and outputs.")
+    max_upload_bytes: int = Field(
+        100 * 1024 * 1024, ge=1024, le=2 * 1024**3, description="Largest uploaded file (POST /v1/files); nginx "
+        "allows this size on /v1/files only.",
+    )
+    max_batch_lines: int = Field(10000, ge=1, le=1_000_000, description="Most lines (requests) in one batch.")
+    max_open_batches: int = Field(10, ge=1, le=10000, description="Batches a user may have open at once.")
+    batch_reserved_rows: int = Field(
+        4, ge=0, le=256, description="Rows of the running batch that batch lines leave free for interactive "
+        "requests.",
+    )
+    batch_window_s: float = Field(
+        86400.0, gt=0.0, description="How long a batch may run before it expires (its completion_window, 24h).")
+
     @field_validator("default_rate_limit", "anonymous_rate_limit")
     @classmethod
     def _check_limit(cls, value):

@@ -27,6 +27,8 @@ class State:
     limiter: Any = None  # flask_limiter.Limiter
     engine: Any = None  # service.inference.engine.Engine
     usage_log: Any = None  # service.records.usagelog.UsageLog: the store's usage rows, by group commit
+    batches: Any = None  # service.batches.records.BatchRecords: files and batch jobs
+    batch_runner: Any = None  # service.batches.runner.BatchRunner
 
 
 def attach(app, state):

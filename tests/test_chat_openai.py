@@ -9,7 +9,6 @@ import pytest
 import requests
 
 from auth.store import Store
-from service.settings import Settings
 from tests.conftest import greedy, long_messages
 
 MODEL = "VibeThinker-1.5B"

@@ -62,12 +62,13 @@ class Lease:
                 "x-ratelimit-reset-tokens": f"{self.reset_s}s"}
 
 
-def admit(counters, user, limits, need, lease_s, fail_open=False, now=None):
-    """A lease on a concurrency slot and `need` tokens of today's budget; APIError 429 when refused."""
+def admit(counters, user, limits, need, lease_s, fail_open=False, now=None, slots="inflight"):
+    """A lease on one of the user's `slots` (batch lines have their own) and `need` tokens of today's budget;
+    APIError 429 when refused."""
     now = now or datetime.now(timezone.utc)
     midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), timezone.utc)
     lease = Lease(user, need, limits.daily_tokens, 0, int((midnight - now).total_seconds()) + 1,
-                  budget_key=f"budget:{user}:{now:%Y-%m-%d}", slot_key=f"inflight:{user}")
+                  budget_key=f"budget:{user}:{now:%Y-%m-%d}", slot_key=f"{slots}:{user}")
     try:
         status, value = counters.admit(lease.slot_key, lease.member, limits.max_concurrent,
                                        int(lease_s) + SLOT_MARGIN_S, lease.budget_key, need, limits.daily_tokens,

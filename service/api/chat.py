@@ -37,24 +37,35 @@ def get_model(model):
 @bp.post("/v1/chat/completions")
 def chat_completions():
     """Answer a conversation, whole or as a stream."""
-    settings, engine = state().settings, state().engine
     body = read(ChatRequest)
+    ids, params, tokens_name, asked = prepare(body)
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        return ChatStream(ids, params, include_usage).open().response()
+    params = generation.fit_deadline(state().engine, state().settings, params, ids, asked, tokens_name)
+    return completion(generation.answer(ids, params))
+
+
+def prepare(body):
+    """A checked ChatRequest as (prompt ids, parameters, the tokens field's name, the tokens asked for);
+    APIError 400/403/404/422 as for a live request (batch lines go through here too)."""
+    settings, engine = state().settings, state().engine
     _check_model(body.model)
     if body.n not in (None, 1):
         raise APIError(400, "only n=1 is supported", "unsupported_value", "n")
     messages = _clean_messages(body.messages, settings)
     tokens_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = generation.resolve_params(settings, max_tokens, body.temperature,
-                                       body.top_p, _stops(body.stop), body.seed, tokens_name=tokens_name)
+    asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    params = generation.resolve_params(settings, asked, body.temperature, body.top_p, _stops(body.stop), body.seed,
+                                       tokens_name=tokens_name)
     ids = generation.prompt_ids(engine, messages, settings, params.max_new_tokens, "messages", tokens_name)
-    if body.stream:
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return ChatStream(ids, params, include_usage).open().response()
-    params = generation.fit_deadline(engine, settings, params, ids, max_tokens, tokens_name)
-    result = generation.answer(ids, params)
+    return ids, params, tokens_name, asked
+
+
+def completion(result):
+    """The chat.completion object of a finished generation."""
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": settings.model_name,
+            "model": state().settings.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                          "finish_reason": openai_reason(result.finish_reason), "logprobs": None}],
             "usage": generation.usage(result)}

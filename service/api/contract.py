@@ -193,6 +193,83 @@ class Me(BaseModel):
     today: dict[str, int]
 
 
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str
+    status_details: str | None
+
+
+class FileList(BaseModel):
+    object: Literal["list"]
+    data: list[FileObject]
+    has_more: bool
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+
+class BatchError(BaseModel):
+    code: str
+    message: str
+    param: str | None
+    line: int | None
+
+
+class BatchErrors(BaseModel):
+    object: Literal["list"]
+    data: list[BatchError]
+
+
+class RequestCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+
+
+class Batch(BaseModel):
+    id: str
+    object: Literal["batch"]
+    endpoint: str
+    errors: BatchErrors | None
+    input_file_id: str
+    completion_window: str
+    status: Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
+                    "cancelled"]
+    output_file_id: str | None
+    error_file_id: str | None
+    created_at: int
+    in_progress_at: int | None
+    expires_at: int
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    request_counts: RequestCounts
+    metadata: dict[str, str] | None
+
+
+class BatchList(BaseModel):
+    object: Literal["list"]
+    data: list[Batch]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+UPLOAD = {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"], "additionalProperties": False,
+    "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": ["batch"]}}}}}
+
 # Statuses every route can answer, by what it does; gunicorn itself answers any request whose line or
 # headers pass its bounds (service.gunicorn_conf), in the same shape.
 EVERY = (414, 431)
@@ -214,6 +291,21 @@ ROUTES = {
     "chat.list_models": ("The models served here", None, ModelList, 200, AUTH, ()),
     "chat.get_model": ("One model", None, ModelCard, 200, (*AUTH, 404), ()),
     "me.me": ("Who this token belongs to, its limits and today's use", None, Me, 200, AUTH, ()),
+    "batches.upload_file": ("Upload a batch input file (JSONL)", UPLOAD, FileObject, 200, (*AUTH, *BODY), ()),
+    "batches.list_files": ("Your files (an admin's: all)", None, FileList, 200, AUTH, (
+        {"name": "purpose", "in": "query", "schema": {"type": "string"}},)),
+    "batches.get_file": ("One file", None, FileObject, 200, (*AUTH, 404), ()),
+    "batches.file_content": ("A file's bytes (a batch's output and error files are JSONL)", None, None, 200,
+                             (*AUTH, 404), ()),
+    "batches.delete_file": ("Delete a file", None, FileDeleted, 200, (*AUTH, 404), ()),
+    "batches.create_batch": ("Start a batch of requests from an input file; every line is checked first",
+                             schemas.BatchCreate, Batch, 200, (*AUTH, *BODY, 404), ()),
+    "batches.list_batches": ("Your batches, newest first", None, BatchList, 200, (*AUTH, 400), (
+        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+        {"name": "after", "in": "query", "schema": {"type": "string"}})),
+    "batches.get_batch": ("One batch: its status and request counts", None, Batch, 200, (*AUTH, 404), ()),
+    "batches.cancel_batch": ("Cancel a batch: lines running stop, the output has what was done", None, Batch, 200,
+                             (*AUTH, 404, 409), ()),
     "admin.add_user": ("Create a user", schemas.AdminUserCreate, User, 201, (*AUTH, *BODY, 409), ()),
     "admin.list_users": ("Every user", None, UserList, 200, AUTH, ()),
     "admin.update_user": ("Change a user's state, rights or quotas", schemas.AdminUserPatch, User, 200,
@@ -239,10 +331,11 @@ LINKS = {
                                         "parameters": {"jti": "$response.body#/jti"}}},
 }
 DESCRIPTIONS = {200: "OK", 201: "Created", 400: "Bad request", 401: "No valid token", 403: "Not allowed",
-                404: "No such thing", 405: "Method not allowed", 409: "Already exists", 413: "Body too large",
-                414: "Request line too long", 415: "Not JSON", 431: "Request headers too large", 422: "Refused by the content policy", 429: "A limit is reached",
-                499: "The client closed the connection (recorded, never read)", 500: "Internal error",
-                503: "Not ready, at capacity, or a storage is down", 504: "Deadline passed"}
+                404: "No such thing", 405: "Method not allowed", 408: "Expired",
+                409: "Conflicts with what exists or its state", 413: "Body too large", 414: "Request line too long",
+                415: "Not JSON", 422: "Refused by the content policy", 429: "A limit is reached",
+                431: "Request headers too large", 499: "The client closed the connection (recorded, never read)",
+                500: "Internal error", 503: "Not ready, at capacity, or a storage is down", 504: "Deadline passed"}
 
 bp = Blueprint("contract", __name__)
 
@@ -256,7 +349,7 @@ def openapi():
 def spec(app):
     """The OpenAPI 3.1 document of `app`; ValueError when a route has no entry in ROUTES."""
     settings = state(app).settings
-    models = {Error, *(m for entry in ROUTES.values() for m in entry[1:3] if m is not None)}
+    models = {Error, *(m for entry in ROUTES.values() for m in entry[1:3] if isinstance(m, type))}
     modes = [(m, "validation" if issubclass(m, schemas.StrictModel) else "serialization") for m in models]
     _, top = models_json_schema(modes, ref_template=REF)
     components = top.get("$defs", {})
@@ -294,7 +387,9 @@ def _operation(app, rule, method):
     params = [{"name": arg, "in": "path", "required": True, "schema": {"type": "string"}} for arg in rule.arguments]
     if params or query:
         operation["parameters"] = params + list(query)
-    if body is not None:
+    if isinstance(body, dict):  # a body that is not JSON (an upload)
+        operation["requestBody"] = {"required": True, "content": body}
+    elif body is not None:
         operation["requestBody"] = {"required": True, "content": {
             "application/json": {"schema": {"$ref": REF.format(model=body.__name__)}}}}
     for status in sorted({*errors, *EVERY}):
@@ -306,6 +401,8 @@ def _operation(app, rule, method):
 def _success(rule, answer, status):
     if rule.endpoint == "metrics.metrics":
         return {"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    if rule.endpoint == "batches.file_content":
+        return {"description": "The file", "content": {"application/jsonl": {"schema": {"type": "string"}}}}
     if rule.endpoint == "contract.openapi":
         return {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}
     content = {"application/json": {"schema": {"$ref": REF.format(model=answer.__name__)}}}

@@ -20,8 +20,16 @@ PATHS = ("/predict", "/v1/predict")
 @bp.post(PATHS[1])
 def predict():
     """Answer one question with the model."""
-    settings, engine = state().settings, state().engine
     body = read(PredictRequest)
+    ids, params, echo = prepare(body)
+    params = generation.fit_deadline(state().engine, state().settings, params, ids, body.max_new_tokens)
+    return prediction(generation.answer(ids, params), echo)
+
+
+def prepare(body):
+    """A checked PredictRequest as (prompt ids, parameters, what the answer echoes: the cleaned question and
+    system prompt); APIError 400/403/422 as for a live request (batch lines go through here too)."""
+    settings, engine = state().settings, state().engine
     question = filtering.clean_text("question", body.question, settings.max_question_chars)
     system_prompt = settings.default_system_prompt if body.system_prompt is None else \
         filtering.clean_text("system_prompt", body.system_prompt, settings.max_question_chars, allow_empty=True)
@@ -31,11 +39,14 @@ def predict():
                            whole="question")
     params = generation.resolve_params(settings, body.max_new_tokens, body.temperature, body.top_p)
     ids = generation.prompt_ids(engine, chat_messages(question, system_prompt), settings, params.max_new_tokens)
-    params = generation.fit_deadline(engine, settings, params, ids, body.max_new_tokens)
-    result = generation.answer(ids, params)
-    return {"id": f"pred-{uuid.uuid4().hex}", "model": settings.model_name, "input": question,
-            "system_prompt": system_prompt, "response": result.text, "success": True,
-            "usage": generation.usage(result), "finish_reason": result.finish_reason}
+    return ids, params, {"input": question, "system_prompt": system_prompt}
+
+
+def prediction(result, echo):
+    """The /predict answer of a finished generation."""
+    return {"id": f"pred-{uuid.uuid4().hex}", "model": state().settings.model_name, **echo,
+            "response": result.text, "success": True, "usage": generation.usage(result),
+            "finish_reason": result.finish_reason}
 
 
 def _flag_failure(response):

@@ -197,3 +197,12 @@ class AdminTokenRequest(StrictModel):
     scope: str = "generate"
     ttl: str | None = None
     label: str = ""
+
+
+class BatchCreate(StrictModel):
+    """POST /v1/batches, as the official openai client sends it."""
+
+    input_file_id: str
+    endpoint: Literal["/v1/chat/completions", "/v1/predict"]
+    completion_window: Literal["24h"]
+    metadata: dict[str, str] | None = None

@@ -1,0 +1,109 @@
+"""Files and batches, as the OpenAI Batch API: the official client's files.* and batches.* work unchanged.
+
+Routes are thin: service.batches.records keeps files and batches,
+service.batches.lines checks input files, service.batches.runner runs them.
+A user sees only their own files and batches (404 otherwise); an admin sees
+all of them.
+"""
+
+import os
+
+from flask import Blueprint, request, send_file
+
+from service.admission.access import caller
+from service.batches import lines
+from service.errors import APIError
+from service.inputs.schemas import BatchCreate, read
+from service.state import state
+
+bp = Blueprint("batches", __name__, url_prefix="/v1")
+
+
+def _records():
+    return state().batches
+
+
+def _who():
+    token = caller()
+    return token["user"], bool(token.get("user_admin"))
+
+
+@bp.post("/files")
+def upload_file():
+    """A batch input file (multipart: file, purpose=batch), streamed to disk."""
+    settings = state().settings
+    request.max_content_length = settings.max_upload_bytes  # the small body limit applies elsewhere
+    if request.mimetype != "multipart/form-data":
+        raise APIError(415, "Content-Type must be multipart/form-data (fields: file, purpose)",
+                       "unsupported_media_type")
+    purpose = request.form.get("purpose")
+    if purpose != "batch":
+        raise APIError(400, "purpose must be batch", "invalid_value", "purpose")
+    upload = request.files.get("file")
+    if upload is None:
+        raise APIError(400, "file is required (a multipart field named file)", "missing", "file")
+    user, _ = _who()
+    name = os.path.basename(upload.filename or "")[:255]
+    return _records().add_file(user, purpose, name, upload.stream, settings.max_upload_bytes), 200
+
+
+@bp.get("/files")
+def list_files():
+    user, admin = _who()
+    return {"object": "list", "data": _records().list_files(user, admin, request.args.get("purpose")),
+            "has_more": False}
+
+
+@bp.get("/files/<file_id>")
+def get_file(file_id):
+    return _records().get_file(file_id, *_who())
+
+
+@bp.get("/files/<file_id>/content")
+def file_content(file_id):
+    records = _records()
+    meta = records.get_file(file_id, *_who())
+    return send_file(records.path(file_id), mimetype="application/jsonl", as_attachment=False,
+                     download_name=meta["filename"], max_age=0)
+
+
+@bp.delete("/files/<file_id>")
+def delete_file(file_id):
+    return _records().delete_file(file_id, *_who())
+
+
+@bp.post("/batches")
+def create_batch():
+    """Check every line of the input file now; the batch is in progress, or failed with the bad lines."""
+    settings, records = state().settings, _records()
+    body = read(BatchCreate)
+    user, admin = _who()
+    source = records.get_file(body.input_file_id, user, admin)
+    if source["purpose"] != "batch":
+        raise APIError(400, f"file {body.input_file_id} is not a batch input file", "invalid_value",
+                       "input_file_id")
+    if records.open_count(user) >= settings.max_open_batches:
+        raise APIError(429, f"{user} already has {settings.max_open_batches} batches open; wait for one to end",
+                       "too_many_batches", headers={"Retry-After": 60})
+    found, errors = lines.read_input(records.path(body.input_file_id), body.endpoint, settings.max_batch_lines)
+    batch = records.create_batch(user, body.endpoint, body.input_file_id, body.completion_window,
+                                 settings.batch_window_s, body.metadata, found, errors)
+    return batch
+
+
+@bp.get("/batches")
+def list_batches():
+    limit = request.args.get("limit", "20")
+    if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= 100):
+        raise APIError(400, "limit must be an integer between 1 and 100", "out_of_range", "limit")
+    return _records().list_batches(*_who(), limit=int(limit), after=request.args.get("after"))
+
+
+@bp.get("/batches/<batch_id>")
+def get_batch(batch_id):
+    return _records().get_batch(batch_id, *_who())
+
+
+@bp.post("/batches/<batch_id>/cancel")
+def cancel_batch(batch_id):
+    return _records().cancel(batch_id, *_who())

@@ -1,0 +1,227 @@
+"""The batch runner: one thread per worker that feeds batch lines to the engine when it has room.
+
+Interactive requests come first: a line is handed to the engine only while
+nothing waits in its queue and at least `batch_reserved_rows` rows of the
+running batch stay free. Users take turns: the next line comes from the next
+user (in name order) with a batch in progress, so one big batch does not
+hold back another user's small one.
+
+Each line is admitted like a live request: it reserves prompt + max tokens
+of its owner's daily budget (a line that does not fit fails with the budget
+error in the error file) on a concurrency key of its own, so a batch never
+takes the owner's interactive slots. Its answer (or error) is stored with
+the line, and its usage row written, before the next state change; when
+every line is finished the output and error files are written and the batch
+completes. Cancelled and expired batches stop taking lines, let the lines
+running finish, and end with the files of what was done.
+"""
+
+import logging
+import threading
+import time
+from datetime import datetime, timezone
+
+from service.admission import budget
+from service.admission.counters import StorageUnavailable
+from service.batches import lines
+from service.errors import APIError
+from service.inference.engine import EngineError, GenerationRequest, NotReady, QueueFull
+from service.records.accounting import Usage
+
+log = logging.getLogger("vibethinker.batches")
+IDLE_S = 0.2  # between looks when there is nothing to do
+ROUTE = "/v1/batches"
+BATCH_SLOTS = "batch-inflight"
+
+
+class Running:
+    """One line handed to the engine."""
+
+    def __init__(self, batch, line, custom_id, prepared, handle, lease):
+        self.batch, self.line, self.custom_id, self.prepared = batch, line, custom_id, prepared
+        self.handle, self.lease, self.started = handle, lease, time.monotonic()
+
+    @property
+    def request_id(self):
+        return f"{self.batch['id']}:{self.line}"
+
+
+class BatchRunner:
+    """Runs the batches of one app: `start()` once the engine is started."""
+
+    def __init__(self, app, state):
+        self.app, self.state = app, state
+        self.records = state.batches
+        self.running = []
+        self._turn = None  # the user served last
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vibethinker-batches", daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self, timeout=None):
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self):
+        with self.app.app_context():
+            reset = self.records.reset_running()
+            if reset:
+                log.warning("batch lines in progress when the last worker ended run again",
+                            extra={"fields": {"lines": reset}})
+            while not self._stop.is_set():
+                try:
+                    busy = self._tick()
+                except Exception:  # a database or engine hiccup: say so, keep going
+                    log.exception("batch runner step failed")
+                    busy = False
+                if not busy:
+                    self._stop.wait(IDLE_S)
+
+    def _tick(self):
+        """One look: collect finished lines, end batches, start lines where there is room; True if any moved."""
+        moved = self._collect()
+        active = self.records.active()
+        for batch in active:
+            moved |= self._maybe_end(batch)
+        pending = [b for b in active if b["status"] == "in_progress" and not self._expired(b)]
+        while pending and self._room():
+            batch = self._next(pending)
+            claimed = self.records.claim(batch["id"])
+            if claimed is None:
+                pending.remove(batch)
+                continue
+            if not self._start(batch, *claimed):
+                break
+            moved = True
+        return moved
+
+    def _room(self):
+        engine, settings = self.state.engine, self.state.settings
+        if not engine.ready or engine.queued():
+            return False
+        rows = max(1, settings.max_batch_size - settings.batch_reserved_rows)
+        joining = sum(1 for r in self.running if r.handle.started is None)  # submitted, not yet in the batch
+        return engine.running + joining < rows
+
+    def _next(self, pending):
+        """The oldest batch of the next user after the one served last."""
+        users = sorted({b["user"] for b in pending})
+        after = [u for u in users if self._turn is None or u > self._turn]
+        self._turn = (after or users)[0]
+        return next(b for b in pending if b["user"] == self._turn)
+
+    def _start(self, batch, line, custom_id, prepared):
+        """Admit and submit one claimed line; False (the line pending again) when the engine or Redis cannot
+        take it now."""
+        state, settings = self.state, self.state.settings
+        params = lines.params_of(prepared)
+        ids = prepared["ids"]
+        user = self._user(batch["user"])
+        limits = budget.Limits(budget.Limits.of(user, settings).daily_tokens, settings.max_batch_size)
+        try:
+            lease = budget.admit(state.counters, batch["user"], limits, len(ids) + params.max_new_tokens,
+                                 settings.stream_deadline_s, fail_open=settings.ratelimit_fail_open,
+                                 slots=BATCH_SLOTS)
+        except StorageUnavailable:
+            self.records.release(batch["id"], line)
+            return False
+        except APIError as exc:  # over the daily budget (or the batch slots are full)
+            if exc.code != "daily_token_quota_exceeded":
+                self.records.release(batch["id"], line)
+                return False
+            self._fail(batch, line, custom_id, exc.status, exc.message, exc.code)
+            return True
+        request = GenerationRequest(ids, params.max_new_tokens, params.temperature, params.top_p,
+                                    deadline=time.monotonic() + settings.stream_deadline_s, stop=params.stop,
+                                    seed=params.seed)
+        try:
+            handle = state.engine.submit(request)
+        except (QueueFull, NotReady):
+            budget.release(state.counters, lease, 0)
+            self.records.release(batch["id"], line)
+            return False
+        self.running.append(Running(batch, line, custom_id, prepared, handle, lease))
+        return True
+
+    def _collect(self):
+        moved = False
+        for item in [r for r in self.running if r.handle.done]:
+            self.running.remove(item)
+            moved = True
+            try:
+                result = item.handle.result(timeout=0)
+            except (EngineError, Exception):  # noqa: BLE001 - the engine failed this line
+                log.exception("batch line failed in the engine")
+                result = None
+            usage = Usage.of(result)
+            budget.release(self.state.counters, item.lease, usage.total)
+            if result is not None and result.finish_reason in ("stop", "length"):
+                status = 200
+                self.records.finish_line(item.batch["id"], item.line, True,
+                                         lines.answered(item.custom_id, item.prepared, result, item.request_id))
+            elif result is not None and result.finish_reason == "cancelled":
+                status = 499
+                self.records.finish_line(item.batch["id"], item.line, False, lines.refused(
+                    item.custom_id, 499, "the batch was cancelled before this line was answered",
+                    "batch_cancelled", item.request_id))
+            else:
+                status = 500 if result is None else 504
+                message = "internal error" if result is None else \
+                    f"the line passed the {self.state.settings.stream_deadline_s:g} s deadline"
+                self.records.finish_line(item.batch["id"], item.line, False, lines.refused(
+                    item.custom_id, status, message, "internal_error" if result is None else "deadline_exceeded",
+                    item.request_id))
+            self._usage(item, status, usage)
+        return moved
+
+    def _maybe_end(self, batch):
+        """End a batch whose lines are all finished, or that was cancelled or expired; True if it ended."""
+        batch_id = batch["id"]
+        if batch["status"] == "in_progress" and self._expired(batch):
+            self.records.fail_pending(batch_id, lambda custom_id: lines.refused(
+                custom_id, 408, "the batch expired before this line was answered", "batch_expired"))
+            self._cancel_running(batch_id)
+            ending = ("expired", "expired_at")
+        elif batch["status"] == "cancelling":
+            self._cancel_running(batch_id)
+            ending = ("cancelled", "cancelled_at")
+        else:
+            ending = ("completed", "completed_at")
+        if any(r.batch["id"] == batch_id for r in self.running):
+            return False
+        if ending[0] == "completed" and self.records.unfinished(batch_id):
+            return False
+        self.records.finalize(batch_id, batch["user"], *ending)
+        log.info("batch ended", extra={"fields": {"batch": batch_id, "user": batch["user"], "status": ending[0]}})
+        return True
+
+    def _cancel_running(self, batch_id):
+        for item in self.running:
+            if item.batch["id"] == batch_id:
+                item.handle.cancel()
+
+    def _fail(self, batch, line, custom_id, status, message, code):
+        self.records.finish_line(batch["id"], line, False, lines.refused(custom_id, status, message, code))
+
+    def _usage(self, item, status, usage):
+        try:
+            self.state.usage_log.write(user=item.batch["user"], route=ROUTE, status=status,
+                                       latency_ms=int((time.monotonic() - item.started) * 1000),
+                                       request_id=item.request_id, **usage.fields())
+        except Exception:  # the line's answer is stored; say loudly that its usage row is missing
+            log.exception("usage row of a batch line not written")
+
+    def _user(self, name):
+        try:
+            return self.state.store.get_user(name)
+        except Exception:  # a user removed since: no limits of their own
+            return {}
+
+    @staticmethod
+    def _expired(batch):
+        expires = batch["expires_at"]
+        expires = expires if expires.tzinfo else expires.replace(tzinfo=timezone.utc)
+        return datetime.now(timezone.utc) >= expires
