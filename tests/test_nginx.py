@@ -171,6 +171,19 @@ def test_oversize_body_is_413_json(front):
     assert response.json()["error"]["code"] == "body_too_large"
 
 
+def test_batch_files_may_be_larger_than_any_other_body(front):
+    lines = "".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/predict",
+                                "body": {"question": "x" * 900, "max_new_tokens": 1}}) + "\n" for i in range(300))
+    assert len(lines) > 4 * MAX_BODY
+    uploaded = requests.post(front.https + "/v1/files", verify=front.cert, timeout=60, headers=front.app.auth(),
+                             files={"file": ("big.jsonl", lines.encode())}, data={"purpose": "batch"})
+    assert uploaded.status_code == 200, uploaded.text
+    assert uploaded.json()["bytes"] == len(lines.encode())
+    refused = requests.post(front.https + "/predict", data=lines.encode(), verify=front.cert, timeout=30,
+                            headers={**front.app.auth(), "Content-Type": "application/json"})
+    assert refused.status_code == 413 and refused.json()["error"]["code"] == "body_too_large"
+
+
 @pytest.mark.parametrize("request_bytes, status, code", [
     (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", 414, "request_line_too_long"),
     (b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n", 431, "headers_too_large"),

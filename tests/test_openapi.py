@@ -39,6 +39,8 @@ EXPLAINED = {
 CALLS = [0]  # requests the fuzz made, printed with the statuses it reached
 # Answers of one operation the fuzz does not reach, and the tests that do.
 EXPLAINED_FOR = {
+    ("POST /v1/batches/{batch_id}/cancel", 200): "needs a batch still running (the fuzz's input files fail "
+                                                 "validation at once): test_batches_http.py",
     ("DELETE /admin/tokens/{jti}", 200): "needs the jti of an issued token (the fuzz does not issue one for an "
                                          "existing user): test_admin_api.py, test_tokens_lifecycle.py",
 }
@@ -61,7 +63,8 @@ def test_the_spec_is_served_without_a_token(fuzzed):
     assert set(spec["paths"]) == {
         "/healthz", "/readyz", "/metrics", "/openapi.json", "/predict", "/v1/predict", "/v1/chat/completions",
         "/v1/models", "/v1/models/{model}", "/v1/me", "/admin/users", "/admin/users/{name}", "/admin/tokens",
-        "/admin/tokens/{jti}", "/admin/usage", "/admin/audit"}
+        "/admin/tokens/{jti}", "/admin/usage", "/admin/audit", "/v1/files", "/v1/files/{file_id}",
+        "/v1/files/{file_id}/content", "/v1/batches", "/v1/batches/{batch_id}", "/v1/batches/{batch_id}/cancel"}
     predict = spec["paths"]["/predict"]["post"]
     assert predict["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/PredictRequest"}
@@ -117,6 +120,9 @@ def _template(uri):
         return "/admin/tokens/{jti}"
     if parts[1:3] == ["v1", "models"] and len(parts) == 4:
         return "/v1/models/{model}"
+    if parts[1:3] in (["v1", "files"], ["v1", "batches"]) and len(parts) >= 4:
+        name = "file_id" if parts[2] == "files" else "batch_id"
+        return "/".join(parts[:3] + ["{" + name + "}"] + parts[4:])
     return urlsplit(uri).path
 
 

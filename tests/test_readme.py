@@ -50,6 +50,17 @@ def test_admins_day_runs_as_printed(start_server):
     assert server.get("/v1/me").status_code == 401  # the admin's own token was signed with the retired key
 
 
+def test_the_batch_example_runs_as_printed(server):
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S) if "batches.create" in b)
+    code = block.replace("http://127.0.0.1:8000", server.base)
+    out = subprocess.run([sys.executable, "-c", f"TOKEN = {server.token!r}\n" + code], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    answers = [line for line in out.stdout.splitlines() if line.startswith("problem-")]
+    assert [line.split()[0] for line in answers] == [f"problem-{i}" for i in range(30)]
+    assert "completed 30 of 30" in out.stdout
+
+
 def test_openai_example_runs_as_printed(server):
     block = re.search(r"```python\n(.*?)```", README, flags=re.S).group(1)
     code = block.replace("http://127.0.0.1:8000", server.base)

@@ -36,6 +36,10 @@ def upload_file():
     if request.mimetype != "multipart/form-data":
         raise APIError(415, "Content-Type must be multipart/form-data (fields: file, purpose)",
                        "unsupported_media_type")
+    unknown = sorted((set(request.form) - {"purpose"}) | (set(request.files) - {"file"}))
+    if unknown:
+        raise APIError(400, f"unknown field {unknown[0][:60]!r}; allowed fields: file, purpose", "unknown_field",
+                       unknown[0][:60])
     purpose = request.form.get("purpose")
     if purpose != "batch":
         raise APIError(400, "purpose must be batch", "invalid_value", "purpose")

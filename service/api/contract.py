@@ -329,6 +329,13 @@ LINKS = {
                                       "parameters": {"name": "$response.body#/name"}}},
     "admin.add_token": {"RevokeToken": {"operationId": "admin.revoke_token.delete",
                                         "parameters": {"jti": "$response.body#/jti"}}},
+    "batches.upload_file": {"CreateBatch": {"operationId": "batches.create_batch.post", "requestBody": {
+        "input_file_id": "$response.body#/id", "endpoint": "/v1/chat/completions", "completion_window": "24h"}},
+        "GetFile": {"operationId": "batches.get_file.get", "parameters": {"file_id": "$response.body#/id"}}},
+    "batches.create_batch": {
+        "GetBatch": {"operationId": "batches.get_batch.get", "parameters": {"batch_id": "$response.body#/id"}},
+        "CancelBatch": {"operationId": "batches.cancel_batch.post",
+                        "parameters": {"batch_id": "$response.body#/id"}}},
 }
 DESCRIPTIONS = {200: "OK", 201: "Created", 400: "Bad request", 401: "No valid token", 403: "Not allowed",
                 404: "No such thing", 405: "Method not allowed", 408: "Expired",
