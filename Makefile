@@ -74,6 +74,7 @@ bench: install
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/refusals.py
 	$(BIN)/python bench/modes.py
+	$(BIN)/python bench/batches.py
 
 # What ansible/ deploys: the project wheel, and for offline servers a
 # wheelhouse of every dependency (torch's CPU build included) for Debian 12's Python.

@@ -30,6 +30,7 @@ from service.records.accounting import Usage
 
 log = logging.getLogger("vibethinker.batches")
 IDLE_S = 0.2  # between looks when there is nothing to do
+RUNNING_S = 0.005  # between looks while lines run
 ROUTE = "/v1/batches"
 BATCH_SLOTS = "batch-inflight"
 
@@ -54,6 +55,7 @@ class BatchRunner:
         self.records = state.batches
         self.running = []
         self._turn = None  # the user served last
+        self._looked = 0.0  # when the database was last asked for batches
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vibethinker-batches", daemon=True)
 
@@ -77,12 +79,17 @@ class BatchRunner:
                 except Exception:  # a database or engine hiccup: say so, keep going
                     log.exception("batch runner step failed")
                     busy = False
-                if not busy:
-                    self._stop.wait(IDLE_S)
+                if not busy:  # lines running: look again soon (a finished one frees its row); else rest
+                    self._stop.wait(RUNNING_S if self.running else IDLE_S)
 
     def _tick(self):
-        """One look: collect finished lines, end batches, start lines where there is room; True if any moved."""
+        """One look: collect finished lines, end batches, start lines where there is room; True if any moved.
+
+        The database is asked only when a line finished, or every IDLE_S (new batches, cancels, expiry)."""
         moved = self._collect()
+        if not moved and time.monotonic() - self._looked < IDLE_S:
+            return False
+        self._looked = time.monotonic()
         active = self.records.active()
         for batch in active:
             moved |= self._maybe_end(batch)
@@ -99,11 +106,12 @@ class BatchRunner:
         return moved
 
     def _room(self):
+        """True while no interactive request waits and the running batch has a row to spare."""
         engine, settings = self.state.engine, self.state.settings
-        if not engine.ready or engine.queued():
+        joining = sum(1 for r in self.running if r.handle.started is None)  # our lines, queued, not yet rows
+        if not engine.ready or engine.queued() > joining:
             return False
         rows = max(1, settings.max_batch_size - settings.batch_reserved_rows)
-        joining = sum(1 for r in self.running if r.handle.started is None)  # submitted, not yet in the batch
         return engine.running + joining < rows
 
     def _next(self, pending):
