@@ -1,7 +1,8 @@
 """Batch jobs against the same questions sent one after another, and interactive time to first token with
 and without a batch running.
 
-    python bench/batches.py [--preset tiny|vibethinker-1.5b] [--lines 32] [--tokens 64] [--probes 8]
+    python bench/batches.py [--preset tiny|vibethinker-1.5b] [--dtype float32|bfloat16] [--lines 32]
+                            [--tokens 64] [--probes 8]
 
 Starts the service (real gunicorn, memory:// counters) on the preset's random-weight model and, side by
 side in one run, measures:
@@ -9,7 +10,10 @@ side in one run, measures:
 - `sequential_s`: the `--lines` questions sent one after another as whole answers;
 - `batch_s`: the same questions as one batch (upload to completed, polled every 0.1 s);
 - `ttft_idle_s` / `ttft_during_batch_s`: the median time to the first streamed token of `--probes`
-  interactive streams, with nothing else running, then while a batch of `--lines` long lines runs.
+  interactive streams, with nothing else running, then while a batch of `--lines` long lines runs;
+- `seed_example`: the seed's own example, `POST /predict {"question": "Solve for x: x^2 - 5x + 6 = 0"}`,
+  with the default whole-answer deadline (60 s) and `max_new_tokens` default (512), after the engine has
+  measured its speed: its status, seconds, tokens and finish reason.
 
 Prints one JSON line; the ratios (`batch_speedup`, `ttft_ratio`) are the figures to compare.
 """
@@ -76,17 +80,24 @@ def main():
     parser.add_argument("--lines", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--probes", type=int, default=8)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     model = cached_demo_model(args.preset)
     with tempfile.TemporaryDirectory() as work:
         port = free_port()
         proc, headers = start_service(Path(work), model, port, ["--rate-limit", "100000/minute", "--daily-tokens",
                                                                  "1000000000", "--max-concurrent", "64"],
-                                      VIBE_LOG_LEVEL="warning", VIBE_REQUEST_DEADLINE_S="3600",
-                                      VIBE_MAX_NEW_TOKENS_LIMIT="4096")
+                                      VIBE_LOG_LEVEL="warning", VIBE_DTYPE=args.dtype, VIBE_MAX_NEW_TOKENS_LIMIT="4096")
         base = f"http://127.0.0.1:{port}"
         try:
             requests.post(f"{base}/v1/chat/completions", headers=headers, json=body(0, 8), timeout=600)  # warm
+            started = time.monotonic()
+            seed = requests.post(f"{base}/predict", headers=headers, timeout=600,
+                                 json={"question": "Solve for x: x^2 - 5x + 6 = 0"})
+            seed_example = {"status": seed.status_code, "seconds": round(time.monotonic() - started, 1),
+                            **({"completion_tokens": seed.json()["usage"]["completion_tokens"],
+                                "finish_reason": seed.json()["finish_reason"]} if seed.status_code == 200 else
+                               {"error": seed.json()["error"]["code"]})}
             started = time.monotonic()
             for i in range(args.lines):
                 response = requests.post(f"{base}/v1/chat/completions", headers=headers, timeout=3600,
@@ -107,7 +118,8 @@ def main():
     print(json.dumps({"preset": args.preset, "lines": args.lines, "tokens": args.tokens,
                       "sequential_s": round(sequential, 2), "batch_s": round(batched, 2),
                       "batch_speedup": round(sequential / batched, 2), "ttft_idle_s": round(idle, 4),
-                      "ttft_during_batch_s": round(during, 4), "ttft_ratio": round(during / idle, 2)}))
+                      "ttft_during_batch_s": round(during, 4), "ttft_ratio": round(during / idle, 2),
+                      "seed_example": seed_example}))
 
 
 if __name__ == "__main__":

@@ -215,3 +215,49 @@ def test_a_restart_or_kill_mid_batch_answers_every_line_exactly_once(start_serve
     store.close()
     assert sorted(r["request_id"] for r in rows) == sorted({r["request_id"] for r in rows})  # none repeated
     assert len(rows) == 8
+
+
+def test_a_disabled_users_batch_gets_no_more_answers(batching, long_question):
+    token = user_token(batching, "leaver")
+    client = client_of(batching, token)
+    items = [{"custom_id": f"d{i}", "method": "POST", "url": "/v1/predict",
+              "body": {"question": long_question, "max_new_tokens": 1000, "temperature": 0}} for i in range(8)]
+    uploaded = client.files.create(file=("d.jsonl", jsonl(items)), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/predict", completion_window="24h")
+    batching.cli("users", "disable", "leaver")
+    admin = client_of(batching)
+    finished, _ = wait(admin, batch.id)
+    assert finished.status == "completed" and finished.request_counts.failed >= 1
+    errors = [json.loads(line) for line in admin.files.content(finished.error_file_id).text.splitlines()]
+    assert {e["error"]["code"] for e in errors} == {"account_disabled"}
+
+
+def test_users_batches_take_turns(start_server, long_question):
+    server = start_server(VIBE_MAX_BATCH_SIZE=2, VIBE_BATCH_RESERVED_ROWS=1)  # one line at a time
+    big, small = client_of(server, user_token(server, "big")), client_of(server, user_token(server, "small"))
+    long_items = [{"custom_id": f"b{i}", "method": "POST", "url": "/v1/predict",
+                   "body": {"question": long_question, "max_new_tokens": 300, "temperature": 0}} for i in range(10)]
+    first = big.batches.create(input_file_id=big.files.create(file=("b.jsonl", jsonl(long_items)),
+                                                              purpose="batch").id,
+                               endpoint="/v1/predict", completion_window="24h")
+    time.sleep(0.5)
+    second = small.batches.create(input_file_id=small.files.create(file=("s.jsonl", jsonl(long_items[:2])),
+                                                                   purpose="batch").id,
+                                  endpoint="/v1/predict", completion_window="24h")
+    done_small, _ = wait(small, second.id)
+    progress = big.batches.retrieve(first.id)
+    assert done_small.status == "completed" and progress.status == "in_progress"
+    assert progress.request_counts.completed <= 5  # the small batch did not wait for the big one to end
+
+
+def test_a_user_may_have_only_so_many_open_batches(start_server, long_question):
+    server = start_server(VIBE_MAX_OPEN_BATCHES=1)
+    client = client_of(server)
+    items = [{"custom_id": f"o{i}", "method": "POST", "url": "/v1/predict",
+              "body": {"question": long_question, "max_new_tokens": 2000, "temperature": 0}} for i in range(4)]
+    file_id = client.files.create(file=("o.jsonl", jsonl(items)), purpose="batch").id
+    open_one = client.batches.create(input_file_id=file_id, endpoint="/v1/predict", completion_window="24h")
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.batches.create(input_file_id=file_id, endpoint="/v1/predict", completion_window="24h")
+    assert refused.value.body["code"] == "too_many_batches"
+    client.batches.cancel(open_one.id)

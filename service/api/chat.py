@@ -9,7 +9,7 @@ VibeThinker writes its reasoning before its answer; both stay in `content`.
 import time
 import uuid
 
-from flask import Blueprint, request
+from flask import Blueprint
 
 from service.admission.access import caller
 from service.api import generation

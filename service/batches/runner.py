@@ -25,7 +25,7 @@ from service.admission import budget
 from service.admission.counters import StorageUnavailable
 from service.batches import lines
 from service.errors import APIError
-from service.inference.engine import EngineError, GenerationRequest, NotReady, QueueFull
+from service.inference.engine import GenerationRequest, NotReady, QueueFull
 from service.records.accounting import Usage
 
 log = logging.getLogger("vibethinker.batches")
@@ -128,6 +128,9 @@ class BatchRunner:
         params = lines.params_of(prepared)
         ids = prepared["ids"]
         user = self._user(batch["user"])
+        if not user.get("active", False):  # disabled (or removed) since the batch was made: no more lines
+            self._fail(batch, line, custom_id, 403, f"account {batch['user']!r} is disabled", "account_disabled")
+            return True
         limits = budget.Limits(budget.Limits.of(user, settings).daily_tokens, settings.max_batch_size)
         try:
             lease = budget.admit(state.counters, batch["user"], limits, len(ids) + params.max_new_tokens,
@@ -161,7 +164,7 @@ class BatchRunner:
             moved = True
             try:
                 result = item.handle.result(timeout=0)
-            except (EngineError, Exception):  # noqa: BLE001 - the engine failed this line
+            except Exception:  # noqa: BLE001 - the engine failed this line (its error is logged)
                 log.exception("batch line failed in the engine")
                 result = None
             usage = Usage.of(result)
