@@ -99,6 +99,8 @@ def test_predict_lines_are_accepted_too(batching):
 @pytest.mark.parametrize("content, code, line", [
     (b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}\nnot json\n', "missing", 1),
     (b"not json\n", "invalid_json", 1),
+    (b'{"custom_id": "a\\ud800", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n',
+     "invalid_unicode", 1),
     (json.dumps(chat_line(0)).encode() + b"\n" + json.dumps(chat_line(0)).encode() + b"\n", "duplicate_custom_id", 2),
     (json.dumps({**chat_line(0), "url": "/v1/predict"}).encode() + b"\n", "invalid_value", 1),
     (json.dumps(chat_line(0, max_tokens=0)).encode() + b"\n", "out_of_range", 1),

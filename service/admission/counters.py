@@ -84,12 +84,11 @@ class StorageUnavailable(Exception):
     """The counter storage did not answer."""
 
 
-def open_counters(uri, ledger=None):
-    """Counters for a limits-style storage URI (memory://, redis://..., redis+unix:///path); `ledger` names
-    this process's lease ledger in Redis (ledger_name())."""
+def open_counters(uri):
+    """Counters for a limits-style storage URI (memory://, redis://..., redis+unix:///path)."""
     if uri.startswith("memory://"):
         return MemoryCounters()
-    return RedisCounters(uri, ledger)
+    return RedisCounters(uri)
 
 
 def ledger_name(master_pid=None, worker_pid=None, host=None):

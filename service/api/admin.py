@@ -13,7 +13,7 @@ from auth.tokens import issue_token
 from service.admission.access import caller
 from service.errors import APIError
 from service.state import state
-from service.inputs.schemas import AdminTokenRequest, AdminUserCreate, AdminUserPatch, read
+from service.inputs.schemas import AdminTokenRequest, AdminUserCreate, AdminUserPatch, query_int, read
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -88,7 +88,7 @@ def usage_by_day():
 def list_audit():
     args = request.args
     since = _date(args.get("since"))
-    limit = _int(args.get("limit", "100"), "limit", 1, 1000)
+    limit = query_int(args.get("limit", "100"), "limit", 1, 1000)
     return {"object": "list", "data": _store().list_audit(actor=args.get("actor"), action=args.get("action"),
                                                           target=args.get("target"), since=since, limit=limit)}
 
@@ -107,9 +107,3 @@ def _date(text):
     except ValueError:
         raise APIError(400, f"since must be a date or time in ISO 8601 (YYYY-MM-DD), not {text!r}",
                        "invalid_value", "since") from None
-
-
-def _int(text, name, low, high):
-    if not (text.isascii() and text.isdigit() and len(text) <= 9) or not low <= int(text) <= high:
-        raise APIError(400, f"{name} must be an integer between {low} and {high}", "out_of_range", name)
-    return int(text)

@@ -13,7 +13,7 @@ from flask import Blueprint, request, send_file
 from service.admission.access import caller
 from service.batches import lines
 from service.errors import APIError
-from service.inputs.schemas import BatchCreate, read
+from service.inputs.schemas import BatchCreate, query_int, read
 from service.state import state
 
 bp = Blueprint("batches", __name__, url_prefix="/v1")
@@ -97,10 +97,8 @@ def create_batch():
 
 @bp.get("/batches")
 def list_batches():
-    limit = request.args.get("limit", "20")
-    if not (limit.isascii() and limit.isdigit() and 1 <= int(limit) <= 100):
-        raise APIError(400, "limit must be an integer between 1 and 100", "out_of_range", "limit")
-    return _records().list_batches(*_who(), limit=int(limit), after=request.args.get("after"))
+    limit = query_int(request.args.get("limit", "20"), "limit", 1, 100)
+    return _records().list_batches(*_who(), limit=limit, after=request.args.get("after"))
 
 
 @bp.get("/batches/<batch_id>")

@@ -9,14 +9,13 @@ bad line fails the batch at once with its line number, and what is stored
 per line is ready to run: prompt ids, parameters, what the answer echoes.
 """
 
-import json
 import secrets
 from dataclasses import asdict
 
 from service.api import chat, predict
 from service.api.generation import Params
 from service.errors import APIError, error_body
-from service.inputs.schemas import ChatRequest, PredictRequest, parse
+from service.inputs.schemas import ChatRequest, PredictRequest, decode_body, parse
 
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/predict": "predict"}
 MAX_ERRORS = 20  # validation errors reported per batch; the first ones, by line
@@ -48,12 +47,7 @@ def read_input(path, endpoint, max_lines):
 
 
 def _line(raw, endpoint, seen):
-    try:
-        item = json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise APIError(400, "line is not valid JSON", "invalid_json") from None
-    if not isinstance(item, dict):
-        raise APIError(400, "line must be a JSON object", "invalid_type")
+    item = decode_body(raw, is_json=True)  # a line is a request body: the same checks, surrogates included
     unknown = set(item) - {"custom_id", "method", "url", "body"}
     if unknown:
         raise APIError(400, f"unknown field {sorted(unknown)[0]!r}; a line has custom_id, method, url, body",

@@ -158,6 +158,13 @@ def _to_api_error(model, err):
     return APIError(400, f"{param}: {err['msg']}", "invalid_value", param)
 
 
+def query_int(text, name, low, high):
+    """A query parameter as an integer in [low, high]: ASCII digits only (int() also takes "٣"), else 400."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 9) or not low <= int(text) <= high:
+        raise APIError(400, f"{name} must be an integer between {low} and {high}", "out_of_range", name)
+    return int(text)
+
+
 def check_range(name, value, low, high, integer=False, low_open=False):
     """Raise APIError 400 unless low <= value <= high (low < value if low_open)."""
     if not (low < value if low_open else low <= value) or value > high:
