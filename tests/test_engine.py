@@ -7,7 +7,7 @@ import pytest
 from service.inference import model
 from service.inference.batching import decode_step
 from service.inference.engine import Engine, GenerationRequest, QueueFull
-from tests.conftest import greedy
+from tests.conftest import greedy, long_messages
 
 
 def started(tiny_model, **kwargs):
@@ -113,10 +113,11 @@ def test_concurrent_greedy_requests_batch_and_match_one_at_a_time(engine, refere
         assert result.token_ids == greedy(reference, [{"role": "user", "content": question}], 32)[1]
 
 
-def test_a_cancelled_row_leaves_the_batch_while_the_others_finish(tiny_model, reference):
+def test_a_cancelled_row_leaves_the_batch_while_the_others_finish(tiny_model, reference, long_question):
     wide = started(tiny_model, queue_size=8, max_batch=4)
     try:
-        long_ids = wide.model.encode_chat([{"role": "user", "content": "Count to a thousand."}])
+        # A reply that runs past 600 tokens: the rows are still generating when the test looks.
+        long_ids = wide.model.encode_chat(long_messages(long_question))
         rows = [wide.submit(GenerationRequest(long_ids, 600, deadline=time.monotonic() + 60)) for _ in range(3)]
         for row in rows:
             next(row.deltas())  # all three are generating

@@ -90,8 +90,11 @@ class Batch:
         with self.loaded.prefill_mode():
             logits = self.loaded.model(input_ids=input_ids, attention_mask=mask, cache=cache, use_cache=True,
                                        position_ids=(mask.cumsum(-1) - 1).clamp_min(0), logits_to_keep=1).logits
-        tokens = self._next_tokens(rows, logits[:, -1, :])
+        tokens = choose(logits[:, -1, :], rows)
+        # Rows are in the batch before their first token reaches a caller, so whoever sees that token
+        # also sees the rows running.
         self._merge(rows, cache, mask, tokens, torch.tensor(lengths, dtype=torch.long))
+        self._hand_out(rows, tokens)
 
     @torch.inference_mode()
     def step(self):
@@ -100,7 +103,8 @@ class Batch:
         logits = self.loaded.model(input_ids=self.tokens[:, None], attention_mask=self.mask, cache=self.cache,
                                    position_ids=self.positions[:, None], use_cache=True).logits
         self.positions += 1
-        self.tokens = self._next_tokens(self.rows, logits[:, -1, :])
+        self.tokens = choose(logits[:, -1, :], self.rows)
+        self._hand_out(self.rows, self.tokens)
 
     def evict(self):
         """Drop the rows that are done (or whose caller gave up); return them."""
@@ -125,14 +129,12 @@ class Batch:
         self.cache = self.mask = self.tokens = self.positions = None
         return rows
 
-    def _next_tokens(self, rows, logits):
-        """Choose each row's next token from its logits and hand it to the row."""
-        tokens = choose(logits, rows)
+    def _hand_out(self, rows, tokens):
+        """Give each row its chosen token (decoding, stop strings, its caller's deltas)."""
         now = time.monotonic()
         metrics.BATCH_SIZE.observe(len(rows))
         for row, token in zip(rows, tokens.tolist()):
             row.add(token, now)
-        return tokens
 
     def _merge(self, rows, cache, mask, tokens, positions):
         if not self.rows:
