@@ -68,7 +68,25 @@ def test_a_request_that_asks_nothing_gets_what_fits(sized, long_question):
     assert response.status_code == 200, response.text  # not a 504 after a second of compute thrown away
     body = response.json()
     assert body["finish_reason"] == "length" and 0 < body["usage"]["completion_tokens"] < 2048
-    assert time.monotonic() - started < DEADLINE_S
+    assert time.monotonic() - started < DEADLINE_S + 0.5  # the deadline, and a margin for a busy machine
+
+
+def test_a_length_the_server_chose_ends_as_length_even_if_the_speed_was_unknown(start_server, long_question):
+    # A fresh server has measured nothing, so the default (2048 tokens, seconds of work) is not lowered:
+    # the deadline cuts it, and the answer is what was computed, as "length", not a 504.
+    fresh = start_server(VIBE_REQUEST_DEADLINE_S=0.5, VIBE_DEFAULT_MAX_NEW_TOKENS=2048)
+    response = fresh.post("/predict", {"question": long_question, "temperature": 0})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["finish_reason"] == "length" and 0 < body["usage"]["completion_tokens"] < 2048
+    assert body["response"]
+    chat = fresh.post("/v1/chat/completions", {"model": MODEL, "messages": long_messages(long_question),
+                                               "temperature": 0})
+    assert chat.status_code == 200 and chat.json()["choices"][0]["finish_reason"] == "length"
+    # Asked for explicitly, the length is the client's: a cut is still the deadline's 504.
+    asked = fresh.post("/predict", {"question": long_question, "max_new_tokens": 1000, "temperature": 0})
+    assert asked.status_code in (400, 504), asked.text
+    assert asked.json()["error"]["code"] in ("exceeds_deadline", "deadline_exceeded")
 
 
 def test_a_stream_runs_past_the_whole_answer_deadline(sized, long_question):

@@ -8,6 +8,7 @@ service.api.streaming does them around a stream. Every way a generation can
 be refused is an APIError with its status.
 """
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from service.state import state
 RETRY_LOADING_S = 5
 RETRY_FULL_S = 2
 DEADLINE_SHARE = 0.8  # of the deadline a sized answer may plan to use: the rest is margin (queue, slower steps)
+SIZED_CUT_SHARE = 0.9  # of the deadline at which a server-sized answer ends as "length" if the plan was optimistic
 CLIENT_CHECK_S = 0.25  # how often a non-streamed answer looks whether its client is still there
 CANCEL_WAIT_S = 30  # for the engine to drop a cancelled row (one decode step)
 
@@ -39,6 +41,7 @@ class Params:
     top_p: float
     stop: tuple = ()
     seed: int | None = None
+    sized: bool = False  # max_new_tokens is the server's choice, sized to the deadline (fit_deadline)
 
 
 def resolve_params(settings, max_new_tokens=None, temperature=None, top_p=None, stop=(), seed=None,
@@ -98,7 +101,7 @@ def answer(ids, params):
     deadline_s = settings.request_deadline_s
     lease, result, left = admit(ids, params, deadline_s), None, False
     try:
-        handle = submit(engine, ids, params, deadline_s)
+        handle = submit(engine, ids, params, deadline_s * SIZED_CUT_SHARE if params.sized else deadline_s)
         # The engine stops the request at its deadline; the margin covers one slow step.
         until = time.monotonic() + deadline_s + 30
         while result is None and time.monotonic() < until:
@@ -118,6 +121,8 @@ def answer(ids, params):
     if left:
         raise APIError(client.CLIENT_GONE, "the client closed the connection before the answer was ready",
                        "client_closed_request")
+    if params.sized and result is not None and result.finish_reason == "timeout":
+        return dataclasses.replace(result, finish_reason="length")  # the length the server chose
     if result is None or result.finish_reason in ("timeout", "cancelled"):
         raise deadline_error(deadline_s, result.completion_tokens if result else 0)
     return result
@@ -146,14 +151,17 @@ def fit_deadline(engine, settings, params, ids, asked, tokens_name="max_new_toke
     """Size a whole (non-streamed) answer to its deadline at the engine's measured speed.
 
     Not asked for (`asked` None): the default, lowered to what fits (finish_reason "length" if reached).
+    Such a sized answer is also ended as "length" if the deadline comes first (the measured speed was
+    optimistic: longer contexts, a busier machine): the server chose its length, so it never 504s.
     Asked for more than fits: APIError 400 at once, saying how many fit, rather than a minute of compute
-    thrown away for a 504. Until the engine has measured its speed, nothing changes."""
+    thrown away for a 504. Until the engine has measured its speed, lengths are left as they are."""
     fit = engine.tokens_within(settings.request_deadline_s * DEADLINE_SHARE, len(ids))
+    if asked is None:
+        params = dataclasses.replace(params, sized=True)
     if fit is None or params.max_new_tokens <= fit:
         return params
     if asked is None:
-        params.max_new_tokens = max(1, fit)
-        return params
+        return dataclasses.replace(params, max_new_tokens=max(1, fit))
     rate, _ = engine.speed_now()
     raise APIError(400, f"{tokens_name} {params.max_new_tokens} cannot finish within the "
                    f"{settings.request_deadline_s:g} s deadline of a whole answer at this server's measured speed "
