@@ -250,3 +250,73 @@ def test_request_threads_encode_while_the_engine_thread_decodes(reference):
     for thread in decoders:
         thread.join()
     assert errors == [] and mismatches == []
+
+
+
+def _handle(ids, max_new_tokens, deadline_s=60.0):
+    from service.inference.engine import Generation
+
+    return Generation(GenerationRequest(ids, max_new_tokens, deadline=time.monotonic() + deadline_s))
+
+
+def _decode_to_the_end(batch):
+    """Step `batch` until every row left; the rows' token ids, in the order the rows joined."""
+    finished = []
+    while batch.rows:
+        batch.step()
+        finished += batch.evict()
+    return {id(row.handle): row.ids for row in finished}
+
+
+def test_a_prompt_prefilled_in_chunks_answers_as_one_prefilled_at_once(reference):
+    from service.inference.batching import Batch
+
+    questions = ["a longer question, so that its prompt spans many chunks of a few tokens each", "short"]
+    prompts = [reference.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    chunked = Batch(reference)
+    handles = [_handle(ids, 16) for ids in prompts]
+    chunked.admit(handles)
+    chunks = 0
+    while chunked.filling:
+        assert not chunked.rows  # no row joins before its whole prompt is in
+        assert chunked.fill(7) <= 2 * 3  # two rows: 3 columns a chunk
+        chunks += 1
+    assert chunks == -(-max(map(len, prompts)) // 3) > 3
+    answers = _decode_to_the_end(chunked)
+    for question, handle in zip(questions, handles):
+        assert answers[id(handle)] == greedy(reference, [{"role": "user", "content": question}], 16)[1]
+
+
+def test_a_row_that_stops_mid_prefill_leaves_and_the_others_still_match(reference):
+    from service.inference.batching import Batch
+
+    questions = ["the one that gives up halfway through its prompt", "the one that stays until its answer"]
+    prompts = [reference.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    batch = Batch(reference)
+    leaving, staying = _handle(prompts[0], 16), _handle(prompts[1], 16)
+    batch.admit([leaving, staying])
+    batch.fill(8)
+    leaving.cancel()
+    [gone] = batch.evict()
+    assert gone.handle is leaving and gone.outcome() == ("", [], "cancelled")
+    assert batch.filling_rows == 1
+    while batch.filling:
+        batch.fill(8)
+    assert _decode_to_the_end(batch)[id(staying)] == greedy(
+        reference, [{"role": "user", "content": questions[1]}], 16)[1]
+
+
+def test_running_streams_keep_decoding_while_a_long_prompt_prefills(engine, long_question):
+    running = engine.submit(GenerationRequest(engine.model.encode_chat(long_messages(long_question)), 2048,
+                                              deadline=time.monotonic() + 60))
+    pieces = running.deltas()
+    next(pieces)
+    long_text = "a long document to read " * 500
+    assert engine.chunk_tokens(1) < len(engine.model.encode_chat([{"role": "user", "content": long_text}]))
+    counted = []
+    joining = engine.submit(request(engine, long_text, 1))
+    while not joining.done:  # every delta the running stream gets while the long prompt is prefilled
+        counted.append(next(pieces))
+    running.cancel()
+    assert joining.result(timeout=10).completion_tokens == 1
+    assert len(counted) >= 3, "the running stream stalled for the whole prefill"

@@ -2,9 +2,13 @@
 
 The running batch holds one row per request: its row of the KV cache and of
 the attention mask, its next input token and its position. Between decode
-steps, new requests join (their prompts are prefilled together, left-padded,
-and their cache rows are merged in) and finished rows leave (their cache rows
-are dropped, then the padding columns no remaining row needs). A row ends at
+steps, new requests join and finished rows leave (their cache rows are
+dropped, then the padding columns no remaining row needs). Joining requests
+form a `Filling` group: their prompts, left-padded, are prefilled together in
+chunks of columns, one chunk between two decode steps, so a long prompt never
+stalls the running rows for more than one chunk (and a row whose deadline or
+cancel comes mid-prefill leaves at the next chunk). Once its last chunk is
+in, the group's first tokens are chosen and its cache rows merged in. A row ends at
 an end token, its max_new_tokens, its deadline, its cancel flag or one of its
 stop strings, and hands each token's text to its caller as it is decoded.
 Every row samples with its own temperature and top_p, and a seeded row with
@@ -65,36 +69,109 @@ class Row:
         return self.loaded.decode(self.ids), self.ids, reason
 
 
+class Filling:
+    """Requests whose prompts are being prefilled together, left-padded, a chunk of columns at a time."""
+
+    def __init__(self, handles, loaded):
+        self.loaded = loaded
+        self.rows = [Row(handle, loaded) for handle in handles]
+        self.lengths = torch.tensor([len(row.request.prompt_ids) for row in self.rows], dtype=torch.long)
+        width = int(self.lengths.max())
+        self.input_ids = torch.full((len(self.rows), width), loaded.pad_id, dtype=torch.long)
+        self.mask = torch.zeros((len(self.rows), width), dtype=torch.long)
+        for i, row in enumerate(self.rows):  # left padding: every row's next token is in the last column
+            self.input_ids[i, width - len(row.request.prompt_ids):] = torch.tensor(row.request.prompt_ids)
+            self.mask[i, width - len(row.request.prompt_ids):] = 1
+        self.positions = (self.mask.cumsum(-1) - 1).clamp_min(0)
+        self.cache = DynamicCache(config=loaded.model.config)
+        self.done = 0  # columns prefilled so far
+        self.logits = None  # the last column's logits, once every column is in
+
+    def __len__(self):
+        return len(self.rows)
+
+    @property
+    def remaining(self):
+        """Prompt tokens (padding included) still to prefill."""
+        return len(self.rows) * (self.input_ids.shape[1] - self.done)
+
+    def advance(self, tokens):
+        """Prefill about `tokens` more prompt tokens (at least one column); the number prefilled."""
+        columns = max(1, tokens // len(self.rows))
+        start, end = self.done, min(self.input_ids.shape[1], self.done + columns)
+        with self.loaded.prefill_mode():
+            logits = self.loaded.model(
+                input_ids=self.input_ids[:, start:end], attention_mask=self.mask[:, :end], cache=self.cache,
+                position_ids=self.positions[:, start:end], use_cache=True, logits_to_keep=1).logits
+        self.done = end
+        if end == self.input_ids.shape[1]:
+            self.logits = logits[:, -1, :]
+        return len(self.rows) * (end - start)
+
+    def drop_stopped(self):
+        """Take out the rows whose caller gave up or whose deadline passed; return them."""
+        stopping = [row.should_stop() for row in self.rows]  # once: a deadline can pass between two looks
+        gone = [row for row, stop in zip(self.rows, stopping) if stop]
+        if gone:
+            keep = torch.tensor([i for i, stop in enumerate(stopping) if not stop], dtype=torch.long)
+            self.rows = [self.rows[i] for i in keep.tolist()]
+            if self.rows:
+                self.cache.batch_select_indices(keep)
+                self.input_ids, self.mask = self.input_ids[keep], self.mask[keep]
+                self.positions, self.lengths = self.positions[keep], self.lengths[keep]
+        return gone
+
+
 class Batch:
-    """The running rows and their shared KV cache; `join`, `step` and `evict` change it."""
+    """The running rows and their shared KV cache, and the groups prefilling to join them.
+
+    `admit` and `fill` bring requests in, `step` decodes, `evict` takes finished rows out."""
 
     def __init__(self, loaded):
-        self.loaded, self.rows = loaded, []
+        self.loaded, self.rows, self.filling = loaded, [], []
         self.empty()
 
     def __len__(self):
         return len(self.rows)
 
+    def admit(self, handles):
+        """Start prefilling `handles` as one group; `fill` advances it."""
+        self.filling.append(Filling(handles, self.loaded))
+
+    @property
+    def filling_rows(self):
+        return sum(len(group) for group in self.filling)
+
+    @torch.inference_mode()
+    def fill(self, tokens):
+        """Prefill about `tokens` prompt tokens of the group closest to done (a short prompt does not wait
+        behind a long one); a group whose last chunk is in joins the batch. The number prefilled.
+
+        A failure of its forward pass takes that group out and re-raises (`FillError` names its handles)."""
+        group = min(self.filling, key=lambda g: g.remaining)
+        try:
+            done = group.advance(tokens)
+        except Exception as exc:
+            self.filling.remove(group)
+            raise FillError([row.handle for row in group.rows]) from exc
+        if group.logits is not None:
+            self.filling.remove(group)
+            self._join(group)
+        return done
+
     @torch.inference_mode()
     def join(self, handles):
-        """Prefill the prompts of `handles` together, take each one's first token, and join the batch."""
-        rows = [Row(handle, self.loaded) for handle in handles]
-        lengths = [len(row.request.prompt_ids) for row in rows]
-        width = max(lengths)
-        input_ids = torch.full((len(rows), width), self.loaded.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):  # left padding: every row's next token is in the last column
-            input_ids[i, width - lengths[i]:] = torch.tensor(row.request.prompt_ids, dtype=torch.long)
-            mask[i, width - lengths[i]:] = 1
-        cache = DynamicCache(config=self.loaded.model.config)
-        with self.loaded.prefill_mode():
-            logits = self.loaded.model(input_ids=input_ids, attention_mask=mask, cache=cache, use_cache=True,
-                                       position_ids=(mask.cumsum(-1) - 1).clamp_min(0), logits_to_keep=1).logits
-        tokens = choose(logits[:, -1, :], rows)
+        """Prefill the prompts of `handles` together in one pass, take each one's first token, and join."""
+        group = Filling(handles, self.loaded)
+        group.advance(group.remaining)
+        self._join(group)
+
+    def _join(self, group):
+        tokens = choose(group.logits, group.rows)
         # Rows are in the batch before their first token reaches a caller, so whoever sees that token
         # also sees the rows running.
-        self._merge(rows, cache, mask, tokens, torch.tensor(lengths, dtype=torch.long))
-        self._hand_out(rows, tokens)
+        self._merge(group.rows, group.cache, group.mask, tokens, group.lengths)
+        self._hand_out(group.rows, tokens)
 
     @torch.inference_mode()
     def step(self):
@@ -107,7 +184,12 @@ class Batch:
         self._hand_out(self.rows, self.tokens)
 
     def evict(self):
-        """Drop the rows that are done (or whose caller gave up); return them."""
+        """Drop the rows that are done (or whose caller gave up), prefilling ones included; return them."""
+        stopped = [row for group in self.filling for row in group.drop_stopped()]
+        self.filling = [group for group in self.filling if group.rows]
+        return stopped + self._evict_running()
+
+    def _evict_running(self):
         for row in self.rows:
             row.done = row.done or row.should_stop()
         gone = [row for row in self.rows if row.done]
@@ -124,7 +206,7 @@ class Batch:
         return gone
 
     def empty(self):
-        """Drop every row and the cache (after an error, or once none is left); return the rows."""
+        """Drop every running row and the cache (after an error, or once none is left); return the rows."""
         rows, self.rows = self.rows, []
         self.cache = self.mask = self.tokens = self.positions = None
         return rows
@@ -157,6 +239,14 @@ class Batch:
             self.mask = self.mask[:, start:]
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+
+
+class FillError(Exception):
+    """A prefill chunk failed; `handles` are the requests of the group it took out."""
+
+    def __init__(self, handles):
+        super().__init__("prefill failed")
+        self.handles = handles
 
 
 def _left_pad(tensor, columns):

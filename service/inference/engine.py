@@ -8,7 +8,10 @@ request stops consuming compute.
 
 Batching is continuous (service.inference.batching): between decode steps, waiting
 requests join the running batch (up to max_batch rows) and finished ones
-leave it, so a request never waits for another one to end. Every step and
+leave it, so a request never waits for another one to end. Prompts are
+prefilled in chunks between decode steps, each sized to take about one step
+at the measured speeds, so a long prompt joining slows the running streams
+to about half speed while it fills, never stalls them. Every step and
 prefill is timed (service.inference.speed), so callers can size a request
 to its deadline.
 """
@@ -22,12 +25,15 @@ from dataclasses import dataclass, field
 import torch
 
 from service.records import metrics
-from service.inference.batching import Batch
+from service.inference.batching import Batch, FillError
 from service.inference.speed import DecodeSpeed
 
 log = logging.getLogger("vibethinker.engine")
 
 _END = object()
+CHUNK_MIN_TOKENS = 32  # a prefill chunk is never smaller (a matmul of fewer rows wastes the step it takes)
+CHUNK_IDLE_TOKENS = 2048  # with nothing decoding, a chunk only bounds how late a deadline or cancel is seen
+CHUNK_UNMEASURED_TOKENS = 256  # before the speeds are measured
 
 
 class EngineError(Exception):
@@ -167,8 +173,9 @@ class Engine:
 
     @property
     def running(self):
-        """Sequences being generated now: the rows of the batch."""
-        return len(self._batch) if self._batch is not None else 0
+        """Sequences being generated now: the rows of the batch, and those prefilling to join it."""
+        batch = self._batch
+        return len(batch) + batch.filling_rows if batch is not None else 0
 
     def queued(self):
         return self._queue.qsize()
@@ -209,19 +216,41 @@ class Engine:
         batch = self._batch = Batch(self.model)
         while not self._stopping.is_set():
             self._finish_rows(batch.evict())  # first, so finished rows make room
-            joining = self._dequeue(room=self._max_batch - len(batch), wait=not batch)
+            joining = self._dequeue(room=self._max_batch - len(batch) - batch.filling_rows,
+                                    wait=not batch and not batch.filling)
             if joining:
-                started = time.monotonic()
-                self._guarded(batch, batch.join, joining)
-                self.speed.observe_prefill(sum(len(h.request.prompt_ids) for h in joining),
-                                           time.monotonic() - started)
+                batch.admit(joining)
+            if batch.filling:
+                self._fill(batch)
                 self._finish_rows(batch.evict())
             if batch:
                 rows, started = len(batch), time.monotonic()
                 self._guarded(batch, batch.step)
                 self.speed.observe_step(rows, time.monotonic() - started)
-        for row in batch.empty():
+        for row in batch.empty() + [row for group in batch.filling for row in group.rows]:
             row.handle._finish(error=EngineError("the engine stopped"))
+
+    def chunk_tokens(self, running):
+        """Prompt tokens to prefill between two decode steps of `running` rows: about one step's time."""
+        if not running:
+            return CHUNK_IDLE_TOKENS
+        rate = self.speed.per_row(running)
+        fit = None if rate is None else self.speed.prefill_tokens_within(1.0 / rate)
+        if fit is None:
+            return CHUNK_UNMEASURED_TOKENS
+        return max(CHUNK_MIN_TOKENS, min(CHUNK_IDLE_TOKENS, fit))
+
+    def _fill(self, batch):
+        """One prefill chunk; a failed one fails the requests of its group."""
+        started = time.monotonic()
+        try:
+            done = batch.fill(self.chunk_tokens(len(batch)))
+        except FillError as exc:
+            log.error("prefill failed", exc_info=exc.__cause__)
+            for handle in exc.handles:
+                handle._finish(error=exc.__cause__)
+            return
+        self.speed.observe_prefill(done, time.monotonic() - started)
 
     def _dequeue(self, room, wait):
         """Up to `room` queued requests that are still wanted; waits a little when the batch is empty."""
@@ -242,18 +271,17 @@ class Engine:
             joining.append(handle)
         return joining
 
-    def _guarded(self, batch, action, handles=None):
-        """Run a batch action; on an error, fail the requests it touched (all of the batch for a step).
+    def _guarded(self, batch, action):
+        """Run a decode step; on an error, fail every running request.
 
         Only a failure of the model's forward pass gets here: one row's failure (its sampling) ends that
         row alone (batching.choose)."""
         try:
-            action(handles) if handles is not None else action()
+            action()
         except Exception as exc:
             log.exception("generation failed")
-            touched = handles if handles is not None else [row.handle for row in batch.empty()]
-            for handle in touched:
-                handle._finish(error=exc)
+            for row in batch.empty():
+                row.handle._finish(error=exc)
 
     def _finish_rows(self, rows):
         now = time.monotonic()

@@ -54,3 +54,9 @@ class DecodeSpeed:
         with self._lock:
             prefill = (self._prefill_s or 0.0) * prompt_tokens
         return max(0, int((seconds - prefill) * rate))
+
+    def prefill_tokens_within(self, seconds):
+        """Prompt tokens a prefill gets through in `seconds`; None when not yet known."""
+        with self._lock:
+            per = self._prefill_s
+        return None if not per else int(seconds / per)
