@@ -8,7 +8,7 @@ DEMO   := var/demo-model
 # The CPU build of torch; an unpinned torch pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install system-deps run test test-quick test-load bench clean wheel wheelhouse lint deploy-test deploy-test-vm
+.PHONY: install system-deps run test test-quick test-gpu test-load bench clean wheel wheelhouse lint deploy-test deploy-test-vm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ test: install system-deps
 test-quick: install
 	$(BIN)/python -m pytest -m "not slow" -x -q
 
+# The GPU tests (tests/gpu): on a machine with a GPU and the CUDA build of torch in the venv.
+test-gpu: install
+	VIBE_TEST_GPU=1 $(BIN)/python -m pytest -q tests/gpu
+
 # The full load test: 200 clients for 60 s of mixed traffic through nginx
 # (make test runs the same test with 40 clients for 15 s).
 test-load: install system-deps
@@ -75,15 +79,19 @@ bench: install
 	$(BIN)/python bench/refusals.py
 	$(BIN)/python bench/modes.py
 	$(BIN)/python bench/batches.py
+	$(BIN)/python bench/prefill.py
 
 # What ansible/ deploys: the project wheel, and for offline servers a
-# wheelhouse of every dependency (torch's CPU build included) for Debian 12's Python.
+# wheelhouse of every dependency (torch's CPU build included; TORCH_VARIANT=cuda
+# for its CUDA build, app_torch_variant: cuda) for Debian 12's Python.
+TORCH_VARIANT ?= cpu
 wheel: install
 	rm -rf dist/*.whl && $(BIN)/pip wheel -q --no-deps -w dist .
 	@ls dist/*.whl
 
 wheelhouse: wheel
-	$(BIN)/python ansible/build_wheelhouse.py dist/vibethinker_service-*.whl dist/wheelhouse
+	$(BIN)/python ansible/build_wheelhouse.py dist/vibethinker_service-*.whl dist/wheelhouse \
+	  --torch-variant $(TORCH_VARIANT)
 
 lint: install
 	$(BIN)/ansible-lint

@@ -6,7 +6,9 @@
 can differ on the server's Python: redis needs async-timeout only below
 3.11.3, and Debian 12's Python is 3.11.2. So after pip's pass this script
 evaluates every wheel's requirements for the target Python and adds what is
-missing, until nothing is. torch is pinned to its CPU build.
+missing, until nothing is. torch is pinned; `--torch-variant cuda` takes its
+CUDA build (PyPI's Linux wheel, with the nvidia-* runtime wheels it needs:
+several GB) for a server with a GPU (Ansible: app_torch_variant: cuda).
 """
 
 import argparse
@@ -21,6 +23,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 TORCH = "torch==2.13.0"
+PYPI = "https://pypi.org/simple"  # its Linux torch wheel is the CUDA build
 
 
 def requirements(wheel):
@@ -45,9 +48,11 @@ def missing(folder, environment):
     return sorted(wanted)
 
 
-def build(project_wheel, out, target_python):
+def build(project_wheel, out, target_python, torch_variant="cpu"):
     out.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "wheel", "-q", "-w", str(out)]
+    if torch_variant == "cuda":
+        subprocess.run([*pip, "--index-url", PYPI, TORCH], check=True)
     subprocess.run([*pip, TORCH, str(project_wheel)], check=True)
     environment = default_environment()
     environment.update(python_full_version=target_python, python_version=".".join(target_python.split(".")[:2]))
@@ -62,8 +67,10 @@ def main(argv=None):
     parser.add_argument("project_wheel", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--target-python", default="3.11.2", help="the server's Python (Debian 12: 3.11.2)")
+    parser.add_argument("--torch-variant", choices=["cpu", "cuda"], default="cpu",
+                        help="torch's CPU build, or its CUDA build for a server with a GPU")
     args = parser.parse_args(argv)
-    wheels = build(args.project_wheel, args.out, args.target_python)
+    wheels = build(args.project_wheel, args.out, args.target_python, args.torch_variant)
     print(f"{len(wheels)} wheels in {args.out}")
 
 

@@ -69,10 +69,11 @@ def create_app(settings=None):
     state.engine = start_engine(model_path, settings)
     state.batch_runner = BatchRunner(app, state).start()
     metrics.MODEL_INFO.info({"model": settings.model_name, "dtype": settings.dtype,
-                             "quantization": settings.quantization, "version": health.version()})
+                             "quantization": settings.quantization, "device": settings.device,
+                             "version": health.version()})
     logging.getLogger("vibethinker.app").info("service starting", extra={"fields": {
         "model": settings.model_name, "model_path": str(model_path), "dtype": settings.dtype,
-        "quantization": settings.quantization,
+        "quantization": settings.quantization, "device": settings.device,
         "bind": settings.bind, "ratelimit_storage": settings.ratelimit_storage_uri.split(":")[0],
         "db": settings.db_url.split(":")[0], "version": health.version()}})
     return app
@@ -108,5 +109,6 @@ def start_engine(model_path, settings):
     from service.inference import model
     from service.inference.engine import Engine
 
-    loader = partial(model.load, str(model_path), settings.dtype, settings.quantization, settings.prefill_float32)
+    loader = partial(model.load, str(model_path), settings.dtype, settings.quantization, settings.prefill_float32,
+                     settings.device)
     return Engine(loader, settings.queue_size, settings.torch_threads, settings.max_batch_size).start()

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
         "none", description="int8: the decoder's and output head's linear layers in int8 (about 3x faster decode "
         "on a CPU; dtype then does not apply).",
     )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the model runs: cuda (a GPU; the CUDA build of torch), cpu, or auto (cuda "
+        "when torch sees a GPU). int8 runs on the CPU only.",
+    )
     prefill_float32: Literal["auto", "on", "off"] = Field(
         "auto", description="bfloat16 only: run prefill matmuls in float32; auto does so on CPUs without "
         "bfloat16 units.",
@@ -190,6 +194,9 @@ class Settings(BaseSettings):
                 f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
                 f"max_new_tokens_limit ({self.max_new_tokens_limit})"
             )
+        if self.device == "cuda" and self.quantization == "int8":
+            raise ValueError("quantization int8 runs on the CPU only (fbgemm kernels): with device cuda, set "
+                             "quantization none (bfloat16 on the GPU), or device cpu")
         return self
 
     @classmethod

@@ -17,6 +17,9 @@ sys.path.insert(0, str(ROOT / "bench"))  # the harness the benchmarks share: one
 
 from harness import free_port  # noqa: E402
 
+# tests/gpu needs a GPU: `make test-gpu` runs it (VIBE_TEST_GPU=1); make test never collects it.
+collect_ignore = [] if os.environ.get("VIBE_TEST_GPU") == "1" else ["gpu"]
+
 
 def clean_env(**extra):
     """The environment without any VIBE_* variable of the caller's, plus `extra`."""

@@ -64,3 +64,23 @@ def test_unit_keeps_what_the_service_needs():
     assert not any(line.startswith("MemoryDenyWriteExecute=yes") for line in text.splitlines())
     stop = int(re.search(r"^TimeoutStopSec=(\d+)", text, re.M).group(1))
     assert stop > 60 + 15  # above gunicorn's graceful_timeout at the default deadline
+
+
+@pytest.mark.parametrize("variant", ["cpu", "cuda"])
+def test_the_site_drop_in_opens_the_gpu_only_for_the_cuda_variant(tmp_path, variant):
+    import jinja2
+
+    template = (ROOT / "ansible/roles/app/templates/site.conf.j2").read_text()
+    drop_in = jinja2.Template(template).render(ansible_managed="test", app_memory_max="",
+                                               app_torch_variant=variant)
+    root = fake_root(tmp_path, UNIT.read_text())
+    (root / "etc/systemd/system/vibethinker.service.d").mkdir()
+    (root / "etc/systemd/system/vibethinker.service.d/site.conf").write_text(drop_in)
+    out = analyze("verify", f"--root={root}", "vibethinker.service")
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    allowed = re.findall(r"^DeviceAllow=(\S+) rw$", drop_in, re.M)
+    if variant == "cuda":
+        assert allowed == ["char-nvidia-frontend", "char-nvidia-uvm", "char-nvidia-caps"]
+        assert "PrivateDevices=no" in drop_in
+    else:
+        assert not allowed and "PrivateDevices" not in drop_in

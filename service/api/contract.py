@@ -97,6 +97,7 @@ class Ready(BaseModel):
     version: str
     model: str
     mode: str
+    device: Literal["cpu", "cuda"]
     load_seconds: float
     queued: int
     running: int

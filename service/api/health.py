@@ -34,7 +34,8 @@ def readyz():
                        headers={"Retry-After": 5})
     rate, rows = engine.speed_now()
     return {"status": "ready", "version": version(), "model": app.settings.model_name, "mode": engine.model.mode,
-            "load_seconds": round(engine.model.load_seconds, 3), "queued": engine.queued(), "running": engine.running,
+            "device": engine.model.device, "load_seconds": round(engine.model.load_seconds, 3),
+            "queued": engine.queued(), "running": engine.running,
             "decode_tokens_per_s": None if rate is None else round(rate, 2), "decode_batch_size": rows}
 
 

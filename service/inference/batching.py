@@ -83,6 +83,9 @@ class Filling:
             self.input_ids[i, width - len(row.request.prompt_ids):] = torch.tensor(row.request.prompt_ids)
             self.mask[i, width - len(row.request.prompt_ids):] = 1
         self.positions = (self.mask.cumsum(-1) - 1).clamp_min(0)
+        device = loaded.device
+        self.input_ids, self.mask = self.input_ids.to(device), self.mask.to(device)
+        self.positions, self.lengths = self.positions.to(device), self.lengths.to(device)
         self.cache = DynamicCache(config=loaded.model.config)
         self.done = 0  # columns prefilled so far
         self.logits = None  # the last column's logits, once every column is in
@@ -113,8 +116,9 @@ class Filling:
         stopping = [row.should_stop() for row in self.rows]  # once: a deadline can pass between two looks
         gone = [row for row, stop in zip(self.rows, stopping) if stop]
         if gone:
-            keep = torch.tensor([i for i, stop in enumerate(stopping) if not stop], dtype=torch.long)
-            self.rows = [self.rows[i] for i in keep.tolist()]
+            kept = [i for i, stop in enumerate(stopping) if not stop]
+            keep = torch.tensor(kept, dtype=torch.long, device=self.loaded.device)
+            self.rows = [self.rows[i] for i in kept]
             if self.rows:
                 self.cache.batch_select_indices(keep)
                 self.input_ids, self.mask = self.input_ids[keep], self.mask[keep]
@@ -199,7 +203,7 @@ class Batch:
             if not keep:
                 self.empty()
             else:
-                index = torch.tensor(keep, dtype=torch.long)
+                index = torch.tensor(keep, dtype=torch.long, device=self.loaded.device)
                 self.cache.batch_select_indices(index)
                 self.mask, self.tokens, self.positions = self.mask[index], self.tokens[index], self.positions[index]
                 self._trim()
@@ -267,7 +271,8 @@ def choose(logits, rows):
     for i, row in enumerate(rows):
         if not row.greedy:
             try:
-                tokens[i] = sample(logits[i].float(), row.request.temperature, row.request.top_p, row.generator)
+                tokens[i] = sample(logits[i].float().cpu(), row.request.temperature, row.request.top_p,
+                                   row.generator)  # on the CPU: a row's seeded generator is a CPU one
             except Exception as exc:  # noqa: BLE001 - any failure of one row is that row's alone
                 row.fail(exc)
     return tokens

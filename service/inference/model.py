@@ -48,6 +48,7 @@ class LoadedModel:
     backend: object = None  # the Rust tokenizer, when decoding through it gives the same text
     mode: str = "float32"  # the numeric mode: float32, bfloat16, or int8
     float32_prefill: bool = False  # bfloat16 weights, upcast for prefill (a CPU without bf16 units)
+    device: str = "cpu"  # where the weights are and every step runs: cpu or cuda
 
     def __post_init__(self):
         # The tokenizer has one owner per side. A fast tokenizer is one Rust object that refuses a mutable
@@ -97,15 +98,40 @@ class LoadedModel:
         return self.decoder.decode(ids, skip_special_tokens=True)
 
 
-def load(path, dtype="float32", quantization="none", prefill_float32="auto"):
+class DeviceError(RuntimeError):
+    """The device asked for cannot run this model; the message says what to change."""
+
+
+def resolve_device(setting, quantization="none", cuda_available=None):
+    """The device the `device` setting (auto, cpu, cuda) means here; DeviceError when it cannot be had.
+
+    auto is cuda when torch sees a GPU, except for int8 (CPU kernels only), which stays on the CPU."""
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if setting == "cpu" or (setting == "auto" and (not cuda_available or quantization == "int8")):
+        return "cpu"
+    if quantization == "int8":
+        raise DeviceError("quantization int8 runs on the CPU only: set quantization none or device cpu")
+    if not cuda_available:
+        build = "a CPU-only build of torch" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        raise DeviceError(f"device cuda was asked for, but torch {torch.__version__} ({build}) sees no GPU: "
+                          "install the CUDA build of torch (Ansible: app_torch_variant: cuda) and check that "
+                          "the service may open /dev/nvidia*, or set device cpu")
+    return "cuda"
+
+
+def load(path, dtype="float32", quantization="none", prefill_float32="auto", device="cpu"):
     """Load model and tokenizer once from a local folder; weights are memory-mapped.
 
     With quantization "int8", a plain checkpoint loads in its own dtype (a
     bfloat16 one stays mapped, not copied) and becomes int8 one decoder layer
     at a time; a folder written by `vibethinker-admin model convert` loads as
     it is. Such a folder only loads with the quantization it was converted to.
+    `device` is a setting (auto, cpu, cuda; see resolve_device); on cuda the
+    weights are copied to the GPU in `dtype` and attention is SDPA.
     """
     started = time.monotonic()
+    device = resolve_device(device, quantization)
     converted = artifact.quantization_of(path)
     if converted is not None and converted != quantization:
         raise ValueError(f"{path} is a pre-converted {converted} model: set quantization = {converted} "
@@ -121,6 +147,8 @@ def load(path, dtype="float32", quantization="none", prefill_float32="auto"):
         model.eval()
         if int8:
             numerics.quantize_int8(model)
+        elif device == "cuda":
+            model.to(device)
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
@@ -128,8 +156,9 @@ def load(path, dtype="float32", quantization="none", prefill_float32="auto"):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
     context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
     loaded = LoadedModel(model, tokenizer, frozenset(eos_ids), pad_id, time.monotonic() - started, int(context),
-                         mode="int8" if int8 else dtype,
-                         float32_prefill=not int8 and numerics.wants_float32_prefill(prefill_float32, dtype))
+                         mode="int8" if int8 else dtype, device=device,
+                         float32_prefill=not int8 and device == "cpu"
+                         and numerics.wants_float32_prefill(prefill_float32, dtype))
     loaded.encode_chat(PROBE)  # a chat template the service cannot encode safely fails the load, not each request
     return loaded
 
