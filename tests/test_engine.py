@@ -287,6 +287,22 @@ def test_a_prompt_prefilled_in_chunks_answers_as_one_prefilled_at_once(reference
         assert answers[id(handle)] == greedy(reference, [{"role": "user", "content": question}], 16)[1]
 
 
+def test_a_short_prompt_admitted_with_a_long_one_joins_first(reference):
+    from service.inference.batching import Batch
+
+    short_ids = reference.encode_chat([{"role": "user", "content": "short"}])
+    long_ids = reference.encode_chat([{"role": "user", "content": "a long document to read " * 40}])
+    batch = Batch(reference)
+    short, long = _handle(short_ids, 4), _handle(long_ids, 4)
+    batch.admit([long, short])
+    assert [len(group) for group in batch.filling] == [1, 1]  # lengths too far apart for one group
+    while batch.filling:
+        batch.fill(32)
+        if batch.rows:
+            break
+    assert [row.handle for row in batch.rows] == [short] and batch.filling_rows == 1
+
+
 def test_a_row_that_stops_mid_prefill_leaves_and_the_others_still_match(reference):
     from service.inference.batching import Batch
 

@@ -22,6 +22,8 @@ from transformers import DynamicCache
 
 from service.records import metrics
 
+# Prompts prefilled as one group: the longest at most this times the shortest, plus the slack.
+SIMILAR_LENGTH, SIMILAR_SLACK = 2, 64
 # Below this temperature, sampling is greedy decoding: dividing logits by a
 # near-zero temperature overflows to inf/NaN (5e-324 did, found by hypothesis).
 GREEDY_BELOW = 1e-3
@@ -139,8 +141,17 @@ class Batch:
         return len(self.rows)
 
     def admit(self, handles):
-        """Start prefilling `handles` as one group; `fill` advances it."""
-        self.filling.append(Filling(handles, self.loaded))
+        """Start prefilling `handles`, in groups of similar prompt lengths (a short prompt neither waits for a
+        long one nor pays its padding); `fill` advances them."""
+        group = []
+        for handle in sorted(handles, key=lambda h: len(h.request.prompt_ids)):
+            length = len(handle.request.prompt_ids)
+            if group and length > SIMILAR_LENGTH * len(group[0].request.prompt_ids) + SIMILAR_SLACK:
+                self.filling.append(Filling(group, self.loaded))
+                group = []
+            group.append(handle)
+        if group:
+            self.filling.append(Filling(group, self.loaded))
 
     @property
     def filling_rows(self):
