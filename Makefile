@@ -8,7 +8,7 @@ DEMO   := var/demo-model
 # The CPU build of torch; an unpinned torch pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install system-deps run test test-quick test-gpu test-load bench clean wheel wheelhouse lint deploy-test deploy-test-vm
+.PHONY: install system-deps run test test-quick test-gpu test-load bench bench-real clean wheel wheelhouse lint deploy-test deploy-test-vm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,15 @@ bench: install
 	$(BIN)/python bench/modes.py
 	$(BIN)/python bench/batches.py
 	$(BIN)/python bench/prefill.py
+
+# Real size against llama.cpp (bench/realsize.py): builds llama.cpp under var/llama once (cmake and g++;
+# minutes) and the 3.1 GB random-weight model under var/bench-model; then about 15 minutes.
+bench-real: install
+	@command -v cmake >/dev/null && command -v g++ >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++ >/dev/null; \
+	  else echo "cmake and g++ are missing: install them"; exit 1; fi; }
+	$(BIN)/python bench/realsize.py
 
 # What ansible/ deploys: the project wheel, and for offline servers a
 # wheelhouse of every dependency (torch's CPU build included; TORCH_VARIANT=cuda
