@@ -83,3 +83,12 @@ def start_service(work, model_dir, port, user_options, **settings):
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_ready(f"http://127.0.0.1:{port}/readyz")
     return proc, {"Authorization": f"Bearer {token}"}
+
+
+def stop_all(procs, work):
+    """Stop the processes a bench started (the last started first) and remove its work folder."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=60)
+    shutil.rmtree(work, ignore_errors=True)

@@ -23,7 +23,6 @@ import argparse
 import http.client
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from urllib.parse import urlsplit
 import requests
 
 import llamacpp
-from harness import BIN, ROOT, cached_demo_model, free_port, start_redis, start_service, wait_ready
+from harness import BIN, ROOT, cached_demo_model, free_port, start_redis, start_service, stop_all, wait_ready
 from throughput import chat_question, goal
 
 sys.path.insert(0, str(ROOT))
@@ -178,11 +177,7 @@ def main():
                 "at16_bf16_engine_decode_over_llama_bf16": goal(ratios["at16_bf16_engine_decode_over_llama_bf16"], 1.5),
             }}))
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(60)
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(procs, work)
 
 
 if __name__ == "__main__":

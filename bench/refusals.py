@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import requests
-from harness import build_demo_model, free_port, start_service
+from harness import build_demo_model, free_port, start_service, stop_all
 
 
 def drive(url, headers, body, seconds, clients, expect):
@@ -76,10 +76,7 @@ def main():
         print(json.dumps({"bench": "refusals", "storage": storage.split(":")[0], "clients": args.clients,
                           "seconds": args.seconds, **figures}))
     finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(timeout=30)
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(procs, work)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import argparse
 import http.client
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from urllib.parse import urlsplit
 
 import requests
 from harness import (BIN, ROOT, build_demo_model, cached_demo_model, free_port, start_redis, start_service,
-                     wait_ready)
+                     stop_all, wait_ready)
 
 sys.path.insert(0, str(ROOT))
 
@@ -286,11 +285,7 @@ def main():
         if args.real:
             print(json.dumps({"bench": "real_size", "preset": "vibethinker-1.5b", **real_size()}))
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(30)
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(procs, work)
 
 
 if __name__ == "__main__":
