@@ -4,8 +4,9 @@
 
 In one process, one engine: `--streams` greedy streams run, then a prompt of
 about `--prompt` tokens joins. Measured over the streams' tokens from the
-join to a while after it: inter-token latency (each token as the engine chooses it) p50, p99, the longest gap and
-p99 / p50; the long prompt's time to first token. Run twice side by side,
+join to a while after it (each token timed as the engine chooses it):
+inter-token latency p50, p99, the longest gap and p99 / p50; the long
+prompt's time to first token. Run twice side by side,
 prefill chunked (as the engine does) and in one pass (every chunk as large
 as the prompt), and print one JSON line per run and one with the ratios.
 """

@@ -20,7 +20,6 @@ rounds. One JSON line per engine and mode, then one with the issue's goals.
 """
 
 import argparse
-import http.client
 import json
 import os
 import statistics
@@ -28,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -36,7 +34,7 @@ import requests
 
 import llamacpp
 from harness import BIN, ROOT, cached_demo_model, free_port, start_redis, start_service, stop_all, wait_ready
-from throughput import chat_question, goal
+from throughput import chat_question, goal, load
 
 sys.path.insert(0, str(ROOT))
 
@@ -49,43 +47,27 @@ def int8_folder(model_dir):
 
 
 def clients_run(url, headers, clients, tokens, body_of):
-    """(aggregate completion tokens/s, the engine's decode tokens/s at its batch size, sampled mid-run)."""
-    counts, where, rates = [0] * clients, urlsplit(url), []
-    done = threading.Event()
+    """(aggregate completion tokens/s of one request per client, the engine's decode tokens/s at its batch size
+    sampled from /readyz while every client is in the batch; None for a server without /readyz's figure)."""
+    where, rates, done = urlsplit(url), [], threading.Event()
 
-    def client(i):
-        connection = http.client.HTTPConnection(where.hostname, where.port, timeout=3600)
-        connection.request("POST", where.path, body=json.dumps(body_of(i, 0, tokens)),
-                           headers={**headers, "Content-Type": "application/json"})
-        response = connection.getresponse()
-        data = json.loads(response.read())
-        if response.status != 200:
-            raise RuntimeError(f"{url}: {response.status} {data}")
-        counts[i] = data["usage"]["completion_tokens"] if "usage" in data else data["completion_tokens"]
-        connection.close()
-
-    def sample():  # the engine's own decode figure, while every client is in the batch
-        base = f"{where.scheme}://{where.netloc}"
+    def sample():
         while not done.wait(0.5):
             try:
-                ready = requests.get(base + "/readyz", timeout=5).json()
+                ready = requests.get(f"{where.scheme}://{where.netloc}/readyz", timeout=5).json()
             except (requests.RequestException, ValueError):
                 continue
             if ready.get("decode_batch_size") == clients and ready.get("decode_tokens_per_s"):
                 rates.append(ready["decode_tokens_per_s"] * clients)
 
-    sampler = threading.Thread(target=sample) if headers else None
-    started = time.monotonic()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for thread in threads + ([sampler] if sampler else []):
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.monotonic() - started
-    done.set()
-    if sampler:
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        total = load(url, headers, clients, 1, tokens, body_of)
+    finally:
+        done.set()
         sampler.join()
-    return sum(counts) / elapsed, (statistics.median(rates) if rates else None)
+    return total, (statistics.median(rates) if rates else None)
 
 
 def main():

@@ -8,9 +8,9 @@ form a `Filling` group: their prompts, left-padded, are prefilled together in
 chunks of columns, one chunk between two decode steps, so a long prompt never
 stalls the running rows for more than one chunk (and a row whose deadline or
 cancel comes mid-prefill leaves at the next chunk). Once its last chunk is
-in, the group's first tokens are chosen and its cache rows merged in. A row ends at
-an end token, its max_new_tokens, its deadline, its cancel flag or one of its
-stop strings, and hands each token's text to its caller as it is decoded.
+in, the group's first tokens are chosen and its cache rows merged in. A row
+ends at an end token, its max_new_tokens, its deadline, its cancel flag or one
+of its stop strings, and hands each token's text to its caller as it is decoded.
 Every row samples with its own temperature and top_p, and a seeded row with
 its own generator, so any requests can share a step.
 """

@@ -159,7 +159,7 @@ class Engine:
         """Start the engine thread; it loads the model, then serves the queue."""
         metrics.WAITING.set_function(self.queued)
         metrics.RUNNING.set_function(lambda: self.running)
-        metrics.DECODE_SPEED.set_function(lambda: self.speed.per_row(max(1, self.running)) or 0.0)
+        metrics.DECODE_SPEED.set_function(lambda: self.speed.per_row(max(1, self.decoding)) or 0.0)
         self._thread.start()
         return self
 
@@ -177,6 +177,11 @@ class Engine:
         batch = self._batch
         return len(batch) + batch.filling_rows if batch is not None else 0
 
+    @property
+    def decoding(self):
+        """The rows a decode step runs now (prefilling ones not yet among them)."""
+        return len(self._batch) if self._batch is not None else 0
+
     def queued(self):
         return self._queue.qsize()
 
@@ -188,7 +193,7 @@ class Engine:
 
     def speed_now(self):
         """(tokens/s of one row, rows) at the current batch size; the rate is None until measured."""
-        rows = max(1, self.running)
+        rows = max(1, self.decoding)
         return self.speed.per_row(rows), rows
 
     def submit(self, request):
