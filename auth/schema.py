@@ -24,6 +24,7 @@ users = sa.Table(
     sa.Column("daily_tokens", sa.Integer),
     sa.Column("max_concurrent", sa.Integer),
     sa.Column("system_prompts", sa.Text),  # JSON list of allowed system prompts; NULL: any
+    sa.Column("models", sa.Text),  # JSON list of the models (names or aliases) the user may call; NULL: any
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )
 tokens = sa.Table(
@@ -60,6 +61,8 @@ usage = sa.Table(
     sa.Column("latency_ms", sa.Integer, nullable=False),
     sa.Column("finish_reason", sa.String(32)),
     sa.Column("request_id", sa.String(128), nullable=False),
+    sa.Column("model", sa.String(128)),  # the served model that answered (NULL: rows from before models)
+    sa.Column("cached", sa.Boolean, nullable=False, server_default=sa.false()),  # answered from the cache
     sa.Index("ix_usage_user_at", "user", "at"),
 )
 # One row: replaced by every change that can turn a valid token invalid (revocation, disable, demotion,

@@ -15,8 +15,11 @@ import sqlalchemy as sa
 from auth.errors import StoreError
 from auth.schema import audit, auth_epoch, connect, migrate, tokens, usage, users
 
-QUOTA_FIELDS = ("rate_limit", "daily_tokens", "max_concurrent", "system_prompts")
+QUOTA_FIELDS = ("rate_limit", "daily_tokens", "max_concurrent", "system_prompts", "models")
+LIST_FIELDS = ("system_prompts", "models")  # allow-lists, stored as JSON text; NULL allows any
 MAX_SYSTEM_PROMPTS = 50
+MAX_MODELS = 16
+MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}"  # as the settings allow a served model's name
 # Bounds of the integer quotas: a database column holds 64 bits, and no real quota comes near these.
 QUOTA_MAX = {"daily_tokens": 10**15, "max_concurrent": 10_000}
 NAME_PATTERN = r"[a-z0-9_][a-z0-9._-]{0,63}"  # a user name: also the spec's pattern (service.api.contract)
@@ -127,7 +130,7 @@ class Store:
         """Token metadata with its user's name and state, or None if never issued."""
         query = (sa.select(tokens, users.c.name.label("user"), users.c.active.label("user_active"),
                            users.c.is_admin.label("user_admin"), users.c.rate_limit, users.c.daily_tokens,
-                           users.c.max_concurrent, users.c.system_prompts)
+                           users.c.max_concurrent, users.c.system_prompts, users.c.models)
                  .join(users).where(tokens.c.jti == jti))
         with self.engine.connect() as conn:
             row = conn.execute(query).mappings().first()
@@ -172,18 +175,21 @@ class Store:
     # --- usage ---
     def record_usage(self, rows):
         """Usage rows (user, route, status, prompt_tokens, completion_tokens, latency_ms, finish_reason,
-        request_id) in one transaction: the service's group commit."""
+        request_id, and optionally model and cached) in one transaction: the service's group commit."""
         at = self.clock()
         with self.engine.begin() as conn:
             conn.execute(usage.insert(), [{"at": at, **row} for row in rows])
 
     def usage_by_day(self, user=None, since=None):
-        """Daily totals per user (UTC days), newest first."""
+        """Daily totals per user (UTC days), newest first. Tokens are those computed: an answer from the
+        response cache counts as a request (and in `cached`), not in the tokens."""
         day = sa.func.date(usage.c.at).label("day")
+        computed = lambda column: sa.func.sum(sa.case((usage.c.cached, 0), else_=column))  # noqa: E731
         query = (sa.select(day, usage.c.user, sa.func.count().label("requests"),
                            sa.func.sum(sa.case((usage.c.status < 400, 1), else_=0)).label("succeeded"),
-                           sa.func.sum(usage.c.prompt_tokens).label("prompt_tokens"),
-                           sa.func.sum(usage.c.completion_tokens).label("completion_tokens"))
+                           sa.func.sum(sa.case((usage.c.cached, 1), else_=0)).label("cached"),
+                           computed(usage.c.prompt_tokens).label("prompt_tokens"),
+                           computed(usage.c.completion_tokens).label("completion_tokens"))
                  .group_by(day, usage.c.user).order_by(day.desc(), usage.c.user))
         if user is not None:
             query = query.where(usage.c.user == user)
@@ -191,7 +197,7 @@ class Store:
             query = query.where(usage.c.at >= aware(since))
         with self.engine.connect() as conn:
             return [{"day": str(r.day), "user": r.user, "requests": r.requests, "succeeded": int(r.succeeded),
-                     "prompt_tokens": int(r.prompt_tokens), "completion_tokens": int(r.completion_tokens),
+                     "cached": int(r.cached), "prompt_tokens": int(r.prompt_tokens), "completion_tokens": int(r.completion_tokens),
                      "total_tokens": int(r.prompt_tokens + r.completion_tokens)} for r in conn.execute(query)]
 
     def usage_rows(self, user=None, limit=100):
@@ -248,6 +254,11 @@ def check_quotas(quotas):
                          "(null allows any)", "invalid_value", "system_prompts")
     for i, prompt in enumerate(prompts or ()):
         check_text(f"system_prompts.{i}", prompt, controls="\t\n")
+    models = quotas.get("models")
+    if models is not None and (not isinstance(models, list) or len(models) > MAX_MODELS or not all(
+            isinstance(m, str) and re.fullmatch(MODEL_NAME, m) for m in models)):
+        raise StoreError(400, f"models must be a list of at most {MAX_MODELS} model names (null allows any)",
+                         "invalid_value", "models")
     return quotas
 
 
@@ -269,13 +280,11 @@ def check_text(name, value, limit=None, controls=""):
 
 
 def _encode(fields):
-    """Store the system-prompt list as JSON text."""
-    if fields.get("system_prompts") is not None:
-        fields = {**fields, "system_prompts": json.dumps(fields["system_prompts"])}
-    return fields
+    """Store the allow-lists as JSON text."""
+    return {k: json.dumps(v) if k in LIST_FIELDS and v is not None else v for k, v in fields.items()}
 
 
-def _prompts(text):
+def _list(text):
     return None if text is None else json.loads(text)
 
 
@@ -286,7 +295,8 @@ def _given(quotas):
 def _user(row):
     return {"id": row["id"], "name": row["name"], "admin": row["is_admin"], "active": row["active"],
             "rate_limit": row["rate_limit"], "daily_tokens": row["daily_tokens"],
-            "max_concurrent": row["max_concurrent"], "system_prompts": _prompts(row["system_prompts"]),
+            "max_concurrent": row["max_concurrent"], "system_prompts": _list(row["system_prompts"]),
+            "models": _list(row["models"]),
             "created_at": aware(row["created_at"]).isoformat()}
 
 
@@ -296,5 +306,5 @@ def _token(row):
              "revoked_at": aware(row["revoked_at"]), "revoked_by": row["revoked_by"]}
     for extra in ("user_active", "user_admin", *QUOTA_FIELDS):
         if extra in row:
-            token[extra] = _prompts(row[extra]) if extra == "system_prompts" else row[extra]
+            token[extra] = _list(row[extra]) if extra in LIST_FIELDS else row[extra]
     return token

@@ -1,9 +1,10 @@
 """The Flask application factory: `gunicorn "service.app:create_app()"`.
 
 create_app wires each concern's module; it loads settings, refuses to start
-without a model folder or a signing key, opens (and migrates) the store, and
-starts the engine thread, which loads the model in the background (/readyz
-answers 503 until it is done).
+without a model folder, with models whose weights do not fit the memory, or
+without a signing key, opens (and migrates) the store, and starts one engine
+thread per served model; each loads its model in the background, one at a
+time (/readyz answers 503 until all are done).
 """
 
 import logging
@@ -21,20 +22,23 @@ from auth.store import Store
 from service import errors
 from service.admission import access, ratelimit
 from service.admission.counters import epoch_publisher, open_counters
-from service.api import admin, batches, chat, contract, health, me, predict
+from service.api import admin, batches, chat, contract, health, me, models, predict
+from service.api.cache import open_cache
 from service.batches.records import BatchRecords
 from service.batches.runner import BatchRunner
 from service.inputs import filtering
 from service.records import accounting, logs, metrics, requestid
 from service.records.usagelog import UsageLog
-from service.settings import SettingsError, load_settings, require_model_path
+from service.inference import footprint
+from service.settings import SettingsError, load_settings, require_models
 from service.state import State, attach
 
 
 def create_app(settings=None):
-    """Build the app around one engine; the model is loaded once per process."""
+    """Build the app around one engine per served model; each model is loaded once per process."""
     settings = settings or load_settings()
-    model_path = require_model_path(settings)
+    specs = require_models(settings)
+    sizes = footprint.check(specs, settings.memory_limit_bytes)
     logs.configure(settings.log_level)
 
     app = Flask(__name__)
@@ -47,7 +51,7 @@ def create_app(settings=None):
     counters = open_counters(settings.ratelimit_storage_uri)
     store, keyset = open_state(settings, counters)
     state = attach(app, State(settings, store, keyset, load_policy(settings), started_at=time.time(),
-                              counters=counters, usage_log=UsageLog(store),
+                              counters=counters, usage_log=UsageLog(store), cache=open_cache(settings),
                               batches=BatchRecords(store.engine, settings.files_dir)))
 
     accounting.init_app(app)  # first: every later hook writes to the request's record
@@ -62,18 +66,20 @@ def create_app(settings=None):
     app.register_blueprint(metrics.bp)
     app.register_blueprint(contract.bp)
     app.register_blueprint(me.bp)
+    app.register_blueprint(models.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(chat.bp)
     app.register_blueprint(batches.bp)
     predict.init_app(app)
-    state.engine = start_engine(model_path, settings)
+    state.models = start_models(specs, sizes, settings)
     state.batch_runner = BatchRunner(app, state).start()
-    metrics.MODEL_INFO.info({"model": settings.model_name, "dtype": settings.dtype,
-                             "quantization": settings.quantization, "device": settings.device,
-                             "version": health.version()})
+    for spec in specs:
+        metrics.MODEL_INFO.labels(spec.name).info({"dtype": spec.dtype, "quantization": spec.quantization,
+                                                   "device": settings.device, "version": health.version()})
     logging.getLogger("vibethinker.app").info("service starting", extra={"fields": {
-        "model": settings.model_name, "model_path": str(model_path), "dtype": settings.dtype,
-        "quantization": settings.quantization, "device": settings.device,
+        "models": [{"name": spec.name, "path": str(spec.path), "dtype": spec.dtype,
+                    "quantization": spec.quantization, "weight_bytes": sizes[spec.name]} for spec in specs],
+        "device": settings.device, "cache": settings.cache,
         "bind": settings.bind, "ratelimit_storage": settings.ratelimit_storage_uri.split(":")[0],
         "db": settings.db_url.split(":")[0], "version": health.version()}})
     return app
@@ -104,11 +110,19 @@ def load_policy(settings):
         raise SettingsError(str(exc)) from None
 
 
-def start_engine(model_path, settings):
-    """Start the engine thread; it imports torch and loads the model off the request path."""
+def start_models(specs, sizes, settings):
+    """Start an engine thread per served model, taking turns at the processor; each imports torch and loads
+    its model off the request path."""
     from service.inference import model
-    from service.inference.engine import Engine
+    from service.inference.engine import Engine, Turns
 
-    loader = partial(model.load, str(model_path), settings.dtype, settings.quantization, settings.prefill_float32,
-                     settings.device)
-    return Engine(loader, settings.queue_size, settings.torch_threads, settings.max_batch_size).start()
+    turns, served = Turns(), []
+    for spec in specs:
+        loader = partial(model.load, str(spec.path), spec.dtype, spec.quantization, settings.prefill_float32,
+                         settings.device)
+        mode = "int8" if spec.quantization == "int8" else spec.dtype
+        revision = models.revision(spec.path, mode)  # before the engine starts: the files as they are loaded
+        engine = Engine(loader, settings.queue_size, settings.torch_threads, settings.max_batch_size,
+                        name=spec.name, turns=turns)
+        served.append(models.Served(spec, engine.start(), revision, sizes[spec.name]))
+    return models.Models(served, settings.routing)

@@ -15,6 +15,7 @@ import sqlalchemy.exc
 from auth.errors import StoreError
 from auth.keys import KeyFolderError
 from service import commands
+from service.api.cache import CacheUnavailable
 from service.settings import SettingsError, load_settings
 
 
@@ -30,7 +31,7 @@ def main(argv=None):
     try:
         settings = load_settings()
         return args.handler(args, settings) or 0
-    except (SettingsError, StoreError, KeyFolderError) as exc:
+    except (SettingsError, StoreError, KeyFolderError, CacheUnavailable) as exc:
         return _fail(getattr(exc, "message", exc))
     except sqlalchemy.exc.SQLAlchemyError as exc:  # the database is unreachable, locked or not ours
         return _fail(f"database error ({type(exc).__name__}): {_first_line(getattr(exc, 'orig', None) or exc)}")
@@ -53,7 +54,7 @@ def _first_line(exc):
 def build_parser():
     parser = Parser(prog="vibethinker-admin", description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{users,tokens,keys,usage,audit,db,model}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{users,tokens,keys,usage,audit,cache,db,model}")
 
     users = groups.add_parser("users", help="add, list, disable, enable, set").add_subparsers(dest="cmd", required=True)
     add = users.add_parser("add", help="create a user")
@@ -112,6 +113,12 @@ def build_parser():
     audit.add_argument("--limit", type=int, default=100)
     audit.set_defaults(handler=commands.audit_list)
 
+    cache = groups.add_parser("cache", help="the response cache").add_subparsers(dest="cmd", required=True)
+    purge = cache.add_parser("purge", help="drop cached answers (all, or a user's, or a model's)")
+    purge.add_argument("--user", help="only this user's answers")
+    purge.add_argument("--model", help="only this model's answers (a served name or alias)")
+    purge.set_defaults(handler=commands.cache_purge)
+
     db = groups.add_parser("db", help="database schema").add_subparsers(dest="cmd", required=True)
     db.add_parser("upgrade", help="apply migrations (the service also does at start)").set_defaults(handler=commands.db_upgrade)
 
@@ -138,6 +145,8 @@ def _quota_options(parser, clearable=False):
         default=argparse.SUPPRESS,
         help="a system prompt this user may send (repeat for more); others are refused",
     )
+    parser.add_argument("--allow-model", dest="models", action="append", default=argparse.SUPPRESS,
+                        help="a model (name or alias) this user may call (repeat for more); others get 403")
     if clearable:
         parser.add_argument(
             "--any-system-prompt",
@@ -147,6 +156,8 @@ def _quota_options(parser, clearable=False):
             default=argparse.SUPPRESS,
             help="lift the system-prompt allow-list",
         )
+        parser.add_argument("--any-model", dest="models", action="store_const", const=None,
+                            default=argparse.SUPPRESS, help="lift the model allow-list")
 
 
 def _date(text):

@@ -141,17 +141,17 @@ def build_model(out_dir, preset, tokenizer, seed=0):
     return model
 
 
-def build(out_dir, preset="tiny"):
-    """Build the demo model folder and return its path."""
+def build(out_dir, preset="tiny", seed=0):
+    """Build the demo model folder and return its path; another `seed` gives other weights (other answers)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out)
-    build_model(out, preset, tokenizer)
+    build_model(out, preset, tokenizer, seed)
     (out / "DEMO_MODEL.txt").write_text(
-        f"Random-weight demo model, preset {preset!r}: its output is gibberish.\n"
+        f"Random-weight demo model, preset {preset!r}, seed {seed}: its output is gibberish.\n"
         "Point VIBE_MODEL_PATH at real VibeThinker-1.5B weights for real answers.\n"
     )
     return out
@@ -161,8 +161,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m service.demo_model", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", help="folder to write the model into (created if missing)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--seed", type=int, default=0, help="weights' random seed: two seeds, two models that "
+                        "answer differently (for trying several models)")
     args = parser.parse_args(argv)
-    out = build(args.out_dir, args.preset)
+    out = build(args.out_dir, args.preset, args.seed)
     print(f"demo model ({args.preset}, random weights, gibberish output) written to {out}")
     return 0
 

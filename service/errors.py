@@ -34,13 +34,14 @@ HTTP_MESSAGES = {
 class APIError(Exception):
     """An error a client should see, with its status and machine-readable code."""
 
-    def __init__(self, status, message, code, param=None, headers=None):
+    def __init__(self, status, message, code, param=None, headers=None, extra=None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.param = param
         self.headers = dict(headers or {})
+        self.extra = dict(extra or {})  # fields beside "error" (/readyz: each model's state)
 
 
 def error_body(status, message, code, param=None):
@@ -49,9 +50,9 @@ def error_body(status, message, code, param=None):
                       "param": param, "code": code}}
 
 
-def error_response(status, message, code, param=None, headers=None):
-    """Build the JSON error response in the one shape."""
-    response = jsonify(error_body(status, message, code, param))
+def error_response(status, message, code, param=None, headers=None, extra=None):
+    """Build the JSON error response in the one shape (`extra`: fields beside "error")."""
+    response = jsonify({**error_body(status, message, code, param), **(extra or {})})
     response.status_code = status
     response.error_code = code  # for accounting: the refusal reason of this request
     for name, value in (headers or {}).items():
@@ -60,7 +61,7 @@ def error_response(status, message, code, param=None, headers=None):
 
 
 def _api_error(exc):
-    return error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
+    return error_response(exc.status, exc.message, exc.code, exc.param, exc.headers, exc.extra)
 
 
 def _http_error(exc):

@@ -16,12 +16,13 @@ from service.admission.counters import reclaim_orphans, reclaim_worker
 from service.errors import error_body
 from service.inputs.filtering import PolicyError, load_policy
 from service.records.logs import GUNICORN_LOGCONFIG
-from service.settings import SettingsError, load_settings, require_model_path
+from service.inference.footprint import check as check_footprint
+from service.settings import SettingsError, load_settings, require_models
 
 try:
     _settings = load_settings()
     # Fail in the master, with one clear line, not in a worker boot loop.
-    require_model_path(_settings)
+    check_footprint(require_models(_settings), _settings.memory_limit_bytes)
     KeySet(_settings.jwt_key_dir)
     load_policy(_settings.content_policy_path)
 except (SettingsError, KeyFolderError, PolicyError) as exc:

@@ -8,10 +8,11 @@ can read it without loading the model stack.
 """
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 ENV_PREFIX = "VIBE_"
@@ -19,6 +20,56 @@ ENV_PREFIX = "VIBE_"
 
 class SettingsError(Exception):
     """Invalid configuration; the message names the setting."""
+
+
+AUTO = "auto"  # the model name that asks the service to pick one by the question (the routing rules)
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}$"  # it is a metric label and a log field: plain characters
+WEIGHTS_SHARE = 0.8  # of the memory ceiling the models' weights may take; the rest: caches, activations, Python
+
+
+class ModelSpec(BaseModel):
+    """One served model (a `[[models]]` table); dtype and quantization default to the top-level settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=MODEL_NAME, description="What clients pass as `model`.")
+    path: Path = Field(description="Local Hugging Face model folder.")
+    dtype: Literal["float32", "bfloat16"] | None = None
+    quantization: Literal["none", "int8"] | None = None
+    aliases: tuple[str, ...] = Field((), max_length=16, description="Other names clients may pass.")
+    description: str = Field("", max_length=200, description="One line: what this model is for.")
+
+    @field_validator("aliases")
+    @classmethod
+    def _check_aliases(cls, value):
+        bad = next((alias for alias in value if not re.fullmatch(MODEL_NAME, alias)), None)
+        if bad is not None:
+            raise ValueError(f"alias {bad!r} is not a plain name ({MODEL_NAME})")
+        return value
+
+
+class RoutingRule(BaseModel):
+    """For model "auto": questions matching `regex`, or holding any of `keywords` (whole words, any case), go
+    to `model`. The first rule that matches wins."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1, max_length=128)
+    regex: str | None = Field(None, min_length=1, max_length=2000)
+    keywords: tuple[str, ...] = Field((), max_length=200)
+
+    @model_validator(mode="after")
+    def _check_match(self):
+        if (self.regex is None) == (not self.keywords):
+            raise ValueError(f"the rule for {self.model!r} needs exactly one of regex or keywords")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"the rule for {self.model!r} has a bad regex: {exc}") from None
+        if any(not word.strip() or len(word) > 100 for word in self.keywords):
+            raise ValueError(f"the rule for {self.model!r} has an empty keyword or one over 100 characters")
+        return self
 
 
 class Settings(BaseSettings):
@@ -31,7 +82,19 @@ class Settings(BaseSettings):
         None, description="Local Hugging Face model folder (config.json, safetensors, tokenizer)."
     )
     model_name: str = Field(
-        "VibeThinker-1.5B", min_length=1, max_length=128, description="Name reported in responses and /v1/models."
+        "VibeThinker-1.5B", pattern=MODEL_NAME, description="Name reported in responses and /v1/models."
+    )
+    models: tuple[ModelSpec, ...] = Field(
+        (), max_length=16, description="Several models (TOML [[models]] tables), the first being the default; "
+        "instead of model_path and model_name.",
+    )
+    routing: tuple[RoutingRule, ...] = Field(
+        (), max_length=200, description="TOML [[routing]] tables: how model \"auto\" (and /predict without a "
+        "model) picks a model by the question; the first match wins, else the default model.",
+    )
+    memory_limit_bytes: int | None = Field(
+        None, ge=1, description="Memory the service may use; the weights of every model must fit in "
+        f"{WEIGHTS_SHARE:.0%} of it. Default: the service's cgroup limit (systemd MemoryMax), else the machine's.",
     )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Numeric type the weights are loaded in.")
     quantization: Literal["none", "int8"] = Field(
@@ -83,6 +146,15 @@ class Settings(BaseSettings):
     queue_size: int = Field(
         32, ge=1, le=100000, description="Requests that may wait for the engine; more get 503 at once."
     )
+
+    # --- the response cache ---
+    cache: Literal["off", "user", "shared"] = Field(
+        "user", description="Cache deterministic answers (greedy, or with a seed) in the counter storage: per "
+        "user (no user can tell what another asked), shared by every user, or off.",
+    )
+    cache_ttl_s: float = Field(86400.0, gt=0.0, le=90 * 86400.0, description="How long a cached answer lives.")
+    cache_max_entry_bytes: int = Field(
+        262144, ge=256, le=16 * 1024 * 1024, description="Largest answer cached, in bytes of its stored form.")
 
     # --- state and tokens ---
     db_url: str = Field(
@@ -194,10 +266,32 @@ class Settings(BaseSettings):
                 f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
                 f"max_new_tokens_limit ({self.max_new_tokens_limit})"
             )
-        if self.device == "cuda" and self.quantization == "int8":
+        if self.models and self.model_path is not None:
+            raise ValueError("give either model_path (one model) or [[models]] tables, not both")
+        specs = self.served_models() if self.models or self.model_path else ()
+        if self.device == "cuda" and "int8" in {self.quantization, *(spec.quantization for spec in specs)}:
             raise ValueError("quantization int8 runs on the CPU only (fbgemm kernels): with device cuda, set "
                              "quantization none (bfloat16 on the GPU), or device cpu")
+        names = {}
+        for spec in specs:
+            for name in (spec.name, *spec.aliases):
+                if name.lower() == AUTO:
+                    raise ValueError(f"{AUTO!r} is reserved (it asks the service to pick a model): rename it")
+                if name.lower() in names:
+                    raise ValueError(f"the model name {name!r} is used twice")
+                names[name.lower()] = spec.name
+        unknown = next((rule.model for rule in self.routing if rule.model.lower() not in names), None)
+        if specs and unknown is not None:
+            raise ValueError(f"a routing rule names {unknown!r}, which is not a served model")
         return self
+
+    def served_models(self):
+        """The models this server serves, the default first: the [[models]] tables, or the one model of
+        model_path, each with its dtype and quantization filled in."""
+        specs = self.models or (ModelSpec(name=self.model_name, path=self.model_path or Path()),)
+        return tuple(spec.model_copy(update={"dtype": spec.dtype or self.dtype,
+                                             "quantization": spec.quantization or self.quantization})
+                     for spec in specs)
 
     @classmethod
     def settings_customise_sources(
@@ -240,13 +334,16 @@ def _describe(exc):
     return "invalid settings: " + "; ".join(lines)
 
 
-def require_model_path(settings):
-    """Return the model folder, or raise SettingsError if it is unset or not a model."""
-    path = settings.model_path
-    if path is None:
+def require_models(settings):
+    """The served models (settings.served_models), or SettingsError if none is set or a path is not a model."""
+    if settings.model_path is None and not settings.models:
         raise SettingsError(
-            "VIBE_MODEL_PATH: not set; point it at a model folder (python -m service.demo_model DIR builds a demo one)"
+            "VIBE_MODEL_PATH: not set; point it at a model folder (python -m service.demo_model DIR builds a demo "
+            "one), or list [[models]] in the VIBE_CONFIG file"
         )
-    if not (path / "config.json").is_file():
-        raise SettingsError(f"VIBE_MODEL_PATH: {path} has no config.json; it is not a model folder")
-    return path
+    specs = settings.served_models()
+    for spec in specs:
+        if not (spec.path / "config.json").is_file():
+            where = "VIBE_MODEL_PATH" if not settings.models else f"VIBE_MODELS: {spec.name}"
+            raise SettingsError(f"{where}: {spec.path} has no config.json; it is not a model folder")
+    return specs

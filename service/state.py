@@ -25,7 +25,8 @@ class State:
     started_at: float
     counters: Any = None  # service.admission.counters: budgets and concurrency slots
     limiter: Any = None  # flask_limiter.Limiter
-    engine: Any = None  # service.inference.engine.Engine
+    models: Any = None  # service.api.models.Models: each served model with its engine
+    cache: Any = None  # service.api.cache.Cache, or None when the response cache is off
     usage_log: Any = None  # service.records.usagelog.UsageLog: the store's usage rows, by group commit
     batches: Any = None  # service.batches.records.BatchRecords: files and batch jobs
     batch_runner: Any = None  # service.batches.runner.BatchRunner

@@ -38,6 +38,15 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def second_model(tmp_path_factory):
+    """Another tiny model: the same tokenizer, weights from another seed, so its greedy answers differ."""
+    out = tmp_path_factory.mktemp("models") / "tiny-seed1"
+    subprocess.run([sys.executable, "-m", "service.demo_model", str(out), "--preset", "tiny", "--seed", "1"],
+                   cwd=ROOT, check=True, capture_output=True, env=clean_env())
+    return out
+
+
+@pytest.fixture(scope="session")
 def reference(tiny_model):
     """The same model loaded in this process, to compare the server's answers with."""
     from service.inference import model
@@ -182,7 +191,11 @@ def start_server(tmp_path_factory, tiny_model):
     servers = []
 
     def start(**env):
-        env.setdefault("VIBE_MODEL_PATH", tiny_model)
+        if "VIBE_CONFIG" not in env:
+            env.setdefault("VIBE_MODEL_PATH", tiny_model)
+        # Answers come from the engine unless a test turns the response cache on (tests/test_cache_http.py):
+        # a test that asks the same question twice means to compute it twice.
+        env.setdefault("VIBE_CACHE", "off")
         server = Server(tmp_path_factory.mktemp("server"), env)
         servers.append(server)
         return server.start()

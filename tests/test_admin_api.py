@@ -67,7 +67,7 @@ def test_me_shows_limits_and_expiry(admin):
     token = admin.cli("tokens", "issue", "me-team", "--ttl", "1d").stdout.strip().splitlines()[-1]
     me = admin.get("/v1/me", token=token).json()
     assert me["limits"] == {"rate_limit": "60/minute;2000/day", "daily_tokens": None, "max_concurrent": 3,
-                            "system_prompts": None}
+                            "system_prompts": None, "models": None}
     assert me["admin"] is False and me["token"]["expires_at"] > me["token"]["issued_at"]
 
 

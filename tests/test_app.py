@@ -25,9 +25,9 @@ def app(tiny_model, tmp_path):
     def boom():
         raise RuntimeError("secret detail /etc/vibethinker/key.pem")
 
-    engine = state(app).engine
     yield app
-    engine.stop(timeout=30)
+    for served in state(app).models:
+        served.engine.stop(timeout=30)
 
 
 def test_unexpected_exception_is_a_500_without_its_text(app, caplog):
@@ -49,8 +49,9 @@ def test_requests_before_the_model_is_ready_get_503_with_retry_after(app, fails,
         loading.wait(30)
         raise OSError("model.safetensors is truncated")
 
-    engine = Engine(slow_loader, queue_size=1, torch_threads=1).start()
-    state(app).engine = engine
+    engine = Engine(slow_loader, queue_size=1, torch_threads=1, name="slow").start()
+    state(app).models.default.engine.stop(timeout=30)
+    state(app).models.default.engine = engine
     if fails:
         loading.set()
         engine.stop(timeout=10)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from service.settings import SettingsError, load_settings, require_model_path
+from service.settings import SettingsError, load_settings, require_models
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +72,8 @@ def test_missing_config_file(monkeypatch, tmp_path):
 
 def test_model_path_must_be_a_model_folder(tmp_path, tiny_model):
     with pytest.raises(SettingsError, match="VIBE_MODEL_PATH: not set"):
-        require_model_path(load_settings())
+        require_models(load_settings())
     with pytest.raises(SettingsError, match="no config.json"):
-        require_model_path(load_settings(model_path=tmp_path))
-    assert require_model_path(load_settings(model_path=tiny_model)) == tiny_model
+        require_models(load_settings(model_path=tmp_path))
+    [spec] = require_models(load_settings(model_path=tiny_model, model_name="m", dtype="bfloat16"))
+    assert (spec.name, spec.path, spec.dtype, spec.quantization) == ("m", tiny_model, "bfloat16", "none")

@@ -11,9 +11,11 @@ from flask import Blueprint, request
 from auth.store import QUOTA_FIELDS
 from auth.tokens import issue_token
 from service.admission.access import caller
+from service.api import cache
 from service.errors import APIError
 from service.state import state
-from service.inputs.schemas import AdminTokenRequest, AdminUserCreate, AdminUserPatch, query_int, read
+from service.inputs.schemas import (AdminTokenRequest, AdminUserCreate, AdminUserPatch, CachePurge, query_int,
+                                    read)
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -34,7 +36,8 @@ def _body(model):
 def add_user():
     body = _body(AdminUserCreate)
     user = _store().add_user(body.name, body.admin, rate_limit=body.rate_limit, daily_tokens=body.daily_tokens,
-                             max_concurrent=body.max_concurrent, system_prompts=body.system_prompts, **_who())
+                             max_concurrent=body.max_concurrent, system_prompts=body.system_prompts,
+                             models=body.models, **_who())
     return user, 201
 
 
@@ -82,6 +85,28 @@ def usage_by_day():
     """Daily totals per user (?user=NAME&since=YYYY-MM-DD)."""
     rows = _store().usage_by_day(request.args.get("user"), _date(request.args.get("since")))
     return {"object": "list", "data": rows}
+
+
+@bp.post("/cache/purge")
+def purge_cache():
+    """Drop cached answers: all, or one user's ({"user"}), or one model's ({"model"}); audited."""
+    body = _body(CachePurge)
+    app = state()
+    if body.user is not None:
+        _store().get_user(body.user)  # an unknown user is a 404, not "0 purged"
+    model = None
+    if body.model is not None:
+        served = app.models.get(body.model)
+        if served is None:
+            raise APIError(404, f"model {body.model[:128]!r} is not served here", "model_not_found", "model")
+        model = served.name
+    if app.cache is None:
+        return {"purged": 0, "cache": "off"}
+    try:
+        count = cache.purge(app.cache, _store(), body.user, model, **_who())
+    except cache.CacheUnavailable as exc:
+        raise APIError(503, str(exc), "cache_unavailable", headers={"Retry-After": 5}) from None
+    return {"purged": count, "cache": app.settings.cache}
 
 
 @bp.get("/audit")

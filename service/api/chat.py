@@ -1,86 +1,72 @@
-"""POST /v1/chat/completions and GET /v1/models, as the official openai client expects them.
+"""POST /v1/chat/completions, as the official openai client expects it.
 
 Non-streamed answers are one JSON object; streamed ones are server-sent
-events (service.api.streaming).
+events (service.api.streaming). `model` names a served model (or an alias),
+or is "auto": the routing rules pick one by the last user message
+(service.api.models). A deterministic request asked again is answered from
+the response cache (service.api.cache), `x-cache: hit`.
 
 VibeThinker writes its reasoning before its answer; both stay in `content`.
 """
 
 import time
 import uuid
-
 from flask import Blueprint
 
 from service.admission.access import caller
-from service.api import generation
+from service.api import generation, models
 from service.api.streaming import ChatStream, openai_reason
 from service.errors import APIError
 from service.inputs import filtering
 from service.inputs.schemas import ChatRequest, read
+from service.records import accounting
 from service.state import state
 
 bp = Blueprint("chat", __name__)
 MAX_STOPS, MAX_STOP_CHARS = 4, 64
 
 
-@bp.get("/v1/models")
-def list_models():
-    return {"object": "list", "data": [_model_card()]}
-
-
-@bp.get("/v1/models/<path:model>")
-def get_model(model):
-    _check_model(model)
-    return _model_card()
-
-
 @bp.post("/v1/chat/completions")
 def chat_completions():
     """Answer a conversation, whole or as a stream."""
     body = read(ChatRequest)
-    ids, params, tokens_name, asked = prepare(body)
+    job = prepare(body)
+    accounting.current().model = job.served.name
+    hit = generation.cached(job.served, job.ids, job.params)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return ChatStream(ids, params, include_usage).open().response()
-    params = generation.fit_deadline(state().engine, state().settings, params, ids, asked, tokens_name)
-    return completion(generation.answer(ids, params))
+        return ChatStream(job.served, job.ids, job.params, include_usage, hit=hit).open().response()
+    if hit is not None:
+        return completion(hit, job.served.name)
+    params = generation.fit_deadline(job.served.engine, state().settings, job.params, job.ids, job.asked,
+                                     job.tokens_name)
+    return completion(generation.answer(job.served, job.ids, params), job.served.name)
 
 
 def prepare(body):
-    """A checked ChatRequest as (prompt ids, parameters, the tokens field's name, the tokens asked for);
-    APIError 400/403/404/422 as for a live request (batch lines go through here too)."""
-    settings, engine = state().settings, state().engine
-    _check_model(body.model)
+    """A checked ChatRequest as a generation.Prepared; APIError 400/403/404/422/503 as for a live request (batch lines go
+    through here too)."""
+    settings = state().settings
     if body.n not in (None, 1):
         raise APIError(400, "only n=1 is supported", "unsupported_value", "n")
     messages = _clean_messages(body.messages, settings)
+    question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    served = models.pick(body.model, question)
     tokens_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     params = generation.resolve_params(settings, asked, body.temperature, body.top_p, _stops(body.stop), body.seed,
                                        tokens_name=tokens_name)
-    ids = generation.prompt_ids(engine, messages, settings, params.max_new_tokens, "messages", tokens_name)
-    return ids, params, tokens_name, asked
+    ids = generation.prompt_ids(served.engine, messages, settings, params.max_new_tokens, "messages", tokens_name)
+    return generation.Prepared(served, ids, params, tokens_name, asked)
 
 
-def completion(result):
-    """The chat.completion object of a finished generation."""
+def completion(result, model):
+    """The chat.completion object of a finished generation by `model`."""
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": state().settings.model_name,
+            "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                          "finish_reason": openai_reason(result.finish_reason), "logprobs": None}],
             "usage": generation.usage(result)}
-
-
-def _model_card():
-    return {"id": state().settings.model_name, "object": "model", "created": int(state().started_at),
-            "owned_by": "vibethinker"}
-
-
-def _check_model(model):
-    name = state().settings.model_name
-    if model.lower() != name.lower():
-        raise APIError(404, f"model {model!r} does not exist here; this server serves {name!r}",
-                       "model_not_found", "model")
 
 
 def _clean_messages(messages, settings):

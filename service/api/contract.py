@@ -81,6 +81,11 @@ class ModelCard(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
+    ready: bool
+    state: Literal["loading", "ready", "failed"]
+    mode: str
+    aliases: list[str]
+    description: str
 
 
 class ModelList(BaseModel):
@@ -92,7 +97,21 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+class ModelStatus(BaseModel):
+    name: str
+    state: Literal["loading", "ready", "failed"]
+    mode: str
+    device: Literal["cpu", "cuda"] | None  # None until loaded
+    load_seconds: float | None
+    queued: int
+    running: int
+    decode_tokens_per_s: float | None  # one request's measured speed at the current batch size
+    decode_batch_size: int
+
+
 class Ready(BaseModel):
+    """Every model loaded; the top-level model fields are the default model's."""
+
     status: Literal["ready"]
     version: str
     model: str
@@ -103,6 +122,12 @@ class Ready(BaseModel):
     running: int
     decode_tokens_per_s: float | None  # one request's measured speed at the current batch size
     decode_batch_size: int
+    models: list[ModelStatus]
+
+
+class CachePurged(BaseModel):
+    purged: int
+    cache: Literal["off", "user", "shared"]
 
 
 class User(BaseModel):
@@ -114,6 +139,7 @@ class User(BaseModel):
     daily_tokens: int | None
     max_concurrent: int | None
     system_prompts: list[str] | None
+    models: list[str] | None
     created_at: str
 
 
@@ -151,6 +177,7 @@ class UsageDay(BaseModel):
     user: str
     requests: int
     succeeded: int
+    cached: int  # requests answered from the response cache (their tokens are not in the sums)
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
@@ -286,11 +313,12 @@ ROUTES = {
     "health.readyz": ("The model is loaded and the database and Redis answer", None, Ready, 200, (503,), ()),
     "metrics.metrics": ("Prometheus metrics (nginx serves them to allowed addresses only)", None, None, 200, (), ()),
     "contract.openapi": ("This document", None, None, 200, (), ()),
-    "predict.predict": ("Answer one question", schemas.PredictRequest, Prediction, 200, GENERATION, ()),
+    "predict.predict": ("Answer one question", schemas.PredictRequest, Prediction, 200, (*GENERATION, 404), ()),
     "chat.chat_completions": ("Answer a conversation, whole or streamed (stream: true gives server-sent events)",
                               schemas.ChatRequest, ChatCompletion, 200, (*GENERATION, 404), ()),
-    "chat.list_models": ("The models served here", None, ModelList, 200, AUTH, ()),
-    "chat.get_model": ("One model", None, ModelCard, 200, (*AUTH, 404), ()),
+    "models.list_models": ("The models served here (those this token's user may call)", None, ModelList, 200,
+                           AUTH, ()),
+    "models.get_model": ("One model", None, ModelCard, 200, (*AUTH, 403, 404), ()),
     "me.me": ("Who this token belongs to, its limits and today's use", None, Me, 200, AUTH, ()),
     "batches.upload_file": ("Upload a batch input file (JSONL)", UPLOAD, FileObject, 200, (*AUTH, *BODY), ()),
     "batches.list_files": ("Your files (an admin's: all)", None, FileList, 200, AUTH, (
@@ -318,6 +346,8 @@ ROUTES = {
                            {"name": "all", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]}})),
     "admin.revoke_token": ("Revoke a token", None, Token, 200, (*AUTH, 404), ()),
     "admin.usage_by_day": ("Usage per user and UTC day", None, UsageList, 200, (*AUTH, 400, 404), QUERY),
+    "admin.purge_cache": ("Drop cached answers: all, a user's or a model's (audited)", schemas.CachePurge,
+                          CachePurged, 200, (*AUTH, *BODY, 404, 503), ()),
     "admin.list_audit": ("The audit trail, newest first", None, AuditList, 200, (*AUTH, 400), (
         {"name": "actor", "in": "query", "schema": {"type": "string"}},
         {"name": "action", "in": "query", "schema": {"type": "string"}},
@@ -437,7 +467,8 @@ def _bound(components, settings):
             props[field] = {"anyOf": [tokens, {"type": "null"}]}
         props["temperature"] = {"anyOf": [number(0, 2), {"type": "null"}]}
         props["top_p"] = {"anyOf": [{**number(0, 1), "exclusiveMinimum": 0}, {"type": "null"}]}
-    components["ChatRequest"]["properties"]["model"]["examples"] = [settings.model_name]
+    served = [spec.name for spec in settings.served_models()]
+    components["ChatRequest"]["properties"]["model"]["examples"] = [served[0], "auto"]
     components["PredictRequest"]["properties"]["question"]["examples"] = ["What is 2 + 2?"]
     components["AdminUserCreate"]["properties"]["name"].update(pattern=f"^{NAME_PATTERN}$", maxLength=64)
     components["ChatRequest"]["properties"]["seed"] = {"anyOf": [

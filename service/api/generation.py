@@ -1,11 +1,12 @@
-"""Between routes and the engine: parameters, prompt checks, admission, submission, settling.
+"""Between routes and the engines: parameters, prompt checks, the cache, admission, submission, settling.
 
-Every generation goes through the same three steps, streamed or not:
-`admit` (a budget lease, service.admission.budget), `submit` (the engine's
-queue), and `settle` (the lease released and the request's usage recorded,
-both from the GenerationResult). `answer` does all three for a whole answer;
-service.api.streaming does them around a stream. Every way a generation can
-be refused is an APIError with its status.
+Every generation goes through the same steps, streamed or not: `cached`
+(the response cache: a hit is the answer, and costs no budget), `admit` (a
+budget lease, service.admission.budget), `submit` (the served model's
+engine queue), and `settle` (the lease released and the request's usage
+recorded, both from the GenerationResult; a whole answer is cached).
+`answer` does them for a whole answer; service.api.streaming around a
+stream. Every way a generation can be refused is an APIError with its status.
 """
 
 import dataclasses
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from flask import g
 
 from service.admission import budget
-from service.api import client
+from service.api import cache, client
 from service.errors import APIError
 from service.inference.engine import GenerationRequest, NotReady, QueueFull
 from service.inference.model import PromptError
@@ -44,6 +45,18 @@ class Params:
     sized: bool = False  # max_new_tokens is the server's choice, sized to the deadline (fit_deadline)
 
 
+@dataclass
+class Prepared:
+    """A checked request, ready to answer: the served model, prompt ids, parameters, and the tokens field's
+    name and value as the client gave it (None: the server sizes the answer)."""
+
+    served: object  # service.api.models.Served
+    ids: list
+    params: Params
+    tokens_name: str = "max_tokens"
+    asked: int | None = None
+
+
 def resolve_params(settings, max_new_tokens=None, temperature=None, top_p=None, stop=(), seed=None,
                    tokens_name="max_new_tokens"):
     """Fill defaults from settings and check bounds; raise APIError 400 when out of range."""
@@ -60,7 +73,8 @@ def resolve_params(settings, max_new_tokens=None, temperature=None, top_p=None, 
 
 
 def prompt_ids(engine, messages, settings, max_new_tokens, param="question", tokens_name="max_new_tokens"):
-    """Chat-templated token ids; APIError 503 if the model is not loaded, 400 if they do not fit."""
+    """Chat-templated token ids for `engine`'s model; APIError 503 if it is not loaded, 400 if they do not
+    fit."""
     if not engine.ready:
         raise not_ready(engine)
     try:
@@ -87,17 +101,36 @@ def admit(ids, params, deadline_s):
     return lease
 
 
+def cached(served, ids, params):
+    """The cached answer of this request (then it is the request's usage, marked cached), or None; either
+    way the request's x-cache header says which, when the request could be cached."""
+    app, record = state(), accounting.current()
+    record.cache_key = cache.key(app.settings, served, g.auth["user"], ids, params) if app.cache else None
+    if record.cache_key is None:
+        return None
+    hit = app.cache.lookup(record.cache_key)
+    record.cache = "miss" if hit is None else "hit"
+    if hit is not None:
+        record.usage = dataclasses.replace(accounting.Usage.of(hit), cached=True)
+    return hit
+
+
 def settle(lease, result):
-    """Release the lease to what `result` used (nothing if None) and record it as this request's usage."""
+    """Release the lease to what `result` used (nothing if None), record it as this request's usage, and
+    cache a whole answer of a cacheable request."""
     usage = accounting.Usage.of(result)
     budget.release(state().counters, lease, usage.total)
-    accounting.current().usage = usage
+    record = accounting.current()
+    record.usage = usage
+    if record.cache_key is not None:
+        state().cache.store(record.cache_key, result)
     return usage
 
 
-def answer(ids, params):
-    """Admit, generate to the end and settle: the result, or APIError 429/503/504 (499: the client left)."""
-    engine, settings = state().engine, state().settings
+def answer(served, ids, params):
+    """Admit, generate to the end on `served`'s engine and settle: the result, or APIError 429/503/504
+    (499: the client left)."""
+    engine, settings = served.engine, state().settings
     deadline_s = settings.request_deadline_s
     lease, result, left = admit(ids, params, deadline_s), None, False
     try:
@@ -172,9 +205,9 @@ def fit_deadline(engine, settings, params, ids, asked, tokens_name="max_new_toke
 
 def not_ready(engine):
     if engine.state == "failed":
-        return APIError(503, "model failed to load; see the service log", "model_failed",
+        return APIError(503, f"model {engine.name!r} failed to load; see the service log", "model_failed",
                         headers={"Retry-After": RETRY_LOADING_S * 6})
-    return APIError(503, "model is loading; retry shortly", "model_loading",
+    return APIError(503, f"model {engine.name!r} is loading; retry shortly", "model_loading",
                     headers={"Retry-After": RETRY_LOADING_S})
 
 

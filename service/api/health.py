@@ -5,6 +5,7 @@ from importlib import metadata
 from flask import Blueprint, current_app
 
 from service.admission.access import public
+from service.api import models
 from service.errors import APIError
 from service.api.generation import not_ready
 from service.state import state
@@ -22,21 +23,25 @@ def healthz():
 @bp.get("/readyz")
 @public
 def readyz():
-    """200 once the model is loaded and the database and Redis answer; 503 with Retry-After otherwise."""
+    """200 once every model is loaded and the database and Redis answer; 503 with Retry-After otherwise.
+    The body has each model's state (in a 503 too, beside the error). The top-level model fields are the
+    default model's."""
     app = state()
-    engine = app.engine
-    if not engine.ready:
-        raise not_ready(engine)
+    each = [models.status(served) for served in app.models]
+    waiting = next((served.engine for served in app.models if not served.engine.ready), None)
+    if waiting is not None:
+        error = not_ready(waiting)
+        error.extra["models"] = each
+        raise error
     if not _database_answers():
         raise APIError(503, "database is unreachable", "database_unavailable", headers={"Retry-After": 5})
     if not _counters_answer() and not app.settings.ratelimit_fail_open:
         raise APIError(503, "rate-limit storage is unreachable", "ratelimit_storage_unavailable",
                        headers={"Retry-After": 5})
-    rate, rows = engine.speed_now()
-    return {"status": "ready", "version": version(), "model": app.settings.model_name, "mode": engine.model.mode,
-            "device": engine.model.device, "load_seconds": round(engine.model.load_seconds, 3),
-            "queued": engine.queued(), "running": engine.running,
-            "decode_tokens_per_s": None if rate is None else round(rate, 2), "decode_batch_size": rows}
+    default = dict(each[0])
+    default["model"] = default.pop("name")
+    del default["state"]
+    return {"status": "ready", "version": version(), **default, "models": each}
 
 
 def _database_answers():

@@ -1,4 +1,8 @@
-"""POST /predict and /v1/predict: the original contract, one question in, one answer out."""
+"""POST /predict and /v1/predict: the original contract, one question in, one answer out.
+
+Without a `model` (or with "auto") the routing rules pick the model by the
+question (service.api.models); the answer's `model` names the one that answered.
+"""
 
 import json
 import uuid
@@ -6,10 +10,11 @@ import uuid
 from flask import Blueprint, request
 
 from service.admission.access import caller
-from service.api import generation
+from service.api import generation, models
 from service.inference.model import chat_messages
 from service.inputs import filtering
 from service.inputs.schemas import PredictRequest, read
+from service.records import accounting
 from service.state import state
 
 bp = Blueprint("predict", __name__)
@@ -21,15 +26,19 @@ PATHS = ("/predict", "/v1/predict")
 def predict():
     """Answer one question with the model."""
     body = read(PredictRequest)
-    ids, params, echo = prepare(body)
-    params = generation.fit_deadline(state().engine, state().settings, params, ids, body.max_new_tokens)
-    return prediction(generation.answer(ids, params), echo)
+    job, echo = prepare(body)
+    accounting.current().model = job.served.name
+    hit = generation.cached(job.served, job.ids, job.params)
+    if hit is not None:
+        return prediction(hit, echo, job.served.name)
+    params = generation.fit_deadline(job.served.engine, state().settings, job.params, job.ids, job.asked)
+    return prediction(generation.answer(job.served, job.ids, params), echo, job.served.name)
 
 
 def prepare(body):
-    """A checked PredictRequest as (prompt ids, parameters, what the answer echoes: the cleaned question and
-    system prompt); APIError 400/403/422 as for a live request (batch lines go through here too)."""
-    settings, engine = state().settings, state().engine
+    """A checked PredictRequest as (generation.Prepared, what the answer echoes: the cleaned question and system prompt);
+    APIError 400/403/404/422/503 as for a live request (batch lines go through here too)."""
+    settings = state().settings
     question = filtering.clean_text("question", body.question, settings.max_question_chars)
     system_prompt = settings.default_system_prompt if body.system_prompt is None else \
         filtering.clean_text("system_prompt", body.system_prompt, settings.max_question_chars, allow_empty=True)
@@ -37,14 +46,17 @@ def prepare(body):
         filtering.check_allowed_prompt(system_prompt, caller().get("system_prompts"))
     filtering.check_policy(state().policy, {"system_prompt": system_prompt, "question": question},
                            whole="question")
+    served = models.pick(body.model, question)
     params = generation.resolve_params(settings, body.max_new_tokens, body.temperature, body.top_p)
-    ids = generation.prompt_ids(engine, chat_messages(question, system_prompt), settings, params.max_new_tokens)
-    return ids, params, {"input": question, "system_prompt": system_prompt}
+    ids = generation.prompt_ids(served.engine, chat_messages(question, system_prompt), settings,
+                                params.max_new_tokens)
+    return generation.Prepared(served, ids, params, "max_new_tokens", body.max_new_tokens), \
+        {"input": question, "system_prompt": system_prompt}
 
 
-def prediction(result, echo):
-    """The /predict answer of a finished generation."""
-    return {"id": f"pred-{uuid.uuid4().hex}", "model": state().settings.model_name, **echo,
+def prediction(result, echo, model):
+    """The /predict answer of a finished generation by `model`."""
+    return {"id": f"pred-{uuid.uuid4().hex}", "model": model, **echo,
             "response": result.text, "success": True, "usage": generation.usage(result),
             "finish_reason": result.finish_reason}
 

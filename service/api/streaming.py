@@ -10,6 +10,10 @@
   499): it cancels the generation, settles the lease and the usage from the
   result (service.api.generation.settle, as a whole answer does), and writes
   the usage row and log line.
+
+A cache hit is replayed: the same events, the answer's text in pieces of
+about REPLAY_CHARS, with no admission, no engine and no budget (its usage
+row is written as a plain request's, after the response).
 """
 
 import json
@@ -27,24 +31,29 @@ from service.state import state
 
 log = logging.getLogger("vibethinker.streaming")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+REPLAY_CHARS = 16  # a replayed answer's pieces: about a few tokens each, cut after a space where one is near
 
 
 class ChatStream:
     """One streamed answer, from admission to its usage row."""
 
-    def __init__(self, ids, params, include_usage=False):
-        self.ids, self.params, self.include_usage = ids, params, include_usage
+    def __init__(self, served, ids, params, include_usage=False, hit=None):
+        self.served, self.ids, self.params, self.include_usage = served, ids, params, include_usage
+        self.hit = hit  # the cached answer to replay, if any
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         self.record = accounting.current()
         self.lease = self.handle = self.result = None
         self.status = 200
 
     def open(self):
-        """Admit and queue now; refusals raise APIError with their status."""
+        """Admit and queue now; refusals raise APIError with their status. A replay needs neither."""
+        if self.hit is not None:
+            self.result = self.hit
+            return self
         deadline_s = state().settings.stream_deadline_s
         self.lease = generation.admit(self.ids, self.params, deadline_s)
         try:
-            self.handle = generation.submit(state().engine, self.ids, self.params, deadline_s)
+            self.handle = generation.submit(self.served.engine, self.ids, self.params, deadline_s)
         except Exception:
             generation.settle(self.lease, None)
             raise
@@ -56,6 +65,9 @@ class ChatStream:
         return Response(stream_with_context(self._lifetime()), mimetype="text/event-stream", headers=SSE_HEADERS)
 
     def _lifetime(self):
+        if self.hit is not None:
+            yield from self.replay()
+            return
         try:
             yield from self.events()
         except GeneratorExit:  # the client went away: the server closed us at a write
@@ -89,6 +101,16 @@ class ChatStream:
                 yield self._chunk({}, usage=generation.usage(self.result))
         yield "data: [DONE]\n\n"
 
+    def replay(self):
+        """The events of the cached answer, as events() would have sent them."""
+        yield self._chunk({"role": "assistant", "content": ""})
+        for piece in pieces(self.hit.text):
+            yield self._chunk({"content": piece})
+        yield self._chunk({}, finish=openai_reason(self.hit.finish_reason))
+        if self.include_usage:
+            yield self._chunk({}, usage=generation.usage(self.hit))
+        yield "data: [DONE]\n\n"
+
     def close(self):
         """Stop the generation, settle what it used, write the usage row and log line."""
         self.handle.cancel()
@@ -106,10 +128,22 @@ class ChatStream:
     def _chunk(self, delta, finish=None, usage=None):
         choices = [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
         body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": state().settings.model_name, "choices": choices}
+                "model": self.served.name, "choices": choices}
         if usage:
             body["usage"] = usage
         return _event(body)
+
+
+def pieces(text, size=REPLAY_CHARS):
+    """`text` in pieces of about `size` characters, each ending after a space when one is close."""
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        space = text.rfind(" ", start + size // 2, end)
+        if end < len(text) and space != -1:
+            end = space + 1
+        yield text[start:end]
+        start = end
 
 
 def openai_reason(reason):

@@ -75,10 +75,10 @@ def prepare(kind, body):
         request = parse(ChatRequest, body)
         if request.stream:
             raise APIError(400, "stream is not supported in a batch", "unsupported_value", "body.stream")
-        ids, params, _, _ = chat.prepare(request)
-        return {"kind": kind, "ids": ids, "params": asdict(params)}
-    ids, params, echo = predict.prepare(parse(PredictRequest, body))
-    return {"kind": kind, "ids": ids, "params": asdict(params), "echo": echo}
+        job = chat.prepare(request)
+        return {"kind": kind, "model": job.served.name, "ids": job.ids, "params": asdict(job.params)}
+    job, echo = predict.prepare(parse(PredictRequest, body))
+    return {"kind": kind, "model": job.served.name, "ids": job.ids, "params": asdict(job.params), "echo": echo}
 
 
 def params_of(prepared):
@@ -87,9 +87,10 @@ def params_of(prepared):
     return Params(**values)
 
 
-def answered(custom_id, prepared, result, request_id):
-    """The output line of a finished generation."""
-    body = chat.completion(result) if prepared["kind"] == "chat" else predict.prediction(result, prepared["echo"])
+def answered(custom_id, prepared, result, request_id, model):
+    """The output line of a finished generation by `model`."""
+    body = chat.completion(result, model) if prepared["kind"] == "chat" else \
+        predict.prediction(result, prepared["echo"], model)
     return {"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": custom_id,
             "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
 

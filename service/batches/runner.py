@@ -1,8 +1,10 @@
 """The batch runner: one thread per worker that feeds batch lines to the engine when it has room.
 
-Interactive requests come first: a line is handed to the engine only while
-nothing waits in its queue and at least `batch_reserved_rows` rows of the
-running batch stay free. Users take turns: the next line comes from the next
+Interactive requests come first: a line is handed to its model's engine
+only while nothing waits in that engine's queue and at least
+`batch_reserved_rows` rows of its running batch stay free. A line the
+response cache can answer is answered from it at once (no budget spent),
+and a line's whole answer is cached as a live request's would be. Users take turns: the next line comes from the next
 user (in name order) with a batch in progress, so one big batch does not
 hold back another user's small one.
 
@@ -16,6 +18,7 @@ completes. Cancelled and expired batches stop taking lines, let the lines
 running finish, and end with the files of what was done.
 """
 
+import dataclasses
 import logging
 import threading
 import time
@@ -23,6 +26,7 @@ from datetime import datetime, timezone
 
 from service.admission import budget
 from service.admission.counters import StorageUnavailable
+from service.api import cache
 from service.batches import lines
 from service.errors import APIError
 from service.inference.engine import GenerationRequest, NotReady, QueueFull
@@ -38,9 +42,10 @@ BATCH_SLOTS = "batch-inflight"
 class Running:
     """One line handed to the engine."""
 
-    def __init__(self, batch, line, custom_id, prepared, handle, lease):
+    def __init__(self, batch, line, custom_id, prepared, handle, lease, served, key=None):
         self.batch, self.line, self.custom_id, self.prepared = batch, line, custom_id, prepared
         self.handle, self.lease, self.started = handle, lease, time.monotonic()
+        self.served, self.key = served, key  # the model answering, and the line's cache key (None: not cached)
 
     @property
     def request_id(self):
@@ -105,10 +110,13 @@ class BatchRunner:
             moved = True
         return moved
 
-    def _room(self):
-        """True while no interactive request waits and the running batch has a row to spare."""
-        engine, settings = self.state.engine, self.state.settings
-        joining = sum(1 for r in self.running if r.handle.started is None)  # our lines, queued, not yet rows
+    def _room(self, served=None):
+        """True while no interactive request waits for `served`'s engine and its running batch has a row to
+        spare (None: any served model's)."""
+        if served is None:
+            return any(self._room(item) for item in self.state.models)
+        engine, settings = served.engine, self.state.settings
+        joining = sum(1 for r in self.running if r.served is served and r.handle.started is None)  # queued lines
         if not engine.ready or engine.queued() > joining:
             return False
         rows = max(1, settings.max_batch_size - settings.batch_reserved_rows)
@@ -131,6 +139,22 @@ class BatchRunner:
         if not user.get("active", False):  # disabled (or removed) since the batch was made: no more lines
             self._fail(batch, line, custom_id, 403, f"account {batch['user']!r} is disabled", "account_disabled")
             return True
+        served = state.models.get(prepared["model"]) if "model" in prepared else state.models.default
+        if served is None:  # the settings changed since the batch was made
+            self._fail(batch, line, custom_id, 404, f"model {prepared['model']!r} is no longer served here",
+                       "model_not_found")
+            return True
+        if not self._room(served):
+            self.records.release(batch["id"], line)
+            return False
+        key = cache.key(settings, served, batch["user"], ids, params) if state.cache else None
+        hit = state.cache.lookup(key) if key is not None else None
+        if hit is not None:
+            item = Running(batch, line, custom_id, prepared, None, None, served, key)
+            self.records.finish_line(batch["id"], line, True,
+                                     lines.answered(custom_id, prepared, hit, item.request_id, served.name))
+            self._usage(item, 200, dataclasses.replace(Usage.of(hit), cached=True))
+            return True
         limits = budget.Limits(budget.Limits.of(user, settings).daily_tokens, settings.max_batch_size)
         try:
             lease = budget.admit(state.counters, batch["user"], limits, len(ids) + params.max_new_tokens,
@@ -149,12 +173,12 @@ class BatchRunner:
                                     deadline=time.monotonic() + settings.stream_deadline_s, stop=params.stop,
                                     seed=params.seed)
         try:
-            handle = state.engine.submit(request)
+            handle = served.engine.submit(request)
         except (QueueFull, NotReady):
             budget.release(state.counters, lease, 0)
             self.records.release(batch["id"], line)
             return False
-        self.running.append(Running(batch, line, custom_id, prepared, handle, lease))
+        self.running.append(Running(batch, line, custom_id, prepared, handle, lease, served, key))
         return True
 
     def _collect(self):
@@ -171,8 +195,10 @@ class BatchRunner:
             budget.release(self.state.counters, item.lease, usage.total)
             if result is not None and result.finish_reason in ("stop", "length"):
                 status = 200
-                self.records.finish_line(item.batch["id"], item.line, True,
-                                         lines.answered(item.custom_id, item.prepared, result, item.request_id))
+                self.records.finish_line(item.batch["id"], item.line, True, lines.answered(
+                    item.custom_id, item.prepared, result, item.request_id, item.served.name))
+                if item.key is not None:
+                    self.state.cache.store(item.key, result)
             elif result is not None and result.finish_reason == "cancelled":
                 status = 499
                 self.records.finish_line(item.batch["id"], item.line, False, lines.refused(
@@ -221,7 +247,7 @@ class BatchRunner:
         try:
             self.state.usage_log.write(user=item.batch["user"], route=ROUTE, status=status,
                                        latency_ms=int((time.monotonic() - item.started) * 1000),
-                                       request_id=item.request_id, **usage.fields())
+                                       request_id=item.request_id, model=item.served.name, **usage.fields())
         except Exception:  # the line's answer is stored; say loudly that its usage row is missing
             log.exception("usage row of a batch line not written")
 

@@ -50,8 +50,9 @@ class Row:
         """Take the row's next token: metrics, incremental decoding, stop strings, end token."""
         if self.error is not None:
             return
-        metrics.TTFT.observe(now - self.handle.submitted) if self.last is None \
-            else metrics.INTER_TOKEN.observe(now - self.last)
+        model = self.handle.model
+        metrics.TTFT.labels(model).observe(now - self.handle.submitted) if self.last is None \
+            else metrics.INTER_TOKEN.labels(model).observe(now - self.last)
         self.last = now
         self.ids.append(token)
         piece, self.prefix, self.read = decode_step(self.loaded.decode, self.ids, self.prefix, self.read)
@@ -229,7 +230,7 @@ class Batch:
     def _hand_out(self, rows, tokens):
         """Give each row its chosen token (decoding, stop strings, its caller's deltas)."""
         now = time.monotonic()
-        metrics.BATCH_SIZE.observe(len(rows))
+        metrics.BATCH_SIZE.labels(rows[0].handle.model).observe(len(rows))
         for row, token in zip(rows, tokens.tolist()):
             row.add(token, now)
 

@@ -16,6 +16,7 @@ prefill is timed (service.inference.speed), so callers can size a request
 to its deadline.
 """
 
+import contextlib
 import logging
 import queue
 import threading
@@ -80,8 +81,9 @@ class GenerationResult:
 class Generation:
     """The caller's handle on one submitted request."""
 
-    def __init__(self, request):
+    def __init__(self, request, model="model"):
         self.request = request
+        self.model = model  # the engine's name: its metrics' label
         self.submitted = time.monotonic()
         self.started = None  # when it joined the batch
         self._cancelled = threading.Event()
@@ -140,15 +142,39 @@ class Generation:
         self._done.set()
 
 
-class Engine:
-    """Owns the model in one thread; everything else talks to it through the queue."""
+class Turns:
+    """The engines of one process take turns at the processor: one load, prefill chunk or decode step at a
+    time, first come first served. Two models computing at once would each get half the cores and lose
+    more to the contention (two torch thread pools on the same cores run 2-3x slower)."""
 
-    def __init__(self, loader, queue_size, torch_threads, max_batch=16):
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._issued = self._serving = 0
+
+    @contextlib.contextmanager
+    def turn(self):
+        with self._changed:
+            ticket, self._issued = self._issued, self._issued + 1
+            self._changed.wait_for(lambda: self._serving == ticket)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._serving += 1
+                self._changed.notify_all()
+
+
+class Engine:
+    """Owns one model in one thread; everything else talks to it through the queue."""
+
+    def __init__(self, loader, queue_size, torch_threads, max_batch=16, name="model", turns=None):
         self._loader = loader
         self._queue = queue.Queue(maxsize=queue_size)
         self._max_batch = max_batch
         self._torch_threads = torch_threads
-        self._thread = threading.Thread(target=self._run, name="vibethinker-engine", daemon=True)
+        self.name = name  # the served model's name: the `model` label of its metrics, a field of its log lines
+        self._turns = turns or Turns()
+        self._thread = threading.Thread(target=self._run, name=f"vibethinker-engine-{name}"[:64], daemon=True)
         self._stopping = threading.Event()
         self.model = None
         self._batch = None
@@ -157,9 +183,9 @@ class Engine:
 
     def start(self):
         """Start the engine thread; it loads the model, then serves the queue."""
-        metrics.WAITING.set_function(self.queued)
-        metrics.RUNNING.set_function(lambda: self.running)
-        metrics.DECODE_SPEED.set_function(lambda: self.speed.per_row(max(1, self.decoding)) or 0.0)
+        metrics.WAITING.labels(self.name).set_function(self.queued)
+        metrics.RUNNING.labels(self.name).set_function(lambda: self.running)
+        metrics.DECODE_SPEED.labels(self.name).set_function(lambda: self.speed.per_row(max(1, self.decoding)) or 0.0)
         self._thread.start()
         return self
 
@@ -200,7 +226,7 @@ class Engine:
         """Queue a request and return its handle; raise NotReady or QueueFull at once."""
         if not self.ready:
             raise NotReady(f"model is {self.state}")
-        handle = Generation(request)
+        handle = Generation(request, self.name)
         try:
             self._queue.put_nowait(handle)
         except queue.Full:
@@ -210,14 +236,16 @@ class Engine:
     def _run(self):
         torch.set_num_threads(self._torch_threads)  # per thread: a non-main thread starts with one
         try:
-            self.model = self._loader()
+            with self._turns.turn():  # one model loads at a time: one peak of memory and of disk reads
+                self.model = self._loader()
         except Exception:  # the process stays up to answer /readyz; the log has the reason
-            log.exception("model failed to load")
+            log.exception("model failed to load", extra={"fields": {"model": self.name}})
             self.state = "failed"
             return
         self.state = "ready"
-        metrics.MODEL_LOAD.set(self.model.load_seconds)
-        log.info("model loaded", extra={"fields": {"load_seconds": round(self.model.load_seconds, 2)}})
+        metrics.MODEL_LOAD.labels(self.name).set(self.model.load_seconds)
+        log.info("model loaded", extra={"fields": {"model": self.name,
+                                                   "load_seconds": round(self.model.load_seconds, 2)}})
         batch = self._batch = Batch(self.model)
         while not self._stopping.is_set():
             self._finish_rows(batch.evict())  # first, so finished rows make room
@@ -226,12 +254,14 @@ class Engine:
             if joining:
                 batch.admit(joining)
             if batch.filling:
-                self._fill(batch)
+                with self._turns.turn():
+                    self._fill(batch)
                 self._finish_rows(batch.evict())
             if batch:
-                rows, started = len(batch), time.monotonic()
-                self._guarded(batch, batch.step)
-                self.speed.observe_step(rows, time.monotonic() - started)
+                with self._turns.turn():
+                    rows, started = len(batch), time.monotonic()
+                    self._guarded(batch, batch.step)
+                    self.speed.observe_step(rows, time.monotonic() - started)
         for row in batch.empty() + [row for group in batch.filling for row in group.rows]:
             row.handle._finish(error=EngineError("the engine stopped"))
 
@@ -272,7 +302,7 @@ class Engine:
                                                 now - handle.submitted, 0.0))
                 continue
             handle.started = now
-            metrics.QUEUE_WAIT.observe(now - handle.submitted)
+            metrics.QUEUE_WAIT.labels(self.name).observe(now - handle.submitted)
             joining.append(handle)
         return joining
 
@@ -299,9 +329,9 @@ class Engine:
             text, ids, reason = row.outcome()
             result = GenerationResult(text, ids, len(handle.request.prompt_ids), reason,
                                       handle.started - handle.submitted, now - handle.started)
-            metrics.PROMPT_TOKENS.inc(result.prompt_tokens)
-            metrics.GENERATION_TOKENS.inc(result.completion_tokens)
-            metrics.FINISHED.labels(result.finish_reason).inc()
+            metrics.PROMPT_TOKENS.labels(self.name).inc(result.prompt_tokens)
+            metrics.GENERATION_TOKENS.labels(self.name).inc(result.completion_tokens)
+            metrics.FINISHED.labels(self.name, result.finish_reason).inc()
             handle._finish(result)
 
 

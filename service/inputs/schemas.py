@@ -33,6 +33,7 @@ class PredictRequest(StrictModel):
 
     question: str
     system_prompt: str | None = None
+    model: str | None = Field(None, max_length=256)  # a served model's name or alias; none or "auto": routed
     max_new_tokens: int | None = None
     temperature: Annotated[float, Field(allow_inf_nan=False)] | None = None
     top_p: Annotated[float, Field(allow_inf_nan=False)] | None = None
@@ -181,6 +182,7 @@ class QuotaFields(StrictModel):
     daily_tokens: int | None = None
     max_concurrent: int | None = None
     system_prompts: list[str] | None = None
+    models: list[str] | None = None  # the models (names or aliases) the user may call; null: any
 
 
 class AdminUserCreate(QuotaFields):
@@ -195,6 +197,13 @@ class AdminUserPatch(QuotaFields):
 
     active: bool = None
     admin: bool = None
+
+
+class CachePurge(StrictModel):
+    """POST /admin/cache/purge: which cached answers to drop (nothing given: all)."""
+
+    user: str | None = Field(None, max_length=64)
+    model: str | None = Field(None, max_length=128)
 
 
 class AdminTokenRequest(StrictModel):

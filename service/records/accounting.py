@@ -31,6 +31,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
+    cached: bool = False  # answered from the response cache: nothing computed, no budget spent
 
     @classmethod
     def of(cls, result):
@@ -45,7 +46,7 @@ class Usage:
 
     def fields(self):
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "finish_reason": self.finish_reason}
+                "finish_reason": self.finish_reason, "cached": self.cached}
 
 
 @dataclass
@@ -59,6 +60,9 @@ class RequestRecord:
     lease: object = None  # the budget lease (service.admission.budget), once admitted
     usage: Usage | None = None  # set once an admitted generation settled: then a usage row is written
     streamed: bool = False  # the stream writes its own row when it ends
+    model: str | None = None  # the served model that answers (its name from the settings)
+    cache_key: object = None  # service.api.cache.Key, when the request can be cached
+    cache: str | None = None  # "hit" or "miss" once the cache was asked: the x-cache header
 
     @property
     def latency(self):
@@ -84,6 +88,8 @@ def _account(response):
     reason = metrics.refusal_reason(status, record.error_code)
     if reason:
         metrics.REFUSALS.labels(reason).inc()
+    if record.cache is not None and status < 400:
+        response.headers["x-cache"] = record.cache
     if not record.streamed:
         finish(record, status, "request")
     return response
@@ -98,6 +104,10 @@ def finish(record, status, message="stream ended"):
     fields = {"method": request.method, "route": record.route, "status": status,
               "latency_ms": round(latency * 1000, 1), "user": auth["user"] if auth else None,
               "client_ip": request.remote_addr}
+    if record.model is not None:
+        fields["model"] = record.model
+    if record.cache is not None:
+        fields["cache"] = record.cache
     if record.usage is not None:
         fields.update(record.usage.fields())
     if record.error_code:
@@ -108,7 +118,7 @@ def finish(record, status, message="stream ended"):
 def _write_usage(record, user, status, latency):
     try:
         state().usage_log.write(user=user, route=record.route, status=status, latency_ms=int(latency * 1000),
-                                request_id=record.request_id, **record.usage.fields())
+                                request_id=record.request_id, model=record.model, **record.usage.fields())
     except Exception:  # the answer is computed; say loudly that its record is missing
         log.exception("usage row not written", extra={"fields": {"user": user, "route": record.route}})
 

@@ -3,7 +3,8 @@
 No per-user labels anywhere (cardinality): per-user totals live in the usage
 table. Every label value comes from a fixed set: the route is the matched
 rule (or "unmatched"), the method one of HTTP's (else "other"), the status
-one the app answers with. The engine records generation figures here; the app records HTTP ones.
+one the app answers with, the model a served model's name from the settings
+(never the name a client sent). The engine records generation figures here; the app records HTTP ones.
 /metrics is served without a token: nginx allows it only from configured
 addresses, and gunicorn listens on a unix socket only nginx can reach.
 """
@@ -22,22 +23,25 @@ REQUEST_DURATION = Histogram("vibethinker_request_duration_seconds", "Wall time 
                              ["route"], buckets=LATENCY_BUCKETS)
 REFUSALS = Counter("vibethinker_refusals_total", "Requests refused, by reason.", ["reason"])
 TTFT = Histogram("vibethinker_time_to_first_token_seconds", "From submission to the first generated token.",
-                 buckets=LATENCY_BUCKETS)
-INTER_TOKEN = Histogram("vibethinker_inter_token_latency_seconds", "Time between generated tokens.",
+                 ["model"], buckets=LATENCY_BUCKETS)
+INTER_TOKEN = Histogram("vibethinker_inter_token_latency_seconds", "Time between generated tokens.", ["model"],
                         buckets=TOKEN_BUCKETS)
-QUEUE_WAIT = Histogram("vibethinker_queue_wait_seconds", "Time a generation waited in the queue.",
+QUEUE_WAIT = Histogram("vibethinker_queue_wait_seconds", "Time a generation waited in the queue.", ["model"],
                        buckets=LATENCY_BUCKETS)
-BATCH_SIZE = Histogram("vibethinker_batch_size", "Sequences generated together per engine step.",
+BATCH_SIZE = Histogram("vibethinker_batch_size", "Sequences generated together per engine step.", ["model"],
                        buckets=(1, 2, 4, 8, 16, 32, 64))
-RUNNING = Gauge("vibethinker_requests_running", "Generations running now.")
+RUNNING = Gauge("vibethinker_requests_running", "Generations running now.", ["model"])
 DECODE_SPEED = Gauge("vibethinker_decode_tokens_per_second",
-                     "Measured decode speed of one request at the current batch size (0 until measured).")
-WAITING = Gauge("vibethinker_requests_waiting", "Generations waiting in the queue.")
-PROMPT_TOKENS = Counter("vibethinker_prompt_tokens_total", "Prompt tokens processed.")
-GENERATION_TOKENS = Counter("vibethinker_generation_tokens_total", "Tokens generated.")
-FINISHED = Counter("vibethinker_request_finish_total", "Finished generations by finish reason.", ["finish_reason"])
-MODEL_LOAD = Gauge("vibethinker_model_load_seconds", "Seconds the model took to load.")
-MODEL_INFO = Info("vibethinker_model", "The model this server serves.")
+                     "Measured decode speed of one request at the current batch size (0 until measured).", ["model"])
+WAITING = Gauge("vibethinker_requests_waiting", "Generations waiting in the queue.", ["model"])
+PROMPT_TOKENS = Counter("vibethinker_prompt_tokens_total", "Prompt tokens processed.", ["model"])
+GENERATION_TOKENS = Counter("vibethinker_generation_tokens_total", "Tokens generated.", ["model"])
+FINISHED = Counter("vibethinker_request_finish_total", "Finished generations by finish reason.",
+                   ["model", "finish_reason"])
+MODEL_LOAD = Gauge("vibethinker_model_load_seconds", "Seconds the model took to load.", ["model"])
+MODEL_INFO = Info("vibethinker_model", "A model this server serves.", ["model"])
+CACHE = Counter("vibethinker_cache_lookups_total", "Response-cache lookups by result (hit, miss, error: the "
+                "storage did not answer).", ["model", "result"])
 
 # Error codes -> refusal reasons (a small, fixed label set).
 REASONS = {
