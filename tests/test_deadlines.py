@@ -40,7 +40,7 @@ def test_readyz_and_metrics_show_the_measured_speed(sized):
     ready = requests.get(sized.url("/readyz"), timeout=10).json()
     assert ready["decode_tokens_per_s"] > 0 and ready["decode_batch_size"] == 1
     metrics = requests.get(sized.url("/metrics"), timeout=10).text
-    [line] = [l for l in metrics.splitlines() if l.startswith("vibethinker_decode_tokens_per_second ")]
+    [line] = [l for l in metrics.splitlines() if l.startswith('vibethinker_decode_tokens_per_second{model="VibeThinker-1.5B"} ')]
     assert float(line.split()[1]) > 0
 
 

@@ -73,11 +73,12 @@ def test_counters_and_usage_rows_match_what_was_sent(observed):
         == [3, 1, 2, 1]
     assert [delta("vibethinker_refusals_total", reason=r) for r in ("validation", "rate_limit", "auth")] == [1, 2, 1]
     prompt, completion = sum(u["prompt_tokens"] for u in usages), sum(u["completion_tokens"] for u in usages)
-    assert delta("vibethinker_prompt_tokens_total") == prompt
-    assert delta("vibethinker_generation_tokens_total") == completion
-    assert delta("vibethinker_request_finish_total", finish_reason="length") == 3
-    assert delta("vibethinker_time_to_first_token_seconds_count") == 3
-    assert delta("vibethinker_inter_token_latency_seconds_count") == completion - 3
+    model = {"model": "VibeThinker-1.5B"}  # generation figures carry the served model
+    assert delta("vibethinker_prompt_tokens_total", **model) == prompt
+    assert delta("vibethinker_generation_tokens_total", **model) == completion
+    assert delta("vibethinker_request_finish_total", **model, finish_reason="length") == 3
+    assert delta("vibethinker_time_to_first_token_seconds_count", **model) == 3
+    assert delta("vibethinker_inter_token_latency_seconds_count", **model) == completion - 3
     assert delta("vibethinker_request_duration_seconds_count", route="/predict") == 7
 
     store = Store(observed.env["VIBE_DB_URL"], upgrade=False)

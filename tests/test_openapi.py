@@ -63,7 +63,7 @@ def test_the_spec_is_served_without_a_token(fuzzed):
     assert set(spec["paths"]) == {
         "/healthz", "/readyz", "/metrics", "/openapi.json", "/predict", "/v1/predict", "/v1/chat/completions",
         "/v1/models", "/v1/models/{model}", "/v1/me", "/admin/users", "/admin/users/{name}", "/admin/tokens",
-        "/admin/tokens/{jti}", "/admin/usage", "/admin/audit", "/v1/files", "/v1/files/{file_id}",
+        "/admin/tokens/{jti}", "/admin/usage", "/admin/audit", "/admin/cache/purge", "/v1/files", "/v1/files/{file_id}",
         "/v1/files/{file_id}/content", "/v1/batches", "/v1/batches/{batch_id}", "/v1/batches/{batch_id}/cancel"}
     predict = spec["paths"]["/predict"]["post"]
     assert predict["requestBody"]["content"]["application/json"]["schema"] == {
