@@ -219,7 +219,7 @@ def wait_ready(api, timeout=120):
     raise AssertionError("the service did not become ready")
 
 
-def test_an_upgrade_keeps_users_tokens_and_revocations(provisioned):
+def test_an_upgrade_keeps_users_tokens_and_revocations(provisioned, second_model):
     host, api, work = provisioned["host"], provisioned["api"], provisioned["work"]
     upgraded = dict(provisioned["vars"])
     with phase("deploy: build the next version"):
@@ -231,6 +231,11 @@ def test_an_upgrade_keeps_users_tokens_and_revocations(provisioned):
                     model_hub_endpoint=f"{host.proxy_url}/hub", model_hub_repo="local/tiny", model_hub_revision="r1",
                     model_files=[{"name": n, "sha256": sha256(provisioned["hub"] / "local/tiny/r1" / n)}
                                  for n in hub_files])
+    # And a second model, routed to by the question.
+    upgraded.update(app_extra_models=[{"name": "code-model", "dir": "/opt/vibethinker/models/code",
+                                       "local_dir": str(second_model), "aliases": ["coder"],
+                                       "sha256": {"model.safetensors": sha256(second_model / "model.safetensors")}}],
+                    app_routing=[{"model": "code-model", "regex": "(?i)\\bpython\\b"}], app_model_aliases=["demo"])
     keys_before = host.ssh(f"{CLI} --json keys list").stdout
     with phase("deploy: upgrade run of site.yml"):
         counts, output = playbook(host, work, upgraded)
@@ -238,13 +243,17 @@ def test_an_upgrade_keeps_users_tokens_and_revocations(provisioned):
     ready = wait_ready(api)
     assert ready["version"] == "0.1.0.post1" and ready["mode"] == "int8", ready
     config = host.ssh("cat /etc/vibethinker/config.toml").stdout
-    assert 'model_path = "/opt/vibethinker/model-hub-int8"' in config and 'quantization = "int8"' in config, config
+    assert 'path = "/opt/vibethinker/model-hub-int8"' in config and 'quantization = "int8"' in config, config
+    assert config.count("[[models]]") == 2 and "model_path" not in config and "[[routing]]" in config, config
+    assert [m["name"] for m in ready["models"]] == ["vibethinker-demo", "code-model"], ready
     assert host.ssh(f"{CLI} --json keys list").stdout == keys_before  # the signing key is never replaced
     users = json.loads(host.ssh(f"{CLI} --json users list").stdout)
     assert {"admin", "alice"} <= {u["name"] for u in users}
     question = {"question": "1+1?", "max_new_tokens": 4}
     status, answer = api.call("POST", "/v1/predict", provisioned["alice_token"], question)
-    assert status == 200, answer
+    assert status == 200 and answer["model"] == "vibethinker-demo", answer
+    status, routed = api.call("POST", "/v1/predict", provisioned["alice_token"], {**question, "question": "Python?"})
+    assert status == 200 and routed["model"] == "code-model", routed
     status, refused = api.call("POST", "/v1/predict", provisioned["revoked_token"], {"question": "1+1?"})
     assert status == 401 and refused["error"]["code"] == "token_revoked"
     with phase("deploy: second run after the upgrade (idempotence)"):
