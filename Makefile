@@ -47,7 +47,7 @@ ADMIN := $(BIN)/vibethinker-admin
 # Serves VIBE_MODEL_PATH if set, else the demo model (random weights, gibberish).
 # State (SQLite, signing keys) lives under ./var unless VIBE_* settings say otherwise.
 run: install
-	@if [ -z "$$VIBE_MODEL_PATH" ]; then $(MAKE) --no-print-directory $(DEMO)/config.json; fi
+	@if [ -z "$$VIBE_MODEL_PATH$$VIBE_CONFIG" ]; then $(MAKE) --no-print-directory $(DEMO)/config.json; fi
 	@test -n "$$($(ADMIN) keys list)" || $(ADMIN) keys generate
 	@$(ADMIN) --json users list | grep -q '"name": "admin"' || $(ADMIN) users add admin --admin
 	@token=$$($(ADMIN) tokens issue admin --scope generate,admin --ttl 7d --label "make run" | tail -n 1); \
@@ -55,7 +55,8 @@ run: install
 	@echo "serving on http://$${VIBE_BIND:-127.0.0.1:8000} (Ctrl-C stops)"
 	@echo "logs: this terminal, one JSON object per line on stderr"
 	@echo "metrics: http://$${VIBE_BIND:-127.0.0.1:8000}/metrics (Prometheus text)"
-	VIBE_MODEL_PATH="$${VIBE_MODEL_PATH:-$(CURDIR)/$(DEMO)}" $(BIN)/gunicorn -c service/gunicorn_conf.py "service.app:create_app()"
+	@if [ -z "$$VIBE_MODEL_PATH$$VIBE_CONFIG" ]; then export VIBE_MODEL_PATH="$(CURDIR)/$(DEMO)"; fi; \
+	  exec $(BIN)/gunicorn -c service/gunicorn_conf.py "service.app:create_app()"
 
 test: install system-deps
 	$(BIN)/python -m pytest
