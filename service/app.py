@@ -120,8 +120,7 @@ def start_models(specs, sizes, settings):
     for spec in specs:
         loader = partial(model.load, str(spec.path), spec.dtype, spec.quantization, settings.prefill_float32,
                          settings.device)
-        mode = "int8" if spec.quantization == "int8" else spec.dtype
-        revision = models.revision(spec.path, mode)  # before the engine starts: the files as they are loaded
+        revision = models.revision(spec.path, models.mode_of(spec))  # before the engine starts: the files loaded
         engine = Engine(loader, settings.queue_size, settings.torch_threads, settings.max_batch_size,
                         name=spec.name, turns=turns)
         served.append(models.Served(spec, engine.start(), revision, sizes[spec.name]))

@@ -40,7 +40,12 @@ class Served:
 
     @property
     def mode(self):
-        return "int8" if self.spec.quantization == "int8" else self.spec.dtype
+        return mode_of(self.spec)
+
+
+def mode_of(spec):
+    """The numeric mode a model spec runs in: int8, or its dtype."""
+    return "int8" if spec.quantization == "int8" else spec.dtype
 
 
 class Models:
