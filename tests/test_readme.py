@@ -68,3 +68,14 @@ def test_openai_example_runs_as_printed(server):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
+
+
+def test_the_two_model_configuration_is_valid_settings(tmp_path, monkeypatch):
+    from service.settings import load_settings
+
+    block = next(b for b in re.findall(r"```toml\n(.*?)```", README, flags=re.S) if "[[routing]]" in b)
+    (tmp_path / "config.toml").write_text(block)
+    monkeypatch.setenv("VIBE_CONFIG", str(tmp_path / "config.toml"))
+    settings = load_settings()
+    assert [m.name for m in settings.served_models()] == ["VibeThinker-1.5B", "code-model"]
+    assert [r.model for r in settings.routing] == ["code-model", "code-model"] and settings.cache == "user"
