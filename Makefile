@@ -8,7 +8,7 @@ DEMO   := var/demo-model
 # The CPU build of torch; an unpinned torch pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install system-deps run test test-quick test-gpu test-load bench bench-real clean wheel wheelhouse lint deploy-test deploy-test-vm
+.PHONY: install system-deps runtime-deps run test test-quick test-gpu test-load bench bench-real clean wheel wheelhouse lint deploy-test deploy-test-vm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,22 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# OpenCV (through the OCR, rapidocr-onnxruntime) links libGL and GLib: Debian's
+# libgl1 and libglib2.0-0, which a server or container image may lack.
+OCR_LIBS_CHECK := { ldconfig -p | grep -q 'libGL\.so\.1 ' || missing="$$missing libgl1"; \
+	ldconfig -p | grep -q 'libglib-2\.0\.so\.0 ' || missing="$$missing libglib2.0-0"; }
+
+# What `make run` needs beyond Python: the OCR's system libraries.
+runtime-deps:
+	@missing=""; $(OCR_LIBS_CHECK); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "missing$$missing (documents read by OCR need them): install them as root"; fi; \
+	fi
+
 # Servers the tests run for real (nginx, redis-server, PostgreSQL) and curl for
 # the README's examples: installed when missing, only on Debian as root, without
 # starting their packaged services (RUNLEVEL=1 makes invoke-rc.d skip them).
@@ -31,6 +47,7 @@ system-deps:
 	command -v curl >/dev/null 2>&1 || missing="$$missing curl"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	$(OCR_LIBS_CHECK); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing$$missing"; \
@@ -46,7 +63,7 @@ ADMIN := $(BIN)/vibethinker-admin
 
 # Serves VIBE_MODEL_PATH if set, else the demo model (random weights, gibberish).
 # State (SQLite, signing keys) lives under ./var unless VIBE_* settings say otherwise.
-run: install
+run: install runtime-deps
 	@if [ -z "$$VIBE_MODEL_PATH$$VIBE_CONFIG" ]; then $(MAKE) --no-print-directory $(DEMO)/config.json; fi
 	@test -n "$$($(ADMIN) keys list)" || $(ADMIN) keys generate
 	@$(ADMIN) --json users list | grep -q '"name": "admin"' || $(ADMIN) users add admin --admin

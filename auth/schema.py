@@ -63,6 +63,10 @@ usage = sa.Table(
     sa.Column("request_id", sa.String(128), nullable=False),
     sa.Column("model", sa.String(128)),  # the served model that answered (NULL: rows from before models)
     sa.Column("cached", sa.Boolean, nullable=False, server_default=sa.false()),  # answered from the cache
+    # Documents read for the request (service.inputs.documents): PDF pages, images read by OCR, time spent.
+    sa.Column("document_pages", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("document_images", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("document_ms", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_usage_user_at", "user", "at"),
 )
 # One row: replaced by every change that can turn a valid token invalid (revocation, disable, demotion,

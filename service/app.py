@@ -22,7 +22,7 @@ from auth.store import Store
 from service import errors
 from service.admission import access, ratelimit
 from service.admission.counters import epoch_publisher, open_counters
-from service.api import admin, batches, chat, contract, health, me, models, predict
+from service.api import admin, attachments, batches, chat, contract, health, me, models, predict
 from service.api.cache import open_cache
 from service.batches.records import BatchRecords
 from service.batches.runner import BatchRunner
@@ -52,7 +52,8 @@ def create_app(settings=None):
     store, keyset = open_state(settings, counters)
     state = attach(app, State(settings, store, keyset, load_policy(settings), started_at=time.time(),
                               counters=counters, usage_log=UsageLog(store), cache=open_cache(settings),
-                              batches=BatchRecords(store.engine, settings.files_dir)))
+                              batches=BatchRecords(store.engine, settings.files_dir),
+                              documents=attachments.open_reader(settings)))
 
     accounting.init_app(app)  # first: every later hook writes to the request's record
     requestid.init_app(app)

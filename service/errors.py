@@ -21,7 +21,7 @@ TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
     404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
     415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error", 499: "client_closed",
-    500: "server_error", 503: "overloaded_error", 504: "timeout_error",
+    500: "server_error", 501: "server_error", 503: "overloaded_error", 504: "timeout_error",
 }
 # Precise messages for the errors Werkzeug raises by itself.
 HTTP_MESSAGES = {

@@ -111,6 +111,15 @@ def child_exit(server, worker):
                            "given back")
 
 
+def worker_exit(server, worker):
+    """In the worker, as it ends: stop its document-reading processes."""
+    from service.state import KEY
+
+    held = getattr(getattr(worker, "wsgi", None), "extensions", {}).get(KEY)  # the app's State
+    if held is not None and held.documents is not None:
+        held.documents.close()
+
+
 # --- Logging ---
 # Gunicorn's own lines as JSON on stderr (journald under systemd), like the app's;
 # no access log: the app writes one JSON line per request, with user and tokens.

@@ -228,6 +228,26 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level of the service.")
 
+    # --- documents (PDFs and images as questions: service.inputs.documents) ---
+    document_max_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024, description="Largest document (PDF or image) of one "
+        "request, all its documents together, in bytes. The bodies of /v1/predict and /v1/chat/completions may be "
+        "this much larger than max_body_bytes (base64 included); nginx allows the same there.",
+    )
+    document_max_pages: int = Field(20, ge=1, le=1000, description="Most pages of one PDF.")
+    document_max_pixels: int = Field(
+        40_000_000, ge=10_000, le=400_000_000, description="Most pixels of one image (or image in a PDF), "
+        "checked before it is decoded.",
+    )
+    document_timeout_s: float = Field(
+        30.0, gt=0.0, le=600.0, description="Longest time reading one document may take (queue wait included); "
+        "it counts toward the request's deadline.",
+    )
+    document_workers: int = Field(
+        1, ge=1, le=16, description="Processes per worker that read documents (PDF parsing, OCR).",
+    )
+    documents_per_request: int = Field(4, ge=1, le=32, description="Most documents in one request.")
+
     # --- batch jobs (the OpenAI Batch API) ---
     files_dir: Path = Field(Path("var/files"), description="Folder of uploaded batch input files and outputs.")
     max_upload_bytes: int = Field(
@@ -284,6 +304,12 @@ class Settings(BaseSettings):
         if specs and unknown is not None:
             raise ValueError(f"a routing rule names {unknown!r}, which is not a served model")
         return self
+
+    @property
+    def document_body_bytes(self):
+        """The body limit of the routes that take documents: max_body_bytes plus document_max_bytes in base64.
+        nginx/vibethinker.conf.j2 computes the same for those locations."""
+        return self.max_body_bytes + (self.document_max_bytes + 2) // 3 * 4
 
     def served_models(self):
         """The models this server serves, the default first: the [[models]] tables, or the one model of

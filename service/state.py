@@ -30,6 +30,7 @@ class State:
     usage_log: Any = None  # service.records.usagelog.UsageLog: the store's usage rows, by group commit
     batches: Any = None  # service.batches.records.BatchRecords: files and batch jobs
     batch_runner: Any = None  # service.batches.runner.BatchRunner
+    documents: Any = None  # service.inputs.documents.Reader: this worker's pool reading PDFs and images
 
 
 def attach(app, state):

@@ -14,10 +14,10 @@ import uuid
 from flask import Blueprint
 
 from service.admission.access import caller
-from service.api import generation, models
+from service.api import attachments, generation, models
 from service.api.streaming import ChatStream, openai_reason
 from service.errors import APIError
-from service.inputs import filtering
+from service.inputs import filtering, language
 from service.inputs.schemas import ChatRequest, read
 from service.records import accounting
 from service.state import state
@@ -29,9 +29,11 @@ MAX_STOPS, MAX_STOP_CHARS = 4, 64
 @bp.post("/v1/chat/completions")
 def chat_completions():
     """Answer a conversation, whole or as a stream."""
+    attachments.allow_document_body()
     body = read(ChatRequest)
     job = prepare(body)
-    accounting.current().model = job.served.name
+    record = accounting.current()
+    record.model, record.hint = job.served.name, job.hint
     hit = generation.cached(job.served, job.ids, job.params)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -57,7 +59,7 @@ def prepare(body):
     params = generation.resolve_params(settings, asked, body.temperature, body.top_p, _stops(body.stop), body.seed,
                                        tokens_name=tokens_name)
     ids = generation.prompt_ids(served.engine, messages, settings, params.max_new_tokens, "messages", tokens_name)
-    return generation.Prepared(served, ids, params, tokens_name, asked)
+    return generation.Prepared(served, ids, params, tokens_name, asked, language.english_hint(question))
 
 
 def completion(result, model):
@@ -75,9 +77,8 @@ def _clean_messages(messages, settings):
         raise APIError(400, "messages must hold at least one message", "empty", "messages")
     cleaned = []
     for i, message in enumerate(messages):
-        content = message.content if isinstance(message.content, str) else \
-            "".join(part.text for part in message.content)
         name = f"messages.{i}.content"
+        content = message.content if isinstance(message.content, str) else _join_parts(message, name)
         text = filtering.clean_text(name, content, settings.max_question_chars,
                                     allow_empty=message.role != "user")
         if message.role == "system":
@@ -85,6 +86,20 @@ def _clean_messages(messages, settings):
         cleaned.append({"role": message.role, "content": text})
     filtering.check_policy(state().policy, {f"messages.{i}.content": m["content"] for i, m in enumerate(cleaned)})
     return cleaned
+
+
+def _join_parts(message, name):
+    """A message's content parts as one text: texts as they are (joined as OpenAI joins them), each image and
+    file as the text read from it, on its own paragraph. Only a user's message may hold documents."""
+    pieces = []
+    for j, part in enumerate(message.content):
+        if part.type != "text" and message.role != "user":
+            raise APIError(400, f"{name}.{j}: only a user's message may hold an image or a file",
+                           "unsupported_value", f"{name}.{j}")
+        text = attachments.part_text(part, f"{name}.{j}")
+        pieces.append(text if part.type == "text" else f"\n\n{text.strip()}\n\n")
+    documents = any(part.type != "text" for part in message.content)
+    return "".join(pieces).strip("\n") if documents else "".join(pieces)
 
 
 def _stops(stop):

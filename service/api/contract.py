@@ -12,13 +12,14 @@ the one error shape (service.errors).
 from typing import Any, Literal
 
 from flask import Blueprint, current_app
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
 from auth.store import NAME_PATTERN
 from service.admission.access import public, scope_for
 from service.api import health
 from service.inputs import schemas
+from service.inputs.documents import MEDIA_TYPES
 from service.state import state
 
 REF = "#/components/schemas/{model}"
@@ -44,6 +45,16 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class DocumentRead(BaseModel):
+    """What was read from the request's file: what the model saw before the question."""
+
+    kind: Literal["pdf", "image"]
+    pages: int
+    chars: int
+    method: Literal["text", "ocr", "text+ocr"]
+    text: str
+
+
 class Prediction(BaseModel):
     id: str
     model: str
@@ -53,6 +64,9 @@ class Prediction(BaseModel):
     success: Literal[True]
     usage: Usage
     finish_reason: Literal["stop", "length"]
+    hint: str | None = Field(None, description="One sentence when the question is mostly in a script other than "
+                             "Latin: VibeThinker reasons best in English (also the x-vibethinker-hint header).")
+    document: DocumentRead | None = Field(None, description="Only when a file was sent (multipart/form-data).")
 
 
 class AssistantMessage(BaseModel):
@@ -298,12 +312,22 @@ UPLOAD = {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file", "purpose"], "additionalProperties": False,
     "properties": {"file": {"type": "string", "format": "binary"}, "purpose": {"type": "string", "enum": ["batch"]}}}}}
 
+# /v1/predict with a document: its JSON form's fields as text fields, and the file (question then optional).
+PREDICT_FORM = {"schema": {
+    "type": "object", "additionalProperties": False,
+    "properties": {**{name: {"type": "string"} for name in ("question", "system_prompt", "model")},
+                   "max_new_tokens": {"type": "integer"}, "temperature": {"type": "number"},
+                   "top_p": {"type": "number"},
+                   "file": {"type": "string", "format": "binary",
+                            "description": "PDF, PNG, JPEG or WebP; its text is read (OCR where it has none)"}}},
+    "encoding": {"file": {"contentType": ", ".join(MEDIA_TYPES)}}}
+
 # Statuses every route can answer, by what it does; gunicorn itself answers any request whose line or
 # headers pass its bounds (service.gunicorn_conf), in the same shape.
 EVERY = (414, 431)
 AUTH = (401, 403, 429, 503)
 BODY = (400, 413, 415)
-GENERATION = (*AUTH, *BODY, 422, 499, 500, 504)
+GENERATION = (*AUTH, *BODY, 422, 499, 500, 501, 504)
 QUERY = [{"name": "user", "in": "query", "schema": {"type": "string"}},
          {"name": "since", "in": "query", "schema": {"type": "string", "format": "date-time"}}]
 
@@ -371,9 +395,10 @@ LINKS = {
 DESCRIPTIONS = {200: "OK", 201: "Created", 400: "Bad request", 401: "No valid token", 403: "Not allowed",
                 404: "No such thing", 405: "Method not allowed", 408: "Expired",
                 409: "Conflicts with what exists or its state", 413: "Body too large", 414: "Request line too long",
-                415: "Not JSON", 422: "Refused by the content policy", 429: "A limit is reached",
+                415: "Not JSON, or a document of a type not taken", 422: "Refused by the content policy, or a "
+                "document that cannot be read", 429: "A limit is reached",
                 431: "Request headers too large", 499: "The client closed the connection (recorded, never read)",
-                500: "Internal error", 503: "Not ready, at capacity, or a storage is down", 504: "Deadline passed"}
+                500: "Internal error", 501: "OCR is not installed on this server", 503: "Not ready, at capacity, or a storage is down", 504: "Deadline passed"}
 
 bp = Blueprint("contract", __name__)
 
@@ -430,6 +455,8 @@ def _operation(app, rule, method):
     elif body is not None:
         operation["requestBody"] = {"required": True, "content": {
             "application/json": {"schema": {"$ref": REF.format(model=body.__name__)}}}}
+        if rule.endpoint == "predict.predict":
+            operation["requestBody"]["content"]["multipart/form-data"] = PREDICT_FORM
     for status in sorted({*errors, *EVERY}):
         operation["responses"][str(status)] = {"description": DESCRIPTIONS[status], "content": {
             "application/json": {"schema": {"$ref": REF.format(model="Error")}}}}

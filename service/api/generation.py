@@ -55,6 +55,7 @@ class Prepared:
     params: Params
     tokens_name: str = "max_tokens"
     asked: int | None = None
+    hint: str | None = None  # the English hint, when the question is mostly in another script
 
 
 def resolve_params(settings, max_new_tokens=None, temperature=None, top_p=None, stop=(), seed=None,
@@ -131,7 +132,7 @@ def answer(served, ids, params):
     """Admit, generate to the end on `served`'s engine and settle: the result, or APIError 429/503/504
     (499: the client left)."""
     engine, settings = served.engine, state().settings
-    deadline_s = settings.request_deadline_s
+    deadline_s = deadline_left(settings)
     lease, result, left = admit(ids, params, deadline_s), None, False
     try:
         handle = submit(engine, ids, params, deadline_s * SIZED_CUT_SHARE if params.sized else deadline_s)
@@ -157,7 +158,7 @@ def answer(served, ids, params):
     if params.sized and result is not None and result.finish_reason == "timeout":
         return dataclasses.replace(result, finish_reason="length")  # the length the server chose
     if result is None or result.finish_reason in ("timeout", "cancelled"):
-        raise deadline_error(deadline_s, result.completion_tokens if result else 0)
+        raise deadline_error(settings.request_deadline_s, result.completion_tokens if result else 0)
     return result
 
 
@@ -188,7 +189,7 @@ def fit_deadline(engine, settings, params, ids, asked, tokens_name="max_new_toke
     optimistic: longer contexts, a busier machine): the server chose its length, so it never 504s.
     Asked for more than fits: APIError 400 at once, saying how many fit, rather than a minute of compute
     thrown away for a 504. Until the engine has measured its speed, lengths are left as they are."""
-    fit = engine.tokens_within(settings.request_deadline_s * DEADLINE_SHARE, len(ids))
+    fit = engine.tokens_within(deadline_left(settings) * DEADLINE_SHARE, len(ids))
     if asked is None:
         params = dataclasses.replace(params, sized=True)
     if fit is None or params.max_new_tokens <= fit:
@@ -201,6 +202,13 @@ def fit_deadline(engine, settings, params, ids, asked, tokens_name="max_new_toke
                    f"(about {rate:.1f} tokens/s per request now): at most {fit} fit. Ask for fewer, or stream the "
                    f"answer (/v1/chat/completions with \"stream\": true, up to {settings.stream_deadline_s:g} s)",
                    "exceeds_deadline", tokens_name)
+
+
+def deadline_left(settings):
+    """Seconds of a whole answer's deadline left to its generation: reading its documents took the rest
+    (service.api.attachments); at least one."""
+    spent = sum(document.seconds for document in accounting.current().documents)
+    return max(1.0, settings.request_deadline_s - spent)
 
 
 def not_ready(engine):

@@ -10,10 +10,10 @@ import uuid
 from flask import Blueprint, request
 
 from service.admission.access import caller
-from service.api import generation, models
+from service.api import attachments, generation, models
 from service.inference.model import chat_messages
-from service.inputs import filtering
-from service.inputs.schemas import PredictRequest, read
+from service.inputs import filtering, language
+from service.inputs.schemas import PredictRequest, parse, read
 from service.records import accounting
 from service.state import state
 
@@ -24,10 +24,16 @@ PATHS = ("/predict", "/v1/predict")
 @bp.post(PATHS[0])
 @bp.post(PATHS[1])
 def predict():
-    """Answer one question with the model."""
-    body = read(PredictRequest)
-    job, echo = prepare(body)
-    accounting.current().model = job.served.name
+    """Answer one question with the model: a JSON body, or a multipart form with a document to read."""
+    attachments.allow_document_body()
+    if request.mimetype == "multipart/form-data":
+        fields, document = attachments.from_form()
+        body = parse(PredictRequest, fields)
+    else:
+        body, document = read(PredictRequest), None
+    job, echo = prepare(body, document)
+    record = accounting.current()
+    record.model, record.hint = job.served.name, job.hint
     hit = generation.cached(job.served, job.ids, job.params)
     if hit is not None:
         return prediction(hit, echo, job.served.name)
@@ -35,23 +41,35 @@ def predict():
     return prediction(generation.answer(job.served, job.ids, params), echo, job.served.name)
 
 
-def prepare(body):
-    """A checked PredictRequest as (generation.Prepared, what the answer echoes: the cleaned question and system prompt);
-    APIError 400/403/404/422/503 as for a live request (batch lines go through here too)."""
+def prepare(body, document=None):
+    """A checked PredictRequest, and the Document read from its file if it had one, as (generation.Prepared,
+    what the answer echoes: the cleaned question, system prompt, document, hint); APIError 400/403/404/422/503
+    as for a live request (batch lines go through here too). The model sees the document's text, then the
+    question."""
     settings = state().settings
-    question = filtering.clean_text("question", body.question, settings.max_question_chars)
+    question = filtering.clean_text("question", body.question, settings.max_question_chars,
+                                    allow_empty=document is not None)
+    read = None
+    if document is not None:
+        read = filtering.clean_text("file", attachments.plain(document.text), settings.max_question_chars)
+        whole = f"{read}\n\n{question}" if question else read
+    else:
+        whole = question
     system_prompt = settings.default_system_prompt if body.system_prompt is None else \
         filtering.clean_text("system_prompt", body.system_prompt, settings.max_question_chars, allow_empty=True)
     if body.system_prompt is not None:
         filtering.check_allowed_prompt(system_prompt, caller().get("system_prompts"))
-    filtering.check_policy(state().policy, {"system_prompt": system_prompt, "question": question},
-                           whole="question")
-    served = models.pick(body.model, question)
+    filtering.check_policy(state().policy, {"system_prompt": system_prompt, "question": question,
+                                            **({"file": read} if read is not None else {})}, whole="question")
+    served = models.pick(body.model, whole)
     params = generation.resolve_params(settings, body.max_new_tokens, body.temperature, body.top_p)
-    ids = generation.prompt_ids(served.engine, chat_messages(question, system_prompt), settings,
+    ids = generation.prompt_ids(served.engine, chat_messages(whole, system_prompt), settings,
                                 params.max_new_tokens)
-    return generation.Prepared(served, ids, params, "max_new_tokens", body.max_new_tokens), \
-        {"input": question, "system_prompt": system_prompt}
+    hint = language.english_hint(whole)
+    echo = {"input": question, "system_prompt": system_prompt, "hint": hint}
+    if document is not None:
+        echo["document"] = {**document.summary(), "chars": len(read), "text": read}
+    return generation.Prepared(served, ids, params, "max_new_tokens", body.max_new_tokens, hint), echo
 
 
 def prediction(result, echo, model):

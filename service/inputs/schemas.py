@@ -39,11 +39,39 @@ class PredictRequest(StrictModel):
     top_p: Annotated[float, Field(allow_inf_nan=False)] | None = None
 
 
-class ContentPart(StrictModel):
-    """One part of a message's content; only text here."""
+class TextPart(StrictModel):
+    """A message content part of text."""
 
     type: Literal["text"]
     text: str
+
+
+class ImageURL(StrictModel):
+    url: str  # a data: URL only (the server fetches no URL): data:image/png;base64,...
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(StrictModel):
+    """An image as OpenAI's clients send it; its text is read by OCR (service.inputs.documents)."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class FileData(StrictModel):
+    filename: str | None = Field(None, max_length=255)
+    file_data: str | None = None  # data:application/pdf;base64,... (or an image's data: URL)
+    file_id: str | None = None  # OpenAI's uploaded files: not taken here, the message says so
+
+
+class FilePart(StrictModel):
+    """A PDF (or image) as OpenAI's clients send it."""
+
+    type: Literal["file"]
+    file: FileData
+
+
+ContentPart = Annotated[TextPart | ImagePart | FilePart, Field(discriminator="type")]
 
 
 class ChatMessage(StrictModel):
@@ -141,14 +169,35 @@ def parse(model, data):
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        # An unknown field is most often a typo of a missing one: name it first.
-        errors = sorted(exc.errors(), key=lambda err: err["type"] != "extra_forbidden")
+        # An unknown field is most often a typo of a missing one: name it first; then the deepest error, which
+        # is the branch of a union (a message's content: a string, or a list of parts) that the input took.
+        errors = sorted(exc.errors(), key=lambda err: (err["type"] != "extra_forbidden", -len(err["loc"])))
         raise _to_api_error(model, errors[0]) from None
 
 
+def _path(loc):
+    """The dotted name of a field from pydantic's location, without its labels of union branches
+    ("str", "list[...]") and of the tag a tagged union's member was chosen by."""
+    parts, tag_next = [], False
+    for part in loc:
+        if isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part):
+            tag_next = tag_next or "tagged-union[" in part
+            continue
+        if tag_next and isinstance(part, str) and parts and isinstance(parts[-1], int):
+            tag_next = False
+            continue
+        parts.append(part)
+    return ".".join(str(part) for part in parts) or None
+
+
 def _to_api_error(model, err):
-    param = ".".join(str(part) for part in err["loc"]) or None
+    param = _path(err["loc"])
     kind = err["type"]
+    if kind == "union_tag_not_found":
+        return APIError(400, f"{param}.type is required", "missing", f"{param}.type")
+    if kind == "union_tag_invalid":
+        tags = err["ctx"]["expected_tags"]
+        return APIError(400, f"{param}.type must be one of {tags}", "invalid_value", f"{param}.type")
     if kind == "missing":
         return APIError(400, f"{param} is required", "missing", param)
     if kind == "extra_forbidden":

@@ -14,7 +14,7 @@ refusal reason; never a token or prompt text.
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flask import g, request
 
@@ -63,10 +63,29 @@ class RequestRecord:
     model: str | None = None  # the served model that answers (its name from the settings)
     cache_key: object = None  # service.api.cache.Key, when the request can be cached
     cache: str | None = None  # "hit" or "miss" once the cache was asked: the x-cache header
+    documents: list = field(default_factory=list)  # DocumentCost of each document read (service.api.attachments)
+    hint: str | None = None  # the English hint (service.inputs.language): the x-vibethinker-hint header
 
     @property
     def latency(self):
         return time.monotonic() - self.started
+
+    def document_costs(self):
+        """The usage row's document fields: PDF pages and images read, and the time reading took."""
+        return {"document_pages": sum(d.pages for d in self.documents if d.kind == "pdf"),
+                "document_images": sum(d.images for d in self.documents),
+                "document_ms": int(sum(d.seconds for d in self.documents) * 1000)}
+
+
+@dataclass(frozen=True)
+class DocumentCost:
+    """A document read for a request, as its record keeps it (never its text)."""
+
+    kind: str  # "pdf" or "image"
+    pages: int
+    images: int  # read by OCR
+    seconds: float
+    size: int  # bytes
 
 
 def current():
@@ -90,6 +109,8 @@ def _account(response):
         metrics.REFUSALS.labels(reason).inc()
     if record.cache is not None and status < 400:
         response.headers["x-cache"] = record.cache
+    if record.hint is not None and status < 400:
+        response.headers["x-vibethinker-hint"] = record.hint
     if not record.streamed:
         finish(record, status, "request")
     return response
@@ -110,6 +131,8 @@ def finish(record, status, message="stream ended"):
         fields["cache"] = record.cache
     if record.usage is not None:
         fields.update(record.usage.fields())
+    if record.documents:
+        fields.update(documents=len(record.documents), **record.document_costs())
     if record.error_code:
         fields.update(error_code=record.error_code, refusal=metrics.refusal_reason(status, record.error_code))
     log.info(message, extra={"fields": fields})
@@ -118,7 +141,8 @@ def finish(record, status, message="stream ended"):
 def _write_usage(record, user, status, latency):
     try:
         state().usage_log.write(user=user, route=record.route, status=status, latency_ms=int(latency * 1000),
-                                request_id=record.request_id, model=record.model, **record.usage.fields())
+                                request_id=record.request_id, model=record.model, **record.usage.fields(),
+                                **record.document_costs())
     except Exception:  # the answer is computed; say loudly that its record is missing
         log.exception("usage row not written", extra={"fields": {"user": user, "route": record.route}})
 

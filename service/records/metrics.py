@@ -42,6 +42,12 @@ MODEL_LOAD = Gauge("vibethinker_model_load_seconds", "Seconds the model took to 
 MODEL_INFO = Info("vibethinker_model", "A model this server serves.", ["model"])
 CACHE = Counter("vibethinker_cache_lookups_total", "Response-cache lookups by result (hit, miss, error: the "
                 "storage did not answer).", ["model", "result"])
+DOCUMENTS = Counter("vibethinker_documents_total", "Documents read for requests, by kind (pdf, image) and how "
+                    "(text, ocr, text+ocr).", ["kind", "method"])
+DOCUMENT_PAGES = Counter("vibethinker_document_pages_total", "Pages of documents read (an image is one).", ["kind"])
+DOCUMENT_IMAGES = Counter("vibethinker_document_images_total", "Images read by OCR (photos, scanned PDF pages).")
+DOCUMENT_SECONDS = Histogram("vibethinker_document_read_seconds", "Time reading one document took, its wait for a "
+                             "reading process included.", ["kind"], buckets=LATENCY_BUCKETS)
 
 # Error codes -> refusal reasons (a small, fixed label set).
 REASONS = {
@@ -52,6 +58,10 @@ REASONS = {
     "queue_full": "queue_full", "content_policy": "content_policy", "system_prompt_not_allowed": "content_policy",
     "model_loading": "not_ready", "model_failed": "not_ready", "ratelimit_storage_unavailable": "storage",
     "deadline_exceeded": "deadline", "body_too_large": "validation",
+    **dict.fromkeys(("document_too_large", "too_many_documents", "too_many_pages", "image_too_large",
+                     "file_type_mismatch", "encrypted_pdf", "invalid_pdf", "invalid_image", "empty_document",
+                     "document_too_slow", "unreadable_document", "unsupported_url", "invalid_data_url",
+                     "documents_busy"), "document"),
 }
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

@@ -1,0 +1,180 @@
+"""Reading documents without HTTP: types, limits, PDF text, OCR, bad files, the reading pool, the English hint."""
+
+import io
+import threading
+
+import pytest
+from pypdf import PdfReader, PdfWriter
+
+from service.errors import APIError
+from service.inputs import documents
+from service.inputs.documents import DocumentError, Limits
+from service.inputs.language import english_hint
+from tests import makedocs
+
+LIMITS = Limits(max_bytes=2_000_000, max_pages=3, max_pixels=20_000_000, timeout_s=30)
+
+
+def compact(text):
+    return "".join(text.split())
+
+
+@pytest.mark.parametrize("data, media_type", [
+    (makedocs.text_pdf(), "application/pdf"), (makedocs.png(), "image/png"),
+    (makedocs.encoded(makedocs.image(), "JPEG"), "image/jpeg"), (makedocs.encoded(makedocs.image(), "WEBP"),
+                                                                 "image/webp"),
+    (b"GIF89a...", None), (b"hello", None), (b"", None)])
+def test_the_bytes_say_what_a_file_is(data, media_type):
+    assert documents.sniff(data) == media_type
+
+
+@pytest.mark.parametrize("data, media_type, status, code", [
+    (b"plain text", "text/plain", 415, "unsupported_media_type"),
+    (makedocs.png(), "application/pdf", 415, "file_type_mismatch"),
+    (makedocs.text_pdf(), "image/png", 415, "file_type_mismatch"),
+    (b"not an image at all", "image/jpeg", 415, "file_type_mismatch"),
+    (b"", "image/png", 422, "empty_document"),
+    (b"%PDF-" + b"0" * 2_000_000, "application/pdf", 413, "document_too_large"),
+])
+def test_a_file_that_is_not_what_it_says_or_too_big_is_refused_unread(data, media_type, status, code):
+    with pytest.raises(APIError) as refused:
+        documents.check(data, media_type, LIMITS, "file")
+    assert (refused.value.status, refused.value.code, refused.value.param) == (status, code, "file")
+
+
+@pytest.mark.parametrize("url, status, code, words", [
+    ("https://example.com/problem.png", 400, "unsupported_url", "a https: URL"),
+    ("http://169.254.169.254/latest/meta-data", 400, "unsupported_url", "fetches no URL"),
+    ("file:///etc/passwd", 400, "unsupported_url", "a file: URL"),
+    ("problem.png", 400, "unsupported_url", "not a data: URL"),
+    ("data:image/png,rawbytes", 400, "invalid_data_url", "base64"),
+    ("data:image/png;base64,@@@@", 400, "invalid_data_url", "not valid base64"),
+    ("data:image/png;base64," + "A" * 3_000_000, 413, "document_too_large", "more than 2000000 bytes"),
+])
+def test_only_data_urls_are_taken_and_the_server_fetches_nothing(url, status, code, words):
+    with pytest.raises(APIError) as refused:
+        documents.from_data_url(url, "messages.0.content.0.image_url.url", LIMITS.max_bytes)
+    assert (refused.value.status, refused.value.code) == (status, code)
+    assert words in refused.value.message
+
+
+def test_a_data_url_gives_its_type_and_bytes():
+    data = makedocs.png()
+    assert documents.from_data_url(makedocs.data_url(data, "image/PNG"), "x", LIMITS.max_bytes) == ("image/png", data)
+
+
+def test_a_pdf_with_a_text_layer_is_read_as_text():
+    document = documents.extract(makedocs.text_pdf(makedocs.PROBLEM, "Give x.", pages=2), "application/pdf", LIMITS)
+    assert (document.kind, document.pages, document.images, document.method) == ("pdf", 2, 0, "text")
+    assert document.text.count(makedocs.PROBLEM) == 2 and "Give x." in document.text
+
+
+def test_a_scanned_page_and_an_image_are_read_by_ocr():
+    scanned = documents.extract(makedocs.scanned_pdf(), "application/pdf", LIMITS)
+    assert (scanned.kind, scanned.pages, scanned.images, scanned.method) == ("pdf", 1, 1, "ocr")
+    assert compact(scanned.text) == compact(makedocs.EQUATION)
+    for kind, media_type in (("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp")):
+        read = documents.extract(makedocs.encoded(makedocs.image(), kind), media_type, LIMITS)
+        assert (read.kind, read.pages, read.images, read.method) == ("image", 1, 1, "ocr")
+        assert compact(read.text) == compact(makedocs.EQUATION), kind
+
+
+def test_a_pdf_of_text_pages_and_scanned_pages_is_read_both_ways():
+    writer = PdfWriter()
+    for data in (makedocs.text_pdf(), makedocs.scanned_pdf()):
+        writer.append(PdfReader(io.BytesIO(data)))
+    out = io.BytesIO()
+    writer.write(out)
+    document = documents.extract(out.getvalue(), "application/pdf", LIMITS)
+    assert (document.pages, document.images, document.method) == (2, 1, "text+ocr")
+    assert document.text.index(makedocs.PROBLEM) < compact(document.text).index("2x+3")
+
+
+@pytest.mark.parametrize("make, media_type, status, code", [
+    (makedocs.encrypted_pdf, "application/pdf", 422, "encrypted_pdf"),
+    (makedocs.broken_pdf, "application/pdf", 422, "invalid_pdf"),
+    (lambda: makedocs.text_pdf(pages=4), "application/pdf", 413, "too_many_pages"),
+    (makedocs.pixel_bomb, "image/png", 413, "image_too_large"),
+    (lambda: makedocs.pixel_bomb(30000), "image/png", 413, "image_too_large"),  # past Pillow's own guard too
+    (makedocs.blank_png, "image/png", 422, "empty_document"),
+    (lambda: makedocs.png()[:200], "image/png", 422, "invalid_image"),
+    (lambda: makedocs.encoded(makedocs.image(size=(400, 200)).crop((0, 0, 1, 1)), "PDF"), "application/pdf", 422,
+     "empty_document"),
+])
+def test_bad_documents_get_a_precise_error(make, media_type, status, code):
+    with pytest.raises(DocumentError) as refused:
+        documents.extract(make(), media_type, LIMITS)
+    assert (refused.value.status, refused.value.code) == (status, code), refused.value.message
+
+
+def test_the_pixel_bomb_is_refused_from_its_header_without_being_decoded():
+    bomb = makedocs.pixel_bomb()
+    assert len(bomb) < 2000
+    with pytest.raises(DocumentError, match="12000x12000 pixels; the limit is 20000000"):
+        documents.extract(bomb, "image/png", LIMITS)
+
+
+def test_ocr_boxes_become_lines_in_reading_order():
+    def box(left, top, width, height, text):
+        return [[left, top], [left + width, top], [left + width, top + height], [left, top + height]], text, 0.9
+    found = [box(300, 12, 80, 30, "= 11"), box(10, 100, 200, 30, "second"), box(10, 10, 250, 34, "Solve 2x + 3"),
+             box(220, 104, 90, 28, "line")]
+    assert [[text for _, text in line] for line in documents.lines(found)] == [
+        ["Solve 2x + 3", "= 11"], ["second", "line"]]
+
+
+def test_the_reading_pool_reads_kills_a_slow_reading_and_goes_on():
+    reader = documents.Reader(LIMITS, workers=1)
+    try:
+        read = reader.read(makedocs.scanned_pdf(), "application/pdf", "file")
+        assert read.method == "ocr" and read.seconds > 0
+        with pytest.raises(APIError) as slow:  # far less than an OCR takes
+            reader.read(makedocs.png(), "image/png", "file", timeout_s=0.001)
+        assert (slow.value.status, slow.value.code) == (422, "document_too_slow")
+        with pytest.raises(APIError) as bad:  # the error crosses from the reading process with its status
+            reader.read(makedocs.encrypted_pdf(), "application/pdf", "file")
+        assert (bad.value.status, bad.value.code, bad.value.param) == (422, "encrypted_pdf", "file")
+        assert compact(reader.read(makedocs.png(), "image/png", "file").text) == compact(makedocs.EQUATION)
+    finally:
+        reader.close()
+
+
+def test_a_full_reading_pool_refuses_with_503_rather_than_queueing():
+    reader = documents.Reader(LIMITS, workers=1)
+    outcomes, start = [], threading.Barrier(9)
+
+    def read():
+        start.wait()
+        try:
+            reader.read(makedocs.png(), "image/png", "file")
+            outcomes.append(200)
+        except APIError as exc:
+            outcomes.append((exc.status, exc.code))
+    threads = [threading.Thread(target=read) for _ in range(9)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        reader.close()
+    capacity = 1 + documents.WAITING_PER_WORKER
+    assert outcomes.count(200) == capacity and outcomes.count((503, "documents_busy")) == 9 - capacity
+
+
+@pytest.mark.parametrize("text, script", [
+    ("What is 2 + 2? Show your steps.", None),
+    ("x = 3", None),  # too few letters to say
+    ("Найдите все действительные корни уравнения x^2 - 5x + 6 = 0.", "Cyrillic"),
+    ("求解方程 2x + 3 = 11 的所有实数解，并说明理由。", "Chinese (Han)"),
+    ("次の方程式を解きなさい: 2x + 3 = 11 です。ひらがなとカタカナ", "Japanese"),
+    ("방정식 2x + 3 = 11 을 풀어라 그리고 설명하라", "Korean"),
+    ("Solve for α and β: α + β = 3, α − β = 1, then give α·β.", None),  # Greek letters in English math
+    ("حل المعادلة التالية من فضلك", "Arabic"),
+])
+def test_the_english_hint_names_the_script_of_a_mostly_non_latin_question(text, script):
+    hint = english_hint(text)
+    if script is None:
+        assert hint is None
+    else:
+        assert f"mostly in {script} script" in hint and "English" in hint and hint.isascii()
