@@ -3,6 +3,7 @@ PNG/JPEG/WebP images of an equation, and the bad ones (encrypted, broken, a pixe
 
 import base64
 import io
+import os
 import struct
 import zlib
 
@@ -12,6 +13,17 @@ from pypdf import PdfReader, PdfWriter
 
 PROBLEM = "Problem 7: find x if 3x + 5 = 20."
 EQUATION = "Solve 2x + 3 = 11"
+
+
+def text_pdf_with_picture(noise_side=260):
+    """A PDF of PROBLEM and a picture of random pixels, which no compression shrinks: about noise_side**2 * 3
+    bytes (a document larger than the JSON body limit)."""
+    pdf = FPDF()
+    pdf.add_page()
+    pdf.set_font("Helvetica", size=14)
+    pdf.cell(text=PROBLEM, new_x="LMARGIN", new_y="NEXT")
+    pdf.image(Image.frombytes("RGB", (noise_side, noise_side), os.urandom(noise_side * noise_side * 3)), w=60)
+    return bytes(pdf.output())
 
 
 def text_pdf(*lines, pages=1):

@@ -33,6 +33,7 @@ EXPLAINED = {
     429: "the fuzz user has limits it cannot reach: test_quotas_http.py",
     499: "needs a client that leaves: test_attacks_http.py, test_chat_openai.py",
     500: "never expected: test_faults.py makes the engine fail on purpose",
+    501: "needs a server without its OCR (a document to read): test_documents_http.py",
     503: "needs the model loading or Redis down: test_faults.py, test_quotas_http.py",
     504: "needs a generation past its deadline: test_engine_limits_http.py",
 }

@@ -96,15 +96,15 @@ def from_form():
     /v1/predict request; APIError 400/413 for a field that is not as PredictRequest's JSON form says."""
     settings = state().settings
     form, files = request.form, request.files
+    if "file" in form:
+        raise APIError(400, "file must be an uploaded file (curl -F file=@problem.pdf), not a text field",
+                       "invalid_type", "file")
     unknown = sorted(set(form) - set(FORM_FIELDS) | set(files) - {"file"})
     if unknown:
         name = unknown[0]
         hint = " (a file goes in the field named file)" if name in files else ""
         raise APIError(400, f"unknown field {name!r}{hint}; allowed fields: {', '.join(FORM_FIELDS)}, file",
                        "unknown_field", name)
-    if "file" in form:
-        raise APIError(400, "file must be an uploaded file (curl -F file=@problem.pdf), not a text field",
-                       "invalid_type", "file")
     body = {}
     for name in FORM_FIELDS:
         values = form.getlist(name)

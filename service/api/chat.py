@@ -90,16 +90,19 @@ def _clean_messages(messages, settings):
 
 def _join_parts(message, name):
     """A message's content parts as one text: texts as they are (joined as OpenAI joins them), each image and
-    file as the text read from it, on its own paragraph. Only a user's message may hold documents."""
-    pieces = []
+    file as the text read from it, a paragraph of its own. Only a user's message may hold documents."""
+    joined, documents = "", False
     for j, part in enumerate(message.content):
         if part.type != "text" and message.role != "user":
             raise APIError(400, f"{name}.{j}: only a user's message may hold an image or a file",
                            "unsupported_value", f"{name}.{j}")
         text = attachments.part_text(part, f"{name}.{j}")
-        pieces.append(text if part.type == "text" else f"\n\n{text.strip()}\n\n")
-    documents = any(part.type != "text" for part in message.content)
-    return "".join(pieces).strip("\n") if documents else "".join(pieces)
+        if part.type == "text":
+            joined += text
+        else:
+            documents = True
+            joined = joined.rstrip("\n") + ("\n\n" if joined.strip() else "") + text.strip() + "\n\n"
+    return joined.rstrip("\n") if documents else joined
 
 
 def _stops(stop):

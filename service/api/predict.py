@@ -11,6 +11,7 @@ from flask import Blueprint, request
 
 from service.admission.access import caller
 from service.api import attachments, generation, models
+from service.errors import APIError
 from service.inference.model import chat_messages
 from service.inputs import filtering, language
 from service.inputs.schemas import PredictRequest, parse, read
@@ -19,18 +20,22 @@ from service.state import state
 
 bp = Blueprint("predict", __name__)
 PATHS = ("/predict", "/v1/predict")
+FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")  # the form a file comes in; curl -d's
 
 
 @bp.post(PATHS[0])
 @bp.post(PATHS[1])
 def predict():
     """Answer one question with the model: a JSON body, or a multipart form with a document to read."""
-    attachments.allow_document_body()
-    if request.mimetype == "multipart/form-data":
+    if request.mimetype in FORMS:
+        attachments.allow_document_body()  # a JSON body holds no document: the small limit stays
         fields, document = attachments.from_form()
         body = parse(PredictRequest, fields)
-    else:
+    elif request.is_json:
         body, document = read(PredictRequest), None
+    else:
+        raise APIError(415, "Content-Type must be application/json, or multipart/form-data (with a file: "
+                       "curl -F file=@problem.pdf)", "unsupported_media_type")
     job, echo = prepare(body, document)
     record = accounting.current()
     record.model, record.hint = job.served.name, job.hint

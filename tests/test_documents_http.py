@@ -1,0 +1,322 @@
+"""Documents as questions over real gunicorn (and nginx): the text read from a PDF or an image reaches the model,
+bad documents get precise errors and cost nothing, reading runs beside generation, and the English hint."""
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import tempfile
+import threading
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+from service.settings import Settings
+from tests import makedocs
+from tests.conftest import free_port
+from tests.test_batches_http import jsonl, wait
+from tests.test_nginx import Nginx, make_certificate, render
+
+pytestmark = pytest.mark.slow
+MODEL = "VibeThinker-1.5B"
+MAX_DOCUMENT = 300_000
+BANNED = "forbidden theorem"
+LIMITS = {"VIBE_DOCUMENT_MAX_BYTES": str(MAX_DOCUMENT), "VIBE_DOCUMENT_MAX_PAGES": "3"}
+
+
+@pytest.fixture(scope="module")
+def docs(start_server, tmp_path_factory):
+    policy = tmp_path_factory.mktemp("policy") / "policy.toml"
+    policy.write_text(f'[[rule]]\nid = "banned"\nterms = ["{BANNED}"]\n')
+    return start_server(VIBE_CONTENT_POLICY_PATH=str(policy), **LIMITS)
+
+
+def ask(server, files=None, token=None, **fields):
+    """POST /v1/predict as a multipart form (what curl -F sends)."""
+    data = {"temperature": "0", "max_new_tokens": "8", **fields}
+    return requests.post(server.url("/v1/predict"), data=data, files=files, headers=server.auth(token), timeout=120)
+
+
+def ask_json(server, question, token=None):
+    return server.post("/v1/predict", {"question": question, "temperature": 0, "max_new_tokens": 8}, token=token)
+
+
+def compact(text):
+    return "".join(text.split())
+
+
+def usage_rows(server):
+    with sqlite3.connect(server.env["VIBE_DB_URL"].removeprefix("sqlite:///")) as conn:
+        return conn.execute("SELECT route, status, prompt_tokens, document_pages, document_images, document_ms "
+                            "FROM usage ORDER BY id").fetchall()
+
+
+def test_a_pdf_is_read_and_the_model_sees_its_text_then_the_question(docs):
+    pdf = makedocs.text_pdf(makedocs.PROBLEM, "Show each step.")
+    answer = ask(docs, {"file": ("problem.pdf", pdf, "application/pdf")}, question="Answer briefly.")
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["document"]["kind"] == "pdf" and body["document"]["pages"] == 1
+    assert body["document"]["method"] == "text" and body["document"]["chars"] == len(body["document"]["text"])
+    assert makedocs.PROBLEM in body["document"]["text"] and body["input"] == "Answer briefly."
+    # Exactly what the model saw: the same text typed gives the same prompt and the same greedy answer.
+    typed = ask_json(docs, f"{body['document']['text']}\n\nAnswer briefly.").json()
+    assert typed["usage"]["prompt_tokens"] == body["usage"]["prompt_tokens"]
+    assert typed["response"] == body["response"]
+    assert ask_json(docs, "Answer briefly.").json()["usage"]["prompt_tokens"] < body["usage"]["prompt_tokens"]
+    route, status, _, pages, images, ms = usage_rows(docs)[-3]
+    assert (route, status, pages, images) == ("/v1/predict", 200, 1, 0) and ms >= 0
+
+
+@pytest.mark.parametrize("name, make, media_type, kind", [
+    ("scan.pdf", makedocs.scanned_pdf, "application/pdf", "pdf"),
+    ("equation.png", makedocs.png, "image/png", "image"),
+    ("equation.jpg", lambda: makedocs.encoded(makedocs.image(), "JPEG"), "image/jpeg", "image"),
+    ("equation.webp", lambda: makedocs.encoded(makedocs.image(), "WEBP"), "image/webp", "image"),
+    # curl's type for a name it does not know: the bytes say what it is
+    ("equation", makedocs.png, "application/octet-stream", "image"),
+])
+def test_a_scan_or_a_photo_is_read_by_ocr_without_a_question(docs, name, make, media_type, kind):
+    answer = ask(docs, {"file": (name, make(), media_type)})
+    assert answer.status_code == 200, answer.text
+    document = answer.json()["document"]
+    assert (document["kind"], document["method"], document["pages"]) == (kind, "ocr", 1)
+    assert compact(document["text"]) == compact(makedocs.EQUATION)
+    assert answer.json()["input"] == ""
+    assert ask_json(docs, document["text"]).json()["usage"] == answer.json()["usage"]
+    assert usage_rows(docs)[-2][3:5] == ((1, 1) if kind == "pdf" else (0, 1))
+
+
+def test_chat_takes_image_and_file_parts_as_the_openai_client_sends_them(docs):
+    client = openai.OpenAI(base_url=docs.url("/v1"), api_key=docs.token, max_retries=0, timeout=120)
+    image = {"type": "image_url", "image_url": {"url": makedocs.data_url(makedocs.png(), "image/png")}}
+    pdf = {"type": "file", "file": {"filename": "problem.pdf",
+                                    "file_data": makedocs.data_url(makedocs.text_pdf(), "application/pdf")}}
+    sent = [{"role": "user", "content": [{"type": "text", "text": "Solve both:"}, image, pdf]}]
+    answer = client.chat.completions.create(model=MODEL, messages=sent, max_tokens=6, temperature=0)
+    read = client.chat.completions.create(
+        model=MODEL, max_tokens=6, temperature=0,
+        messages=[{"role": "user", "content": f"Solve both:\n\n{makedocs.EQUATION}\n\n{makedocs.PROBLEM}"}])
+    assert answer.usage.prompt_tokens == read.usage.prompt_tokens
+    assert answer.choices[0].message.content == read.choices[0].message.content
+
+
+@pytest.mark.parametrize("files, fields, status, code, param", [
+    ({"file": ("a.txt", b"just text", "text/plain")}, {}, 415, "unsupported_media_type", "file"),
+    ({"file": ("a.pdf", makedocs.png(), "application/pdf")}, {}, 415, "file_type_mismatch", "file"),
+    ({"file": ("a.pdf", makedocs.encrypted_pdf(), "application/pdf")}, {}, 422, "encrypted_pdf", "file"),
+    ({"file": ("a.pdf", makedocs.broken_pdf(), "application/pdf")}, {}, 422, "invalid_pdf", "file"),
+    ({"file": ("a.pdf", makedocs.text_pdf(pages=4), "application/pdf")}, {}, 413, "too_many_pages", "file"),
+    ({"file": ("bomb.png", makedocs.pixel_bomb(), "image/png")}, {}, 413, "image_too_large", "file"),
+    ({"file": ("blank.png", makedocs.blank_png(), "image/png")}, {}, 422, "empty_document", "file"),
+    ({"file": ("big.pdf", b"%PDF-" + b"0" * MAX_DOCUMENT, "application/pdf")}, {}, 413, "document_too_large", "file"),
+    ([("file", ("a.png", makedocs.png(), "image/png")), ("file", ("b.png", makedocs.png(), "image/png"))], {}, 400,
+     "too_many_documents", "file"),
+    ({"attachment": ("a.png", makedocs.png(), "image/png")}, {"question": "q"}, 400, "unknown_field", "attachment"),
+    (None, {"question": "q", "max_new_tokens": "eight"}, 400, "invalid_type", "max_new_tokens"),
+    (None, {"question": "q", "temperature": "nan"}, 400, "invalid_type", "temperature"),
+    (None, {"system_prompt": "be brief"}, 400, "missing", "question"),
+    (None, {"question": "q", "file": "problem.pdf"}, 400, "invalid_type", "file"),
+    ({"file": ("a.pdf", makedocs.text_pdf(f"Prove the {BANNED}."), "application/pdf")}, {}, 422, "content_policy",
+     "file"),
+])
+def test_bad_documents_get_a_precise_error_and_cost_nothing(docs, files, fields, status, code, param):
+    before = usage_rows(docs)
+    refused = ask(docs, files, **fields)
+    assert refused.status_code == status, refused.text
+    error = refused.json()["error"]
+    assert (error["code"], error["param"]) == (code, param) and error["message"] and error["type"]
+    assert refused.json()["success"] is False  # /predict's own contract beside the error
+    assert usage_rows(docs) == before
+
+
+@pytest.mark.parametrize("part, status, code", [
+    ({"type": "image_url", "image_url": {"url": "https://example.com/problem.png"}}, 400, "unsupported_url"),
+    ({"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/secret"}}, 400, "unsupported_url"),
+    ({"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}, 400, "invalid_data_url"),
+    ({"type": "image_url", "image_url": {"url": makedocs.data_url(makedocs.png(), "image/gif")}}, 415,
+     "unsupported_media_type"),
+    ({"type": "file", "file": {"file_id": "file-abc"}}, 400, "unsupported_value"),
+    ({"type": "file", "file": {"filename": "a.pdf"}}, 400, "missing"),
+    ({"type": "input_audio", "input_audio": {}}, 400, "invalid_value"),
+    ({"type": "file", "file": {"file_data": makedocs.data_url(makedocs.broken_pdf(), "application/pdf")}}, 422,
+     "invalid_pdf"),
+])
+def test_bad_chat_parts_get_a_precise_error(docs, part, status, code):
+    refused = docs.post("/v1/chat/completions", {"model": MODEL, "max_tokens": 4, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Read this:"}, part]}]})
+    assert refused.status_code == status, refused.text
+    assert refused.json()["error"]["code"] == code
+    assert refused.json()["error"]["param"].startswith("messages.0.content.1")
+
+
+def test_only_a_users_message_may_hold_a_document(docs):
+    image = {"type": "image_url", "image_url": {"url": makedocs.data_url(makedocs.png(), "image/png")}}
+    refused = docs.post("/v1/chat/completions", {"model": MODEL, "max_tokens": 4, "messages": [
+        {"role": "system", "content": [image]}, {"role": "user", "content": "hi"}]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages.0.content.0"
+
+
+def test_too_many_documents_in_one_conversation(docs):
+    image = {"type": "image_url", "image_url": {"url": makedocs.data_url(makedocs.png(), "image/png")}}
+    refused = docs.post("/v1/chat/completions", {"model": MODEL, "max_tokens": 4, "messages": [
+        {"role": "user", "content": [image] * 5}]})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "too_many_documents"
+    assert refused.json()["error"]["param"] == "messages.0.content.4.image_url"
+
+
+def test_reading_a_slow_document_does_not_stall_other_requests(docs):
+    page = makedocs.image("\n".join(f"Line {i}: add {i} and {i + 1}, then double it." for i in range(24)),
+                          size=(1400, 1800))
+    slow_pdf = makedocs.encoded(page, "PDF")  # seconds of OCR, under the byte limit
+    assert len(slow_pdf) < MAX_DOCUMENT
+    order, reading = [], threading.Event()
+
+    def read_it():
+        reading.set()
+        response = ask(docs, {"file": ("long.pdf", slow_pdf, "application/pdf")})
+        order.append(("document", response.status_code))
+    thread = threading.Thread(target=read_it)
+    thread.start()
+    reading.wait()
+    plain = docs.post("/v1/predict", {"question": "What is 1 + 1?", "max_new_tokens": 2})
+    order.append(("plain", plain.status_code))
+    thread.join(120)
+    assert order == [("plain", 200), ("document", 200)]
+
+
+def test_the_log_has_document_counts_and_never_document_text(docs):
+    ask(docs, {"file": ("problem.pdf", makedocs.text_pdf("Secret exam question 42: integrate x."),
+                        "application/pdf")})
+    log = docs.log()
+    assert "Secret exam question" not in log and "integrate x" not in log and BANNED not in log
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{") and '"document_pages"' in line]
+    assert lines and lines[-1]["documents"] == 1 and lines[-1]["document_pages"] == 1
+
+
+def test_metrics_count_documents_by_kind_and_method(docs):
+    ask(docs, {"file": ("problem.pdf", makedocs.text_pdf(), "application/pdf")})
+    text = requests.get(docs.url("/metrics"), timeout=30).text
+    assert re.search(r'vibethinker_documents_total\{kind="pdf",method="text"\} [1-9]', text)
+    assert re.search(r'vibethinker_document_read_seconds_count\{kind="pdf"\} [1-9]', text)
+
+
+@pytest.mark.parametrize("question, hinted", [
+    ("What is the sum of the first ten odd numbers?", False),
+    ("Какова сумма первых десяти нечётных чисел?", True),
+    ("前十个奇数的和是多少？请一步一步地推理。", True),
+])
+def test_the_english_hint(docs, question, hinted):
+    answer = ask_json(docs, question)
+    assert answer.status_code == 200
+    assert ("x-vibethinker-hint" in answer.headers) is hinted
+    assert (answer.json()["hint"] is not None) is hinted
+    if hinted:
+        assert answer.headers["x-vibethinker-hint"] == answer.json()["hint"] and "English" in answer.json()["hint"]
+    chat = docs.post("/v1/chat/completions", {"model": MODEL, "max_tokens": 2,
+                                              "messages": [{"role": "user", "content": question}]})
+    assert ("x-vibethinker-hint" in chat.headers) is hinted
+
+
+def test_the_hint_holds_for_a_question_read_from_a_document(docs):
+    english = makedocs.text_pdf(makedocs.PROBLEM, "Show each step, then check the answer by substitution.")
+    answer = ask(docs, {"file": ("p.pdf", english, "application/pdf")}, question="Решите.")
+    assert answer.status_code == 200 and answer.json()["hint"] is None  # mostly Latin letters, all told
+    answer = ask(docs, {"file": ("p.png", makedocs.png(), "image/png")},
+                 question="Решите это уравнение, подробно объясните каждый шаг и проверьте ответ подстановкой.")
+    assert answer.status_code == 200 and "Cyrillic" in answer.json()["hint"]
+    assert answer.headers["x-vibethinker-hint"] == answer.json()["hint"]
+
+
+def test_batch_lines_read_their_documents_when_the_batch_is_created(docs):
+    client = openai.OpenAI(base_url=docs.url("/v1"), api_key=docs.token, max_retries=0, timeout=120)
+    image = {"type": "image_url", "image_url": {"url": makedocs.data_url(makedocs.png(), "image/png")}}
+
+    def line(i, part):
+        return {"custom_id": f"doc-{i}", "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": MODEL, "max_tokens": 4, "temperature": 0,
+                         "messages": [{"role": "user", "content": [{"type": "text", "text": "Solve:"}, part]}]}}
+    good = client.files.create(file=("docs.jsonl", jsonl([line(1, image)])), purpose="batch")
+    batch = client.batches.create(input_file_id=good.id, endpoint="/v1/chat/completions", completion_window="24h")
+    done, _ = wait(client, batch.id)
+    assert done.status == "completed" and done.request_counts.completed == 1
+    out = json.loads(client.files.content(done.output_file_id).text)
+    typed = client.chat.completions.create(model=MODEL, max_tokens=4, temperature=0, messages=[
+        {"role": "user", "content": f"Solve:\n\n{makedocs.EQUATION}"}])
+    assert out["response"]["body"]["usage"]["prompt_tokens"] == typed.usage.prompt_tokens
+    bad = {"type": "file", "file": {"file_data": makedocs.data_url(makedocs.encrypted_pdf(), "application/pdf")}}
+    refused = client.files.create(file=("bad.jsonl", jsonl([line(1, image), line(2, bad)])), purpose="batch")
+    failed = client.batches.create(input_file_id=refused.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert failed.status == "failed"
+    assert [(e.code, e.line) for e in failed.errors.data] == [("encrypted_pdf", 2)]
+
+
+def test_a_document_past_its_time_limit_is_stopped_and_the_worker_goes_on(start_server):
+    server = start_server(VIBE_DOCUMENT_TIMEOUT_S="0.01", **LIMITS)
+    refused = ask(server, {"file": ("scan.pdf", makedocs.scanned_pdf(), "application/pdf")})
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "document_too_slow"
+    assert "within 0.01 s" in refused.json()["error"]["message"]
+    assert ask_json(server, "What is 2 + 2?").status_code == 200
+
+
+def test_without_its_ocr_a_server_still_reads_text_pdfs_and_says_why_not_images(start_server, tmp_path):
+    # The OCR package made unimportable, as where it is not installed (Python 3.13) or OpenCV lacks libGL.
+    (tmp_path / "rapidocr_onnxruntime").mkdir()
+    (tmp_path / "rapidocr_onnxruntime" / "__init__.py").write_text('raise ImportError("libGL.so.1: cannot open")\n')
+    server = start_server(PYTHONPATH=str(tmp_path), **LIMITS)
+    assert ask(server, {"file": ("p.pdf", makedocs.text_pdf(), "application/pdf")}).status_code == 200
+    refused = ask(server, {"file": ("p.png", makedocs.png(), "image/png")})
+    assert refused.status_code == 501 and refused.json()["error"]["code"] == "ocr_unavailable"
+    assert "libGL.so.1" in refused.json()["error"]["message"] and "text layer" in refused.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def front(start_server):
+    """nginx in front of a server, rendered with the service's own document body limit."""
+    folder = Path(tempfile.mkdtemp(prefix="vibethinker-nginx-docs-"))
+    os.chmod(folder, 0o755)
+    sock = folder / "gunicorn.sock"
+    app = start_server(VIBE_BIND=f"unix:{sock}", VIBE_PROXY_FIX_HOPS=1, **LIMITS)
+    settings = Settings(document_max_bytes=MAX_DOCUMENT)
+    cert, key = make_certificate(folder)
+    https_port = free_port()
+    site = render(server_name="localhost", http_port=free_port(), https_port=https_port, listen_address="127.0.0.1",
+                  socket_path=sock, cert_path=cert, key_path=key, max_body_bytes=settings.max_body_bytes,
+                  document_body_bytes=settings.document_body_bytes, proxy_read_timeout_s=90, req_rate="20r/s",
+                  req_burst=20, conn_limit=20, metrics_allow=["127.0.0.1"], admin_allow=["127.0.0.1"])
+    nginx = Nginx(folder, site)
+    nginx.start()
+    nginx.app, nginx.cert, nginx.https = app, str(cert), f"https://localhost:{https_port}"
+    yield nginx
+    nginx.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_through_nginx_a_document_larger_than_the_json_limit_is_taken(front):
+    padded = makedocs.text_pdf_with_picture(noise_side=260)
+    assert Settings().max_body_bytes < len(padded) < MAX_DOCUMENT
+    headers = front.app.auth()
+    answer = requests.post(front.https + "/v1/predict", files={"file": ("p.pdf", padded, "application/pdf")},
+                           data={"max_new_tokens": "2"}, headers=headers, verify=front.cert, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert makedocs.PROBLEM in answer.json()["document"]["text"]
+    body = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "file", "file": {"file_data": makedocs.data_url(padded, "application/pdf")}}]}]}
+    chat = requests.post(front.https + "/v1/chat/completions", json=body, headers=headers, verify=front.cert,
+                         timeout=120)
+    assert chat.status_code == 200, chat.text
+
+
+def test_through_nginx_a_body_past_the_document_limit_gets_the_json_413(front):
+    settings = Settings(document_max_bytes=MAX_DOCUMENT)
+    huge = b"%PDF-" + b"0" * (settings.document_body_bytes + 1000)
+    refused = requests.post(front.https + "/v1/predict", files={"file": ("p.pdf", huge, "application/pdf")},
+                            headers=front.app.auth(), verify=front.cert, timeout=120)
+    assert refused.status_code == 413
+    assert refused.json()["error"]["code"] == "body_too_large"
+    small = requests.post(front.https + "/v1/models", data=b"x" * (settings.max_body_bytes + 10),
+                          headers=front.app.auth(), verify=front.cert, timeout=30)
+    assert small.status_code == 413  # elsewhere the small limit holds
