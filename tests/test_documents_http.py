@@ -239,14 +239,17 @@ def test_batch_lines_read_their_documents_when_the_batch_is_created(docs):
         return {"custom_id": f"doc-{i}", "method": "POST", "url": "/v1/chat/completions",
                 "body": {"model": MODEL, "max_tokens": 4, "temperature": 0,
                          "messages": [{"role": "user", "content": [{"type": "text", "text": "Solve:"}, part]}]}}
-    good = client.files.create(file=("docs.jsonl", jsonl([line(1, image)])), purpose="batch")
+    count = 5  # more lines with a document than one request may hold: each line has a request's limits
+    good = client.files.create(file=("docs.jsonl", jsonl([line(i, image) for i in range(count)])), purpose="batch")
     batch = client.batches.create(input_file_id=good.id, endpoint="/v1/chat/completions", completion_window="24h")
     done, _ = wait(client, batch.id)
-    assert done.status == "completed" and done.request_counts.completed == 1
-    out = json.loads(client.files.content(done.output_file_id).text)
+    assert done.status == "completed" and done.request_counts.completed == count
+    outs = [json.loads(text) for text in client.files.content(done.output_file_id).text.splitlines()]
     typed = client.chat.completions.create(model=MODEL, max_tokens=4, temperature=0, messages=[
         {"role": "user", "content": f"Solve:\n\n{makedocs.EQUATION}"}])
-    assert out["response"]["body"]["usage"]["prompt_tokens"] == typed.usage.prompt_tokens
+    assert {out["response"]["body"]["usage"]["prompt_tokens"] for out in outs} == {typed.usage.prompt_tokens}
+    lines_read = [row for row in usage_rows(docs) if row[0] == "/v1/batches"][-count:]
+    assert len(lines_read) == count and {row[4] for row in lines_read} == {1}  # each line's row: its image
     bad = {"type": "file", "file": {"file_data": makedocs.data_url(makedocs.encrypted_pdf(), "application/pdf")}}
     refused = client.files.create(file=("bad.jsonl", jsonl([line(1, image), line(2, bad)])), purpose="batch")
     failed = client.batches.create(input_file_id=refused.id, endpoint="/v1/chat/completions", completion_window="24h")

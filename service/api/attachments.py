@@ -13,6 +13,7 @@ text (the callers' clean_text, content policy and token limits).
 """
 
 import math
+import time
 import unicodedata
 
 from flask import request
@@ -49,7 +50,7 @@ def read(data, media_type, where):
     if spent + len(data) > settings.document_max_bytes:
         raise APIError(413, f"the documents of a request may hold {settings.document_max_bytes} bytes together; "
                        f"{where} brings them to {spent + len(data)}", "document_too_large", where)
-    left = settings.request_deadline_s - record.latency
+    left = settings.request_deadline_s - (time.monotonic() - (record.reading_since or record.started))
     if left < MIN_READ_S:
         raise APIError(504, f"no time is left before the {settings.request_deadline_s:g} s deadline to read "
                        f"{where}", "deadline_exceeded", where)

@@ -10,12 +10,14 @@ per line is ready to run: prompt ids, parameters, what the answer echoes.
 """
 
 import secrets
+import time
 from dataclasses import asdict
 
 from service.api import chat, predict
 from service.api.generation import Params
 from service.errors import APIError, error_body
 from service.inputs.schemas import ChatRequest, PredictRequest, decode_body, parse
+from service.records import accounting
 
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/predict": "predict"}
 MAX_ERRORS = 20  # validation errors reported per batch; the first ones, by line
@@ -70,15 +72,24 @@ def _line(raw, endpoint, seen):
 
 
 def prepare(kind, body):
-    """The stored form of one request body: APIError as the live endpoint would answer it."""
+    """The stored form of one request body: APIError as the live endpoint would answer it. A line's documents
+    (chat's image and file parts) are read now, each line within one request's document limits; what reading
+    them cost goes into the line's usage row when it is answered."""
+    record = accounting.current()
+    record.documents, record.reading_since = [], time.monotonic()
     if kind == "chat":
         request = parse(ChatRequest, body)
         if request.stream:
             raise APIError(400, "stream is not supported in a batch", "unsupported_value", "body.stream")
         job = chat.prepare(request)
-        return {"kind": kind, "model": job.served.name, "ids": job.ids, "params": asdict(job.params)}
-    job, echo = predict.prepare(parse(PredictRequest, body))
-    return {"kind": kind, "model": job.served.name, "ids": job.ids, "params": asdict(job.params), "echo": echo}
+        prepared = {"kind": kind, "model": job.served.name, "ids": job.ids, "params": asdict(job.params)}
+    else:
+        job, echo = predict.prepare(parse(PredictRequest, body))
+        prepared = {"kind": kind, "model": job.served.name, "ids": job.ids, "params": asdict(job.params),
+                    "echo": echo}
+    if record.documents:
+        prepared["documents"] = record.document_costs()
+    return prepared
 
 
 def params_of(prepared):

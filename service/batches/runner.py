@@ -247,7 +247,8 @@ class BatchRunner:
         try:
             self.state.usage_log.write(user=item.batch["user"], route=ROUTE, status=status,
                                        latency_ms=int((time.monotonic() - item.started) * 1000),
-                                       request_id=item.request_id, model=item.served.name, **usage.fields())
+                                       request_id=item.request_id, model=item.served.name, **usage.fields(),
+                                       **item.prepared.get("documents", {}))
         except Exception:  # the line's answer is stored; say loudly that its usage row is missing
             log.exception("usage row of a batch line not written")
 

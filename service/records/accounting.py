@@ -65,6 +65,7 @@ class RequestRecord:
     cache: str | None = None  # "hit" or "miss" once the cache was asked: the x-cache header
     documents: list = field(default_factory=list)  # DocumentCost of each document read (service.api.attachments)
     hint: str | None = None  # the English hint (service.inputs.language): the x-vibethinker-hint header
+    reading_since: float | None = None  # documents' time runs from here (a batch line's start), else `started`
 
     @property
     def latency(self):
