@@ -21,6 +21,7 @@ import urllib3
 
 from conftest import ROOT, phase
 from deployhost import make_host, require_tools
+from tests import makedocs
 
 pytestmark = [pytest.mark.slow, pytest.mark.deploy]
 
@@ -163,7 +164,7 @@ def test_the_admin_token_is_root_only_and_never_printed(provisioned):
 
 def test_the_api_answers_through_nginx_and_revocation_works(provisioned):
     host, api, admin = provisioned["host"], provisioned["api"], provisioned["admin_token"]
-    with phase("deploy: API through nginx (token issue, predict, revoke)"):
+    with phase("deploy: API through nginx (token issue, predict)"):
         status, me = api.call("GET", "/v1/me", admin)
         assert status == 200 and me["user"] == "admin", me
         host.ssh(f"{CLI} users add alice")
@@ -172,6 +173,16 @@ def test_the_api_answers_through_nginx_and_revocation_works(provisioned):
         status, answer = api.call("POST", "/v1/predict", token, {"question": "What is 2+2?", "max_new_tokens": 8})
         assert status == 200 and answer["success"] is True, answer
         assert answer["usage"]["completion_tokens"] == 8 or answer["finish_reason"] == "stop"
+    with phase("deploy: a photo read by OCR in the hardened unit"):
+        image = {"type": "image_url", "image_url": {"url": makedocs.data_url(makedocs.png(), "image/png")}}
+        asked = {"model": answer["model"], "max_tokens": 2, "temperature": 0}
+        status, read = api.call("POST", "/v1/chat/completions", token, {**asked, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Solve:"}, image]}]})
+        assert status == 200, read
+        status, typed = api.call("POST", "/v1/chat/completions", token, {**asked, "messages": [
+            {"role": "user", "content": f"Solve:\n\n{makedocs.EQUATION}"}]})
+        assert status == 200 and read["usage"]["prompt_tokens"] == typed["usage"]["prompt_tokens"], (read, typed)
+    with phase("deploy: revoke"):
         revoked = host.ssh(f"{CLI} tokens revoke {jti}")
         assert "warning" not in revoked.stderr, revoked.stderr  # the CLI told the workers, through Redis
         status, refused = api.call("POST", "/v1/predict", token, {"question": "again?"})

@@ -79,3 +79,25 @@ def test_the_two_model_configuration_is_valid_settings(tmp_path, monkeypatch):
     settings = load_settings()
     assert [m.name for m in settings.served_models()] == ["VibeThinker-1.5B", "code-model"]
     assert [r.model for r in settings.routing] == ["code-model", "code-model"] and settings.cache == "user"
+
+
+def test_the_document_examples_run_as_printed(server, tmp_path):
+    from tests import makedocs
+
+    (tmp_path / "problem.pdf").write_bytes(makedocs.text_pdf())
+    (tmp_path / "equation.png").write_bytes(makedocs.png())
+    block = next(b for b in shell_blocks() if "-F file=@problem.pdf" in b)
+    out = subprocess.run(["bash", "-c", block.replace("http://127.0.0.1:8000", server.base)], capture_output=True,
+                         text=True, timeout=120, check=True, env={**server.env, "TOKEN": server.token}, cwd=tmp_path)
+    shown = json.loads(re.search(r'"document": (\{.*?\})\n', README).group(1))
+    assert json.loads(out.stdout)["document"] == shown
+    code = next(b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S) if "image_url" in b)
+    out = subprocess.run([sys.executable, "-c", f"TOKEN = {server.token!r}\n" +
+                          code.replace("http://127.0.0.1:8000", server.base)],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    typed = server.post("/v1/chat/completions", {"model": "VibeThinker-1.5B", "max_tokens": 64, "temperature": 0,
+                                                 "messages": [{"role": "user", "content": "Solve this:\n\n"
+                                                               + makedocs.EQUATION}]}).json()
+    assert out.stdout.split(" ", 1) == [str(typed["usage"]["prompt_tokens"]),
+                                        typed["choices"][0]["message"]["content"] + "\n"]
