@@ -35,9 +35,10 @@ def docs(start_server, tmp_path_factory):
 
 
 def ask(server, files=None, token=None, **fields):
-    """POST /v1/predict as a multipart form (what curl -F sends)."""
-    data = {"temperature": "0", "max_new_tokens": "8", **fields}
-    return requests.post(server.url("/v1/predict"), data=data, files=files, headers=server.auth(token), timeout=120)
+    """POST /v1/predict as a multipart form (what curl -F sends), fields and files alike as its parts."""
+    parts = [(name, (None, value)) for name, value in {"temperature": "0", "max_new_tokens": "8", **fields}.items()]
+    parts += list(files.items()) if isinstance(files, dict) else list(files or [])
+    return requests.post(server.url("/v1/predict"), files=parts, headers=server.auth(token), timeout=120)
 
 
 def ask_json(server, question, token=None):

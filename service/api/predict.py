@@ -20,14 +20,13 @@ from service.state import state
 
 bp = Blueprint("predict", __name__)
 PATHS = ("/predict", "/v1/predict")
-FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")  # the form a file comes in; curl -d's
 
 
 @bp.post(PATHS[0])
 @bp.post(PATHS[1])
 def predict():
     """Answer one question with the model: a JSON body, or a multipart form with a document to read."""
-    if request.mimetype in FORMS:
+    if request.mimetype == "multipart/form-data":
         attachments.allow_document_body()  # a JSON body holds no document: the small limit stays
         fields, document = attachments.from_form()
         body = parse(PredictRequest, fields)
