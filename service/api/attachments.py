@@ -134,7 +134,7 @@ def from_form():
 
 
 def _form_value(name, text):
-    if name in ("max_new_tokens",):
+    if name == "max_new_tokens":
         if not (text.isascii() and text.lstrip("-").isdigit() and len(text) <= 12):
             raise APIError(400, f"{name} must be an integer", "invalid_type", name)
         return int(text)

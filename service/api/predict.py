@@ -53,10 +53,10 @@ def prepare(body, document=None):
     settings = state().settings
     question = filtering.clean_text("question", body.question, settings.max_question_chars,
                                     allow_empty=document is not None)
-    read = None
+    text = None  # the document's, cleaned like a question
     if document is not None:
-        read = filtering.clean_text("file", attachments.plain(document.text), settings.max_question_chars)
-        whole = f"{read}\n\n{question}" if question else read
+        text = filtering.clean_text("file", attachments.plain(document.text), settings.max_question_chars)
+        whole = f"{text}\n\n{question}" if question else text
     else:
         whole = question
     system_prompt = settings.default_system_prompt if body.system_prompt is None else \
@@ -64,7 +64,7 @@ def prepare(body, document=None):
     if body.system_prompt is not None:
         filtering.check_allowed_prompt(system_prompt, caller().get("system_prompts"))
     filtering.check_policy(state().policy, {"system_prompt": system_prompt, "question": question,
-                                            **({"file": read} if read is not None else {})}, whole="question")
+                                            **({"file": text} if text is not None else {})}, whole="question")
     served = models.pick(body.model, whole)
     params = generation.resolve_params(settings, body.max_new_tokens, body.temperature, body.top_p)
     ids = generation.prompt_ids(served.engine, chat_messages(whole, system_prompt), settings,
@@ -72,7 +72,7 @@ def prepare(body, document=None):
     hint = language.english_hint(whole)
     echo = {"input": question, "system_prompt": system_prompt, "hint": hint}
     if document is not None:
-        echo["document"] = {**document.summary(), "chars": len(read), "text": read}
+        echo["document"] = {**document.summary(), "chars": len(text), "text": text}
     return generation.Prepared(served, ids, params, "max_new_tokens", body.max_new_tokens, hint), echo
 
 
