@@ -60,6 +60,17 @@ class Store:
         conn.execute(auth_epoch.update().where(auth_epoch.c.id == 1).values(value=value))
         return value
 
+    def revoke_again(self, revocations):
+        """After a restore: revoke each token of {jti: (revoked_at, revoked_by)} that the restored rows hold
+        unrevoked (it was revoked after the backup), and replace the access epoch. How many were revoked."""
+        with self.engine.begin() as conn:
+            kept = sum(conn.execute(tokens.update().where(tokens.c.jti == jti, tokens.c.revoked_at.is_(None))
+                                    .values(revoked_at=at, revoked_by=by)).rowcount
+                       for jti, (at, by) in revocations.items())
+            epoch = self._changed_access(conn)
+        self.publish(epoch)
+        return kept
+
     def close(self):
         """Close the pooled connections."""
         self.engine.dispose()

@@ -119,8 +119,18 @@ def build_parser():
     purge.add_argument("--model", help="only this model's answers (a served name or alias)")
     purge.set_defaults(handler=commands.cache_purge)
 
-    db = groups.add_parser("db", help="database schema").add_subparsers(dest="cmd", required=True)
+    db = groups.add_parser("db", help="database schema, backup and restore").add_subparsers(dest="cmd", required=True)
     db.add_parser("upgrade", help="apply migrations (the service also does at start)").set_defaults(handler=commands.db_upgrade)
+    back = db.add_parser("backup", help="write a consistent backup while the service runs (SQLite's online "
+                         "backup API, or pg_dump)")
+    back.add_argument("file", nargs="?", help="the backup file to write")
+    back.add_argument("--into", help="a folder: a timestamped backup there, older ones pruned (the nightly timer)")
+    back.add_argument("--keep", type=int, default=14, help="with --into: how many backups to keep (default 14)")
+    back.set_defaults(handler=commands.db_backup)
+    restore = db.add_parser("restore", help="replace the database with a backup (stop the service first); "
+                            "revocations made since the backup are kept")
+    restore.add_argument("file")
+    restore.set_defaults(handler=commands.db_restore)
 
     model = groups.add_parser("model", help="convert").add_subparsers(dest="cmd", required=True)
     convert = model.add_parser("convert", help="write a pre-converted model folder the service loads directly "

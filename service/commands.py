@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from auth import keys
+from auth import backup, keys
 from auth.errors import StoreError
 from auth.schema import connect, migrate, revision
 from auth.store import QUOTA_FIELDS, Store
@@ -22,8 +22,12 @@ from service.settings import SettingsError
 
 def _store(settings):
     """The store, telling the running service's workers (through Redis) when access changes."""
+    return Store(settings.db_url, publish=_publisher(settings))
+
+
+def _publisher(settings):
     warn = lambda message: print(f"vibethinker-admin: warning: {message}", file=sys.stderr)  # noqa: E731
-    return Store(settings.db_url, publish=epoch_publisher(open_counters(settings.ratelimit_storage_uri), warn))
+    return epoch_publisher(open_counters(settings.ratelimit_storage_uri), warn)
 
 
 def _quotas(args):
@@ -163,6 +167,26 @@ def db_upgrade(args, settings):
     text = f"database schema upgraded from {before or 'empty'} to {after}" if before != after else (
         f"database schema is up to date ({after})")
     _emit(args, {"upgraded": before != after, "from": before, "to": after}, text)
+
+
+def db_backup(args, settings):
+    if args.into is not None:
+        result = backup.backup_into(settings.db_url, args.into, args.keep)
+    elif args.file is not None:
+        result = backup.backup(settings.db_url, args.file)
+    else:
+        raise SettingsError("give a FILE, or --into FOLDER (with --keep N)")
+    gone = f"; removed {len(result['removed'])} older backup(s)" if result.get("removed") else ""
+    _emit(args, result, f"backed up the {result['kind']} database to {result['path']} ({result['bytes']} bytes, "
+          f"{result['seconds']} s){gone}")
+
+
+def db_restore(args, settings):
+    result = backup.restore(settings.db_url, args.file, publish=_publisher(settings))
+    _store(settings).record_event("db.restore", Path(args.file).name, {"revocations_kept": result["revocations_kept"]},
+                                  **_who())
+    _emit(args, result, f"restored the {result['kind']} database from {args.file} (schema {result['schema']}); "
+          f"{result['revocations_kept']} token revocation(s) made since the backup kept")
 
 
 def model_convert(args, settings):
