@@ -85,6 +85,18 @@ class Api:
                                                 assert_hostname=SERVER_NAME, ssl_context=context, retries=False,
                                                 timeout=60)
 
+    def upload(self, token, name, data):
+        """POST /v1/files, a batch input file as multipart."""
+        response = self.pool.request("POST", "/v1/files", headers={"Host": SERVER_NAME,
+                                                                   "Authorization": f"Bearer {token}"},
+                                     fields={"purpose": "batch", "file": (name, data, "application/jsonl")})
+        return response.status, json.loads(response.data)
+
+    def content(self, token, file_id):
+        response = self.pool.request("GET", f"/v1/files/{file_id}/content",
+                                     headers={"Host": SERVER_NAME, "Authorization": f"Bearer {token}"})
+        return response.status, response.data
+
     def call(self, method, path, token=None, body=None):
         headers = {"Host": SERVER_NAME, "Content-Type": "application/json"}
         if token:
@@ -230,9 +242,44 @@ def wait_ready(api, timeout=120):
     raise AssertionError("the service did not become ready")
 
 
+def test_the_nightly_backup_timer_is_on_and_its_run_leaves_a_private_consistent_backup(provisioned):
+    host = provisioned["host"]
+    with phase("deploy: the nightly backup"):
+        assert host.ssh("systemctl is-enabled vibethinker-backup.timer").stdout.strip() == "enabled"
+        assert host.ssh("systemctl is-active vibethinker-backup.timer").stdout.strip() == "active"
+        host.ssh("systemctl start vibethinker-backup.service")  # oneshot: returns when the backup is written
+        listing = host.ssh("stat -c '%a %U %n' /var/lib/vibethinker-backups/vibethinker-*.sqlite").stdout.split()
+        assert listing[:2] == ["600", "vibethinker"] and len(listing) == 3, listing
+        check = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+                 "print(c.execute('PRAGMA integrity_check').fetchone()[0], "
+                 "sorted(r[0] for r in c.execute('SELECT name FROM users')))")
+        out = host.ssh(f"python3 -c \"{check}\" {listing[2]}").stdout
+    assert out.startswith("ok") and "'alice'" in out, out
+
+
+def finished_batch(api, token):
+    """A batch of two lines, run to its end: (its id, its output file's bytes)."""
+    lines = "".join(json.dumps({"custom_id": f"u{i}", "method": "POST", "url": "/v1/predict",
+                                "body": {"question": f"{i} + {i}?", "max_new_tokens": 2}}) + "\n" for i in range(2))
+    status, uploaded = api.upload(token, "lines.jsonl", lines.encode())
+    assert status == 200, uploaded
+    status, batch = api.call("POST", "/v1/batches", token, {"input_file_id": uploaded["id"],
+                                                              "endpoint": "/v1/predict", "completion_window": "24h"})
+    assert status == 200, batch
+    deadline = time.monotonic() + 120
+    while batch["status"] not in ("completed", "failed", "cancelled", "expired") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        batch = api.call("GET", f"/v1/batches/{batch['id']}", token)[1]
+    assert batch["status"] == "completed", batch
+    return batch["id"], api.content(token, batch["output_file_id"])[1]
+
+
 def test_an_upgrade_keeps_users_tokens_and_revocations(provisioned, second_model):
     host, api, work = provisioned["host"], provisioned["api"], provisioned["work"]
     upgraded = dict(provisioned["vars"])
+    with phase("deploy: a batch job and usage rows to keep"):
+        batch_id, batch_output = finished_batch(api, provisioned["alice_token"])
+        usage_before = json.loads(host.ssh(f"{CLI} --json usage").stdout)
     with phase("deploy: build the next version"):
         upgraded["app_wheel"] = str(build_wheel(work / "build2", version="0.1.0.post1"))
     # The new build also takes the model from a hub (a local stand-in) at a pinned revision.
@@ -267,6 +314,12 @@ def test_an_upgrade_keeps_users_tokens_and_revocations(provisioned, second_model
     assert status == 200 and routed["model"] == "code-model", routed
     status, refused = api.call("POST", "/v1/predict", provisioned["revoked_token"], {"question": "1+1?"})
     assert status == 401 and refused["error"]["code"] == "token_revoked"
+    status, batch = api.call("GET", f"/v1/batches/{batch_id}", provisioned["alice_token"])
+    assert status == 200 and batch["status"] == "completed", batch
+    assert api.content(provisioned["alice_token"], batch["output_file_id"])[1] == batch_output
+    usage_after = {(row["day"], row["user"]): row for row in json.loads(host.ssh(f"{CLI} --json usage").stdout)}
+    for row in usage_before:  # every usage row is still counted (and the upgrade's requests added)
+        assert usage_after[(row["day"], row["user"])]["requests"] >= row["requests"], (row, usage_after)
     with phase("deploy: second run after the upgrade (idempotence)"):
         counts, output = playbook(host, work, upgraded)
     assert counts["changed"] == 0, changed_tasks(output)

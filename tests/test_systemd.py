@@ -84,3 +84,23 @@ def test_the_site_drop_in_opens_the_gpu_only_for_the_cuda_variant(tmp_path, vari
         assert "PrivateDevices=no" in drop_in
     else:
         assert not allowed and "PrivateDevices" not in drop_in
+
+
+def test_the_backup_units_verify_and_are_confined(tmp_path):
+    root = fake_root(tmp_path, UNIT.read_text())
+    admin = root / "opt/vibethinker/venv/bin/vibethinker-admin"
+    admin.write_text("#!/bin/sh\n")
+    admin.chmod(0o755)
+    for name in ("vibethinker-backup.service", "vibethinker-backup.timer"):
+        (root / "etc/systemd/system" / name).write_text((ROOT / "systemd" / name).read_text())
+    out = analyze("verify", f"--root={root}", "vibethinker-backup.timer", "vibethinker-backup.service")
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    exposure = analyze("security", "--offline=true", "--no-pager", str(ROOT / "systemd/vibethinker-backup.service"))
+    level = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", exposure.stdout).group(1))
+    assert level <= MAX_EXPOSURE, exposure.stdout
+    service = (ROOT / "systemd/vibethinker-backup.service").read_text().splitlines()
+    assert "Type=oneshot" in service and "User=vibethinker" in service
+    assert any(line.startswith("ExecStart=") and "db backup --into /var/lib/vibethinker-backups --keep" in line
+               for line in service)
+    timer = (ROOT / "systemd/vibethinker-backup.timer").read_text().splitlines()
+    assert "Persistent=true" in timer and any(line.startswith("OnCalendar=") for line in timer)
