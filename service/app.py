@@ -26,7 +26,7 @@ from service.api import admin, attachments, batches, chat, contract, health, me,
 from service.api.cache import open_cache
 from service.batches.records import BatchRecords
 from service.batches.runner import BatchRunner
-from service.inputs import filtering
+from service.inputs import filtering, schemas
 from service.records import accounting, logs, metrics, requestid
 from service.records.usagelog import UsageLog
 from service.inference import footprint
@@ -56,6 +56,7 @@ def create_app(settings=None):
                               documents=attachments.open_reader(settings)))
 
     accounting.init_app(app)  # first: every later hook writes to the request's record
+    app.after_request(schemas.drain_unread_body)
     requestid.init_app(app)
     errors.init_app(app)
     app.register_error_handler(StoreError, lambda e: errors.error_response(e.status, e.message, e.code, e.param))

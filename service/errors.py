@@ -9,7 +9,7 @@ here. A 500 never shows exception text: it is logged with the request id.
 
 import logging
 
-from flask import current_app, jsonify, request
+from flask import jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from service.records import requestid
@@ -66,8 +66,7 @@ def _api_error(exc):
 
 def _http_error(exc):
     code, template = HTTP_MESSAGES.get(exc.code, (_snake(exc.name), exc.description or exc.name))
-    message = template.format(method=request.method, path=request.path,
-                              limit=current_app.config.get("MAX_CONTENT_LENGTH"))
+    message = template.format(method=request.method, path=request.path, limit=request.max_content_length)
     headers = {}
     if exc.code == 405 and exc.valid_methods:
         headers["Allow"] = ", ".join(exc.valid_methods)

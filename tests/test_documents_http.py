@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import tempfile
 import threading
@@ -324,3 +325,26 @@ def test_through_nginx_a_body_past_the_document_limit_gets_the_json_413(front):
     small = requests.post(front.https + "/v1/models", data=b"x" * (settings.max_body_bytes + 10),
                           headers=front.app.auth(), verify=front.cert, timeout=30)
     assert small.status_code == 413  # elsewhere the small limit holds
+
+
+@pytest.mark.parametrize("path, content_type, body, token, status", [
+    ("/v1/predict", "application/json", b'{"question": "' + b"a" * 200_000 + b'"}', None, 413),  # the JSON limit
+    ("/v1/chat/completions", "application/json", b"x" * 1_000_000, "not.a.token", 401),  # refused before reading
+    ("/v1/predict", "multipart/form-data; boundary=b", b"x" * 1_000_000, "not.a.token", 401),
+])
+def test_a_large_body_refused_unread_leaves_the_connection_serving(docs, path, content_type, body, token, status):
+    """nginx sends the next request down the same upstream connection: gunicorn alone drains only 64 KiB of an
+    unread body and then closes a connection it said it kept, which nginx answers 502 (another client's)."""
+    with socket.create_connection(("127.0.0.1", docs.port), timeout=30) as raw:
+        raw.sendall(f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\n"
+                    f"Authorization: Bearer {token or docs.token}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                    + body)
+        first = raw.recv(65536)
+        assert first.startswith(f"HTTP/1.1 {status} ".encode()), first[:200]
+        assert b"Connection: keep-alive" in first
+        while b"\r\n\r\n" not in first or len(first.split(b"\r\n\r\n", 1)[1]) < int(
+                re.search(rb"Content-Length: (\d+)", first).group(1)):
+            first += raw.recv(65536)
+        raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        second = raw.recv(65536)
+    assert second.startswith(b"HTTP/1.1 200 "), second[:200]

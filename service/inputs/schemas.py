@@ -14,7 +14,8 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from service.errors import APIError
 
-SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch's generators take, and what OpenAI clients send
+SEED_RANGE = (-(2**63), 2**63 - 1)
+DRAIN_CHUNK = 65536  # what torch's generators take, and what OpenAI clients send
 
 TYPE_NAMES = {"string_type": "a string", "int_type": "an integer", "float_type": "a number",
               "bool_type": "a boolean", "list_type": "a list", "dict_type": "an object",
@@ -118,6 +119,25 @@ def read_body():
     if len(raw) > limit:
         raise RequestEntityTooLarge()
     return raw
+
+
+def drain_unread_body(response):
+    """After every request: read what is left of its body, up to the largest body nginx lets through.
+
+    A request refused before its body was read (a bad token, a limit, a 413 on the declared length) leaves
+    the body on the socket; gunicorn drains at most 64 KiB of it and then closes the connection, although
+    its answer said keep-alive. nginx would send its next request down that connection and answer it 502:
+    one client's 8 MB document with an expired token would fail another's request."""
+    length = request.content_length
+    settings = current_app.extensions["vibethinker"].settings
+    if length and length <= max(settings.document_body_bytes, settings.max_upload_bytes):
+        stream = request.environ.get("wsgi.input")
+        try:
+            while stream is not None and stream.read(DRAIN_CHUNK):
+                pass
+        except Exception:  # noqa: BLE001 - the client went away or sent less: gunicorn closes, as before
+            pass
+    return response
 
 
 def decode_body(raw, is_json):
