@@ -247,7 +247,10 @@ def test_the_nightly_backup_timer_is_on_and_its_run_leaves_a_private_consistent_
     with phase("deploy: the nightly backup"):
         assert host.ssh("systemctl is-enabled vibethinker-backup.timer").stdout.strip() == "enabled"
         assert host.ssh("systemctl is-active vibethinker-backup.timer").stdout.strip() == "active"
-        host.ssh("systemctl start vibethinker-backup.service")  # oneshot: returns when the backup is written
+        run = host.ssh("systemctl start vibethinker-backup.service", check=False)  # oneshot: waits for it
+        journal = host.ssh("journalctl -u vibethinker-backup.service --no-pager -n 40", check=False).stdout
+        assert run.returncode == 0, run.stderr + journal
+        assert "backed up the sqlite database" in journal, journal
         listing = host.ssh("stat -c '%a %U %n' /var/lib/vibethinker-backups/vibethinker-*.sqlite").stdout.split()
         assert listing[:2] == ["600", "vibethinker"] and len(listing) == 3, listing
         check = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
