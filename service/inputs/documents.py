@@ -150,8 +150,9 @@ class Reader:
                            headers={"Retry-After": 2})
         try:
             future = self.pool().schedule(extract, args=(data, media_type, self.limits), timeout=limit)
-            document = future.result()
+            document = future.result(timeout=limit)  # the wait for a process counts too
         except FutureTimeout:
+            future.cancel()  # not started: dropped; running: its process is stopped
             raise APIError(422, f"{where} could not be read within {limit:g} s", "document_too_slow",
                            where) from None
         except DocumentError as exc:
