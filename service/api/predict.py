@@ -72,7 +72,7 @@ def prepare(body, document=None):
     hint = language.english_hint(whole)
     echo = {"input": question, "system_prompt": system_prompt, "hint": hint}
     if document is not None:
-        echo["document"] = {**document.summary(), "chars": len(text), "text": text}
+        echo["document"] = document.summary(text)
     return generation.Prepared(served, ids, params, "max_new_tokens", body.max_new_tokens, hint), echo
 
 

@@ -23,6 +23,7 @@ through the same filters (service.inputs.filtering). Nothing here logs it.
 
 import base64
 import binascii
+import dataclasses
 import io
 import multiprocessing
 import re
@@ -62,14 +63,9 @@ class Document:
     text: str
     seconds: float = 0.0  # time spent reading it, waiting included
 
-    @property
-    def chars(self):
-        return len(self.text)
-
-    def summary(self):
-        """The /predict answer's `document` field."""
-        return {"kind": self.kind, "pages": self.pages, "chars": self.chars, "method": self.method,
-                "text": self.text}
+    def summary(self, text):
+        """The /predict answer's `document` field, with `text`: what the model saw of it (cleaned as typed text)."""
+        return {"kind": self.kind, "pages": self.pages, "chars": len(text), "method": self.method, "text": text}
 
 
 class DocumentError(Exception):
@@ -162,8 +158,7 @@ class Reader:
                            where) from None
         finally:
             self._waiting.release()
-        return Document(document.kind, document.pages, document.images, document.method, document.text,
-                        time.monotonic() - started)
+        return dataclasses.replace(document, seconds=time.monotonic() - started)
 
     def pool(self):
         with self._lock:

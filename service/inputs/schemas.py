@@ -13,9 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from service.errors import APIError
+from service.state import state
 
-SEED_RANGE = (-(2**63), 2**63 - 1)
-DRAIN_CHUNK = 65536  # what torch's generators take, and what OpenAI clients send
+SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch's generators take, and what OpenAI clients send
+DRAIN_CHUNK = 65536
 
 TYPE_NAMES = {"string_type": "a string", "int_type": "an integer", "float_type": "a number",
               "bool_type": "a boolean", "list_type": "a list", "dict_type": "an object",
@@ -129,7 +130,7 @@ def drain_unread_body(response):
     its answer said keep-alive. nginx would send its next request down that connection and answer it 502:
     one client's 8 MB document with an expired token would fail another's request."""
     length = request.content_length
-    settings = current_app.extensions["vibethinker"].settings
+    settings = state().settings
     if length and length <= max(settings.document_body_bytes, settings.max_upload_bytes):
         stream = request.environ.get("wsgi.input")
         try:
