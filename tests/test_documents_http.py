@@ -348,3 +348,22 @@ def test_a_large_body_refused_unread_leaves_the_connection_serving(docs, path, c
         raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         second = raw.recv(65536)
     assert second.startswith(b"HTTP/1.1 200 "), second[:200]
+
+
+def test_a_chunked_body_with_a_document_has_the_document_allowance(docs):
+    """A body sent chunked (no Content-Length) is held to the route's limit too, not the small JSON one."""
+    padded = makedocs.text_pdf_with_picture(noise_side=260)
+    body = json.dumps({"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "file", "file": {"file_data": makedocs.data_url(padded, "application/pdf")}}]}]}).encode()
+    assert len(body) > Settings().max_body_bytes
+
+    def chunks():
+        for start in range(0, len(body), 65536):
+            yield body[start:start + 65536]
+    answer = requests.post(docs.url("/v1/chat/completions"), data=chunks(), timeout=120,
+                           headers={**docs.auth(), "Content-Type": "application/json"})
+    assert answer.status_code == 200, answer.text
+    too_big = b"x" * (Settings(document_max_bytes=MAX_DOCUMENT).document_body_bytes + 10)
+    refused = requests.post(docs.url("/v1/chat/completions"), data=iter([too_big]), timeout=120,
+                            headers={**docs.auth(), "Content-Type": "application/json"})
+    assert refused.status_code == 413 and refused.json()["error"]["code"] == "body_too_large"

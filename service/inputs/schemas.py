@@ -8,7 +8,7 @@ silently ignored. Bounds that come from settings are checked after parsing.
 import json
 from typing import Annotated, Literal
 
-from flask import current_app, request
+from flask import request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -111,11 +111,11 @@ def read(model):
 
 
 def read_body():
-    """The body's bytes; 413 past MAX_CONTENT_LENGTH whether its length was declared or it came chunked
+    """The body's bytes; 413 past the route's body limit whether its length was declared or it came chunked
     (werkzeug refuses a declared length, but cuts a chunked body at the limit without a word)."""
     if request.content_length is not None:
         return request.get_data(cache=False)
-    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    limit = request.max_content_length  # the route's own: larger where documents come
     raw = request.environ["wsgi.input"].read(limit + 1)
     if len(raw) > limit:
         raise RequestEntityTooLarge()
