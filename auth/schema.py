@@ -119,7 +119,19 @@ batch_lines = sa.Table(
     sa.Column("prepared", sa.Text, nullable=False),  # JSON: prompt ids, parameters, what the answer echoes
     sa.Column("status", sa.String(16), nullable=False),  # pending, running, done, failed
     sa.Column("result", sa.Text),  # JSON: the output (or error) line, once done or failed
+    # The batch runner computing a running line (service.admission.counters.ledger_name), and since when:
+    # with several servers on one database, only that runner may finish it, and its line goes back to
+    # pending when that runner stops beating.
+    sa.Column("owner", sa.String(128)),
+    sa.Column("claimed_at", sa.DateTime(timezone=True)),
     sa.Index("ix_batch_lines_status", "batch_id", "status"),
+)
+# A file's bytes, in pieces of at most 1 MiB in order, so every server of a cluster (and a backup) has them.
+file_chunks = sa.Table(
+    "file_chunks", metadata,
+    sa.Column("file_id", sa.String(64), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
 )
 
 

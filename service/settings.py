@@ -262,6 +262,11 @@ class Settings(BaseSettings):
     )
     batch_window_s: float = Field(
         86400.0, gt=0.0, description="How long a batch may run before it expires (its completion_window, 24h).")
+    batch_lease_s: float = Field(
+        30.0, ge=10.0, le=3600.0, description="A batch line's runner renews its hold every 5 s; a line not "
+        "renewed for this long (its server stopped) runs again on another server. Server clocks must agree "
+        "within it.",
+    )
 
     @field_validator("default_rate_limit", "anonymous_rate_limit")
     @classmethod

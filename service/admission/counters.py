@@ -119,7 +119,7 @@ def reclaim_orphans(uri, warn=log.warning):
         count = 0
         for name in counters.ledgers(socket.gethostname()):
             master = int(name.split(":")[2])
-            if master != os.getpid() and not _alive(master):
+            if master != os.getpid() and not alive(master):
                 count += counters.reclaim(name)
         return count
     except StorageUnavailable:
@@ -127,7 +127,8 @@ def reclaim_orphans(uri, warn=log.warning):
         return 0
 
 
-def _alive(pid):
+def alive(pid):
+    """True if process `pid` (on this host) is running."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

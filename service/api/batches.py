@@ -67,7 +67,7 @@ def get_file(file_id):
 def file_content(file_id):
     records = _records()
     meta = records.get_file(file_id, *_who())
-    return send_file(records.path(file_id), mimetype="application/jsonl", as_attachment=False,
+    return send_file(records.open(file_id), mimetype="application/jsonl", as_attachment=False,
                      download_name=meta["filename"], max_age=0)
 
 
@@ -89,7 +89,8 @@ def create_batch():
     if records.open_count(user) >= settings.max_open_batches:
         raise APIError(429, f"{user} already has {settings.max_open_batches} batches open; wait for one to end",
                        "too_many_batches", headers={"Retry-After": 60})
-    found, errors = lines.read_input(records.path(body.input_file_id), body.endpoint, settings.max_batch_lines)
+    with records.open(body.input_file_id) as handle:
+        found, errors = lines.read_input(handle, body.endpoint, settings.max_batch_lines)
     batch = records.create_batch(user, body.endpoint, body.input_file_id, body.completion_window,
                                  settings.batch_window_s, body.metadata, found, errors)
     return batch

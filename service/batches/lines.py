@@ -24,25 +24,24 @@ MAX_ERRORS = 20  # validation errors reported per batch; the first ones, by line
 MAX_CUSTOM_ID = 255
 
 
-def read_input(path, endpoint, max_lines):
-    """([(custom_id, prepared)], errors) of the input file at `path` for a batch of `endpoint`."""
+def read_input(handle, endpoint, max_lines):
+    """([(custom_id, prepared)], errors) of the input file open as binary `handle`, for a batch of `endpoint`."""
     lines, errors, seen = [], [], set()
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            if len(lines) + len(errors) >= max_lines:
-                errors.append(_error("too_many_lines", f"the file has more than {max_lines} lines", number))
-                break
-            try:
-                custom_id, prepared = _line(raw, endpoint, seen)
-                lines.append((custom_id, prepared))
-            except APIError as exc:
-                if exc.status >= 500:  # the server cannot check lines now (model loading): not the file's fault
-                    raise
-                errors.append(_error(exc.code, exc.message, number, exc.param))
-            if len(errors) >= MAX_ERRORS:
-                break
+    for number, raw in enumerate(handle, start=1):
+        if not raw.strip():
+            continue
+        if len(lines) + len(errors) >= max_lines:
+            errors.append(_error("too_many_lines", f"the file has more than {max_lines} lines", number))
+            break
+        try:
+            custom_id, prepared = _line(raw, endpoint, seen)
+            lines.append((custom_id, prepared))
+        except APIError as exc:
+            if exc.status >= 500:  # the server cannot check lines now (model loading): not the file's fault
+                raise
+            errors.append(_error(exc.code, exc.message, number, exc.param))
+        if len(errors) >= MAX_ERRORS:
+            break
     if not lines and not errors:
         errors.append(_error("empty_file", "the input file has no lines", None))
     return lines, errors

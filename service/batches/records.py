@@ -1,25 +1,32 @@
-"""Files and batch jobs in the database (auth.schema's files, batches, batch_lines) and on disk.
+"""Files and batch jobs in the database (auth.schema's files, file_chunks, batches, batch_lines).
 
-A file's bytes live under `files_dir`, named by its id; its metadata is a
-row. A batch is a row and one row per input line: `pending`, `running`
-(handed to the engine), then `done` or `failed` with its output line. A
-line is marked `running` in the same transaction that picks it, and a
-worker that starts sets its batches' `running` lines back to `pending`: a
-crash repeats only the lines it was computing, never a finished one.
+A file's bytes live in the database in pieces of 1 MiB (an upload is first
+spooled under `files_dir`, so no transaction waits on a client), so every
+server of a cluster reads every file and a database backup holds them;
+files from before that are read from `files_dir`. A batch is a row and one
+row per input line: `pending`, `running` (handed to an engine by one batch
+runner, its `owner`), then `done` or `failed` with its output line. A line
+is marked `running` only if it is still pending, in one statement, so two
+runners never take the same line; only its owner may finish it. A runner
+that starts sets the running lines of earlier runners on its host back to
+pending, and any runner does the same for an owner that stopped beating
+(service.batches.runner): a crash repeats only the lines it was computing,
+never a finished one.
 
 Every read takes the caller (`user`, `admin`): a user sees only their own
 files and batches (404 for anyone else's), an admin sees all.
 """
 
+import io
 import json
 import os
 import secrets
-import shutil
+import tempfile
 from datetime import datetime, timedelta, timezone
 
 import sqlalchemy as sa
 
-from auth.schema import batch_lines, batches, files
+from auth.schema import batch_lines, batches, file_chunks, files
 from service.errors import APIError
 
 OPEN = ("validating", "in_progress", "finalizing", "cancelling")
@@ -48,31 +55,39 @@ class BatchRecords:
 
     # --- files ---
     def add_file(self, user, purpose, filename, stream, limit):
-        """Copy `stream` to disk (at most `limit` bytes: APIError 413 past it) and record it."""
-        file_id = f"file-{secrets.token_hex(12)}"
-        path = self.path(file_id)
-        size = 0
-        try:
-            with open(path, "wb") as out:
-                while chunk := stream.read(CHUNK):
-                    size += len(chunk)
-                    if size > limit:
-                        raise APIError(413, f"file is larger than {limit} bytes", "file_too_large", "file")
-                    out.write(chunk)
-        except BaseException:
-            os.unlink(path)
-            raise
-        return self.record_file(file_id, user, purpose, filename, size)
+        """Copy `stream` (at most `limit` bytes: APIError 413 past it) into the database and record it."""
+        with tempfile.TemporaryFile(dir=self.dir) as spool:
+            size = 0
+            while chunk := stream.read(CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, f"file is larger than {limit} bytes", "file_too_large", "file")
+                spool.write(chunk)
+            spool.seek(0)
+            return self._store(f"file-{secrets.token_hex(12)}", user, purpose, filename, iter(
+                lambda: spool.read(CHUNK), b""), size)
 
-    def record_file(self, file_id, user, purpose, filename, size):
+    def _store(self, file_id, user, purpose, filename, chunks, size):
+        """Record a file of `size` bytes whose pieces `chunks` yields, in one transaction."""
         row = dict(id=file_id, user=user, purpose=purpose, filename=filename[:255] or "upload.jsonl", bytes=size,
                    created_at=now())
         with self.engine.begin() as conn:
+            seq = 0
+            for seq, piece in enumerate(chunks):
+                conn.execute(file_chunks.insert().values(file_id=file_id, seq=seq, data=piece))
+            if not seq and not size:  # an empty file still has its first piece: it is in the database
+                conn.execute(file_chunks.insert().values(file_id=file_id, seq=0, data=b""))
             conn.execute(files.insert().values(**row))
         return _file_json(row)
 
-    def path(self, file_id):
-        return os.path.join(self.dir, file_id)
+    def open(self, file_id):
+        """The bytes of file `file_id` (looked up already) as a binary file object, read a piece at a time."""
+        with self.engine.connect() as conn:
+            stored = conn.execute(sa.select(file_chunks.c.seq).where(file_chunks.c.file_id == file_id,
+                                                                     file_chunks.c.seq == 0)).first()
+        if stored is None:  # written before files moved into the database
+            return open(os.path.join(self.dir, file_id), "rb")
+        return io.BufferedReader(_Chunks(self.engine, file_id), CHUNK)
 
     def get_file(self, file_id, user, admin):
         with self.engine.connect() as conn:
@@ -93,9 +108,10 @@ class BatchRecords:
     def delete_file(self, file_id, user, admin):
         self.get_file(file_id, user, admin)
         with self.engine.begin() as conn:
+            conn.execute(file_chunks.delete().where(file_chunks.c.file_id == file_id))
             conn.execute(files.delete().where(files.c.id == file_id))
         try:
-            os.unlink(self.path(file_id))
+            os.unlink(os.path.join(self.dir, file_id))
         except FileNotFoundError:
             pass
         return {"id": file_id, "object": "file", "deleted": True}
@@ -161,11 +177,32 @@ class BatchRecords:
             conn.execute(batches.update().where(batches.c.id == batch_id).values(status=status, **values))
 
     # --- the runner's side ---
-    def reset_running(self):
-        """Lines a worker that died was computing go back to pending; how many."""
+    def running_owners(self):
+        """The runners holding running lines (None: lines taken before runners were named)."""
+        with self.engine.connect() as conn:
+            return set(conn.execute(sa.select(batch_lines.c.owner).distinct()
+                                    .where(batch_lines.c.status == "running")).scalars())
+
+    def reclaim(self, owner):
+        """The running lines of `owner` (a runner that stopped) go back to pending; how many."""
+        held = batch_lines.c.owner.is_(None) if owner is None else batch_lines.c.owner == owner
         with self.engine.begin() as conn:
-            return conn.execute(batch_lines.update().where(batch_lines.c.status == "running")
-                                .values(status="pending")).rowcount
+            return conn.execute(batch_lines.update().where(batch_lines.c.status == "running", held)
+                                .values(status="pending", owner=None, claimed_at=None)).rowcount
+
+    def beat(self, owner):
+        """Renew the running lines `owner` holds: they are its for another lease."""
+        with self.engine.begin() as conn:
+            conn.execute(batch_lines.update().where(batch_lines.c.status == "running", batch_lines.c.owner == owner)
+                         .values(claimed_at=now()))
+
+    def reclaim_stale(self, before, owner):
+        """Running lines of other runners not renewed since `before` (their runner stopped) go back to pending;
+        how many."""
+        with self.engine.begin() as conn:
+            return conn.execute(batch_lines.update().where(
+                batch_lines.c.status == "running", batch_lines.c.owner != owner, batch_lines.c.claimed_at < before)
+                .values(status="pending", owner=None, claimed_at=None)).rowcount
 
     def active(self):
         """Batches in progress or being cancelled, oldest first."""
@@ -174,28 +211,39 @@ class BatchRecords:
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(query).mappings()]
 
-    def claim(self, batch_id):
-        """The next pending line of a batch, now running: (line, custom_id, prepared), or None."""
-        with self.engine.begin() as conn:
-            row = conn.execute(sa.select(batch_lines.c.line, batch_lines.c.custom_id, batch_lines.c.prepared)
-                               .where(batch_lines.c.batch_id == batch_id, batch_lines.c.status == "pending")
-                               .order_by(batch_lines.c.line).limit(1)).first()
-            if row is None:
-                return None
-            conn.execute(batch_lines.update().where(batch_lines.c.batch_id == batch_id,
-                                                    batch_lines.c.line == row.line).values(status="running"))
-        return row.line, row.custom_id, json.loads(row.prepared)
+    def claim(self, batch_id, owner):
+        """The next pending line of a batch, now running for `owner`: (line, custom_id, prepared), or None.
 
-    def release(self, batch_id, line):
+        A line another runner took between the look and the update is skipped, never taken twice."""
+        while True:
+            with self.engine.begin() as conn:
+                row = conn.execute(sa.select(batch_lines.c.line, batch_lines.c.custom_id, batch_lines.c.prepared)
+                                   .where(batch_lines.c.batch_id == batch_id, batch_lines.c.status == "pending")
+                                   .order_by(batch_lines.c.line).limit(1)).first()
+                if row is None:
+                    return None
+                taken = conn.execute(batch_lines.update().where(
+                    batch_lines.c.batch_id == batch_id, batch_lines.c.line == row.line,
+                    batch_lines.c.status == "pending").values(status="running", owner=owner,
+                                                              claimed_at=now())).rowcount
+            if taken:
+                return row.line, row.custom_id, json.loads(row.prepared)
+
+    def release(self, batch_id, line, owner):
         """A claimed line that could not start (the engine was full): pending again."""
         with self.engine.begin() as conn:
-            conn.execute(batch_lines.update().where(batch_lines.c.batch_id == batch_id, batch_lines.c.line == line)
-                         .values(status="pending"))
+            conn.execute(batch_lines.update().where(batch_lines.c.batch_id == batch_id, batch_lines.c.line == line,
+                                                    batch_lines.c.owner == owner, batch_lines.c.status == "running")
+                         .values(status="pending", owner=None, claimed_at=None))
 
-    def finish_line(self, batch_id, line, ok, result):
+    def finish_line(self, batch_id, line, ok, result, owner):
+        """Store a line's answer; False if `owner` no longer holds it (it was given to another runner)."""
         with self.engine.begin() as conn:
-            conn.execute(batch_lines.update().where(batch_lines.c.batch_id == batch_id, batch_lines.c.line == line)
-                         .values(status="done" if ok else "failed", result=json.dumps(result)))
+            return bool(conn.execute(batch_lines.update().where(
+                batch_lines.c.batch_id == batch_id, batch_lines.c.line == line, batch_lines.c.owner == owner,
+                batch_lines.c.status == "running").values(status="done" if ok else "failed",
+                                                          result=json.dumps(result)))
+                .rowcount)
 
     def fail_pending(self, batch_id, result_of):
         """Every pending line failed with `result_of(custom_id)` (an expired batch's rest)."""
@@ -204,37 +252,41 @@ class BatchRecords:
                 batch_lines.c.batch_id == batch_id, batch_lines.c.status == "pending")).all()
             for row in rows:
                 conn.execute(batch_lines.update().where(batch_lines.c.batch_id == batch_id,
-                                                        batch_lines.c.line == row.line)
+                                                        batch_lines.c.line == row.line,
+                                                        batch_lines.c.status == "pending")
                              .values(status="failed", result=json.dumps(result_of(row.custom_id))))
 
-    def unfinished(self, batch_id):
-        """Lines still pending or running."""
+    def unfinished(self, batch_id, statuses=("pending", "running")):
+        """Lines in `statuses` (still pending or running), on any runner."""
         with self.engine.connect() as conn:
             return conn.execute(sa.select(sa.func.count()).select_from(batch_lines).where(
-                batch_lines.c.batch_id == batch_id, batch_lines.c.status.in_(("pending", "running")))).scalar_one()
+                batch_lines.c.batch_id == batch_id, batch_lines.c.status.in_(statuses))).scalar_one()
 
     def finalize(self, batch_id, user, status, time_field):
-        """Write the output and error files from the finished lines (in input order) and end the batch."""
-        self.set_status(batch_id, "finalizing", "finalizing_at")
+        """Write the output and error files from the finished lines (in input order) and end the batch.
+
+        Only the runner that moves the batch to `finalizing` writes them; False for any other."""
+        with self.engine.begin() as conn:
+            won = conn.execute(batches.update().where(
+                batches.c.id == batch_id, batches.c.status.in_(("in_progress", "cancelling")))
+                .values(status="finalizing", finalizing_at=now())).rowcount
+        if not won:
+            return False
         ids = {}
         with self.engine.connect() as conn:
             rows = list(conn.execute(sa.select(batch_lines.c.status, batch_lines.c.result).where(
                 batch_lines.c.batch_id == batch_id, batch_lines.c.status.in_(("done", "failed")))
                 .order_by(batch_lines.c.line)))
         for kind, wanted in (("output_file_id", "done"), ("error_file_id", "failed")):
-            lines = [r.result for r in rows if r.status == wanted]
-            if not lines:
+            data = "".join(r.result + "\n" for r in rows if r.status == wanted).encode()
+            if not data:
                 continue
             file_id = f"file-{secrets.token_hex(12)}"
-            temporary = self.path(file_id) + ".part"
-            with open(temporary, "w", encoding="utf-8") as out:
-                for text in lines:
-                    out.write(text + "\n")
-            shutil.move(temporary, self.path(file_id))
-            size = os.path.getsize(self.path(file_id))
-            self.record_file(file_id, user, "batch_output", f"{batch_id}_{kind.split('_')[0]}.jsonl", size)
+            self._store(file_id, user, "batch_output", f"{batch_id}_{kind.split('_')[0]}.jsonl",
+                        (data[i:i + CHUNK] for i in range(0, len(data), CHUNK)), len(data))
             ids[kind] = file_id
         self.set_status(batch_id, status, time_field, **ids)
+        return True
 
     def _counts(self, conn, batch_id):
         rows = conn.execute(sa.select(batch_lines.c.status, sa.func.count()).where(
@@ -257,3 +309,26 @@ def _batch_json(row, counts):
             **{name: _ts(row[name]) for name in TIMES}, "request_counts": counts,
             "metadata": json.loads(row["metadata"]) if row["metadata"] else None}
     return body
+
+
+class _Chunks(io.RawIOBase):
+    """A stored file's pieces as a raw stream: one query per piece, so memory stays at one piece."""
+
+    def __init__(self, engine, file_id):
+        self.engine, self.file_id, self.seq, self.piece = engine, file_id, 0, memoryview(b"")
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        while not self.piece:
+            with self.engine.connect() as conn:
+                data = conn.execute(sa.select(file_chunks.c.data).where(
+                    file_chunks.c.file_id == self.file_id, file_chunks.c.seq == self.seq)).scalar()
+            if data is None:
+                return 0
+            self.piece, self.seq = memoryview(bytes(data)), self.seq + 1
+        count = min(len(buffer), len(self.piece))
+        buffer[:count] = self.piece[:count]
+        self.piece = self.piece[count:]
+        return count

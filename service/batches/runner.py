@@ -20,12 +20,13 @@ running finish, and end with the files of what was done.
 
 import dataclasses
 import logging
+import socket
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from service.admission import budget
-from service.admission.counters import StorageUnavailable
+from service.admission.counters import StorageUnavailable, alive, ledger_name
 from service.api import cache
 from service.batches import lines
 from service.errors import APIError
@@ -37,6 +38,7 @@ IDLE_S = 0.2  # between looks when there is nothing to do
 RUNNING_S = 0.005  # between looks while lines run
 ROUTE = "/v1/batches"
 BATCH_SLOTS = "batch-inflight"
+BEAT_S = 5.0  # how often a runner renews the lines it holds (their claimed_at)
 
 
 class Running:
@@ -58,6 +60,8 @@ class BatchRunner:
     def __init__(self, app, state):
         self.app, self.state = app, state
         self.records = state.batches
+        self.owner = ledger_name()  # this runner's name on the lines it holds: host, master and worker pids
+        self._beat = 0.0  # when the lines held were last renewed
         self.running = []
         self._turn = None  # the user served last
         self._looked = 0.0  # when the database was last asked for batches
@@ -74,7 +78,7 @@ class BatchRunner:
 
     def _run(self):
         with self.app.app_context():
-            reset = self.records.reset_running()
+            reset = self._reclaim_dead()
             if reset:
                 log.warning("batch lines in progress when the last worker ended run again",
                             extra={"fields": {"lines": reset}})
@@ -95,13 +99,14 @@ class BatchRunner:
         if not moved and time.monotonic() - self._looked < IDLE_S:
             return False
         self._looked = time.monotonic()
+        self._keep_lines()
         active = self.records.active()
         for batch in active:
             moved |= self._maybe_end(batch)
         pending = [b for b in active if b["status"] == "in_progress" and not self._expired(b)]
         while pending and self._room():
             batch = self._next(pending)
-            claimed = self.records.claim(batch["id"])
+            claimed = self.records.claim(batch["id"], self.owner)
             if claimed is None:
                 pending.remove(batch)
                 continue
@@ -109,6 +114,31 @@ class BatchRunner:
                 break
             moved = True
         return moved
+
+    def _reclaim_dead(self):
+        """Lines held by runners on this host whose worker is gone (a restart, a kill) go back to pending now;
+        how many. (Other servers' lines come back when their hold lapses: `_keep_lines`.)"""
+        count = 0
+        for owner in self.records.running_owners():
+            if owner is None:
+                count += self.records.reclaim(None)
+                continue
+            host, _, worker = owner.split(":", 1)[1].rsplit(":", 2)
+            if host == socket.gethostname() and not alive(int(worker)):
+                count += self.records.reclaim(owner)
+        return count
+
+    def _keep_lines(self):
+        """Every BEAT_S: renew the lines this runner holds, and take back (as pending) the lines of runners on
+        any server that stopped renewing theirs for `batch_lease_s`."""
+        if time.monotonic() - self._beat < BEAT_S:
+            return
+        self._beat = time.monotonic()
+        self.records.beat(self.owner)
+        stale = datetime.now(timezone.utc) - timedelta(seconds=self.state.settings.batch_lease_s)
+        taken = self.records.reclaim_stale(stale, self.owner)
+        if taken:
+            log.warning("batch lines of a runner that stopped run again here", extra={"fields": {"lines": taken}})
 
     def _room(self, served=None):
         """True while no interactive request waits for `served`'s engine and its running batch has a row to
@@ -145,14 +175,14 @@ class BatchRunner:
                        "model_not_found")
             return True
         if not self._room(served):
-            self.records.release(batch["id"], line)
+            self.records.release(batch["id"], line, self.owner)
             return False
         key = cache.key(settings, served, batch["user"], ids, params) if state.cache else None
         hit = state.cache.lookup(key) if key is not None else None
         if hit is not None:
             item = Running(batch, line, custom_id, prepared, None, None, served, key)
-            self.records.finish_line(batch["id"], line, True,
-                                     lines.answered(custom_id, prepared, hit, item.request_id, served.name))
+            self._finish(batch["id"], line, True,
+                         lines.answered(custom_id, prepared, hit, item.request_id, served.name))
             self._usage(item, 200, dataclasses.replace(Usage.of(hit), cached=True))
             return True
         limits = budget.Limits(budget.Limits.of(user, settings).daily_tokens, settings.max_batch_size)
@@ -161,11 +191,11 @@ class BatchRunner:
                                  settings.stream_deadline_s, fail_open=settings.ratelimit_fail_open,
                                  slots=BATCH_SLOTS)
         except StorageUnavailable:
-            self.records.release(batch["id"], line)
+            self.records.release(batch["id"], line, self.owner)
             return False
         except APIError as exc:  # over the daily budget (or the batch slots are full)
             if exc.code != "daily_token_quota_exceeded":
-                self.records.release(batch["id"], line)
+                self.records.release(batch["id"], line, self.owner)
                 return False
             self._fail(batch, line, custom_id, exc.status, exc.message, exc.code)
             return True
@@ -176,7 +206,7 @@ class BatchRunner:
             handle = served.engine.submit(request)
         except (QueueFull, NotReady):
             budget.release(state.counters, lease, 0)
-            self.records.release(batch["id"], line)
+            self.records.release(batch["id"], line, self.owner)
             return False
         self.running.append(Running(batch, line, custom_id, prepared, handle, lease, served, key))
         return True
@@ -195,20 +225,20 @@ class BatchRunner:
             budget.release(self.state.counters, item.lease, usage.total)
             if result is not None and result.finish_reason in ("stop", "length"):
                 status = 200
-                self.records.finish_line(item.batch["id"], item.line, True, lines.answered(
+                self._finish(item.batch["id"], item.line, True, lines.answered(
                     item.custom_id, item.prepared, result, item.request_id, item.served.name))
                 if item.key is not None:
                     self.state.cache.store(item.key, result)
             elif result is not None and result.finish_reason == "cancelled":
                 status = 499
-                self.records.finish_line(item.batch["id"], item.line, False, lines.refused(
+                self._finish(item.batch["id"], item.line, False, lines.refused(
                     item.custom_id, 499, "the batch was cancelled before this line was answered",
                     "batch_cancelled", item.request_id))
             else:
                 status = 500 if result is None else 504
                 message = "internal error" if result is None else \
                     f"the line passed the {self.state.settings.stream_deadline_s:g} s deadline"
-                self.records.finish_line(item.batch["id"], item.line, False, lines.refused(
+                self._finish(item.batch["id"], item.line, False, lines.refused(
                     item.custom_id, status, message, "internal_error" if result is None else "deadline_exceeded",
                     item.request_id))
             self._usage(item, status, usage)
@@ -229,9 +259,10 @@ class BatchRunner:
             ending = ("completed", "completed_at")
         if any(r.batch["id"] == batch_id for r in self.running):
             return False
-        if ending[0] == "completed" and self.records.unfinished(batch_id):
-            return False
-        self.records.finalize(batch_id, batch["user"], *ending)
+        if self.records.unfinished(batch_id, ("pending", "running") if ending[0] == "completed" else ("running",)):
+            return False  # lines still to answer, or (cancelled, expired) still running on another server
+        if not self.records.finalize(batch_id, batch["user"], *ending):
+            return False  # another server's runner ended it
         log.info("batch ended", extra={"fields": {"batch": batch_id, "user": batch["user"], "status": ending[0]}})
         return True
 
@@ -241,7 +272,13 @@ class BatchRunner:
                 item.handle.cancel()
 
     def _fail(self, batch, line, custom_id, status, message, code):
-        self.records.finish_line(batch["id"], line, False, lines.refused(custom_id, status, message, code))
+        self._finish(batch["id"], line, False, lines.refused(custom_id, status, message, code))
+
+    def _finish(self, batch_id, line, ok, result):
+        """Store a line's answer, unless its line was given to another runner (this one was thought gone)."""
+        if not self.records.finish_line(batch_id, line, ok, result, self.owner):
+            log.warning("a batch line finished here after another runner took it over; its answer is dropped",
+                        extra={"fields": {"batch": batch_id, "line": line}})
 
     def _usage(self, item, status, usage):
         try:
