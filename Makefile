@@ -8,7 +8,7 @@ DEMO   := var/demo-model
 # The CPU build of torch; an unpinned torch pulls a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: install system-deps runtime-deps run test test-quick test-gpu test-load bench bench-real clean wheel wheelhouse lint deploy-test deploy-test-vm
+.PHONY: install system-deps runtime-deps run test test-quick test-gpu test-load bench bench-real clean wheel wheelhouse lint deploy-test deploy-test-cluster deploy-test-vm
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -130,6 +130,11 @@ lint: install
 # ansible/site.yml; part of `make test` too.
 deploy-test: install system-deps
 	$(BIN)/python -m pytest tests/test_deploy.py
+
+# A cluster (balancer, two app servers, state host) as four systemd-nspawn
+# hosts on one private bridge, deployed by site.yml; part of `make test` too.
+deploy-test-cluster: install system-deps
+	$(BIN)/python -m pytest tests/test_deploy_cluster.py
 
 # The same scenario against a qemu VM with its own kernel. Software emulation
 # here (no usable KVM): about an hour, so not part of `make test`.

@@ -138,14 +138,39 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-class Host:
-    """One booted Debian 12 container: `ssh()`, `address`, `stop()`."""
+class Bridge:
+    """A private network for several test hosts: a bridge here holding `gateway`, hosts at `address(n)`."""
 
-    def __init__(self, workdir, hub_root=None):
+    def __init__(self):
+        self.name = f"vtb{os.getpid() % 100000}"
+        self.subnet = f"10.214.{16 + os.getpid() % 200}"
+        self.gateway = f"{self.subnet}.1"
+        for cmd in (f"ip link add {self.name} type bridge", f"ip addr add {self.gateway}/24 dev {self.name}",
+                    f"ip link set {self.name} up"):
+            subprocess.run(cmd.split(), check=True)
+
+    def address(self, number):
+        return f"{self.subnet}.{number}"
+
+    def remove(self):
+        subprocess.run(["ip", "link", "del", self.name], capture_output=True)
+
+
+class Host:
+    """One booted Debian 12 container: `ssh()`, `address`, `stop()`.
+
+    Alone, it has a /30 link to this machine; with `bridge` (and `number`), it is one host of a private
+    network that several hosts share."""
+
+    def __init__(self, workdir, hub_root=None, bridge=None, number=2, name="vibethinker-test"):
         self.workdir = Path(workdir)
-        self.tag = f"vtd{os.getpid() % 100000}"
-        subnet = 16 + os.getpid() % 200
-        self.gateway, self.address = f"10.213.{subnet}.1", f"10.213.{subnet}.2"
+        self.tag = f"vtd{os.getpid() % 100000}" + (f"n{number}" if bridge else "")
+        self.bridge, self.name = bridge, name
+        if bridge:
+            self.gateway, self.address = bridge.gateway, bridge.address(number)
+        else:
+            subnet = 16 + os.getpid() % 200
+            self.gateway, self.address = f"10.213.{subnet}.1", f"10.213.{subnet}.2"
         self.root = self.workdir / "rootfs"
         self.key = self.workdir / "id_ed25519"
         self.known_hosts = self.workdir / "known_hosts"
@@ -161,7 +186,7 @@ class Host:
         subprocess.run(["cp", "-a", "--reflink=auto", str(base_rootfs()), str(self.root)], check=True)
         trust_host_cas(self.root)
         authorize_new_key(self.root, self.key)
-        (self.root / "etc/hostname").write_text("vibethinker-test\n")
+        (self.root / "etc/hostname").write_text(f"{self.name}\n")
         self._network()
         self.proxy = MirrorProxy((self.gateway, 0), self.hub_root)
         self.proxy_url = self.proxy.url
@@ -190,12 +215,14 @@ class Host:
 
     def _network(self):
         outside, inside = f"{self.tag}h", f"{self.tag}c"
+        ours = f"ip link set {outside} master {self.bridge.name}" if self.bridge else \
+            f"ip addr add {self.gateway}/30 dev {outside}"
         for cmd in (f"ip netns add {self.netns}",
                     f"ip link add {outside} type veth peer name {inside}",
                     f"ip link set {inside} netns {self.netns}",
-                    f"ip addr add {self.gateway}/30 dev {outside}",
+                    ours,
                     f"ip link set {outside} up",
-                    f"ip -n {self.netns} addr add {self.address}/30 dev {inside}",
+                    f"ip -n {self.netns} addr add {self.address}/{24 if self.bridge else 30} dev {inside}",
                     f"ip -n {self.netns} link set {inside} up",
                     f"ip -n {self.netns} link set lo up"):
             subprocess.run(cmd.split(), check=True)
@@ -216,13 +243,16 @@ class Host:
 
     def inventory(self, path):
         """An Ansible inventory naming this host."""
-        path.write_text(
-            "[vibethinker]\n"
-            f"testhost ansible_host={self.address} ansible_port={self.ssh_port} ansible_user=root "
-            "ansible_python_interpreter=/usr/bin/python3 "
-            f"ansible_ssh_private_key_file={self.key} "
-            f"ansible_ssh_common_args='-o UserKnownHostsFile={self.known_hosts} -o StrictHostKeyChecking=accept-new'\n")
+        path.write_text("[vibethinker]\n" + self.inventory_line("testhost"))
         return path
+
+    def inventory_line(self, name):
+        """This host's line in an Ansible inventory, as `name`."""
+        return (f"{name} ansible_host={self.address} ansible_port={self.ssh_port} ansible_user=root "
+                "ansible_python_interpreter=/usr/bin/python3 "
+                f"ansible_ssh_private_key_file={self.key} "
+                f"ansible_ssh_common_args='-o UserKnownHostsFile={self.known_hosts} "
+                "-o StrictHostKeyChecking=accept-new'\n")
 
     def processes(self):
         """Pids of processes whose root directory is this host's."""

@@ -1,0 +1,273 @@
+"""`ansible-playbook ansible/site.yml` building a cluster (`make deploy-test-cluster`): a balancer, two app
+servers and a state host, each a Debian 12 host with systemd as PID 1 (systemd-nspawn) on one private bridge.
+
+The tests run in file order, as phases of one story: provision with one command (passwords from an
+ansible-vault file), provision again (nothing changes), the firewall between the parts, one token and one
+revocation across both app servers, limits exact across both, a key rotation reaching both, and one app
+server stopped under load while a batch job runs.
+"""
+
+import json
+import secrets
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import urllib3
+
+from conftest import ROOT, phase
+from deployhost import Bridge, Host, require_tools
+from test_deploy import SERVER_NAME, Api, build_wheel, changed_tasks, sha256, wait_ready
+
+pytestmark = [pytest.mark.slow, pytest.mark.deploy]
+
+BIN = sys.executable.rsplit("/", 1)[0]
+CLI = ("runuser -u vibethinker -- env VIBE_CONFIG=/etc/vibethinker/config.toml "
+       "/opt/vibethinker/venv/bin/vibethinker-admin")
+LAYOUT = {"vibethinker_lb": ["lb1"], "vibethinker_app": ["app1", "app2"], "vibethinker_state": ["state1"]}
+NUMBERS = {"lb1": 10, "app1": 11, "app2": 12, "state1": 20}
+PORT = 8000
+
+# Run on the balancer: each call (method, url, token, body) at once in its own thread; prints [[status, body]].
+CALLS = r"""
+import json, threading, urllib.error, urllib.request
+calls, out = json.loads(%r), {}
+def one(i, method, url, token, body):
+    request = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body else None,
+        headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            out[i] = [response.status, json.loads(response.read())]
+    except urllib.error.HTTPError as error:
+        out[i] = [error.code, json.loads(error.read() or b"null")]
+threads = [threading.Thread(target=one, args=(i, *call)) for i, call in enumerate(calls)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(json.dumps([out[i] for i in range(len(calls))]))
+"""
+
+
+def on_balancer(cluster, calls):
+    """Send `calls` [(method, app server name, path, token, body)] from the balancer straight to app servers,
+    all at once: [(status, body)] in order."""
+    spelled = [(method, f"http://{cluster['hosts'][name].address}:{PORT}{path}", token, body)
+               for method, name, path, token, body in calls]
+    result = cluster["hosts"]["lb1"].ssh("python3 -", input=CALLS % json.dumps(spelled), timeout=600)
+    return [tuple(item) for item in json.loads(result.stdout)]
+
+
+def cli(cluster, name, args):
+    return cluster["hosts"][name].ssh(f"{CLI} {args}").stdout.strip().splitlines()
+
+
+def playbook(cluster, variables, *extra):
+    """Run site.yml against the cluster: (recap counts summed over the hosts, full output)."""
+    work = cluster["work"]
+    (work / "vars.json").write_text(json.dumps(variables))
+    result = subprocess.run(
+        [f"{BIN}/ansible-playbook", "-i", work / "inventory.ini", ROOT / "ansible/site.yml",
+         "-e", f"@{work / 'vars.json'}", "-e", f"@{work / 'vault.yml'}", "--vault-password-file",
+         work / "vault-password", *extra],
+        capture_output=True, text=True, timeout=1800,
+        env={"PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "ANSIBLE_NOCOLOR": "1", "HOME": str(work),
+             "ANSIBLE_LOCAL_TEMP": str(work / "ansible-tmp"), "LANG": "C.UTF-8"})
+    recap = result.stdout.split("PLAY RECAP")[-1]
+    if result.returncode != 0 or "PLAY RECAP" not in result.stdout:
+        journals = "".join(f"--- {name} ---\n" + host.ssh("journalctl -u vibethinker -n 30 --no-pager",
+                                                           check=False).stdout
+                           for name, host in cluster["hosts"].items() if name.startswith("app"))
+        raise AssertionError(result.stdout[-8000:] + result.stderr[-2000:] + journals)
+    counts = {}
+    for line in recap.splitlines():
+        for key, value in (part.split("=") for part in line.split(":", 1)[-1].split() if "=" in part):
+            counts[key] = counts.get(key, 0) + int(value)
+    return counts, result.stdout
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tiny_model):
+    """Four booted hosts on one bridge, the builds, the vault, and the variables of the first deployment."""
+    work = tmp_path_factory.mktemp("cluster")
+    with phase("cluster: build the wheel and the offline wheelhouse"):
+        require_tools()
+        wheel = build_wheel(work / "build")
+        subprocess.run([sys.executable, ROOT / "ansible/build_wheelhouse.py", wheel, work / "wheelhouse"],
+                       check=True, capture_output=True)
+    bridge = Bridge()
+    hosts = {}
+    try:
+        with phase("cluster: boot four Debian 12 hosts on one bridge"):
+            for name, number in NUMBERS.items():
+                (work / name).mkdir()
+                hosts[name] = Host(work / name, bridge=bridge, number=number, name=name).boot()
+        inventory = "".join(f"[{group}]\n" + "".join(hosts[n].inventory_line(n) for n in names) + "\n"
+                            for group, names in LAYOUT.items())
+        (work / "inventory.ini").write_text(inventory)
+        (work / "vault-password").write_text(secrets.token_urlsafe(24))
+        (work / "vault.yml").write_text(f"vault_db_password: {secrets.token_urlsafe(24)}\n"
+                                        f"vault_redis_password: {secrets.token_urlsafe(24)}\n")
+        subprocess.run([f"{BIN}/ansible-vault", "encrypt", "--vault-password-file", work / "vault-password",
+                        work / "vault.yml"], check=True, capture_output=True, env={"HOME": str(work)})
+        variables = {
+            "app_wheel": str(wheel), "app_install_mode": "offline", "app_wheelhouse": str(work / "wheelhouse"),
+            "app_dtype": "float32", "app_model_name": "vibethinker-demo", "app_memory_max": "3G",
+            "app_settings": {"torch_threads": 1, "max_new_tokens_limit": 2048, "default_max_new_tokens": 32,
+                             "batch_lease_s": 10, "request_deadline_s": 120, "stream_deadline_s": 120},
+            "model_source": "local", "model_local_dir": str(tiny_model),
+            "model_sha256": {name: sha256(tiny_model / name) for name in ("config.json", "model.safetensors")},
+            "base_apt_proxy": hosts["lb1"].proxy_url, "nginx_server_name": SERVER_NAME,
+            "nginx_admin_allow": [bridge.gateway], "nginx_metrics_allow": [bridge.gateway],
+        }
+        yield {"hosts": hosts, "work": work, "vars": variables, "bridge": bridge}
+    finally:
+        with phase("cluster: tear the hosts down"):
+            left = {name: host.stop() for name, host in hosts.items()}
+            bridge.remove()
+        assert not any(left.values()), f"processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def provisioned(cluster):
+    """The first run of the playbook on the four fresh hosts."""
+    with phase("cluster: first run of site.yml (four fresh hosts)"):
+        counts, output = playbook(cluster, cluster["vars"])
+    assert counts["failed"] == 0 and counts["changed"] > 0
+    cert = cluster["work"] / "cert.pem"
+    cert.write_text(cluster["hosts"]["lb1"].ssh("cat /etc/ssl/vibethinker/cert.pem").stdout)
+    cluster["api"] = Api(cluster["hosts"]["lb1"], cert)
+    cluster["admin_token"] = cluster["hosts"]["app1"].ssh("cat /root/vibethinker-admin-token").stdout.strip()
+    cluster["first_output"] = output
+    return cluster
+
+
+def test_a_second_run_changes_nothing(provisioned):
+    with phase("cluster: second run of site.yml (idempotence)"):
+        counts, output = playbook(provisioned, provisioned["vars"])
+    assert counts["changed"] == 0 and counts["failed"] == 0, changed_tasks(output)
+
+
+def test_passwords_and_keys_never_show_and_each_part_is_where_it_belongs(provisioned):
+    hosts, output = provisioned["hosts"], provisioned["first_output"]
+    vault = subprocess.run([f"{BIN}/ansible-vault", "view", "--vault-password-file",
+                            provisioned["work"] / "vault-password", provisioned["work"] / "vault.yml"],
+                           capture_output=True, text=True, check=True, env={"HOME": str(provisioned["work"])})
+    for line in vault.stdout.splitlines():
+        assert line.split(": ")[1] not in output
+    key = hosts["app1"].ssh("cat /var/lib/vibethinker/keys/*.pem").stdout
+    assert "PRIVATE KEY" in key and key.split("\n")[1] not in output
+    assert hosts["app2"].ssh("cat /var/lib/vibethinker/keys/*.pem").stdout == key  # one key set
+    assert hosts["app1"].ssh("ls /var/lib/vibethinker").stdout.split().count("vibethinker.db") == 0  # PostgreSQL
+    for name in ("lb1", "state1"):
+        assert hosts[name].ssh("test -e /opt/vibethinker/venv", check=False).returncode != 0, name
+    assert hosts["app1"].ssh("systemctl is-enabled vibethinker-backup.timer", check=False).stdout.strip() == "enabled"
+    assert hosts["app2"].ssh("systemctl is-enabled vibethinker-backup.timer", check=False).stdout.strip() \
+        == "disabled"
+
+
+def test_the_firewall_lets_each_part_reach_only_what_it_needs(provisioned):
+    hosts = provisioned["hosts"]
+    for name, port in (("app1", PORT), ("app2", PORT), ("state1", 5432), ("state1", 6379)):
+        with pytest.raises((OSError, urllib3.exceptions.HTTPError)):  # from here (not a balancer): dropped
+            urllib3.PoolManager(retries=False).request("GET", f"http://{hosts[name].address}:{port}/", timeout=3)
+    [(status, body)] = on_balancer(provisioned, [("GET", "app2", "/readyz", "", None)])
+    assert status == 200 and body["status"] == "ready", body
+
+
+def test_a_token_and_its_revocation_hold_on_every_app_server(provisioned):
+    with phase("cluster: a token issued on app1, revoked on app2"):
+        cli(provisioned, "app1", "users add alice")
+        issued = cli(provisioned, "app1", "tokens issue alice --label cluster-test")
+        token, jti = issued[-1], issued[0].split()[2]
+        answers = on_balancer(provisioned, [("GET", name, "/v1/me", token, None) for name in ("app1", "app2")])
+        assert [status for status, _ in answers] == [200, 200], answers
+        status, answer = provisioned["api"].call("POST", "/v1/predict", token, {"question": "2+2?",
+                                                                              "max_new_tokens": 4})
+        assert status == 200 and answer["success"] is True, answer
+        cli(provisioned, "app2", f"tokens revoke {jti}")
+        answers = on_balancer(provisioned, [("GET", name, "/v1/me", token, None) for name in ("app1", "app2")])
+        assert [(status, body["error"]["code"]) for status, body in answers] == [(401, "token_revoked")] * 2
+
+
+def test_rate_limits_and_concurrency_caps_are_exact_across_app_servers(provisioned, long_question):
+    with phase("cluster: limits across both app servers"):
+        cli(provisioned, "app1", "users add bob --rate-limit 4/minute")
+        bob = cli(provisioned, "app2", "tokens issue bob")[-1]
+        calls = [("POST", "app1" if i % 2 else "app2", "/v1/predict", bob, {"question": "hi", "max_new_tokens": 1})
+                 for i in range(8)]
+        statuses = [status for status, _ in on_balancer(provisioned, calls)]
+        assert sorted(statuses) == [200] * 4 + [429] * 4, statuses
+        cli(provisioned, "app1", "users add carol --max-concurrent 2")
+        carol = cli(provisioned, "app1", "tokens issue carol")[-1]
+        long = {"question": long_question, "max_new_tokens": 1024, "temperature": 0}
+        answers = on_balancer(provisioned, [("POST", name, "/v1/predict", carol, long)
+                                            for name in ("app1", "app2", "app1", "app2")])
+        codes = sorted(body["error"]["code"] if status != 200 else "ok" for status, body in answers)
+        assert codes == ["concurrency_limit_exceeded"] * 2 + ["ok"] * 2, answers
+        cli(provisioned, "app2", "users add dave")
+        dave = cli(provisioned, "app2", "tokens issue dave")[-1]
+        short = {"question": "hi", "max_new_tokens": 1}
+        [(status, first)] = on_balancer(provisioned, [("POST", "app1", "/v1/predict", dave, short)])
+        cost = first["usage"]["total_tokens"]  # every such request costs the same
+        cli(provisioned, "app1", f"users set dave --daily-tokens {3 * cost}")  # room for two more today
+        answers = on_balancer(provisioned, [("POST", "app1" if i % 2 else "app2", "/v1/predict", dave, short)
+                                            for i in range(6)])
+        codes = sorted(body["error"]["code"] if status != 200 else "ok" for status, body in answers)
+    assert codes == ["daily_token_quota_exceeded"] * 4 + ["ok"] * 2, answers
+
+
+def test_a_key_rotation_reaches_every_app_server(provisioned):
+    hosts = provisioned["hosts"]
+    with phase("cluster: site.yml -e app_keys_rotate=true"):
+        counts, _ = playbook(provisioned, {**provisioned["vars"], "app_keys_rotate": True})
+    assert counts["failed"] == 0 and counts["changed"] > 0
+    keys = [json.loads(hosts[name].ssh(f"{CLI} --json keys list").stdout) for name in ("app1", "app2")]
+    assert keys[0] == keys[1] and len(keys[0]) == 2, keys
+    token = cli(provisioned, "app1", "tokens issue admin --scope generate")[-1]  # signed by the new key
+    answers = on_balancer(provisioned, [("GET", name, "/v1/me", token, None) for name in ("app1", "app2")])
+    assert [status for status, _ in answers] == [200, 200], answers
+
+
+def test_stopping_an_app_server_fails_only_its_requests_and_a_batch_still_completes(provisioned, long_question):
+    hosts, api = provisioned["hosts"], provisioned["api"]
+    cli(provisioned, "app1", "users add erin --max-concurrent 20 --rate-limit 1000/minute")
+    admin = cli(provisioned, "app1", "tokens issue erin")[-1]
+    lines = "".join(json.dumps({"custom_id": f"b{i}", "method": "POST", "url": "/v1/predict", "body": {
+        "question": long_question, "max_new_tokens": 256, "temperature": 0}}) + "\n" for i in range(12))
+    status, uploaded = api.upload(admin, "cluster.jsonl", lines.encode())
+    assert status == 200, uploaded
+    status, batch = api.call("POST", "/v1/batches", admin, {"input_file_id": uploaded["id"],
+                                                             "endpoint": "/v1/predict", "completion_window": "24h"})
+    assert status == 200, batch
+    results = []
+
+    def ask():
+        try:
+            results.append(api.call("POST", "/v1/predict", admin, {"question": long_question,
+                                                                   "max_new_tokens": 2048, "temperature": 0}))
+        except urllib3.exceptions.HTTPError as exc:  # noqa: PERF203 - a failure is a result here
+            results.append((0, repr(exc)))
+
+    with phase("cluster: app2 killed under load, a batch running"):
+        threads = [threading.Thread(target=ask) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        time.sleep(2)
+        hosts["app2"].ssh("systemctl kill --signal=SIGKILL vibethinker && systemctl stop vibethinker")
+        for thread in threads:
+            thread.join(300)
+        after = [api.call("POST", "/v1/predict", admin, {"question": "hi", "max_new_tokens": 2}) for _ in range(4)]
+        deadline = time.monotonic() + 300
+        while batch["status"] not in ("completed", "failed", "cancelled", "expired"):
+            assert time.monotonic() < deadline, batch
+            time.sleep(1)
+            batch = api.call("GET", f"/v1/batches/{batch['id']}", admin)[1]
+    kinds = sorted("ok" if status == 200 else body["error"]["code"] for status, body in results)
+    assert set(kinds) == {"ok", "bad_gateway"}, results  # app2's requests failed (JSON 502), app1's went on
+    assert [status for status, _ in after] == [200] * 4, after
+    assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 12, batch
+    output = [json.loads(line) for line in api.content(admin, batch["output_file_id"])[1].splitlines()]
+    assert sorted(o["custom_id"] for o in output) == sorted(f"b{i}" for i in range(12))  # each exactly once
+    hosts["app2"].ssh("systemctl start vibethinker")
+    wait_ready(api)
