@@ -73,12 +73,15 @@ def playbook(cluster, variables, *extra):
         capture_output=True, text=True, timeout=1800,
         env={"PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "ANSIBLE_NOCOLOR": "1", "HOME": str(work),
              "ANSIBLE_LOCAL_TEMP": str(work / "ansible-tmp"), "LANG": "C.UTF-8"})
+    runs = sorted(work.glob("playbook-*.log"))
+    (work / f"playbook-{len(runs) + 1}.log").write_text(result.stdout + result.stderr)
     recap = result.stdout.split("PLAY RECAP")[-1]
     if result.returncode != 0 or "PLAY RECAP" not in result.stdout:
-        journals = "".join(f"--- {name} ---\n" + host.ssh("journalctl -u vibethinker -n 30 --no-pager",
+        failures = "\n".join(line for line in result.stdout.splitlines() if line.startswith(("fatal:", "failed:")))
+        journals = "".join(f"--- {name} ---\n" + host.ssh("journalctl -p warning -n 30 --no-pager",
                                                            check=False).stdout
-                           for name, host in cluster["hosts"].items() if name.startswith("app"))
-        raise AssertionError(result.stdout[-8000:] + result.stderr[-2000:] + journals)
+                           for name, host in cluster["hosts"].items())
+        raise AssertionError(failures[-6000:] + "\n" + result.stdout[-3000:] + result.stderr[-2000:] + journals)
     counts = {}
     for line in recap.splitlines():
         for key, value in (part.split("=") for part in line.split(":", 1)[-1].split() if "=" in part):
@@ -192,12 +195,13 @@ def test_a_token_and_its_revocation_hold_on_every_app_server(provisioned):
 
 def test_rate_limits_and_concurrency_caps_are_exact_across_app_servers(provisioned, long_question):
     with phase("cluster: limits across both app servers"):
-        cli(provisioned, "app1", "users add bob --rate-limit 4/minute")
+        cli(provisioned, "app1", "users add bob --rate-limit 4/minute --max-concurrent 20")
         bob = cli(provisioned, "app2", "tokens issue bob")[-1]
         calls = [("POST", "app1" if i % 2 else "app2", "/v1/predict", bob, {"question": "hi", "max_new_tokens": 1})
                  for i in range(8)]
-        statuses = [status for status, _ in on_balancer(provisioned, calls)]
-        assert sorted(statuses) == [200] * 4 + [429] * 4, statuses
+        codes = sorted(body["error"]["code"] if status != 200 else "ok"
+                       for status, body in on_balancer(provisioned, calls))
+        assert codes == ["ok"] * 4 + ["rate_limit_exceeded"] * 4, codes
         cli(provisioned, "app1", "users add carol --max-concurrent 2")
         carol = cli(provisioned, "app1", "tokens issue carol")[-1]
         long = {"question": long_question, "max_new_tokens": 1024, "temperature": 0}
@@ -205,7 +209,7 @@ def test_rate_limits_and_concurrency_caps_are_exact_across_app_servers(provision
                                             for name in ("app1", "app2", "app1", "app2")])
         codes = sorted(body["error"]["code"] if status != 200 else "ok" for status, body in answers)
         assert codes == ["concurrency_limit_exceeded"] * 2 + ["ok"] * 2, answers
-        cli(provisioned, "app2", "users add dave")
+        cli(provisioned, "app2", "users add dave --max-concurrent 20")
         dave = cli(provisioned, "app2", "tokens issue dave")[-1]
         short = {"question": "hi", "max_new_tokens": 1}
         [(status, first)] = on_balancer(provisioned, [("POST", "app1", "/v1/predict", dave, short)])
