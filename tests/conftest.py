@@ -97,8 +97,8 @@ def admin_cli(env, *args, check=True):
 
 def state_env(state_dir, **extra):
     """Settings for a fresh database and key folder under `state_dir`."""
-    return clean_env(VIBE_DB_URL=f"sqlite:///{state_dir}/vibethinker.db", VIBE_JWT_KEY_DIR=state_dir / "keys",
-                     VIBE_FILES_DIR=state_dir / "files", **extra)
+    return clean_env(**{"VIBE_DB_URL": f"sqlite:///{state_dir}/vibethinker.db", "VIBE_JWT_KEY_DIR": state_dir / "keys",
+                        "VIBE_FILES_DIR": state_dir / "files", **extra})
 
 
 def provision(env):
