@@ -75,8 +75,10 @@ run: install runtime-deps
 	@if [ -z "$$VIBE_MODEL_PATH$$VIBE_CONFIG" ]; then export VIBE_MODEL_PATH="$(CURDIR)/$(DEMO)"; fi; \
 	  exec $(BIN)/gunicorn -c service/gunicorn_conf.py "service.app:create_app()"
 
+# Everything but the four-host cluster deployment (make deploy-test-cluster),
+# whose loopback form (tests/test_cluster_http.py) is in.
 test: install system-deps
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not cluster"
 
 # For quick loops: everything but the slow tests.
 test-quick: install
@@ -132,7 +134,8 @@ deploy-test: install system-deps
 	$(BIN)/python -m pytest tests/test_deploy.py
 
 # A cluster (balancer, two app servers, state host) as four systemd-nspawn
-# hosts on one private bridge, deployed by site.yml; part of `make test` too.
+# hosts on one private bridge, deployed by site.yml: about 15 minutes, which
+# `make test` (about 35 already) leaves to this target.
 deploy-test-cluster: install system-deps
 	$(BIN)/python -m pytest tests/test_deploy_cluster.py
 

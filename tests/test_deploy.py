@@ -48,6 +48,14 @@ def build_wheel(out, version=None):
     return next((out / "dist").glob("vibethinker_service-*.whl"))
 
 
+def build_release(work):
+    """The project wheel and an offline wheelhouse of everything it needs, under `work`."""
+    wheel = build_wheel(work / "build1")
+    subprocess.run([sys.executable, ROOT / "ansible/build_wheelhouse.py", wheel, work / "wheelhouse"], check=True,
+                   capture_output=True)
+    return wheel, work / "wheelhouse"
+
+
 def sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -111,10 +119,7 @@ def deployment(tmp_path_factory, tiny_model):
     work = tmp_path_factory.mktemp("deploy")
     with phase("deploy: build the wheel and the offline wheelhouse"):
         require_tools()
-        wheel = build_wheel(work / "build1")
-        wheelhouse = work / "wheelhouse"
-        subprocess.run([sys.executable, ROOT / "ansible/build_wheelhouse.py", wheel, wheelhouse], check=True,
-                       capture_output=True)
+        wheel, wheelhouse = build_release(work)
     hub = work / "hub"
     shutil.copytree(tiny_model, hub / "local/tiny/r1")
     host = make_host(work / "host", hub_root=hub)

@@ -19,9 +19,9 @@ import urllib3
 
 from conftest import ROOT, phase
 from deployhost import Bridge, Host, require_tools
-from test_deploy import SERVER_NAME, Api, build_wheel, changed_tasks, sha256, wait_ready
+from test_deploy import SERVER_NAME, Api, build_release, changed_tasks, sha256, wait_ready
 
-pytestmark = [pytest.mark.slow, pytest.mark.deploy]
+pytestmark = [pytest.mark.slow, pytest.mark.deploy, pytest.mark.cluster]
 
 BIN = sys.executable.rsplit("/", 1)[0]
 CLI = ("runuser -u vibethinker -- env VIBE_CONFIG=/etc/vibethinker/config.toml "
@@ -95,9 +95,7 @@ def cluster(tmp_path_factory, tiny_model):
     work = tmp_path_factory.mktemp("cluster")
     with phase("cluster: build the wheel and the offline wheelhouse"):
         require_tools()
-        wheel = build_wheel(work / "build")
-        subprocess.run([sys.executable, ROOT / "ansible/build_wheelhouse.py", wheel, work / "wheelhouse"],
-                       check=True, capture_output=True)
+        wheel, wheelhouse = build_release(work)
     bridge = Bridge()
     hosts = {}
     try:
@@ -114,7 +112,7 @@ def cluster(tmp_path_factory, tiny_model):
         subprocess.run([f"{BIN}/ansible-vault", "encrypt", "--vault-password-file", work / "vault-password",
                         work / "vault.yml"], check=True, capture_output=True, env={"HOME": str(work)})
         variables = {
-            "app_wheel": str(wheel), "app_install_mode": "offline", "app_wheelhouse": str(work / "wheelhouse"),
+            "app_wheel": str(wheel), "app_install_mode": "offline", "app_wheelhouse": str(wheelhouse),
             "app_dtype": "float32", "app_model_name": "vibethinker-demo", "app_memory_max": "3G",
             "app_settings": {"torch_threads": 1, "max_new_tokens_limit": 2048, "default_max_new_tokens": 32,
                              "batch_lease_s": 10, "request_deadline_s": 300, "stream_deadline_s": 300},
