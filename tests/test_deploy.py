@@ -91,7 +91,7 @@ class Api:
         context = ssl.create_default_context(cafile=str(cafile))
         self.pool = urllib3.HTTPSConnectionPool(host.address, host.https_port, server_hostname=SERVER_NAME,
                                                 assert_hostname=SERVER_NAME, ssl_context=context, retries=False,
-                                                timeout=60)
+                                                timeout=60, maxsize=8)
 
     def upload(self, token, name, data):
         """POST /v1/files, a batch input file as multipart."""
