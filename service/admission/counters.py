@@ -97,6 +97,12 @@ def ledger_name(master_pid=None, worker_pid=None, host=None):
             f"{worker_pid or os.getpid()}")
 
 
+def ledger_parts(name):
+    """(host, master pid, worker pid) of a ledger name that ledger_name made."""
+    host, master, worker = name.split(":", 1)[1].rsplit(":", 2)
+    return host, int(master), int(worker)
+
+
 def reclaim_worker(uri, worker_pid, warn=log.warning):
     """gunicorn's child_exit: give back what the dead worker `worker_pid` (of this master) held."""
     if uri.startswith("memory://"):
@@ -118,7 +124,7 @@ def reclaim_orphans(uri, warn=log.warning):
         counters = RedisCounters(uri)
         count = 0
         for name in counters.ledgers(socket.gethostname()):
-            master = int(name.split(":")[2])
+            master = ledger_parts(name)[1]
             if master != os.getpid() and not alive(master):
                 count += counters.reclaim(name)
         return count

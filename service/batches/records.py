@@ -8,7 +8,7 @@ row per input line: `pending`, `running` (handed to an engine by one batch
 runner, its `owner`), then `done` or `failed` with its output line. A line
 is marked `running` only if it is still pending, in one statement, so two
 runners never take the same line; only its owner may finish it. A runner
-that starts sets the running lines of earlier runners on its host back to
+that starts sets the running lines of dead runners on its host back to
 pending, and any runner does the same for an owner that stopped beating
 (service.batches.runner): a crash repeats only the lines it was computing,
 never a finished one.
@@ -72,22 +72,19 @@ class BatchRecords:
         row = dict(id=file_id, user=user, purpose=purpose, filename=filename[:255] or "upload.jsonl", bytes=size,
                    created_at=now())
         with self.engine.begin() as conn:
-            seq = 0
             for seq, piece in enumerate(chunks):
                 conn.execute(file_chunks.insert().values(file_id=file_id, seq=seq, data=piece))
-            if not seq and not size:  # an empty file still has its first piece: it is in the database
+            if not size:  # an empty file still has its first piece: it is in the database
                 conn.execute(file_chunks.insert().values(file_id=file_id, seq=0, data=b""))
             conn.execute(files.insert().values(**row))
         return _file_json(row)
 
     def open(self, file_id):
         """The bytes of file `file_id` (looked up already) as a binary file object, read a piece at a time."""
-        with self.engine.connect() as conn:
-            stored = conn.execute(sa.select(file_chunks.c.seq).where(file_chunks.c.file_id == file_id,
-                                                                     file_chunks.c.seq == 0)).first()
-        if stored is None:  # written before files moved into the database
+        first = _piece(self.engine, file_id, 0)
+        if first is None:  # written before files moved into the database
             return open(os.path.join(self.dir, file_id), "rb")
-        return io.BufferedReader(_Chunks(self.engine, file_id), CHUNK)
+        return io.BufferedReader(_Chunks(self.engine, file_id, first), CHUNK)
 
     def get_file(self, file_id, user, admin):
         with self.engine.connect() as conn:
@@ -311,23 +308,30 @@ def _batch_json(row, counts):
     return body
 
 
-class _Chunks(io.RawIOBase):
-    """A stored file's pieces as a raw stream: one query per piece, so memory stays at one piece."""
+def _piece(engine, file_id, seq):
+    """Piece `seq` of a stored file, or None past its last one (or for a file not in the database)."""
+    with engine.connect() as conn:
+        data = conn.execute(sa.select(file_chunks.c.data).where(file_chunks.c.file_id == file_id,
+                                                                file_chunks.c.seq == seq)).scalar()
+    return None if data is None else bytes(data)
 
-    def __init__(self, engine, file_id):
-        self.engine, self.file_id, self.seq, self.piece = engine, file_id, 0, memoryview(b"")
+
+class _Chunks(io.RawIOBase):
+    """A stored file's pieces as a raw stream, from its `first` piece (already read): one query per piece,
+    so memory stays at one piece."""
+
+    def __init__(self, engine, file_id, first):
+        self.engine, self.file_id, self.seq, self.piece = engine, file_id, 1, memoryview(first)
 
     def readable(self):
         return True
 
     def readinto(self, buffer):
         while not self.piece:
-            with self.engine.connect() as conn:
-                data = conn.execute(sa.select(file_chunks.c.data).where(
-                    file_chunks.c.file_id == self.file_id, file_chunks.c.seq == self.seq)).scalar()
+            data = _piece(self.engine, self.file_id, self.seq)
             if data is None:
                 return 0
-            self.piece, self.seq = memoryview(bytes(data)), self.seq + 1
+            self.piece, self.seq = memoryview(data), self.seq + 1
         count = min(len(buffer), len(self.piece))
         buffer[:count] = self.piece[:count]
         self.piece = self.piece[count:]

@@ -26,7 +26,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 from service.admission import budget
-from service.admission.counters import StorageUnavailable, alive, ledger_name
+from service.admission.counters import StorageUnavailable, alive, ledger_name, ledger_parts
 from service.api import cache
 from service.batches import lines
 from service.errors import APIError
@@ -123,8 +123,8 @@ class BatchRunner:
             if owner is None:
                 count += self.records.reclaim(None)
                 continue
-            host, _, worker = owner.split(":", 1)[1].rsplit(":", 2)
-            if host == socket.gethostname() and not alive(int(worker)):
+            host, _, worker = ledger_parts(owner)
+            if host == socket.gethostname() and not alive(worker):
                 count += self.records.reclaim(owner)
         return count
 
