@@ -103,12 +103,13 @@ def test_killing_one_server_fails_only_its_requests_and_its_batch_lines_run_on_t
                        data={"purpose": "batch"}).json()
     batch = through(cluster, "POST", "/v1/batches", token, json={
         "input_file_id": uploaded["id"], "endpoint": "/v1/predict", "completion_window": "24h"}).json()
-    results = []
+    results, killed = [], threading.Event()
 
-    def ask():
-        answer = through(cluster, "POST", "/v1/predict", token,
-                         json={"question": long_question, "temperature": 0})  # sized by the server: never a 400
-        results.append((answer.status_code, answer.json()))
+    def ask():  # asks again and again until the server is dead, so requests are in flight on it whatever the speed
+        while not killed.is_set():
+            answer = through(cluster, "POST", "/v1/predict", token,
+                             json={"question": long_question, "temperature": 0})  # sized by the server: never a 400
+            results.append((answer.status_code, answer.json()))
 
     store = Store(first.env["VIBE_DB_URL"], upgrade=False)
     try:
@@ -125,6 +126,7 @@ def test_killing_one_server_fails_only_its_requests_and_its_batch_lines_run_on_t
         for process in [victim, *victim.children(recursive=True)]:
             process.kill()
         second.proc.wait(10)
+        killed.set()
         for thread in threads:
             thread.join(300)
         kinds = sorted("ok" if status == 200 else body["error"]["code"] for status, body in results)
