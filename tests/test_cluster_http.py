@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from auth.schema import batch_lines
 from auth.store import Store
 from tests.conftest import Server, free_port
 from tests.databases import Redis
+from tests.test_faults import Load
 from tests.test_nginx import Nginx, make_certificate, render
 
 pytestmark = pytest.mark.slow  # two servers, nginx, PostgreSQL and Redis
@@ -103,13 +103,9 @@ def test_killing_one_server_fails_only_its_requests_and_its_batch_lines_run_on_t
                        data={"purpose": "batch"}).json()
     batch = through(cluster, "POST", "/v1/batches", token, json={
         "input_file_id": uploaded["id"], "endpoint": "/v1/predict", "completion_window": "24h"}).json()
-    results, killed = [], threading.Event()
 
-    def ask():  # asks again and again until the server is dead, so requests are in flight on it whatever the speed
-        while not killed.is_set():
-            answer = through(cluster, "POST", "/v1/predict", token,
-                             json={"question": long_question, "temperature": 0})  # sized by the server: never a 400
-            results.append((answer.status_code, answer.json()))
+    def ask(_session, _request_id):  # sized by the server: never a 400
+        return through(cluster, "POST", "/v1/predict", token, json={"question": long_question, "temperature": 0})
 
     store = Store(first.env["VIBE_DB_URL"], upgrade=False)
     try:
@@ -118,19 +114,16 @@ def test_killing_one_server_fails_only_its_requests_and_its_batch_lines_run_on_t
                       for o in _owners(store, batch["id"])):  # the second server holds some of the lines
             assert time.monotonic() < deadline, "the second server never took a batch line"
             time.sleep(0.05)
-        threads = [threading.Thread(target=ask) for _ in range(6)]
-        for thread in threads:
-            thread.start()
-        time.sleep(1.5)
-        victim = psutil.Process(second.proc.pid)
-        for process in [victim, *victim.children(recursive=True)]:
-            process.kill()
-        second.proc.wait(10)
-        killed.set()
-        for thread in threads:
-            thread.join(300)
-        kinds = sorted("ok" if status == 200 else body["error"]["code"] for status, body in results)
-        assert set(kinds) == {"ok", "bad_gateway"}, results  # the killed server's requests failed, as JSON
+        # Clients that ask again and again until the server is dead: requests are in flight on it whatever the speed.
+        with Load(6, ask) as load:
+            time.sleep(1.5)
+            victim = psutil.Process(second.proc.pid)
+            for process in [victim, *victim.children(recursive=True)]:
+                process.kill()
+            second.proc.wait(10)
+        kinds = sorted("ok" if status == 200 else json.loads(text)["error"]["code"] if status else text
+                       for _, status, text, *_ in load.outcomes)
+        assert set(kinds) == {"ok", "bad_gateway"}, load.outcomes  # the killed server's requests failed, as JSON
         after = [through(cluster, "POST", "/v1/predict", token, json={"question": "hi", "max_new_tokens": 2})
                  for _ in range(4)]
         assert [a.status_code for a in after] == [200] * 4, [a.text for a in after]
