@@ -139,14 +139,14 @@ def usage_list(args, settings):
 def cache_purge(args, settings):
     from service.api import cache
 
-    if settings.ratelimit_storage_uri.startswith("memory://"):
+    if cache.storage_uri(settings).startswith("memory://"):
         raise SettingsError("the cache lives inside the service process (memory:// storage): use "
                             "POST /admin/cache/purge, or restart the service")
     store = _store(settings)
     if args.user is not None:
         store.get_user(args.user)  # an unknown user is an error, not "0 purged"
     model = cache.served_name(settings, args.model)
-    count = cache.purge(cache.Cache(cache.RedisAnswers(settings.ratelimit_storage_uri), 1, 1), store, args.user,
+    count = cache.purge(cache.Cache(cache.RedisAnswers(cache.storage_uri(settings)), 1, 1), store, args.user,
                         model, **_who())
     _emit(args, {"purged": count}, f"purged {count} cached answer(s)")
 

@@ -155,6 +155,11 @@ class Settings(BaseSettings):
     cache_ttl_s: float = Field(86400.0, gt=0.0, le=90 * 86400.0, description="How long a cached answer lives.")
     cache_max_entry_bytes: int = Field(
         262144, ge=256, le=16 * 1024 * 1024, description="Largest answer cached, in bytes of its stored form.")
+    cache_storage_uri: str | None = Field(
+        None, min_length=1, description="Where cached answers live: in production a Redis instance of their "
+        "own that evicts (maxmemory-policy allkeys-lru), so a full cache never refuses a counter's write. Unset: "
+        "the counter storage (ratelimit_storage_uri; for development, with a warning at start).",
+    )
 
     # --- state and tokens ---
     db_url: str = Field(
@@ -277,10 +282,10 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a rate limit such as '60/minute;2000/day'")
         return value
 
-    @field_validator("ratelimit_storage_uri")
+    @field_validator("ratelimit_storage_uri", "cache_storage_uri")
     @classmethod
     def _check_storage(cls, value):
-        if not value.startswith(("memory://", "redis://", "rediss://", "redis+unix://", "unix://")):
+        if value is not None and not value.startswith(("memory://", "redis://", "rediss://", "redis+unix://", "unix://")):
             raise ValueError("use memory://, redis://HOST:PORT or redis+unix:///path/to/redis.sock")
         return value
 

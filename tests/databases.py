@@ -67,10 +67,10 @@ class Postgres:
 class Redis:
     """A real redis-server on a unix socket only (no TCP), stoppable and restartable on the same socket."""
 
-    def __init__(self, base):
+    def __init__(self, base, *options):
         self.base = Path(base)
         self.sock = self.base / "redis.sock"
-        self.proc = None
+        self.proc, self.options = None, options
 
     @property
     def uri(self):
@@ -79,7 +79,7 @@ class Redis:
     def start(self):
         if not shutil.which("redis-server"):
             pytest.fail("redis-server is missing: `make test` installs Debian's redis-server as root")
-        self.proc, _ = start_redis(self.base)  # the benchmarks' own: one redis-server command line
+        self.proc, _ = start_redis(self.base, *self.options)  # the benchmarks' own: one redis-server command line
         return self
 
     def stop(self):

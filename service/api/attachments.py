@@ -40,6 +40,36 @@ def allow_document_body():
     request.max_content_length = state().settings.document_body_bytes
 
 
+def check_chat_body(size, data):
+    """APIError 413 when a chat body of `size` bytes holds more than max_body_bytes beside its documents' data
+    URLs: the document allowance is for documents. Runs on the decoded JSON, before validation and before any
+    per-character cleaning or policy, so a large text-only body costs a parse, not seconds of a thread."""
+    limit = state().settings.max_body_bytes
+    if size <= limit:
+        return
+    beside = size - _data_url_chars(data)
+    if beside > limit:
+        what = "without an image or file part" if beside == size else "beside its documents' data URLs"
+        raise APIError(413, f"a chat body holds at most {limit} bytes {what}; this one holds {beside}",
+                       "body_too_large")
+
+
+def _data_url_chars(data):
+    """The characters of the image and file data URLs in a decoded chat body (any shape: it is not checked
+    yet)."""
+    total = 0
+    messages = data.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else ():
+            inner = part.get(part.get("type")) if isinstance(part, dict) and part.get("type") in (
+                "image_url", "file") else None
+            url = inner.get("url" if part["type"] == "image_url" else "file_data") if isinstance(inner, dict) \
+                else None
+            total += len(url) if isinstance(url, str) else 0
+    return total
+
+
 def read(data, media_type, where):
     """The text of one document of this request; APIError 400/413/415/422/503/504 saying what is wrong."""
     settings, record = state().settings, accounting.current()
@@ -106,6 +136,10 @@ def from_form():
         hint = " (a file goes in the field named file)" if name in files else ""
         raise APIError(400, f"unknown field {name!r}{hint}; allowed fields: {', '.join(FORM_FIELDS)}, file",
                        "unknown_field", name)
+    text = sum(len(value) for values in form.listvalues() for value in values)
+    if text > settings.max_body_bytes:  # the document allowance is for the file
+        raise APIError(413, f"the form's fields beside its file hold {text} characters; the limit is "
+                       f"{settings.max_body_bytes}", "body_too_large")
     body = {}
     for name in FORM_FIELDS:
         values = form.getlist(name)

@@ -12,9 +12,12 @@ the model (`stop`) or at the asked length, never one the server cut
 (deadline, sizing), cancelled or failed, and none over
 `cache_max_entry_bytes`.
 
-Entries live in the counter storage (Redis) with a TTL; with `memory://`
-(dev) in this process. Storage that does not answer means no cache: a
-lookup misses and a store is skipped, and the request goes on.
+Entries live in a Redis of their own (`cache_storage_uri`, which evicts the
+least recently used when full) with a TTL, apart from the counters: a full
+cache must never refuse a counter's write. Without that setting they share
+the counter storage (dev; a warning at start); with `memory://` they live
+in this process. Storage that does not answer or refuses a write means no
+cache: a lookup misses, a store is skipped, and the request goes on.
 """
 
 import hashlib
@@ -199,10 +202,19 @@ class CacheUnavailable(Exception):
     """The cache storage did not answer a purge."""
 
 
+def storage_uri(settings):
+    """Where the cached answers live: their own storage, else (dev) the counters'."""
+    return settings.cache_storage_uri or settings.ratelimit_storage_uri
+
+
 def open_cache(settings):
     """The app's cache, or None when the cache is off."""
     if settings.cache == "off":
         return None
-    uri = settings.ratelimit_storage_uri
+    uri = storage_uri(settings)
+    if settings.cache_storage_uri is None and not uri.startswith("memory://"):
+        log.warning("the response cache shares the counters' Redis (cache_storage_uri is unset): a full cache "
+                    "there refuses the counters' writes and every request; give the cache a Redis of its own "
+                    "with maxmemory-policy allkeys-lru")
     storage = MemoryAnswers() if uri.startswith("memory://") else RedisAnswers(uri)
     return Cache(storage, settings.cache_ttl_s, settings.cache_max_entry_bytes)

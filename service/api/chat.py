@@ -29,8 +29,8 @@ MAX_STOPS, MAX_STOP_CHARS = 4, 64
 @bp.post("/v1/chat/completions")
 def chat_completions():
     """Answer a conversation, whole or as a stream."""
-    attachments.allow_document_body()
-    body = read(ChatRequest)
+    attachments.allow_document_body()  # read up to the document allowance, then held to it only with documents
+    body = read(ChatRequest, attachments.check_chat_body)
     job = prepare(body)
     record = accounting.current()
     record.model, record.hint = job.served.name, job.hint

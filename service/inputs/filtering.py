@@ -44,6 +44,9 @@ from service.errors import APIError
 log = logging.getLogger("vibethinker.filtering")
 ALLOWED_CONTROLS = {"\t", "\n", "\r"}
 LINE_ENDS = re.compile(r"\r\n?")
+# NFKC composes at most this many code points into one (a letter and three marks, as U+1FAF), so a text
+# longer than this many times a limit is over it however it normalises.
+NFKC_MOST_COMPOSED = 4
 WHITESPACE = re.compile(r"\s+")
 # Characters that render as nothing (or only change their neighbour's look): dropped before matching.
 INVISIBLE_RANGES = ((0xFE00, 0xFE0F), (0xE0100, 0xE01EF), (0x034F, 0x034F), (0x115F, 0x1160), (0x3164, 0x3164))
@@ -61,6 +64,8 @@ class Rule:
 
 def clean_text(name, value, max_chars, allow_empty=False):
     """The NFKC-normalised text, or APIError 400 saying what is wrong with it."""
+    if len(value) > max_chars * NFKC_MOST_COMPOSED:  # hopeless however it normalises: before the per-char work
+        raise APIError(400, f"{name} is {len(value)} characters; the limit is {max_chars}", "too_long", name)
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

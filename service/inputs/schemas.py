@@ -105,9 +105,14 @@ class ChatRequest(StrictModel):
     stream_options: StreamOptions | None = None
 
 
-def read(model):
-    """This request's JSON body as `model`: APIError 413/415/400 saying what is wrong."""
-    return parse(model, decode_body(read_body(), request.is_json))
+def read(model, check_size=None):
+    """This request's JSON body as `model`: APIError 413/415/400 saying what is wrong. `check_size(bytes,
+    data)` sees the decoded body before it is validated (a route's own 413 rule)."""
+    raw = read_body()
+    data = decode_body(raw, request.is_json)
+    if check_size is not None:
+        check_size(len(raw), data)
+    return parse(model, data)
 
 
 def read_body():
