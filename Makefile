@@ -102,6 +102,7 @@ bench: install
 	$(BIN)/python bench/prefill.py
 	$(BIN)/python bench/cache.py
 	$(BIN)/python bench/documents.py
+	$(BIN)/python bench/slowclients.py
 
 # Real size against llama.cpp (bench/realsize.py): builds llama.cpp under var/llama once (cmake and g++;
 # minutes) and the 3.1 GB random-weight model under var/bench-model; then about 15 minutes.

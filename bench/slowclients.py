@@ -1,0 +1,90 @@
+"""What slow clients cost the others: p99 of /healthz and /v1/me through nginx, without and with slow bodies.
+
+    python bench/slowclients.py [--slow 100] [--seconds 8]
+
+Starts real Redis, gunicorn (tiny demo model, default threads) and nginx
+(the project's template, a certificate made here), then, side by side in one
+run, times a client asking /healthz and an authenticated /v1/me in turn:
+first alone, then while `--slow` connections from 50 loopback addresses
+(half without a token, half with one; uploads and chat bodies) each send
+their headers and then one body byte every 2 s. Prints one JSON line; the
+ratio of the two p99s is the figure to compare across machines.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+from harness import ROOT, SlowBodies, build_demo_model, free_port, p99, start_redis, start_service, stop_all
+
+sys.path.insert(0, str(ROOT))
+from tests.test_nginx import Nginx, make_certificate, render  # noqa: E402 - the tests' own nginx set-up
+
+
+def probe(base, cert, token, seconds):
+    """Durations of /healthz and /v1/me, in turn, for `seconds`, on one kept-alive connection."""
+    durations, stop = [], time.monotonic() + seconds
+    with requests.Session() as session:
+        while time.monotonic() < stop:
+            for path, headers in (("/healthz", {}), ("/v1/me", {"Authorization": f"Bearer {token}"})):
+                started = time.monotonic()
+                answer = session.get(base + path, headers=headers, verify=cert, timeout=30)
+                durations.append(time.monotonic() - started)
+                assert answer.status_code == 200, answer.text
+    return durations
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--slow", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="vibethinker-bench-"))
+    work.chmod(0o755)
+    procs, nginx = [], None
+    try:
+        model_dir = build_demo_model(work / "model")
+        redis, storage = start_redis(work)
+        procs.append(redis)
+        port = free_port()
+        proc, auth = start_service(work, model_dir, port, [], VIBE_RATELIMIT_STORAGE_URI=storage,
+                                   VIBE_PROXY_FIX_HOPS="1", VIBE_TORCH_THREADS="1")
+        procs.append(proc)
+        token = auth["Authorization"].removeprefix("Bearer ")
+        cert, key = make_certificate(work)
+        https_port = free_port()
+        nginx = Nginx(work, render(server_name="localhost", http_port=free_port(), https_port=https_port,
+                                   listen_address="127.0.0.1", app_servers=[f"127.0.0.1:{port}"], cert_path=cert,
+                                   key_path=key, max_body_bytes=65536, proxy_read_timeout_s=90,
+                                   req_rate="1000r/s", req_burst=1000, conn_limit=20,
+                                   metrics_allow=["127.0.0.1"], admin_allow=["127.0.0.1"]),
+                      connections=4 * args.slow + 64).start()
+        base = f"https://localhost:{https_port}"
+        alone = probe(base, str(cert), token, args.seconds)
+        multipart = {"Content-Type": "multipart/form-data; boundary=b"}
+        kinds = [("/v1/files", multipart), ("/v1/files", {**multipart, **auth}),
+                 ("/v1/chat/completions", {"Content-Type": "application/json"}),
+                 ("/v1/chat/completions", {"Content-Type": "application/json", **auth})]
+        slow = SlowBodies(https_port, kinds, args.slow, declared=60_000).open()
+        try:
+            time.sleep(3)
+            loaded = probe(base, str(cert), token, args.seconds)
+            held = slow.alive
+        finally:
+            slow.close()
+        figures = {"p99_ms_alone": round(p99(alone) * 1000, 1), "p99_ms_with_slow": round(p99(loaded) * 1000, 1),
+                   "requests_alone": len(alone), "requests_with_slow": len(loaded), "slow_held": held}
+        figures["p99_ratio"] = round(figures["p99_ms_with_slow"] / figures["p99_ms_alone"], 2)
+        print(json.dumps({"bench": "slowclients", "slow": args.slow, "seconds": args.seconds, **figures}))
+    finally:
+        if nginx is not None:
+            nginx.stop()
+        stop_all(procs, work)
+
+
+if __name__ == "__main__":
+    main()
