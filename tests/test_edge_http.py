@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import ssl
 import statistics
@@ -44,13 +45,13 @@ def edge(start_server, tmp_path_factory):
     app = start_server(VIBE_BIND=f"unix:{sock}", VIBE_PROXY_FIX_HOPS=1, VIBE_RATELIMIT_STORAGE_URI=counters.uri,
                        VIBE_CACHE="user", VIBE_CACHE_STORAGE_URI=cache.uri)
     cert, key = make_certificate(folder)
-    https_port = free_port()
-    site = render(server_name="localhost", http_port=free_port(), https_port=https_port, listen_address="127.0.0.1",
+    https_port, http_port = free_port(), free_port()
+    site = render(server_name="localhost", http_port=http_port, https_port=https_port, listen_address="127.0.0.1",
                   socket_path=sock, cert_path=cert, key_path=key, max_body_bytes=65536,
                   document_body_bytes=app_settings_document_body(), proxy_read_timeout_s=90, req_rate="1000r/s",
                   req_burst=1000, conn_limit=20, metrics_allow=["127.0.0.1"], admin_allow=["127.0.0.1"])
     nginx = Nginx(folder, site, connections=512).start()
-    nginx.app, nginx.port, nginx.cert = app, https_port, str(cert)
+    nginx.app, nginx.port, nginx.http_port, nginx.cert = app, https_port, http_port, str(cert)
     nginx.https = f"https://localhost:{https_port}"
     nginx.counters, nginx.cache = counters, cache
     yield nginx
@@ -198,16 +199,17 @@ def test_a_text_only_chat_body_past_the_json_limit_is_refused_before_any_work(ed
         return durations
 
     idle = statistics.median(bystander_latencies(15))
-    ids, stop = [], threading.Event()
+    ids, wrong, stop = [], [], threading.Event()
 
     def flood():
         with requests.Session() as session:
             while not stop.is_set():
                 refused = call(edge, "POST", "/v1/chat/completions", attacker, session=session, data=huge,
                                headers={"Content-Type": "application/json"})
-                assert refused.status_code == 413, refused.text
-                assert refused.json()["error"]["code"] == "body_too_large"
-                assert "without an image or file part" in refused.json()["error"]["message"]
+                error = refused.json()["error"]
+                if refused.status_code != 413 or "without an image or file part" not in error["message"] \
+                        or error["code"] != "body_too_large":
+                    wrong.append(refused.text[:300])
                 ids.append(refused.headers["X-Request-ID"])
                 stop.wait(0.25)  # four a second: each once held a thread for 20 s
     flooder = threading.Thread(target=flood, daemon=True)
@@ -218,20 +220,21 @@ def test_a_text_only_chat_body_past_the_json_limit_is_refused_before_any_work(ed
     finally:
         stop.set()
         flooder.join(timeout=60)
-    assert ids
+    assert ids and not wrong, wrong[:3]
     spent = [entry["latency_ms"] for entry in log_lines(edge) if entry.get("request_id") in set(ids)]
     assert busy / idle < 2, (busy, idle, spent)
     assert spent and statistics.median(spent) < 200, spent
 
 
 @pytest.mark.parametrize("form", [
-    {"question": "q" * 9_000_000},  # a form's text fields are held to the JSON limit too
-    {"question": "What is 2+2?", "system_prompt": "s" * 100_000},
+    {"question": "q" * 70_000},  # a form's text fields are held to the JSON limit too
+    {"question": "What is 2+2?", "system_prompt": "s" * 40_000, "model": "m" * 30_000},
 ])
 def test_a_predict_forms_text_past_the_json_limit_is_413(edge, form):
     refused = call(edge, "POST", "/v1/predict", edge.app.token, files={"file": ("p.txt", b"hi", "text/plain")},
                    data=form)
-    assert refused.status_code == 413 and refused.json()["error"]["code"] == "body_too_large", refused.text
+    assert refused.status_code == 413, refused.text
+    assert "the form's fields beside its file hold 70" in refused.json()["error"]["message"]
 
 
 def test_a_chat_body_with_a_document_keeps_the_document_allowance_but_not_for_its_text(edge):
@@ -281,6 +284,28 @@ def test_an_encoded_nul_gets_the_json_error_shape(edge, path):
     assert answer.json()["error"]["code"] == "invalid_http_request"
     assert VALID.fullmatch(answer.headers["X-Request-ID"])
 
+
+@pytest.mark.parametrize("request_bytes, tls_name", [
+    (b"GET /v1/me%00 HTTP/1.1\r\nHost: localhost\r\n\r\n", None),  # on plain HTTP: before a Host is read
+    (b"GET / HTTP/1.1\r\n\r\n", "localhost"),  # no Host
+    (b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n", "localhost"),  # a known name, an unknown Host
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", None),  # plain HTTP on the TLS port
+])
+def test_what_no_server_of_ours_takes_gets_nothing_not_an_html_page(edge, request_bytes, tls_name):
+    """Nothing at all (the unknown host's 444), or the JSON 400: never nginx's HTML page or its version."""
+    port = edge.http_port if b"%00" in request_bytes else edge.port
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if tls_name is not None:
+        context = ssl.create_default_context(cafile=edge.cert)
+        raw = context.wrap_socket(raw, server_hostname=tls_name)
+    with raw:
+        raw.sendall(request_bytes)
+        try:
+            answer = raw.recv(65536)
+        except (ConnectionResetError, ssl.SSLError):
+            answer = b""
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 400 ") and b'"invalid_http_request"' in answer, answer
+    assert b"<html" not in answer and b"nginx/" not in answer
 
 # --- a full cache never touches the limits -----------------------------------------------------------------------
 

@@ -140,3 +140,17 @@ def test_a_term_split_across_messages_is_caught(rules, parts):
 
 def test_the_text_the_model_sees_keeps_its_characters():
     assert clean_text("question", "emoji \u2764\ufe0f and \u0430", 100) == "emoji \u2764\ufe0f and \u0430"
+
+
+def test_no_text_longer_than_the_composing_bound_fits_a_limit_after_nfkc():
+    """clean_text refuses len > NFKC_MOST_COMPOSED * limit before normalising: sound while no character
+    decomposes to nothing (NFKD keeps the length or grows it) and none is composed of more code points."""
+    import unicodedata
+
+    from service.inputs.filtering import NFKC_MOST_COMPOSED
+
+    points = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF]
+    assert min(len(unicodedata.normalize("NFKD", c)) for c in points) >= 1
+    assert max(len(unicodedata.normalize("NFD", c)) for c in points) == NFKC_MOST_COMPOSED
+    longest = "\u03a9\u0314\u0342\u0345"  # one character (U+1FAF) in NFKC
+    assert len(unicodedata.normalize("NFKC", longest)) == 1

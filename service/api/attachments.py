@@ -66,7 +66,7 @@ def _data_url_chars(data):
                 "image_url", "file") else None
             url = inner.get("url" if part["type"] == "image_url" else "file_data") if isinstance(inner, dict) \
                 else None
-            total += len(url) if isinstance(url, str) else 0
+            total += len(url) + url.count("/") if isinstance(url, str) else 0  # "/" may come escaped: "\\/"
     return total
 
 

@@ -212,9 +212,9 @@ def open_cache(settings):
     if settings.cache == "off":
         return None
     uri = storage_uri(settings)
-    if settings.cache_storage_uri is None and not uri.startswith("memory://"):
-        log.warning("the response cache shares the counters' Redis (cache_storage_uri is unset): a full cache "
-                    "there refuses the counters' writes and every request; give the cache a Redis of its own "
-                    "with maxmemory-policy allkeys-lru")
+    if uri == settings.ratelimit_storage_uri and not uri.startswith("memory://"):
+        log.warning("the response cache shares the counters' Redis (cache_storage_uri is unset or the same): a "
+                    "full cache there refuses the counters' writes and every request; give the cache a Redis of "
+                    "its own with maxmemory-policy allkeys-lru")
     storage = MemoryAnswers() if uri.startswith("memory://") else RedisAnswers(uri)
     return Cache(storage, settings.cache_ttl_s, settings.cache_max_entry_bytes)

@@ -109,10 +109,10 @@ def read(model, check_size=None):
     """This request's JSON body as `model`: APIError 413/415/400 saying what is wrong. `check_size(bytes,
     data)` sees the decoded body before it is validated (a route's own 413 rule)."""
     raw = read_body()
-    data = decode_body(raw, request.is_json)
-    if check_size is not None:
+    data = load_object(raw, request.is_json)
+    if check_size is not None:  # before the walk over every value: a refused body costs its parse only
         check_size(len(raw), data)
-    return parse(model, data)
+    return parse(model, check_unicode(data))
 
 
 def read_body():
@@ -148,6 +148,11 @@ def drain_unread_body(response):
 
 def decode_body(raw, is_json):
     """The request body as a JSON object, or APIError 415/400 saying what is wrong."""
+    return check_unicode(load_object(raw, is_json))
+
+
+def load_object(raw, is_json):
+    """The body parsed as a JSON object (its strings not yet checked: check_unicode); APIError 415/400."""
     if not is_json:
         raise APIError(415, "Content-Type must be application/json", "unsupported_media_type")
     try:
@@ -164,6 +169,11 @@ def decode_body(raw, is_json):
         raise APIError(400, "request body nests arrays or objects too deeply", "invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", "invalid_type")
+    return data
+
+
+def check_unicode(data):
+    """`data` when every string and field name in it is valid Unicode, else APIError 400 naming the first."""
     where = _lone_surrogate(data)
     if where is not None:  # a \ud800 escape decodes to one, which no database, log or tokenizer takes
         raise APIError(400, f"{where or 'a field name'} is not valid Unicode (it has a lone surrogate escape)",
