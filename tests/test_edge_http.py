@@ -322,15 +322,16 @@ def test_a_full_cache_evicts_and_the_limits_stay_exact(edge):
               "body": chat_body(f"Question number {i}: what is {i} times {i + 1}?", 160)} for i in range(80)]
     client = openai.OpenAI(base_url=edge.https + "/v1", api_key=token, max_retries=0, timeout=60,
                            http_client=openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=edge.cert)))
-    uploaded = client.files.create(file=("q.jsonl", io.BytesIO("".join(json.dumps(x) + "\n" for x in lines)
-                                                               .encode())), purpose="batch")
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                  completion_window="24h")
-    statuses, deadline = [], time.monotonic() + 180
-    while batch.status not in ("completed", "failed") and time.monotonic() < deadline:
-        answer = call(edge, "POST", "/v1/chat/completions", others, json=chat_body(f"live {len(statuses)}", 2))
-        statuses.append(answer.status_code)
-        batch = client.batches.retrieve(batch.id)
+    with client:
+        uploaded = client.files.create(file=("q.jsonl", io.BytesIO("".join(json.dumps(x) + "\n" for x in lines)
+                                                                   .encode())), purpose="batch")
+        batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        statuses, deadline = [], time.monotonic() + 180
+        while batch.status not in ("completed", "failed") and time.monotonic() < deadline:
+            answer = call(edge, "POST", "/v1/chat/completions", others, json=chat_body(f"live {len(statuses)}", 2))
+            statuses.append(answer.status_code)
+            batch = client.batches.retrieve(batch.id)
     assert batch.status == "completed" and batch.request_counts.completed == 80, batch
     assert statuses and set(statuses) == {200}
     assert answers.info("stats")["evicted_keys"] > 0 and answers.dbsize() < 80, answers.dbsize()  # it was full
@@ -344,7 +345,7 @@ def test_a_cache_that_refuses_writes_never_fails_a_request(start_server, tmp_pat
     counters = Redis(tmp_path_factory.mktemp("redis-c")).start()
     cache = Redis(tmp_path_factory.mktemp("redis-a"), "--maxmemory-policy", "noeviction").start()
     try:
-        full = redis_client.Redis(unix_socket_path=str(cache.sock))
+        full = redis_client.Redis(unix_socket_path=str(cache.sock), single_connection_client=True)
         full.set("filler", b"x" * 20_000)
         full.config_set("maxmemory", int(full.info("memory")["used_memory"]) - 1000)  # full: writes are refused
         server = start_server(VIBE_RATELIMIT_STORAGE_URI=counters.uri, VIBE_CACHE="user",
