@@ -9,11 +9,13 @@ nginx, restart, upgrade. Each phase's duration is printed at the end of the run.
 import hashlib
 import json
 import re
+import shlex
 import shutil
 import ssl
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,10 @@ BIN = Path(sys.executable).parent
 SERVER_NAME = "vibethinker.test"
 CLI = ("runuser -u vibethinker -- env VIBE_CONFIG=/etc/vibethinker/config.toml "
        "/opt/vibethinker/venv/bin/vibethinker-admin")
+# Two Redis instances (role redis): the counters' (redis-server.service) and the response cache's
+# (redis-server@cache.service).
+COUNTERS_SOCKET = "/run/redis/redis.sock"
+CACHE_SOCKET = "/run/redis-cache/redis-server-cache.sock"
 
 
 def build_wheel(out, version=None):
@@ -207,6 +213,41 @@ def test_the_api_answers_through_nginx_and_revocation_works(provisioned):
         # A second token for alice, to check it survives the upgrade.
         provisioned["alice_token"] = host.ssh(f"{CLI} tokens issue alice").stdout.strip().splitlines()[-1]
         provisioned["revoked_token"] = token
+
+
+def redis_cli(host, socket, command):
+    """redis-cli on the host, on the Redis at `socket`: its reply's lines."""
+    return host.ssh(f"redis-cli -s {socket} {command}").stdout.splitlines()
+
+
+def test_the_cache_has_a_redis_of_its_own_that_evicts_and_the_counters_one_never_does(provisioned):
+    host = provisioned["host"]
+    assert host.ssh("systemctl is-enabled redis-server@cache").stdout.strip() == "enabled"
+    assert host.ssh("systemctl is-active redis-server redis-server@cache").stdout.split() == ["active", "active"]
+    assert redis_cli(host, COUNTERS_SOCKET, "CONFIG GET maxmemory-policy") == ["maxmemory-policy", "noeviction"]
+    assert redis_cli(host, CACHE_SOCKET, "CONFIG GET maxmemory-policy") == ["maxmemory-policy", "allkeys-lru"]
+    assert redis_cli(host, CACHE_SOCKET, "CONFIG GET maxmemory") == ["maxmemory", str(256 << 20)]
+    assert redis_cli(host, CACHE_SOCKET, "CONFIG GET save") == ["save", ""]  # a cache: nothing on disk
+    assert redis_cli(host, CACHE_SOCKET, "CONFIG GET appendonly") == ["appendonly", "no"]
+    assert redis_cli(host, CACHE_SOCKET, "CONFIG GET port") == ["port", "0"]  # one server: the socket only
+    assert host.ssh(f"stat -c '%a %U %G' {CACHE_SOCKET}").stdout.split() == ["770", "redis", "redis"]
+    assert host.ssh("stat -c '%a %U %G' /etc/redis/redis-cache.conf").stdout.split() == ["640", "redis", "redis"]
+    # The service's user reaches it (group redis), as it does the counters' socket.
+    assert host.ssh(f"runuser -u vibethinker -- redis-cli -s {CACHE_SOCKET} PING").stdout.strip() == "PONG"
+    config = tomllib.loads(host.ssh("cat /etc/vibethinker/config.toml").stdout)
+    assert config["ratelimit_storage_uri"] == f"redis+unix://{COUNTERS_SOCKET}"
+    assert config["cache_storage_uri"] == f"redis+unix://{CACHE_SOCKET}"
+
+
+def test_answers_are_cached_in_the_cache_redis_never_beside_the_counters(provisioned):
+    host, api, admin = provisioned["host"], provisioned["api"], provisioned["admin_token"]
+    greedy = {"question": "Cached where?", "max_new_tokens": 2, "temperature": 0}  # deterministic: cached
+    for _ in range(2):
+        status, answer = api.call("POST", "/v1/predict", admin, greedy)
+        assert status == 200, answer
+    pattern = shlex.quote("vibethinker:answer:*")
+    assert redis_cli(host, CACHE_SOCKET, f"--scan --pattern {pattern}") != []
+    assert redis_cli(host, COUNTERS_SOCKET, f"--scan --pattern {pattern}") == []
 
 
 def test_the_firewall_drops_ports_that_are_not_listed(provisioned):
