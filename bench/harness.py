@@ -146,6 +146,28 @@ class SlowBodies:
             sock.close()
 
 
+def slow_requests(auth):
+    """The slow bodies that once held the app's threads: uploads and chat bodies, without a token and with
+    `auth` (Authorization headers)."""
+    multipart, json_body = {"Content-Type": "multipart/form-data; boundary=b"}, {"Content-Type": "application/json"}
+    return [("/v1/files", multipart), ("/v1/files", {**multipart, **auth}),
+            ("/v1/chat/completions", json_body), ("/v1/chat/completions", {**json_body, **auth})]
+
+
+def probe_latencies(base, cert, token, seconds):
+    """Durations of /healthz and an authenticated /v1/me, in turn, for `seconds`, on one kept-alive connection;
+    each must answer 200."""
+    durations, stop = [], time.monotonic() + seconds
+    with requests.Session() as session:
+        while time.monotonic() < stop:
+            for path, headers in (("/healthz", {}), ("/v1/me", {"Authorization": f"Bearer {token}"})):
+                started = time.monotonic()
+                answer = session.get(base + path, headers=headers, verify=cert, timeout=15)
+                durations.append(time.monotonic() - started)
+                assert answer.status_code == 200, answer.text
+    return durations
+
+
 def p99(seconds):
     """The 99th percentile of a list of durations."""
     ordered = sorted(seconds)

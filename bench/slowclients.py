@@ -18,24 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
-from harness import ROOT, SlowBodies, build_demo_model, free_port, p99, start_redis, start_service, stop_all
+from harness import (ROOT, SlowBodies, build_demo_model, free_port, p99, probe_latencies, slow_requests, start_redis,
+                     start_service, stop_all)
 
 sys.path.insert(0, str(ROOT))
 from tests.test_nginx import Nginx, make_certificate, render  # noqa: E402 - the tests' own nginx set-up
-
-
-def probe(base, cert, token, seconds):
-    """Durations of /healthz and /v1/me, in turn, for `seconds`, on one kept-alive connection."""
-    durations, stop = [], time.monotonic() + seconds
-    with requests.Session() as session:
-        while time.monotonic() < stop:
-            for path, headers in (("/healthz", {}), ("/v1/me", {"Authorization": f"Bearer {token}"})):
-                started = time.monotonic()
-                answer = session.get(base + path, headers=headers, verify=cert, timeout=30)
-                durations.append(time.monotonic() - started)
-                assert answer.status_code == 200, answer.text
-    return durations
 
 
 def main():
@@ -64,15 +51,11 @@ def main():
                                    metrics_allow=["127.0.0.1"], admin_allow=["127.0.0.1"]),
                       connections=4 * args.slow + 64).start()
         base = f"https://localhost:{https_port}"
-        alone = probe(base, str(cert), token, args.seconds)
-        multipart = {"Content-Type": "multipart/form-data; boundary=b"}
-        kinds = [("/v1/files", multipart), ("/v1/files", {**multipart, **auth}),
-                 ("/v1/chat/completions", {"Content-Type": "application/json"}),
-                 ("/v1/chat/completions", {"Content-Type": "application/json", **auth})]
-        slow = SlowBodies(https_port, kinds, args.slow, declared=60_000).open()
+        alone = probe_latencies(base, str(cert), token, args.seconds)
+        slow = SlowBodies(https_port, slow_requests(auth), args.slow, declared=60_000).open()
         try:
             time.sleep(3)
-            loaded = probe(base, str(cert), token, args.seconds)
+            loaded = probe_latencies(base, str(cert), token, args.seconds)
             held = slow.alive
         finally:
             slow.close()

@@ -285,7 +285,8 @@ class Settings(BaseSettings):
     @field_validator("ratelimit_storage_uri", "cache_storage_uri")
     @classmethod
     def _check_storage(cls, value):
-        if value is not None and not value.startswith(("memory://", "redis://", "rediss://", "redis+unix://", "unix://")):
+        schemes = ("memory://", "redis://", "rediss://", "redis+unix://", "unix://")
+        if value is not None and not value.startswith(schemes):
             raise ValueError("use memory://, redis://HOST:PORT or redis+unix:///path/to/redis.sock")
         return value
 

@@ -24,7 +24,7 @@ import pytest
 import redis as redis_client
 import requests
 
-from harness import SlowBodies, free_port, p99
+from harness import SlowBodies, free_port, p99, probe_latencies, slow_requests
 from service.records.requestid import VALID
 from tests.databases import Redis
 from tests.test_nginx import ROOT, Nginx, make_certificate, render
@@ -100,33 +100,16 @@ def usage_row(edge, request_id):
 
 # --- slow bodies ------------------------------------------------------------------------------------------------
 
-def probe_latencies(edge, token, seconds):
-    """Durations of /healthz and an authenticated /v1/me, alternately, from 127.0.0.1 for `seconds`."""
-    durations, stop = [], time.monotonic() + seconds
-    with requests.Session() as session:
-        while time.monotonic() < stop:
-            for path, auth in (("/healthz", None), ("/v1/me", token)):
-                started = time.monotonic()
-                answer = session.get(edge.https + path, verify=edge.cert, timeout=15,
-                                     headers={"Authorization": f"Bearer {auth}"} if auth else {})
-                durations.append(time.monotonic() - started)
-                assert answer.status_code == 200, answer.text
-    return durations
-
-
 def test_a_hundred_slow_bodies_hold_no_app_thread(edge):
     """100 uploads trickling a byte every 2 s, half without a token and half with one, from 50 addresses (the
     app has 8 threads): health and /v1/me stay fast, and nginx keeps every slow connection (nothing refused)."""
     token = user_token(edge, "slow-uploader")
     prober = user_token(edge, "prober")
-    multipart = {"Content-Type": "multipart/form-data; boundary=b"}
-    kinds = [("/v1/files", multipart), ("/v1/files", {**multipart, "Authorization": f"Bearer {token}"}),
-             ("/v1/chat/completions", {"Content-Type": "application/json"}),
-             ("/v1/chat/completions", {"Content-Type": "application/json", "Authorization": f"Bearer {token}"})]
+    kinds = slow_requests({"Authorization": f"Bearer {token}"})
     slow = SlowBodies(edge.port, kinds, count=100, every_s=2.0, addresses=50, declared=60_000).open()
     try:
         time.sleep(3)  # every header is in, the first bytes trickle
-        durations = probe_latencies(edge, prober, seconds=8)
+        durations = probe_latencies(edge.https, edge.cert, prober, seconds=8)
         assert slow.alive == 100 and slow.dropped == 0  # held, not refused: the figure is under load
     finally:
         slow.close()

@@ -25,6 +25,8 @@ from service.state import state
 
 FORM_FIELDS = ("question", "system_prompt", "model", "max_new_tokens", "temperature", "top_p")
 OCTET_STREAM = "application/octet-stream"
+# Where a chat content part of each document kind holds its data URL.
+DATA_URL_FIELDS = {"image_url": "url", "file": "file_data"}
 MIN_READ_S = 1.0  # the least time a document is given; less left before the deadline: 504 without trying
 
 
@@ -62,10 +64,10 @@ def _data_url_chars(data):
     for message in messages if isinstance(messages, list) else ():
         content = message.get("content") if isinstance(message, dict) else None
         for part in content if isinstance(content, list) else ():
-            inner = part.get(part.get("type")) if isinstance(part, dict) and part.get("type") in (
-                "image_url", "file") else None
-            url = inner.get("url" if part["type"] == "image_url" else "file_data") if isinstance(inner, dict) \
-                else None
+            kind = part.get("type") if isinstance(part, dict) else None
+            field = DATA_URL_FIELDS.get(kind) if isinstance(kind, str) else None
+            inner = part.get(kind) if field else None
+            url = inner.get(field) if isinstance(inner, dict) else None
             total += len(url) + url.count("/") if isinstance(url, str) else 0  # "/" may come escaped: "\\/"
     return total
 
