@@ -16,20 +16,20 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from auth import guard
 from auth.cache import TokenCache
-from auth.errors import StoreError
 from auth.keys import KeyFolderError, KeySet
 from auth.store import Store
-from service import errors
-from service.admission import access, ratelimit
+from service.admission import ratelimit
 from service.admission.counters import epoch_publisher, open_counters
-from service.api import admin, attachments, batches, chat, contract, health, me, models, predict
-from service.api.cache import open_cache
+from service.api import access, accounting, admin, batches, body, chat, contract, errors, health, me, models, predict
 from service.batches.records import BatchRecords
 from service.batches.runner import BatchRunner
-from service.inputs import filtering, schemas
-from service.records import accounting, logs, metrics, requestid
-from service.records.usagelog import UsageLog
 from service.inference import footprint
+from service.inputs import filtering
+from service.records import logs, metrics
+from service.records.usagelog import UsageLog
+from service.serving import attachments
+from service.serving.cache import open_cache
+from service.serving.models import Models, Served, mode_of, revision
 from service.settings import SettingsError, load_settings, require_models
 from service.state import State, attach
 
@@ -55,17 +55,14 @@ def create_app(settings=None):
                               batches=BatchRecords(store.engine, settings.files_dir),
                               documents=attachments.open_reader(settings)))
 
-    accounting.init_app(app)  # first: every later hook writes to the request's record
-    app.after_request(schemas.drain_unread_body)
-    requestid.init_app(app)
+    accounting.init_app(app)  # first: its after-request hook runs last, when every other one has run
+    app.after_request(body.drain_unread_body)
     errors.init_app(app)
-    app.register_error_handler(StoreError, lambda e: errors.error_response(e.status, e.message, e.code, e.param))
     guard.init_app(app, store=store, keyset=keyset, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
                    needs_token=access.needs_token, scope_for=access.scope_for, respond=ratelimit.record_auth_failure,
                    cache=token_cache(settings, store, counters))
     ratelimit.init_app(app, settings, limited_blueprints=[predict.bp, chat.bp])  # after the guard: keys on the user
     app.register_blueprint(health.bp)
-    app.register_blueprint(metrics.bp)
     app.register_blueprint(contract.bp)
     app.register_blueprint(me.bp)
     app.register_blueprint(models.bp)
@@ -74,7 +71,7 @@ def create_app(settings=None):
     app.register_blueprint(batches.bp)
     predict.init_app(app)
     state.models = start_models(specs, sizes, settings)
-    state.batch_runner = BatchRunner(app, state).start()
+    state.batch_runner = BatchRunner(state).start()
     for spec in specs:
         metrics.MODEL_INFO.labels(spec.name).info({"dtype": spec.dtype, "quantization": spec.quantization,
                                                    "device": settings.device, "version": health.version()})
@@ -122,8 +119,8 @@ def start_models(specs, sizes, settings):
     for spec in specs:
         loader = partial(model.load, str(spec.path), spec.dtype, spec.quantization, settings.prefill_float32,
                          settings.device)
-        revision = models.revision(spec.path, models.mode_of(spec))  # before the engine starts: the files loaded
+        files = revision(spec.path, mode_of(spec))  # before the engine starts: the files loaded
         engine = Engine(loader, settings.queue_size, settings.torch_threads, settings.max_batch_size,
                         name=spec.name, turns=turns)
-        served.append(models.Served(spec, engine.start(), revision, sizes[spec.name]))
-    return models.Models(served, settings.routing)
+        served.append(Served(spec, engine.start(), files, sizes[spec.name]))
+    return Models(served, settings.routing)

@@ -15,7 +15,7 @@ import sqlalchemy.exc
 from auth.errors import StoreError
 from auth.keys import KeyFolderError
 from service import commands
-from service.api.cache import CacheUnavailable
+from service.serving.cache import CacheUnavailable
 from service.settings import SettingsError, load_settings
 
 

@@ -137,7 +137,7 @@ def usage_list(args, settings):
 
 
 def cache_purge(args, settings):
-    from service.api import cache
+    from service.serving import cache
 
     if cache.storage_uri(settings).startswith("memory://"):
         raise SettingsError("the cache lives inside the service process (memory:// storage): use "

@@ -1,36 +1,54 @@
 """What the app holds for its whole life, through one typed accessor: `state()`.
 
-create_app builds one `State` and attaches it; every module that needs the
-settings, the store, the engine or the counters asks `state()` for them, so a
-reader sees in one place what lives beside the app (and a typo is an
-AttributeError, not a KeyError at request time).
+create_app builds one `State` and attaches it; every route that needs the
+settings, the store, the models or the counters asks `state()` for them, so
+a reader sees in one place what lives beside the app (and a typo is an
+AttributeError, not a KeyError at request time). Below the HTTP layer
+nothing calls `state()`: serving and the batch runner are handed the State.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from flask import current_app
+
+if TYPE_CHECKING:  # names for the fields' types only: importing them here would load torch and Redis clients
+    from flask_limiter import Limiter
+
+    from auth.keys import KeySet
+    from auth.store import Store
+    from service.admission.counters import MemoryCounters, RedisCounters
+    from service.batches.records import BatchRecords
+    from service.batches.runner import BatchRunner
+    from service.inputs.documents import Reader
+    from service.inputs.filtering import Rule
+    from service.records.usagelog import UsageLog
+    from service.serving.cache import Cache
+    from service.serving.models import Models
+    from service.settings import Settings
 
 KEY = "vibethinker"
 
 
 @dataclass
 class State:
-    """The app's long-lived parts; `engine` is set once its thread has started."""
+    """The app's long-lived parts; `models` is set once their engine threads have started."""
 
-    settings: Any  # service.settings.Settings
-    store: Any  # auth.store.Store
-    keys: Any  # auth.keys.KeySet
-    policy: Any  # service.inputs.filtering's rules
+    settings: Settings
+    store: Store
+    keys: KeySet
+    policy: tuple[Rule, ...]  # the content policy's rules
     started_at: float
-    counters: Any = None  # service.admission.counters: budgets and concurrency slots
-    limiter: Any = None  # flask_limiter.Limiter
-    models: Any = None  # service.api.models.Models: each served model with its engine
-    cache: Any = None  # service.api.cache.Cache, or None when the response cache is off
-    usage_log: Any = None  # service.records.usagelog.UsageLog: the store's usage rows, by group commit
-    batches: Any = None  # service.batches.records.BatchRecords: files and batch jobs
-    batch_runner: Any = None  # service.batches.runner.BatchRunner
-    documents: Any = None  # service.inputs.documents.Reader: this worker's pool reading PDFs and images
+    counters: RedisCounters | MemoryCounters | None = None  # budgets and concurrency slots
+    limiter: Limiter | None = None
+    models: Models | None = None  # each served model with its engine
+    cache: Cache | None = None  # None when the response cache is off
+    usage_log: UsageLog | None = None  # the store's usage rows, by group commit
+    batches: BatchRecords | None = None  # files and batch jobs
+    batch_runner: BatchRunner | None = None
+    documents: Reader | None = None  # this worker's pool reading PDFs and images
 
 
 def attach(app, state):

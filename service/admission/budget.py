@@ -4,8 +4,8 @@ Plain functions over counters (service.admission.counters) and limits, no
 Flask, so they are tested without HTTP:
 
 - `admit` takes one of the user's concurrency slots and reserves prompt +
-  max_new_tokens of today's budget, in one atomic step; it refuses with 429
-  when either is spent.
+  max_new_tokens of today's budget, in one atomic step; it refuses (NoSlot,
+  OverBudget) when either is spent.
 - `release` settles the reservation to what the generation really used and
   frees the slot.
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from service.admission.counters import NO_SLOT, OVER_BUDGET, StorageUnavailable
-from service.errors import APIError
+from service.errors import NoSlot, OverBudget
 
 log = logging.getLogger("vibethinker.budget")
 DAY_S = 86400
@@ -54,17 +54,10 @@ class Lease:
     member: str = field(default_factory=lambda: uuid.uuid4().hex)
     held: bool = True
 
-    def headers(self):
-        """x-ratelimit-*-tokens of this lease (none when the storage was down)."""
-        if not self.held:
-            return {}
-        return {"x-ratelimit-limit-tokens": self.daily, "x-ratelimit-remaining-tokens": max(self.daily - self.total, 0),
-                "x-ratelimit-reset-tokens": f"{self.reset_s}s"}
-
 
 def admit(counters, user, limits, need, lease_s, fail_open=False, now=None, slots="inflight"):
     """A lease on one of the user's `slots` (batch lines have their own) and `need` tokens of today's budget;
-    APIError 429 when refused."""
+    NoSlot or OverBudget when refused."""
     now = now or datetime.now(timezone.utc)
     midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), timezone.utc)
     lease = Lease(user, need, limits.daily_tokens, 0, int((midnight - now).total_seconds()) + 1,
@@ -80,16 +73,15 @@ def admit(counters, user, limits, need, lease_s, fail_open=False, now=None, slot
         lease.held = False
         return lease
     if status == NO_SLOT:
-        raise APIError(429, f"{user} already has {value} requests running; the limit is "
-                       f"{limits.max_concurrent} at a time", "concurrency_limit_exceeded", headers={"Retry-After": 1})
+        raise NoSlot(f"{user} already has {value} requests running; the limit is "
+                     f"{limits.max_concurrent} at a time", "concurrency_limit_exceeded", retry_after=1)
     lease.total = value
     if status == OVER_BUDGET:
         left = max(limits.daily_tokens - value, 0)
         spent = "is spent" if left == 0 else f"has {left} tokens left"
-        raise APIError(429, f"daily token budget of {limits.daily_tokens} {spent}; this request may use up to "
-                       f"{need} (prompt + max_new_tokens); it resets at 00:00 UTC", "daily_token_quota_exceeded",
-                       "max_new_tokens", headers={"Retry-After": lease.reset_s, "x-should-retry": "false",
-                                                  **lease.headers()})
+        raise OverBudget(f"daily token budget of {limits.daily_tokens} {spent}; this request may use up to "
+                         f"{need} (prompt + max_new_tokens); it resets at 00:00 UTC", "daily_token_quota_exceeded",
+                         "max_new_tokens", retry_after=lease.reset_s, lease=lease)
     return lease
 
 

@@ -23,8 +23,8 @@ from limits import parse_many
 
 from service.admission.budget import DAY_S
 from service.admission.counters import StorageUnavailable
-from service.errors import error_response
-from service.records import accounting
+from service.api.errors import error_response, refusal_response
+from service.errors import RateLimited, Unavailable
 from service.state import state
 
 log = logging.getLogger("vibethinker.ratelimit")
@@ -65,15 +65,14 @@ def _rate_limited(exc):
     window = exc.limit.limit
     per_day = window.get_expiry() >= DAY_S
     retry = _request_reset_s() or 1
-    headers = {"Retry-After": retry, **({"x-should-retry": "false"} if per_day else {})}
-    return error_response(429, f"rate limit of {window} reached for {g.auth['user']}; retry in {retry} s",
-                          "rate_limit_exceeded", headers=headers)
+    return refusal_response(RateLimited(f"rate limit of {window} reached for {g.auth['user']}; retry in {retry} s",
+                                        "rate_limit_exceeded", retry_after=retry, final=per_day))
 
 
 def _storage_down(exc):
     log.error("rate-limit storage unreachable: %s", type(exc).__name__)
-    return error_response(503, "rate-limit storage is unreachable, so requests are refused until it is back",
-                          "ratelimit_storage_unavailable", headers={"Retry-After": 5})
+    return refusal_response(Unavailable("rate-limit storage is unreachable, so requests are refused until it is "
+                                        "back", "ratelimit_storage_unavailable", retry_after=5))
 
 
 def _request_reset_s():
@@ -82,7 +81,8 @@ def _request_reset_s():
 
 
 def _headers(response):
-    """x-ratelimit-* for requests (flask-limiter's window) and tokens (the request's budget lease)."""
+    """x-ratelimit-*-requests from flask-limiter's window (the -tokens ones are the request record's:
+    service.api.accounting)."""
     try:
         current = state().limiter.current_limit if g.get("auth") else None
         if current is not None:
@@ -91,9 +91,6 @@ def _headers(response):
             response.headers["x-ratelimit-reset-requests"] = f"{max(0, int(current.reset_at - time.time()))}s"
     except Exception:  # the storage went away between check and response: headers are best effort
         log.warning("rate-limit headers skipped: storage unreachable")
-    lease = accounting.current().lease
-    for name, value in (lease.headers() if lease is not None else {}).items():
-        response.headers.setdefault(name, str(value))
     return response
 
 

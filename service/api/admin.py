@@ -10,12 +10,12 @@ from flask import Blueprint, request
 
 from auth.store import QUOTA_FIELDS
 from auth.tokens import issue_token
-from service.admission.access import caller
-from service.api import cache
-from service.errors import APIError
+from service.api.access import caller
+from service.api.body import read
+from service.errors import BadRequest, NotFound, Unavailable
+from service.inputs.schemas import AdminTokenRequest, AdminUserCreate, AdminUserPatch, CachePurge, query_int
+from service.serving import cache
 from service.state import state
-from service.inputs.schemas import (AdminTokenRequest, AdminUserCreate, AdminUserPatch, CachePurge, query_int,
-                                    read)
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -52,7 +52,7 @@ def update_user(name):
     if "admin" in changes:
         changes["is_admin"] = changes.pop("admin")
     if not changes:
-        raise APIError(400, "nothing to change: give active, admin or a quota field", "empty", None)
+        raise BadRequest("nothing to change: give active, admin or a quota field", "empty", None)
     return _store().update_user(name, **changes, **_who())
 
 
@@ -70,7 +70,7 @@ def add_token():
 def list_tokens():
     every = request.args.get("all", "false")
     if every not in ("true", "false"):
-        raise APIError(400, f"all must be true or false, not {every[:40]!r}", "invalid_value", "all")
+        raise BadRequest(f"all must be true or false, not {every[:40]!r}", "invalid_value", "all")
     tokens = _store().list_tokens(request.args.get("user"), include_inactive=every == "true")
     return {"object": "list", "data": [_public(t) for t in tokens]}
 
@@ -98,14 +98,14 @@ def purge_cache():
     if body.model is not None:
         served = app.models.get(body.model)
         if served is None:
-            raise APIError(404, f"model {body.model[:128]!r} is not served here", "model_not_found", "model")
+            raise NotFound(f"model {body.model[:128]!r} is not served here", "model_not_found", "model")
         model = served.name
     if app.cache is None:
         return {"purged": 0, "cache": "off"}
     try:
         count = cache.purge(app.cache, _store(), body.user, model, **_who())
     except cache.CacheUnavailable as exc:
-        raise APIError(503, str(exc), "cache_unavailable", headers={"Retry-After": 5}) from None
+        raise Unavailable(str(exc), "cache_unavailable", retry_after=5) from None
     return {"purged": count, "cache": app.settings.cache}
 
 
@@ -130,5 +130,5 @@ def _date(text):
     try:
         return datetime.fromisoformat(text)
     except ValueError:
-        raise APIError(400, f"since must be a date or time in ISO 8601 (YYYY-MM-DD), not {text!r}",
-                       "invalid_value", "since") from None
+        raise BadRequest(f"since must be a date or time in ISO 8601 (YYYY-MM-DD), not {text!r}",
+                         "invalid_value", "since") from None

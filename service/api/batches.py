@@ -10,10 +10,12 @@ import os
 
 from flask import Blueprint, request, send_file
 
-from service.admission.access import caller
+from service.api.access import caller
+from service.api.body import read
 from service.batches import lines
-from service.errors import APIError
-from service.inputs.schemas import BatchCreate, query_int, read
+from service.errors import BadRequest, LimitReached, UnsupportedMedia
+from service.inputs.schemas import BatchCreate, query_int
+from service.serving.caller import Caller
 from service.state import state
 
 bp = Blueprint("batches", __name__, url_prefix="/v1")
@@ -34,18 +36,18 @@ def upload_file():
     settings = state().settings
     request.max_content_length = settings.max_upload_bytes  # the small body limit applies elsewhere
     if request.mimetype != "multipart/form-data":
-        raise APIError(415, "Content-Type must be multipart/form-data (fields: file, purpose)",
-                       "unsupported_media_type")
+        raise UnsupportedMedia("Content-Type must be multipart/form-data (fields: file, purpose)",
+                               "unsupported_media_type")
     unknown = sorted((set(request.form) - {"purpose"}) | (set(request.files) - {"file"}))
     if unknown:
-        raise APIError(400, f"unknown field {unknown[0][:60]!r}; allowed fields: file, purpose", "unknown_field",
-                       unknown[0][:60])
+        raise BadRequest(f"unknown field {unknown[0][:60]!r}; allowed fields: file, purpose", "unknown_field",
+                         unknown[0][:60])
     purpose = request.form.get("purpose")
     if purpose != "batch":
-        raise APIError(400, "purpose must be batch", "invalid_value", "purpose")
+        raise BadRequest("purpose must be batch", "invalid_value", "purpose")
     upload = request.files.get("file")
     if upload is None:
-        raise APIError(400, "file is required (a multipart field named file)", "missing", "file")
+        raise BadRequest("file is required (a multipart field named file)", "missing", "file")
     user, _ = _who()
     name = os.path.basename(upload.filename or "")[:255]
     return _records().add_file(user, purpose, name, upload.stream, settings.max_upload_bytes), 200
@@ -84,13 +86,14 @@ def create_batch():
     user, admin = _who()
     source = records.get_file(body.input_file_id, user, admin)
     if source["purpose"] != "batch":
-        raise APIError(400, f"file {body.input_file_id} is not a batch input file", "invalid_value",
-                       "input_file_id")
+        raise BadRequest(f"file {body.input_file_id} is not a batch input file", "invalid_value",
+                         "input_file_id")
     if records.open_count(user) >= settings.max_open_batches:
-        raise APIError(429, f"{user} already has {settings.max_open_batches} batches open; wait for one to end",
-                       "too_many_batches", headers={"Retry-After": 60})
+        raise LimitReached(f"{user} already has {settings.max_open_batches} batches open; wait for one to end",
+                           "too_many_batches", retry_after=60)
     with records.open(body.input_file_id) as handle:
-        found, errors = lines.read_input(handle, body.endpoint, settings.max_batch_lines)
+        found, errors = lines.read_input(state(), Caller.of_token(caller()), handle, body.endpoint,
+                                         settings.max_batch_lines)
     batch = records.create_batch(user, body.endpoint, body.input_file_id, body.completion_window,
                                  settings.batch_window_s, body.metadata, found, errors)
     return batch

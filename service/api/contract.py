@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
 from auth.store import NAME_PATTERN
-from service.admission.access import public, scope_for
+from service.api.access import public, scope_for
 from service.api import health
 from service.inputs import schemas
 from service.inputs.documents import MEDIA_TYPES
@@ -335,7 +335,7 @@ QUERY = [{"name": "user", "in": "query", "schema": {"type": "string"}},
 ROUTES = {
     "health.healthz": ("The process is alive", None, Health, 200, (), ()),
     "health.readyz": ("The model is loaded and the database and Redis answer", None, Ready, 200, (503,), ()),
-    "metrics.metrics": ("Prometheus metrics (nginx serves them to allowed addresses only)", None, None, 200, (), ()),
+    "health.metrics": ("Prometheus metrics (nginx serves them to allowed addresses only)", None, None, 200, (), ()),
     "contract.openapi": ("This document", None, None, 200, (), ()),
     "predict.predict": ("Answer one question", schemas.PredictRequest, Prediction, 200, (*GENERATION, 404), ()),
     "chat.chat_completions": ("Answer a conversation, whole or streamed (stream: true gives server-sent events)",
@@ -464,7 +464,7 @@ def _operation(app, rule, method):
 
 
 def _success(rule, answer, status):
-    if rule.endpoint == "metrics.metrics":
+    if rule.endpoint == "health.metrics":
         return {"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}}
     if rule.endpoint == "batches.file_content":
         return {"description": "The file", "content": {"application/jsonl": {"schema": {"type": "string"}}}}

@@ -1,13 +1,19 @@
-"""Liveness and readiness, without a token."""
+"""Liveness, readiness and the metrics, without a token.
+
+/metrics is served without a token too: nginx allows it only from
+configured addresses, and gunicorn listens on a unix socket only nginx can
+reach.
+"""
 
 from importlib import metadata
 
-from flask import Blueprint, current_app
+from flask import Blueprint, Response, current_app
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.admission.access import public
 from service.api import models
-from service.errors import APIError
-from service.api.generation import not_ready
+from service.api.access import public
+from service.errors import Unavailable
+from service.serving.pipeline import not_ready
 from service.state import state
 
 bp = Blueprint("health", __name__)
@@ -18,6 +24,13 @@ bp = Blueprint("health", __name__)
 def healthz():
     """The process is alive and answering."""
     return {"status": "ok"}
+
+
+@bp.get("/metrics")
+@public
+def metrics():
+    """The Prometheus text exposition."""
+    return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
 
 
 @bp.get("/readyz")
@@ -34,10 +47,10 @@ def readyz():
         error.extra["models"] = each
         raise error
     if not _database_answers():
-        raise APIError(503, "database is unreachable", "database_unavailable", headers={"Retry-After": 5})
+        raise Unavailable("database is unreachable", "database_unavailable", retry_after=5)
     if not _counters_answer() and not app.settings.ratelimit_fail_open:
-        raise APIError(503, "rate-limit storage is unreachable", "ratelimit_storage_unavailable",
-                       headers={"Retry-After": 5})
+        raise Unavailable("rate-limit storage is unreachable", "ratelimit_storage_unavailable",
+                          retry_after=5)
     default = dict(each[0])
     default["model"] = default.pop("name")
     del default["state"]

@@ -4,7 +4,7 @@ from datetime import datetime, timezone
 
 from flask import Blueprint
 
-from service.admission.access import caller
+from service.api.access import caller
 from service.state import state
 
 bp = Blueprint("me", __name__)

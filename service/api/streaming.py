@@ -8,7 +8,7 @@
   A deadline cut ends with `data: {"error": {...}}` in the one error shape.
 - `close` runs however the stream ends (finished, cut, or the client gone,
   499): it cancels the generation, settles the lease and the usage from the
-  result (service.api.generation.settle, as a whole answer does), and writes
+  result (service.serving.pipeline.settle, as a whole answer does), and writes
   the usage row and log line.
 
 A cache hit is replayed: the same events, the answer's text in pieces of
@@ -23,10 +23,10 @@ import uuid
 
 from flask import Response, stream_with_context
 
-from service.api import generation
+from service.api import accounting
 from service.api.client import CLIENT_GONE
-from service.errors import error_body
-from service.records import accounting
+from service.errors import body_of, error_body
+from service.serving import pipeline, shapes
 from service.state import state
 
 log = logging.getLogger("vibethinker.streaming")
@@ -37,26 +37,20 @@ REPLAY_CHARS = 16  # a replayed answer's pieces: about a few tokens each, cut af
 class ChatStream:
     """One streamed answer, from admission to its usage row."""
 
-    def __init__(self, served, ids, params, include_usage=False, hit=None):
-        self.served, self.ids, self.params, self.include_usage = served, ids, params, include_usage
+    def __init__(self, job, include_usage=False, hit=None):
+        self.job, self.include_usage = job, include_usage  # a prepared service.serving.job.Job
         self.hit = hit  # the cached answer to replay, if any
         self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        self.record = accounting.current()
-        self.lease = self.handle = self.result = None
+        self.record, self.state = accounting.current(), state()
+        self.handle = self.result = None
         self.status = 200
 
     def open(self):
-        """Admit and queue now; refusals raise APIError with their status. A replay needs neither."""
+        """Admit and queue now; refusals raise with their own status. A replay needs neither."""
         if self.hit is not None:
             self.result = self.hit
             return self
-        deadline_s = state().settings.stream_deadline_s
-        self.lease = generation.admit(self.ids, self.params, deadline_s)
-        try:
-            self.handle = generation.submit(self.served.engine, self.ids, self.params, deadline_s)
-        except Exception:
-            generation.settle(self.lease, None)
-            raise
+        self.handle = pipeline.start(self.state, self.job, self.state.settings.stream_deadline_s)
         self.record.streamed = True  # close() writes the row, when the stream ends
         return self
 
@@ -78,7 +72,7 @@ class ChatStream:
 
     def events(self):
         """The stream's events, as SSE text."""
-        settings = state().settings
+        settings = self.state.settings
         yield self._chunk({"role": "assistant", "content": ""})
         for piece in self.handle.deltas(idle=settings.stream_keepalive_s):
             yield ": keep-alive\n\n" if piece is None else self._chunk({"content": piece}) if piece else ""
@@ -93,12 +87,12 @@ class ChatStream:
             return
         if self.result.finish_reason in ("timeout", "cancelled"):
             self.status = 504
-            error = generation.deadline_error(settings.stream_deadline_s, self.result.completion_tokens)
-            yield _event(error_body(error.status, error.message, error.code, error.param))
+            error = pipeline.deadline_error(settings.stream_deadline_s, self.result.completion_tokens)
+            yield _event(body_of(error))
         else:
-            yield self._chunk({}, finish=openai_reason(self.result.finish_reason))
+            yield self._chunk({}, finish=shapes.openai_reason(self.result.finish_reason))
             if self.include_usage:
-                yield self._chunk({}, usage=generation.usage(self.result))
+                yield self._chunk({}, usage=shapes.usage(self.result))
         yield "data: [DONE]\n\n"
 
     def replay(self):
@@ -106,9 +100,9 @@ class ChatStream:
         yield self._chunk({"role": "assistant", "content": ""})
         for piece in pieces(self.hit.text):
             yield self._chunk({"content": piece})
-        yield self._chunk({}, finish=openai_reason(self.hit.finish_reason))
+        yield self._chunk({}, finish=shapes.openai_reason(self.hit.finish_reason))
         if self.include_usage:
-            yield self._chunk({}, usage=generation.usage(self.hit))
+            yield self._chunk({}, usage=shapes.usage(self.hit))
         yield "data: [DONE]\n\n"
 
     def close(self):
@@ -116,7 +110,7 @@ class ChatStream:
         self.handle.cancel()
         if self.result is None:  # cut short: count what was computed before the cancel took hold
             self.result = self._outcome()
-        generation.settle(self.lease, self.result)
+        pipeline.settle(self.state, self.job, self.result)
         accounting.finish(self.record, self.status)
 
     def _outcome(self):
@@ -128,7 +122,7 @@ class ChatStream:
     def _chunk(self, delta, finish=None, usage=None):
         choices = [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
         body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.served.name, "choices": choices}
+                "model": self.job.model, "choices": choices}
         if usage:
             body["usage"] = usage
         return _event(body)
@@ -144,11 +138,6 @@ def pieces(text, size=REPLAY_CHARS):
             end = space + 1
         yield text[start:end]
         start = end
-
-
-def openai_reason(reason):
-    """OpenAI's finish_reason for ours: length, or stop."""
-    return "length" if reason == "length" else "stop"
 
 
 def _event(body):

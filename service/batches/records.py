@@ -27,7 +27,7 @@ from datetime import datetime, timedelta, timezone
 import sqlalchemy as sa
 
 from auth.schema import batch_lines, batches, file_chunks, files
-from service.errors import APIError
+from service.errors import Conflict, NotFound, TooLarge
 
 OPEN = ("validating", "in_progress", "finalizing", "cancelling")
 TIMES = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
@@ -55,13 +55,13 @@ class BatchRecords:
 
     # --- files ---
     def add_file(self, user, purpose, filename, stream, limit):
-        """Copy `stream` (at most `limit` bytes: APIError 413 past it) into the database and record it."""
+        """Copy `stream` (at most `limit` bytes: TooLarge past it) into the database and record it."""
         with tempfile.TemporaryFile(dir=self.dir) as spool:
             size = 0
             while chunk := stream.read(CHUNK):
                 size += len(chunk)
                 if size > limit:
-                    raise APIError(413, f"file is larger than {limit} bytes", "file_too_large", "file")
+                    raise TooLarge(f"file is larger than {limit} bytes", "file_too_large", "file")
                 spool.write(chunk)
             spool.seek(0)
             return self._store(f"file-{secrets.token_hex(12)}", user, purpose, filename, iter(
@@ -90,7 +90,7 @@ class BatchRecords:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(files).where(files.c.id == file_id)).mappings().first()
         if row is None or not (admin or row["user"] == user):
-            raise APIError(404, f"no such file: {file_id[:80]!r}", "file_not_found", "file_id")
+            raise NotFound(f"no such file: {file_id[:80]!r}", "file_not_found", "file_id")
         return _file_json(row)
 
     def list_files(self, user, admin, purpose=None):
@@ -141,7 +141,7 @@ class BatchRecords:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(batches).where(batches.c.id == batch_id)).mappings().first()
             if row is None or not (admin or row["user"] == user):
-                raise APIError(404, f"no such batch: {batch_id[:80]!r}", "batch_not_found", "batch_id")
+                raise NotFound(f"no such batch: {batch_id[:80]!r}", "batch_not_found", "batch_id")
             return _batch_json(row, self._counts(conn, batch_id))
 
     def list_batches(self, user, admin, limit=20, after=None):
@@ -163,7 +163,7 @@ class BatchRecords:
         if batch["status"] in ("validating", "in_progress"):
             self.set_status(batch_id, "cancelling", "cancelling_at")
         elif batch["status"] not in ("cancelling", "cancelled"):
-            raise APIError(409, f"batch {batch_id} is {batch['status']}; only a running batch can be cancelled",
+            raise Conflict(f"batch {batch_id} is {batch['status']}; only a running batch can be cancelled",
                            "batch_not_cancellable", "batch_id")
         return self.get_batch(batch_id, user, admin)
 

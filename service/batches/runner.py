@@ -8,9 +8,11 @@ and a line's whole answer is cached as a live request's would be. Users take tur
 user (in name order) with a batch in progress, so one big batch does not
 hold back another user's small one.
 
-Each line is admitted like a live request: it reserves prompt + max tokens
-of its owner's daily budget (a line that does not fit fails with the budget
-error in the error file) on a concurrency key of its own, so a batch never
+Each line runs the live pipeline (service.serving.pipeline) for its owner
+as they are when it starts (still active, still allowed the model): the
+cache, then admission, reserving prompt + max tokens of the owner's daily
+budget (a line that does not fit fails with the live request's budget
+error in the error file) on concurrency slots of its own, so a batch never
 takes the owner's interactive slots. Its answer (or error) is stored with
 the line, and its usage row written, before the next state change; when
 every line is finished the output and error files are written and the batch
@@ -18,36 +20,36 @@ completes. Cancelled and expired batches stop taking lines, let the lines
 running finish, and end with the files of what was done.
 """
 
-import dataclasses
 import logging
 import socket
 import threading
 import time
 from datetime import datetime, timedelta, timezone
 
-from service.admission import budget
 from service.admission.counters import StorageUnavailable, alive, ledger_name, ledger_parts
-from service.api import cache
 from service.batches import lines
-from service.errors import APIError
-from service.inference.engine import GenerationRequest, NotReady, QueueFull
-from service.records.accounting import Usage
+from service.errors import Forbidden, LimitReached, NotFound, OverBudget, Refusal, Unavailable
+from service.records.accounting import write_usage
+from service.serving import pipeline
+from service.serving.caller import Caller
 
 log = logging.getLogger("vibethinker.batches")
 IDLE_S = 0.2  # between looks when there is nothing to do
 RUNNING_S = 0.005  # between looks while lines run
 ROUTE = "/v1/batches"
-BATCH_SLOTS = "batch-inflight"
 BEAT_S = 5.0  # how often a runner renews the lines it holds (their claimed_at)
 
 
 class Running:
-    """One line handed to the engine."""
+    """One line handed to the engine, as its serving job."""
 
-    def __init__(self, batch, line, custom_id, prepared, handle, lease, served, key=None):
-        self.batch, self.line, self.custom_id, self.prepared = batch, line, custom_id, prepared
-        self.handle, self.lease, self.started = handle, lease, time.monotonic()
-        self.served, self.key = served, key  # the model answering, and the line's cache key (None: not cached)
+    def __init__(self, batch, line, custom_id, job, handle=None):
+        self.batch, self.line, self.custom_id, self.job = batch, line, custom_id, job
+        self.handle, self.started = handle, time.monotonic()
+
+    @property
+    def served(self):
+        return self.job.served
 
     @property
     def request_id(self):
@@ -55,10 +57,10 @@ class Running:
 
 
 class BatchRunner:
-    """Runs the batches of one app: `start()` once the engine is started."""
+    """Runs the batches of one app's state (service.state.State): `start()` once the engines are started."""
 
-    def __init__(self, app, state):
-        self.app, self.state = app, state
+    def __init__(self, state):
+        self.state = state
         self.records = state.batches
         self.owner = ledger_name()  # this runner's name on the lines it holds: host, master and worker pids
         self._beat = 0.0  # when the lines held were last renewed
@@ -77,19 +79,18 @@ class BatchRunner:
         self._thread.join(timeout)
 
     def _run(self):
-        with self.app.app_context():
-            reset = self._reclaim_dead()
-            if reset:
-                log.warning("batch lines in progress when the last worker ended run again",
-                            extra={"fields": {"lines": reset}})
-            while not self._stop.is_set():
-                try:
-                    busy = self._tick()
-                except Exception:  # a database or engine hiccup: say so, keep going
-                    log.exception("batch runner step failed")
-                    busy = False
-                if not busy:  # lines running: look again soon (a finished one frees its row); else rest
-                    self._stop.wait(RUNNING_S if self.running else IDLE_S)
+        reset = self._reclaim_dead()
+        if reset:
+            log.warning("batch lines in progress when the last worker ended run again",
+                        extra={"fields": {"lines": reset}})
+        while not self._stop.is_set():
+            try:
+                busy = self._tick()
+            except Exception:  # a database or engine hiccup: say so, keep going
+                log.exception("batch runner step failed")
+                busy = False
+            if not busy:  # lines running: look again soon (a finished one frees its row); else rest
+                self._stop.wait(RUNNING_S if self.running else IDLE_S)
 
     def _tick(self):
         """One look: collect finished lines, end batches, start lines where there is room; True if any moved.
@@ -160,56 +161,47 @@ class BatchRunner:
         return next(b for b in pending if b["user"] == self._turn)
 
     def _start(self, batch, line, custom_id, prepared):
-        """Admit and submit one claimed line; False (the line pending again) when the engine or Redis cannot
-        take it now."""
-        state, settings = self.state, self.state.settings
-        params = lines.params_of(prepared)
-        ids = prepared["ids"]
-        user = self._user(batch["user"])
-        if not user.get("active", False):  # disabled (or removed) since the batch was made: no more lines
-            self._fail(batch, line, custom_id, 403, f"account {batch['user']!r} is disabled", "account_disabled")
+        """Run one claimed line through the live pipeline under its owner's current rights; False (the line
+        pending again) when the engine or Redis cannot take it now."""
+        state = self.state
+        try:
+            item = Running(batch, line, custom_id, self._job(batch, prepared))
+        except Refusal as refusal:  # the owner lost the right to it since the batch was made
+            self._finish(batch["id"], line, False, lines.refused(custom_id, refusal))
             return True
-        served = state.models.get(prepared["model"]) if "model" in prepared else state.models.default
-        if served is None:  # the settings changed since the batch was made
-            self._fail(batch, line, custom_id, 404, f"model {prepared['model']!r} is no longer served here",
-                       "model_not_found")
-            return True
-        if not self._room(served):
+        if not self._room(item.served):
             self.records.release(batch["id"], line, self.owner)
             return False
-        key = cache.key(settings, served, batch["user"], ids, params) if state.cache else None
-        hit = state.cache.lookup(key) if key is not None else None
+        hit = pipeline.cached(state, item.job)
         if hit is not None:
-            item = Running(batch, line, custom_id, prepared, None, None, served, key)
-            self._finish(batch["id"], line, True,
-                         lines.answered(custom_id, prepared, hit, item.request_id, served.name))
-            self._usage(item, 200, dataclasses.replace(Usage.of(hit), cached=True))
+            self._finish(batch["id"], line, True, lines.answered(custom_id, item.job, hit, item.request_id))
+            self._usage(item, 200)
             return True
-        limits = budget.Limits(budget.Limits.of(user, settings).daily_tokens, settings.max_batch_size)
         try:
-            lease = budget.admit(state.counters, batch["user"], limits, len(ids) + params.max_new_tokens,
-                                 settings.stream_deadline_s, fail_open=settings.ratelimit_fail_open,
-                                 slots=BATCH_SLOTS)
-        except StorageUnavailable:
+            item.handle = pipeline.start(state, item.job, state.settings.stream_deadline_s)
+        except OverBudget as refusal:  # the owner's day is spent: the line fails as a live request would
+            self._finish(batch["id"], line, False, lines.refused(custom_id, refusal, item.request_id))
+            self._usage(item, 429)
+            return True
+        except (LimitReached, Unavailable, StorageUnavailable):  # full for now: the line waits its turn
             self.records.release(batch["id"], line, self.owner)
             return False
-        except APIError as exc:  # over the daily budget (or the batch slots are full)
-            if exc.code != "daily_token_quota_exceeded":
-                self.records.release(batch["id"], line, self.owner)
-                return False
-            self._fail(batch, line, custom_id, exc.status, exc.message, exc.code)
-            return True
-        request = GenerationRequest(ids, params.max_new_tokens, params.temperature, params.top_p,
-                                    deadline=time.monotonic() + settings.stream_deadline_s, stop=params.stop,
-                                    seed=params.seed)
-        try:
-            handle = served.engine.submit(request)
-        except (QueueFull, NotReady):
-            budget.release(state.counters, lease, 0)
-            self.records.release(batch["id"], line, self.owner)
-            return False
-        self.running.append(Running(batch, line, custom_id, prepared, handle, lease, served, key))
+        self.running.append(item)
         return True
+
+    def _job(self, batch, prepared):
+        """The serving job of a stored line, for its owner as they are now: Forbidden when disabled or no
+        longer allowed the model, NotFound when the model is no longer served."""
+        settings, name = self.state.settings, batch["user"]
+        user = self._user(name)
+        if not user.get("active", False):  # disabled (or removed) since the batch was made: no more lines
+            raise Forbidden(f"account {name!r} is disabled", "account_disabled")
+        caller = Caller.of_user(user, settings.max_batch_size)
+        served = self.state.models.get(prepared["model"]) if "model" in prepared else self.state.models.default
+        if served is None:  # the settings changed since the batch was made
+            raise NotFound(f"model {prepared['model']!r} is no longer served here", "model_not_found", "model")
+        served = self.state.models.pick(served.name, "", caller.models)  # the allow-list as it is now
+        return lines.job_of(prepared, caller, served)
 
     def _collect(self):
         moved = False
@@ -221,34 +213,37 @@ class BatchRunner:
             except Exception:  # noqa: BLE001 - the engine failed this line (its error is logged)
                 log.exception("batch line failed in the engine")
                 result = None
-            usage = Usage.of(result)
-            budget.release(self.state.counters, item.lease, usage.total)
-            if result is not None and result.finish_reason in ("stop", "length"):
-                status = 200
-                self._finish(item.batch["id"], item.line, True, lines.answered(
-                    item.custom_id, item.prepared, result, item.request_id, item.served.name))
-                if item.key is not None:
-                    self.state.cache.store(item.key, result)
-            elif result is not None and result.finish_reason == "cancelled":
-                status = 499
-                self._finish(item.batch["id"], item.line, False, lines.refused(
-                    item.custom_id, 499, "the batch was cancelled before this line was answered",
-                    "batch_cancelled", item.request_id))
-            else:
-                status = 500 if result is None else 504
-                message = "internal error" if result is None else \
-                    f"the line passed the {self.state.settings.stream_deadline_s:g} s deadline"
-                self._finish(item.batch["id"], item.line, False, lines.refused(
-                    item.custom_id, status, message, "internal_error" if result is None else "deadline_exceeded",
-                    item.request_id))
-            self._usage(item, status, usage)
+            pipeline.settle(self.state, item.job, result)
+            self._usage(item, self._store(item, result))
         return moved
+
+    def _store(self, item, result):
+        """Store a finished line's answer, or its error line; its status."""
+        batch_id, deadline_s = item.batch["id"], self.state.settings.stream_deadline_s
+        if result is not None and result.finish_reason == "cancelled":
+            self._finish(batch_id, item.line, False, lines.failed(
+                item.custom_id, 499, "the batch was cancelled before this line was answered", "batch_cancelled",
+                item.request_id))
+            return 499
+        if result is None:
+            self._finish(batch_id, item.line, False, lines.failed(item.custom_id, 500, "internal error",
+                                                                  "internal_error", item.request_id))
+            return 500
+        try:
+            answer = pipeline.outcome(item.job, result, deadline_s)
+        except Refusal as refusal:  # the deadline cut it
+            self._finish(batch_id, item.line, False, lines.failed(
+                item.custom_id, 504, f"the line passed the {deadline_s:g} s deadline", refusal.code,
+                item.request_id))
+            return 504
+        self._finish(batch_id, item.line, True, lines.answered(item.custom_id, item.job, answer, item.request_id))
+        return 200
 
     def _maybe_end(self, batch):
         """End a batch whose lines are all finished, or that was cancelled or expired; True if it ended."""
         batch_id = batch["id"]
         if batch["status"] == "in_progress" and self._expired(batch):
-            self.records.fail_pending(batch_id, lambda custom_id: lines.refused(
+            self.records.fail_pending(batch_id, lambda custom_id: lines.failed(
                 custom_id, 408, "the batch expired before this line was answered", "batch_expired"))
             self._cancel_running(batch_id)
             ending = ("expired", "expired_at")
@@ -271,23 +266,17 @@ class BatchRunner:
             if item.batch["id"] == batch_id:
                 item.handle.cancel()
 
-    def _fail(self, batch, line, custom_id, status, message, code):
-        self._finish(batch["id"], line, False, lines.refused(custom_id, status, message, code))
-
     def _finish(self, batch_id, line, ok, result):
         """Store a line's answer, unless its line was given to another runner (this one was thought gone)."""
         if not self.records.finish_line(batch_id, line, ok, result, self.owner):
             log.warning("a batch line finished here after another runner took it over; its answer is dropped",
                         extra={"fields": {"batch": batch_id, "line": line}})
 
-    def _usage(self, item, status, usage):
-        try:
-            self.state.usage_log.write(user=item.batch["user"], route=ROUTE, status=status,
-                                       latency_ms=int((time.monotonic() - item.started) * 1000),
-                                       request_id=item.request_id, model=item.served.name, **usage.fields(),
-                                       **item.prepared.get("documents", {}))
-        except Exception:  # the line's answer is stored; say loudly that its usage row is missing
-            log.exception("usage row of a batch line not written")
+    def _usage(self, item, status):
+        """The line's usage row, as a live request's (route and request id are the batch's)."""
+        if item.job.recorded:
+            write_usage(self.state.usage_log, item.job, ROUTE, status, time.monotonic() - item.started,
+                        item.request_id)
 
     def _user(self, name):
         try:

@@ -33,12 +33,14 @@ import warnings
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
-from service.errors import APIError
+from service.errors import BadRequest, TooLarge, Unavailable, Unimplemented, Unprocessable, UnsupportedMedia
 
 MEDIA_TYPES = {"application/pdf": "pdf", "image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
 MIN_PAGE_TEXT = 3  # a page whose text layer holds fewer non-space characters is read by OCR
 DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)(?P<params>(?:;[\w.+-]+=[\w.+-]+)*);base64,", re.ASCII)
 OCR_SIDE = 2048  # pixels: larger images are scaled down to this long side for text detection
+# What a reading process's DocumentError becomes in the worker.
+REFUSALS = {"too_large": TooLarge, "unreadable": Unprocessable, "unimplemented": Unimplemented}
 WAITING_PER_WORKER = 4  # documents that may wait for a pool process, per process, before 503
 
 
@@ -69,11 +71,12 @@ class Document:
 
 
 class DocumentError(Exception):
-    """A document that cannot be read, as (status, code, message): plain args, so it crosses the process pool."""
+    """A document that cannot be read, as (kind, code, message): plain args, so it crosses the process pool;
+    `kind` is a key of REFUSALS."""
 
-    def __init__(self, status, code, message):
-        super().__init__(status, code, message)
-        self.status, self.code, self.message = status, code, message
+    def __init__(self, kind, code, message):
+        super().__init__(kind, code, message)
+        self.kind, self.code, self.message = kind, code, message
 
 
 def sniff(data):
@@ -90,20 +93,21 @@ def sniff(data):
 
 
 def check(data, media_type, limits, where):
-    """APIError unless `data` is a supported document of `media_type` within the byte limit: 413, 415, 422."""
+    """A refusal unless `data` is a supported document of `media_type` within the byte limit: TooLarge,
+    UnsupportedMedia, Unprocessable."""
     if media_type not in MEDIA_TYPES:
-        raise APIError(415, f"{where} has type {media_type[:64]!r}; supported: {', '.join(MEDIA_TYPES)}",
-                       "unsupported_media_type", where)
+        raise UnsupportedMedia(f"{where} has type {media_type[:64]!r}; supported: {', '.join(MEDIA_TYPES)}",
+                               "unsupported_media_type", where)
     if len(data) > limits.max_bytes:
-        raise APIError(413, f"{where} is {len(data)} bytes; the limit is {limits.max_bytes}", "document_too_large",
+        raise TooLarge(f"{where} is {len(data)} bytes; the limit is {limits.max_bytes}", "document_too_large",
                        where)
     if not data:
-        raise APIError(422, f"{where} is empty", "empty_document", where)
+        raise Unprocessable(f"{where} is empty", "empty_document", where)
     seen = sniff(data)
     if seen != media_type:
         what = f"a {MEDIA_TYPES[seen].upper()} file" if seen else "no supported kind of file"
-        raise APIError(415, f"{where} says it is {media_type} but its bytes are {what}", "file_type_mismatch",
-                       where)
+        raise UnsupportedMedia(f"{where} says it is {media_type} but its bytes are {what}", "file_type_mismatch",
+                               where)
 
 
 def from_data_url(url, where, max_bytes):
@@ -112,18 +116,18 @@ def from_data_url(url, where, max_bytes):
     if not isinstance(url, str) or not url.startswith("data:"):
         scheme = url.split(":", 1)[0][:16] if isinstance(url, str) and ":" in url else ""
         said = f"a {scheme}: URL" if scheme else "not a data: URL"
-        raise APIError(400, f"{where} is {said}; only data: URLs (base64) are accepted: the server fetches no URL",
-                       "unsupported_url", where)
+        raise BadRequest(f"{where} is {said}; only data: URLs (base64) are accepted: the server fetches no URL",
+                         "unsupported_url", where)
     head = DATA_URL.match(url)
     if head is None:
-        raise APIError(400, f"{where} must be data:<media type>;base64,<data>", "invalid_data_url", where)
+        raise BadRequest(f"{where} must be data:<media type>;base64,<data>", "invalid_data_url", where)
     encoded = url[head.end():]
     if len(encoded) > (max_bytes + 2) // 3 * 4 + 4:
-        raise APIError(413, f"{where} holds more than {max_bytes} bytes", "document_too_large", where)
+        raise TooLarge(f"{where} holds more than {max_bytes} bytes", "document_too_large", where)
     try:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
-        raise APIError(400, f"{where} is not valid base64", "invalid_data_url", where) from None
+        raise BadRequest(f"{where} is not valid base64", "invalid_data_url", where) from None
     return head["type"].lower(), data
 
 
@@ -136,26 +140,27 @@ class Reader:
         self._waiting = threading.BoundedSemaphore(workers * (1 + WAITING_PER_WORKER))
 
     def read(self, data, media_type, where, timeout_s=None):
-        """The Document in `data` (checked by `check` first); APIError 413/415/422 for the document, 503 when
-        the pool is full, 422 past the time limit (`timeout_s`, at most the configured one)."""
+        """The Document in `data` (checked by `check` first); TooLarge, UnsupportedMedia or Unprocessable for
+        the document, Unavailable when the pool is full, Unprocessable past the time limit (`timeout_s`, at
+        most the configured one)."""
         check(data, media_type, self.limits, where)
         limit = min(self.limits.timeout_s, timeout_s or self.limits.timeout_s)
         started = time.monotonic()
         if not self._waiting.acquire(blocking=False):
-            raise APIError(503, "too many documents are being read now; retry shortly", "documents_busy",
-                           headers={"Retry-After": 2})
+            raise Unavailable("too many documents are being read now; retry shortly", "documents_busy",
+                              retry_after=2)
         try:
             future = self.pool().schedule(extract, args=(data, media_type, self.limits), timeout=limit)
             document = future.result(timeout=limit)  # the wait for a process counts too
         except FutureTimeout:
             future.cancel()  # not started: dropped; running: its process is stopped
-            raise APIError(422, f"{where} could not be read within {limit:g} s", "document_too_slow",
-                           where) from None
+            raise Unprocessable(f"{where} could not be read within {limit:g} s", "document_too_slow",
+                                where) from None
         except DocumentError as exc:
-            raise APIError(exc.status, f"{where}: {exc.message}", exc.code, where) from None
+            raise REFUSALS[exc.kind](f"{where}: {exc.message}", exc.code, where) from None
         except Exception as exc:  # the process died (memory, a crash in a decoder): the document's doing
-            raise APIError(422, f"{where} could not be read ({type(exc).__name__})", "unreadable_document",
-                           where) from None
+            raise Unprocessable(f"{where} could not be read ({type(exc).__name__})", "unreadable_document",
+                                where) from None
         finally:
             self._waiting.release()
         return dataclasses.replace(document, seconds=time.monotonic() - started)
@@ -185,7 +190,7 @@ def extract(data, media_type, limits):
         return _pdf(data, limits)
     text = _ocr(_image(data, limits))
     if not text.strip():
-        raise DocumentError(422, "empty_document", "no text could be read from the image")
+        raise DocumentError("unreadable", "empty_document", "no text could be read from the image")
     return Document("image", 1, 1, "ocr", text)
 
 
@@ -196,10 +201,12 @@ def _pdf(data, limits):
     try:
         reader = pypdf.PdfReader(io.BytesIO(data), strict=False)
         if reader.is_encrypted and not reader.decrypt(""):
-            raise DocumentError(422, "encrypted_pdf", "the PDF is encrypted with a password; send it unencrypted")
+            raise DocumentError("unreadable", "encrypted_pdf",
+                                "the PDF is encrypted with a password; send it unencrypted")
         count = len(reader.pages)
         if count > limits.max_pages:
-            raise DocumentError(413, "too_many_pages", f"the PDF has {count} pages; the limit is {limits.max_pages}")
+            raise DocumentError("too_large", "too_many_pages",
+                                f"the PDF has {count} pages; the limit is {limits.max_pages}")
         texts, methods, images = [], set(), 0
         for page in reader.pages:
             text = page.extract_text() or ""
@@ -214,18 +221,21 @@ def _pdf(data, limits):
     except DocumentError:
         raise
     except LimitReachedError:
-        raise DocumentError(413, "document_too_large", "the PDF decompresses past the size limit") from None
+        raise DocumentError("too_large", "document_too_large", "the PDF decompresses past the size limit") from None
     except (DependencyError, FileNotDecryptedError):
-        raise DocumentError(422, "encrypted_pdf", "the PDF is encrypted in a way this server cannot read; send it "
+        raise DocumentError("unreadable", "encrypted_pdf",
+                            "the PDF is encrypted in a way this server cannot read; send it "
                             "unencrypted") from None
     except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError, OSError,
             RecursionError, AssertionError, ZeroDivisionError):
-        raise DocumentError(422, "invalid_pdf", "the PDF is damaged or not a PDF; it could not be parsed") from None
+        raise DocumentError("unreadable", "invalid_pdf",
+                            "the PDF is damaged or not a PDF; it could not be parsed") from None
     if count == 0:
-        raise DocumentError(422, "empty_document", "the PDF has no pages")
+        raise DocumentError("unreadable", "empty_document", "the PDF has no pages")
     text = "\n\n".join(t for t in texts if t.strip())
     if not text:
-        raise DocumentError(422, "empty_document", "no text could be read from the PDF (no text layer, and OCR "
+        raise DocumentError("unreadable", "empty_document",
+                            "no text could be read from the PDF (no text layer, and OCR "
                             "found none)")
     return Document("pdf", count, images, "+".join(sorted(methods, key=("text", "ocr").index)), text)
 
@@ -256,15 +266,16 @@ def _image(data, limits):
     except DocumentError:
         raise
     except Image.DecompressionBombError:  # Pillow's own guard, past twice its MAX_IMAGE_PIXELS, at open
-        raise DocumentError(413, "image_too_large", f"the image has more than {limits.max_pixels} pixels, the "
-                            "limit") from None
+        raise DocumentError("too_large", "image_too_large",
+                            f"the image has more than {limits.max_pixels} pixels, the limit") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise DocumentError(422, "invalid_image", "the image is damaged; it could not be decoded") from None
+        raise DocumentError("unreadable", "invalid_image",
+                            "the image is damaged; it could not be decoded") from None
 
 
 def _check_pixels(width, height, limits):
     if width * height > limits.max_pixels:
-        raise DocumentError(413, "image_too_large", f"an image is {width}x{height} pixels; the limit is "
+        raise DocumentError("too_large", "image_too_large", f"an image is {width}x{height} pixels; the limit is "
                             f"{limits.max_pixels} pixels")
 
 
@@ -279,7 +290,8 @@ def _ocr(image):
     try:
         from rapidocr_onnxruntime import RapidOCR
     except ImportError as exc:  # not installed (Python 3.13), or OpenCV's system libraries missing (libgl1)
-        raise DocumentError(501, "ocr_unavailable", f"OCR is not available on this server ({exc}); a PDF with a "
+        raise DocumentError("unimplemented", "ocr_unavailable",
+                            f"OCR is not available on this server ({exc}); a PDF with a "
                             "text layer can still be read") from None
     if _engine is None:
         # One thread per stage: the engine thread keeps the rest of the processor. Detection at the image's

@@ -3,7 +3,7 @@
 Text fields are checked for broken Unicode and control characters, their line
 ends made `\n`, NFKC normalised and bounded in characters, then matched
 against the content policy. Token bounds are checked where the tokenizer is
-(service.api.generation).
+(service.serving.prompts).
 
 The content policy is a TOML file named by VIBE_CONTENT_POLICY_PATH:
 
@@ -39,7 +39,7 @@ import unicodedata
 from dataclasses import dataclass
 from importlib import resources
 
-from service.errors import APIError
+from service.errors import BadRequest, Forbidden, Unprocessable
 
 log = logging.getLogger("vibethinker.filtering")
 ALLOWED_CONTROLS = {"\t", "\n", "\r"}
@@ -63,23 +63,23 @@ class Rule:
 
 
 def clean_text(name, value, max_chars, allow_empty=False):
-    """The NFKC-normalised text, or APIError 400 saying what is wrong with it."""
+    """The NFKC-normalised text, or BadRequest saying what is wrong with it."""
     if len(value) > max_chars * NFKC_MOST_COMPOSED:  # hopeless however it normalises: before the per-char work
-        raise APIError(400, f"{name} is {len(value)} characters; the limit is {max_chars}", "too_long", name)
+        raise BadRequest(f"{name} is {len(value)} characters; the limit is {max_chars}", "too_long", name)
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise APIError(400, f"{name} is not valid Unicode (it has a lone surrogate escape)", "invalid_unicode",
-                       name) from None
+        raise BadRequest(f"{name} is not valid Unicode (it has a lone surrogate escape)", "invalid_unicode",
+                         name) from None
     bad = next((c for c in value if unicodedata.category(c) == "Cc" and c not in ALLOWED_CONTROLS), None)
     if bad is not None:
-        raise APIError(400, f"{name} contains the control character U+{ord(bad):04X}; only tab, newline and "
-                       "carriage return are allowed", "control_character", name)
+        raise BadRequest(f"{name} contains the control character U+{ord(bad):04X}; only tab, newline and "
+                         "carriage return are allowed", "control_character", name)
     value = unicodedata.normalize("NFKC", LINE_ENDS.sub("\n", value))
     if not allow_empty and not value.strip():
-        raise APIError(400, f"{name} must not be empty", "empty", name)
+        raise BadRequest(f"{name} must not be empty", "empty", name)
     if len(value) > max_chars:
-        raise APIError(400, f"{name} is {len(value)} characters; the limit is {max_chars}", "too_long", name)
+        raise BadRequest(f"{name} is {len(value)} characters; the limit is {max_chars}", "too_long", name)
     return value
 
 
@@ -114,7 +114,7 @@ def _compile(entry):
 
 
 def check_policy(rules, fields, whole="messages"):
-    """APIError 422 if any field, or all of them as one text (param `whole`), matches a rule; logs the
+    """Unprocessable if any field, or all of them as one text (param `whole`), matches a rule; logs the
     rule id and an input hash only."""
     if not rules:
         return
@@ -128,8 +128,8 @@ def check_policy(rules, fields, whole="messages"):
                 digest = hashlib.sha256(form.encode("utf-8")).hexdigest()[:16]
                 log.warning("content policy refusal: rule=%s field=%s input_sha256=%s", rule.id, name, digest)
                 what = "the conversation" if name == whole and len(forms) > 1 else name
-                raise APIError(422, f"{what} was refused by the content policy (rule {rule.id})",
-                               "content_policy", name)
+                raise Unprocessable(f"{what} was refused by the content policy (rule {rule.id})",
+                                    "content_policy", name)
 
 
 def policy_form(text):
@@ -162,9 +162,9 @@ def _confusables():
 
 
 def check_allowed_prompt(system_prompt, allowed):
-    """APIError 403 unless the user's allow-list (None: any) holds this system prompt."""
+    """Forbidden unless the user's allow-list (None: any) holds this system prompt."""
     if allowed is None:
         return
     if system_prompt not in {unicodedata.normalize("NFKC", p) for p in allowed}:
-        raise APIError(403, "this system prompt is not on your account's allow-list; omit system_prompt for "
-                       "the default or ask an admin", "system_prompt_not_allowed", "system_prompt")
+        raise Forbidden("this system prompt is not on your account's allow-list; omit system_prompt for "
+                        "the default or ask an admin", "system_prompt_not_allowed", "system_prompt")

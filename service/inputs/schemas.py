@@ -8,15 +8,11 @@ silently ignored. Bounds that come from settings are checked after parsing.
 import json
 from typing import Annotated, Literal
 
-from flask import request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from werkzeug.exceptions import RequestEntityTooLarge
 
-from service.errors import APIError
-from service.state import state
+from service.errors import BadRequest, UnsupportedMedia
 
 SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch's generators take, and what OpenAI clients send
-DRAIN_CHUNK = 65536
 
 TYPE_NAMES = {"string_type": "a string", "int_type": "an integer", "float_type": "a number",
               "bool_type": "a boolean", "list_type": "a list", "dict_type": "an object",
@@ -105,79 +101,38 @@ class ChatRequest(StrictModel):
     stream_options: StreamOptions | None = None
 
 
-def read(model, check_size=None):
-    """This request's JSON body as `model`: APIError 413/415/400 saying what is wrong. `check_size(bytes,
-    data)` sees the decoded body before it is validated (a route's own 413 rule)."""
-    raw = read_body()
-    data = load_object(raw, request.is_json)
-    if check_size is not None:  # before the walk over every value: a refused body costs its parse only
-        check_size(len(raw), data)
-    return parse(model, check_unicode(data))
-
-
-def read_body():
-    """The body's bytes; 413 past the route's body limit whether its length was declared or it came chunked
-    (werkzeug refuses a declared length, but cuts a chunked body at the limit without a word)."""
-    if request.content_length is not None:
-        return request.get_data(cache=False)
-    limit = request.max_content_length  # the route's own: larger where documents come
-    raw = request.environ["wsgi.input"].read(limit + 1)
-    if len(raw) > limit:
-        raise RequestEntityTooLarge()
-    return raw
-
-
-def drain_unread_body(response):
-    """After every request: read what is left of its body, up to the largest body nginx lets through.
-
-    A request refused before its body was read (a bad token, a limit, a 413 on the declared length) leaves
-    the body on the socket; gunicorn drains at most 64 KiB of it and then closes the connection, although
-    its answer said keep-alive. nginx would send its next request down that connection and answer it 502:
-    one client's 8 MB document with an expired token would fail another's request."""
-    length = request.content_length
-    settings = state().settings
-    if length and length <= max(settings.document_body_bytes, settings.max_upload_bytes):
-        stream = request.environ.get("wsgi.input")
-        try:
-            while stream is not None and stream.read(DRAIN_CHUNK):
-                pass
-        except Exception:  # noqa: BLE001 - the client went away or sent less: gunicorn closes, as before
-            pass
-    return response
-
-
 def decode_body(raw, is_json):
-    """The request body as a JSON object, or APIError 415/400 saying what is wrong."""
+    """The request body as a JSON object, or UnsupportedMedia or BadRequest saying what is wrong."""
     return check_unicode(load_object(raw, is_json))
 
 
 def load_object(raw, is_json):
-    """The body parsed as a JSON object (its strings not yet checked: check_unicode); APIError 415/400."""
+    """The body parsed as a JSON object (its strings not yet checked: check_unicode); UnsupportedMedia or BadRequest."""
     if not is_json:
-        raise APIError(415, "Content-Type must be application/json", "unsupported_media_type")
+        raise UnsupportedMedia("Content-Type must be application/json", "unsupported_media_type")
     try:
         data = json.loads(raw)
     except UnicodeDecodeError:
-        raise APIError(400, "request body is not valid UTF-8", "invalid_json") from None
+        raise BadRequest("request body is not valid UTF-8", "invalid_json") from None
     except json.JSONDecodeError as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc.msg} at line {exc.lineno} "
-                       f"column {exc.colno}", "invalid_json") from None
+        raise BadRequest(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} "
+                         f"column {exc.colno}", "invalid_json") from None
     except ValueError:  # Python refuses to convert an integer literal of more than 4300 digits
-        raise APIError(400, "request body has a number too long to read (over 4300 digits)",
-                       "invalid_json") from None
+        raise BadRequest("request body has a number too long to read (over 4300 digits)",
+                         "invalid_json") from None
     except RecursionError:
-        raise APIError(400, "request body nests arrays or objects too deeply", "invalid_json") from None
+        raise BadRequest("request body nests arrays or objects too deeply", "invalid_json") from None
     if not isinstance(data, dict):
-        raise APIError(400, "request body must be a JSON object", "invalid_type")
+        raise BadRequest("request body must be a JSON object", "invalid_type")
     return data
 
 
 def check_unicode(data):
-    """`data` when every string and field name in it is valid Unicode, else APIError 400 naming the first."""
+    """`data` when every string and field name in it is valid Unicode, else BadRequest naming the first."""
     where = _lone_surrogate(data)
     if where is not None:  # a \ud800 escape decodes to one, which no database, log or tokenizer takes
-        raise APIError(400, f"{where or 'a field name'} is not valid Unicode (it has a lone surrogate escape)",
-                       "invalid_unicode", where or None)
+        raise BadRequest(f"{where or 'a field name'} is not valid Unicode (it has a lone surrogate escape)",
+                         "invalid_unicode", where or None)
     return data
 
 
@@ -201,14 +156,14 @@ def _lone_surrogate(data):
 
 
 def parse(model, data):
-    """Validate `data` against `model`; raise APIError 400 naming the first bad field."""
+    """Validate `data` against `model`; BadRequest naming the first bad field."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         # An unknown field is most often a typo of a missing one: name it first; then the deepest error, which
         # is the branch of a union (a message's content: a string, or a list of parts) that the input took.
         errors = sorted(exc.errors(), key=lambda err: (err["type"] != "extra_forbidden", -len(err["loc"])))
-        raise _to_api_error(model, errors[0]) from None
+        raise _refusal(model, errors[0]) from None
 
 
 def _path(loc):
@@ -226,37 +181,37 @@ def _path(loc):
     return ".".join(str(part) for part in parts) or None
 
 
-def _to_api_error(model, err):
+def _refusal(model, err):
     param = _path(err["loc"])
     kind = err["type"]
     if kind == "union_tag_not_found":
-        return APIError(400, f"{param}.type is required", "missing", f"{param}.type")
+        return BadRequest(f"{param}.type is required", "missing", f"{param}.type")
     if kind == "union_tag_invalid":
         tags = err["ctx"]["expected_tags"]
-        return APIError(400, f"{param}.type must be one of {tags}", "invalid_value", f"{param}.type")
+        return BadRequest(f"{param}.type must be one of {tags}", "invalid_value", f"{param}.type")
     if kind == "missing":
-        return APIError(400, f"{param} is required", "missing", param)
+        return BadRequest(f"{param} is required", "missing", param)
     if kind == "extra_forbidden":
         allowed = ", ".join(model.model_fields)
-        return APIError(400, f"unknown field '{param}'; allowed fields: {allowed}", "unknown_field", param)
+        return BadRequest(f"unknown field '{param}'; allowed fields: {allowed}", "unknown_field", param)
     if kind in TYPE_NAMES:
-        return APIError(400, f"{param} must be {TYPE_NAMES[kind]}", "invalid_type", param)
-    return APIError(400, f"{param}: {err['msg']}", "invalid_value", param)
+        return BadRequest(f"{param} must be {TYPE_NAMES[kind]}", "invalid_type", param)
+    return BadRequest(f"{param}: {err['msg']}", "invalid_value", param)
 
 
 def query_int(text, name, low, high):
     """A query parameter as an integer in [low, high]: ASCII digits only (int() also takes "٣"), else 400."""
     if not (text.isascii() and text.isdigit() and len(text) <= 9) or not low <= int(text) <= high:
-        raise APIError(400, f"{name} must be an integer between {low} and {high}", "out_of_range", name)
+        raise BadRequest(f"{name} must be an integer between {low} and {high}", "out_of_range", name)
     return int(text)
 
 
 def check_range(name, value, low, high, integer=False, low_open=False):
-    """Raise APIError 400 unless low <= value <= high (low < value if low_open)."""
+    """BadRequest unless low <= value <= high (low < value if low_open)."""
     if not (low < value if low_open else low <= value) or value > high:
         kind = "an integer" if integer else "a number"
         span = f"greater than {low} and at most {high}" if low_open else f"between {low} and {high}"
-        raise APIError(400, f"{name} must be {kind} {span}", "out_of_range", name)
+        raise BadRequest(f"{name} must be {kind} {span}", "out_of_range", name)
     return value
 
 

@@ -5,14 +5,10 @@ table. Every label value comes from a fixed set: the route is the matched
 rule (or "unmatched"), the method one of HTTP's (else "other"), the status
 one the app answers with, the model a served model's name from the settings
 (never the name a client sent). The engine records generation figures here; the app records HTTP ones.
-/metrics is served without a token: nginx allows it only from configured
-addresses, and gunicorn listens on a unix socket only nginx can reach.
+/metrics (service.api.health) exposes them.
 """
 
-from flask import Blueprint, Response
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, Info, generate_latest
-
-from service.admission.access import public
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -65,16 +61,6 @@ REASONS = {
 }
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-
-bp = Blueprint("metrics", __name__)
-
-
-@bp.get("/metrics")
-@public
-def metrics():
-    """The Prometheus text exposition."""
-    return Response(generate_latest(), mimetype=CONTENT_TYPE_LATEST)
-
 
 def refusal_reason(status, code):
     """The refusal label of an error response, or None for a success or a server error."""

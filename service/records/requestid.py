@@ -1,30 +1,36 @@
-"""The request id: taken from nginx's X-Request-ID when sane, else generated; echoed back."""
+"""The request id: taken from nginx's X-Request-ID when sane, else generated; on every log line of its request.
 
+The HTTP edge binds each request's id (`bind`) in the thread serving it; log
+records carry it (`RequestIdFilter`), and so can code with no request at
+hand. Outside a request it is "-".
+"""
+
+import contextvars
 import logging
 import re
 import uuid
 
-from flask import g
-
 HEADER = "X-Request-ID"
 # What a client may choose: short, printable, no spaces (it ends up in logs).
 VALID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_current = contextvars.ContextVar("request_id", default="-")
 
 
 def current():
     """The id of the request being served, or '-' outside a request."""
-    record = g.get("record") if g else None
-    return record.request_id if record is not None else "-"
+    return _current.get()
+
+
+def bind(request_id):
+    """Make `request_id` the current one, in this thread's context."""
+    _current.set(request_id)
 
 
 class RequestIdFilter(logging.Filter):
     """Adds `request_id` to every log record, so log lines can be joined to requests."""
 
     def filter(self, record):
-        try:
-            record.request_id = current()
-        except RuntimeError:  # outside an app context
-            record.request_id = "-"
+        record.request_id = current()
         return True
 
 
@@ -32,12 +38,3 @@ def choose(headers):
     """nginx's X-Request-ID when it is sane, else a new one (it is only ever a log and lookup key)."""
     given = headers.get(HEADER, "")
     return given if VALID.fullmatch(given) else uuid.uuid4().hex
-
-
-def _echo(response):
-    response.headers[HEADER] = current()
-    return response
-
-
-def init_app(app):
-    app.after_request(_echo)

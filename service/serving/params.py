@@ -1,0 +1,49 @@
+"""Generation parameters: the client's values, the settings' defaults, the bounds, as one `Params`."""
+
+from dataclasses import dataclass
+
+from service.errors import BadRequest
+from service.inputs.schemas import SEED_RANGE, check_range
+
+MAX_STOPS, MAX_STOP_CHARS = 4, 64
+
+
+@dataclass
+class Params:
+    """Generation parameters after defaults and bounds are applied."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stop: tuple = ()
+    seed: int | None = None
+    sized: bool = False  # max_new_tokens is the server's choice, sized to the deadline (pipeline.fit_deadline)
+
+    @classmethod
+    def stored(cls, values):
+        """Params from their stored (JSON) form: a batch line's."""
+        return cls(**{**values, "stop": tuple(values.get("stop") or ())})
+
+
+def resolve(settings, max_new_tokens=None, temperature=None, top_p=None, stop=(), seed=None,
+            tokens_name="max_new_tokens"):
+    """Fill defaults from settings and check bounds; BadRequest when out of range."""
+    limit = settings.max_new_tokens_limit
+    return Params(
+        stop=tuple(stop), seed=None if seed is None else check_range("seed", seed, *SEED_RANGE, integer=True),
+        max_new_tokens=check_range(tokens_name, settings.default_max_new_tokens
+                                   if max_new_tokens is None else max_new_tokens, 1, limit, integer=True),
+        temperature=float(check_range("temperature", settings.default_temperature
+                                      if temperature is None else temperature, 0.0, 2.0)),
+        top_p=float(check_range("top_p", settings.default_top_p if top_p is None else top_p, 0.0, 1.0,
+                                low_open=True)),
+    )
+
+
+def stops(stop):
+    """Chat's `stop` (a string, a list of them, or None) as a list; BadRequest past its bounds."""
+    given = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(given) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in given):
+        raise BadRequest(f"stop must be at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} "
+                         "characters", "invalid_value", "stop")
+    return given

@@ -1,0 +1,174 @@
+"""The one pipeline every generation runs, live or a batch line: cache, admit, submit, settle.
+
+- `cached`: the response cache; a hit is the answer and costs no budget.
+- `admit`: the caller's budget lease (service.admission.budget) on their
+  concurrency slots (a batch line's are its own).
+- `submit`: the served model's engine queue.
+- `settle`: the lease released to what the result used, the job's usage
+  set from it, and a whole answer cached.
+
+`answer` does all four for a whole answer and waits for it; a stream
+(service.api.streaming) and the batch runner (service.batches.runner) call
+`start` and `settle` around their own waiting. Every refusal is typed
+(service.errors); nothing here knows HTTP.
+"""
+
+import dataclasses
+import time
+
+from service.admission import budget
+from service.errors import BadRequest, ClientGone, DeadlineExceeded, Unavailable
+from service.inference.engine import GenerationRequest, NotReady, QueueFull
+from service.records.accounting import Usage
+from service.serving import cache
+
+RETRY_LOADING_S = 5  # seconds a client should wait before retrying while a model loads
+RETRY_FULL_S = 2  # ... while the engine's queue is full
+DEADLINE_SHARE = 0.8  # of the deadline a sized answer may plan to use: the rest is margin (queue, slower steps)
+SIZED_CUT_SHARE = 0.9  # of the deadline at which a server-sized answer ends as "length" if the plan was optimistic
+CLIENT_CHECK_S = 0.25  # how often a whole answer looks whether its client is still there
+CANCEL_WAIT_S = 30  # for the engine to drop a cancelled row (one decode step)
+MARGIN_S = 30  # past its deadline, how long a whole answer waits for the engine to let go
+
+
+def cached(state, job):
+    """The cached answer of `job` (then it is the job's usage, marked cached), or None; the job's `cache` says
+    which, when it could be cached."""
+    job.cache_key = cache.key(state.settings, job.served, job.caller.user, job.ids, job.params) \
+        if state.cache else None
+    if job.cache_key is None:
+        return None
+    hit = state.cache.lookup(job.cache_key)
+    job.cache = "miss" if hit is None else "hit"
+    if hit is not None:
+        job.usage = dataclasses.replace(Usage.of(hit), cached=True)
+    return hit
+
+
+def admit(state, job, deadline_s):
+    """The caller's budget lease for `job` (prompt + max_new_tokens), held at most `deadline_s` (and a
+    margin); NoSlot or OverBudget when refused. Admitted, the job owes a usage row whatever happens next."""
+    settings = state.settings
+    job.lease = budget.admit(state.counters, job.caller.user, job.caller.limits(settings),
+                             len(job.ids) + job.params.max_new_tokens, deadline_s,
+                             fail_open=settings.ratelimit_fail_open, slots=job.caller.slots)
+    job.usage = Usage()
+    return job.lease
+
+
+def submit(job, deadline_s):
+    """Queue `job` on its model's engine, to end within `deadline_s`; the handle, or Unavailable."""
+    engine, params = job.served.engine, job.params
+    request = GenerationRequest(job.ids, params.max_new_tokens, params.temperature, params.top_p,
+                                deadline=time.monotonic() + deadline_s, stop=params.stop, seed=params.seed)
+    try:
+        return engine.submit(request)
+    except NotReady:
+        raise not_ready(engine) from None
+    except QueueFull:
+        raise Unavailable("server is at capacity: the generation queue is full; retry shortly", "queue_full",
+                          retry_after=RETRY_FULL_S) from None
+
+
+def start(state, job, deadline_s):
+    """Admit and submit `job`: its handle. A refusal after admission settles the lease before it raises."""
+    admit(state, job, deadline_s)
+    try:
+        return submit(job, deadline_s)
+    except BaseException:
+        settle(state, job, None)
+        raise
+
+
+def settle(state, job, result):
+    """Release the job's lease to what `result` used (nothing if None), make it the job's usage, and cache a
+    whole answer of a cacheable job."""
+    job.usage = Usage.of(result)
+    budget.release(state.counters, job.lease, job.usage.total)
+    if job.cache_key is not None:
+        state.cache.store(job.cache_key, result)
+    return job.usage
+
+
+def answer(state, job, gone=lambda: False):
+    """Admit, generate to the end and settle: the result, or NoSlot, OverBudget, Unavailable,
+    DeadlineExceeded, or ClientGone (when `gone()` says the client left)."""
+    deadline_s, settings = deadline_left(state.settings, job), state.settings
+    handle = start(state, job, deadline_s * SIZED_CUT_SHARE if job.params.sized else deadline_s)
+    result, left = None, False
+    try:
+        until = time.monotonic() + deadline_s + MARGIN_S  # the engine stops it at its deadline: one slow step
+        while result is None and time.monotonic() < until:
+            try:
+                result = handle.result(timeout=CLIENT_CHECK_S)
+            except TimeoutError:
+                if gone():  # nobody will read the answer: free its batch row now
+                    handle.cancel()
+                    left = True
+                    result = handle.result(timeout=CANCEL_WAIT_S)
+        if result is None:
+            handle.cancel()
+    except TimeoutError:  # cancelled, but the engine did not let go in time: count nothing more
+        pass
+    finally:
+        settle(state, job, result)
+    if left:
+        raise ClientGone("the client closed the connection before the answer was ready", "client_closed_request")
+    return outcome(job, result, settings.request_deadline_s)
+
+
+def outcome(job, result, deadline_s):
+    """The answer of a finished generation, or DeadlineExceeded when the deadline (or a cancel) cut it; a
+    server-sized answer cut by its deadline ends as "length" instead: the server chose its length."""
+    if job.params.sized and result is not None and result.finish_reason == "timeout":
+        return dataclasses.replace(result, finish_reason="length")
+    if result is None or result.finish_reason in ("timeout", "cancelled"):
+        raise deadline_error(deadline_s, result.completion_tokens if result else 0)
+    return result
+
+
+def fit_deadline(state, job):
+    """Size a whole (non-streamed) answer to its deadline at the engine's measured speed.
+
+    Not asked for (`job.asked` None): the default, lowered to what fits (finish_reason "length" if reached).
+    Such a sized answer is also ended as "length" if the deadline comes first (the measured speed was
+    optimistic: longer contexts, a busier machine): the server chose its length, so it never 504s.
+    Asked for more than fits: BadRequest at once, saying how many fit, rather than a minute of compute
+    thrown away for a 504. Until the engine has measured its speed, lengths are left as they are."""
+    engine, settings, params = job.served.engine, state.settings, job.params
+    fit = engine.tokens_within(deadline_left(settings, job) * DEADLINE_SHARE, len(job.ids))
+    if job.asked is None:
+        params = dataclasses.replace(params, sized=True)
+    if fit is not None and params.max_new_tokens > fit:
+        if job.asked is not None:
+            rate, _ = engine.speed_now()
+            raise BadRequest(
+                f"{job.tokens_name} {params.max_new_tokens} cannot finish within the "
+                f"{settings.request_deadline_s:g} s deadline of a whole answer at this server's measured speed "
+                f"(about {rate:.1f} tokens/s per request now): at most {fit} fit. Ask for fewer, or stream the "
+                f"answer (/v1/chat/completions with \"stream\": true, up to {settings.stream_deadline_s:g} s)",
+                "exceeds_deadline", job.tokens_name)
+        params = dataclasses.replace(params, max_new_tokens=max(1, fit))
+    job.params = params
+    return job
+
+
+def deadline_left(settings, job):
+    """Seconds of a whole answer's deadline left to its generation: reading its documents took the rest
+    (service.serving.attachments); at least one."""
+    return max(1.0, settings.request_deadline_s - sum(document.seconds for document in job.documents))
+
+
+def deadline_error(deadline_s, done):
+    """DeadlineExceeded for a generation cut by its deadline of `deadline_s` after `done` tokens."""
+    return DeadlineExceeded(f"generation passed the {deadline_s:g} s deadline after {done} tokens; ask for "
+                            "fewer tokens, or stream the answer", "deadline_exceeded")
+
+
+def not_ready(engine):
+    """Unavailable for a model that is loading, or failed to load."""
+    if engine.state == "failed":
+        return Unavailable(f"model {engine.name!r} failed to load; see the service log", "model_failed",
+                           retry_after=RETRY_LOADING_S * 6)
+    return Unavailable(f"model {engine.name!r} is loading; retry shortly", "model_loading",
+                       retry_after=RETRY_LOADING_S)
