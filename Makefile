@@ -95,14 +95,14 @@ test-load: install system-deps
 
 bench: install
 	$(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/python bench/throughput.py
-	$(BIN)/python bench/refusals.py
-	$(BIN)/python bench/modes.py
-	$(BIN)/python bench/batches.py
-	$(BIN)/python bench/prefill.py
-	$(BIN)/python bench/cache.py
-	$(BIN)/python bench/documents.py
-	$(BIN)/python bench/slowclients.py
+	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.refusals
+	$(BIN)/python -m bench.modes
+	$(BIN)/python -m bench.batches
+	$(BIN)/python -m bench.prefill
+	$(BIN)/python -m bench.cache
+	$(BIN)/python -m bench.documents
+	$(BIN)/python -m bench.slowclients
 
 # Real size against llama.cpp (bench/realsize.py): builds llama.cpp under var/llama once (cmake and g++;
 # minutes) and the 3.1 GB random-weight model under var/bench-model; then about 15 minutes.
@@ -111,7 +111,7 @@ bench-real: install
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++ >/dev/null; \
 	  else echo "cmake and g++ are missing: install them"; exit 1; fi; }
-	$(BIN)/python bench/realsize.py
+	$(BIN)/python -m bench.realsize
 
 # What ansible/ deploys: the project wheel, and for offline servers a
 # wheelhouse of every dependency (torch's CPU build included; TORCH_VARIANT=cuda

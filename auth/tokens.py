@@ -11,8 +11,8 @@ from datetime import timedelta
 
 import jwt
 
+from auth.checks import check_text
 from auth.errors import StoreError
-from auth.store import check_text
 from auth.keys import ALGORITHM
 
 SCOPES = ("generate", "admin")

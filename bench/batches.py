@@ -1,7 +1,7 @@
 """Batch jobs against the same questions sent one after another, and interactive time to first token with
 and without a batch running.
 
-    python bench/batches.py [--preset tiny|vibethinker-1.5b] [--dtype float32|bfloat16] [--lines 32]
+    python -m bench.batches [--preset tiny|vibethinker-1.5b] [--dtype float32|bfloat16] [--lines 32]
                             [--tokens 64] [--probes 8]
 
 Starts the service (real gunicorn, memory:// counters) on the preset's random-weight model and, side by
@@ -27,7 +27,9 @@ import time
 from pathlib import Path
 
 import requests
-from harness import cached_demo_model, free_port, start_service
+
+from bench.harness import cached_demo_model, start_service
+from tests.support.servers import free_port
 
 MODEL = "VibeThinker-1.5B"
 

@@ -1,6 +1,6 @@
 """The answer time of a response-cache hit against a miss, through real gunicorn and Redis.
 
-    python bench/cache.py [--questions 8] [--tokens 64] [--preset tiny|vibethinker-1.5b]
+    python -m bench.cache [--questions 8] [--tokens 64] [--preset tiny|vibethinker-1.5b]
 
 Starts the service with `cache = "user"` (tiny demo model by default; real
 Redis on a unix socket), asks each of N different greedy questions twice, in
@@ -18,7 +18,10 @@ import time
 from pathlib import Path
 
 import requests
-from harness import cached_demo_model, free_port, start_redis, start_service, stop_all
+
+from bench.harness import cached_demo_model, start_service, stop_all
+from tests.support.databases import start_redis
+from tests.support.servers import free_port
 
 
 def ask(base, auth, question, tokens):

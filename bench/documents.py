@@ -1,6 +1,6 @@
 """How long reading a document takes: a PDF's text layer, OCR of a photo and of a scanned page.
 
-    python bench/documents.py [--repeats 5]
+    python -m bench.documents [--repeats 5]
 
 Reads documents written here (fpdf2 and Pillow, as the tests write them) in
 this process, as a reading process does (service.inputs.documents.extract),
@@ -16,16 +16,14 @@ import argparse
 import io
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy
 from PIL import Image, ImageDraw, ImageFont
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from service.inputs import documents  # noqa: E402
-from tests import makedocs  # noqa: E402
+
+from service.inputs import documents, extraction
+from tests.support import makedocs
 
 LIMITS = documents.Limits(64 << 20, 100, 400_000_000, 600)
 
@@ -69,7 +67,7 @@ def main():
     want = "".join(makedocs.EQUATION.split())
     for name, engine in (("rapidocr_default", default), ("service", ours)):
         ms, found = median_ms(lambda: engine(pixels)[0], args.repeats)
-        read = "".join(" ".join(t for _, t in line) for line in documents.lines(found or ()))
+        read = "".join(" ".join(t for _, t in line) for line in extraction.lines(found or ()))
         figures[f"{name}_photo_ms"], figures[f"{name}_reads_it_right"] = ms, "".join(read.split()) == want
     figures["service_speedup_over_default"] = round(figures["rapidocr_default_photo_ms"]
                                                     / figures["service_photo_ms"], 1)

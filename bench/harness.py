@@ -1,25 +1,17 @@
-"""What the bench scripts share: a free port, the demo model, a running service with a token, slow clients."""
+"""What the bench scripts alone share: the demo model, a running service with a token, stopping it all.
+
+What the tests use too (a free port, Redis, nginx, slow clients) lives in tests/support.
+"""
 
 import os
 import shutil
-import socket
-import ssl
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.support.servers import BIN, ROOT
 
 
 def wait_ready(url, timeout=120):
@@ -45,24 +37,6 @@ def cached_demo_model(preset):
     """The preset's random-weight model under var/, built on first use (the full size takes minutes and 3.1 GB)."""
     out = ROOT / "var" / ("bench-tiny" if preset == "tiny" else "bench-model")
     return out if (out / "config.json").is_file() else build_demo_model(out, preset)
-
-
-def start_redis(work, *options):
-    """A redis-server on a unix socket under `work`, as production runs it: (process, storage URI).
-    `options`: more of redis-server's arguments (["--maxmemory", "2mb"])."""
-    binary = shutil.which("redis-server")
-    if not binary:
-        raise SystemExit("redis-server is missing: install Debian's redis-server (make test does, as root)")
-    sock = Path(work) / "redis.sock"
-    proc = subprocess.Popen([binary, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
-                             "--save", "", "--appendonly", "no", "--dir", str(work), *options],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 15
-    while not sock.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("redis-server did not start")
-        time.sleep(0.05)
-    return proc, f"redis+unix://{sock}"
 
 
 def start_service(work, model_dir, port, user_options, **settings):
@@ -95,80 +69,3 @@ def stop_all(procs, work):
             proc.terminate()
             proc.wait(timeout=60)
     shutil.rmtree(work, ignore_errors=True)
-
-
-class SlowBodies:
-    """TLS connections to nginx on 127.0.0.1:`port` that each send a request's headers, declaring a large body,
-    then one body byte every `every_s` seconds: the slow uploads that once held every app thread. Connection i
-    comes from 127.0.0.(2 + i % addresses), so per-address limits see many clients. `requests` are (path,
-    headers) pairs, used in turn."""
-
-    def __init__(self, port, requests_, count, every_s=2.0, addresses=50, declared=10_000_000):
-        self.port, self.requests, self.count, self.every_s = port, requests_, count, every_s
-        self.addresses, self.declared, self.socks, self.dropped = addresses, declared, [], 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._trickle, daemon=True)
-
-    def open(self):
-        context = ssl.create_default_context()
-        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-        for i in range(self.count):
-            path, headers = self.requests[i % len(self.requests)]
-            raw = socket.socket()
-            raw.bind((f"127.0.0.{2 + i % self.addresses}", 0))
-            raw.settimeout(10)
-            raw.connect(("127.0.0.1", self.port))
-            sock = context.wrap_socket(raw, server_hostname="localhost")
-            lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: localhost\r\n{lines}"
-                         f"Content-Length: {self.declared}\r\n\r\n".encode())
-            self.socks.append(sock)
-        self._thread.start()
-        return self
-
-    def _trickle(self):
-        while not self._stop.wait(self.every_s):
-            for sock in list(self.socks):
-                try:
-                    sock.sendall(b"x")
-                except OSError:
-                    self.socks.remove(sock)
-                    self.dropped += 1
-
-    @property
-    def alive(self):
-        return len(self.socks)
-
-    def close(self):
-        self._stop.set()
-        self._thread.join(timeout=self.every_s + 5)
-        for sock in self.socks:
-            sock.close()
-
-
-def slow_requests(auth):
-    """The slow bodies that once held the app's threads: uploads and chat bodies, without a token and with
-    `auth` (Authorization headers)."""
-    multipart, json_body = {"Content-Type": "multipart/form-data; boundary=b"}, {"Content-Type": "application/json"}
-    return [("/v1/files", multipart), ("/v1/files", {**multipart, **auth}),
-            ("/v1/chat/completions", json_body), ("/v1/chat/completions", {**json_body, **auth})]
-
-
-def probe_latencies(base, cert, token, seconds):
-    """Durations of /healthz and an authenticated /v1/me, in turn, for `seconds`, on one kept-alive connection;
-    each must answer 200."""
-    durations, stop = [], time.monotonic() + seconds
-    with requests.Session() as session:
-        while time.monotonic() < stop:
-            for path, headers in (("/healthz", {}), ("/v1/me", {"Authorization": f"Bearer {token}"})):
-                started = time.monotonic()
-                answer = session.get(base + path, headers=headers, verify=cert, timeout=15)
-                durations.append(time.monotonic() - started)
-                assert answer.status_code == 200, answer.text
-    return durations
-
-
-def p99(seconds):
-    """The 99th percentile of a list of durations."""
-    ordered = sorted(seconds)
-    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]

@@ -1,6 +1,6 @@
 """llama.cpp as the anchor on the same weights: built from source once, the model converted to GGUF.
 
-    python bench/llamacpp.py [--model-dir var/bench-model]   # build, convert, quantise; print the paths
+    python -m bench.llamacpp [--model-dir var/bench-model]   # build, convert, quantise; print the paths
 
 llama.cpp is the copy vendored in llama-cpp-python's source package (pinned
 below; `pip download` fetches it from PyPI). Two builds are cached under
@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness import ROOT
+from tests.support.servers import ROOT
 
 VERSION = "0.3.36"
 HOME = ROOT / "var" / "llama"

@@ -1,6 +1,6 @@
 """Numeric modes side by side: speed against the memory-bandwidth floor, load cost, and quality.
 
-    python bench/modes.py [--preset tiny|vibethinker-1.5b | --model-dir PATH] [--steps 8] [--prefill 256]
+    python -m bench.modes [--preset tiny|vibethinker-1.5b | --model-dir PATH] [--steps 8] [--prefill 256]
 
 Each mode (float32, bfloat16, bfloat16 with float32 prefill, int8 converted at
 load, and int8 from a folder `vibethinker-admin model convert` wrote) loads in
@@ -32,9 +32,8 @@ import threading
 import time
 from pathlib import Path
 
-from harness import BIN, ROOT, cached_demo_model
-
-sys.path.insert(0, str(ROOT))
+from bench.harness import cached_demo_model
+from tests.support.servers import BIN, ROOT
 
 MODES = {"float32": ("float32", "none", "off"), "bfloat16": ("bfloat16", "none", "off"),
          "bfloat16+float32-prefill": ("bfloat16", "none", "on"), "int8": ("float32", "int8", "off"),
@@ -65,7 +64,8 @@ def measure(model_dir, mode, steps, prefill, reference_file, threads):
 
     from service.inference import model
     from service.inference.batching import Batch
-    from service.inference.engine import Engine, Generation, GenerationRequest
+    from service.inference.engine import Engine
+    from service.inference.generation import Generation, GenerationRequest
 
     torch.set_num_threads(threads)
     dtype, quantization, prefill_float32 = MODES[mode]
@@ -257,7 +257,7 @@ def main():
     with tempfile.TemporaryDirectory() as work:
         reference = Path(work) / "float32.json"
         for mode in modes:
-            out = subprocess.run([sys.executable, __file__, "--one", mode, "--reference", str(reference),
+            out = subprocess.run([sys.executable, "-m", "bench.modes", "--one", mode, "--reference", str(reference),
                                   "--steps", str(args.steps), "--prefill", str(args.prefill),
                                   "--model-dir", str(model_dir)], cwd=ROOT, check=True, capture_output=True,
                                  text=True)

@@ -1,6 +1,6 @@
 """Chunked prefill: how running streams fare while a long prompt joins, chunked against in one pass.
 
-    python bench/prefill.py [--preset tiny|vibethinker-1.5b] [--dtype bfloat16] [--streams 4] [--prompt 4000]
+    python -m bench.prefill [--preset tiny|vibethinker-1.5b] [--dtype bfloat16] [--streams 4] [--prompt 4000]
 
 In one process, one engine: `--streams` greedy streams run, then a prompt of
 about `--prompt` tokens joins. Measured over the streams' tokens from the
@@ -13,17 +13,14 @@ as the prompt), and print one JSON line per run and one with the ratios.
 
 import argparse
 import json
-import sys
 import threading
 import time
 
-from harness import ROOT, cached_demo_model
-
-sys.path.insert(0, str(ROOT))
+from bench.harness import cached_demo_model
 
 
 def run(engine, streams, prompt_ids, chunked):
-    from service.inference.engine import GenerationRequest
+    from service.inference.generation import GenerationRequest
 
     if not chunked:
         engine.chunk_tokens = lambda running: 10**9  # every prefill in one pass

@@ -1,6 +1,6 @@
 """Real-size speed: the service against llama.cpp and the seed-style server on the same weights.
 
-    python bench/realsize.py [--tokens 64] [--rounds 3] [--clients 1,4,16] [--threads 2]
+    python -m bench.realsize [--tokens 64] [--rounds 3] [--clients 1,4,16] [--threads 2]
 
 On the `vibethinker-1.5b` preset (random weights of VibeThinker-1.5B's shape,
 built into var/bench-model on first use), with the same threads for all:
@@ -24,7 +24,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -32,11 +31,11 @@ from urllib.parse import urlsplit
 
 import requests
 
-import llamacpp
-from harness import BIN, ROOT, cached_demo_model, free_port, start_redis, start_service, stop_all, wait_ready
-from throughput import chat_question, goal, load
-
-sys.path.insert(0, str(ROOT))
+from bench import llamacpp
+from bench.harness import cached_demo_model, start_service, stop_all, wait_ready
+from bench.throughput import chat_question, goal, load
+from tests.support.databases import start_redis
+from tests.support.servers import BIN, ROOT, free_port
 
 
 def int8_folder(model_dir):

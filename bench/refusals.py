@@ -1,6 +1,6 @@
 """The cost of refusing: requests per second that real gunicorn answers with 401 and 429.
 
-    python bench/refusals.py [--seconds 5] [--clients 8]
+    python -m bench.refusals [--seconds 5] [--clients 8]
 
 Starts the service (tiny demo model, real Redis on a unix socket when
 redis-server is installed, else memory://) and, side by side in one run,
@@ -12,14 +12,16 @@ the ratios to /healthz are the figures to compare across machines.
 import argparse
 import json
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import requests
-from harness import build_demo_model, free_port, start_service, stop_all
+
+from bench.harness import build_demo_model, start_service, stop_all
+from tests.support.databases import start_redis
+from tests.support.servers import free_port
 
 
 def drive(url, headers, body, seconds, clients, expect):
@@ -52,11 +54,8 @@ def main():
         model_dir = build_demo_model(work / "model")
         storage = "memory://"
         if shutil.which("redis-server"):
-            procs.append(subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", str(work / "redis.sock"),
-                                           "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL))
-            while not (work / "redis.sock").exists():
-                time.sleep(0.05)
-            storage = f"redis+unix://{work / 'redis.sock'}"
+            redis, storage = start_redis(work)
+            procs.append(redis)
         port = free_port()
         proc, auth = start_service(work, model_dir, port, ["--rate-limit", "1/hour"],
                                    VIBE_RATELIMIT_STORAGE_URI=storage,

@@ -1,6 +1,6 @@
 """What slow clients cost the others: p99 of /healthz and /v1/me through nginx, without and with slow bodies.
 
-    python bench/slowclients.py [--slow 100] [--seconds 8]
+    python -m bench.slowclients [--slow 100] [--seconds 8]
 
 Starts real Redis, gunicorn (tiny demo model, default threads) and nginx
 (the project's template, a certificate made here), then, side by side in one
@@ -13,16 +13,15 @@ ratio of the two p99s is the figure to compare across machines.
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from harness import (ROOT, SlowBodies, build_demo_model, free_port, p99, probe_latencies, slow_requests, start_redis,
-                     start_service, stop_all)
-
-sys.path.insert(0, str(ROOT))
-from tests.test_nginx import Nginx, make_certificate, render  # noqa: E402 - the tests' own nginx set-up
+from bench.harness import build_demo_model, start_service, stop_all
+from tests.support.databases import start_redis
+from tests.support.nginx import Nginx, make_certificate, render  # the tests' own nginx set-up
+from tests.support.servers import free_port
+from tests.support.slowclients import SlowBodies, p99, probe_latencies, slow_requests
 
 
 def main():

@@ -1,6 +1,6 @@
 """Throughput, overhead and time to first token of the service, next to a seed-style baseline.
 
-    python bench/throughput.py [--requests 3] [--tokens 64] [--rounds 3] [--real]
+    python -m bench.throughput [--requests 3] [--tokens 64] [--rounds 3] [--real]
 
 On the tiny demo model, in one run on this machine, prints JSON lines:
 1. aggregate tokens/s at 1, 4, 8 and 16 concurrent clients: the service
@@ -27,7 +27,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,10 +35,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
-from harness import (BIN, ROOT, build_demo_model, cached_demo_model, free_port, start_redis, start_service,
-                     stop_all, wait_ready)
 
-sys.path.insert(0, str(ROOT))
+from bench.harness import build_demo_model, cached_demo_model, start_service, stop_all, wait_ready
+from tests.support.databases import start_redis
+from tests.support.servers import BIN, ROOT, free_port
 
 
 CLIENTS = (1, 4, 8, 16)
@@ -139,7 +138,8 @@ def overhead(model_dir, port, headers, samples=200):
     any request here: HTTP, gunicorn, Flask and the app's hooks.
     """
     from service.inference import model
-    from service.inference.engine import Engine, GenerationRequest
+    from service.inference.engine import Engine
+    from service.inference.generation import GenerationRequest
     from service.inference.model import chat_messages
     from service.settings import Settings
 
@@ -215,7 +215,8 @@ def ttft(url, headers, clients=16, tokens=64):
 def real_size(tokens=8):
     """Aggregate tokens/s at batch 1 and 4 on the full-size preset, in process."""
     from service.inference import model
-    from service.inference.engine import Engine, GenerationRequest
+    from service.inference.engine import Engine
+    from service.inference.generation import GenerationRequest
     from service.inference.model import chat_messages
 
     model_dir = cached_demo_model("vibethinker-1.5b")

@@ -11,7 +11,7 @@ from urllib.parse import quote
 import pytest
 import yaml
 
-from conftest import ROOT
+from tests.support.servers import ROOT
 
 BIN = Path(sys.executable).parent
 

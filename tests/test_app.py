@@ -7,7 +7,7 @@ import pytest
 
 from auth import keys
 from auth.tokens import issue_token
-from service.admission.access import public
+from service.api.access import public
 from service.app import create_app
 from service.inference.engine import Engine
 from service.settings import load_settings

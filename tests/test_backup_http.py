@@ -9,7 +9,8 @@ import openai
 import pytest
 import requests
 
-from tests.test_batches_http import chat_line, jsonl, user_token, wait
+from tests.support.batches import chat_line, jsonl, wait
+from tests.support.tokens import user_token
 
 pytestmark = pytest.mark.slow
 TABLES = ("users", "tokens", "audit", "usage", "files", "batches", "batch_lines")

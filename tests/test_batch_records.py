@@ -10,10 +10,10 @@ from datetime import timedelta
 
 import pytest
 
-from auth.schema import file_chunks
+from service.batches.tables import file_chunks
 from auth.store import Store
 from service.batches.records import CHUNK, BatchRecords, now
-from service.errors import APIError
+from service.errors import Refusal, status_of
 
 
 @pytest.fixture
@@ -40,16 +40,16 @@ def test_a_file_uploaded_on_one_server_is_read_whole_on_the_other(two_servers, s
         assert handle.read() == data
     assert b.get_file(meta["id"], "alice", False)["filename"] == "in.jsonl"
     b.delete_file(meta["id"], "alice", False)
-    with pytest.raises(APIError) as gone:
+    with pytest.raises(Refusal) as gone:
         a.get_file(meta["id"], "alice", False)
-    assert gone.value.status == 404
+    assert status_of(gone.value) == 404
 
 
 def test_a_file_over_the_limit_is_refused_and_nothing_is_kept(two_servers):
     a, _ = two_servers
-    with pytest.raises(APIError) as refused:
+    with pytest.raises(Refusal) as refused:
         a.add_file("alice", "batch", "big.jsonl", io.BytesIO(b"x" * 3000), limit=2048)
-    assert refused.value.status == 413
+    assert status_of(refused.value) == 413
     assert a.list_files("alice", False) == []
     assert os.listdir(a.dir) == []  # the spool is gone too
 

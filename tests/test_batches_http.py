@@ -10,41 +10,14 @@ import pytest
 import requests
 
 from auth.store import Store
+from tests.support.batches import MODEL, chat_line, jsonl, wait
+from tests.support.tokens import user_token
 
 pytestmark = pytest.mark.slow
-MODEL = "VibeThinker-1.5B"
-DONE = ("completed", "failed", "cancelled", "expired")
 
 
 def client_of(server, token=None):
     return openai.OpenAI(base_url=server.url("/v1"), api_key=token or server.token, max_retries=0, timeout=60)
-
-
-def jsonl(items):
-    return io.BytesIO("".join(json.dumps(item) + "\n" for item in items).encode())
-
-
-def chat_line(i, max_tokens=6, **body):
-    return {"custom_id": f"problem-{i}", "method": "POST", "url": "/v1/chat/completions",
-            "body": {"model": MODEL, "messages": [{"role": "user", "content": f"Problem {i}: what is {i} + {i}?"}],
-                     "max_tokens": max_tokens, "temperature": 0, **body}}
-
-
-def wait(client, batch_id, timeout=120, until=DONE):
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        batch = client.batches.retrieve(batch_id)
-        seen.append((batch.status, batch.request_counts.completed))
-        if batch.status in until:
-            return batch, seen
-        time.sleep(0.2)
-    raise AssertionError(f"batch {batch_id} still {seen[-1]} after {timeout} s")
-
-
-def user_token(server, name, *options):
-    server.cli("users", "add", name, *options)
-    return server.cli("tokens", "issue", name).stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")

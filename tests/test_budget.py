@@ -8,7 +8,7 @@ import pytest
 
 from service.admission import budget
 from service.admission.counters import MemoryCounters, RedisCounters, StorageUnavailable
-from service.errors import APIError
+from service.errors import Refusal, status_of
 
 NOW = datetime(2026, 12, 1, 23, 0, tzinfo=timezone.utc)
 
@@ -39,9 +39,9 @@ def test_a_lease_reserves_then_settles_to_what_was_used(counters):
 
 def test_the_budget_refuses_what_could_pass_it_and_holds_no_slot(counters):
     admit(counters, need=900)
-    with pytest.raises(APIError) as refused:
+    with pytest.raises(Refusal) as refused:
         admit(counters, need=200)
-    assert refused.value.status == 429 and refused.value.code == "daily_token_quota_exceeded"
+    assert status_of(refused.value) == 429 and refused.value.code == "daily_token_quota_exceeded"
     assert "has 100 tokens left" in refused.value.message and refused.value.headers["x-should-retry"] == "false"
     admit(counters, need=100)  # the refused request took no slot: the second one is free
 
@@ -49,7 +49,7 @@ def test_the_budget_refuses_what_could_pass_it_and_holds_no_slot(counters):
 def test_the_concurrency_cap_counts_leases_not_client_ids(counters):
     first, second = admit(counters, need=1), admit(counters, need=1)
     assert first.member != second.member  # a random member per lease, never a request id a client chose
-    with pytest.raises(APIError) as refused:
+    with pytest.raises(Refusal) as refused:
         admit(counters, need=1)
     assert refused.value.code == "concurrency_limit_exceeded" and "2 requests running" in refused.value.message
     budget.release(counters, first, used=1)
@@ -89,7 +89,7 @@ def test_a_dead_workers_ledger_gives_back_its_slots_and_reservations(redis_serve
     budget.release(dead, settled, used=40)  # finished before the crash: counted, off the ledger
     admit(dead, need=300)
     kept = admit(alive, need=200, cap=3)
-    with pytest.raises(APIError):  # the cap of 2 is full: one lease of each worker
+    with pytest.raises(Refusal):  # the cap of 2 is full: one lease of each worker
         admit(alive, need=1)
     assert reclaim_worker(redis_server.uri, 999_999) == 1
     assert admit(alive, need=1, daily=241).total == 241  # 40 used + 200 held by the live worker + 1

@@ -12,7 +12,8 @@ import openai
 import pytest
 import requests
 
-from tests.databases import Redis
+from tests.support.databases import Redis
+from tests.support.tokens import user_token
 
 pytestmark = pytest.mark.slow
 QUESTION = [{"role": "user", "content": "What is 12 * 12?"}]
@@ -29,11 +30,6 @@ def redis(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cached(start_server, redis):
     return start_server(VIBE_RATELIMIT_STORAGE_URI=redis.uri, VIBE_CACHE="user")
-
-
-def user_token(server, name, *options):
-    server.cli("users", "add", name, *options)
-    return server.cli("tokens", "issue", name).stdout.strip().splitlines()[-1]
 
 
 def chat(server, token, messages=QUESTION, **extra):

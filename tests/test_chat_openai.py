@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from auth.store import Store
-from tests.conftest import greedy, long_messages
+from tests.support.reference import greedy, long_messages
 
 MODEL = "VibeThinker-1.5B"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 6 * 7?"}]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import admin_cli, state_env
+from tests.support.servers import admin_cli, state_env
 
 pytestmark = pytest.mark.slow  # real restarts, many CLI calls or long runs: not in make test-quick
 

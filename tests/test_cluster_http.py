@@ -19,12 +19,12 @@ import psutil
 import pytest
 import requests
 
-from auth.schema import batch_lines
+from service.batches.tables import batch_lines
 from auth.store import Store
-from tests.conftest import Server, free_port
-from tests.databases import Redis
-from tests.test_faults import Load
-from tests.test_nginx import Nginx, make_certificate, render
+from tests.support.databases import Redis
+from tests.support.load import Load
+from tests.support.nginx import Nginx, make_certificate, render
+from tests.support.servers import Server, free_port
 
 pytestmark = pytest.mark.slow  # two servers, nginx, PostgreSQL and Redis
 

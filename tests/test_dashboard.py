@@ -4,7 +4,7 @@ import json
 import re
 
 from service.records import metrics
-from tests.conftest import ROOT
+from tests.support.servers import ROOT
 
 
 def test_dashboard_queries_real_metric_names():

@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from service.inference.speed import DecodeSpeed
-from tests.conftest import long_messages
+from tests.support.reference import long_messages
 
 MODEL = "VibeThinker-1.5B"
 DEADLINE_S = 1.0

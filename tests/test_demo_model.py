@@ -31,7 +31,7 @@ def test_tiny_is_a_few_megabytes_and_says_it_is_a_demo(tiny_model):
 
 
 def test_greedy_output_depends_on_the_prompt(reference):
-    from tests.conftest import greedy
+    from tests.support.reference import greedy
 
     outputs = {greedy(reference, [{"role": "user", "content": q}], 12)[0] for q in ["a", "b", "c", "d", "e"]}
     assert len(outputs) == 5

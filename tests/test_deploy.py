@@ -1,69 +1,37 @@
 """`ansible-playbook ansible/site.yml` against a real Debian 12 host with systemd as PID 1 (`make deploy-test`).
 
 The host is booted here with systemd-nspawn in its own network namespace
-(tests/deployhost.py). The tests run in file order, as phases of one story:
+(tests/support/deployhost.py). The tests run in file order, as phases of one story:
 provision, provision again (nothing changes), check mode, use the API through
 nginx, restart, upgrade. Each phase's duration is printed at the end of the run.
 """
 
-import hashlib
 import json
 import re
 import shlex
 import shutil
-import ssl
 import subprocess
-import sys
 import time
 import tomllib
-from pathlib import Path
 
 import pytest
 import urllib3
 
-from conftest import ROOT, phase
-from deployhost import make_host, require_tools
-from tests import makedocs
+from tests.support import makedocs
+from tests.support.deploy import (SERVER_NAME, Api, build_release, build_wheel, changed_tasks, sha256,
+                                   wait_ready)
+from tests.support.deployhost import make_host, require_tools
+from tests.support.phases import phase
+from tests.support.servers import BIN, ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.deploy]
 
-BIN = Path(sys.executable).parent
-SERVER_NAME = "vibethinker.test"
 CLI = ("runuser -u vibethinker -- env VIBE_CONFIG=/etc/vibethinker/config.toml "
        "/opt/vibethinker/venv/bin/vibethinker-admin")
 # Two Redis instances (role redis): the counters' (redis-server.service) and the response cache's
 # (redis-server@cache.service).
 COUNTERS_SOCKET = "/run/redis/redis.sock"
 CACHE_SOCKET = "/run/redis-cache/redis-server-cache.sock"
-
-
-def build_wheel(out, version=None):
-    """The project wheel, from a copy of the source tree (with `version` written into pyproject.toml)."""
-    src = out / "src"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, src / name)
-    if version:
-        pyproject = src / "pyproject.toml"
-        pyproject.write_text(re.sub(r'(?m)^version = ".*"$', f'version = "{version}"', pyproject.read_text(), 1))
-    subprocess.run([BIN / "pip", "wheel", "-q", "--no-deps", "-w", out / "dist", src], check=True,
-                   capture_output=True)
-    return next((out / "dist").glob("vibethinker_service-*.whl"))
-
-
-def build_release(work):
-    """The project wheel and an offline wheelhouse of everything it needs, under `work`."""
-    wheel = build_wheel(work / "build1")
-    subprocess.run([sys.executable, ROOT / "ansible/build_wheelhouse.py", wheel, work / "wheelhouse"], check=True,
-                   capture_output=True)
-    return wheel, work / "wheelhouse"
-
-
-def sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def playbook(host, workdir, variables, *extra):
@@ -82,41 +50,6 @@ def playbook(host, workdir, variables, *extra):
         raise AssertionError(result.stdout[-6000:] + result.stderr[-2000:] + "\n--- service journal ---\n" + journal)
     counts = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", recap.group(1))}
     return counts, result.stdout
-
-
-def changed_tasks(output):
-    """Names of the tasks that reported a change, for failure messages."""
-    chunks = output.split("TASK [")[1:]
-    return [chunk.split("]", 1)[0] for chunk in chunks if "\nchanged:" in chunk]
-
-
-class Api:
-    """HTTPS through the host's nginx, by name (SNI), trusting the host's own certificate."""
-
-    def __init__(self, host, cafile):
-        context = ssl.create_default_context(cafile=str(cafile))
-        self.pool = urllib3.HTTPSConnectionPool(host.address, host.https_port, server_hostname=SERVER_NAME,
-                                                assert_hostname=SERVER_NAME, ssl_context=context, retries=False,
-                                                timeout=60, maxsize=8)
-
-    def upload(self, token, name, data):
-        """POST /v1/files, a batch input file as multipart."""
-        response = self.pool.request("POST", "/v1/files", headers={"Host": SERVER_NAME,
-                                                                   "Authorization": f"Bearer {token}"},
-                                     fields={"purpose": "batch", "file": (name, data, "application/jsonl")})
-        return response.status, json.loads(response.data)
-
-    def content(self, token, file_id):
-        response = self.pool.request("GET", f"/v1/files/{file_id}/content",
-                                     headers={"Host": SERVER_NAME, "Authorization": f"Bearer {token}"})
-        return response.status, response.data
-
-    def call(self, method, path, token=None, body=None):
-        headers = {"Host": SERVER_NAME, "Content-Type": "application/json"}
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        response = self.pool.request(method, path, headers=headers, body=json.dumps(body) if body else None)
-        return response.status, json.loads(response.data or b"null")
 
 
 @pytest.fixture(scope="module")
@@ -273,19 +206,6 @@ def test_restart_brings_the_service_back_and_the_unit_is_hardened(provisioned):
         exposure = host.ssh("systemd-analyze security vibethinker --no-pager").stdout
     level = float(re.search(r"Overall exposure level for vibethinker\.service: ([\d.]+)", exposure).group(1))
     assert level <= 2.0, exposure[-3000:]
-
-
-def wait_ready(api, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            status, body = api.call("GET", "/readyz")
-            if status == 200:
-                return body
-        except urllib3.exceptions.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError("the service did not become ready")
 
 
 def test_the_nightly_backup_timer_is_on_and_its_run_leaves_a_private_consistent_backup(provisioned):

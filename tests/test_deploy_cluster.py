@@ -19,9 +19,10 @@ import tomllib
 import pytest
 import urllib3
 
-from conftest import ROOT, phase
-from deployhost import Bridge, Host, require_tools
-from test_deploy import SERVER_NAME, Api, build_release, changed_tasks, sha256, wait_ready
+from tests.support.deploy import SERVER_NAME, Api, build_release, changed_tasks, sha256, wait_ready
+from tests.support.deployhost import Bridge, Host, require_tools
+from tests.support.phases import phase
+from tests.support.servers import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.deploy, pytest.mark.cluster]
 

@@ -7,7 +7,7 @@ import requests
 
 from service.inference.model import DeviceError, resolve_device
 from service.settings import SettingsError, load_settings
-from tests.conftest import Server
+from tests.support.servers import Server
 
 
 @pytest.mark.parametrize("setting,quantization,gpu,device", [

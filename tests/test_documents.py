@@ -6,11 +6,11 @@ import threading
 import pytest
 from pypdf import PdfReader, PdfWriter
 
-from service.errors import APIError
-from service.inputs import documents
+from service.errors import Refusal, status_of
+from service.inputs import documents, extraction
 from service.inputs.documents import DocumentError, Limits
 from service.inputs.language import english_hint
-from tests import makedocs
+from tests.support import makedocs
 
 LIMITS = Limits(max_bytes=2_000_000, max_pages=3, max_pixels=20_000_000, timeout_s=30)
 
@@ -37,9 +37,9 @@ def test_the_bytes_say_what_a_file_is(data, media_type):
     (b"%PDF-" + b"0" * 2_000_000, "application/pdf", 413, "document_too_large"),
 ])
 def test_a_file_that_is_not_what_it_says_or_too_big_is_refused_unread(data, media_type, status, code):
-    with pytest.raises(APIError) as refused:
+    with pytest.raises(Refusal) as refused:
         documents.check(data, media_type, LIMITS, "file")
-    assert (refused.value.status, refused.value.code, refused.value.param) == (status, code, "file")
+    assert (status_of(refused.value), refused.value.code, refused.value.param) == (status, code, "file")
 
 
 @pytest.mark.parametrize("url, status, code, words", [
@@ -52,9 +52,9 @@ def test_a_file_that_is_not_what_it_says_or_too_big_is_refused_unread(data, medi
     ("data:image/png;base64," + "A" * 3_000_000, 413, "document_too_large", "more than 2000000 bytes"),
 ])
 def test_only_data_urls_are_taken_and_the_server_fetches_nothing(url, status, code, words):
-    with pytest.raises(APIError) as refused:
+    with pytest.raises(Refusal) as refused:
         documents.from_data_url(url, "messages.0.content.0.image_url.url", LIMITS.max_bytes)
-    assert (refused.value.status, refused.value.code) == (status, code)
+    assert (status_of(refused.value), refused.value.code) == (status, code)
     assert words in refused.value.message
 
 
@@ -104,7 +104,8 @@ def test_a_pdf_of_text_pages_and_scanned_pages_is_read_both_ways():
 def test_bad_documents_get_a_precise_error(make, media_type, status, code):
     with pytest.raises(DocumentError) as refused:
         documents.extract(make(), media_type, LIMITS)
-    assert (refused.value.status, refused.value.code) == (status, code), refused.value.message
+    crossed = documents.REFUSALS[refused.value.kind](refused.value.message, refused.value.code)  # in the worker
+    assert (status_of(crossed), refused.value.code) == (status, code), refused.value.message
 
 
 def test_the_pixel_bomb_is_refused_from_its_header_without_being_decoded():
@@ -119,7 +120,7 @@ def test_ocr_boxes_become_lines_in_reading_order():
         return [[left, top], [left + width, top], [left + width, top + height], [left, top + height]], text, 0.9
     found = [box(300, 12, 80, 30, "= 11"), box(10, 100, 200, 30, "second"), box(10, 10, 250, 34, "Solve 2x + 3"),
              box(220, 104, 90, 28, "line")]
-    assert [[text for _, text in line] for line in documents.lines(found)] == [
+    assert [[text for _, text in line] for line in extraction.lines(found)] == [
         ["Solve 2x + 3", "= 11"], ["second", "line"]]
 
 
@@ -128,12 +129,12 @@ def test_the_reading_pool_reads_kills_a_slow_reading_and_goes_on():
     try:
         read = reader.read(makedocs.scanned_pdf(), "application/pdf", "file")
         assert read.method == "ocr" and read.seconds > 0
-        with pytest.raises(APIError) as slow:  # far less than an OCR takes
+        with pytest.raises(Refusal) as slow:  # far less than an OCR takes
             reader.read(makedocs.png(), "image/png", "file", timeout_s=0.001)
-        assert (slow.value.status, slow.value.code) == (422, "document_too_slow")
-        with pytest.raises(APIError) as bad:  # the error crosses from the reading process with its status
+        assert (status_of(slow.value), slow.value.code) == (422, "document_too_slow")
+        with pytest.raises(Refusal) as bad:  # the error crosses from the reading process with its status
             reader.read(makedocs.encrypted_pdf(), "application/pdf", "file")
-        assert (bad.value.status, bad.value.code, bad.value.param) == (422, "encrypted_pdf", "file")
+        assert (status_of(bad.value), bad.value.code, bad.value.param) == (422, "encrypted_pdf", "file")
         assert compact(reader.read(makedocs.png(), "image/png", "file").text) == compact(makedocs.EQUATION)
     finally:
         reader.close()
@@ -148,8 +149,8 @@ def test_a_full_reading_pool_refuses_with_503_rather_than_queueing():
         try:
             reader.read(makedocs.png(), "image/png", "file")
             outcomes.append(200)
-        except APIError as exc:
-            outcomes.append((exc.status, exc.code))
+        except Refusal as exc:
+            outcomes.append((status_of(exc), exc.code))
     threads = [threading.Thread(target=read) for _ in range(9)]
     try:
         for thread in threads:

@@ -16,10 +16,10 @@ import pytest
 import requests
 
 from service.settings import Settings
-from tests import makedocs
-from tests.conftest import free_port
-from tests.test_batches_http import jsonl, wait
-from tests.test_nginx import Nginx, make_certificate, render
+from tests.support import makedocs
+from tests.support.batches import jsonl, wait
+from tests.support.nginx import Nginx, make_certificate, render
+from tests.support.servers import free_port
 
 pytestmark = pytest.mark.slow
 MODEL = "VibeThinker-1.5B"

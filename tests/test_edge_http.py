@@ -24,10 +24,12 @@ import pytest
 import redis as redis_client
 import requests
 
-from harness import SlowBodies, free_port, p99, probe_latencies, slow_requests
 from service.records.requestid import VALID
-from tests.databases import Redis
-from tests.test_nginx import ROOT, Nginx, make_certificate, render
+from tests.support.databases import Redis
+from tests.support.nginx import Nginx, make_certificate, render
+from tests.support.servers import ROOT, free_port
+from tests.support.slowclients import SlowBodies, p99, probe_latencies, slow_requests
+from tests.support.tokens import user_token
 
 pytestmark = pytest.mark.slow
 MODEL = "VibeThinker-1.5B"
@@ -68,11 +70,6 @@ def app_settings_document_body():
     return Settings().document_body_bytes
 
 
-def user_token(edge, name, *options):
-    edge.app.cli("users", "add", name, *options)
-    return edge.app.cli("tokens", "issue", name).stdout.strip().splitlines()[-1]
-
-
 def call(edge, method, path, token=None, session=requests, **kwargs):
     headers = {**({"Authorization": f"Bearer {token}"} if token else {}), **kwargs.pop("headers", {})}
     return session.request(method, edge.https + path, headers=headers, verify=edge.cert, timeout=60, **kwargs)
@@ -103,8 +100,8 @@ def usage_row(edge, request_id):
 def test_a_hundred_slow_bodies_hold_no_app_thread(edge):
     """100 uploads trickling a byte every 2 s, half without a token and half with one, from 50 addresses (the
     app has 8 threads): health and /v1/me stay fast, and nginx keeps every slow connection (nothing refused)."""
-    token = user_token(edge, "slow-uploader")
-    prober = user_token(edge, "prober")
+    token = user_token(edge.app, "slow-uploader")
+    prober = user_token(edge.app, "prober")
     kinds = slow_requests({"Authorization": f"Bearer {token}"})
     slow = SlowBodies(edge.port, kinds, count=100, every_s=2.0, addresses=50, declared=60_000).open()
     try:
@@ -119,7 +116,7 @@ def test_a_hundred_slow_bodies_hold_no_app_thread(edge):
 
 def test_uploads_from_one_address_are_bounded(edge):
     """A fifth slow upload from one address is refused at once (429 JSON); the four others are held."""
-    token = user_token(edge, "greedy-uploader")
+    token = user_token(edge.app, "greedy-uploader")
     kinds = [("/v1/files", {"Content-Type": "multipart/form-data; boundary=b", "Authorization": f"Bearer {token}"})]
     slow = SlowBodies(edge.port, kinds, count=4, addresses=1).open()
     try:
@@ -167,7 +164,7 @@ def test_a_large_body_refused_for_its_token_is_json_and_the_connection_goes_on(e
 def test_a_text_only_chat_body_past_the_json_limit_is_refused_before_any_work(edge):
     """9 MB bodies of text with no document part, four a second: each refused 413 in under 0.2 s of the app's
     time (the log line's latency), another user's latency unmoved."""
-    attacker, other = user_token(edge, "big-texter"), user_token(edge, "bystander")
+    attacker, other = user_token(edge.app, "big-texter"), user_token(edge.app, "bystander")
     huge = json.dumps(chat_body("a" * 9_000_000)).encode()
 
     def bystander_latencies(count):
@@ -295,12 +292,12 @@ def test_what_no_server_of_ours_takes_gets_nothing_not_an_html_page(edge, reques
 def test_a_full_cache_evicts_and_the_limits_stay_exact(edge):
     """The cache's Redis a few KB from full: a batch of cacheable lines larger than it evicts old answers, while
     every other user's requests succeed and a rate limit counts exactly."""
-    token = user_token(edge, "batch-filler")
+    token = user_token(edge.app, "batch-filler")
     assert call(edge, "POST", "/v1/chat/completions", token, json=chat_body("warm", 2)).headers["x-cache"] == "miss"
     answers = redis_client.Redis(unix_socket_path=str(edge.cache.sock))  # the app is connected: room for ~30 entries
     answers.config_set("maxmemory", int(answers.info("memory")["used_memory"]) + 64_000)
-    limited = user_token(edge, "limited-user", "--rate-limit", "5/minute")
-    others = user_token(edge, "other-user", "--rate-limit", "10000/minute")
+    limited = user_token(edge.app, "limited-user", "--rate-limit", "5/minute")
+    others = user_token(edge.app, "other-user", "--rate-limit", "10000/minute")
     lines = [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
               "body": chat_body(f"Question number {i}: what is {i} times {i + 1}?", 160)} for i in range(80)]
     client = openai.OpenAI(base_url=edge.https + "/v1", api_key=token, max_retries=0, timeout=60,

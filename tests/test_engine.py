@@ -5,9 +5,10 @@ import time
 import pytest
 
 from service.inference import model
-from service.inference.batching import decode_step
-from service.inference.engine import Engine, GenerationRequest, QueueFull
-from tests.conftest import greedy, long_messages
+from service.inference.decoding import decode_step
+from service.inference.engine import Engine
+from service.inference.generation import GenerationRequest, QueueFull
+from tests.support.reference import greedy, long_messages
 
 
 def started(tiny_model, **kwargs):
@@ -187,7 +188,7 @@ def test_seeded_sampling_repeats_whoever_shares_the_batch(engine):
 def test_sampling_stays_in_the_nucleus(top_p):
     import torch
 
-    from service.inference.batching import sample
+    from service.inference.decoding import sample
 
     logits = torch.tensor([2.0, 1.5, 1.0, 0.0])
     probs = torch.softmax(logits, -1)
@@ -254,7 +255,7 @@ def test_request_threads_encode_while_the_engine_thread_decodes(reference):
 
 
 def _handle(ids, max_new_tokens, deadline_s=60.0):
-    from service.inference.engine import Generation
+    from service.inference.generation import Generation
 
     return Generation(GenerationRequest(ids, max_new_tokens, deadline=time.monotonic() + deadline_s))
 

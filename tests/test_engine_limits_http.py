@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from auth.store import Store
-from tests.conftest import long_messages
+from tests.support.reference import long_messages
 
 DEADLINE_S = 1.5
 
@@ -99,7 +99,7 @@ def test_exactly_one_worker_holds_the_model(server, tiny_model):
 def test_bad_settings_stop_start_up_naming_the_setting(tmp_path, tiny_model):
     import subprocess
 
-    from tests.conftest import BIN, ROOT, clean_env
+    from tests.support.servers import BIN, ROOT, clean_env
 
     for env, name in [({"VIBE_MODEL_PATH": tiny_model, "VIBE_QUEUE_SIZE": "0"}, "VIBE_QUEUE_SIZE"),
                       ({"VIBE_MODEL_PATH": tmp_path}, "VIBE_MODEL_PATH"),

@@ -19,8 +19,10 @@ import pytest
 import requests
 
 from auth.store import Store
-from tests.databases import Redis
-from tests.test_nginx import Nginx, make_certificate, render
+from tests.support.databases import Redis
+from tests.support.load import Load
+from tests.support.nginx import Nginx, make_certificate, render
+from tests.support.tokens import user_token
 
 pytestmark = pytest.mark.slow
 MODEL = "VibeThinker-1.5B"
@@ -32,46 +34,6 @@ def usage_rows(server, user=None):
         return store.usage_rows(user, limit=100_000)
     finally:
         store.close()
-
-
-def user_token(server, name, *options):
-    server.cli("users", "add", name, *options)
-    return server.cli("tokens", "issue", name).stdout.strip().splitlines()[-1]
-
-
-class Load:
-    """Client threads calling `call(session, request_id)` until stopped; every outcome kept."""
-
-    def __init__(self, clients, call):
-        self.outcomes, self._lock, self._stop = [], threading.Lock(), threading.Event()
-        self._threads = [threading.Thread(target=self._loop, args=(call,), daemon=True) for _ in range(clients)]
-
-    def _loop(self, call):
-        session = requests.Session()
-        while not self._stop.is_set():
-            request_id = uuid.uuid4().hex
-            started = time.monotonic()
-            try:
-                response = call(session, request_id)
-                outcome = (request_id, response.status_code, response.text, started, time.monotonic())
-            except requests.RequestException as exc:
-                outcome = (request_id, None, type(exc).__name__, started, time.monotonic())
-            with self._lock:
-                self.outcomes.append(outcome)
-
-    def __enter__(self):
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=120)
-
-    def statuses(self):
-        with self._lock:
-            return [status for _, status, *_ in self.outcomes]
 
 
 # --- a model that fails: one row's failure is that row's alone ------------------------------------------------
@@ -159,7 +121,7 @@ def fronted(start_server, tmp_path_factory):
 
 
 def _port():
-    from tests.conftest import free_port
+    from tests.support.servers import free_port
 
     return free_port()
 

@@ -4,8 +4,9 @@ import logging
 
 import pytest
 
-from service.errors import APIError
+from service.errors import Refusal, status_of
 from service.inputs.filtering import PolicyError, check_policy, clean_text, load_policy
+from tests.support.policy import POLICY
 
 
 @pytest.mark.parametrize("value,expected", [
@@ -34,25 +35,14 @@ def test_clean_text_normalises(value, expected):
     ("ｘ" * 101, "too_long", "limit is 100"),
 ])
 def test_clean_text_refuses(value, code, fragment):
-    with pytest.raises(APIError) as err:
+    with pytest.raises(Refusal) as err:
         clean_text("question", value, 100)
-    assert (err.value.status, err.value.code, err.value.param) == (400, code, "question")
+    assert (status_of(err.value), err.value.code, err.value.param) == (400, code, "question")
     assert fragment in err.value.message
 
 
 def test_empty_allowed_where_asked():
     assert clean_text("system_prompt", "", 10, allow_empty=True) == ""
-
-
-POLICY = """
-[[rule]]
-id = "private-key"
-regex = "-----BEGIN [A-Z ]*PRIVATE KEY-----"
-
-[[rule]]
-id = "banned"
-terms = ["forbidden phrase", "a.b*c"]
-"""
 
 
 @pytest.fixture
@@ -73,9 +63,9 @@ def rules(tmp_path):
 def test_policy_refuses_with_422_and_logs_no_input(rules, caplog, field, text, rule):
     caplog.set_level(logging.WARNING, logger="vibethinker.filtering")
     fields = {"system_prompt": "", "question": "fine", field: text}
-    with pytest.raises(APIError) as err:
+    with pytest.raises(Refusal) as err:
         check_policy(rules, fields)
-    assert (err.value.status, err.value.code, err.value.param) == (422, "content_policy", field)
+    assert (status_of(err.value), err.value.code, err.value.param) == (422, "content_policy", field)
     assert rule in err.value.message
     logged = caplog.text
     assert f"rule={rule}" in logged and "input_sha256=" in logged and text not in logged
@@ -88,7 +78,7 @@ def test_policy_lets_the_rest_through(rules, text):
 
 def test_full_width_evasion_is_caught_after_normalisation(rules):
     text = clean_text("question", "ｆｏｒｂｉｄｄｅｎ ｐｈｒａｓｅ", 100)
-    with pytest.raises(APIError):
+    with pytest.raises(Refusal):
         check_policy(rules, {"question": text})
 
 
@@ -123,7 +113,7 @@ def test_no_policy_file_means_no_rules():
     "the FORBIDDENPHRASE",  # no whitespace at all
 ])
 def test_the_usual_ways_around_a_term_are_caught(rules, text):
-    with pytest.raises(APIError) as err:
+    with pytest.raises(Refusal) as err:
         check_policy(rules, {"question": clean_text("question", text, 200)})
     assert err.value.code == "content_policy"
 
@@ -133,7 +123,7 @@ def test_a_term_split_across_messages_is_caught(rules, parts):
     fields = {f"messages.{i}.content": part for i, part in enumerate(parts)}
     for name, part in fields.items():
         check_policy(rules, {name: part})  # alone, each part passes
-    with pytest.raises(APIError) as err:
+    with pytest.raises(Refusal) as err:
         check_policy(rules, fields)
     assert err.value.param == "messages" and "the conversation" in err.value.message
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import requests
 
-from tests.test_filtering import POLICY
+from tests.support.policy import POLICY
 
 
 @pytest.fixture(scope="module")

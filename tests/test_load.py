@@ -25,9 +25,9 @@ import pytest
 import requests
 
 from auth.store import Store
-from tests.conftest import free_port
-from tests.databases import Redis
-from tests.test_nginx import Nginx, make_certificate, render
+from tests.support.databases import Redis
+from tests.support.nginx import Nginx, make_certificate, render
+from tests.support.servers import free_port
 
 pytestmark = pytest.mark.slow
 CLIENTS = int(os.environ.get("LOAD_CLIENTS", "40"))

@@ -10,6 +10,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from auth.schema import MIGRATIONS, connect, metadata, migrate
+from service.batches import tables  # noqa: F401 - its tables join the metadata compared
 from auth.store import Store
 
 
@@ -102,7 +103,7 @@ def test_store_round_trip(db_url):
 def test_cli_db_upgrade_says_whether_it_moved_the_schema(tmp_path):
     import json
 
-    from conftest import admin_cli, state_env
+    from tests.support.servers import admin_cli, state_env
 
     env = state_env(tmp_path)
     first = json.loads(admin_cli(env, "--json", "db", "upgrade").stdout)

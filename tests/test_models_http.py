@@ -10,7 +10,9 @@ import time
 import pytest
 import requests
 
-from tests.conftest import BIN, ROOT, Server, greedy, state_env
+from tests.support.reference import greedy
+from tests.support.servers import BIN, ROOT, Server, state_env
+from tests.support.tokens import user_token
 
 MESSAGES = [{"role": "user", "content": "What is 6 * 7?"}]
 CODE = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
@@ -57,11 +59,6 @@ def second_reference(second_model):
 def chat(server, model, messages, token=None, **extra):
     return server.post("/v1/chat/completions", {"model": model, "messages": messages, "max_tokens": 12,
                                                 "temperature": 0, **extra}, token=token)
-
-
-def user_token(server, name, *options):
-    server.cli("users", "add", name, *options)
-    return server.cli("tokens", "issue", name).stdout.strip().splitlines()[-1]
 
 
 def test_each_model_answers_as_itself_and_is_listed_ready(two, reference, second_reference):

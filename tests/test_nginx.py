@@ -1,92 +1,25 @@
 """Real nginx (the rendered template, a certificate made here) in front of real gunicorn on a unix socket."""
 
-import datetime
-import ipaddress
 import json
 import os
 import shutil
 import socket
 import ssl
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-import jinja2
 import pytest
 import requests
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from service.settings import Settings
-from tests.conftest import ROOT, free_port
+from tests.support.nginx import Nginx, make_certificate, render
+from tests.support.servers import free_port
 
 pytestmark = pytest.mark.slow  # real restarts, many CLI calls or long runs: not in make test-quick
 
 MAX_BODY = 65536
 DEADLINE_S = 60
-
-
-def nginx_binary():
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-    if not found:
-        pytest.fail("nginx is missing: `make test` installs Debian's nginx as root")
-    return found
-
-
-def make_certificate(folder):
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .sign(key, hashes.SHA256()))
-    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                       serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
-    return folder / "cert.pem", folder / "key.pem"
-
-
-def render(**values):
-    template = jinja2.Environment(loader=jinja2.FileSystemLoader(ROOT / "nginx"), undefined=jinja2.StrictUndefined,
-                                  keep_trailing_newline=True).get_template("vibethinker.conf.j2")
-    return template.render(**values)
-
-
-class Nginx:
-    def __init__(self, folder, site, connections=256):
-        self.folder = folder
-        (folder / "site.conf").write_text(site)
-        user = "user root;\n" if os.geteuid() == 0 else ""
-        (folder / "nginx.conf").write_text(
-            f"{user}worker_processes 1;\npid {folder}/nginx.pid;\nerror_log {folder}/error.log;\n"
-            f"events {{ worker_connections {connections}; }}\n"
-            f"http {{\n  access_log off;\n  client_body_temp_path {folder}/body;\n  proxy_temp_path {folder}/proxy;\n"
-            f"  fastcgi_temp_path {folder}/fcgi;\n  uwsgi_temp_path {folder}/uwsgi;\n  scgi_temp_path {folder}/scgi;\n"
-            f"  include {folder}/site.conf;\n}}\n")
-        self.proc = None
-
-    def test_config(self):
-        return subprocess.run([nginx_binary(), "-t", "-c", str(self.folder / "nginx.conf"), "-p", str(self.folder)],
-                              capture_output=True, text=True)
-
-    def start(self):
-        self.proc = subprocess.Popen([nginx_binary(), "-c", str(self.folder / "nginx.conf"), "-p", str(self.folder),
-                                      "-g", "daemon off;"], stderr=subprocess.DEVNULL)
-        time.sleep(0.5)
-        assert self.proc.poll() is None, (self.folder / "error.log").read_text()
-        return self
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=15)
 
 
 @pytest.fixture(scope="module")

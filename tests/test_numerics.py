@@ -10,9 +10,10 @@ import pytest
 import requests
 import torch
 
-from modes import weight_bytes  # bench/modes.py: what a decode step reads (conftest puts bench/ on the path)
+from bench.modes import weight_bytes  # what a decode step reads
 from service.inference import artifact, model, numerics
-from tests.conftest import admin_cli, clean_env, greedy
+from tests.support.reference import greedy
+from tests.support.servers import admin_cli, clean_env
 
 
 @pytest.fixture(scope="module")

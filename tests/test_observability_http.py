@@ -13,7 +13,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from auth.store import Store
-from tests.conftest import ROOT, clean_env, free_port
+from tests.support.servers import ROOT, clean_env, free_port
 
 NAMES = ["vibethinker_http_requests_total", "vibethinker_request_duration_seconds",
          "vibethinker_time_to_first_token_seconds", "vibethinker_inter_token_latency_seconds",

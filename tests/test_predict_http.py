@@ -3,7 +3,7 @@
 import pytest
 
 from service.settings import Settings
-from tests.conftest import greedy
+from tests.support.reference import greedy
 
 QUESTIONS = ["What is 2+2?", "Prove that sqrt(2) is irrational.", "héllo wörld ✓ 日本", "def f(x): return x"]
 

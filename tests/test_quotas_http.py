@@ -7,7 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.databases import Redis
+from tests.support.databases import Redis
+from tests.support.tokens import user_token
 
 pytestmark = pytest.mark.slow  # real restarts, many CLI calls or long runs: not in make test-quick
 
@@ -16,11 +17,6 @@ pytestmark = pytest.mark.slow  # real restarts, many CLI calls or long runs: not
 def limited(start_server, redis_server):
     """A server whose counters live in the session's Redis."""
     return start_server(VIBE_RATELIMIT_STORAGE_URI=redis_server.uri, VIBE_ANONYMOUS_RATE_LIMIT="3/minute")
-
-
-def user_token(server, name, *options):
-    server.cli("users", "add", name, *options)
-    return server.cli("tokens", "issue", name).stdout.strip().splitlines()[-1]
 
 
 def ask(server, token, max_new_tokens=1, question="hi", timeout=60):

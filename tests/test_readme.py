@@ -5,7 +5,7 @@ import re
 import subprocess
 import sys
 
-from tests.conftest import BIN, ROOT
+from tests.support.servers import BIN, ROOT
 
 README = (ROOT / "README.md").read_text()
 
@@ -82,7 +82,7 @@ def test_the_two_model_configuration_is_valid_settings(tmp_path, monkeypatch):
 
 
 def test_the_document_examples_run_as_printed(server, tmp_path):
-    from tests import makedocs
+    from tests.support import makedocs
 
     (tmp_path / "problem.pdf").write_bytes(makedocs.text_pdf())
     (tmp_path / "equation.png").write_bytes(makedocs.png())

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 
 from service import routing
-from service.api import cache
-from service.api.generation import Params
-from service.api.models import Models, Served, revision
-from service.errors import APIError
+from service.serving import cache
+from service.serving.params import Params
+from service.serving.models import Models, Served, revision
+from service.errors import Refusal, status_of
 from service.inference import footprint
 from service.settings import ModelSpec, RoutingRule, SettingsError, load_settings
 
@@ -54,20 +54,20 @@ def test_auto_only_picks_a_model_the_caller_may_call(question, allowed, expected
 
 
 def test_no_model_allowed_is_a_403_and_a_forbidden_name_says_which():
-    with pytest.raises(APIError) as no_model:
+    with pytest.raises(Refusal) as no_model:
         models().pick("auto", "hi", [])
-    assert no_model.value.status == 403 and no_model.value.code == "model_not_allowed"
-    with pytest.raises(APIError) as forbidden:
+    assert status_of(no_model.value) == 403 and no_model.value.code == "model_not_allowed"
+    with pytest.raises(Refusal) as forbidden:
         models().pick("coder", "hi", ["math"])
-    assert forbidden.value.status == 403 and "'code'" in forbidden.value.message
+    assert status_of(forbidden.value) == 403 and "'code'" in forbidden.value.message
 
 
 def test_names_and_aliases_pick_in_any_case_and_unknown_names_list_the_served_ones():
     assert models().pick("VIBETHINKER", "").name == "math"
     assert models().pick("Code", "").name == "code"
-    with pytest.raises(APIError) as unknown:
+    with pytest.raises(Refusal) as unknown:
         models().pick("gpt-4o", "")
-    assert unknown.value.status == 404 and unknown.value.code == "model_not_found"
+    assert status_of(unknown.value) == 404 and unknown.value.code == "model_not_found"
     assert all(f"'{name}'" in unknown.value.message for name in ("math", "code", "logic"))
 
 
@@ -167,7 +167,7 @@ def test_cache_keys_separate_users_models_revisions_and_parameters():
 @pytest.mark.parametrize("reason,tokens,stored", [("stop", 3, True), ("length", 8, True), ("length", 5, False),
                                                   ("timeout", 8, False), ("cancelled", 2, False)])
 def test_only_whole_answers_are_stored(reason, tokens, stored):
-    from service.inference.engine import GenerationResult
+    from service.inference.generation import GenerationResult
 
     key = cache.Key("k", "m", 8)
     kept = cache.Cache(cache.MemoryAnswers(), 60, 10_000)
@@ -176,7 +176,7 @@ def test_only_whole_answers_are_stored(reason, tokens, stored):
 
 
 def test_an_entry_over_the_size_cap_is_not_stored_and_entries_expire():
-    from service.inference.engine import GenerationResult
+    from service.inference.generation import GenerationResult
 
     now = [0.0]
     small = cache.Cache(cache.MemoryAnswers(clock=lambda: now[0]), 10, 256)

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.support.servers import ROOT
 
 UNIT = ROOT / "systemd" / "vibethinker.service"
 MAX_EXPOSURE = 2.0

@@ -12,8 +12,8 @@ import jwt
 import pytest
 import requests
 
-from tests.conftest import Server, free_port
-from tests.databases import Redis
+from tests.support.databases import Redis
+from tests.support.servers import Server, free_port
 
 pytestmark = pytest.mark.slow  # two servers, restarts of Redis and many CLI calls
 

@@ -1,312 +1,28 @@
 """The HTTP contract as OpenAPI 3.1, generated: `GET /openapi.json`, no token needed.
 
 Request bodies are the pydantic models the routes validate with
-(service.inputs.schemas); responses are the models below, which the routes'
-answers follow. Paths come from the app's own URL map, and every route must
-have an entry in ROUTES, so nothing is served undocumented (the spec refuses
-to build otherwise). Bounds that come from settings (max_new_tokens, the
-body size) are written in from the running settings. Every error response is
-the one error shape (service.errors).
+(service.inputs.schemas); responses are the models the routes' answers
+follow (service.api.responses). Paths come from the app's own URL map, and
+every route must have an entry in ROUTES, so nothing is served undocumented
+(the spec refuses to build otherwise). Bounds that come from settings
+(max_new_tokens, the body size) are written in from the running settings.
+Every error response is the one error shape (service.errors).
 """
 
-from typing import Any, Literal
-
 from flask import Blueprint, current_app
-from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
-from auth.store import NAME_PATTERN
-from service.api.access import public, scope_for
+from auth.checks import NAME_PATTERN
 from service.api import health
+from service.api.access import public, scope_for
+from service.api.responses import (
+    AuditList, Batch, BatchList, CachePurged, ChatCompletion, Error, FileDeleted, FileList, FileObject, Health,
+    IssuedToken, Me, ModelCard, ModelList, Prediction, Ready, Token, TokenList, UsageList, User, UserList)
 from service.inputs import schemas
-from service.inputs.documents import MEDIA_TYPES
+from service.inputs.extraction import MEDIA_TYPES
 from service.state import state
 
 REF = "#/components/schemas/{model}"
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str
-
-
-class Error(BaseModel):
-    """The one error shape of every 4xx and 5xx."""
-
-    error: ErrorDetail
-    success: Literal[False] | None = None  # /predict's original contract adds it
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class DocumentRead(BaseModel):
-    """What was read from the request's file: what the model saw before the question."""
-
-    kind: Literal["pdf", "image"]
-    pages: int
-    chars: int
-    method: Literal["text", "ocr", "text+ocr"]
-    text: str
-
-
-class Prediction(BaseModel):
-    id: str
-    model: str
-    input: str
-    system_prompt: str
-    response: str
-    success: Literal[True]
-    usage: Usage
-    finish_reason: Literal["stop", "length"]
-    hint: str | None = Field(None, description="One sentence when the question is mostly in a script other than "
-                             "Latin: VibeThinker reasons best in English (also the x-vibethinker-hint header).")
-    document: DocumentRead | None = Field(None, description="Only when a file was sent (multipart/form-data).")
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str
-
-
-class Choice(BaseModel):
-    index: int
-    message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
-    logprobs: None
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: Usage
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-    ready: bool
-    state: Literal["loading", "ready", "failed"]
-    mode: str
-    aliases: list[str]
-    description: str
-
-
-class ModelList(BaseModel):
-    object: Literal["list"]
-    data: list[ModelCard]
-
-
-class Health(BaseModel):
-    status: Literal["ok"]
-
-
-class ModelStatus(BaseModel):
-    name: str
-    state: Literal["loading", "ready", "failed"]
-    mode: str
-    device: Literal["cpu", "cuda"] | None  # None until loaded
-    load_seconds: float | None
-    queued: int
-    running: int
-    decode_tokens_per_s: float | None  # one request's measured speed at the current batch size
-    decode_batch_size: int
-
-
-class Ready(BaseModel):
-    """Every model loaded; the top-level model fields are the default model's."""
-
-    status: Literal["ready"]
-    version: str
-    model: str
-    mode: str
-    device: Literal["cpu", "cuda"]
-    load_seconds: float
-    queued: int
-    running: int
-    decode_tokens_per_s: float | None  # one request's measured speed at the current batch size
-    decode_batch_size: int
-    models: list[ModelStatus]
-
-
-class CachePurged(BaseModel):
-    purged: int
-    cache: Literal["off", "user", "shared"]
-
-
-class User(BaseModel):
-    id: int
-    name: str
-    admin: bool
-    active: bool
-    rate_limit: str | None
-    daily_tokens: int | None
-    max_concurrent: int | None
-    system_prompts: list[str] | None
-    models: list[str] | None
-    created_at: str
-
-
-class UserList(BaseModel):
-    object: Literal["list"]
-    data: list[User]
-
-
-class TokenMeta(BaseModel):
-    jti: str
-    user: str
-    scope: str
-    label: str
-    kid: str
-    issued_at: str
-    expires_at: str
-
-
-class Token(TokenMeta):
-    revoked_at: str | None
-    revoked_by: str | None
-
-
-class IssuedToken(TokenMeta):
-    token: str  # shown once; never stored
-
-
-class TokenList(BaseModel):
-    object: Literal["list"]
-    data: list[Token]
-
-
-class UsageDay(BaseModel):
-    day: str
-    user: str
-    requests: int
-    succeeded: int
-    cached: int  # requests answered from the response cache (their tokens are not in the sums)
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class UsageList(BaseModel):
-    object: Literal["list"]
-    data: list[UsageDay]
-
-
-class AuditEvent(BaseModel):
-    id: int
-    at: str
-    actor: str
-    action: str
-    target: str | None
-    source: str | None
-    detail: dict[str, Any]
-
-
-class AuditList(BaseModel):
-    object: Literal["list"]
-    data: list[AuditEvent]
-
-
-class MeToken(BaseModel):
-    jti: str
-    scope: list[str]
-    label: str
-    issued_at: str
-    expires_at: str
-
-
-class Me(BaseModel):
-    user: str
-    admin: bool
-    active: bool
-    token: MeToken
-    limits: dict[str, Any]
-    effective_limits: dict[str, Any]
-    today: dict[str, int]
-
-
-class FileObject(BaseModel):
-    id: str
-    object: Literal["file"]
-    bytes: int
-    created_at: int
-    filename: str
-    purpose: str
-    status: str
-    status_details: str | None
-
-
-class FileList(BaseModel):
-    object: Literal["list"]
-    data: list[FileObject]
-    has_more: bool
-
-
-class FileDeleted(BaseModel):
-    id: str
-    object: Literal["file"]
-    deleted: bool
-
-
-class BatchError(BaseModel):
-    code: str
-    message: str
-    param: str | None
-    line: int | None
-
-
-class BatchErrors(BaseModel):
-    object: Literal["list"]
-    data: list[BatchError]
-
-
-class RequestCounts(BaseModel):
-    total: int
-    completed: int
-    failed: int
-
-
-class Batch(BaseModel):
-    id: str
-    object: Literal["batch"]
-    endpoint: str
-    errors: BatchErrors | None
-    input_file_id: str
-    completion_window: str
-    status: Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
-                    "cancelled"]
-    output_file_id: str | None
-    error_file_id: str | None
-    created_at: int
-    in_progress_at: int | None
-    expires_at: int
-    finalizing_at: int | None
-    completed_at: int | None
-    failed_at: int | None
-    expired_at: int | None
-    cancelling_at: int | None
-    cancelled_at: int | None
-    request_counts: RequestCounts
-    metadata: dict[str, str] | None
-
-
-class BatchList(BaseModel):
-    object: Literal["list"]
-    data: list[Batch]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
-
 
 UPLOAD = {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file", "purpose"], "additionalProperties": False,
@@ -398,7 +114,8 @@ DESCRIPTIONS = {200: "OK", 201: "Created", 400: "Bad request", 401: "No valid to
                 415: "Not JSON, or a document of a type not taken", 422: "Refused by the content policy, or a "
                 "document that cannot be read", 429: "A limit is reached",
                 431: "Request headers too large", 499: "The client closed the connection (recorded, never read)",
-                500: "Internal error", 501: "OCR is not installed on this server", 503: "Not ready, at capacity, or a storage is down", 504: "Deadline passed"}
+                500: "Internal error", 501: "OCR is not installed on this server",
+                503: "Not ready, at capacity, or a storage is down", 504: "Deadline passed"}
 
 bp = Blueprint("contract", __name__)
 

@@ -1,117 +1,39 @@
-"""Files and batch jobs in the database (auth.schema's files, file_chunks, batches, batch_lines).
+"""Batch jobs in the database (service.batches.tables' batches, batch_lines), beside their files.
 
-A file's bytes live in the database in pieces of 1 MiB (an upload is first
-spooled under `files_dir`, so no transaction waits on a client), so every
-server of a cluster reads every file and a database backup holds them;
-files from before that are read from `files_dir`. A batch is a row and one
-row per input line: `pending`, `running` (handed to an engine by one batch
-runner, its `owner`), then `done` or `failed` with its output line. A line
-is marked `running` only if it is still pending, in one statement, so two
-runners never take the same line; only its owner may finish it. A runner
-that starts sets the running lines of dead runners on its host back to
-pending, and any runner does the same for an owner that stopped beating
-(service.batches.runner): a crash repeats only the lines it was computing,
-never a finished one.
+A batch is a row and one row per input line: `pending`, `running` (handed
+to an engine by one batch runner, its `owner`), then `done` or `failed`
+with its output line. A line is marked `running` only if it is still
+pending, in one statement, so two runners never take the same line; only
+its owner may finish it. A runner that starts sets the running lines of
+dead runners on its host back to pending, and any runner does the same for
+an owner that stopped beating (service.batches.runner): a crash repeats
+only the lines it was computing, never a finished one.
+
+BatchRecords is also the FileRecords of the input and output files
+(service.batches.files): finalizing a batch writes its output and error
+files.
 
 Every read takes the caller (`user`, `admin`): a user sees only their own
-files and batches (404 for anyone else's), an admin sees all.
+batches (404 for anyone else's), an admin sees all.
 """
 
-import io
 import json
-import os
 import secrets
-import tempfile
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import sqlalchemy as sa
 
-from auth.schema import batch_lines, batches, file_chunks, files
-from service.errors import Conflict, NotFound, TooLarge
+from service.batches.files import CHUNK, FileRecords, now, timestamp
+from service.batches.tables import batch_lines, batches
+from service.errors import Conflict, NotFound
 
 OPEN = ("validating", "in_progress", "finalizing", "cancelling")
 TIMES = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
          "cancelled_at")
-CHUNK = 1 << 20
 
 
-def now():
-    return datetime.now(timezone.utc)
-
-
-def _ts(value):
-    if value is None:
-        return None
-    value = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    return int(value.timestamp())
-
-
-class BatchRecords:
-    """Files and batches over the store's database engine and a folder."""
-
-    def __init__(self, engine, files_dir):
-        self.engine, self.dir = engine, os.path.abspath(files_dir)
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
-
-    # --- files ---
-    def add_file(self, user, purpose, filename, stream, limit):
-        """Copy `stream` (at most `limit` bytes: TooLarge past it) into the database and record it."""
-        with tempfile.TemporaryFile(dir=self.dir) as spool:
-            size = 0
-            while chunk := stream.read(CHUNK):
-                size += len(chunk)
-                if size > limit:
-                    raise TooLarge(f"file is larger than {limit} bytes", "file_too_large", "file")
-                spool.write(chunk)
-            spool.seek(0)
-            return self._store(f"file-{secrets.token_hex(12)}", user, purpose, filename, iter(
-                lambda: spool.read(CHUNK), b""), size)
-
-    def _store(self, file_id, user, purpose, filename, chunks, size):
-        """Record a file of `size` bytes whose pieces `chunks` yields, in one transaction."""
-        row = dict(id=file_id, user=user, purpose=purpose, filename=filename[:255] or "upload.jsonl", bytes=size,
-                   created_at=now())
-        with self.engine.begin() as conn:
-            for seq, piece in enumerate(chunks):
-                conn.execute(file_chunks.insert().values(file_id=file_id, seq=seq, data=piece))
-            if not size:  # an empty file still has its first piece: it is in the database
-                conn.execute(file_chunks.insert().values(file_id=file_id, seq=0, data=b""))
-            conn.execute(files.insert().values(**row))
-        return _file_json(row)
-
-    def open(self, file_id):
-        """The bytes of file `file_id` (looked up already) as a binary file object, read a piece at a time."""
-        first = _piece(self.engine, file_id, 0)
-        if first is None:  # written before files moved into the database
-            return open(os.path.join(self.dir, file_id), "rb")
-        return io.BufferedReader(_Chunks(self.engine, file_id, first), CHUNK)
-
-    def get_file(self, file_id, user, admin):
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(files).where(files.c.id == file_id)).mappings().first()
-        if row is None or not (admin or row["user"] == user):
-            raise NotFound(f"no such file: {file_id[:80]!r}", "file_not_found", "file_id")
-        return _file_json(row)
-
-    def list_files(self, user, admin, purpose=None):
-        query = sa.select(files).order_by(files.c.created_at.desc())
-        if not admin:
-            query = query.where(files.c.user == user)
-        if purpose is not None:
-            query = query.where(files.c.purpose == purpose)
-        with self.engine.connect() as conn:
-            return [_file_json(r) for r in conn.execute(query).mappings()]
-
-    def delete_file(self, file_id, user, admin):
-        self.get_file(file_id, user, admin)
-        with self.engine.begin() as conn:
-            conn.execute(file_chunks.delete().where(file_chunks.c.file_id == file_id))
-            conn.execute(files.delete().where(files.c.id == file_id))
-        try:
-            os.unlink(os.path.join(self.dir, file_id))
-        except FileNotFoundError:
-            pass
-        return {"id": file_id, "object": "file", "deleted": True}
+class BatchRecords(FileRecords):
+    """Batches and their lines, and (as FileRecords) files, over the store's database engine and a folder."""
 
     # --- batches ---
     def open_count(self, user):
@@ -292,47 +214,12 @@ class BatchRecords:
         return {"total": sum(by.values()), "completed": by.get("done", 0), "failed": by.get("failed", 0)}
 
 
-def _file_json(row):
-    return {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": _ts(row["created_at"]),
-            "filename": row["filename"], "purpose": row["purpose"], "status": "processed", "status_details": None}
-
-
 def _batch_json(row, counts):
     body = {"id": row["id"], "object": "batch", "endpoint": row["endpoint"],
             "errors": json.loads(row["errors"]) if row["errors"] else None,
             "input_file_id": row["input_file_id"], "completion_window": row["completion_window"],
             "status": row["status"], "output_file_id": row["output_file_id"], "error_file_id": row["error_file_id"],
-            "created_at": _ts(row["created_at"]), "expires_at": _ts(row["expires_at"]),
-            **{name: _ts(row[name]) for name in TIMES}, "request_counts": counts,
+            "created_at": timestamp(row["created_at"]), "expires_at": timestamp(row["expires_at"]),
+            **{name: timestamp(row[name]) for name in TIMES}, "request_counts": counts,
             "metadata": json.loads(row["metadata"]) if row["metadata"] else None}
     return body
-
-
-def _piece(engine, file_id, seq):
-    """Piece `seq` of a stored file, or None past its last one (or for a file not in the database)."""
-    with engine.connect() as conn:
-        data = conn.execute(sa.select(file_chunks.c.data).where(file_chunks.c.file_id == file_id,
-                                                                file_chunks.c.seq == seq)).scalar()
-    return None if data is None else bytes(data)
-
-
-class _Chunks(io.RawIOBase):
-    """A stored file's pieces as a raw stream, from its `first` piece (already read): one query per piece,
-    so memory stays at one piece."""
-
-    def __init__(self, engine, file_id, first):
-        self.engine, self.file_id, self.seq, self.piece = engine, file_id, 1, memoryview(first)
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        while not self.piece:
-            data = _piece(self.engine, self.file_id, self.seq)
-            if data is None:
-                return 0
-            self.piece, self.seq = memoryview(data), self.seq + 1
-        count = min(len(buffer), len(self.piece))
-        buffer[:count] = self.piece[:count]
-        self.piece = self.piece[count:]
-        return count

@@ -12,7 +12,7 @@ in, the group's first tokens are chosen and its cache rows merged in. A row
 ends at an end token, its max_new_tokens, its deadline, its cancel flag or one
 of its stop strings, and hands each token's text to its caller as it is decoded.
 Every row samples with its own temperature and top_p, and a seeded row with
-its own generator, so any requests can share a step.
+its own generator (service.inference.decoding), so any requests can share a step.
 """
 
 import time
@@ -20,13 +20,11 @@ import time
 import torch
 from transformers import DynamicCache
 
+from service.inference.decoding import GREEDY_BELOW, StopText, choose, decode_step, finish_reason
 from service.records import metrics
 
 # Prompts prefilled as one group: the longest at most this times the shortest, plus the slack.
 SIMILAR_LENGTH, SIMILAR_SLACK = 2, 64
-# Below this temperature, sampling is greedy decoding: dividing logits by a
-# near-zero temperature overflows to inf/NaN (5e-324 did, found by hypothesis).
-GREEDY_BELOW = 1e-3
 
 
 class Row:
@@ -273,80 +271,3 @@ def _left_pad(tensor, columns):
     shape = list(tensor.shape)
     shape[dim] = columns
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
-def choose(logits, rows):
-    """The next token of each row: argmax for greedy rows, a top-p sample for the others.
-
-    A row whose sampling fails is marked failed (its caller gets the error) and the others go on."""
-    tokens = logits.argmax(dim=-1)
-    for i, row in enumerate(rows):
-        if not row.greedy:
-            try:
-                tokens[i] = sample(logits[i].float().cpu(), row.request.temperature, row.request.top_p,
-                                   row.generator)  # on the CPU: a row's seeded generator is a CPU one
-            except Exception as exc:  # noqa: BLE001 - any failure of one row is that row's alone
-                row.fail(exc)
-    return tokens
-
-
-def sample(logits, temperature, top_p, generator=None):
-    """One token id drawn from softmax(logits / temperature), restricted to the top_p nucleus."""
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        probs, order = probs.sort(descending=True)
-        keep = (probs.cumsum(-1) - probs) < top_p  # the smallest prefix reaching top_p
-        keep[0] = True  # however small top_p is (below float32's smallest, it compares as 0)
-        return int(order[torch.multinomial(probs * keep, 1, generator=generator)])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def finish_reason(new_ids, eos_ids, max_new_tokens, handle):
-    """Why generation ended: an end token, the length budget, the deadline, or a cancel."""
-    if new_ids and new_ids[-1] in eos_ids:
-        return "stop"
-    if len(new_ids) >= max_new_tokens:
-        return "length"
-    return "cancelled" if handle.cancelled else "timeout"
-
-
-def decode_step(decode, ids, prefix, read):
-    """Incremental detokenisation: the new text since `read`, never a split character.
-
-    Decodes a short window (from `prefix`) rather than the whole sequence, and
-    holds text back while it ends in a replacement character (half a UTF-8 sequence).
-    """
-    before = decode(ids[prefix:read])
-    after = decode(ids[prefix:])
-    if len(after) > len(before) and not after.endswith("\ufffd"):
-        return after[len(before):], read, len(ids)
-    return "", prefix, read
-
-
-class StopText:
-    """Generated text, cut at the first stop string; releases only text that cannot start one."""
-
-    def __init__(self, stops):
-        self.stops = tuple(s for s in stops if s)
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.text, self.sent, self.hit = "", 0, False
-
-    def feed(self, piece):
-        """Add decoded text; return what may be sent now."""
-        if self.hit:
-            return ""
-        self.text += piece
-        start = max(0, self.sent - self.hold)
-        found = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-        if found:
-            self.text, self.hit = self.text[:min(found)], True
-            return self._release(len(self.text))
-        return self._release(max(self.sent, len(self.text) - self.hold))
-
-    def flush(self):
-        """What is left to send once generation has ended."""
-        return self._release(len(self.text))
-
-    def _release(self, upto):
-        piece, self.sent = self.text[self.sent:upto], upto
-        return piece

@@ -1,10 +1,10 @@
 """The engine: one scheduler thread owns the model; requests wait in a bounded queue.
 
 A caller builds a `GenerationRequest`, calls `Engine.submit`, and gets a
-`Generation` handle: `result()` blocks for the whole answer, `deltas()` yields
-text as it is decoded. Each request carries a deadline and a cancel flag that
-a stopping criterion checks between decode steps, so a late or abandoned
-request stops consuming compute.
+`Generation` handle (service.inference.generation): `result()` blocks for the
+whole answer, `deltas()` yields text as it is decoded. Each request carries a
+deadline and a cancel flag that a stopping criterion checks between decode
+steps, so a late or abandoned request stops consuming compute.
 
 Batching is continuous (service.inference.batching): between decode steps, waiting
 requests join the running batch (up to max_batch rows) and finished ones
@@ -21,125 +21,19 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 
 import torch
 
-from service.records import metrics
 from service.inference.batching import Batch, FillError
+from service.inference.generation import EngineError, Generation, GenerationResult, NotReady, QueueFull
 from service.inference.speed import DecodeSpeed
+from service.records import metrics
 
 log = logging.getLogger("vibethinker.engine")
 
-_END = object()
 CHUNK_MIN_TOKENS = 32  # a prefill chunk is never smaller (a matmul of fewer rows wastes the step it takes)
 CHUNK_IDLE_TOKENS = 2048  # with nothing decoding, a chunk only bounds how late a deadline or cancel is seen
 CHUNK_UNMEASURED_TOKENS = 256  # before the speeds are measured
-
-
-class EngineError(Exception):
-    """Base of the engine's refusals; the app maps them to HTTP statuses."""
-
-
-class QueueFull(EngineError):
-    """Too many requests are waiting already."""
-
-
-class NotReady(EngineError):
-    """The model is still loading, or failed to load."""
-
-
-@dataclass
-class GenerationRequest:
-    """What to generate: prompt ids and sampling parameters (temperature 0 is greedy)."""
-
-    prompt_ids: list
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    deadline: float = field(default_factory=lambda: time.monotonic() + 60.0)
-    stop: tuple = ()  # strings that end the reply (not included in it)
-    seed: int | None = None  # makes sampling repeatable
-
-
-@dataclass
-class GenerationResult:
-    """A finished generation; finish_reason is stop, length, timeout or cancelled."""
-
-    text: str
-    token_ids: list
-    prompt_tokens: int
-    finish_reason: str
-    queue_seconds: float
-    run_seconds: float
-
-    @property
-    def completion_tokens(self):
-        return len(self.token_ids)
-
-
-class Generation:
-    """The caller's handle on one submitted request."""
-
-    def __init__(self, request, model="model"):
-        self.request = request
-        self.model = model  # the engine's name: its metrics' label
-        self.submitted = time.monotonic()
-        self.started = None  # when it joined the batch
-        self._cancelled = threading.Event()
-        self._done = threading.Event()
-        self._deltas = queue.SimpleQueue()
-        self._result = None
-        self._error = None
-
-    def cancel(self):
-        """Ask the engine to stop this request at its next step (or skip it)."""
-        self._cancelled.set()
-
-    @property
-    def cancelled(self):
-        return self._cancelled.is_set()
-
-    def expired(self, now=None):
-        return (now or time.monotonic()) >= self.request.deadline
-
-    def result(self, timeout=None):
-        """Block until finished; return the GenerationResult or raise the engine's error."""
-        if not self._done.wait(timeout):
-            raise TimeoutError("generation did not finish in time")
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-    def deltas(self, idle=None):
-        """Yield text pieces as they are decoded, ending when the generation ends.
-
-        With `idle` seconds, yields None whenever nothing came for that long (a
-        stream writes a keep-alive then, which also notices a gone client).
-        """
-        while True:
-            try:
-                piece = self._deltas.get(timeout=idle)
-            except queue.Empty:
-                yield None
-                continue
-            if piece is _END:
-                return
-            yield piece
-
-    @property
-    def done(self):
-        return self._done.is_set()
-
-    # --- called by the engine thread ---
-    def _emit(self, text):
-        if text:
-            self._deltas.put(text)
-
-    def _finish(self, result=None, error=None):
-        self._result, self._error = result, error
-        self._deltas.put(_END)
-        self._done.set()
 
 
 class Turns:

@@ -87,7 +87,7 @@ class Cache:
             metrics.CACHE.labels(key.model, "miss").inc()
             return None
         metrics.CACHE.labels(key.model, "hit").inc()
-        from service.inference.engine import GenerationResult  # here: the admin CLI purges without torch
+        from service.inference.generation import GenerationResult  # here: the admin CLI purges without torch
 
         entry = json.loads(raw)
         return GenerationResult(entry["text"], entry["token_ids"], entry["prompt_tokens"], entry["finish_reason"],

@@ -18,7 +18,7 @@ import time
 
 from service.admission import budget
 from service.errors import BadRequest, ClientGone, DeadlineExceeded, Unavailable
-from service.inference.engine import GenerationRequest, NotReady, QueueFull
+from service.inference.generation import GenerationRequest, NotReady, QueueFull
 from service.records.accounting import Usage
 from service.serving import cache
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from tests.conftest import greedy
+from tests.support.reference import greedy
 
 MODEL = "VibeThinker-1.5B"
 
@@ -23,7 +23,7 @@ def a_gpu():
 def test_the_model_on_the_gpu_answers_as_on_the_cpu(tiny_model, reference):
     from service.inference import model
     from service.inference.batching import Batch
-    from service.inference.engine import Generation, GenerationRequest
+    from service.inference.generation import Generation, GenerationRequest
 
     gpu = model.load(str(tiny_model), device="cuda")
     assert gpu.device == "cuda" and next(gpu.model.parameters()).is_cuda

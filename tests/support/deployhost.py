@@ -19,7 +19,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from conftest import free_port
+from tests.support.servers import free_port
 
 CACHE = Path(os.environ.get("VIBE_DEPLOY_CACHE", "/var/cache/vibethinker-deploy"))
 MIRROR = "deb.debian.org"

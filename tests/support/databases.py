@@ -1,4 +1,5 @@
-"""A real PostgreSQL server for the store's tests, started on a unix socket in a temporary folder."""
+"""Real PostgreSQL and Redis servers for the tests (and Redis for the benchmarks), on unix sockets in
+temporary folders."""
 
 import glob
 import os
@@ -10,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import start_redis  # bench/harness.py (conftest puts bench/ on the path)
 
 
 def _pg_bin(name):
@@ -64,6 +64,24 @@ class Postgres:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
+def start_redis(work, *options):
+    """A redis-server on a unix socket under `work`, as production runs it: (process, storage URI).
+    `options`: more of redis-server's arguments (["--maxmemory", "2mb"])."""
+    binary = shutil.which("redis-server")
+    if not binary:
+        raise SystemExit("redis-server is missing: install Debian's redis-server (make test does, as root)")
+    sock = Path(work) / "redis.sock"
+    proc = subprocess.Popen([binary, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+                             "--save", "", "--appendonly", "no", "--dir", str(work), *options],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("redis-server did not start")
+        time.sleep(0.05)
+    return proc, f"redis+unix://{sock}"
+
+
 class Redis:
     """A real redis-server on a unix socket only (no TCP), stoppable and restartable on the same socket."""
 
@@ -79,7 +97,7 @@ class Redis:
     def start(self):
         if not shutil.which("redis-server"):
             pytest.fail("redis-server is missing: `make test` installs Debian's redis-server as root")
-        self.proc, _ = start_redis(self.base, *self.options)  # the benchmarks' own: one redis-server command line
+        self.proc, _ = start_redis(self.base, *self.options)  # the benchmarks' too: one redis-server command line
         return self
 
     def stop(self):

@@ -1,0 +1,295 @@
+"""The shapes of the routes' answers, as pydantic models: the response schemas of the OpenAPI document.
+
+service.api.contract writes them into `GET /openapi.json` (their class
+names are the schema names, their docstrings and field descriptions the
+schema descriptions); the routes' answers follow them, which the fuzz
+against the live service checks (tests/test_openapi.py). The error shape
+itself is made in one place (service.errors); `Error` describes it.
+"""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class Error(BaseModel):
+    """The one error shape of every 4xx and 5xx."""
+
+    error: ErrorDetail
+    success: Literal[False] | None = None  # /predict's original contract adds it
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class DocumentRead(BaseModel):
+    """What was read from the request's file: what the model saw before the question."""
+
+    kind: Literal["pdf", "image"]
+    pages: int
+    chars: int
+    method: Literal["text", "ocr", "text+ocr"]
+    text: str
+
+
+class Prediction(BaseModel):
+    id: str
+    model: str
+    input: str
+    system_prompt: str
+    response: str
+    success: Literal[True]
+    usage: Usage
+    finish_reason: Literal["stop", "length"]
+    hint: str | None = Field(None, description="One sentence when the question is mostly in a script other than "
+                             "Latin: VibeThinker reasons best in English (also the x-vibethinker-hint header).")
+    document: DocumentRead | None = Field(None, description="Only when a file was sent (multipart/form-data).")
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    ready: bool
+    state: Literal["loading", "ready", "failed"]
+    mode: str
+    aliases: list[str]
+    description: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class ModelStatus(BaseModel):
+    name: str
+    state: Literal["loading", "ready", "failed"]
+    mode: str
+    device: Literal["cpu", "cuda"] | None  # None until loaded
+    load_seconds: float | None
+    queued: int
+    running: int
+    decode_tokens_per_s: float | None  # one request's measured speed at the current batch size
+    decode_batch_size: int
+
+
+class Ready(BaseModel):
+    """Every model loaded; the top-level model fields are the default model's."""
+
+    status: Literal["ready"]
+    version: str
+    model: str
+    mode: str
+    device: Literal["cpu", "cuda"]
+    load_seconds: float
+    queued: int
+    running: int
+    decode_tokens_per_s: float | None  # one request's measured speed at the current batch size
+    decode_batch_size: int
+    models: list[ModelStatus]
+
+
+class CachePurged(BaseModel):
+    purged: int
+    cache: Literal["off", "user", "shared"]
+
+
+class User(BaseModel):
+    id: int
+    name: str
+    admin: bool
+    active: bool
+    rate_limit: str | None
+    daily_tokens: int | None
+    max_concurrent: int | None
+    system_prompts: list[str] | None
+    models: list[str] | None
+    created_at: str
+
+
+class UserList(BaseModel):
+    object: Literal["list"]
+    data: list[User]
+
+
+class TokenMeta(BaseModel):
+    jti: str
+    user: str
+    scope: str
+    label: str
+    kid: str
+    issued_at: str
+    expires_at: str
+
+
+class Token(TokenMeta):
+    revoked_at: str | None
+    revoked_by: str | None
+
+
+class IssuedToken(TokenMeta):
+    token: str  # shown once; never stored
+
+
+class TokenList(BaseModel):
+    object: Literal["list"]
+    data: list[Token]
+
+
+class UsageDay(BaseModel):
+    day: str
+    user: str
+    requests: int
+    succeeded: int
+    cached: int  # requests answered from the response cache (their tokens are not in the sums)
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class UsageList(BaseModel):
+    object: Literal["list"]
+    data: list[UsageDay]
+
+
+class AuditEvent(BaseModel):
+    id: int
+    at: str
+    actor: str
+    action: str
+    target: str | None
+    source: str | None
+    detail: dict[str, Any]
+
+
+class AuditList(BaseModel):
+    object: Literal["list"]
+    data: list[AuditEvent]
+
+
+class MeToken(BaseModel):
+    jti: str
+    scope: list[str]
+    label: str
+    issued_at: str
+    expires_at: str
+
+
+class Me(BaseModel):
+    user: str
+    admin: bool
+    active: bool
+    token: MeToken
+    limits: dict[str, Any]
+    effective_limits: dict[str, Any]
+    today: dict[str, int]
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str
+    status_details: str | None
+
+
+class FileList(BaseModel):
+    object: Literal["list"]
+    data: list[FileObject]
+    has_more: bool
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+
+class BatchError(BaseModel):
+    code: str
+    message: str
+    param: str | None
+    line: int | None
+
+
+class BatchErrors(BaseModel):
+    object: Literal["list"]
+    data: list[BatchError]
+
+
+class RequestCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+
+
+class Batch(BaseModel):
+    id: str
+    object: Literal["batch"]
+    endpoint: str
+    errors: BatchErrors | None
+    input_file_id: str
+    completion_window: str
+    status: Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
+                    "cancelled"]
+    output_file_id: str | None
+    error_file_id: str | None
+    created_at: int
+    in_progress_at: int | None
+    expires_at: int
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    request_counts: RequestCounts
+    metadata: dict[str, str] | None
+
+
+class BatchList(BaseModel):
+    object: Literal["list"]
+    data: list[Batch]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool

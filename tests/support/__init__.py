@@ -1,0 +1,1 @@
+"""What the tests and the benchmarks share: real servers to start, helpers to drive them, documents to send."""
