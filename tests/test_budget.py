@@ -8,7 +8,7 @@ import pytest
 
 from service.admission import budget
 from service.admission.counters import MemoryCounters, RedisCounters, StorageUnavailable
-from service.errors import Refusal, status_of
+from service.errors import Refusal, headers_of, status_of, token_headers
 
 NOW = datetime(2026, 12, 1, 23, 0, tzinfo=timezone.utc)
 
@@ -30,7 +30,7 @@ def admit(counters, need=100, daily=1000, cap=2, **kwargs):
 def test_a_lease_reserves_then_settles_to_what_was_used(counters):
     lease = admit(counters, need=300)
     assert lease.held and lease.total == 300 and lease.reset_s == 3601
-    assert lease.headers() == {"x-ratelimit-limit-tokens": 1000, "x-ratelimit-remaining-tokens": 700,
+    assert token_headers(lease) == {"x-ratelimit-limit-tokens": 1000, "x-ratelimit-remaining-tokens": 700,
                                "x-ratelimit-reset-tokens": "3601s"}
     budget.release(counters, lease, used=120)
     assert lease.total == 120
@@ -42,7 +42,7 @@ def test_the_budget_refuses_what_could_pass_it_and_holds_no_slot(counters):
     with pytest.raises(Refusal) as refused:
         admit(counters, need=200)
     assert status_of(refused.value) == 429 and refused.value.code == "daily_token_quota_exceeded"
-    assert "has 100 tokens left" in refused.value.message and refused.value.headers["x-should-retry"] == "false"
+    assert "has 100 tokens left" in refused.value.message and headers_of(refused.value)["x-should-retry"] == "false"
     admit(counters, need=100)  # the refused request took no slot: the second one is free
 
 
@@ -69,7 +69,7 @@ def test_storage_down_fails_closed_or_open():
     with pytest.raises(StorageUnavailable):
         admit(Down())
     lease = admit(Down(), fail_open=True)
-    assert not lease.held and lease.headers() == {}
+    assert not lease.held and token_headers(lease) == {}
     budget.release(Down(), lease, used=5)  # nothing held, nothing to settle
 
 

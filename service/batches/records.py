@@ -23,6 +23,8 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
+from auth.schema import usage as usage_table
+
 from service.batches.files import CHUNK, FileRecords, now, timestamp
 from service.batches.tables import batch_lines, batches
 from service.errors import Conflict, NotFound
@@ -155,14 +157,17 @@ class BatchRecords(FileRecords):
                                                     batch_lines.c.owner == owner, batch_lines.c.status == "running")
                          .values(status="pending", owner=None, claimed_at=None))
 
-    def finish_line(self, batch_id, line, ok, result, owner):
-        """Store a line's answer; False if `owner` no longer holds it (it was given to another runner)."""
+    def finish_line(self, batch_id, line, ok, result, owner, usage=None):
+        """Store a line's answer and its `usage` row (a dict of the store's usage table) in one transaction:
+        a crash keeps both or neither. False, storing nothing, if `owner` no longer holds the line."""
         with self.engine.begin() as conn:
-            return bool(conn.execute(batch_lines.update().where(
+            stored = conn.execute(batch_lines.update().where(
                 batch_lines.c.batch_id == batch_id, batch_lines.c.line == line, batch_lines.c.owner == owner,
                 batch_lines.c.status == "running").values(status="done" if ok else "failed",
-                                                          result=json.dumps(result)))
-                .rowcount)
+                                                          result=json.dumps(result))).rowcount
+            if stored and usage is not None:
+                conn.execute(usage_table.insert().values(at=now(), **usage))
+            return bool(stored)
 
     def fail_pending(self, batch_id, result_of):
         """Every pending line failed with `result_of(custom_id)` (an expired batch's rest)."""

@@ -13,8 +13,8 @@ as they are when it starts (still active, still allowed the model): the
 cache, then admission, reserving prompt + max tokens of the owner's daily
 budget (a line that does not fit fails with the live request's budget
 error in the error file) on concurrency slots of its own, so a batch never
-takes the owner's interactive slots. Its answer (or error) is stored with
-the line, and its usage row written, before the next state change; when
+takes the owner's interactive slots. Its answer (or error) and its usage row
+are stored with the line in one transaction (a crash keeps both or neither); when
 every line is finished the output and error files are written and the batch
 completes. Cancelled and expired batches stop taking lines, let the lines
 running finish, and end with the files of what was done.
@@ -29,7 +29,7 @@ from datetime import datetime, timedelta, timezone
 from service.admission.counters import StorageUnavailable, alive, ledger_name, ledger_parts
 from service.batches import lines
 from service.errors import Forbidden, LimitReached, NotFound, OverBudget, Refusal, Unavailable
-from service.records.accounting import write_usage
+from service.records.accounting import usage_row
 from service.serving import pipeline
 from service.serving.caller import Caller
 
@@ -174,14 +174,13 @@ class BatchRunner:
             return False
         hit = pipeline.cached(state, item.job)
         if hit is not None:
-            self._finish(batch["id"], line, True, lines.answered(custom_id, item.job, hit, item.request_id))
-            self._usage(item, 200)
+            self._finish(batch["id"], line, True, lines.answered(custom_id, item.job, hit, item.request_id),
+                         item, 200)
             return True
         try:
             item.handle = pipeline.start(state, item.job, state.settings.stream_deadline_s)
         except OverBudget as refusal:  # the owner's day is spent: the line fails as a live request would
-            self._finish(batch["id"], line, False, lines.refused(custom_id, refusal, item.request_id))
-            self._usage(item, 429)
+            self._finish(batch["id"], line, False, lines.refused(custom_id, refusal, item.request_id), item, 429)
             return True
         except (LimitReached, Unavailable, StorageUnavailable):  # full for now: the line waits its turn
             self.records.release(batch["id"], line, self.owner)
@@ -214,30 +213,24 @@ class BatchRunner:
                 log.exception("batch line failed in the engine")
                 result = None
             pipeline.settle(self.state, item.job, result)
-            self._usage(item, self._store(item, result))
+            ok, output, status = self._output(item, result)
+            self._finish(item.batch["id"], item.line, ok, output, item, status)
         return moved
 
-    def _store(self, item, result):
-        """Store a finished line's answer, or its error line; its status."""
-        batch_id, deadline_s = item.batch["id"], self.state.settings.stream_deadline_s
+    def _output(self, item, result):
+        """A finished line's (ok, output line, status): its answer, or its error line."""
+        deadline_s = self.state.settings.stream_deadline_s
         if result is not None and result.finish_reason == "cancelled":
-            self._finish(batch_id, item.line, False, lines.failed(
-                item.custom_id, 499, "the batch was cancelled before this line was answered", "batch_cancelled",
-                item.request_id))
-            return 499
+            return False, lines.failed(item.custom_id, 499, "the batch was cancelled before this line was answered",
+                                       "batch_cancelled", item.request_id), 499
         if result is None:
-            self._finish(batch_id, item.line, False, lines.failed(item.custom_id, 500, "internal error",
-                                                                  "internal_error", item.request_id))
-            return 500
+            return False, lines.failed(item.custom_id, 500, "internal error", "internal_error", item.request_id), 500
         try:
             answer = pipeline.outcome(item.job, result, deadline_s)
         except Refusal as refusal:  # the deadline cut it
-            self._finish(batch_id, item.line, False, lines.failed(
-                item.custom_id, 504, f"the line passed the {deadline_s:g} s deadline", refusal.code,
-                item.request_id))
-            return 504
-        self._finish(batch_id, item.line, True, lines.answered(item.custom_id, item.job, answer, item.request_id))
-        return 200
+            return False, lines.failed(item.custom_id, 504, f"the line passed the {deadline_s:g} s deadline",
+                                       refusal.code, item.request_id), 504
+        return True, lines.answered(item.custom_id, item.job, answer, item.request_id), 200
 
     def _maybe_end(self, batch):
         """End a batch whose lines are all finished, or that was cancelled or expired; True if it ended."""
@@ -266,17 +259,15 @@ class BatchRunner:
             if item.batch["id"] == batch_id:
                 item.handle.cancel()
 
-    def _finish(self, batch_id, line, ok, result):
-        """Store a line's answer, unless its line was given to another runner (this one was thought gone)."""
-        if not self.records.finish_line(batch_id, line, ok, result, self.owner):
+    def _finish(self, batch_id, line, ok, result, item=None, status=None):
+        """Store a line's answer with its usage row when one is owed (as a live request's: route and request id
+        are the batch's), in one transaction; unless the line was given to another runner (this one was
+        thought gone): then neither."""
+        usage = usage_row(item.job, ROUTE, status, time.monotonic() - item.started, item.request_id) \
+            if item is not None and item.job.recorded else None
+        if not self.records.finish_line(batch_id, line, ok, result, self.owner, usage):
             log.warning("a batch line finished here after another runner took it over; its answer is dropped",
                         extra={"fields": {"batch": batch_id, "line": line}})
-
-    def _usage(self, item, status):
-        """The line's usage row, as a live request's (route and request id are the batch's)."""
-        if item.job.recorded:
-            write_usage(self.state.usage_log, item.job, ROUTE, status, time.monotonic() - item.started,
-                        item.request_id)
 
     def _user(self, name):
         try:

@@ -3,8 +3,9 @@
 A generation's usage is settled from its result (`Usage.of`), whatever
 became of the request; the documents read for it are kept as costs (never
 their text). `write_usage` writes the row through the usage log (group
-commit): a live request's edge writes it before its response leaves, the
-batch runner when its line is stored.
+commit): a live request's edge writes it before its response leaves; the
+batch runner stores a line's row in the transaction that stores its answer
+(`usage_row`), so a crash loses neither or both, and the line runs again.
 """
 
 import logging
@@ -56,11 +57,16 @@ def document_costs(documents):
             "document_ms": int(sum(d.seconds for d in documents) * 1000)}
 
 
+def usage_row(job, route, status, latency_s, request_id):
+    """The usage row of a served job (service.serving.job.Job), as the store's `usage` table takes it."""
+    return dict(user=job.caller.user, route=route, status=status, latency_ms=int(latency_s * 1000),
+                request_id=request_id, model=job.model, **job.usage.fields(), **job.document_costs())
+
+
 def write_usage(usage_log, job, route, status, latency_s, request_id):
-    """The usage row of a served job (service.serving.job.Job); a failure is logged loudly, not raised: the
+    """The usage row of a served job through the usage log; a failure is logged loudly, not raised: the
     answer is computed, only its record is missing."""
     try:
-        usage_log.write(user=job.caller.user, route=route, status=status, latency_ms=int(latency_s * 1000),
-                        request_id=request_id, model=job.model, **job.usage.fields(), **job.document_costs())
+        usage_log.write(**usage_row(job, route, status, latency_s, request_id))
     except Exception:
         log.exception("usage row not written", extra={"fields": {"user": job.caller.user, "route": route}})
