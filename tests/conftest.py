@@ -9,7 +9,7 @@ import pytest
 from tests.support.databases import Postgres, Redis
 from tests.support.phases import PHASES
 from tests.support.reference import greedy
-from tests.support.servers import ROOT, Server, clean_env
+from tests.support.servers import ROOT, STARTED, Server, clean_env
 
 # tests/gpu needs a GPU: `make test-gpu` runs it (VIBE_TEST_GPU=1); make test never collects it.
 collect_ignore = [] if os.environ.get("VIBE_TEST_GPU") == "1" else ["gpu"]
@@ -46,13 +46,13 @@ def start_server(tmp_path_factory, tiny_model):
     """Builder: start_server(VIBE_SETTING=value, ...) -> a running Server; all stopped at the end."""
     servers = []
 
-    def start(**env):
+    def start(keep=False, **env):
         if "VIBE_CONFIG" not in env:
             env.setdefault("VIBE_MODEL_PATH", tiny_model)
         # Answers come from the engine unless a test turns the response cache on (tests/test_cache_http.py):
         # a test that asks the same question twice means to compute it twice.
         env.setdefault("VIBE_CACHE", "off")
-        server = Server(tmp_path_factory.mktemp("server"), env)
+        server = Server(tmp_path_factory.mktemp("server"), env, keep)
         servers.append(server)
         return server.start()
 
@@ -64,7 +64,18 @@ def start_server(tmp_path_factory, tiny_model):
 @pytest.fixture(scope="session")
 def server(start_server):
     """The default server: default settings, the tiny model."""
-    return start_server()
+    return start_server(keep=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stop_the_modules_servers():
+    """The servers a test module started (in its fixtures or its tests) stop when the module ends: each holds
+    a model and an engine thread (about 0.5 GB and a little CPU idle), and there are dozens in a session."""
+    before = len(STARTED)
+    yield
+    for started in STARTED[before:]:
+        if not started.keep:
+            started.stop()
 
 
 @pytest.fixture(scope="session")

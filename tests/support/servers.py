@@ -72,10 +72,15 @@ def provision(env):
         .stdout.strip().splitlines()[-1]
 
 
-class Server:
-    """A real gunicorn serving the app on a loopback port, with its own state and an admin token."""
+STARTED = []  # every Server started, in order: a module's own are stopped when it ends (tests/conftest.py)
 
-    def __init__(self, state_dir, env):
+
+class Server:
+    """A real gunicorn serving the app on a loopback port, with its own state and an admin token; `keep` when
+    it serves the whole session."""
+
+    def __init__(self, state_dir, env, keep=False):
+        self.keep = keep
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = state_dir / f"gunicorn-{self.port}.log"
@@ -85,6 +90,8 @@ class Server:
         self.proc = None
 
     def start(self, timeout=90):
+        if self not in STARTED:
+            STARTED.append(self)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [str(BIN / "gunicorn"), "-c", "service/gunicorn_conf.py", "service.app:create_app()"],
