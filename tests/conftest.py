@@ -10,6 +10,7 @@ from tests.support.databases import Postgres, Redis
 from tests.support.phases import PHASES
 from tests.support.reference import greedy
 from tests.support.servers import ROOT, Server, clean_env
+from tests.support.thinking import FORCED
 
 # tests/gpu needs a GPU: `make test-gpu` runs it (VIBE_TEST_GPU=1); make test never collects it.
 collect_ignore = [] if os.environ.get("VIBE_TEST_GPU") == "1" else ["gpu"]
@@ -65,6 +66,13 @@ def start_server(tmp_path_factory, tiny_model):
 def server(start_server):
     """The default server: default settings, the tiny model."""
     return start_server()
+
+
+@pytest.fixture(scope="session")
+def thinking_server(start_server):
+    """A server whose demo model's reply is known (tests.support.thinking): the real engine runs every step,
+    with its choice of token forced; an answer check has 2 s."""
+    return start_server(VIBE_FORCED_OUTPUT=FORCED, VIBE_ANSWER_CHECK_TIMEOUT_S=2)
 
 
 @pytest.fixture(scope="session")
