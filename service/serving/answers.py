@@ -9,10 +9,11 @@ expression can hang sympy, so a check past its time is stopped (its process
 with it) and the answer says `correct: null` with the reason.
 """
 
-import multiprocessing
 import re
 import threading
 from concurrent.futures import TimeoutError as FutureTimeout
+
+from service.processes import Processes
 
 BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 WAITING_PER_WORKER = 4  # checks that may wait for each process; past that a check is not run (null, "busy")
@@ -55,8 +56,7 @@ class Checker:
     """The pool of checking processes of one worker, started on first use."""
 
     def __init__(self, timeout_s, workers=1):
-        self.timeout_s, self.workers = timeout_s, workers
-        self._pool, self._lock = None, threading.Lock()
+        self.timeout_s, self._processes = timeout_s, Processes(workers, initializer=_load)
         self._waiting = threading.BoundedSemaphore(workers * (1 + WAITING_PER_WORKER))
 
     def check(self, expected, given):
@@ -66,7 +66,7 @@ class Checker:
         if not self._waiting.acquire(blocking=False):
             return None, "too many answers are being checked now"
         try:
-            future = self.pool().schedule(verify, args=(expected, given), timeout=self.timeout_s)
+            future = self._processes.pool().schedule(verify, args=(expected, given), timeout=self.timeout_s)
             correct = future.result(timeout=self.timeout_s + START_S)  # the pool stops the check at timeout_s
         except FutureTimeout:
             future.cancel()  # not started: dropped; running: its process is stopped
@@ -77,18 +77,6 @@ class Checker:
             self._waiting.release()
         return correct, None if correct is not None else "math-verify could not read the expected or final answer"
 
-    def pool(self):
-        with self._lock:
-            if self._pool is None:
-                import pebble  # spawned processes: never forked from a worker holding torch's threads
-
-                self._pool = pebble.ProcessPool(max_workers=self.workers, initializer=_load,
-                                                context=multiprocessing.get_context("spawn"))
-            return self._pool
-
     def close(self):
-        with self._lock:
-            if self._pool is not None:
-                self._pool.stop()
-                self._pool.join(timeout=5)
-                self._pool = None
+        """Stop the checking processes."""
+        self._processes.close()
