@@ -28,6 +28,7 @@ from service.inputs import filtering
 from service.records import logs, metrics
 from service.records.usagelog import UsageLog
 from service.serving import attachments
+from service.serving.answers import Checker
 from service.serving.cache import open_cache
 from service.serving.models import Models, Served, mode_of, revision
 from service.settings import SettingsError, load_settings, require_models
@@ -53,7 +54,8 @@ def create_app(settings=None):
     state = attach(app, State(settings, store, keyset, load_policy(settings), started_at=time.time(),
                               counters=counters, usage_log=UsageLog(store), cache=open_cache(settings),
                               batches=BatchRecords(store.engine, settings.files_dir),
-                              documents=attachments.open_reader(settings)))
+                              documents=attachments.open_reader(settings),
+                              checker=Checker(settings.answer_check_timeout_s)))
 
     accounting.init_app(app)  # first: its after-request hook runs last, when every other one has run
     app.after_request(body.drain_unread_body)
@@ -118,7 +120,7 @@ def start_models(specs, sizes, settings):
     turns, served = Turns(), []
     for spec in specs:
         loader = partial(model.load, str(spec.path), spec.dtype, spec.quantization, settings.prefill_float32,
-                         settings.device)
+                         settings.device, spec.reasoning_start, settings.forced_output)
         files = revision(spec.path, mode_of(spec))  # before the engine starts: the files loaded
         engine = Engine(loader, settings.queue_size, settings.torch_threads, settings.max_batch_size,
                         name=spec.name, turns=turns)

@@ -112,12 +112,13 @@ def child_exit(server, worker):
 
 
 def worker_exit(server, worker):
-    """In the worker, as it ends: stop its document-reading processes."""
+    """In the worker, as it ends: stop its document-reading and answer-checking processes."""
     from service.state import KEY
 
     held = getattr(getattr(worker, "wsgi", None), "extensions", {}).get(KEY)  # the app's State
-    if held is not None and held.documents is not None:
-        held.documents.close()
+    for pool in (held.documents, held.checker) if held is not None else ():
+        if pool is not None:
+            pool.close()
 
 
 # --- Logging ---

@@ -38,6 +38,10 @@ class ModelSpec(BaseModel):
     quantization: Literal["none", "int8"] | None = None
     aliases: tuple[str, ...] = Field((), max_length=16, description="Other names clients may pass.")
     description: str = Field("", max_length=200, description="One line: what this model is for.")
+    reasoning_start: str = Field("<think>", max_length=32, description="The tag that opens the model's "
+                                 "reasoning (empty with reasoning_end: a model that does not mark it).")
+    reasoning_end: str = Field("</think>", max_length=32, description="The tag that ends the model's reasoning; "
+                               "the answer follows it.")
 
     @field_validator("aliases")
     @classmethod
@@ -141,6 +145,14 @@ class Settings(BaseSettings):
     stream_deadline_s: float = Field(
         3600.0, gt=0.0, le=86400.0, description="Wall-clock budget of one streamed answer: long reasoning "
         "streams past the whole-answer deadline.",
+    )
+    answer_check_timeout_s: float = Field(
+        3.0, gt=0.0, le=60.0, description="Longest time checking one final answer against expected_answer "
+        "(math-verify, in a process of its own) may take; past it `correct` is null.",
+    )
+    forced_output: str | None = Field(
+        None, min_length=1, max_length=4096, description="Tests only: a demo model (its folder has "
+        "DEMO_MODEL.txt) emits this text's tokens instead of its own choices, then its end token.",
     )
     max_batch_size: int = Field(16, ge=1, le=256, description="Requests generated together: rows of the running batch.")
     queue_size: int = Field(
@@ -380,7 +392,9 @@ def require_models(settings):
         )
     specs = settings.served_models()
     for spec in specs:
+        where = "VIBE_MODEL_PATH" if not settings.models else f"VIBE_MODELS: {spec.name}"
         if not (spec.path / "config.json").is_file():
-            where = "VIBE_MODEL_PATH" if not settings.models else f"VIBE_MODELS: {spec.name}"
             raise SettingsError(f"{where}: {spec.path} has no config.json; it is not a model folder")
+        if settings.forced_output and not (spec.path / "DEMO_MODEL.txt").is_file():
+            raise SettingsError(f"VIBE_FORCED_OUTPUT: only for a demo model; {spec.path} is not one")
     return specs

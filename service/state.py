@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # names for the fields' types only: importing them here would
     from service.inputs.documents import Reader
     from service.inputs.filtering import Rule
     from service.records.usagelog import UsageLog
+    from service.serving.answers import Checker
     from service.serving.cache import Cache
     from service.serving.models import Models
     from service.settings import Settings
@@ -49,6 +50,7 @@ class State:
     batches: BatchRecords | None = None  # files and batch jobs
     batch_runner: BatchRunner | None = None
     documents: Reader | None = None  # this worker's pool reading PDFs and images
+    checker: Checker | None = None  # this worker's pool checking final answers against expected ones
 
 
 def attach(app, state):

@@ -10,6 +10,7 @@ from tests.support.databases import Postgres, Redis
 from tests.support.phases import PHASES
 from tests.support.reference import greedy
 from tests.support.servers import ROOT, STARTED, Server, clean_env
+from tests.support.thinking import FORCED
 
 # tests/gpu needs a GPU: `make test-gpu` runs it (VIBE_TEST_GPU=1); make test never collects it.
 collect_ignore = [] if os.environ.get("VIBE_TEST_GPU") == "1" else ["gpu"]
@@ -76,6 +77,13 @@ def stop_the_modules_servers():
     for started in STARTED[before:]:
         if not started.keep:
             started.stop()
+
+
+@pytest.fixture(scope="session")
+def thinking_server(start_server):
+    """A server whose demo model's reply is known (tests.support.thinking): the real engine runs every step,
+    with its choice of token forced; an answer check has 2 s."""
+    return start_server(keep=True, VIBE_FORCED_OUTPUT=FORCED, VIBE_ANSWER_CHECK_TIMEOUT_S=2)
 
 
 @pytest.fixture(scope="session")

@@ -100,6 +100,11 @@ def without(body, *names):
     ("/v1/chat/completions", {"model": "auto", "max_tokens": 6, "temperature": 0,
                               "messages": [{"role": "system", "content": "Be brief."},
                                            {"role": "user", "content": "What is 2 + 3?"}]}),
+    ("/v1/predict", {"question": "What is 2 + 3?", "max_new_tokens": 6, "temperature": 0,
+                     "expected_answer": "5"}),
+    ("/v1/chat/completions", {"model": "auto", "max_tokens": 6, "temperature": 0, "reasoning_format": "none",
+                              "expected_answer": "5", "presence_penalty": 0, "logprobs": False, "store": False,
+                              "service_tier": "auto", "messages": [{"role": "user", "content": "What is 2 + 3?"}]}),
 ])
 def test_a_good_body_gets_the_same_answer_and_usage_row_both_ways(app, endpoint, body):
     caller = Caller(app, "ann")
@@ -124,6 +129,10 @@ PDF_THAT_IS_A_PNG = f"data:application/pdf;base64,{base64.b64encode(PNG).decode(
     ("/v1/predict", {"question": "hi", "temprature": 0.5}, 400, "unknown_field"),
     ("/v1/chat/completions", {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400,
      "unsupported_value"),
+    ("/v1/chat/completions", {"model": "auto", "messages": [{"role": "user", "content": "hi"}],
+                              "frequency_penalty": 1.5}, 400, "unsupported_value"),
+    ("/v1/chat/completions", {"model": "auto", "messages": [{"role": "user", "content": "hi"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "unsupported_value"),
     ("/v1/predict", {"question": LONG}, 400, "context_length_exceeded"),
     ("/v1/chat/completions", {"model": "auto", "messages": [{"role": "user", "content": LONG}]}, 400,
      "context_length_exceeded"),

@@ -101,3 +101,25 @@ def test_the_document_examples_run_as_printed(server, tmp_path):
                                                                + makedocs.EQUATION}]}).json()
     assert out.stdout.split(" ", 1) == [str(typed["usage"]["prompt_tokens"]),
                                         typed["choices"][0]["message"]["content"] + "\n"]
+
+
+def test_the_reasoning_examples_run_as_printed(thinking_server):
+    from tests.support.thinking import ANSWER, THOUGHT
+
+    block = next(b for b in shell_blocks() if '"expected_answer"' in b)
+    out = subprocess.run(["bash", "-c", block.replace("http://127.0.0.1:8000", thinking_server.base)],
+                         capture_output=True, text=True, timeout=60, check=True,
+                         env={**thinking_server.env, "TOKEN": thinking_server.token})
+    shown = json.loads(next(b for b in re.findall(r"```json\n(.*?)```", README, flags=re.S) if '"correct"' in b))
+    answer = json.loads(out.stdout)
+    assert {name: answer[name] for name in shown} == shown
+    code = next(b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S) if "reasoning_content" in b)
+    out = subprocess.run([sys.executable, "-c", f"TOKEN = {thinking_server.token!r}\n" +
+                          code.replace("http://127.0.0.1:8000", thinking_server.base)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[:3] == [f"thinking: {THOUGHT.strip()}", f"answer: {ANSWER.strip()}", "final: x=3 correct: True"]
+    assert lines[3].startswith("thinking tokens: ") and int(lines[3].split()[-1]) > 0
+    streamed = out.stdout.split("\n", 4)[4]  # the thinking's pieces in brackets, then the answer's
+    assert streamed.startswith("[") and streamed.replace("[", "").replace("]", "") == THOUGHT + ANSWER

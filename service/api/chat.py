@@ -6,7 +6,9 @@ or is "auto": the routing rules pick one by the last user message
 (service.serving.models). A deterministic request asked again is answered
 from the response cache (service.serving.cache), `x-cache: hit`.
 
-VibeThinker writes its reasoning before its answer; both stay in `content`.
+VibeThinker writes its reasoning inside `<think>...</think>` before its answer: the thinking is
+`message.reasoning_content` (and `reasoning`), the answer `content` (service.serving.shapes);
+`reasoning_format: "none"` keeps the raw text in `content`.
 """
 
 from flask import Blueprint
@@ -33,6 +35,6 @@ def chat_completions():
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return ChatStream(job, include_usage, hit=hit).open().response()
     if hit is not None:
-        return shapes.completion(hit, job.model)
+        return shapes.completion(app, job, hit)
     pipeline.fit_deadline(app, job)
-    return shapes.completion(pipeline.answer(app, job, client.gone), job.model)
+    return shapes.completion(app, job, pipeline.answer(app, job, client.gone))

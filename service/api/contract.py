@@ -15,9 +15,10 @@ from pydantic.json_schema import models_json_schema
 from auth.checks import NAME_PATTERN
 from service.api import health
 from service.api.access import public, scope_for
+from service.api.answer_models import ChatCompletion, Prediction
 from service.api.responses import (
-    AuditList, Batch, BatchList, CachePurged, ChatCompletion, Error, FileDeleted, FileList, FileObject, Health,
-    IssuedToken, Me, ModelCard, ModelList, Prediction, Ready, Token, TokenList, UsageList, User, UserList)
+    AuditList, Batch, BatchList, CachePurged, Error, FileDeleted, FileList, FileObject, Health, IssuedToken, Me,
+    ModelCard, ModelList, Ready, Token, TokenList, UsageList, User, UserList)
 from service.inputs import schemas
 from service.inputs.extraction import MEDIA_TYPES
 from service.state import state

@@ -1,7 +1,9 @@
 """POST /predict and /v1/predict: the original contract, one question in, one answer out.
 
 Without a `model` (or with "auto") the routing rules pick the model by the
-question (service.serving.models); the answer's `model` names the one that answered.
+question (service.serving.models); the answer's `model` names the one that answered. `response` is the
+whole text, `reasoning` and `answer` its parts, `final_answer` the answer's last `\\boxed{}`, and with an
+`expected_answer`, `correct` says whether they are equal (service.serving.answers).
 """
 
 import json
@@ -38,7 +40,7 @@ def predict():
     if hit is None:
         pipeline.fit_deadline(app, job)
     result = hit if hit is not None else pipeline.answer(app, job, client.gone)
-    return shapes.prediction(result, job.echo, job.model)
+    return shapes.prediction(app, job, result)
 
 
 def _flag_failure(response):

@@ -26,57 +26,6 @@ class Error(BaseModel):
     success: Literal[False] | None = None  # /predict's original contract adds it
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class DocumentRead(BaseModel):
-    """What was read from the request's file: what the model saw before the question."""
-
-    kind: Literal["pdf", "image"]
-    pages: int
-    chars: int
-    method: Literal["text", "ocr", "text+ocr"]
-    text: str
-
-
-class Prediction(BaseModel):
-    id: str
-    model: str
-    input: str
-    system_prompt: str
-    response: str
-    success: Literal[True]
-    usage: Usage
-    finish_reason: Literal["stop", "length"]
-    hint: str | None = Field(None, description="One sentence when the question is mostly in a script other than "
-                             "Latin: VibeThinker reasons best in English (also the x-vibethinker-hint header).")
-    document: DocumentRead | None = Field(None, description="Only when a file was sent (multipart/form-data).")
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str
-
-
-class Choice(BaseModel):
-    index: int
-    message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
-    logprobs: None
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: Usage
-
-
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"]

@@ -2,9 +2,12 @@
 
 - `open` admits and queues before the response starts, so a refusal keeps its
   own status (429, 503) rather than becoming an event.
-- `events` yields `data: {chat.completion.chunk}` per decoded piece, keep-alive
-  comments while a request waits (they also notice a gone client), a final
-  chunk with the finish reason, a usage chunk when asked, then `data: [DONE]`.
+- `events` yields `data: {chat.completion.chunk}` per decoded piece (the
+  thinking as `delta.reasoning_content` and `delta.reasoning`, the answer as
+  `delta.content`, a tag never cut across two: service.serving.reasoning),
+  keep-alive comments while a request waits (they also notice a gone
+  client), a final chunk with the finish reason (and the `final_answer`,
+  `correct` extensions), a usage chunk when asked, then `data: [DONE]`.
   A deadline cut ends with `data: {"error": {...}}` in the one error shape.
 - `close` runs however the stream ends (finished, cut, or the client gone,
   499): it cancels the generation, settles the lease and the usage from the
@@ -26,7 +29,7 @@ from flask import Response, stream_with_context
 from service.api import accounting
 from service.api.client import CLIENT_GONE
 from service.errors import body_of, error_body
-from service.serving import pipeline, shapes
+from service.serving import pipeline, reasoning, shapes
 from service.state import state
 
 log = logging.getLogger("vibethinker.streaming")
@@ -44,6 +47,7 @@ class ChatStream:
         self.record, self.state = accounting.current(), state()
         self.handle = self.result = None
         self.status = 200
+        self.splitter = reasoning.Splitter(job.served.markers, raw=job.params.reasoning_format == "none")
 
     def open(self):
         """Admit and queue now; refusals raise with their own status. A replay needs neither."""
@@ -75,7 +79,8 @@ class ChatStream:
         settings = self.state.settings
         yield self._chunk({"role": "assistant", "content": ""})
         for piece in self.handle.deltas(idle=settings.stream_keepalive_s):
-            yield ": keep-alive\n\n" if piece is None else self._chunk({"content": piece}) if piece else ""
+            yield ": keep-alive\n\n" if piece is None else self._pieces(self.splitter.feed(piece))
+        yield self._pieces(self.splitter.flush())
         try:
             self.result = self.handle.result(timeout=5)
         except Exception:  # the engine failed this request: say so in the stream, as a 500 would
@@ -90,20 +95,30 @@ class ChatStream:
             error = pipeline.deadline_error(settings.stream_deadline_s, self.result.completion_tokens)
             yield _event(body_of(error))
         else:
-            yield self._chunk({}, finish=shapes.openai_reason(self.result.finish_reason))
-            if self.include_usage:
-                yield self._chunk({}, usage=shapes.usage(self.result))
+            yield from self._ending(self.result)
         yield "data: [DONE]\n\n"
 
     def replay(self):
         """The events of the cached answer, as events() would have sent them."""
         yield self._chunk({"role": "assistant", "content": ""})
         for piece in pieces(self.hit.text):
-            yield self._chunk({"content": piece})
-        yield self._chunk({}, finish=shapes.openai_reason(self.hit.finish_reason))
-        if self.include_usage:
-            yield self._chunk({}, usage=shapes.usage(self.hit))
+            yield self._pieces(self.splitter.feed(piece))
+        yield self._pieces(self.splitter.flush())
+        yield from self._ending(self.hit)
         yield "data: [DONE]\n\n"
+
+    def _ending(self, result):
+        """The last chunk (its finish reason, the final answer and its check) and the usage chunk if asked."""
+        answer = reasoning.split(result.text, self.job.served.markers).answer
+        yield self._chunk(shapes.verdict(self.state, self.job, answer),
+                          finish=shapes.openai_reason(result.finish_reason))
+        if self.include_usage:
+            yield self._chunk({}, usage=shapes.chat_usage(self.job, result))
+
+    def _pieces(self, parts):
+        """The chunks of split text: the thinking as reasoning_content and reasoning, the answer as content."""
+        return "".join(self._chunk({"content": text} if kind == "content" else
+                                   {"reasoning_content": text, "reasoning": text}) for kind, text in parts)
 
     def close(self):
         """Stop the generation, settle what it used, write the usage row and log line."""

@@ -86,6 +86,8 @@ def prepare(state, caller, kind, body):
     prepared = {"kind": kind, "model": job.model, "ids": job.ids, "params": asdict(job.params)}
     if job.echo is not None:
         prepared["echo"] = job.echo
+    if job.expected_answer is not None:
+        prepared["expected_answer"] = job.expected_answer
     if job.documents:
         prepared["documents"] = job.document_costs()
     return prepared
@@ -94,13 +96,14 @@ def prepare(state, caller, kind, body):
 def job_of(prepared, caller, served):
     """The Job of a stored line, to run for `caller` on `served`."""
     return Job(caller, kind=prepared["kind"], served=served, ids=prepared["ids"],
-               params=Params.stored(prepared["params"]), echo=prepared.get("echo"), costs=prepared.get("documents"))
+               params=Params.stored(prepared["params"]), echo=prepared.get("echo"), costs=prepared.get("documents"),
+               expected_answer=prepared.get("expected_answer"))
 
 
-def answered(custom_id, job, result, request_id):
+def answered(state, custom_id, job, result, request_id):
     """The output line of a finished line's job."""
     return {"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": custom_id,
-            "response": {"status_code": 200, "request_id": request_id, "body": shapes.answer(job, result)},
+            "response": {"status_code": 200, "request_id": request_id, "body": shapes.answer(state, job, result)},
             "error": None}
 
 

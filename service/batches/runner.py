@@ -174,7 +174,7 @@ class BatchRunner:
             return False
         hit = pipeline.cached(state, item.job)
         if hit is not None:
-            self._finish(batch["id"], line, True, lines.answered(custom_id, item.job, hit, item.request_id),
+            self._finish(batch["id"], line, True, lines.answered(state, custom_id, item.job, hit, item.request_id),
                          item, 200)
             return True
         try:
@@ -230,7 +230,7 @@ class BatchRunner:
         except Refusal as refusal:  # the deadline cut it
             return False, lines.failed(item.custom_id, 504, f"the line passed the {deadline_s:g} s deadline",
                                        refusal.code, item.request_id), 504
-        return True, lines.answered(item.custom_id, item.job, answer, item.request_id), 200
+        return True, lines.answered(self.state, item.custom_id, item.job, answer, item.request_id), 200
 
     def _maybe_end(self, batch):
         """End a batch whose lines are all finished, or that was cancelled or expired; True if it ended."""

@@ -49,6 +49,8 @@ class LoadedModel:
     mode: str = "float32"  # the numeric mode: float32, bfloat16, or int8
     float32_prefill: bool = False  # bfloat16 weights, upcast for prefill (a CPU without bf16 units)
     device: str = "cpu"  # where the weights are and every step runs: cpu or cuda
+    opens_reasoning: bool = False  # the chat template opens the thinking after its generation prompt
+    forced: tuple = ()  # tests only (settings.forced_output): the tokens every reply is made of, end token last
 
     def __post_init__(self):
         # The tokenizer has one owner per side. A fast tokenizer is one Rust object that refuses a mutable
@@ -120,7 +122,8 @@ def resolve_device(setting, quantization="none", cuda_available=None):
     return "cuda"
 
 
-def load(path, dtype="float32", quantization="none", prefill_float32="auto", device="cpu"):
+def load(path, dtype="float32", quantization="none", prefill_float32="auto", device="cpu", reasoning_start="",
+         forced_output=None):
     """Load model and tokenizer once from a local folder; weights are memory-mapped.
 
     With quantization "int8", a plain checkpoint loads in its own dtype (a
@@ -128,7 +131,8 @@ def load(path, dtype="float32", quantization="none", prefill_float32="auto", dev
     at a time; a folder written by `vibethinker-admin model convert` loads as
     it is. Such a folder only loads with the quantization it was converted to.
     `device` is a setting (auto, cpu, cuda; see resolve_device); on cuda the
-    weights are copied to the GPU in `dtype` and attention is SDPA.
+    weights are copied to the GPU in `dtype` and attention is SDPA. `reasoning_start` is the tag whose
+    presence after the template's generation prompt means the template opens the thinking itself.
     """
     started = time.monotonic()
     device = resolve_device(device, quantization)
@@ -160,7 +164,20 @@ def load(path, dtype="float32", quantization="none", prefill_float32="auto", dev
                          float32_prefill=not int8 and device == "cpu"
                          and numerics.wants_float32_prefill(prefill_float32, dtype))
     loaded.encode_chat(PROBE)  # a chat template the service cannot encode safely fails the load, not each request
+    loaded.opens_reasoning = opens_reasoning(tokenizer, reasoning_start)
+    if forced_output:
+        loaded.forced = (*tokenizer(forced_output, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id)
     return loaded
+
+
+def opens_reasoning(tokenizer, start):
+    """True when the chat template, rendered for a probe conversation, ends its generation prompt inside the
+    thinking: `start` after the last user message's text."""
+    if not start:
+        return False
+    rendered = tokenizer.apply_chat_template(PROBE[:2], add_generation_prompt=True, tokenize=False)
+    closed = tokenizer.apply_chat_template(PROBE[:2], add_generation_prompt=False, tokenize=False)
+    return start in rendered[len(closed):] if rendered.startswith(closed) else rendered.rstrip().endswith(start)
 
 
 def chat_messages(question, system_prompt):

@@ -27,7 +27,6 @@ What runs in a reading process is service.inputs.extraction.
 import base64
 import binascii
 import dataclasses
-import multiprocessing
 import re
 import threading
 import time
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 
 from service.errors import BadRequest, TooLarge, Unavailable, Unimplemented, Unprocessable, UnsupportedMedia
 from service.inputs.extraction import MEDIA_TYPES, DocumentError, extract
+from service.processes import Processes
 
 DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)(?P<params>(?:;[\w.+-]+=[\w.+-]+)*);base64,", re.ASCII)
 # What a reading process's DocumentError becomes in the worker.
@@ -109,8 +109,7 @@ class Reader:
     """The pool of reading processes of one worker, started on first use."""
 
     def __init__(self, limits, workers):
-        self.limits, self.workers = limits, workers
-        self._pool, self._lock = None, threading.Lock()
+        self.limits, self.workers, self._processes = limits, workers, Processes(workers)
         self._waiting = threading.BoundedSemaphore(workers * (1 + WAITING_PER_WORKER))
 
     def read(self, data, media_type, where, timeout_s=None):
@@ -124,7 +123,7 @@ class Reader:
             raise Unavailable("too many documents are being read now; retry shortly", "documents_busy",
                               retry_after=2)
         try:
-            future = self.pool().schedule(extract, args=(data, media_type, self.limits), timeout=limit)
+            future = self._processes.pool().schedule(extract, args=(data, media_type, self.limits), timeout=limit)
             document = future.result(timeout=limit)  # the wait for a process counts too
         except FutureTimeout:
             future.cancel()  # not started: dropped; running: its process is stopped
@@ -139,18 +138,6 @@ class Reader:
             self._waiting.release()
         return dataclasses.replace(document, seconds=time.monotonic() - started)
 
-    def pool(self):
-        with self._lock:
-            if self._pool is None:
-                import pebble  # the reading processes: spawned (never forked from a worker holding torch's threads)
-
-                self._pool = pebble.ProcessPool(max_workers=self.workers,
-                                                context=multiprocessing.get_context("spawn"))
-            return self._pool
-
     def close(self):
-        with self._lock:
-            if self._pool is not None:
-                self._pool.stop()
-                self._pool.join(timeout=5)
-                self._pool = None
+        """Stop the reading processes."""
+        self._processes.close()

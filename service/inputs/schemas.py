@@ -6,12 +6,13 @@ silently ignored. Bounds that come from settings are checked after parsing.
 """
 
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service.errors import BadRequest, UnsupportedMedia
 
+EXPECTED_CHARS = 1000  # an expected final answer: an expression, not a document
 SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch's generators take, and what OpenAI clients send
 
 TYPE_NAMES = {"string_type": "a string", "int_type": "an integer", "float_type": "a number",
@@ -35,6 +36,7 @@ class PredictRequest(StrictModel):
     max_new_tokens: int | None = None
     temperature: Annotated[float, Field(allow_inf_nan=False)] | None = None
     top_p: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    expected_answer: str | None = Field(None, min_length=1, max_length=EXPECTED_CHARS)
 
 
 class TextPart(StrictModel):
@@ -99,6 +101,19 @@ class ChatRequest(StrictModel):
     user: str | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    reasoning_format: Literal["auto", "deepseek", "none"] | None = None  # llama.cpp's; "none": the raw text
+    expected_answer: str | None = Field(None, min_length=1, max_length=EXPECTED_CHARS)
+    # OpenAI's fields its clients send by default: taken at the values that ask for nothing more
+    # (service.serving.params.refuse_unsupported names the field otherwise).
+    presence_penalty: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    frequency_penalty: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    logprobs: bool | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    parallel_tool_calls: bool | None = None
+    service_tier: str | None = Field(None, max_length=32)
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
 
 def decode_body(raw, is_json):

@@ -3,8 +3,8 @@
 Only deterministic requests are cached: greedy (temperature 0), or sampled
 with a `seed`. The key is a digest of the model's name, numeric mode and
 revision (its files' identity: a replaced model never serves old answers),
-the prompt's token ids (the normalised, chat-templated messages) and every
-sampling parameter as the client gave it (`max_new_tokens` before the
+the prompt's token ids (the normalised, chat-templated messages), the
+answer's `reasoning_format`, and every sampling parameter as the client gave it (`max_new_tokens` before the
 server sizes it to the deadline), under the owner: the user (the default,
 `cache = "user"`: no user learns from timing or content what another asked)
 or everyone (`cache = "shared"`). Only whole answers are stored: ended by
@@ -55,7 +55,8 @@ def key(settings, served, user, ids, params):
         return None
     material = {"model": served.name, "mode": served.mode, "revision": served.revision, "ids": list(ids),
                 "max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
-                "top_p": params.top_p, "stop": list(params.stop), "seed": params.seed}
+                "top_p": params.top_p, "stop": list(params.stop), "seed": params.seed,
+                "reasoning_format": params.reasoning_format}
     digest = hashlib.sha256(json.dumps(material, separators=(",", ":")).encode()).hexdigest()
     owner = SHARED if settings.cache == "shared" else user
     return Key(f"{PREFIX}{model_tag(served.name)}:{owner}:{digest}", served.name, params.max_new_tokens)

@@ -29,6 +29,7 @@ class Job:
     asked: int | None = None  # its value as given (None: the server sizes the answer)
     hint: str | None = None  # the English hint, when the question is mostly in another script
     echo: dict | None = None  # what a prediction echoes: the cleaned question, system prompt, document
+    expected_answer: str | None = None  # the client's: the answer says whether the final answer equals it
     lease: object = None  # service.admission.budget.Lease, once admitted: then usage is recorded
     usage: Usage | None = None
     cache_key: object = None  # service.serving.cache.Key, when the answer can be cached

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from service import routing
 from service.errors import Forbidden, NotFound
+from service.serving.reasoning import Markers
 from service.settings import AUTO
 
 
@@ -35,6 +36,13 @@ class Served:
     @property
     def mode(self):
         return mode_of(self.spec)
+
+    @property
+    def markers(self):
+        """How this model marks its reasoning, and whether its loaded chat template opens it."""
+        loaded = self.engine.model if self.engine is not None else None
+        return Markers(self.spec.reasoning_start, self.spec.reasoning_end,
+                       bool(getattr(loaded, "opens_reasoning", False)))
 
 
 def mode_of(spec):

@@ -18,6 +18,7 @@ class Params:
     stop: tuple = ()
     seed: int | None = None
     sized: bool = False  # max_new_tokens is the server's choice, sized to the deadline (pipeline.fit_deadline)
+    reasoning_format: str = "auto"  # "none": the thinking stays in the content (service.serving.reasoning)
 
     @classmethod
     def stored(cls, values):
@@ -26,11 +27,12 @@ class Params:
 
 
 def resolve(settings, max_new_tokens=None, temperature=None, top_p=None, stop=(), seed=None,
-            tokens_name="max_new_tokens"):
+            tokens_name="max_new_tokens", reasoning_format=None):
     """Fill defaults from settings and check bounds; BadRequest when out of range."""
     limit = settings.max_new_tokens_limit
     return Params(
-        stop=tuple(stop), seed=None if seed is None else check_range("seed", seed, *SEED_RANGE, integer=True),
+        stop=tuple(stop), reasoning_format=reasoning_format or "auto",
+        seed=None if seed is None else check_range("seed", seed, *SEED_RANGE, integer=True),
         max_new_tokens=check_range(tokens_name, settings.default_max_new_tokens
                                    if max_new_tokens is None else max_new_tokens, 1, limit, integer=True),
         temperature=float(check_range("temperature", settings.default_temperature
@@ -47,3 +49,26 @@ def stops(stop):
         raise BadRequest(f"stop must be at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} "
                          "characters", "invalid_value", "stop")
     return given
+
+
+# OpenAI fields its clients send by default: accepted at the value that asks for nothing more (None: absent).
+NEUTRAL = {"presence_penalty": (0, "penalties are not implemented here"),
+           "frequency_penalty": (0, "penalties are not implemented here"),
+           "logprobs": (False, "log probabilities are not returned here")}
+SERVICE_TIERS = ("auto", "default")
+
+
+def refuse_unsupported(body):
+    """BadRequest naming the first OpenAI field of a chat request that asks for what the service cannot do."""
+    for name, (neutral, why) in NEUTRAL.items():
+        value = getattr(body, name)
+        if value is not None and value != neutral:
+            raise BadRequest(f"{name} must be {str(neutral).lower()} or absent: {why}", "unsupported_value", name)
+    if body.tools:
+        raise BadRequest("tools are not supported here: this model calls no functions", "unsupported_value", "tools")
+    if body.tool_choice not in (None, "none"):
+        raise BadRequest('tool_choice must be "none" or absent: this model calls no functions',
+                         "unsupported_value", "tool_choice")
+    if body.service_tier is not None and body.service_tier not in SERVICE_TIERS:
+        raise BadRequest(f"service_tier must be one of {list(SERVICE_TIERS)}: this server has one tier",
+                         "unsupported_value", "service_tier")

@@ -20,13 +20,15 @@ def chat(state, job, body):
     settings = state.settings
     if body.n not in (None, 1):
         raise BadRequest("only n=1 is supported", "unsupported_value", "n")
+    params.refuse_unsupported(body)
     messages = _clean_messages(state, job, body.messages)
     question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     job.kind, job.served = "chat", _pick(state, job, body.model, question)
     job.tokens_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     job.asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     job.params = params.resolve(settings, job.asked, body.temperature, body.top_p, params.stops(body.stop),
-                                body.seed, tokens_name=job.tokens_name)
+                                body.seed, tokens_name=job.tokens_name, reasoning_format=body.reasoning_format)
+    job.expected_answer = body.expected_answer
     job.ids = prompt_ids(state, job, messages, "messages")
     job.hint = language.english_hint(question)
     return job
@@ -53,6 +55,7 @@ def predict(state, job, body, document=None):
     job.kind, job.served = "predict", _pick(state, job, body.model, whole)
     job.tokens_name, job.asked = "max_new_tokens", body.max_new_tokens
     job.params = params.resolve(settings, body.max_new_tokens, body.temperature, body.top_p)
+    job.expected_answer = body.expected_answer
     job.ids = prompt_ids(state, job, chat_messages(whole, system_prompt), "question")
     job.hint = language.english_hint(whole)
     job.echo = {"input": question, "system_prompt": system_prompt, "hint": job.hint}
