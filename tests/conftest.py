@@ -105,9 +105,8 @@ def db_url(request, tmp_path):
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A real redis-server for the session, on a unix socket."""
-    server = Redis(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
+    with Redis(tmp_path_factory.mktemp("redis")).start() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -97,6 +97,25 @@ def test_only_the_holder_finishes_a_line_and_a_stopped_holders_lines_come_back(t
     assert b.unfinished(batch) == 1 and second is not None
 
 
+def test_a_lines_answer_and_its_usage_row_are_stored_together_or_not_at_all(two_servers, db_url):
+    a, b = two_servers
+    batch = batch_of(a, 1)
+    line = a.claim(batch, "ledger:a:1:1")[0]
+    row = dict(user="alice", route="/v1/batches", status=200, latency_ms=5, request_id=f"{batch}:{line}",
+               model="m", prompt_tokens=3, completion_tokens=4, finish_reason="length", cached=False)
+    assert not b.finish_line(batch, line, True, {"x": 1}, "ledger:b:1:1", usage=row)  # not b's: neither stored
+    store = Store(db_url, upgrade=False)
+    try:
+        assert store.usage_rows("alice") == []
+        assert a.finish_line(batch, line, True, {"x": 2}, "ledger:a:1:1", usage=row)
+        stored = store.usage_rows("alice")
+        assert [(r["request_id"], r["completion_tokens"]) for r in stored] == [(f"{batch}:{line}", 4)]
+        assert not a.finish_line(batch, line, True, {"x": 3}, "ledger:a:1:1", usage=row)  # done: no second row
+        assert len(store.usage_rows("alice")) == 1
+    finally:
+        store.close()
+
+
 def test_a_beat_keeps_a_runners_lines(two_servers):
     a, b = two_servers
     batch = batch_of(a, 1)

@@ -22,9 +22,8 @@ QUESTION = [{"role": "user", "content": "What is 12 * 12?"}]
 @pytest.fixture(scope="module")
 def redis(tmp_path_factory):
     """A Redis of this module's own: the entries of one test's server never meet another module's."""
-    server = Redis(tmp_path_factory.mktemp("redis-cache")).start()
-    yield server
-    server.stop()
+    with Redis(tmp_path_factory.mktemp("redis-cache")).start() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

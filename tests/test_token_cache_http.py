@@ -31,9 +31,8 @@ class Twin(Server):
 
 @pytest.fixture(scope="module")
 def redis(tmp_path_factory):
-    server = Redis(tmp_path_factory.mktemp("redis-cache")).start()
-    yield server
-    server.stop()
+    with Redis(tmp_path_factory.mktemp("redis-cache")).start() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -105,3 +105,9 @@ class Redis:
             self.proc.terminate()
             self.proc.wait(timeout=15)
         self.sock.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
