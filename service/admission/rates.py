@@ -32,16 +32,21 @@ def user_key(user):
 class LineRates:
     """The line-side view of users' rate limits over a `limits` strategy (flask-limiter's `Limiter.limiter`)."""
 
-    def __init__(self, strategy, fail_open=False, clock=time.time):
-        self.strategy, self.fail_open, self.clock = strategy, fail_open, clock  # the storage's clock
+    def __init__(self, strategy, default_rate, fail_open=False, clock=time.time):
+        self.strategy, self.default_rate, self.fail_open = strategy, default_rate, fail_open
+        self.clock = clock  # the storage's
         self.waiting = {}  # user -> the time before which their lines wait for their window
 
-    def must_wait(self, user, rate_limit):
-        """True while `user`'s lines must wait for their window to move (looked at again once it may have)."""
+    def must_wait(self, row):
+        """True while the lines of the user of store row `row` must wait for their window to move (looked at
+        again once it may have); never for a disabled or removed user, whose lines are refused at once."""
+        if not row.get("active", False):
+            return False
+        user = row["name"]
         if self.clock() < self.waiting.get(user, 0.0):
             return True
         try:
-            wait = self.wait_s(user, rate_limit)
+            wait = self.wait_s(user, row.get("rate_limit") or self.default_rate)
         except Exception:  # noqa: BLE001 - the storage is unreachable (Redis's own errors included)
             if self.fail_open:
                 return False
@@ -53,10 +58,11 @@ class LineRates:
         self.waiting.pop(user, None)
         return False
 
-    def count(self, user, rate_limit):
-        """`hit`, best effort: a line that started runs even when the storage just went away."""
+    def count(self, row):
+        """`hit` for the user of store row `row`, best effort: a line that started runs even when the storage
+        just went away."""
         try:
-            self.hit(user, rate_limit)
+            self.hit(row["name"], row.get("rate_limit") or self.default_rate)
         except Exception:  # noqa: BLE001 - the next look at the window waits instead
             log.warning("rate-limit storage unreachable: a batch line went uncounted")
 

@@ -75,8 +75,8 @@ class BatchRunner:
         self._turn = None  # the user served last
         self._looked = 0.0  # when the database was last asked for batches
         self._purged = 0.0  # when expired files were last deleted
-        self.rates = None if state.limiter is None else \
-            LineRates(state.limiter.limiter, state.settings.ratelimit_fail_open)
+        self.rates = LineRates(state.limiter.limiter, state.settings.default_rate_limit,
+                               state.settings.ratelimit_fail_open)  # the limiter is bound before the runner starts
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vibethinker-batches", daemon=True)
 
@@ -119,7 +119,7 @@ class BatchRunner:
         while pending and self._room():
             batch = self._next(pending)
             user = self._user(batch["user"])
-            if self._must_wait(batch["user"], user):  # this user's window is spent: others' lines go on
+            if self.rates.must_wait(user):  # this user's window is spent: others' lines go on
                 pending = [b for b in pending if b["user"] != batch["user"]]
                 continue
             claimed = self.records.claim(batch["id"], self.owner)
@@ -130,19 +130,6 @@ class BatchRunner:
                 break
             moved = True
         return moved
-
-    def _must_wait(self, name, user):
-        """True while user `name`'s lines must wait for their request rate window to move."""
-        if self.rates is None or not user.get("active", False):  # a disabled owner's line is refused at once
-            return False
-        return self.rates.must_wait(name, self._rate(user))
-
-    def _rate(self, user):
-        return user.get("rate_limit") or self.state.settings.default_rate_limit
-
-    def _counted(self, user):
-        if self.rates is not None:
-            self.rates.count(user["name"], self._rate(user))
 
     def _purge(self):
         if time.monotonic() - self._purged < PURGE_S:
@@ -210,7 +197,7 @@ class BatchRunner:
             return False
         hit = pipeline.cached(state, item.job)
         if hit is not None:
-            self._counted(user)
+            self.rates.count(user)
             self._finish(batch["id"], line, True, lines.answered(state, custom_id, item.job, hit, item.request_id),
                          item, 200)
             return True
@@ -222,7 +209,7 @@ class BatchRunner:
         except (LimitReached, Unavailable, StorageUnavailable):  # full for now: the line waits its turn
             self.records.release(batch["id"], line, self.owner)
             return False
-        self._counted(user)
+        self.rates.count(user)
         self.running.append(item)
         return True
 
