@@ -105,8 +105,8 @@ def test_a_user_past_a_storage_quota_gets_429_naming_it(app, quota, uploads, cod
     error = answers[-1].get_json()["error"]
     assert (error["code"], error["param"]) == (code, *quota) and next(iter(quota)) in error["message"]
     me = user.client.get("/v1/me", headers=user.headers).get_json()
-    assert me["limits"][next(iter(quota))] == quota[next(iter(quota))]
-    assert me["storage"]["files"] == len(uploads) - 1
+    assert me["storage"]["limits"][next(iter(quota))] == quota[next(iter(quota))]
+    assert me["storage"]["used"]["files"] == len(uploads) - 1
 
 
 def test_open_and_daily_batch_quotas_are_admin_settable(app):
@@ -114,8 +114,8 @@ def test_open_and_daily_batch_quotas_are_admin_settable(app):
     file_id = user.upload(b"not json\n").get_json()["id"]
     assert [user.create(file_id, "/v1/predict").status_code for _ in range(3)] == [200, 200, 429]
     me = user.client.get("/v1/me", headers=user.headers).get_json()
-    assert me["effective_limits"]["daily_batches"] == 2 and me["storage"]["batches_today"] == 2
-    assert me["effective_limits"]["max_open_batches"] == state(app).settings.max_open_batches
+    assert me["storage"]["effective_limits"]["daily_batches"] == 2 and me["storage"]["used"]["batches_today"] == 2
+    assert me["storage"]["effective_limits"]["max_open_batches"] == state(app).settings.max_open_batches
     patched = user.client.patch("/admin/users/opener", headers=user.admin, json={"daily_batches": 5})
     assert patched.status_code == 200 and patched.get_json()["daily_batches"] == 5
     assert user.create(file_id, "/v1/predict").status_code == 200
