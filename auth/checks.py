@@ -12,7 +12,8 @@ MAX_SYSTEM_PROMPTS = 50
 MAX_MODELS = 16
 MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}"  # as the settings allow a served model's name
 # Bounds of the integer quotas: a database column holds 64 bits, and no real quota comes near these.
-QUOTA_MAX = {"daily_tokens": 10**15, "max_concurrent": 10_000}
+QUOTA_MAX = {"daily_tokens": 10**15, "max_concurrent": 10_000, "max_files": 10**6, "max_stored_bytes": 10**15,
+             "max_open_batches": 10_000, "daily_batches": 10**6}
 NAME_PATTERN = r"[a-z0-9_][a-z0-9._-]{0,63}"  # a user name: also the spec's pattern (service.api.contract)
 
 

@@ -27,6 +27,11 @@ users = sa.Table(
     sa.Column("max_concurrent", sa.Integer),
     sa.Column("system_prompts", sa.Text),  # JSON list of allowed system prompts; NULL: any
     sa.Column("models", sa.Text),  # JSON list of the models (names or aliases) the user may call; NULL: any
+    # What the user may store (service.batches): NULL takes the server's default.
+    sa.Column("max_files", sa.Integer),
+    sa.Column("max_stored_bytes", sa.BigInteger),
+    sa.Column("max_open_batches", sa.Integer),
+    sa.Column("daily_batches", sa.Integer),  # batches created per UTC day, failed ones included
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )
 tokens = sa.Table(

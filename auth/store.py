@@ -15,7 +15,8 @@ from auth.checks import check_name, check_quotas
 from auth.errors import StoreError
 from auth.schema import audit, auth_epoch, connect, migrate, tokens, usage, users
 
-QUOTA_FIELDS = ("rate_limit", "daily_tokens", "max_concurrent", "system_prompts", "models")
+STORAGE_QUOTAS = ("max_files", "max_stored_bytes", "max_open_batches", "daily_batches")
+QUOTA_FIELDS = ("rate_limit", "daily_tokens", "max_concurrent", "system_prompts", "models", *STORAGE_QUOTAS)
 LIST_FIELDS = ("system_prompts", "models")  # allow-lists, stored as JSON text; NULL allows any
 
 
@@ -135,7 +136,8 @@ class Store:
         """Token metadata with its user's name and state, or None if never issued."""
         query = (sa.select(tokens, users.c.name.label("user"), users.c.active.label("user_active"),
                            users.c.is_admin.label("user_admin"), users.c.rate_limit, users.c.daily_tokens,
-                           users.c.max_concurrent, users.c.system_prompts, users.c.models)
+                           users.c.max_concurrent, users.c.system_prompts, users.c.models,
+                           *(users.c[name] for name in STORAGE_QUOTAS))
                  .join(users).where(tokens.c.jti == jti))
         with self.engine.connect() as conn:
             row = conn.execute(query).mappings().first()
@@ -247,7 +249,7 @@ def _user(row):
     return {"id": row["id"], "name": row["name"], "admin": row["is_admin"], "active": row["active"],
             "rate_limit": row["rate_limit"], "daily_tokens": row["daily_tokens"],
             "max_concurrent": row["max_concurrent"], "system_prompts": _list(row["system_prompts"]),
-            "models": _list(row["models"]),
+            "models": _list(row["models"]), **{name: row[name] for name in STORAGE_QUOTAS},
             "created_at": aware(row["created_at"]).isoformat()}
 
 

@@ -53,7 +53,7 @@ def create_app(settings=None):
     store, keyset = open_state(settings, counters)
     state = attach(app, State(settings, store, keyset, load_policy(settings), started_at=time.time(),
                               counters=counters, usage_log=UsageLog(store), cache=open_cache(settings),
-                              batches=BatchRecords(store.engine, settings.files_dir),
+                              batches=BatchRecords(store.engine, settings.files_dir, settings.file_expiry_s),
                               documents=attachments.open_reader(settings),
                               checker=Checker(settings.answer_check_timeout_s)))
 
@@ -63,7 +63,8 @@ def create_app(settings=None):
     guard.init_app(app, store=store, keyset=keyset, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
                    needs_token=access.needs_token, scope_for=access.scope_for, respond=ratelimit.record_auth_failure,
                    cache=token_cache(settings, store, counters))
-    ratelimit.init_app(app, settings, limited_blueprints=[predict.bp, chat.bp])  # after the guard: keys on the user
+    ratelimit.init_app(app, settings, limited_blueprints=[predict.bp, chat.bp, batches.bp],
+                       polls=batches.POLLS)  # after the guard: keys on the user
     app.register_blueprint(health.bp)
     app.register_blueprint(contract.bp)
     app.register_blueprint(me.bp)

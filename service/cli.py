@@ -148,6 +148,10 @@ def _quota_options(parser, clearable=False):
     parser.add_argument("--rate-limit", type=kind, default=argparse.SUPPRESS, help='e.g. "60/minute;2000/day"')
     parser.add_argument("--daily-tokens", type=number, default=argparse.SUPPRESS, help="prompt+completion tokens a day")
     parser.add_argument("--max-concurrent", type=number, default=argparse.SUPPRESS, help="simultaneous requests")
+    parser.add_argument("--max-files", type=number, default=argparse.SUPPRESS, help="files stored at once")
+    parser.add_argument("--max-stored-bytes", type=number, default=argparse.SUPPRESS, help="bytes of files stored")
+    parser.add_argument("--max-open-batches", type=number, default=argparse.SUPPRESS, help="batches open at once")
+    parser.add_argument("--daily-batches", type=number, default=argparse.SUPPRESS, help="batches created a day")
     parser.add_argument(
         "--allow-system-prompt",
         dest="system_prompts",

@@ -272,7 +272,23 @@ class Settings(BaseSettings):
         "allows this size on /v1/files only.",
     )
     max_batch_lines: int = Field(10000, ge=1, le=1_000_000, description="Most lines (requests) in one batch.")
-    max_open_batches: int = Field(10, ge=1, le=10000, description="Batches a user may have open at once.")
+    max_open_batches: int = Field(10, ge=1, le=10000, description="Batches a user may have open at once when the "
+                                  "user has no max_open_batches of their own.")
+    default_daily_batches: int = Field(
+        100, ge=1, le=10**6, description="Batches a user may create per UTC day (failed ones included) when the "
+        "user has no daily_batches of their own.")
+    default_max_files: int = Field(
+        100, ge=1, le=10**6, description="Files a user may store (uploads and batch outputs) when the user has no "
+        "max_files of their own.")
+    default_max_stored_bytes: int = Field(
+        1024**3, ge=1024, le=10**15, description="Bytes of files a user may store when the user has no "
+        "max_stored_bytes of their own.")
+    file_expiry_s: int = Field(
+        30 * 86400, ge=3600, le=10 * 365 * 86400, description="Seconds an uploaded or output file is kept when "
+        "the upload gives no expires_after; expired files are purged.")
+    poll_rate_limit: str = Field(
+        "600/minute", description="Per-user limit of polling (file and batch retrieves and lists, downloads), "
+        "apart from the request rate limit that uploads and batch creates count against.")
     batch_reserved_rows: int = Field(
         4, ge=0, le=256, description="Rows of the running batch that batch lines leave free for interactive "
         "requests.",
@@ -285,7 +301,7 @@ class Settings(BaseSettings):
         "within it.",
     )
 
-    @field_validator("default_rate_limit", "anonymous_rate_limit")
+    @field_validator("default_rate_limit", "anonymous_rate_limit", "poll_rate_limit")
     @classmethod
     def _check_limit(cls, value):
         from limits import parse_many

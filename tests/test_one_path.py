@@ -8,87 +8,24 @@ under the owner's rights at that moment, as it would whenever a runner takes it.
 """
 
 import base64
-import io
-import json
-import time
 
 import pytest
 
-from auth import keys
-from auth.tokens import issue_token
-from service.app import create_app
-from service.batches.runner import BatchRunner
-from service.settings import load_settings
 from service.state import state
+from tests.support.inprocess import BatchUser as Caller
+from tests.support.inprocess import make_app, stop_app
 
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
+MODEL = "VibeThinker-1.5B"  # the tiny model's served name (the settings' default)
 # Fields a usage row of a live request and of its batch line may differ in: which row, when, the road.
 OWN_FIELDS = {"id", "at", "route", "request_id", "latency_ms"}
 
 
 @pytest.fixture
 def app(tiny_model, tmp_path):
-    keys.generate(tmp_path / "keys")
-    app = create_app(load_settings(model_path=tiny_model, torch_threads=1, jwt_key_dir=tmp_path / "keys",
-                                   db_url=f"sqlite:///{tmp_path}/db.sqlite", files_dir=tmp_path / "files",
-                                   cache="off", max_prompt_tokens=160, ratelimit_storage_uri="memory://"))
-    state(app).batch_runner.stop(timeout=10)
-    deadline = time.monotonic() + 60
-    while not all(served.engine.ready for served in state(app).models) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    app = make_app(tiny_model, tmp_path)
     yield app
-    for served in state(app).models:
-        served.engine.stop(timeout=30)
-
-
-def bearer(app, name, **quotas):
-    """The Authorization header of a new user `name`'s token."""
-    store, keyset, settings = state(app).store, state(app).keys, state(app).settings
-    store.add_user(name, **quotas)
-    token, _ = issue_token(store, keyset, name, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
-    return {"Authorization": f"Bearer {token}"}
-
-
-class Caller:
-    """A user of the app with a token, who asks live and by batch; an admin watches the batches (the user may
-    be disabled by then)."""
-
-    def __init__(self, app, name, **quotas):
-        self.app, self.client, self.name = app, app.test_client(), name
-        self.headers = bearer(app, name, **quotas)
-        self.admin = bearer(app, f"{name}-admin", is_admin=True)
-
-    def live(self, endpoint, body):
-        return self.client.post(endpoint, json=body, headers=self.headers)
-
-    def submit(self, endpoint, body):
-        """A one-line batch of `body`: the created batch (in progress, or failed with the line's errors)."""
-        line = json.dumps({"custom_id": "only", "method": "POST", "url": endpoint, "body": body})
-        upload = self.client.post("/v1/files", headers=self.headers, content_type="multipart/form-data",
-                                  data={"purpose": "batch", "file": (io.BytesIO(line.encode()), "in.jsonl")})
-        assert upload.status_code == 200, upload.get_json()
-        created = self.client.post("/v1/batches", headers=self.headers, json={
-            "input_file_id": upload.get_json()["id"], "endpoint": endpoint, "completion_window": "24h"})
-        assert created.status_code == 200, created.get_json()
-        return created.get_json()
-
-    def run(self, batch):
-        """Run `batch` to its end with a fresh runner: its one output or error line."""
-        runner = BatchRunner(state(self.app)).start()
-        try:
-            deadline = time.monotonic() + 60
-            while batch["status"] not in ("completed", "failed") and time.monotonic() < deadline:
-                time.sleep(0.05)
-                batch = self.client.get(f"/v1/batches/{batch['id']}", headers=self.admin).get_json()
-        finally:
-            runner.stop(timeout=30)
-        assert batch["status"] == "completed", batch
-        file_id = batch["output_file_id"] or batch["error_file_id"]
-        content = self.client.get(f"/v1/files/{file_id}/content", headers=self.admin).get_data(as_text=True)
-        return json.loads(content.splitlines()[0])
-
-    def rows(self):
-        return state(self.app).store.usage_rows(self.name)
+    stop_app(app)
 
 
 def without(body, *names):
@@ -110,7 +47,7 @@ def test_a_good_body_gets_the_same_answer_and_usage_row_both_ways(app, endpoint,
     caller = Caller(app, "ann")
     live = caller.live(endpoint, body)
     assert live.status_code == 200, live.get_json()
-    line = caller.run(caller.submit(endpoint, body))
+    line = caller.first_line(caller.submit(endpoint, body))
     assert line["error"] is None and line["response"]["status_code"] == 200
     assert without(line["response"]["body"], "id", "created") == without(live.get_json(), "id", "created")
     batch_row, live_row = caller.rows()  # newest first
@@ -163,7 +100,7 @@ def test_over_budget_is_the_same_refusal_both_ways(app):
     body = {"question": "What is 2 + 3?", "max_new_tokens": 8}
     live = caller.live("/v1/predict", body)
     assert live.status_code == 429
-    line = caller.run(caller.submit("/v1/predict", body))
+    line = caller.first_line(caller.submit("/v1/predict", body))
     assert line["response"]["status_code"] == 429
     assert line["error"]["code"] == live.get_json()["error"]["code"] == "daily_token_quota_exceeded"
     assert line["error"]["message"] == live.get_json()["error"]["message"]
@@ -177,9 +114,39 @@ def test_a_user_disabled_after_the_batch_was_made_is_refused_the_same_way_both_w
     batch = caller.submit("/v1/predict", body)
     assert batch["status"] == "in_progress"
     state(app).store.update_user("dee", active=False)
-    line = caller.run(batch)
+    line = caller.first_line(batch)
     live = caller.live("/v1/predict", body)
     assert (live.status_code, line["response"]["status_code"]) == (403, 403)
     assert line["error"]["code"] == live.get_json()["error"]["code"] == "account_disabled"
+    assert line["error"]["message"] == live.get_json()["error"]["message"]
+    assert caller.rows() == []
+
+
+def test_rate_limited_is_the_same_refusal_both_ways(app):
+    caller = Caller(app, "eve", rate_limit="1/hour")
+    body = {"question": "What is 2 + 3?", "max_new_tokens": 4}
+    assert caller.live("/v1/predict", body).status_code == 200  # the hour's one request
+    live = caller.live("/v1/predict", body)
+    upload = caller.upload(b"{}\n")  # a batch is made by requests that count against the same limit
+    assert (live.status_code, upload.status_code) == (429, 429)
+    assert upload.get_json()["error"]["code"] == live.get_json()["error"]["code"] == "rate_limit_exceeded"
+    assert upload.headers.get("x-should-retry") == live.headers.get("x-should-retry")
+
+
+@pytest.mark.parametrize("narrowed,body", [
+    ({"system_prompts": ["Answer in French."]},
+     {"question": "What is 2 + 3?", "max_new_tokens": 4, "system_prompt": "Be brief."}),
+    ({"models": ["some-other-model"]}, {"question": "What is 2 + 3?", "max_new_tokens": 4, "model": MODEL}),
+])
+def test_a_right_narrowed_after_the_batch_was_made_is_refused_the_same_way_both_ways(app, narrowed, body):
+    caller = Caller(app, "fay", system_prompts=["Be brief."], models=[MODEL])
+    batch = caller.submit("/v1/predict", body)
+    assert batch["status"] == "in_progress"  # allowed when the batch was made
+    state(app).store.update_user("fay", **narrowed)
+    line = caller.first_line(batch)
+    live = caller.live("/v1/predict", body)
+    assert (live.status_code, line["response"]["status_code"]) == (403, 403)
+    assert line["error"]["code"] == live.get_json()["error"]["code"]
+    assert line["error"]["code"] in ("system_prompt_not_allowed", "model_not_allowed")
     assert line["error"]["message"] == live.get_json()["error"]["message"]
     assert caller.rows() == []

@@ -23,6 +23,7 @@ from limits import parse_many
 
 from service.admission.budget import DAY_S
 from service.admission.counters import StorageUnavailable
+from service.admission.rates import LIVE_SCOPE, user_key
 from service.api.errors import error_response, refusal_response
 from service.errors import RateLimited, Unavailable
 from service.state import state
@@ -30,13 +31,19 @@ from service.state import state
 log = logging.getLogger("vibethinker.ratelimit")
 
 
-def init_app(app, settings, limited_blueprints):
-    """Bind the limiter (after the auth hook, so it sees the user)."""
+def init_app(app, settings, limited_blueprints, polls=frozenset()):
+    """Bind the limiter (after the auth hook, so it sees the user): `limited_blueprints` count against the
+    user's request rate limit, except their endpoints named in `polls` (retrieves, lists), which count
+    against the generous polling limit instead."""
     limiter = Limiter(key_func=_user_key, storage_uri=settings.ratelimit_storage_uri, strategy="moving-window",
                       headers_enabled=False, swallow_errors=settings.ratelimit_fail_open,
                       storage_options={"socket_timeout": 2, "socket_connect_timeout": 2})
     for bp in limited_blueprints:
-        limiter.shared_limit(_user_limit, scope="generate", key_func=_user_key)(bp)
+        limiter.shared_limit(_user_limit, scope=LIVE_SCOPE, key_func=_user_key,
+                             exempt_when=lambda: request.endpoint in polls)(bp)
+        if any(endpoint.startswith(f"{bp.name}.") for endpoint in polls):
+            limiter.shared_limit(lambda: state().settings.poll_rate_limit, scope="poll", key_func=_user_key,
+                                 exempt_when=lambda: request.endpoint not in polls)(bp)
     limiter.init_app(app)
     if settings.ratelimit_storage_uri.startswith("memory://"):
         log.warning("rate limits, token budgets and concurrency use memory://: per process and lost on "
@@ -54,7 +61,7 @@ def init_app(app, settings, limited_blueprints):
 
 
 def _user_key():
-    return f"user:{g.auth['user']}"
+    return user_key(g.auth["user"])
 
 
 def _user_limit():

@@ -35,9 +35,8 @@ def _body(model):
 @bp.post("/users")
 def add_user():
     body = _body(AdminUserCreate)
-    user = _store().add_user(body.name, body.admin, rate_limit=body.rate_limit, daily_tokens=body.daily_tokens,
-                             max_concurrent=body.max_concurrent, system_prompts=body.system_prompts,
-                             models=body.models, **_who())
+    user = _store().add_user(body.name, body.admin, **{name: getattr(body, name) for name in QUOTA_FIELDS},
+                             **_who())
     return user, 201
 
 

@@ -1,24 +1,32 @@
 """Files and batches, as the OpenAI Batch API: the official client's files.* and batches.* work unchanged.
 
 Routes are thin: service.batches.records keeps files and batches,
-service.batches.lines checks input files, service.batches.runner runs them.
-A user sees only their own files and batches (404 otherwise); an admin sees
-all of them.
+service.batches.lines checks input files, service.batches.quotas holds what
+a user may store, service.batches.runner runs them. A user sees only their
+own files and batches (404 otherwise); a token with the `admin` scope of an
+admin user sees all of them (an admin's generate-only token sees its own).
+
+Uploads and creates count against the user's request rate limit like any
+generation; retrieves, lists, downloads, deletes and cancels (`POLLS`)
+against the separate, generous polling limit (service.admission.ratelimit).
 """
 
-import os
+from urllib.parse import quote
 
 from flask import Blueprint, request, send_file
 
 from service.api.access import caller
 from service.api.body import read
-from service.batches import lines
-from service.errors import BadRequest, LimitReached, UnsupportedMedia
+from service.batches import files, lines, quotas
+from service.errors import BadRequest, UnsupportedMedia
 from service.inputs.schemas import BatchCreate, query_int
 from service.serving.caller import Caller
 from service.state import state
 
 bp = Blueprint("batches", __name__, url_prefix="/v1")
+POLLS = {f"batches.{name}" for name in ("list_files", "get_file", "file_content", "delete_file", "list_batches",
+                                         "get_batch", "cancel_batch")}
+UPLOAD_FIELDS = {"purpose", "expires_after[anchor]", "expires_after[seconds]"}
 
 
 def _records():
@@ -26,31 +34,38 @@ def _records():
 
 
 def _who():
+    """(user, admin): admin power only with the token's `admin` scope, as on /admin/*."""
     token = caller()
-    return token["user"], bool(token.get("user_admin"))
+    return token["user"], bool(token.get("user_admin")) and "admin" in token["scope"].split()
+
+
+def _quota():
+    return quotas.StorageQuota.of(caller(), state().settings)
 
 
 @bp.post("/files")
 def upload_file():
-    """A batch input file (multipart: file, purpose=batch), streamed to disk."""
+    """A batch input file (multipart: file, purpose=batch, optional expires_after), streamed to disk."""
     settings = state().settings
     request.max_content_length = settings.max_upload_bytes  # the small body limit applies elsewhere
     if request.mimetype != "multipart/form-data":
         raise UnsupportedMedia("Content-Type must be multipart/form-data (fields: file, purpose)",
                                "unsupported_media_type")
-    unknown = sorted((set(request.form) - {"purpose"}) | (set(request.files) - {"file"}))
+    unknown = sorted((set(request.form) - UPLOAD_FIELDS) | (set(request.files) - {"file"}))
     if unknown:
-        raise BadRequest(f"unknown field {unknown[0][:60]!r}; allowed fields: file, purpose", "unknown_field",
-                         unknown[0][:60])
+        raise BadRequest(f"unknown field {unknown[0][:60]!r}; allowed fields: file, purpose, expires_after",
+                         "unknown_field", unknown[0][:60])
     purpose = request.form.get("purpose")
     if purpose != "batch":
         raise BadRequest("purpose must be batch", "invalid_value", "purpose")
     upload = request.files.get("file")
     if upload is None:
         raise BadRequest("file is required (a multipart field named file)", "missing", "file")
-    user, _ = _who()
-    name = os.path.basename(upload.filename or "")[:255]
-    return _records().add_file(user, purpose, name, upload.stream, settings.max_upload_bytes), 200
+    name = files.clean_filename(upload.filename)
+    expires_s = files.expiry_s(request.form.get("expires_after[anchor]"),
+                               request.form.get("expires_after[seconds]"), settings.file_expiry_s)
+    return _records().add_file(_who()[0], purpose, name, upload.stream, settings.max_upload_bytes, expires_s,
+                               _quota()), 200
 
 
 @bp.get("/files")
@@ -69,8 +84,16 @@ def get_file(file_id):
 def file_content(file_id):
     records = _records()
     meta = records.get_file(file_id, *_who())
-    return send_file(records.open(file_id), mimetype="application/jsonl", as_attachment=False,
-                     download_name=meta["filename"], max_age=0)
+    response = send_file(records.open(file_id), mimetype="application/jsonl", max_age=0)
+    response.headers["Content-Disposition"] = disposition(meta["filename"])
+    return response
+
+
+def disposition(filename):
+    """A Content-Disposition that is safe for any stored name (RFC 6266): an ASCII `filename` with anything
+    else replaced, and the exact name, percent-encoded, in `filename*`."""
+    simple = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in filename) or "file.jsonl"
+    return f"attachment; filename=\"{simple}\"; filename*=UTF-8''{quote(filename, safe='')}"
 
 
 @bp.delete("/files/<file_id>")
@@ -80,7 +103,8 @@ def delete_file(file_id):
 
 @bp.post("/batches")
 def create_batch():
-    """Check every line of the input file now; the batch is in progress, or failed with the bad lines."""
+    """Check every line of the input file now, within one deadline; the batch is in progress, or failed with
+    the bad lines."""
     settings, records = state().settings, _records()
     body = read(BatchCreate)
     user, admin = _who()
@@ -88,15 +112,11 @@ def create_batch():
     if source["purpose"] != "batch":
         raise BadRequest(f"file {body.input_file_id} is not a batch input file", "invalid_value",
                          "input_file_id")
-    if records.open_count(user) >= settings.max_open_batches:
-        raise LimitReached(f"{user} already has {settings.max_open_batches} batches open; wait for one to end",
-                           "too_many_batches", retry_after=60)
-    with records.open(body.input_file_id) as handle:
-        found, errors = lines.read_input(state(), Caller.of_token(caller()), handle, body.endpoint,
-                                         settings.max_batch_lines)
-    batch = records.create_batch(user, body.endpoint, body.input_file_id, body.completion_window,
-                                 settings.batch_window_s, body.metadata, found, errors)
-    return batch
+    quotas.check_batches(records.engine, user, _quota())
+    found, errors = lines.read_file(state(), Caller.of_token(caller()), lambda: records.open(body.input_file_id),
+                                    body.endpoint, settings.max_batch_lines)
+    return records.create_batch(user, body.endpoint, body.input_file_id, body.completion_window,
+                                settings.batch_window_s, body.metadata, found, errors)
 
 
 @bp.get("/batches")

@@ -1,10 +1,13 @@
-"""GET /v1/me: who the token belongs to, its scope and expiry, the user's limits and today's use."""
+"""GET /v1/me: who the token belongs to, its scope and expiry, the user's limits and today's use, and what
+they store (files, bytes, open batches, batches created today) against their storage quotas."""
 
 from datetime import datetime, timezone
 
 from flask import Blueprint
 
+from auth.store import STORAGE_QUOTAS
 from service.api.access import caller
+from service.batches import quotas
 from service.state import state
 
 bp = Blueprint("me", __name__)
@@ -26,5 +29,8 @@ def me():
             "effective_limits": {"rate_limit": user["rate_limit"] or settings.default_rate_limit,
                                  "daily_tokens": user["daily_tokens"] or settings.default_daily_tokens,
                                  "max_concurrent": user["max_concurrent"] or settings.default_max_concurrent},
+            "storage": {"limits": {name: user[name] for name in STORAGE_QUOTAS},
+                        "effective_limits": vars(quotas.StorageQuota.of(user, settings)),
+                        "used": quotas.usage(state().batches.engine, user["name"])},
             "today": {k: (today or {}).get(k, 0) for k in ("requests", "prompt_tokens", "completion_tokens",
                                                            "total_tokens")}}

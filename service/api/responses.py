@@ -90,6 +90,10 @@ class User(BaseModel):
     max_concurrent: int | None
     system_prompts: list[str] | None
     models: list[str] | None
+    max_files: int | None  # the storage quotas (service.batches.quotas); null: the server's default
+    max_stored_bytes: int | None
+    max_open_batches: int | None
+    daily_batches: int | None
     created_at: str
 
 
@@ -169,6 +173,7 @@ class Me(BaseModel):
     limits: dict[str, Any]
     effective_limits: dict[str, Any]
     today: dict[str, int]
+    storage: dict[str, dict[str, Any]]  # the storage quotas: the user's own, in effect, and what is used
 
 
 class FileObject(BaseModel):
@@ -176,6 +181,7 @@ class FileObject(BaseModel):
     object: Literal["file"]
     bytes: int
     created_at: int
+    expires_at: int | None  # after it the file is gone (files from before expiry: null)
     filename: str
     purpose: str
     status: str

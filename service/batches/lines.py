@@ -9,11 +9,12 @@ the live request's refusal, and what is stored per line is ready to run:
 prompt ids, parameters, what the answer echoes, the documents' costs.
 """
 
+import itertools
 import secrets
 import time
 from dataclasses import asdict
 
-from service.errors import BadRequest, Refusal, body_of, error_body, status_of
+from service.errors import BadRequest, DeadlineExceeded, Refusal, body_of, error_body, status_of
 from service.inputs.schemas import ChatRequest, PredictRequest, decode_body, parse
 from service.serving import prompts, shapes
 from service.serving.job import Job
@@ -24,19 +25,35 @@ MAX_ERRORS = 20  # validation errors reported per batch; the first ones, by line
 MAX_CUSTOM_ID = 255
 
 
-def read_input(state, caller, handle, endpoint, max_lines):
-    """([(custom_id, prepared)], errors) of the input file open as binary `handle`, for a batch of `endpoint`
-    made by `caller`."""
-    lines, errors, seen = [], [], set()
+def read_file(state, caller, opener, endpoint, max_lines):
+    """([(custom_id, prepared)], errors) of the input file that `opener()` opens as binary, for a batch of
+    `endpoint` made by `caller`. Its lines are counted before any is prepared (a file over `max_lines` costs
+    no preparation), and all of them are prepared within one request deadline, documents included."""
+    with opener() as handle:
+        count = sum(1 for raw in itertools.islice((r for r in handle if r.strip()), max_lines + 1))
+    if count > max_lines:
+        return [], [_error("too_many_lines", f"the file has more than {max_lines} lines", None)]
+    with opener() as handle:
+        return _read_input(state, caller, handle, endpoint)
+
+
+def _read_input(state, caller, handle, endpoint):
+    """([(custom_id, prepared)], errors) of the input file open as binary `handle` (counted already), for a
+    batch of `endpoint` made by `caller`, prepared within one request deadline from now."""
+    lines, errors, seen, started = [], [], set(), time.monotonic()
+    deadline_s = state.settings.request_deadline_s
     for number, raw in enumerate(handle, start=1):
         if not raw.strip():
             continue
-        if len(lines) + len(errors) >= max_lines:
-            errors.append(_error("too_many_lines", f"the file has more than {max_lines} lines", number))
-            break
         try:
-            custom_id, prepared = _line(state, caller, raw, endpoint, seen)
+            if time.monotonic() - started >= deadline_s:
+                raise DeadlineExceeded(f"preparing the file's lines passed the {deadline_s:g} s deadline of a "
+                                       "create (documents included); split the file", "deadline_exceeded")
+            custom_id, prepared = _line(state, caller, raw, endpoint, seen, started)
             lines.append((custom_id, prepared))
+        except DeadlineExceeded as exc:  # the create's time is spent: the file asked too much of it
+            errors.append(_error(exc.code, exc.message, number, exc.param))
+            break
         except Refusal as exc:
             if status_of(exc) >= 500:  # the server cannot check lines now (model loading): not the file's fault
                 raise
@@ -48,7 +65,7 @@ def read_input(state, caller, handle, endpoint, max_lines):
     return lines, errors
 
 
-def _line(state, caller, raw, endpoint, seen):
+def _line(state, caller, raw, endpoint, seen, started):
     item = decode_body(raw, is_json=True)  # a line is a request body: the same checks, surrogates included
     unknown = set(item) - {"custom_id", "method", "url", "body"}
     if unknown:
@@ -68,14 +85,15 @@ def _line(state, caller, raw, endpoint, seen):
     body = item.get("body")
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object", "invalid_type", "body")
-    return custom_id, prepare(state, caller, ENDPOINTS[endpoint], body)
+    return custom_id, prepare(state, caller, ENDPOINTS[endpoint], body, started)
 
 
-def prepare(state, caller, kind, body):
+def prepare(state, caller, kind, body, started=None):
     """The stored form of one request body, prepared as its live request would be (the same refusals). A
     line's documents (chat's image and file parts) are read now, each line within one request's document
-    limits; what reading them cost goes into the line's usage row when it is answered."""
-    job = Job(caller, time.monotonic())
+    limits and all of them within the deadline that runs from `started` (the create's start); what reading
+    them cost goes into the line's usage row when it is answered."""
+    job = Job(caller, started or time.monotonic())
     if kind == "chat":
         request = parse(ChatRequest, body)
         if request.stream:
@@ -90,6 +108,8 @@ def prepare(state, caller, kind, body):
         prepared["expected_answer"] = job.expected_answer
     if job.documents:
         prepared["documents"] = job.document_costs()
+    if job.system_prompts:  # re-checked against the owner's allow-list when the line starts
+        prepared["system_prompts"] = job.system_prompts
     return prepared
 
 

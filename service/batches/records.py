@@ -29,7 +29,6 @@ from service.batches.files import CHUNK, FileRecords, now, timestamp
 from service.batches.tables import batch_lines, batches
 from service.errors import Conflict, NotFound
 
-OPEN = ("validating", "in_progress", "finalizing", "cancelling")
 TIMES = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
          "cancelled_at")
 
@@ -38,11 +37,6 @@ class BatchRecords(FileRecords):
     """Batches and their lines, and (as FileRecords) files, over the store's database engine and a folder."""
 
     # --- batches ---
-    def open_count(self, user):
-        with self.engine.connect() as conn:
-            return conn.execute(sa.select(sa.func.count()).select_from(batches)
-                                .where(batches.c.user == user, batches.c.status.in_(OPEN))).scalar_one()
-
     def create_batch(self, user, endpoint, input_file_id, window, window_s, metadata, lines, errors):
         """A batch of `lines` [(custom_id, prepared)], in progress, or failed with `errors` when there are any."""
         batch_id, created = f"batch_{secrets.token_hex(12)}", now()

@@ -9,7 +9,10 @@ user (in name order) with a batch in progress, so one big batch does not
 hold back another user's small one.
 
 Each line runs the live pipeline (service.serving.pipeline) for its owner
-as they are when it starts (still active, still allowed the model): the
+as they are when it starts (still active, still allowed the model and its
+system prompts), and only when it fits the owner's request rate limit
+(service.admission.rates): a user whose window is spent has their lines
+wait, not fail, until it moves; their live requests never wait for them. Then the
 cache, then admission, reserving prompt + max tokens of the owner's daily
 budget (a line that does not fit fails with the live request's budget
 error in the error file) on concurrency slots of its own, so a batch never
@@ -17,7 +20,8 @@ takes the owner's interactive slots. Its answer (or error) and its usage row
 are stored with the line in one transaction (a crash keeps both or neither); when
 every line is finished the output and error files are written and the batch
 completes. Cancelled and expired batches stop taking lines, let the lines
-running finish, and end with the files of what was done.
+running finish, and end with the files of what was done. Every PURGE_S the
+runner also deletes the files that expired (service.batches.files).
 """
 
 import logging
@@ -27,8 +31,10 @@ import time
 from datetime import datetime, timedelta, timezone
 
 from service.admission.counters import StorageUnavailable, alive, ledger_name, ledger_parts
+from service.admission.rates import LineRates
 from service.batches import lines
 from service.errors import Forbidden, LimitReached, NotFound, OverBudget, Refusal, Unavailable
+from service.inputs.filtering import check_allowed_prompt
 from service.records.accounting import usage_row
 from service.serving import pipeline
 from service.serving.caller import Caller
@@ -38,6 +44,7 @@ IDLE_S = 0.2  # between looks when there is nothing to do
 RUNNING_S = 0.005  # between looks while lines run
 ROUTE = "/v1/batches"
 BEAT_S = 5.0  # how often a runner renews the lines it holds (their claimed_at)
+PURGE_S = 60.0  # how often expired files are deleted
 
 
 class Running:
@@ -67,6 +74,9 @@ class BatchRunner:
         self.running = []
         self._turn = None  # the user served last
         self._looked = 0.0  # when the database was last asked for batches
+        self._purged = 0.0  # when expired files were last deleted
+        self.rates = LineRates(state.limiter.limiter, state.settings.default_rate_limit,
+                               state.settings.ratelimit_fail_open)  # the limiter is bound before the runner starts
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vibethinker-batches", daemon=True)
 
@@ -101,20 +111,33 @@ class BatchRunner:
             return False
         self._looked = time.monotonic()
         self._keep_lines()
+        self._purge()
         active = self.records.active()
         for batch in active:
             moved |= self._maybe_end(batch)
         pending = [b for b in active if b["status"] == "in_progress" and not self._expired(b)]
         while pending and self._room():
             batch = self._next(pending)
+            user = self._user(batch["user"])
+            if self.rates.must_wait(user):  # this user's window is spent: others' lines go on
+                pending = [b for b in pending if b["user"] != batch["user"]]
+                continue
             claimed = self.records.claim(batch["id"], self.owner)
             if claimed is None:
                 pending.remove(batch)
                 continue
-            if not self._start(batch, *claimed):
+            if not self._start(batch, user, *claimed):
                 break
             moved = True
         return moved
+
+    def _purge(self):
+        if time.monotonic() - self._purged < PURGE_S:
+            return
+        self._purged = time.monotonic()
+        count = self.records.purge_expired()
+        if count:
+            log.info("expired files deleted", extra={"fields": {"files": count}})
 
     def _reclaim_dead(self):
         """Lines held by runners on this host whose worker is gone (a restart, a kill) go back to pending now;
@@ -160,12 +183,12 @@ class BatchRunner:
         self._turn = (after or users)[0]
         return next(b for b in pending if b["user"] == self._turn)
 
-    def _start(self, batch, line, custom_id, prepared):
-        """Run one claimed line through the live pipeline under its owner's current rights; False (the line
-        pending again) when the engine or Redis cannot take it now."""
+    def _start(self, batch, user, line, custom_id, prepared):
+        """Run one claimed line through the live pipeline under its owner's (`user`'s) current rights; False
+        (the line pending again) when the engine or Redis cannot take it now."""
         state = self.state
         try:
-            item = Running(batch, line, custom_id, self._job(batch, prepared))
+            item = Running(batch, line, custom_id, self._job(batch, user, prepared))
         except Refusal as refusal:  # the owner lost the right to it since the batch was made
             self._finish(batch["id"], line, False, lines.refused(custom_id, refusal))
             return True
@@ -174,6 +197,7 @@ class BatchRunner:
             return False
         hit = pipeline.cached(state, item.job)
         if hit is not None:
+            self.rates.count(user)
             self._finish(batch["id"], line, True, lines.answered(state, custom_id, item.job, hit, item.request_id),
                          item, 200)
             return True
@@ -185,17 +209,19 @@ class BatchRunner:
         except (LimitReached, Unavailable, StorageUnavailable):  # full for now: the line waits its turn
             self.records.release(batch["id"], line, self.owner)
             return False
+        self.rates.count(user)
         self.running.append(item)
         return True
 
-    def _job(self, batch, prepared):
+    def _job(self, batch, user, prepared):
         """The serving job of a stored line, for its owner as they are now: Forbidden when disabled or no
-        longer allowed the model, NotFound when the model is no longer served."""
+        longer allowed the model or a system prompt, NotFound when the model is no longer served."""
         settings, name = self.state.settings, batch["user"]
-        user = self._user(name)
         if not user.get("active", False):  # disabled (or removed) since the batch was made: no more lines
             raise Forbidden(f"account {name!r} is disabled", "account_disabled")
         caller = Caller.of_user(user, settings.max_batch_size)
+        for text in prepared.get("system_prompts", ()):  # the allow-list as it is now
+            check_allowed_prompt(text, caller.system_prompts)
         served = self.state.models.get(prepared["model"]) if "model" in prepared else self.state.models.default
         if served is None:  # the settings changed since the batch was made
             raise NotFound(f"model {prepared['model']!r} is no longer served here", "model_not_found", "model")

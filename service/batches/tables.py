@@ -16,6 +16,7 @@ files = sa.Table(
     sa.Column("filename", sa.String(255), nullable=False),
     sa.Column("bytes", sa.BigInteger, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), index=True),  # purged after it; NULL: never
 )
 batches = sa.Table(
     "batches", metadata,

@@ -238,6 +238,10 @@ class QuotaFields(StrictModel):
     max_concurrent: int | None = None
     system_prompts: list[str] | None = None
     models: list[str] | None = None  # the models (names or aliases) the user may call; null: any
+    max_files: int | None = None
+    max_stored_bytes: int | None = None
+    max_open_batches: int | None = None
+    daily_batches: int | None = None
 
 
 class AdminUserCreate(QuotaFields):

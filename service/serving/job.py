@@ -35,6 +35,7 @@ class Job:
     cache_key: object = None  # service.serving.cache.Key, when the answer can be cached
     cache: str | None = None  # "hit" or "miss", once the cache was asked
     costs: dict | None = None  # a batch line's document costs, as read when its batch was created
+    system_prompts: list = field(default_factory=list)  # those the client sent, checked against its allow-list
 
     @property
     def model(self):

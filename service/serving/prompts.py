@@ -49,7 +49,7 @@ def predict(state, job, body, document=None):
     system_prompt = settings.default_system_prompt if body.system_prompt is None else \
         filtering.clean_text("system_prompt", body.system_prompt, limit, allow_empty=True)
     if body.system_prompt is not None:
-        filtering.check_allowed_prompt(system_prompt, job.caller.system_prompts)
+        _allowed(job, system_prompt)
     filtering.check_policy(state.policy, {"system_prompt": system_prompt, "question": question,
                                           **({"file": text} if text is not None else {})}, whole="question")
     job.kind, job.served = "predict", _pick(state, job, body.model, whole)
@@ -84,6 +84,12 @@ def prompt_ids(state, job, messages, param):
     return ids
 
 
+def _allowed(job, system_prompt):
+    """Forbidden unless the caller may send `system_prompt`; kept on the job, for a batch line's re-check."""
+    filtering.check_allowed_prompt(system_prompt, job.caller.system_prompts)
+    job.system_prompts.append(system_prompt)
+
+
 def _pick(state, job, requested, question):
     """The served model for this job's caller (Models.pick)."""
     return state.models.pick(requested, question, job.caller.models)
@@ -99,7 +105,7 @@ def _clean_messages(state, job, messages):
         content = message.content if isinstance(message.content, str) else _join_parts(state, job, message, name)
         text = filtering.clean_text(name, content, limit, allow_empty=message.role != "user")
         if message.role == "system":
-            filtering.check_allowed_prompt(text, job.caller.system_prompts)
+            _allowed(job, text)
         cleaned.append({"role": message.role, "content": text})
     filtering.check_policy(state.policy, {f"messages.{i}.content": m["content"] for i, m in enumerate(cleaned)})
     return cleaned

@@ -1,0 +1,84 @@
+"""Batch lines under their owner's request rate limit, in the same storage as flask-limiter's live counts.
+
+A live request is counted by flask-limiter (service.admission.ratelimit) under
+`user:<name>` and the shared scope `generate`. A batch line is counted under
+the same user and its own scope, and starts only while the user's live count
+plus line count in the window still fit the user's limit: a batch never gets
+more than the live requests left over, and since flask-limiter never sees
+the lines' count, a user's live requests are never refused because their own
+batch spent the window. A line that does not fit waits for the window to
+move; it is never failed for it. Plain `limits` calls: no Flask here.
+"""
+
+import logging
+import time
+
+from limits import parse_many
+
+log = logging.getLogger("vibethinker.ratelimit")
+
+LIVE_SCOPE = "generate"  # flask-limiter's shared scope of generations, uploads and batch creates
+LINE_SCOPE = "batch-lines"
+MIN_WAIT_S = 0.5  # the least a waiting user's lines rest before the window is looked at again
+MAX_WAIT_S = 30.0  # the most: an admin may have raised the limit meanwhile
+STORAGE_WAIT_S = 1.0  # how long lines wait when the storage cannot be read (and fail_open is off)
+
+
+def user_key(user):
+    """The counters' identity of a user: their name from the store, never client input."""
+    return f"user:{user}"
+
+
+class LineRates:
+    """The line-side view of users' rate limits over a `limits` strategy (flask-limiter's `Limiter.limiter`)."""
+
+    def __init__(self, strategy, default_rate, fail_open=False, clock=time.time):
+        self.strategy, self.default_rate, self.fail_open = strategy, default_rate, fail_open
+        self.clock = clock  # the storage's
+        self.waiting = {}  # user -> the time before which their lines wait for their window
+
+    def must_wait(self, row):
+        """True while the lines of the user of store row `row` must wait for their window to move (looked at
+        again once it may have); never for a disabled or removed user, whose lines are refused at once."""
+        if not row.get("active", False):
+            return False
+        user = row["name"]
+        if self.clock() < self.waiting.get(user, 0.0):
+            return True
+        try:
+            wait = self.wait_s(user, row.get("rate_limit") or self.default_rate)
+        except Exception:  # noqa: BLE001 - the storage is unreachable (Redis's own errors included)
+            if self.fail_open:
+                return False
+            log.warning("rate-limit storage unreachable: batch lines wait")
+            wait = STORAGE_WAIT_S
+        if wait:
+            self.waiting[user] = self.clock() + wait
+            return True
+        self.waiting.pop(user, None)
+        return False
+
+    def count(self, row):
+        """`hit` for the user of store row `row`, best effort: a line that started runs even when the storage
+        just went away."""
+        try:
+            self.hit(row["name"], row.get("rate_limit") or self.default_rate)
+        except Exception:  # noqa: BLE001 - the next look at the window waits instead
+            log.warning("rate-limit storage unreachable: a batch line went uncounted")
+
+    def wait_s(self, user, rate_limit):
+        """0.0 when one more line of `user` fits every window of `rate_limit`; else seconds to wait."""
+        key, wait = user_key(user), None
+        for item in parse_many(rate_limit):
+            live_reset, live_left = self.strategy.get_window_stats(item, key, LIVE_SCOPE)
+            line_reset, line_left = self.strategy.get_window_stats(item, key, LINE_SCOPE)
+            if (item.amount - live_left) + (item.amount - line_left) < item.amount:
+                continue
+            resets = [at for at, left in ((live_reset, live_left), (line_reset, line_left)) if left < item.amount]
+            wait = max(wait or 0.0, min(resets) - self.clock())
+        return 0.0 if wait is None else min(MAX_WAIT_S, max(MIN_WAIT_S, wait))
+
+    def hit(self, user, rate_limit):
+        """Count one line of `user` in every window of `rate_limit`."""
+        for item in parse_many(rate_limit):
+            self.strategy.hit(item, user_key(user), LINE_SCOPE)

@@ -1,0 +1,75 @@
+"""What a user may store and open: files, bytes, open batches, batches created a day.
+
+Each quota is the user's own (auth.store's users row, set by `vibethinker-admin
+users set` or PATCH /admin/users) or the server's default (service.settings).
+A quota that is full refuses the upload or the create with LimitReached (429)
+naming the quota in `param`; nothing is stored.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import sqlalchemy as sa
+
+from service.batches.tables import batches, files
+from service.errors import LimitReached
+
+OPEN = ("validating", "in_progress", "finalizing", "cancelling")
+DAY_S = 86400
+
+
+@dataclass(frozen=True)
+class StorageQuota:
+    """One user's storage quotas, defaults applied."""
+
+    max_files: int
+    max_stored_bytes: int
+    max_open_batches: int
+    daily_batches: int
+
+    @classmethod
+    def of(cls, fields, settings):
+        """The quotas of a user row or token record (`fields`), the settings' defaults where unset."""
+        defaults = {"max_files": settings.default_max_files, "max_stored_bytes": settings.default_max_stored_bytes,
+                    "max_open_batches": settings.max_open_batches, "daily_batches": settings.default_daily_batches}
+        return cls(**{name: fields.get(name) or value for name, value in defaults.items()})
+
+
+def usage(engine, user):
+    """What `user` stores and opened: files, stored_bytes, open_batches, batches_today."""
+    midnight = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    with engine.connect() as conn:
+        count, size = conn.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(files.c.bytes), 0))
+                                   .where(files.c.user == user)).one()
+        opened = conn.execute(sa.select(sa.func.count()).select_from(batches).where(
+            batches.c.user == user, batches.c.status.in_(OPEN))).scalar_one()
+        today = conn.execute(sa.select(sa.func.count()).select_from(batches).where(
+            batches.c.user == user, batches.c.created_at >= midnight)).scalar_one()
+    return {"files": count, "stored_bytes": int(size), "open_batches": opened, "batches_today": today}
+
+
+def check_files(engine, user, quota, adding):
+    """LimitReached unless `user` may store one more file of `adding` bytes. Expired files not yet purged
+    count until they are: the purge runs every minute."""
+    used = usage(engine, user)
+    if used["files"] + 1 > quota.max_files:
+        raise LimitReached(f"{user} stores {used['files']} files, their max_files quota of {quota.max_files}; "
+                           "delete some (DELETE /v1/files/{id}) or wait for them to expire",
+                           "file_quota_exceeded", "max_files")
+    if used["stored_bytes"] + adding > quota.max_stored_bytes:
+        raise LimitReached(f"{user} stores {used['stored_bytes']} bytes; {adding} more would pass their "
+                           f"max_stored_bytes quota of {quota.max_stored_bytes}; delete some files",
+                           "storage_quota_exceeded", "max_stored_bytes")
+
+
+def check_batches(engine, user, quota):
+    """LimitReached unless `user` may create one more batch now (open ones, and today's)."""
+    used = usage(engine, user)
+    if used["open_batches"] >= quota.max_open_batches:
+        raise LimitReached(f"{user} already has {quota.max_open_batches} batches open, their max_open_batches "
+                           "quota; wait for one to end", "too_many_batches", "max_open_batches", retry_after=60)
+    if used["batches_today"] >= quota.daily_batches:
+        seconds = DAY_S - int(datetime.now(timezone.utc).timestamp()) % DAY_S
+        raise LimitReached(f"{user} created {used['batches_today']} batches today, their daily_batches quota; "
+                           "it resets at midnight UTC", "daily_batch_quota_exceeded", "daily_batches",
+                           retry_after=seconds)
