@@ -39,9 +39,17 @@ class ModelSpec(BaseModel):
     aliases: tuple[str, ...] = Field((), max_length=16, description="Other names clients may pass.")
     description: str = Field("", max_length=200, description="One line: what this model is for.")
     reasoning_start: str = Field("<think>", max_length=32, description="The tag that opens the model's "
-                                 "reasoning (empty with reasoning_end: a model that does not mark it).")
+                                 "reasoning (empty with reasoning_end: a model that does not mark it; empty "
+                                 "alone: its text always starts inside the reasoning).")
     reasoning_end: str = Field("</think>", max_length=32, description="The tag that ends the model's reasoning; "
                                "the answer follows it.")
+
+    @model_validator(mode="after")
+    def _check_reasoning(self):
+        if self.reasoning_start and not self.reasoning_end:
+            raise ValueError(f"model {self.name!r} has a reasoning_start without a reasoning_end: the answer "
+                             "could never be told from the thinking")
+        return self
 
     @field_validator("aliases")
     @classmethod

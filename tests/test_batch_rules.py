@@ -8,10 +8,13 @@ memory storage and the runner's view of it, never by sleeping.
 import io
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import limits.storage.memory
 import pytest
+from werkzeug.datastructures import FileStorage
+from werkzeug.test import encode_multipart
 
 from service.batches.files import now
 from service.batches.runner import BatchRunner
@@ -171,3 +174,28 @@ def test_a_control_character_in_a_filename_is_refused_and_an_old_one_downloads_s
     assert accent.headers["Content-Disposition"] == \
         "attachment; filename=\"r_sum_ _1_.jsonl\"; filename*=UTF-8''r%C3%A9sum%C3%A9%20%221%22.jsonl"
     assert user.upload(b"{}\n", filename="dir/sub/caf\u0065\u0301.jsonl").get_json()["filename"] == "caf\u00e9.jsonl"
+
+
+def test_concurrent_uploads_and_creates_never_pass_a_quota_together(app):
+    user = BatchUser(app, "racer", max_files=3, max_open_batches=1)
+    lines = "".join(json.dumps({"custom_id": f"l{i}", "method": "POST", "url": "/v1/predict", "body": BODY}) + "\n"
+                    for i in range(4))  # a few lines to prepare: the creates overlap
+    file_id = user.upload(lines.encode()).get_json()["id"]
+
+    def create(_):
+        return app.test_client().post("/v1/batches", headers=user.headers, json={
+            "input_file_id": file_id, "endpoint": "/v1/predict", "completion_window": "24h"})
+
+    def upload(_):
+        boundary, body = encode_multipart({"purpose": "batch", "file": FileStorage(io.BytesIO(b"{}\n"), "x.jsonl")})
+        return app.test_client().post("/v1/files", headers=user.headers, data=body,
+                                      content_type=f"multipart/form-data; boundary={boundary}")
+
+    with ThreadPoolExecutor(6) as pool:
+        created = list(pool.map(create, range(6)))
+        uploaded = list(pool.map(upload, range(6)))
+    assert sorted(r.status_code for r in created) == [200] + [429] * 5, [r.get_json() for r in created]
+    assert {r.get_json()["error"]["param"] for r in created if r.status_code == 429} == {"max_open_batches"}
+    assert sorted(r.status_code for r in uploaded) == [200] * 2 + [429] * 4  # the input file and two more
+    me = user.client.get("/v1/me", headers=user.headers).get_json()["storage"]["used"]
+    assert (me["files"], me["open_batches"]) == (3, 1)

@@ -8,7 +8,7 @@ import pytest
 from service.errors import BadRequest
 from service.inputs.schemas import ChatRequest, parse
 from service.serving import cache, params
-from service.serving.answers import final_answer
+from service.serving.answers import Checker, final_answer
 from service.serving.models import Served
 from service.serving.reasoning import Markers, Splitter, split
 from service.settings import ModelSpec
@@ -124,3 +124,29 @@ def test_the_cache_key_holds_the_reasoning_format():
     keys = {cache.key(settings, served, "ann", (1, 2), params.Params(8, 0.0, 1.0, reasoning_format=fmt)).name
             for fmt in ("auto", "none")}
     assert len(keys) == 2
+
+
+def test_a_model_with_only_an_end_tag_starts_inside_its_thinking_and_a_start_tag_alone_is_refused(tmp_path):
+    implied = Served(ModelSpec(name="m", path=tmp_path, reasoning_start=""), None, "r1")
+    assert implied.markers.opened and split("x</think>y", implied.markers) == split("<think>x</think>y", THINK)
+    with pytest.raises(ValueError, match="reasoning_start without a reasoning_end"):
+        ModelSpec(name="m", path=tmp_path, reasoning_end="")
+
+
+def test_an_answer_full_of_unclosed_boxes_is_read_in_bounded_time():
+    text = "\\boxed{" * 50_000 + " \\boxed{7}"
+    assert final_answer(text) == "7"
+    assert final_answer("\\boxed{1} " + "\\boxed{" * 20) is None  # only the last boxes are tried
+
+
+def test_a_checked_pair_is_answered_from_memory_and_a_busy_pool_is_not_remembered():
+    checker, asked = Checker(timeout_s=1), []
+
+    def check(expected, given):
+        asked.append((expected, given))
+        return ((None, "too many answers are being checked now"), False) if given == "busy" else ((True, None), True)
+
+    checker._check = check
+    assert checker.check("3", "x=3") == checker.check("3", "x=3") == (True, None)
+    assert checker.check("3", "busy") == checker.check("3", "busy") == (None, "too many answers are being checked now")
+    assert asked == [("3", "x=3"), ("3", "busy"), ("3", "busy")]

@@ -112,11 +112,13 @@ def create_batch():
     if source["purpose"] != "batch":
         raise BadRequest(f"file {body.input_file_id} is not a batch input file", "invalid_value",
                          "input_file_id")
-    quotas.check_batches(records.engine, user, _quota())
+    quota = _quota()
+    with records.engine.connect() as conn:  # early: a full quota costs no preparation (checked again at insert)
+        quotas.check_batches(conn, user, quota)
     found, errors = lines.read_file(state(), Caller.of_token(caller()), lambda: records.open(body.input_file_id),
                                     body.endpoint, settings.max_batch_lines)
     return records.create_batch(user, body.endpoint, body.input_file_id, body.completion_window,
-                                settings.batch_window_s, body.metadata, found, errors)
+                                settings.batch_window_s, body.metadata, found, errors, quota)
 
 
 @bp.get("/batches")

@@ -31,6 +31,12 @@ def me():
                                  "max_concurrent": user["max_concurrent"] or settings.default_max_concurrent},
             "storage": {"limits": {name: user[name] for name in STORAGE_QUOTAS},
                         "effective_limits": vars(quotas.StorageQuota.of(user, settings)),
-                        "used": quotas.usage(state().batches.engine, user["name"])},
+                        "used": _stored(user["name"])},
             "today": {k: (today or {}).get(k, 0) for k in ("requests", "prompt_tokens", "completion_tokens",
                                                            "total_tokens")}}
+
+
+def _stored(name):
+    """What the user stores and opened now."""
+    with state().batches.engine.connect() as conn:
+        return quotas.usage(conn, name)

@@ -26,6 +26,7 @@ from service.errors import BadRequest, NotFound, TooLarge
 
 CHUNK = 1 << 20
 EXPIRES_AFTER = (3600, 30 * 86400)  # the seconds OpenAI's expires_after allows
+PURGE_GROUP = 100  # files deleted in one transaction
 
 
 def now():
@@ -50,8 +51,9 @@ class FileRecords:
     def add_file(self, user, purpose, filename, stream, limit, expires_s=None, quota=None):
         """Copy `stream` (at most `limit` bytes: TooLarge past it) into the database and record it, to expire
         after `expires_s`; LimitReached when the user's storage `quota` (quotas.StorageQuota) cannot hold it."""
-        if quota is not None:
-            quotas.check_files(self.engine, user, quota, 0)
+        if quota is not None:  # early: a full quota costs no spooling (checked again as the file is stored)
+            with self.engine.connect() as conn:
+                quotas.check_files(conn, user, quota, 0)
         with tempfile.TemporaryFile(dir=self.dir) as spool:
             size = 0
             while chunk := stream.read(CHUNK):
@@ -59,19 +61,20 @@ class FileRecords:
                 if size > limit:
                     raise TooLarge(f"file is larger than {limit} bytes", "file_too_large", "file")
                 spool.write(chunk)
-            if quota is not None:
-                quotas.check_files(self.engine, user, quota, size)
             spool.seek(0)
             return self._store(f"file-{secrets.token_hex(12)}", user, purpose, filename, iter(
-                lambda: spool.read(CHUNK), b""), size, expires_s)
+                lambda: spool.read(CHUNK), b""), size, expires_s, quota)
 
-    def _store(self, file_id, user, purpose, filename, chunks, size, expires_s=None):
+    def _store(self, file_id, user, purpose, filename, chunks, size, expires_s=None, quota=None):
         """Record a file of `size` bytes whose pieces `chunks` yields, to expire after `expires_s` (None: the
-        outputs' expiry), in one transaction."""
+        outputs' expiry), in one transaction: with the user's `quota`, only if it holds the file."""
         created = now()
         row = dict(id=file_id, user=user, purpose=purpose, filename=filename[:255] or "upload.jsonl", bytes=size,
                    created_at=created, expires_at=created + timedelta(seconds=expires_s or self.expiry_s))
         with self.engine.begin() as conn:
+            if quota is not None:
+                quotas.hold(conn, user)
+                quotas.check_files(conn, user, quota, size)
             for seq, piece in enumerate(chunks):
                 conn.execute(file_chunks.insert().values(file_id=file_id, seq=seq, data=piece))
             if not size:  # an empty file still has its first piece: it is in the database
@@ -115,9 +118,11 @@ class FileRecords:
         return len(ids)
 
     def _delete(self, ids):
-        with self.engine.begin() as conn:
-            conn.execute(file_chunks.delete().where(file_chunks.c.file_id.in_(ids)))
-            conn.execute(files.delete().where(files.c.id.in_(ids)))
+        for start in range(0, len(ids), PURGE_GROUP):  # short transactions: usage rows and lines go on between
+            group = ids[start:start + PURGE_GROUP]
+            with self.engine.begin() as conn:
+                conn.execute(file_chunks.delete().where(file_chunks.c.file_id.in_(group)))
+                conn.execute(files.delete().where(files.c.id.in_(group)))
         for file_id in ids:
             try:
                 os.unlink(os.path.join(self.dir, file_id))
@@ -149,11 +154,12 @@ def expiry_s(anchor, seconds, default_s):
 
 def clean_filename(name):
     """An uploaded file's name as stored: NFC, its last path part, at most 255 characters; BadRequest naming
-    the field when it holds a control character (it would forge a header line or a log line)."""
+    the field when it holds a control character (it would forge a header line or a log line) or a format
+    character."""
     name = unicodedata.normalize("NFC", name or "")
-    bad = next((c for c in name if unicodedata.category(c) == "Cc"), None)
-    if bad is not None:
-        raise BadRequest(f"the file's filename contains the control character U+{ord(bad):04X}",
+    bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Cf")), None)
+    if bad is not None:  # Cf: bidirectional overrides and invisible characters would disguise a name in listings
+        raise BadRequest(f"the file's filename contains the control or format character U+{ord(bad):04X}",
                          "control_character", "file")
     return name.replace("\\", "/").rsplit("/", 1)[-1].strip()[:255] or "upload.jsonl"
 

@@ -10,16 +10,18 @@ prompt ids, parameters, what the answer echoes, the documents' costs.
 """
 
 import itertools
+import logging
 import secrets
 import time
 from dataclasses import asdict
 
 from service.errors import BadRequest, DeadlineExceeded, Refusal, body_of, error_body, status_of
 from service.inputs.schemas import ChatRequest, PredictRequest, decode_body, parse
-from service.serving import prompts, shapes
+from service.serving import pipeline, prompts, shapes
 from service.serving.job import Job
 from service.serving.params import Params
 
+log = logging.getLogger("vibethinker.batches")
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/predict": "predict"}
 MAX_ERRORS = 20  # validation errors reported per batch; the first ones, by line
 MAX_CUSTOM_ID = 255
@@ -125,6 +127,33 @@ def answered(state, custom_id, job, result, request_id):
     return {"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": custom_id,
             "response": {"status_code": 200, "request_id": request_id, "body": shapes.answer(state, job, result)},
             "error": None}
+
+
+def finished(state, custom_id, job, result, request_id):
+    """(ok, output line, status) of a line whose generation ended with `result` (None: the engine failed it):
+    its answer, or its error line."""
+    deadline_s = state.settings.stream_deadline_s
+    if result is not None and result.finish_reason == "cancelled":
+        return False, failed(custom_id, 499, "the batch was cancelled before this line was answered",
+                             "batch_cancelled", request_id), 499
+    if result is None:
+        return False, failed(custom_id, 500, "internal error", "internal_error", request_id), 500
+    try:
+        result = pipeline.outcome(job, result, deadline_s)
+    except Refusal as refusal:  # the deadline cut it
+        return False, failed(custom_id, 504, f"the line passed the {deadline_s:g} s deadline", refusal.code,
+                             request_id), 504
+    return shaped(state, custom_id, job, result, request_id)
+
+
+def shaped(state, custom_id, job, result, request_id):
+    """(ok, output line, status) of a line answered with `result`; a failure to shape it (a bug, a decoder
+    error) is the line's 500, never a line left running."""
+    try:
+        return True, answered(state, custom_id, job, result, request_id), 200
+    except Exception:  # noqa: BLE001 - logged with its traceback; the batch goes on
+        log.exception("a batch line's answer could not be shaped")
+        return False, failed(custom_id, 500, "internal error", "internal_error", request_id), 500
 
 
 def refused(custom_id, refusal, request_id=None):

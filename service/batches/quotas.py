@@ -3,7 +3,11 @@
 Each quota is the user's own (auth.store's users row, set by `vibethinker-admin
 users set` or PATCH /admin/users) or the server's default (service.settings).
 A quota that is full refuses the upload or the create with LimitReached (429)
-naming the quota in `param`; nothing is stored.
+naming the quota in `param`; nothing is stored. Each is checked early (before
+an upload is spooled or a file's lines are prepared) and again in the
+transaction that stores the file or the batch, after `hold` has locked the
+user's row: concurrent uploads or creates of one user pass one at a time,
+so none of them passes a quota that only the others filled.
 """
 
 from dataclasses import dataclass
@@ -11,6 +15,7 @@ from datetime import datetime, timezone
 
 import sqlalchemy as sa
 
+from auth.schema import users
 from service.batches.tables import batches, files
 from service.errors import LimitReached
 
@@ -35,23 +40,29 @@ class StorageQuota:
         return cls(**{name: fields.get(name) or value for name, value in defaults.items()})
 
 
-def usage(engine, user):
-    """What `user` stores and opened: files, stored_bytes, open_batches, batches_today."""
+def hold(conn, user):
+    """Lock `user`'s row for the rest of `conn`'s transaction (a row lock in PostgreSQL, the write lock in
+    SQLite): the quota checks and inserts of one user's concurrent requests run one after the other."""
+    conn.execute(users.update().where(users.c.name == user).values(name=users.c.name))
+
+
+def usage(conn, user):
+    """What `user` stores and opened (on connection `conn`): files, stored_bytes, open_batches,
+    batches_today."""
     midnight = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
-    with engine.connect() as conn:
-        count, size = conn.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(files.c.bytes), 0))
-                                   .where(files.c.user == user)).one()
-        opened = conn.execute(sa.select(sa.func.count()).select_from(batches).where(
-            batches.c.user == user, batches.c.status.in_(OPEN))).scalar_one()
-        today = conn.execute(sa.select(sa.func.count()).select_from(batches).where(
-            batches.c.user == user, batches.c.created_at >= midnight)).scalar_one()
+    count, size = conn.execute(sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(files.c.bytes), 0))
+                               .where(files.c.user == user)).one()
+    opened = conn.execute(sa.select(sa.func.count()).select_from(batches).where(
+        batches.c.user == user, batches.c.status.in_(OPEN))).scalar_one()
+    today = conn.execute(sa.select(sa.func.count()).select_from(batches).where(
+        batches.c.user == user, batches.c.created_at >= midnight)).scalar_one()
     return {"files": count, "stored_bytes": int(size), "open_batches": opened, "batches_today": today}
 
 
-def check_files(engine, user, quota, adding):
+def check_files(conn, user, quota, adding):
     """LimitReached unless `user` may store one more file of `adding` bytes. Expired files not yet purged
     count until they are: the purge runs every minute."""
-    used = usage(engine, user)
+    used = usage(conn, user)
     if used["files"] + 1 > quota.max_files:
         raise LimitReached(f"{user} stores {used['files']} files, their max_files quota of {quota.max_files}; "
                            "delete some (DELETE /v1/files/{id}) or wait for them to expire",
@@ -62,9 +73,9 @@ def check_files(engine, user, quota, adding):
                            "storage_quota_exceeded", "max_stored_bytes")
 
 
-def check_batches(engine, user, quota):
+def check_batches(conn, user, quota):
     """LimitReached unless `user` may create one more batch now (open ones, and today's)."""
-    used = usage(engine, user)
+    used = usage(conn, user)
     if used["open_batches"] >= quota.max_open_batches:
         raise LimitReached(f"{user} already has {quota.max_open_batches} batches open, their max_open_batches "
                            "quota; wait for one to end", "too_many_batches", "max_open_batches", retry_after=60)

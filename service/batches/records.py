@@ -25,6 +25,7 @@ import sqlalchemy as sa
 
 from auth.schema import usage as usage_table
 
+from service.batches import quotas
 from service.batches.files import CHUNK, FileRecords, now, timestamp
 from service.batches.tables import batch_lines, batches
 from service.errors import Conflict, NotFound
@@ -37,8 +38,9 @@ class BatchRecords(FileRecords):
     """Batches and their lines, and (as FileRecords) files, over the store's database engine and a folder."""
 
     # --- batches ---
-    def create_batch(self, user, endpoint, input_file_id, window, window_s, metadata, lines, errors):
-        """A batch of `lines` [(custom_id, prepared)], in progress, or failed with `errors` when there are any."""
+    def create_batch(self, user, endpoint, input_file_id, window, window_s, metadata, lines, errors, quota=None):
+        """A batch of `lines` [(custom_id, prepared)], in progress, or failed with `errors` when there are any;
+        with the user's `quota` (batches.quotas), only if it allows one more batch now."""
         batch_id, created = f"batch_{secrets.token_hex(12)}", now()
         failed = bool(errors)
         row = dict(id=batch_id, user=user, endpoint=endpoint, input_file_id=input_file_id, completion_window=window,
@@ -48,6 +50,9 @@ class BatchRecords(FileRecords):
                    errors=json.dumps({"object": "list", "data": errors}) if failed else None,
                    **({"failed_at": created} if failed else {"in_progress_at": created}))
         with self.engine.begin() as conn:
+            if quota is not None:
+                quotas.hold(conn, user)
+                quotas.check_batches(conn, user, quota)
             conn.execute(batches.insert().values(**row))
             if not failed:
                 conn.execute(batch_lines.insert(), [

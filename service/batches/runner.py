@@ -30,6 +30,7 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 
+from auth.errors import StoreError
 from service.admission.counters import StorageUnavailable, alive, ledger_name, ledger_parts
 from service.admission.rates import LineRates
 from service.batches import lines
@@ -75,6 +76,7 @@ class BatchRunner:
         self._turn = None  # the user served last
         self._looked = 0.0  # when the database was last asked for batches
         self._purged = 0.0  # when expired files were last deleted
+        self._unreleased = []  # finished lines the database would not take, to put back to pending
         self.rates = LineRates(state.limiter.limiter, state.settings.default_rate_limit,
                                state.settings.ratelimit_fail_open)  # the limiter is bound before the runner starts
         self._stop = threading.Event()
@@ -158,6 +160,9 @@ class BatchRunner:
         if time.monotonic() - self._beat < BEAT_S:
             return
         self._beat = time.monotonic()
+        for item in self._unreleased[:]:
+            self._unreleased.remove(item)
+            self._release(item)
         self.records.beat(self.owner)
         stale = datetime.now(timezone.utc) - timedelta(seconds=self.state.settings.batch_lease_s)
         taken = self.records.reclaim_stale(stale, self.owner)
@@ -198,13 +203,12 @@ class BatchRunner:
         hit = pipeline.cached(state, item.job)
         if hit is not None:
             self.rates.count(user)
-            self._finish(batch["id"], line, True, lines.answered(state, custom_id, item.job, hit, item.request_id),
-                         item, 200)
+            self._finish(batch["id"], line, *lines.shaped(state, custom_id, item.job, hit, item.request_id), item)
             return True
         try:
             item.handle = pipeline.start(state, item.job, state.settings.stream_deadline_s)
         except OverBudget as refusal:  # the owner's day is spent: the line fails as a live request would
-            self._finish(batch["id"], line, False, lines.refused(custom_id, refusal, item.request_id), item, 429)
+            self._finish(batch["id"], line, False, lines.refused(custom_id, refusal, item.request_id), 429, item)
             return True
         except (LimitReached, Unavailable, StorageUnavailable):  # full for now: the line waits its turn
             self.records.release(batch["id"], line, self.owner)
@@ -239,24 +243,14 @@ class BatchRunner:
                 log.exception("batch line failed in the engine")
                 result = None
             pipeline.settle(self.state, item.job, result)
-            ok, output, status = self._output(item, result)
-            self._finish(item.batch["id"], item.line, ok, output, item, status)
+            try:
+                self._finish(item.batch["id"], item.line,
+                             *lines.finished(self.state, item.custom_id, item.job, result, item.request_id), item)
+            except Exception:  # noqa: BLE001 - the database did not take it: the line runs again, never hangs
+                log.exception("a finished batch line could not be stored; it will run again")
+                self._release(item)
+            self._keep_lines()  # shaping may take a while (checking an answer): this runner's hold stays fresh
         return moved
-
-    def _output(self, item, result):
-        """A finished line's (ok, output line, status): its answer, or its error line."""
-        deadline_s = self.state.settings.stream_deadline_s
-        if result is not None and result.finish_reason == "cancelled":
-            return False, lines.failed(item.custom_id, 499, "the batch was cancelled before this line was answered",
-                                       "batch_cancelled", item.request_id), 499
-        if result is None:
-            return False, lines.failed(item.custom_id, 500, "internal error", "internal_error", item.request_id), 500
-        try:
-            answer = pipeline.outcome(item.job, result, deadline_s)
-        except Refusal as refusal:  # the deadline cut it
-            return False, lines.failed(item.custom_id, 504, f"the line passed the {deadline_s:g} s deadline",
-                                       refusal.code, item.request_id), 504
-        return True, lines.answered(self.state, item.custom_id, item.job, answer, item.request_id), 200
 
     def _maybe_end(self, batch):
         """End a batch whose lines are all finished, or that was cancelled or expired; True if it ended."""
@@ -285,7 +279,16 @@ class BatchRunner:
             if item.batch["id"] == batch_id:
                 item.handle.cancel()
 
-    def _finish(self, batch_id, line, ok, result, item=None, status=None):
+    def _release(self, item):
+        """Put a line back to pending; while the database refuses, it is tried again at each beat (`_keep_lines`
+        would otherwise renew the hold of a line nobody runs)."""
+        try:
+            self.records.release(item.batch["id"], item.line, self.owner)
+        except Exception:  # noqa: BLE001 - still down
+            log.exception("a batch line could not be put back; tried again at the next beat")
+            self._unreleased.append(item)
+
+    def _finish(self, batch_id, line, ok, result, status=None, item=None):
         """Store a line's answer with its usage row when one is owed (as a live request's: route and request id
         are the batch's), in one transaction; unless the line was given to another runner (this one was
         thought gone): then neither."""
@@ -296,9 +299,13 @@ class BatchRunner:
                         extra={"fields": {"batch": batch_id, "line": line}})
 
     def _user(self, name):
+        """The owner's row as it is now; {} (no rights) when they were removed. A database that does not answer
+        raises: the look is tried again, no line is refused for it."""
         try:
             return self.state.store.get_user(name)
-        except Exception:  # a user removed since: no limits of their own
+        except StoreError as error:
+            if error.status != 404:
+                raise
             return {}
 
     @staticmethod

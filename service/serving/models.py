@@ -40,9 +40,10 @@ class Served:
     @property
     def markers(self):
         """How this model marks its reasoning, and whether its loaded chat template opens it."""
-        loaded = self.engine.model if self.engine is not None else None
-        return Markers(self.spec.reasoning_start, self.spec.reasoning_end,
-                       bool(getattr(loaded, "opens_reasoning", False)))
+        loaded, spec = self.engine.model if self.engine is not None else None, self.spec
+        implied = not spec.reasoning_start and bool(spec.reasoning_end)  # no opening tag: it starts thinking
+        return Markers(spec.reasoning_start, spec.reasoning_end,
+                       implied or bool(getattr(loaded, "opens_reasoning", False)))
 
 
 def mode_of(spec):

@@ -34,8 +34,14 @@ def make_app(tiny_model, tmp_path, **overrides):
 
 
 def stop_app(app):
-    for served in state(app).models:
+    """Stop what the app started: its engines, its document readers and answer checkers, its database."""
+    held = state(app)
+    for served in held.models:
         served.engine.stop(timeout=30)
+    for pool in (held.documents, held.checker):
+        if pool is not None:
+            pool.close()
+    held.store.close()
 
 
 def bearer(app, name, scope="generate", **quotas):

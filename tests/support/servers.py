@@ -79,6 +79,8 @@ class Server:
     """A real gunicorn serving the app on a loopback port, with its own state and an admin token; `keep` when
     it serves the whole session."""
 
+    keep = False  # True: serves the whole session (a subclass that makes its own state need not set it)
+
     def __init__(self, state_dir, env, keep=False):
         self.keep = keep
         self.port = free_port()
