@@ -1,27 +1,17 @@
 """The batch runner: one thread per worker that feeds batch lines to the engine when it has room.
 
-Interactive requests come first: a line is handed to its model's engine
-only while nothing waits in that engine's queue and at least
-`batch_reserved_rows` rows of its running batch stay free. A line the
-response cache can answer is answered from it at once (no budget spent),
-and a line's whole answer is cached as a live request's would be. Users take turns: the next line comes from the next
-user (in name order) with a batch in progress, so one big batch does not
-hold back another user's small one.
+Interactive requests come first: a line goes to its model's engine only while nothing waits in that
+engine's queue and `batch_reserved_rows` rows of its batch stay free. Users take turns (by name), so one
+big batch does not hold back another user's small one.
 
-Each line runs the live pipeline (service.serving.pipeline) for its owner
-as they are when it starts (still active, still allowed the model and its
-system prompts), and only when it fits the owner's request rate limit
-(service.admission.rates): a user whose window is spent has their lines
-wait, not fail, until it moves; their live requests never wait for them. Then the
-cache, then admission, reserving prompt + max tokens of the owner's daily
-budget (a line that does not fit fails with the live request's budget
-error in the error file) on concurrency slots of its own, so a batch never
-takes the owner's interactive slots. Its answer (or error) and its usage row
-are stored with the line in one transaction (a crash keeps both or neither); when
-every line is finished the output and error files are written and the batch
-completes. Cancelled and expired batches stop taking lines, let the lines
-running finish, and end with the files of what was done. Every PURGE_S the
-runner also deletes the files that expired (service.batches.files).
+Each line runs the live pipeline (service.serving.pipeline) for its owner as they are when it starts
+(active, allowed the model and its system prompts), once it fits the owner's rate limit
+(service.admission.rates: a spent window makes lines wait, never fail, and live requests never wait for
+them): the cache, then admission on concurrency slots of the lines' own (a spent budget fails the line
+with the live request's error). Its answer (or error) and its usage row are stored with the line in one
+transaction (a crash keeps both or neither). When every line is finished the output and error files are
+written and the batch completes; cancelled and expired batches take no more lines and end with what was
+done. Every PURGE_S the runner also deletes expired files (service.batches.files).
 """
 
 import logging
