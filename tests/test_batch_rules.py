@@ -48,7 +48,7 @@ def until(check, timeout=60):
     deadline = time.monotonic() + timeout
     while not check():
         assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+        time.sleep(0.1)  # under the polling limit (600/minute)
 
 
 def test_lines_wait_for_the_rate_window_and_never_take_it_from_live_requests(app, monkeypatch):

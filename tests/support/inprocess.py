@@ -96,7 +96,7 @@ class BatchUser:
         try:
             deadline = time.monotonic() + 60
             while not until(batch) and time.monotonic() < deadline:
-                time.sleep(0.05)
+                time.sleep(0.1)  # under the polling limit (600/minute) however long the batch takes
                 batch = self.batch(batch["id"])
         finally:
             runner.stop(timeout=30)
