@@ -8,14 +8,18 @@ PDF parsing through pypdf, OCR through rapidocr-onnxruntime (whose models ship
 inside its wheel: nothing is downloaded). A process, not a thread: pypdf is
 pure Python and would hold the worker's interpreter lock against the engine
 thread, and a document that runs past its time limit is stopped by killing
-its process, which no thread allows. The pool is bounded: past a few waiting
-documents a request is refused with 503 rather than queued for ever.
+its process, which no thread allows. The pool is fair (service.inputs.fairness:
+each user within their share, turns round-robin between users) and bounded:
+a document waits for its turn a few seconds at most, then gets 503. Each
+reading process is spawned with a bare environment and none of the worker's
+open files, under a memory cap (service.processes, extraction.confine).
 
 A PDF page with a text layer gives its text; a page without one (a scan)
 gives the OCR of its images. Limits hold before anything is decoded: bytes,
-pages, and the pixels of every image (declared sizes are read first, so a
-small file that decodes into gigabytes is refused unread); pypdf's own
-stream-length limits stop a compressed stream bomb.
+pages, and the pixels of every image (declared sizes and the encoded data's
+own header are read first, so a small file that decodes into gigabytes is
+refused unread); pypdf's own stream-length limits stop a compressed stream
+bomb, and the memory cap what slips past all of them.
 
 The text that comes back is a question like a typed one: the callers put it
 through the same filters (service.inputs.filtering). Nothing here logs it.
