@@ -228,12 +228,12 @@ def lone_reader():
 def test_a_reading_process_has_a_memory_cap_a_bare_environment_and_none_of_the_workers_files(lone_reader,
                                                                                               tmp_path):
     assert lone_reader.read(makedocs.png(), "image/png", "file").method == "ocr"  # OCR fits under the cap
+    lone_reader.close()  # its next process starts while the worker holds a secret and a file
     os.environ["VIBE_PROBE_SECRET"] = "not for readers"
-    opened = open(tmp_path / "worker-file", "w")  # noqa: SIM115 (held open while the reader is asked)
     try:
-        seen = lone_reader._processes.pool().schedule(probe.inside).result(30)
+        with open(tmp_path / "worker-file", "w"):
+            seen = lone_reader._processes.pool().schedule(probe.inside).result(30)
     finally:
-        opened.close()
         del os.environ["VIBE_PROBE_SECRET"]
     assert seen["address_space"] == LIMITS.max_memory
     assert set(seen["environ"]) - {"QT_QPA_PLATFORM_PLUGIN_PATH", "QT_QPA_FONTDIR", "LD_LIBRARY_PATH"} == \
