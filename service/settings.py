@@ -268,6 +268,10 @@ class Settings(BaseSettings):
         5.0, gt=0.0, le=60.0, description="Longest wait for a turn at a reading process (within the time limit) "
         "before 503 documents_busy.",
     )
+    document_reader_socket: str = Field(
+        "", description="A socket where systemd starts a reader unit of its own per document "
+        "(systemd/vibethinker-reader.socket); empty: the worker's own pool of reading processes.",
+    )
     document_memory_mb: int = Field(
         2048, ge=256, le=65536, description="Address space a reading process may map (RLIMIT_AS), in MiB: a "
         "decoder that would need more fails with 413/422 instead of swelling.",

@@ -3,6 +3,8 @@
 import dataclasses
 import io
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -15,6 +17,7 @@ from service.inputs import documents, extraction, fairness
 from service.inputs.documents import DocumentError, Limits
 from service.inputs.language import english_hint
 from tests.support import makedocs, probe
+from tests.support.servers import ROOT
 
 LIMITS = Limits(max_bytes=2_000_000, max_pages=3, max_pixels=20_000_000, timeout_s=30, max_memory=2 * 2**30)
 
@@ -275,3 +278,27 @@ def test_past_the_pixel_check_the_memory_cap_ends_a_bomb_as_a_413():
         assert reader._processes.pool().schedule(extraction.peak_memory).result(30) < capped.max_memory
     finally:
         reader.close()
+
+
+def test_a_reader_of_its_own_behind_a_socket_reads_one_document_per_connection(tmp_path):
+    """What systemd does with vibethinker-reader.socket (Accept=yes), done by systemd-socket-activate: each
+    connection starts `python -m service.inputs.reader` on it."""
+    sock = tmp_path / "reader.sock"
+    activator = subprocess.Popen(["systemd-socket-activate", "-l", str(sock), "--inetd", "-a", sys.executable,
+                                  "-m", "service.inputs.reader"], cwd=ROOT, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            if sock.exists():
+                break
+            time.sleep(0.1)
+        reader = documents.Reader(LIMITS, workers=1, socket_path=str(sock))
+        read = reader.read(makedocs.text_pdf(), "application/pdf", "file")
+        assert (read.kind, read.method, makedocs.PROBLEM in read.text) == ("pdf", "text", True)
+        for data, status, code in [(makedocs.encrypted_pdf(), 422, "encrypted_pdf"),
+                                   (makedocs.jpeg_in_pdf_bomb(), 413, "image_too_large")]:
+            with pytest.raises(Refusal) as refused:
+                reader.read(data, "application/pdf", "file")
+            assert (status_of(refused.value), refused.value.code) == (status, code)
+    finally:
+        activator.terminate()
+        activator.wait(10)

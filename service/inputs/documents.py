@@ -13,6 +13,9 @@ each user within their share, turns round-robin between users) and bounded:
 a document waits for its turn a few seconds at most, then gets 503. Each
 reading process is spawned with a bare environment and none of the worker's
 open files, under a memory cap (service.processes, extraction.confine).
+Deployed, `socket_path` names a socket where systemd starts a reader unit of
+its own per document instead (service.inputs.reader): another user, no
+network, no access to the keys or the database.
 
 A PDF page with a text layer gives its text; a page without one (a scan)
 gives the OCR of its images. Limits hold before anything is decoded: bytes,
@@ -31,13 +34,15 @@ What runs in a reading process is service.inputs.extraction.
 import base64
 import binascii
 import dataclasses
+import json
 import re
+import socket
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 from service.errors import BadRequest, TooLarge, Unavailable, Unimplemented, Unprocessable, UnsupportedMedia
-from service.inputs.extraction import MEDIA_TYPES, DocumentError, confine, extract
+from service.inputs.extraction import MEDIA_TYPES, Document, DocumentError, confine, extract
 from service.inputs.fairness import Busy, Gate
 from service.processes import Processes
 
@@ -114,10 +119,11 @@ def from_data_url(url, where, max_bytes):
 
 class Reader:
     """The fair pool of reading processes of one worker, started on first use: each process under a memory cap,
-    with a bare environment and none of the worker's open files (service.processes)."""
+    with a bare environment and none of the worker's open files (service.processes); or, with `socket_path`,
+    fair turns at the reader units behind it."""
 
-    def __init__(self, limits, workers, queue_s=QUEUE_S):
-        self.limits, self.workers, self.queue_s = limits, workers, queue_s
+    def __init__(self, limits, workers, queue_s=QUEUE_S, socket_path=""):
+        self.limits, self.workers, self.queue_s, self.socket_path = limits, workers, queue_s, socket_path
         self._processes = Processes(workers, initializer=confine, initargs=(limits.max_memory,), bare=True)
         self._gate = Gate(workers, workers * WAITING_PER_WORKER)
 
@@ -144,6 +150,8 @@ class Reader:
         too_slow = Unprocessable(f"{where} could not be read within {limit:g} s", "document_too_slow", where)
         if left <= 0:
             raise too_slow
+        if self.socket_path:
+            return self._ask(data, media_type, where, left, too_slow)
         future = self._processes.pool().schedule(extract, args=(data, media_type, self.limits), timeout=left)
         try:
             return future.result(timeout=left + RESULT_MARGIN_S)
@@ -156,6 +164,30 @@ class Reader:
             raise Unprocessable(f"{where} could not be read ({type(exc).__name__}); it may need more than "
                                 f"{self.limits.max_memory // 2**20} MiB to decode", "unreadable_document",
                                 where) from None
+
+    def _ask(self, data, media_type, where, left, too_slow):
+        """The document read by a reader unit of its own (service.inputs.reader) behind the socket: systemd
+        starts one per connection, and stops it past its RuntimeMaxSec."""
+        header = json.dumps({"media_type": media_type, "limits": dataclasses.asdict(self.limits)}).encode()
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(left)
+                conn.connect(self.socket_path)
+                conn.sendall(header + b"\n" + data)
+                conn.shutdown(socket.SHUT_WR)
+                reply = json.loads(conn.makefile("rb").readline() or b"{}")
+        except TimeoutError:
+            raise too_slow from None
+        except (OSError, ValueError) as exc:  # no reader, or it died (its memory cap, a crash in a decoder)
+            raise Unprocessable(f"{where} could not be read ({type(exc).__name__})", "unreadable_document",
+                                where) from None
+        if "document" in reply:
+            return Document(**reply["document"])
+        if "error" not in reply:
+            raise Unprocessable(f"{where} could not be read (the reader ended without a reply; it may need more "
+                                f"than {self.limits.max_memory // 2**20} MiB)", "unreadable_document", where)
+        kind, code, message = reply["error"]
+        raise REFUSALS[kind](f"{where}: {message}", code, where)
 
     def holding(self):
         """{user: documents being read now}."""

@@ -32,7 +32,7 @@ def open_reader(settings):
     return documents.Reader(documents.Limits(settings.document_max_bytes, settings.document_max_pages,
                                              settings.document_max_pixels, settings.document_timeout_s,
                                              settings.document_memory_mb * 2**20),
-                            settings.document_workers, settings.document_queue_s)
+                            settings.document_workers, settings.document_queue_s, settings.document_reader_socket)
 
 
 def read(state, job, data, media_type, where):
