@@ -14,6 +14,8 @@ keys or database; the worker (service.inputs.documents.Reader, with
 
 import dataclasses
 import json
+import math
+import signal
 import sys
 
 
@@ -25,6 +27,7 @@ def serve(source, sink):
     header = json.loads(source.readline())
     limits = Limits(**header["limits"])
     confine(limits.max_memory)
+    signal.alarm(math.ceil(limits.timeout_s) + 1)  # past its time limit the reader ends itself (SIGALRM's default)
     data = source.read(limits.max_bytes + 1)
     try:
         reply = {"document": dataclasses.asdict(extract(data, header["media_type"], limits))}
