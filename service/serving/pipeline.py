@@ -68,8 +68,9 @@ def admit_reading(state, job):
     if job.lease is None and job.live:
         job.lease = budget.admit(state.counters, job.caller.user, job.caller.limits(settings),
                                  settings.max_prompt_tokens + settings.default_max_new_tokens,
-                                 settings.request_deadline_s, fail_open=settings.ratelimit_fail_open,
-                                 slots=job.caller.slots)
+                                 # whether it will be streamed is not known yet: held for the longer deadline
+                                 max(settings.request_deadline_s, settings.stream_deadline_s),
+                                 fail_open=settings.ratelimit_fail_open, slots=job.caller.slots)
         job.usage = Usage()
 
 
