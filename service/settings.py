@@ -272,6 +272,18 @@ class Settings(BaseSettings):
         1, ge=1, le=16, description="Processes per worker that read documents (PDF parsing, OCR).",
     )
     documents_per_request: int = Field(4, ge=1, le=32, description="Most documents in one request.")
+    document_queue_s: float = Field(
+        5.0, gt=0.0, le=60.0, description="Longest wait for a turn at a reading process (within the time limit) "
+        "before 503 documents_busy.",
+    )
+    document_reader_socket: str = Field(
+        "", description="A socket where systemd starts a reader unit of its own per document "
+        "(systemd/vibethinker-reader.socket); empty: the worker's own pool of reading processes.",
+    )
+    document_memory_mb: int = Field(
+        2048, ge=256, le=65536, description="Address space a reading process may map (RLIMIT_AS), in MiB: a "
+        "decoder that would need more fails with 413/422 instead of swelling.",
+    )
 
     # --- batch jobs (the OpenAI Batch API) ---
     files_dir: Path = Field(Path("var/files"), description="Folder of uploaded batch input files and outputs.")

@@ -109,3 +109,24 @@ def test_a_master_that_starts_reclaims_the_ledgers_of_masters_that_are_gone(redi
     admit(live, need=100)
     assert reclaim_orphans(redis_server.uri) == 1
     assert admit(live, need=900, cap=2).total == 1000  # the orphan's 500 are back, the live 100 are not
+
+
+def test_a_reservation_made_before_a_document_is_read_is_resized_to_the_real_prompt(counters):
+    lease = admit(counters, need=600)  # the document allowance: the prompt is not known yet
+    assert budget.resize(counters, lease, budget.Limits(1000, 2), 150).total == 150  # the slot is kept
+    with pytest.raises(Refusal) as refused:  # growing past the budget is refused; the lease keeps what it had
+        budget.resize(counters, lease, budget.Limits(1000, 2), 1200)
+    assert refused.value.code == "daily_token_quota_exceeded" and lease.reserved == 150
+    budget.release(counters, lease, used=100)
+    budget.release(counters, lease, used=100)  # a second release (the edge's, after a refusal) does nothing
+    assert admit(counters, need=900).total == 1000
+
+
+def test_a_dead_workers_resized_reservation_is_given_back_as_resized(redis_server):
+    from service.admission.counters import ledger_name, reclaim_worker
+
+    dead = RedisCounters(redis_server.uri, ledger=ledger_name(master_pid=os.getpid(), worker_pid=999_998))
+    dead._redis.flushall()
+    budget.resize(dead, admit(dead, need=600), budget.Limits(1000, 2), 250)
+    assert reclaim_worker(redis_server.uri, 999_998) == 1
+    assert admit(dead, need=1000).total == 1000  # all of the 250 came back, and only that

@@ -292,3 +292,45 @@ def test_an_upgrade_keeps_users_tokens_and_revocations(provisioned, second_model
     with phase("deploy: second run after the upgrade (idempotence)"):
         counts, output = playbook(host, work, upgraded)
     assert counts["changed"] == 0, changed_tasks(output)
+
+
+# Run as a reader instance (a drop-in on vibethinker-reader@probe.service: the unit's own sandbox, another
+# command): what it can reach of the service's keys, database and network.
+READER_PROBE = """
+import os, socket, sys
+def tried(what, attempt):
+    try:
+        attempt()
+        print(what, "REACHED")
+    except OSError as exc:
+        print(what, type(exc).__name__)
+tried("keys", lambda: os.listdir(sys.argv[1]))
+tried("database", lambda: open(sys.argv[2], "rb").read(16))
+tried("network", lambda: socket.create_connection(("127.0.0.1", 22), timeout=3))
+"""
+
+
+def test_a_reader_cannot_reach_the_keys_the_database_or_the_network_and_its_unit_is_hardened(provisioned):
+    host = provisioned["host"]
+    with phase("deploy: inside a document reader's unit"):
+        config = host.ssh("cat /etc/vibethinker/config.toml").stdout
+        database = re.search(r'db_url = "sqlite:///([^"]+)"', config).group(1)
+        assert 'document_reader_socket = "/run/vibethinker-reader.sock"' in config, config
+        assert host.ssh(f"test -f {database} && ls /var/lib/vibethinker/keys").stdout.strip()  # there, for root
+        assert host.ssh("python3 -c \"import socket; socket.create_connection(('127.0.0.1', 22), 3)\"",
+                        check=False).returncode == 0  # and the network is there outside the reader
+        host.ssh("cat > /usr/local/lib/vibethinker-reader-probe.py", input=READER_PROBE)
+        host.ssh("mkdir -p /run/systemd/system/vibethinker-reader@probe.service.d")
+        host.ssh("cat > /run/systemd/system/vibethinker-reader@probe.service.d/probe.conf", input=(
+            "[Service]\nType=oneshot\nStandardInput=null\nStandardOutput=journal\nExecStart=\n"
+            "ExecStart=/opt/vibethinker/venv/bin/python /usr/local/lib/vibethinker-reader-probe.py "
+            f"/var/lib/vibethinker/keys {database}\n"))
+        host.ssh("systemctl daemon-reload && systemctl start vibethinker-reader@probe.service")
+        seen = host.ssh("journalctl -u vibethinker-reader@probe.service -o cat --no-pager").stdout
+        exposure = host.ssh("systemd-analyze security vibethinker-reader@x.service --no-pager").stdout
+    found = dict(line.split(" ", 1) for line in seen.splitlines() if line.split(" ", 1)[0] in
+                 ("keys", "database", "network"))
+    assert set(found) == {"keys", "database", "network"} and "REACHED" not in found.values(), seen
+    level = float(re.search(r"Overall exposure level for vibethinker-reader@x\.service: ([\d.]+)",
+                            exposure).group(1))
+    assert level <= 2.0, exposure[-3000:]

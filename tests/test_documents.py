@@ -1,18 +1,25 @@
 """Reading documents without HTTP: types, limits, PDF text, OCR, bad files, the reading pool, the English hint."""
 
+import dataclasses
 import io
+import os
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 from pypdf import PdfReader, PdfWriter
 
 from service.errors import Refusal, status_of
-from service.inputs import documents, extraction
+from service import processes
+from service.inputs import documents, extraction, fairness
 from service.inputs.documents import DocumentError, Limits
 from service.inputs.language import english_hint
-from tests.support import makedocs
+from tests.support import makedocs, probe
+from tests.support.servers import ROOT
 
-LIMITS = Limits(max_bytes=2_000_000, max_pages=3, max_pixels=20_000_000, timeout_s=30)
+LIMITS = Limits(max_bytes=2_000_000, max_pages=3, max_pixels=20_000_000, timeout_s=30, max_memory=2 * 2**30)
 
 
 def compact(text):
@@ -179,3 +186,119 @@ def test_the_english_hint_names_the_script_of_a_mostly_non_latin_question(text, 
         assert hint is None
     else:
         assert f"mostly in {script} script" in hint and "English" in hint and hint.isascii()
+
+
+def test_turns_are_fair_between_users_and_a_full_pool_waits_briefly():
+    gate, order = fairness.Gate(processes=1, waiting=4), []
+    gate.turn("attacker", 1)  # the attacker's first document reads
+
+    def second(user, name):
+        gate.turn(user, 10)
+        order.append(name)
+    late = [threading.Thread(target=second, args=("attacker", "attacker 2"))]
+    late[0].start()
+    time.sleep(0.2)  # the attacker's second waits first...
+    late.append(threading.Thread(target=second, args=("other", "other 1")))
+    late[1].start()
+    time.sleep(0.2)
+    with pytest.raises(fairness.Busy):  # ...a full pool refuses after the wait
+        gate.turn("third", 0.1)
+    gate.done("attacker")
+    late[1].join(5)
+    assert order == ["other 1"]  # ...yet another user's first goes before it
+    gate.done("other")
+    late[0].join(5)
+    assert order == ["other 1", "attacker 2"] and gate.holding() == {"attacker": 1}
+
+
+def test_one_user_never_holds_the_whole_pool():
+    gate = fairness.Gate(processes=2, waiting=4)
+    gate.turn("attacker", 1)
+    with pytest.raises(fairness.Busy):  # a process is free, but it is not the attacker's share
+        gate.turn("attacker", 0.2)
+    gate.turn("other", 0.2)  # at once
+    assert gate.holding() == {"attacker": 1, "other": 1}
+
+
+@pytest.fixture(scope="module")
+def lone_reader():
+    """A reading pool of one process, shared by the tests that look inside it."""
+    reader = documents.Reader(LIMITS, workers=1)
+    yield reader
+    reader.close()
+
+
+def test_a_reading_process_has_a_memory_cap_a_bare_environment_and_none_of_the_workers_files(lone_reader,
+                                                                                              tmp_path):
+    assert lone_reader.read(makedocs.png(), "image/png", "file").method == "ocr"  # OCR fits under the cap
+    lone_reader.close()  # its next process starts while the worker holds a secret and a file
+    os.environ["VIBE_PROBE_SECRET"] = "not for readers"
+    try:
+        with open(tmp_path / "worker-file", "w"):
+            seen = lone_reader._processes.pool().schedule(probe.inside).result(30)
+    finally:
+        del os.environ["VIBE_PROBE_SECRET"]
+    assert seen["address_space"] == LIMITS.max_memory
+    assert set(seen["environ"]) - {"QT_QPA_PLATFORM_PLUGIN_PATH", "QT_QPA_FONTDIR", "LD_LIBRARY_PATH"} == \
+        set(processes.BARE_ENV)  # OpenCV sets its own three when it is imported
+    assert not [name for name in seen["files"] if "worker-file" in name or name.endswith(".db")
+                and "onnxruntime" not in name]
+
+
+@pytest.fixture(scope="module")
+def bomb_reader():
+    """A reading pool of one process that reads nothing but bombs: its peak memory is theirs."""
+    reader = documents.Reader(LIMITS, workers=1)
+    yield reader
+    reader.close()
+
+
+@pytest.mark.parametrize("bomb", [makedocs.jpeg_in_pdf_bomb, makedocs.png_in_pdf_bomb])
+def test_an_image_bomb_inside_a_pdf_is_refused_by_its_own_header_without_swelling_the_reader(bomb_reader, bomb):
+    data = bomb()
+    assert len(data) < 1_000_000  # under a megabyte; 8600 x 8600 pixels decoded
+    with pytest.raises(Refusal) as refused:
+        bomb_reader.read(data, "application/pdf", "file")
+    assert (status_of(refused.value), refused.value.code) == (413, "image_too_large")
+    assert "8600x8600" in refused.value.message
+    peak = bomb_reader._processes.pool().schedule(extraction.peak_memory).result(30)
+    # Measured in the reader: far under its cap, and under the one grey plane the bomb decodes to.
+    assert peak < LIMITS.max_memory and peak < 8600 * 8600
+
+
+def test_past_the_pixel_check_the_memory_cap_ends_a_bomb_as_a_413():
+    """With the pixel limit raised past the bomb, decoding it needs more than the reader's cap: MemoryError in
+    the reader, a precise 413 in the worker, and the reader's memory stays under its cap."""
+    capped = dataclasses.replace(LIMITS, max_pixels=400_000_000, max_memory=512 * 2**20)
+    reader = documents.Reader(capped, workers=1)
+    try:
+        with pytest.raises(Refusal) as refused:
+            reader.read(makedocs.jpeg_in_pdf_bomb(side=12000), "application/pdf", "file")
+        assert (status_of(refused.value), refused.value.code) == (413, "document_too_large")
+        assert reader._processes.pool().schedule(extraction.peak_memory).result(30) < capped.max_memory
+    finally:
+        reader.close()
+
+
+def test_a_reader_of_its_own_behind_a_socket_reads_one_document_per_connection(tmp_path):
+    """What systemd does with vibethinker-reader.socket (Accept=yes), done by systemd-socket-activate: each
+    connection starts `python -m service.inputs.reader` on it."""
+    sock = tmp_path / "reader.sock"
+    activator = subprocess.Popen(["systemd-socket-activate", "-l", str(sock), "--inetd", "-a", sys.executable,
+                                  "-m", "service.inputs.reader"], cwd=ROOT, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            if sock.exists():
+                break
+            time.sleep(0.1)
+        reader = documents.Reader(LIMITS, workers=1, socket_path=str(sock))
+        read = reader.read(makedocs.text_pdf(), "application/pdf", "file")
+        assert (read.kind, read.method, makedocs.PROBLEM in read.text) == ("pdf", "text", True)
+        for data, status, code in [(makedocs.encrypted_pdf(), 422, "encrypted_pdf"),
+                                   (makedocs.jpeg_in_pdf_bomb(), 413, "image_too_large")]:
+            with pytest.raises(Refusal) as refused:
+                reader.read(data, "application/pdf", "file")
+            assert (status_of(refused.value), refused.value.code) == (status, code)
+    finally:
+        activator.terminate()
+        activator.wait(10)

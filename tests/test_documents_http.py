@@ -9,6 +9,7 @@ import socket
 import sqlite3
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import openai
@@ -106,6 +107,11 @@ def test_chat_takes_image_and_file_parts_as_the_openai_client_sends_them(docs):
     assert answer.choices[0].message.content == read.choices[0].message.content
 
 
+# Refusals that come after a document was read (admitted first, since issue 31): their usage row has the reading.
+READ_BEFORE_REFUSED = {"encrypted_pdf", "invalid_pdf", "too_many_pages", "image_too_large", "empty_document",
+                       "content_policy"}
+
+
 @pytest.mark.parametrize("files, fields, status, code, param", [
     ({"file": ("a.txt", b"just text", "text/plain")}, {}, 415, "unsupported_media_type", "file"),
     ({"file": ("a.pdf", makedocs.png(), "application/pdf")}, {}, 415, "file_type_mismatch", "file"),
@@ -132,7 +138,11 @@ def test_bad_documents_get_a_precise_error_and_cost_nothing(docs, files, fields,
     error = refused.json()["error"]
     assert (error["code"], error["param"]) == (code, param) and error["message"] and error["type"]
     assert refused.json()["success"] is False  # /predict's own contract beside the error
-    assert usage_rows(docs) == before
+    after = usage_rows(docs)
+    if code in READ_BEFORE_REFUSED:  # admitted, then read: a row with its reading time, and no tokens
+        assert after[:-1] == before and after[-1][:3] == ("/v1/predict", status, 0)
+    else:  # refused before admission: no row at all
+        assert after == before
 
 
 @pytest.mark.parametrize("part, status, code", [
@@ -367,3 +377,42 @@ def test_a_chunked_body_with_a_document_has_the_document_allowance(docs):
     refused = requests.post(docs.url("/v1/chat/completions"), data=iter([too_big]), timeout=120,
                             headers={**docs.auth(), "Content-Type": "application/json"})
     assert refused.status_code == 413 and refused.json()["error"]["code"] == "body_too_large"
+
+
+def test_five_slow_pdfs_from_a_user_capped_at_two_are_admitted_before_reading_and_fairly(start_server):
+    """The issue's attack: five concurrent predict forms, each a small PDF whose pages share one slow content
+    stream, from a user capped at 2 requests at a time, on a pool of two reading processes."""
+    server = start_server(VIBE_DOCUMENT_TIMEOUT_S="3", VIBE_DOCUMENT_WORKERS="2", **LIMITS)
+    server.cli("users", "add", "attacker", "--max-concurrent", "2", "--rate-limit", "1000/minute")
+    attacker = server.cli("tokens", "issue", "attacker").stdout.strip().splitlines()[-1]
+    slow, outcomes, start = makedocs.slow_pdf(pages=3), [], threading.Barrier(6)
+
+    def attack():
+        start.wait()
+        began = time.monotonic()
+        refused = ask(server, {"file": ("slow.pdf", slow, "application/pdf")}, token=attacker)
+        outcomes.append((refused.status_code, refused.json()["error"]["code"], time.monotonic() - began))
+    threads = [threading.Thread(target=attack) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    time.sleep(0.5)  # the attacker's two admitted documents have their turn, or wait for it
+    other = ask(server, {"file": ("problem.pdf", makedocs.text_pdf(), "application/pdf")})
+    assert other.status_code == 200, other.text  # the other process was not the attacker's to take
+    answered_while_attacked = len(outcomes) == 3  # only the refusals were back yet
+    for thread in threads:
+        thread.join(60)
+    assert answered_while_attacked
+    refused = [o for o in outcomes if o[0] == 429]
+    assert [o[1] for o in refused] == ["concurrency_limit_exceeded"] * 3
+    assert max(o[2] for o in refused) < 2  # before any parsing: a page alone takes seconds
+    # The first is stopped at its time limit; the second waited for the attacker's one process meanwhile (the
+    # wait counts toward the limit): stopped too, or refused as busy when its wait ran out first.
+    admitted = sorted(o[:2] for o in outcomes if o[0] != 429)
+    assert admitted[0] == (422, "document_too_slow") and admitted[1] in [(422, "document_too_slow"),
+                                                                         (503, "documents_busy")]
+    with sqlite3.connect(server.env["VIBE_DB_URL"].removeprefix("sqlite:///")) as conn:
+        rows = conn.execute("SELECT status, prompt_tokens, completion_tokens, document_ms FROM usage "
+                            "WHERE user = 'attacker'").fetchall()
+    assert len(rows) == 2 and all(status in (422, 503) and tokens == [0, 0] and ms >= 2900
+                                  for status, *tokens, ms in rows), rows  # the reading time is theirs

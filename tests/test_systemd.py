@@ -104,3 +104,15 @@ def test_the_backup_units_verify_and_are_confined(tmp_path):
                for line in service)
     timer = (ROOT / "systemd/vibethinker-backup.timer").read_text().splitlines()
     assert "Persistent=true" in timer and any(line.startswith("OnCalendar=") for line in timer)
+
+
+def test_the_document_readers_unit_is_bounded_tighter_and_cut_off():
+    reader = ROOT / "systemd" / "vibethinker-reader@.service"
+    out = analyze("security", "--offline=true", "--no-pager", str(reader))
+    level = float(re.search(r"Overall exposure level for \S+: ([0-9.]+)", out.stdout).group(1))
+    assert level <= MAX_EXPOSURE, out.stdout
+    text = reader.read_text()
+    for line in ["DynamicUser=yes", "PrivateNetwork=yes", "IPAddressDeny=any", "StandardInput=socket",
+                 "InaccessiblePaths=-/var/lib/vibethinker -/etc/vibethinker"]:
+        assert line in text.splitlines() or any(l.startswith(line) for l in text.splitlines()), line
+    assert "Accept=yes" in (ROOT / "systemd" / "vibethinker-reader.socket").read_text()

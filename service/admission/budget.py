@@ -6,6 +6,8 @@ Flask, so they are tested without HTTP:
 - `admit` takes one of the user's concurrency slots and reserves prompt +
   max_new_tokens of today's budget, in one atomic step; it refuses (NoSlot,
   OverBudget) when either is spent.
+- `resize` changes a held reservation (a document's allowance, admitted
+  before the document is read, becomes the prompt's real size).
 - `release` settles the reservation to what the generation really used and
   frees the slot.
 
@@ -53,6 +55,7 @@ class Lease:
     slot_key: str = ""
     member: str = field(default_factory=lambda: uuid.uuid4().hex)
     held: bool = True
+    settled: bool = False  # released: a second release (the edge's, after a refusal) does nothing
 
 
 def admit(counters, user, limits, need, lease_s, fail_open=False, now=None, slots="inflight"):
@@ -85,10 +88,32 @@ def admit(counters, user, limits, need, lease_s, fail_open=False, now=None, slot
     return lease
 
 
-def release(counters, lease, used):
-    """Settle the reservation to `used` tokens and free the slot; a storage failure is logged, not raised."""
+def resize(counters, lease, limits, need):
+    """Change a held lease's reservation to `need` tokens (a document's allowance, once its text is known);
+    OverBudget when the growth would pass today's budget (the lease keeps what it had)."""
     if not lease.held:
+        return lease
+    try:
+        status, value = counters.resize(lease.slot_key, lease.member, lease.budget_key, need - lease.reserved,
+                                        limits.daily_tokens, 2 * DAY_S)
+    except StorageUnavailable:  # the reservation stays as it was: the document's allowance covers the prompt
+        log.warning("quota storage unreachable while resizing %s", lease.budget_key)
+        return lease
+    if status == OVER_BUDGET:
+        left = max(limits.daily_tokens - value, 0)
+        raise OverBudget(f"daily token budget of {limits.daily_tokens} has {left} tokens left; this request may "
+                         f"use up to {need} (prompt + max_new_tokens) beside what it holds; it resets at 00:00 UTC",
+                         "daily_token_quota_exceeded", "max_new_tokens", retry_after=lease.reset_s, lease=lease)
+    lease.reserved, lease.total = need, value
+    return lease
+
+
+def release(counters, lease, used):
+    """Settle the reservation to `used` tokens and free the slot, once; a storage failure is logged, not
+    raised."""
+    if not lease.held or lease.settled:
         return
+    lease.settled = True
     try:
         lease.total = counters.release(lease.slot_key, lease.member, lease.budget_key, used - lease.reserved,
                                        2 * DAY_S)

@@ -9,6 +9,9 @@ two servers on one Redis) never both take the last unit:
   its own, so a crashed worker cannot leak it.
 - `release(slots, member, budget, delta, budget_ttl)`: free the slot and
   settle the budget by `delta` (the real use minus the reservation).
+- `resize(slots, member, budget, delta, limit, budget_ttl)`: change a held
+  lease's reservation by `delta` (a document's allowance, once its text is
+  known), refused when a growth would pass `limit`.
 
 In Redis, each worker also keeps a ledger of the leases it holds (a hash
 named after its host, its master's pid and its own pid). When a worker dies
@@ -70,6 +73,21 @@ for i = 1, #entries, 2 do
 end
 redis.call('DEL', KEYS[1])
 return #entries / 2
+"""
+# KEYS: slot set, budget, ledger. ARGV: member, delta, limit, budget ttl. A held lease's reservation changed by
+# delta (and its ledger entry with it); {1, total}, or {-1, total} when a growth would pass the limit.
+RESIZE = """
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+local delta, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
+if delta > 0 and current + delta > limit then return {-1, current} end
+local total = redis.call('INCRBY', KEYS[2], delta)
+if redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
+local entry = redis.call('HGET', KEYS[3], ARGV[1])
+if entry then
+  local slot, budget, reserved = string.match(entry, '^(.-)\\n(.-)\\n(.*)$')
+  redis.call('HSET', KEYS[3], ARGV[1], slot .. '\\n' .. budget .. '\\n' .. (tonumber(reserved) + delta))
+end
+return {1, total}
 """
 ADMITTED, NO_SLOT, OVER_BUDGET = 1, 0, -1
 # KEYS: the epoch's mirror. ARGV: new value, the value it must still hold ('' for absent).
@@ -174,6 +192,7 @@ class RedisCounters:
         self._admit, self._release = self._redis.register_script(ADMIT), self._redis.register_script(RELEASE)
         self._replace_epoch = self._redis.register_script(REPLACE_EPOCH)
         self._reclaim = self._redis.register_script(RECLAIM)
+        self._resize = self._redis.register_script(RESIZE)
 
     def _call(self, fn, *args, **kwargs):
         try:
@@ -189,6 +208,11 @@ class RedisCounters:
     def release(self, slots, member, budget, delta, budget_ttl):
         return int(self._call(self._release, keys=[PREFIX + slots, PREFIX + budget, self._ledger],
                               args=[member, delta, budget_ttl]))
+
+    def resize(self, slots, member, budget, delta, limit, budget_ttl):
+        status, value = self._call(self._resize, keys=[PREFIX + slots, PREFIX + budget, self._ledger],
+                                   args=[member, delta, limit, budget_ttl])
+        return int(status), int(value)
 
     def reclaim(self, ledger):
         """Free the slots and give back the reservations of ledger `ledger`; how many leases it held."""
@@ -248,6 +272,13 @@ class MemoryCounters:
         with self._lock:
             self._slots.get(slots, {}).pop(member, None)
             return self._set(budget, self._value(budget) + delta, budget_ttl)
+
+    def resize(self, slots, member, budget, delta, limit, budget_ttl):
+        with self._lock:
+            current = self._value(budget)
+            if delta > 0 and current + delta > limit:
+                return OVER_BUDGET, current
+            return ADMITTED, self._set(budget, current + delta, budget_ttl)
 
     def _set(self, key, value, ttl):
         _, expires = self._values.get(key, (0, 0))

@@ -22,6 +22,7 @@ from flask import g, request
 from service.errors import token_headers
 from service.records import metrics, requestid
 from service.records.accounting import write_usage
+from service.serving import pipeline
 from service.serving.caller import Caller
 from service.serving.job import Job
 from service.state import state
@@ -54,7 +55,7 @@ def begin():
     """A generation Job for this request's caller, made the request's `job`: the record reads its model, usage
     and headers from it."""
     record = current()
-    record.job = Job(Caller.of_token(g.auth), started=record.started)
+    record.job = Job(Caller.of_token(g.auth), started=record.started, live=True)
     return record.job
 
 
@@ -89,6 +90,8 @@ def _account(response):
 def finish(record, status, message="stream ended"):
     """The usage row (for an admitted generation) and the log line of a request or a stream."""
     latency, job, auth = record.latency, record.job, g.get("auth")
+    if job is not None:
+        pipeline.let_go(state(), job)  # refused after admission (a document, the policy) or a cache hit
     if job is not None and job.recorded:
         write_usage(state().usage_log, job, record.route, status, latency, record.request_id)
     fields = {"method": request.method, "route": record.route, "status": status,

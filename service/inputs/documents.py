@@ -8,14 +8,21 @@ PDF parsing through pypdf, OCR through rapidocr-onnxruntime (whose models ship
 inside its wheel: nothing is downloaded). A process, not a thread: pypdf is
 pure Python and would hold the worker's interpreter lock against the engine
 thread, and a document that runs past its time limit is stopped by killing
-its process, which no thread allows. The pool is bounded: past a few waiting
-documents a request is refused with 503 rather than queued for ever.
+its process, which no thread allows. The pool is fair (service.inputs.fairness:
+each user within their share, turns round-robin between users) and bounded:
+a document waits for its turn a few seconds at most, then gets 503. Each
+reading process is spawned with a bare environment and none of the worker's
+open files, under a memory cap (service.processes, extraction.confine).
+Deployed, `socket_path` names a socket where systemd starts a reader unit of
+its own per document instead (service.inputs.reader): another user, no
+network, no access to the keys or the database.
 
 A PDF page with a text layer gives its text; a page without one (a scan)
 gives the OCR of its images. Limits hold before anything is decoded: bytes,
-pages, and the pixels of every image (declared sizes are read first, so a
-small file that decodes into gigabytes is refused unread); pypdf's own
-stream-length limits stop a compressed stream bomb.
+pages, and the pixels of every image (declared sizes and the encoded data's
+own header are read first, so a small file that decodes into gigabytes is
+refused unread); pypdf's own stream-length limits stop a compressed stream
+bomb, and the memory cap what slips past all of them.
 
 The text that comes back is a question like a typed one: the callers put it
 through the same filters (service.inputs.filtering). Nothing here logs it.
@@ -27,30 +34,35 @@ What runs in a reading process is service.inputs.extraction.
 import base64
 import binascii
 import dataclasses
+import json
 import re
-import threading
+import socket
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 from service.errors import BadRequest, TooLarge, Unavailable, Unimplemented, Unprocessable, UnsupportedMedia
-from service.inputs.extraction import MEDIA_TYPES, DocumentError, extract
+from service.inputs.extraction import MEDIA_TYPES, Document, DocumentError, confine, extract
+from service.inputs.fairness import Busy, Gate
 from service.processes import Processes
 
 DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)(?P<params>(?:;[\w.+-]+=[\w.+-]+)*);base64,", re.ASCII)
 # What a reading process's DocumentError becomes in the worker.
 REFUSALS = {"too_large": TooLarge, "unreadable": Unprocessable, "unimplemented": Unimplemented}
 WAITING_PER_WORKER = 4  # documents that may wait for a pool process, per process, before 503
+QUEUE_S = 5.0  # how long a document waits for its turn at a process before 503 (within its time limit)
+RESULT_MARGIN_S = 5.0  # past its time limit, for pebble to kill the process and say so
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What one document may be: bytes, PDF pages, pixels per image, seconds to read it."""
+    """What one document may be: bytes, PDF pages, pixels per image, seconds and memory to read it."""
 
     max_bytes: int
     max_pages: int
     max_pixels: int
     timeout_s: float
+    max_memory: int = 2 * 2**30  # bytes of address space a reading process may map (RLIMIT_AS)
 
 
 def sniff(data):
@@ -106,37 +118,80 @@ def from_data_url(url, where, max_bytes):
 
 
 class Reader:
-    """The pool of reading processes of one worker, started on first use."""
+    """The fair pool of reading processes of one worker, started on first use: each process under a memory cap,
+    with a bare environment and none of the worker's open files (service.processes); or, with `socket_path`,
+    fair turns at the reader units behind it."""
 
-    def __init__(self, limits, workers):
-        self.limits, self.workers, self._processes = limits, workers, Processes(workers)
-        self._waiting = threading.BoundedSemaphore(workers * (1 + WAITING_PER_WORKER))
+    def __init__(self, limits, workers, queue_s=QUEUE_S, socket_path=""):
+        self.limits, self.workers, self.queue_s, self.socket_path = limits, workers, queue_s, socket_path
+        self._processes = Processes(workers, initializer=confine, initargs=(limits.max_memory,), bare=True)
+        self._gate = Gate(workers, workers * WAITING_PER_WORKER)
 
-    def read(self, data, media_type, where, timeout_s=None):
-        """The Document in `data` (checked by `check` first); TooLarge, UnsupportedMedia or Unprocessable for
-        the document, Unavailable when the pool is full, Unprocessable past the time limit (`timeout_s`, at
-        most the configured one)."""
+    def read(self, data, media_type, where, timeout_s=None, user=""):
+        """The Document in `data` (checked by `check` first), read on `user`'s turn; TooLarge, UnsupportedMedia
+        or Unprocessable for the document, Unavailable when no turn comes within the queue's wait,
+        Unprocessable past the time limit (`timeout_s`, at most the configured one; the wait counts)."""
         check(data, media_type, self.limits, where)
         limit = min(self.limits.timeout_s, timeout_s or self.limits.timeout_s)
         started = time.monotonic()
-        if not self._waiting.acquire(blocking=False):
-            raise Unavailable("too many documents are being read now; retry shortly", "documents_busy",
-                              retry_after=2)
         try:
-            future = self._processes.pool().schedule(extract, args=(data, media_type, self.limits), timeout=limit)
-            document = future.result(timeout=limit)  # the wait for a process counts too
+            self._gate.turn(user, min(self.queue_s, limit))
+        except Busy:
+            raise Unavailable("too many documents are being read now; retry shortly", "documents_busy",
+                              retry_after=2) from None
+        try:
+            document = self._run(data, media_type, where, limit - (time.monotonic() - started), limit)
+        finally:
+            self._gate.done(user)
+        return dataclasses.replace(document, seconds=time.monotonic() - started)
+
+    def _run(self, data, media_type, where, left, limit):
+        """The document read in a free process within `left` seconds; pebble kills the process past it."""
+        too_slow = Unprocessable(f"{where} could not be read within {limit:g} s", "document_too_slow", where)
+        if left <= 0:
+            raise too_slow
+        if self.socket_path:
+            return self._ask(data, media_type, where, left, too_slow)
+        future = self._processes.pool().schedule(extract, args=(data, media_type, self.limits), timeout=left)
+        try:
+            return future.result(timeout=left + RESULT_MARGIN_S)
         except FutureTimeout:
-            future.cancel()  # not started: dropped; running: its process is stopped
-            raise Unprocessable(f"{where} could not be read within {limit:g} s", "document_too_slow",
-                                where) from None
+            future.cancel()  # pebble did not stop it in time: stop its process now
+            raise too_slow from None
         except DocumentError as exc:
             raise REFUSALS[exc.kind](f"{where}: {exc.message}", exc.code, where) from None
-        except Exception as exc:  # the process died (memory, a crash in a decoder): the document's doing
+        except Exception as exc:  # the process died (a crash in a decoder, past its memory cap): the document's
+            raise Unprocessable(f"{where} could not be read ({type(exc).__name__}); it may need more than "
+                                f"{self.limits.max_memory // 2**20} MiB to decode", "unreadable_document",
+                                where) from None
+
+    def _ask(self, data, media_type, where, left, too_slow):
+        """The document read by a reader unit of its own (service.inputs.reader) behind the socket: systemd
+        starts one per connection, and stops it past its RuntimeMaxSec."""
+        header = json.dumps({"media_type": media_type, "limits": dataclasses.asdict(self.limits)}).encode()
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(left)
+                conn.connect(self.socket_path)
+                conn.sendall(header + b"\n" + data)
+                conn.shutdown(socket.SHUT_WR)
+                reply = json.loads(conn.makefile("rb").readline() or b"{}")
+        except TimeoutError:
+            raise too_slow from None
+        except (OSError, ValueError) as exc:  # no reader, or it died (its memory cap, a crash in a decoder)
             raise Unprocessable(f"{where} could not be read ({type(exc).__name__})", "unreadable_document",
                                 where) from None
-        finally:
-            self._waiting.release()
-        return dataclasses.replace(document, seconds=time.monotonic() - started)
+        if "document" in reply:
+            return Document(**reply["document"])
+        if "error" not in reply:
+            raise Unprocessable(f"{where} could not be read (the reader ended without a reply; it may need more "
+                                f"than {self.limits.max_memory // 2**20} MiB)", "unreadable_document", where)
+        kind, code, message = reply["error"]
+        raise REFUSALS[kind](f"{where}: {message}", code, where)
+
+    def holding(self):
+        """{user: documents being read now}."""
+        return self._gate.holding()
 
     def close(self):
         """Stop the reading processes."""

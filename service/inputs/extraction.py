@@ -4,8 +4,11 @@ The worker's side (service.inputs.documents) checks a document and hands it
 here through its pool of reading processes; no Flask, no torch, no service
 error is imported here, so a reading process starts light. A PDF page with
 a text layer gives its text; a page without one (a scan) gives the OCR of its
-images. The pixels of every image are checked from its declared size before
-it is decoded. What goes wrong is a DocumentError, whose plain args cross
+images. The pixels of every image are checked before it is decoded, from its
+declared size and from the header of its encoded data (an embedded JPEG's SOF,
+PNG's IHDR, JPEG 2000's header), and the process runs under a memory cap
+(`confine`), so what slips past both ends as MemoryError, not a swollen
+process. What goes wrong is a DocumentError, whose plain args cross
 the process pool back to the worker.
 """
 
@@ -41,6 +44,22 @@ class DocumentError(Exception):
     def __init__(self, kind, code, message):
         super().__init__(kind, code, message)
         self.kind, self.code, self.message = kind, code, message
+
+
+def confine(max_memory):
+    """Run at a reading process's start: its address space capped at `max_memory` bytes (RLIMIT_AS), so a
+    decoder that would swell past it gets MemoryError (or dies) instead of taking the machine's memory."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (max_memory, max_memory))
+
+
+def peak_memory():
+    """This process's peak resident memory in bytes (for the tests' measurements): VmHWM, its own since it
+    started (getrusage's ru_maxrss keeps the forking worker's across exec)."""
+    with open("/proc/self/status") as status:
+        kb = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    return int(kb) * 1024
 
 
 def extract(data, media_type, limits):
@@ -79,6 +98,9 @@ def _pdf(data, limits):
                 methods.add("ocr")
     except DocumentError:
         raise
+    except MemoryError:
+        raise DocumentError("too_large", "document_too_large", "the PDF needs more memory to read than a reading "
+                            "process may use") from None
     except LimitReachedError:
         raise DocumentError("too_large", "document_too_large", "the PDF decompresses past the size limit") from None
     except (DependencyError, FileNotDecryptedError):
@@ -100,7 +122,8 @@ def _pdf(data, limits):
 
 
 def _page_images(page, limits):
-    """The page's images as RGB Pillow images, each checked for size before it is decoded."""
+    """The page's images as RGB Pillow images, each checked for size before it is decoded: its declared size,
+    and the real one its encoded stream's own header says."""
     resources = page.get("/Resources") or {}
     xobjects = resources.get("/XObject") or {}
     for name in list(xobjects):
@@ -109,7 +132,26 @@ def _page_images(page, limits):
             continue
         width, height = int(obj.get("/Width", 0)), int(obj.get("/Height", 0))
         _check_pixels(width, height, limits)
+        _check_encoded(obj.get_data(), limits)
         yield obj.decode_as_image().convert("RGB")
+
+
+def _check_encoded(data, limits):
+    """DocumentError when an image stream's data (after its non-image filters) is an encoded image (a JPEG's
+    SOF, a PNG's IHDR, a JPEG 2000 or TIFF header...) larger than the pixel limit, whatever the PDF declares:
+    pypdf decodes such a stream at the size its own header says. Raw samples are read at the declared size."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as encoded:  # the header only: nothing is decoded
+                _check_pixels(*encoded.size, limits)
+    except Image.DecompressionBombError:
+        raise DocumentError("too_large", "image_too_large",
+                            f"an image has more than {limits.max_pixels} pixels, the limit") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        pass  # raw samples (or damaged: decoding says so)
 
 
 def _image(data, limits):
@@ -124,6 +166,9 @@ def _image(data, limits):
         return image.convert("RGB")
     except DocumentError:
         raise
+    except MemoryError:
+        raise DocumentError("too_large", "image_too_large", "the image needs more memory to decode than a "
+                            "reading process may use") from None
     except Image.DecompressionBombError:  # Pillow's own guard, past twice its MAX_IMAGE_PIXELS, at open
         raise DocumentError("too_large", "image_too_large",
                             f"the image has more than {limits.max_pixels} pixels, the limit") from None

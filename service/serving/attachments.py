@@ -1,7 +1,10 @@
 """Documents attached to a generation: chat's image and file content parts, /v1/predict's file.
 
-Each document is read by the worker's reading pool (service.inputs.documents)
-within the job's limits: how many documents, how many bytes together, and
+A live request is admitted (service.serving.pipeline.admit_reading: its
+slot, its rate, a reservation of the document allowance) before its first
+document is read, so documents past a user's concurrency cap or budget are
+refused unparsed. Each document is read by the worker's fair reading pool
+(service.inputs.documents), on the user's share of it, within the job's limits: how many documents, how many bytes together, and
 the time left before the job's deadline (reading counts toward it:
 service.serving.pipeline gives the generation what is left). What was read
 goes on the job (service.serving.job) as its cost, for the usage row, the
@@ -19,6 +22,7 @@ from service.errors import BadRequest, DeadlineExceeded, TooLarge
 from service.inputs import documents
 from service.records import metrics
 from service.records.accounting import DocumentCost
+from service.serving import pipeline
 
 MIN_READ_S = 1.0  # the least time a document is given; less left before the deadline: 504 without trying
 
@@ -26,8 +30,9 @@ MIN_READ_S = 1.0  # the least time a document is given; less left before the dea
 def open_reader(settings):
     """This worker's reading pool (its processes start on the first document)."""
     return documents.Reader(documents.Limits(settings.document_max_bytes, settings.document_max_pages,
-                                             settings.document_max_pixels, settings.document_timeout_s),
-                            settings.document_workers)
+                                             settings.document_max_pixels, settings.document_timeout_s,
+                                             settings.document_memory_mb * 2**20),
+                            settings.document_workers, settings.document_queue_s, settings.document_reader_socket)
 
 
 def read(state, job, data, media_type, where):
@@ -45,7 +50,15 @@ def read(state, job, data, media_type, where):
     if left < MIN_READ_S:
         raise DeadlineExceeded(f"no time is left before the {settings.request_deadline_s:g} s deadline to read "
                                f"{where}", "deadline_exceeded", where)
-    document = state.documents.read(data, media_type, where, timeout_s=left)
+    documents.check(data, media_type, state.documents.limits, where)  # what costs nothing to refuse, first
+    pipeline.admit_reading(state, job)
+    started = time.monotonic()
+    try:
+        document = state.documents.read(data, media_type, where, timeout_s=left, user=job.caller.user)
+    except Exception:  # refused in reading: the time it took is still the user's, in the usage row
+        kind = "pdf" if media_type == "application/pdf" else "image"
+        job.documents.append(DocumentCost(kind, 0, 0, time.monotonic() - started, len(data)))
+        raise
     job.documents.append(DocumentCost(document.kind, document.pages, document.images, document.seconds,
                                       len(data)))
     metrics.DOCUMENTS.labels(document.kind, document.method).inc()

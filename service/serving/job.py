@@ -36,6 +36,7 @@ class Job:
     cache: str | None = None  # "hit" or "miss", once the cache was asked
     costs: dict | None = None  # a batch line's document costs, as read when its batch was created
     system_prompts: list = field(default_factory=list)  # those the client sent, checked against its allow-list
+    live: bool = False  # a live request: admitted before its documents are read (a batch line is at its start)
 
     @property
     def model(self):

@@ -47,13 +47,38 @@ def cached(state, job):
 
 def admit(state, job, deadline_s):
     """The caller's budget lease for `job` (prompt + max_new_tokens), held at most `deadline_s` (and a
-    margin); NoSlot or OverBudget when refused. Admitted, the job owes a usage row whatever happens next."""
-    settings = state.settings
-    job.lease = budget.admit(state.counters, job.caller.user, job.caller.limits(settings),
-                             len(job.ids) + job.params.max_new_tokens, deadline_s,
+    margin); NoSlot or OverBudget when refused. Admitted, the job owes a usage row whatever happens next. A job
+    admitted before its documents were read keeps its slot; its reservation becomes the real need."""
+    settings, need = state.settings, len(job.ids) + job.params.max_new_tokens
+    limits = job.caller.limits(settings)
+    if job.lease is not None:
+        return budget.resize(state.counters, job.lease, limits, need)
+    job.lease = budget.admit(state.counters, job.caller.user, limits, need, deadline_s,
                              fail_open=settings.ratelimit_fail_open, slots=job.caller.slots)
     job.usage = Usage()
     return job.lease
+
+
+def admit_reading(state, job):
+    """Admit a live `job` before its first document is read: a slot, and a reservation of the document
+    allowance (the longest prompt) plus the default answer length, resized once the prompt is known. So a
+    user's documents past their concurrency cap or budget are refused before any parsing, and reading time is
+    in a usage row whatever comes of the request."""
+    settings = state.settings
+    if job.lease is None and job.live:
+        job.lease = budget.admit(state.counters, job.caller.user, job.caller.limits(settings),
+                                 settings.max_prompt_tokens + settings.default_max_new_tokens,
+                                 # whether it will be streamed is not known yet: held for the longer deadline
+                                 max(settings.request_deadline_s, settings.stream_deadline_s),
+                                 fail_open=settings.ratelimit_fail_open, slots=job.caller.slots)
+        job.usage = Usage()
+
+
+def let_go(state, job):
+    """Release a lease the job still holds (a refusal or a cache hit after admission): nothing was generated.
+    Settled leases are left as they are."""
+    if job.lease is not None:
+        budget.release(state.counters, job.lease, 0)
 
 
 def submit(job, deadline_s):

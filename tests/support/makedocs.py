@@ -87,3 +87,61 @@ def blank_png():
 
 def data_url(data, media_type):
     return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def pdf_with_image_stream(data, filter_name, width=10, height=10):
+    """A one-page PDF (no text layer) showing one image XObject whose stream is `data` under `filter_name`,
+    declared `width` x `height` grey pixels whatever the data holds."""
+    from pypdf.generic import ArrayObject, DecodedStreamObject, DictionaryObject, NameObject, NumberObject
+
+    writer = PdfWriter()
+    page = writer.add_blank_page(200, 200)
+    image = DecodedStreamObject()
+    image.set_data(data)
+    image.update({NameObject("/Type"): NameObject("/XObject"), NameObject("/Subtype"): NameObject("/Image"),
+                  NameObject("/Width"): NumberObject(width), NameObject("/Height"): NumberObject(height),
+                  NameObject("/ColorSpace"): NameObject("/DeviceGray"),
+                  NameObject("/BitsPerComponent"): NumberObject(8),
+                  NameObject("/Filter"): ArrayObject([NameObject(filter_name)])})
+    contents = DecodedStreamObject()
+    contents.set_data(b"q 200 0 0 200 0 0 cm /Im0 Do Q")
+    page[NameObject("/Resources")] = DictionaryObject(
+        {NameObject("/XObject"): DictionaryObject({NameObject("/Im0"): writer._add_object(image)})})
+    page[NameObject("/Contents")] = writer._add_object(contents)
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+def jpeg_in_pdf_bomb(side=8600):
+    """A PDF whose image, declared 10x10, holds a side x side JPEG: under a megabyte that decodes to side**2
+    bytes (the issue's attack: 1.4 GB in the reading process)."""
+    return pdf_with_image_stream(encoded(Image.new("L", (side, side), 128), "JPEG"), "/DCTDecode")
+
+
+def png_in_pdf_bomb(side=8600):
+    """A PDF whose image, declared 10x10, holds a side x side PNG behind /ASCII85Decode: pypdf opens what such
+    a stream decodes to with Pillow, at the PNG's own size."""
+    png_bytes = encoded(Image.new("L", (side, side), 128), "PNG")
+    return pdf_with_image_stream(base64.a85encode(png_bytes, adobe=True)[2:], "/ASCII85Decode")
+
+
+def slow_pdf(pages=3, repeats=250_000):
+    """A small PDF whose pages share one content stream of `repeats` text operators (about 2 MB, a few KB
+    compressed): seconds of pypdf's text extraction per page (the issue's slow-PDF attack)."""
+    from pypdf.generic import DictionaryObject, NameObject, StreamObject
+
+    writer = PdfWriter()
+    stream = StreamObject()
+    stream.set_data(b"BT /F1 1 Tf " + b"(a) Tj " * repeats + b"ET")
+    shared = writer._add_object(stream.flate_encode())
+    font = DictionaryObject({NameObject("/Type"): NameObject("/Font"), NameObject("/Subtype"): NameObject("/Type1"),
+                             NameObject("/BaseFont"): NameObject("/Helvetica")})
+    for _ in range(pages):
+        page = writer.add_blank_page(200, 200)
+        page[NameObject("/Contents")] = shared
+        page[NameObject("/Resources")] = DictionaryObject(
+            {NameObject("/Font"): DictionaryObject({NameObject("/F1"): writer._add_object(font)})})
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
