@@ -9,6 +9,7 @@ import time
 
 import openai
 import pytest
+import requests
 
 from tests.support.thinking import ANSWER, FORCED, QUESTION, THOUGHT
 
@@ -122,3 +123,11 @@ def test_a_penalty_is_refused_by_name(thinking_server):
     assert (error["param"], error["code"], error["type"]) == ("presence_penalty", "unsupported_value",
                                                               "invalid_request_error")
     assert error["message"].startswith("presence_penalty must be 0")
+
+
+def test_a_predict_form_checks_its_expected_answer_too(thinking_server):
+    fields = {"question": QUESTION, "max_new_tokens": "200", "expected_answer": "3"}
+    response = requests.post(thinking_server.url("/v1/predict"), headers=thinking_server.auth(),
+                             files={name: (None, value) for name, value in fields.items()}, timeout=60)
+    body = response.json()
+    assert response.status_code == 200 and (body["final_answer"], body["correct"]) == ("x=3", True), body

@@ -11,7 +11,7 @@ from service.inputs import documents
 from service.serving import attachments
 from service.state import state
 
-FORM_FIELDS = ("question", "system_prompt", "model", "max_new_tokens", "temperature", "top_p")
+FORM_FIELDS = ("question", "system_prompt", "model", "max_new_tokens", "temperature", "top_p", "expected_answer")
 OCTET_STREAM = "application/octet-stream"
 # Where a chat content part of each document kind holds its data URL.
 DATA_URL_FIELDS = {"image_url": "url", "file": "file_data"}

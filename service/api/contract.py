@@ -32,7 +32,7 @@ UPLOAD = {"multipart/form-data": {"schema": {
 # /v1/predict with a document: its JSON form's fields as text fields, and the file (question then optional).
 PREDICT_FORM = {"schema": {
     "type": "object", "additionalProperties": False,
-    "properties": {**{name: {"type": "string"} for name in ("question", "system_prompt", "model")},
+    "properties": {**{name: {"type": "string"} for name in ("question", "system_prompt", "model", "expected_answer")},
                    "max_new_tokens": {"type": "integer"}, "temperature": {"type": "number"},
                    "top_p": {"type": "number"},
                    "file": {"type": "string", "format": "binary",
