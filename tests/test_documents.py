@@ -2,6 +2,7 @@
 
 import dataclasses
 import io
+import json
 import os
 import subprocess
 import sys
@@ -253,7 +254,7 @@ def bomb_reader():
     reader.close()
 
 
-@pytest.mark.parametrize("bomb", [makedocs.jpeg_in_pdf_bomb, makedocs.png_in_pdf_bomb])
+@pytest.mark.parametrize("bomb", [makedocs.jpeg_in_pdf_bomb, makedocs.png_in_pdf_bomb, makedocs.smask_in_pdf_bomb])
 def test_an_image_bomb_inside_a_pdf_is_refused_by_its_own_header_without_swelling_the_reader(bomb_reader, bomb):
     data = bomb()
     assert len(data) < 1_000_000  # under a megabyte; 8600 x 8600 pixels decoded
@@ -302,3 +303,58 @@ def test_a_reader_of_its_own_behind_a_socket_reads_one_document_per_connection(t
     finally:
         activator.terminate()
         activator.wait(10)
+
+
+GOOD = {"kind": "pdf", "pages": 1, "images": 0, "method": "text", "text": "x = 3", "seconds": 0.1}
+
+
+@pytest.mark.parametrize("raw", [
+    b"", b"{}\n", b"[]\n", b"not json\n", b'{"document": {"kind": "pdf"}}\n',  # nothing, or not a reply
+    json.dumps({"document": {**GOOD, "kind": "x" * 40}}).encode() + b"\n",  # would become a metric label
+    json.dumps({"document": {**GOOD, "pages": -1}}).encode() + b"\n",
+    json.dumps({"document": {**GOOD, "extra": 1}}).encode() + b"\n",
+    json.dumps({"document": GOOD}).encode(),  # no newline: the reader died mid-reply
+    json.dumps({"error": ["too_large", "document_too_large"]}).encode() + b"\n",
+    json.dumps({"error": ["no_such_kind", "x", "y"]}).encode() + b"\n",
+    json.dumps({"error": ["unreadable", "bad code!", "y"]}).encode() + b"\n",
+    json.dumps({"document": GOOD, "error": ["unreadable", "x", "y"]}).encode() + b"\n",
+])
+def test_a_readers_reply_is_taken_only_in_its_exact_shape(raw):
+    with pytest.raises(Refusal) as refused:
+        documents._answer(raw, "file", Limits(1, 1, 1, 1.0))
+    assert status_of(refused.value) == 422 and refused.value.code == "unreadable_document"
+
+
+def test_a_readers_good_reply_and_refusal_are_taken():
+    assert documents._answer(json.dumps({"document": GOOD}).encode() + b"\n", "file", Limits(1, 1, 1, 1.0)).text \
+        == "x = 3"
+    with pytest.raises(Refusal) as refused:
+        documents._answer(json.dumps({"error": ["too_large", "image_too_large", "too big"]}).encode() + b"\n",
+                          "file", Limits(1, 1, 1, 1.0))
+    assert (status_of(refused.value), refused.value.code) == (413, "image_too_large")
+
+
+def test_a_reply_past_its_size_or_time_is_cut():
+    import socket
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        def send():
+            try:
+                theirs.sendall(b"x" * (documents.MAX_REPLY + 70_000))
+            except OSError:  # cut off, as it should be
+                pass
+
+        flood = threading.Thread(target=send, daemon=True)
+        flood.start()  # a reader that never ends its line
+        with pytest.raises(ValueError):
+            documents._reply(ours, time.monotonic() + 30)
+        ours.shutdown(socket.SHUT_RDWR)
+        flood.join(5)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        theirs.sendall(b"{")  # then nothing: a reader that trickles
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            documents._reply(ours, time.monotonic() + 0.3)
+        assert time.monotonic() - started < 3

@@ -35,6 +35,7 @@ import base64
 import binascii
 import dataclasses
 import json
+import logging
 import re
 import socket
 import time
@@ -46,6 +47,7 @@ from service.inputs.extraction import MEDIA_TYPES, Document, DocumentError, conf
 from service.inputs.fairness import Busy, Gate
 from service.processes import Processes
 
+log = logging.getLogger("vibethinker.documents")
 DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)(?P<params>(?:;[\w.+-]+=[\w.+-]+)*);base64,", re.ASCII)
 # What a reading process's DocumentError becomes in the worker.
 REFUSALS = {"too_large": TooLarge, "unreadable": Unprocessable, "unimplemented": Unimplemented}
@@ -167,27 +169,28 @@ class Reader:
 
     def _ask(self, data, media_type, where, left, too_slow):
         """The document read by a reader unit of its own (service.inputs.reader) behind the socket: systemd
-        starts one per connection, and stops it past its RuntimeMaxSec."""
-        header = json.dumps({"media_type": media_type, "limits": dataclasses.asdict(self.limits)}).encode()
+        starts one per connection, and stops it past its RuntimeMaxSec. The reader is untrusted: its reply is
+        read within the time left and MAX_REPLY bytes, and taken only in the exact shape of a Document or of
+        a known refusal."""
+        limits = dataclasses.replace(self.limits, timeout_s=left)  # the reader ends itself when the worker stops
+        header = json.dumps({"media_type": media_type, "limits": dataclasses.asdict(limits)}).encode()
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
                 conn.settimeout(left)
                 conn.connect(self.socket_path)
                 conn.sendall(header + b"\n" + data)
                 conn.shutdown(socket.SHUT_WR)
-                reply = json.loads(conn.makefile("rb").readline() or b"{}")
+                raw = _reply(conn, time.monotonic() + left)
+        except (FileNotFoundError, ConnectionRefusedError):  # no reader socket (an upgrade in progress?)
+            log.error("the document readers' socket does not answer", extra={"fields": {"socket": self.socket_path}})
+            raise Unavailable("documents cannot be read right now; retry shortly", "documents_unavailable",
+                              retry_after=5) from None
         except TimeoutError:
             raise too_slow from None
-        except (OSError, ValueError) as exc:  # no reader, or it died (its memory cap, a crash in a decoder)
+        except OSError as exc:  # the reader died (its memory cap, a crash in a decoder)
             raise Unprocessable(f"{where} could not be read ({type(exc).__name__})", "unreadable_document",
                                 where) from None
-        if "document" in reply:
-            return Document(**reply["document"])
-        if "error" not in reply:
-            raise Unprocessable(f"{where} could not be read (the reader ended without a reply; it may need more "
-                                f"than {self.limits.max_memory // 2**20} MiB)", "unreadable_document", where)
-        kind, code, message = reply["error"]
-        raise REFUSALS[kind](f"{where}: {message}", code, where)
+        return _answer(raw, where, self.limits)
 
     def holding(self):
         """{user: documents being read now}."""
@@ -196,3 +199,56 @@ class Reader:
     def close(self):
         """Stop the reading processes."""
         self._processes.close()
+
+
+MAX_REPLY = 16 * 2**20  # bytes of a reader's reply: a document's text, JSON-escaped, fits many times over
+KINDS, METHODS = ("pdf", "image"), ("text", "ocr", "text+ocr")
+
+
+def _reply(conn, deadline):
+    """A reader's reply line, read by `deadline` (TimeoutError) and within MAX_REPLY (ValueError)."""
+    chunks, size = [], 0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the reader's reply did not end in time")
+        conn.settimeout(left)
+        chunk = conn.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_REPLY:
+            raise ValueError("the reader's reply is too large")
+        if b"\n" in chunk:
+            return b"".join(chunks)
+
+
+def _answer(raw, where, limits):
+    """The Document of a reader's reply, or the refusal it names; anything else is the document's 422 (a
+    reader that misbehaves is a document that could not be read, never a 500 or a new metric label)."""
+    unreadable = Unprocessable(f"{where} could not be read (the reader ended without a valid reply; it may need "
+                               f"more than {limits.max_memory // 2**20} MiB)", "unreadable_document", where)
+    try:
+        reply = json.loads(raw.split(b"\n", 1)[0]) if b"\n" in raw else None  # no newline: it died mid-reply
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict) or len(reply) != 1:
+        raise unreadable
+    if isinstance(reply.get("document"), dict):
+        fields = reply["document"]
+        good = (set(fields) == {f.name for f in dataclasses.fields(Document)}
+                and fields["kind"] in KINDS and fields["method"] in METHODS and isinstance(fields["text"], str)
+                and all(type(fields[name]) is int and fields[name] >= 0 for name in ("pages", "images"))
+                and isinstance(fields["seconds"], (int, float)))
+        if not good:
+            raise unreadable
+        return Document(**fields)
+    error = reply.get("error")
+    if not (isinstance(error, list) and len(error) == 3 and error[0] in REFUSALS
+            and all(isinstance(part, str) and len(part) <= 500 for part in error)):
+        raise unreadable
+    kind, code, message = error
+    if not code.replace("_", "").isalnum():
+        raise unreadable
+    raise REFUSALS[kind](f"{where}: {message}", code, where)

@@ -130,10 +130,22 @@ def _page_images(page, limits):
         obj = xobjects[name].get_object()
         if obj.get("/Subtype") != "/Image":
             continue
-        width, height = int(obj.get("/Width", 0)), int(obj.get("/Height", 0))
-        _check_pixels(width, height, limits)
-        _check_encoded(obj.get_data(), limits)
+        for stream in _with_masks(obj):  # pypdf decodes a soft mask (or a stencil mask) in full beside it
+            _check_pixels(int(stream.get("/Width", 0)), int(stream.get("/Height", 0)), limits)
+            _check_encoded(stream.get_data(), limits)
         yield obj.decode_as_image().convert("RGB")
+
+
+def _with_masks(image):
+    """An image XObject and the image streams decoded with it: its /SMask, and its /Mask when that is a stream
+    (not an array of colour ranges)."""
+    streams = [image]
+    for key in ("/SMask", "/Mask"):
+        mask = image.get(key)
+        mask = mask.get_object() if mask is not None else None
+        if hasattr(mask, "get_data"):
+            streams.append(mask)
+    return streams
 
 
 def _check_encoded(data, limits):

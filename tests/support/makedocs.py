@@ -89,20 +89,17 @@ def data_url(data, media_type):
     return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
 
 
-def pdf_with_image_stream(data, filter_name, width=10, height=10):
+def pdf_with_image_stream(data, filter_name, width=10, height=10, mask=None):
     """A one-page PDF (no text layer) showing one image XObject whose stream is `data` under `filter_name`,
-    declared `width` x `height` grey pixels whatever the data holds."""
-    from pypdf.generic import ArrayObject, DecodedStreamObject, DictionaryObject, NameObject, NumberObject
+    declared `width` x `height` grey pixels whatever the data holds; with `mask` (data, filter name), a soft
+    mask declared the same size."""
+    from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
 
     writer = PdfWriter()
     page = writer.add_blank_page(200, 200)
-    image = DecodedStreamObject()
-    image.set_data(data)
-    image.update({NameObject("/Type"): NameObject("/XObject"), NameObject("/Subtype"): NameObject("/Image"),
-                  NameObject("/Width"): NumberObject(width), NameObject("/Height"): NumberObject(height),
-                  NameObject("/ColorSpace"): NameObject("/DeviceGray"),
-                  NameObject("/BitsPerComponent"): NumberObject(8),
-                  NameObject("/Filter"): ArrayObject([NameObject(filter_name)])})
+    image = _image_stream(data, filter_name, width, height)
+    if mask is not None:
+        image[NameObject("/SMask")] = writer._add_object(_image_stream(*mask, width, height))
     contents = DecodedStreamObject()
     contents.set_data(b"q 200 0 0 200 0 0 cm /Im0 Do Q")
     page[NameObject("/Resources")] = DictionaryObject(
@@ -111,6 +108,27 @@ def pdf_with_image_stream(data, filter_name, width=10, height=10):
     out = io.BytesIO()
     writer.write(out)
     return out.getvalue()
+
+
+def _image_stream(data, filter_name, width, height):
+    from pypdf.generic import ArrayObject, DecodedStreamObject, NameObject, NumberObject
+
+    image = DecodedStreamObject()
+    image.set_data(data)
+    image.update({NameObject("/Type"): NameObject("/XObject"), NameObject("/Subtype"): NameObject("/Image"),
+                  NameObject("/Width"): NumberObject(width), NameObject("/Height"): NumberObject(height),
+                  NameObject("/ColorSpace"): NameObject("/DeviceGray"),
+                  NameObject("/BitsPerComponent"): NumberObject(8),
+                  NameObject("/Filter"): ArrayObject([NameObject(filter_name)])})
+    return image
+
+
+def smask_in_pdf_bomb(side=8600):
+    """A PDF whose image is an honest 10x10 JPEG, and whose soft mask, declared 10x10, holds a side x side
+    JPEG: pypdf decodes the mask in full beside the image."""
+    small = encoded(Image.new("L", (10, 10), 128), "JPEG")
+    return pdf_with_image_stream(small, "/DCTDecode", mask=(encoded(Image.new("L", (side, side), 128), "JPEG"),
+                                                             "/DCTDecode"))
 
 
 def jpeg_in_pdf_bomb(side=8600):
