@@ -19,7 +19,10 @@ import sys
 import tempfile
 import threading
 
-BARE_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # all a helper's environment holds
+# All a helper's environment holds. One thread and two malloc arenas each: a reader's address space is capped
+# (RLIMIT_AS), and per-core thread stacks and arenas on a many-core host would spend the cap before the document.
+BARE_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+            "MALLOC_ARENA_MAX": "2"}
 _launcher = {}  # the bare launcher of this process, made once
 
 

@@ -18,6 +18,8 @@ from werkzeug.test import encode_multipart
 
 from service.batches.files import now
 from service.batches.runner import BatchRunner
+from service.serving import pipeline
+from service.serving.caller import Caller
 from service.state import state
 from tests.support.inprocess import BatchUser, bearer, make_app, stop_app
 
@@ -177,7 +179,7 @@ def test_a_control_character_in_a_filename_is_refused_and_an_old_one_downloads_s
 
 
 def test_concurrent_uploads_and_creates_never_pass_a_quota_together(app):
-    user = BatchUser(app, "racer", max_files=3, max_open_batches=1)
+    user = BatchUser(app, "racer", max_files=3, max_open_batches=1, max_concurrent=10)
     lines = "".join(json.dumps({"custom_id": f"l{i}", "method": "POST", "url": "/v1/predict", "body": BODY}) + "\n"
                     for i in range(4))  # a few lines to prepare: the creates overlap
     file_id = user.upload(lines.encode()).get_json()["id"]
@@ -199,3 +201,12 @@ def test_concurrent_uploads_and_creates_never_pass_a_quota_together(app):
     assert sorted(r.status_code for r in uploaded) == [200] * 2 + [429] * 4  # the input file and two more
     me = user.client.get("/v1/me", headers=user.headers).get_json()["storage"]["used"]
     assert (me["files"], me["open_batches"]) == (3, 1)
+
+
+def test_a_create_prepares_its_lines_on_one_of_the_users_concurrency_slots(app):
+    user = BatchUser(app, "prepper", max_concurrent=1)
+    file_id = user.upload(b"not json\n").get_json()["id"]
+    with pipeline.preparing(state(app), Caller(user="prepper", max_concurrent=1)):  # the user's one slot, taken
+        refused = user.create(file_id, "/v1/predict")
+    assert refused.status_code == 429 and refused.get_json()["error"]["code"] == "concurrency_limit_exceeded"
+    assert user.create(file_id, "/v1/predict").status_code == 200  # the slot came back

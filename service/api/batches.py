@@ -20,6 +20,7 @@ from service.api.body import read
 from service.batches import files, lines, quotas
 from service.errors import BadRequest, UnsupportedMedia
 from service.inputs.schemas import BatchCreate, query_int
+from service.serving import pipeline
 from service.serving.caller import Caller
 from service.state import state
 
@@ -115,8 +116,10 @@ def create_batch():
     quota = _quota()
     with records.engine.connect() as conn:  # early: a full quota costs no preparation (checked again at insert)
         quotas.check_batches(conn, user, quota)
-    found, errors = lines.read_file(state(), Caller.of_token(caller()), lambda: records.open(body.input_file_id),
-                                    body.endpoint, settings.max_batch_lines)
+    owner = Caller.of_token(caller())
+    with pipeline.preparing(state(), owner):
+        found, errors = lines.read_file(state(), owner, lambda: records.open(body.input_file_id), body.endpoint,
+                                        settings.max_batch_lines)
     return records.create_batch(user, body.endpoint, body.input_file_id, body.completion_window,
                                 settings.batch_window_s, body.metadata, found, errors, quota)
 

@@ -15,6 +15,7 @@
 
 import dataclasses
 import time
+from contextlib import contextmanager
 
 from service.admission import budget
 from service.errors import BadRequest, ClientGone, DeadlineExceeded, Unavailable
@@ -72,6 +73,19 @@ def admit_reading(state, job):
                                  max(settings.request_deadline_s, settings.stream_deadline_s),
                                  fail_open=settings.ratelimit_fail_open, slots=job.caller.slots)
         job.usage = Usage()
+
+
+@contextmanager
+def preparing(state, caller):
+    """One of `caller`'s concurrency slots (no tokens) while a batch's lines, documents included, are prepared:
+    a user's creates read documents no faster than their live requests may. NoSlot when all are taken."""
+    settings = state.settings
+    lease = budget.admit(state.counters, caller.user, caller.limits(settings), 0, settings.request_deadline_s,
+                         fail_open=settings.ratelimit_fail_open, slots=caller.slots)
+    try:
+        yield lease
+    finally:
+        budget.release(state.counters, lease, 0)
 
 
 def let_go(state, job):
