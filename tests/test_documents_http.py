@@ -382,7 +382,9 @@ def test_a_chunked_body_with_a_document_has_the_document_allowance(docs):
 def test_five_slow_pdfs_from_a_user_capped_at_two_are_admitted_before_reading_and_fairly(start_server):
     """The issue's attack: five concurrent predict forms, each a small PDF whose pages share one slow content
     stream, from a user capped at 2 requests at a time, on a pool of two reading processes."""
-    server = start_server(VIBE_DOCUMENT_TIMEOUT_S="3", VIBE_DOCUMENT_WORKERS="2", **LIMITS)
+    # 8 s: the other user's whole request (a reading process started, the PDF read, an answer) fits inside the
+    # attacker's reading time even on a slow machine; the slow PDF needs far longer (seconds a page).
+    server = start_server(VIBE_DOCUMENT_TIMEOUT_S="8", VIBE_DOCUMENT_WORKERS="2", **LIMITS)
     server.cli("users", "add", "attacker", "--max-concurrent", "2", "--rate-limit", "1000/minute")
     attacker = server.cli("tokens", "issue", "attacker").stdout.strip().splitlines()[-1]
     slow, outcomes, start = makedocs.slow_pdf(pages=3), [], threading.Barrier(6)
