@@ -16,11 +16,11 @@ from datetime import datetime, timezone
 import sqlalchemy as sa
 
 from auth.schema import users
+from service.admission.budget import DAY_S
 from service.batches.tables import batches, files
 from service.errors import LimitReached
 
 OPEN = ("validating", "in_progress", "finalizing", "cancelling")
-DAY_S = 86400
 
 
 @dataclass(frozen=True)

@@ -50,12 +50,10 @@ def admit(state, job, deadline_s):
     """The caller's budget lease for `job` (prompt + max_new_tokens), held at most `deadline_s` (and a
     margin); NoSlot or OverBudget when refused. Admitted, the job owes a usage row whatever happens next. A job
     admitted before its documents were read keeps its slot; its reservation becomes the real need."""
-    settings, need = state.settings, len(job.ids) + job.params.max_new_tokens
-    limits = job.caller.limits(settings)
+    need = len(job.ids) + job.params.max_new_tokens
     if job.lease is not None:
-        return budget.resize(state.counters, job.lease, limits, need)
-    job.lease = budget.admit(state.counters, job.caller.user, limits, need, deadline_s,
-                             fail_open=settings.ratelimit_fail_open, slots=job.caller.slots)
+        return budget.resize(state.counters, job.lease, job.caller.limits(state.settings), need)
+    job.lease = lease(state, job.caller, need, deadline_s)
     job.usage = Usage()
     return job.lease
 
@@ -67,11 +65,9 @@ def admit_reading(state, job):
     in a usage row whatever comes of the request."""
     settings = state.settings
     if job.lease is None and job.live:
-        job.lease = budget.admit(state.counters, job.caller.user, job.caller.limits(settings),
-                                 settings.max_prompt_tokens + settings.default_max_new_tokens,
-                                 # whether it will be streamed is not known yet: held for the longer deadline
-                                 max(settings.request_deadline_s, settings.stream_deadline_s),
-                                 fail_open=settings.ratelimit_fail_open, slots=job.caller.slots)
+        job.lease = lease(state, job.caller, settings.max_prompt_tokens + settings.default_max_new_tokens,
+                          # whether it will be streamed is not known yet: held for the longer deadline
+                          max(settings.request_deadline_s, settings.stream_deadline_s))
         job.usage = Usage()
 
 
@@ -79,13 +75,18 @@ def admit_reading(state, job):
 def preparing(state, caller):
     """One of `caller`'s concurrency slots (no tokens) while a batch's lines, documents included, are prepared:
     a user's creates read documents no faster than their live requests may. NoSlot when all are taken."""
-    settings = state.settings
-    lease = budget.admit(state.counters, caller.user, caller.limits(settings), 0, settings.request_deadline_s,
-                         fail_open=settings.ratelimit_fail_open, slots=caller.slots)
+    held = lease(state, caller, 0, state.settings.request_deadline_s)
     try:
-        yield lease
+        yield held
     finally:
-        budget.release(state.counters, lease, 0)
+        budget.release(state.counters, held, 0)
+
+
+def lease(state, caller, need, deadline_s):
+    """`caller`'s budget lease of `need` tokens on one of their concurrency slots, held at most `deadline_s`
+    (and a margin); NoSlot or OverBudget when refused."""
+    return budget.admit(state.counters, caller.user, caller.limits(state.settings), need, deadline_s,
+                        fail_open=state.settings.ratelimit_fail_open, slots=caller.slots)
 
 
 def let_go(state, job):
