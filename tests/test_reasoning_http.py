@@ -19,8 +19,9 @@ MESSAGES = [{"role": "user", "content": QUESTION}]
 
 @pytest.fixture(scope="module")
 def client(thinking_server):
-    return openai.OpenAI(base_url=thinking_server.url("/v1"), api_key=thinking_server.token, max_retries=0,
-                         timeout=60)
+    with openai.OpenAI(base_url=thinking_server.url("/v1"), api_key=thinking_server.token, max_retries=0,
+                       timeout=60) as opened:  # closed at the module's end: no socket left for the collector
+        yield opened
 
 
 def test_a_whole_chat_answer_splits_the_thinking_from_the_answer(client):
