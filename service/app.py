@@ -119,11 +119,13 @@ def start_models(specs, sizes, settings):
     from service.inference.engine import Engine, Turns
 
     turns, served = Turns(), []
+    bounds = footprint.cache_bounds(sizes, settings.kv_cache_bytes, settings.memory_limit_bytes)
     for spec in specs:
         loader = partial(model.load, str(spec.path), spec.dtype, spec.quantization, settings.prefill_float32,
-                         settings.device, spec.reasoning_start, settings.forced_output)
-        files = revision(spec.path, mode_of(spec))  # before the engine starts: the files loaded
+                         settings.device, spec.reasoning_start, settings.forced_output, settings.kv_dtype)
+        # before the engine starts: the files loaded; the KV cache's dtype changes answers as the mode does
+        files = revision(spec.path, f"{mode_of(spec)} kv {settings.kv_dtype}")
         engine = Engine(loader, settings.queue_size, settings.torch_threads, settings.max_batch_size,
-                        name=spec.name, turns=turns)
+                        name=spec.name, turns=turns, cache_bytes=bounds[spec.name])
         served.append(Served(spec, engine.start(), files, sizes[spec.name]))
     return Models(served, settings.routing)

@@ -25,6 +25,7 @@ class SettingsError(Exception):
 AUTO = "auto"  # the model name that asks the service to pick one by the question (the routing rules)
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}$"  # it is a metric label and a log field: plain characters
 WEIGHTS_SHARE = 0.8  # of the memory ceiling the models' weights may take; the rest: caches, activations, Python
+CACHE_SHARE = 0.9  # of the memory ceiling the weights and the KV caches may take together by default
 
 
 class ModelSpec(BaseModel):
@@ -112,6 +113,17 @@ class Settings(BaseSettings):
     quantization: Literal["none", "int8"] = Field(
         "none", description="int8: the decoder's and output head's linear layers in int8 (about 3x faster decode "
         "on a CPU; dtype then does not apply).",
+    )
+    kv_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="What the KV cache is stored in: bfloat16 (half of float32's bytes read per decode "
+        "step, and half the memory) or float32. auto: bfloat16, except float32 for float32 weights (the exact "
+        "mode).",
+    )
+    kv_cache_bytes: int | None = Field(
+        None, ge=1 << 20, description="Bound on each served model's KV cache: a request reserves its prompt and "
+        "max_tokens' worth when it starts, waits while the bound would be passed, and is refused (400) when it "
+        f"could never fit. Default: {CACHE_SHARE:.0%} of the memory ceiling (memory_limit_bytes) less the "
+        "weights, shared equally by the models.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the model runs: cuda (a GPU; the CUDA build of torch), cpu, or auto (cuda "

@@ -16,19 +16,49 @@ def card(served):
     engine = served.engine
     return {"id": served.name, "object": "model", "created": int(state().started_at), "owned_by": "vibethinker",
             "ready": engine.ready, "state": engine.state, "mode": served.mode, "aliases": list(served.spec.aliases),
-            "description": served.spec.description}
+            "description": served.spec.description, "max_tokens": longest(engine)}
+
+
+def longest(engine):
+    """The most new tokens a request may ask this model for now: the settings' limit, the model's context
+    and the KV cache's bound (for a one-token prompt); None while the model is not loaded."""
+    settings, model = state().settings, engine.model
+    if not engine.ready or model is None:
+        return None
+    bounds = [settings.max_new_tokens_limit, model.context_length - 1, engine.longest(1)]
+    return min(bound for bound in bounds if bound is not None)
 
 
 def status(served):
     """One model's part of /readyz."""
     engine = served.engine
-    rate, rows = engine.speed_now() if engine.ready else (None, 0)
+    rate, rows, depth = engine.speed_now() if engine.ready else (None, 0, 0)
     model = engine.model
     return {"name": served.name, "state": engine.state, "mode": served.mode,
             "device": model.device if model is not None else None,
             "load_seconds": round(model.load_seconds, 3) if model is not None else None,
             "queued": engine.queued(), "running": engine.running,
-            "decode_tokens_per_s": None if rate is None else round(rate, 2), "decode_batch_size": rows}
+            "decode_tokens_per_s": None if rate is None else round(rate, 2), "decode_batch_size": rows,
+            "decode_context_tokens": depth, "decode_tokens_per_s_by_depth": by_depth(engine),
+            "kv_cache": cache(engine)}
+
+
+DEPTHS = (1024, 4096, 16384, 32768)  # tokens of context: where /readyz states one row's decode speed
+
+
+def by_depth(engine):
+    """{depth: tokens/s} of one row alone at each of DEPTHS; {} until the engine has measured its speed."""
+    rates = {str(depth): engine.speed.per_row(1, depth) for depth in DEPTHS}
+    return {depth: round(rate, 2) for depth, rate in rates.items() if rate is not None}
+
+
+def cache(engine):
+    """The KV cache's bytes and dtype, and the longest answer a short request may ask for at its bound."""
+    model = engine.model
+    if not engine.ready or model is None:
+        return None
+    return {**engine.cache_bytes(), "dtype": str(model.layout.dtype).removeprefix("torch."),
+            "bytes_per_token": model.layout.bytes_per_token}
 
 
 @bp.get("/v1/models")

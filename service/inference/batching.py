@@ -1,26 +1,28 @@
-"""Continuous batching: one step loop over the model's KV cache.
+"""Continuous batching: one step loop, each row with a KV cache of its own (service.inference.kvcache).
 
-The running batch holds one row per request: its row of the KV cache and of
-the attention mask, its next input token and its position. Between decode
-steps, new requests join and finished rows leave (their cache rows are
-dropped, then the padding columns no remaining row needs). Joining requests
-form a `Filling` group: their prompts, left-padded, are prefilled together in
-chunks of columns, one chunk between two decode steps, so a long prompt never
-stalls the running rows for more than one chunk (and a row whose deadline or
-cancel comes mid-prefill leaves at the next chunk). Once its last chunk is
-in, the group's first tokens are chosen and its cache rows merged in. A row
-ends at an end token, its max_new_tokens, its deadline, its cancel flag or one
-of its stop strings, and hands each token's text to its caller as it is decoded.
-Every row samples with its own temperature and top_p, and a seeded row with
-its own generator (service.inference.decoding), so any requests can share a step.
+The running batch holds one row per request: its cache, its tokens, its
+sampler. Between decode steps, new requests join and finished rows leave; a
+leaving row's cache is freed and no other row's is touched. Joining requests
+form a `Filling` group: their prompts are prefilled together in chunks of
+columns (each row's next tokens, packed without padding into one forward
+pass), one chunk between two decode steps, so a long prompt never stalls the
+running rows for more than one chunk (and a row whose deadline or cancel
+comes mid-prefill leaves at the next chunk). Once its last chunk is in, the
+group's first tokens are chosen and its rows join. A decode step packs every
+row's one token into one forward pass; each row attends over its own cache.
+A row ends at an end token, its max_new_tokens, its deadline, its cancel flag
+or one of its stop strings, and hands each token's text to its caller as it
+is decoded. Every row samples with its own temperature and top_p, and a
+seeded row with its own generator (service.inference.decoding), so any
+requests can share a step.
 """
 
 import time
 
 import torch
-from transformers import DynamicCache
 
 from service.inference.decoding import GREEDY_BELOW, StopText, choose, decode_step, finish_reason
+from service.inference.kvcache import CacheMemory, Pass
 from service.records import metrics
 
 # Prompts prefilled as one group: the longest at most this times the shortest, plus the slack.
@@ -30,8 +32,10 @@ SIMILAR_LENGTH, SIMILAR_SLACK = 2, 64
 class Row:
     """One request inside the batch: its tokens, its text, its sampler and why it ended."""
 
-    def __init__(self, handle, loaded):
+    def __init__(self, handle, loaded, cache):
         self.handle, self.loaded, self.request = handle, loaded, handle.request
+        self.cache = cache  # its keys and values (service.inference.kvcache.RowCache), until it leaves
+        self.first = None  # the logits of its prompt's last token, once prefilled
         self.ids, self.prefix, self.read, self.last = [], 0, 0, None
         self.text = StopText(self.request.stop)
         self.done, self.error = False, None
@@ -71,84 +75,110 @@ class Row:
 
 
 class Filling:
-    """Requests whose prompts are being prefilled together, left-padded, a chunk of columns at a time."""
+    """Rows whose prompts are being prefilled together, a chunk of columns at a time (no padding: a row whose
+    prompt is shorter adds nothing once it is in)."""
 
-    def __init__(self, handles, loaded):
-        self.loaded = loaded
-        self.rows = [Row(handle, loaded) for handle in handles]
-        self.lengths = torch.tensor([len(row.request.prompt_ids) for row in self.rows], dtype=torch.long)
-        width = int(self.lengths.max())
-        self.input_ids = torch.full((len(self.rows), width), loaded.pad_id, dtype=torch.long)
-        self.mask = torch.zeros((len(self.rows), width), dtype=torch.long)
-        for i, row in enumerate(self.rows):  # left padding: every row's next token is in the last column
-            self.input_ids[i, width - len(row.request.prompt_ids):] = torch.tensor(row.request.prompt_ids)
-            self.mask[i, width - len(row.request.prompt_ids):] = 1
-        self.positions = (self.mask.cumsum(-1) - 1).clamp_min(0)
-        device = loaded.device
-        self.input_ids, self.mask = self.input_ids.to(device), self.mask.to(device)
-        self.positions, self.lengths = self.positions.to(device), self.lengths.to(device)
-        self.cache = DynamicCache(config=loaded.model.config)
+    def __init__(self, rows, loaded):
+        self.loaded, self.rows = loaded, rows
+        self.width = max(len(row.request.prompt_ids) for row in rows)
         self.done = 0  # columns prefilled so far
-        self.logits = None  # the last column's logits, once every column is in
+        self.logits = None  # each row's last prompt token's logits, once every column is in
 
     def __len__(self):
         return len(self.rows)
 
     @property
     def remaining(self):
-        """Prompt tokens (padding included) still to prefill."""
-        return len(self.rows) * (self.input_ids.shape[1] - self.done)
+        """Prompt tokens still to prefill."""
+        return sum(max(0, len(row.request.prompt_ids) - self.done) for row in self.rows)
 
     def advance(self, tokens):
         """Prefill about `tokens` more prompt tokens (at least one column); the number prefilled."""
         columns = max(1, tokens // len(self.rows))
-        start, end = self.done, min(self.input_ids.shape[1], self.done + columns)
-        with self.loaded.prefill_mode():
-            logits = self.loaded.model(
-                input_ids=self.input_ids[:, start:end], attention_mask=self.mask[:, :end], cache=self.cache,
-                position_ids=self.positions[:, start:end], use_cache=True, logits_to_keep=1).logits
-        self.done = end
-        if end == self.input_ids.shape[1]:
-            self.logits = logits[:, -1, :]
-        return len(self.rows) * (end - start)
+        start, end = self.done, min(self.width, self.done + columns)
+        segments, keep, ending, packed = [], [], [], 0
+        for row in self.rows:
+            prompt = row.request.prompt_ids
+            piece = prompt[start:end]
+            if piece:
+                segments.append((row, piece))
+                packed += len(piece)
+                if len(prompt) <= end:  # its last prompt token is in this chunk
+                    keep.append(packed - 1)
+                    ending.append(row)
+        if segments:  # none when the rows still in the group all have their prompts in already
+            with self.loaded.prefill_mode():
+                logits = forward(self.loaded, segments, keep)
+            for row, row_logits in zip(ending, logits):
+                row.first = row_logits
+        self.done = max(self.done, end)
+        if self.done >= self.width:
+            self.logits = torch.stack([row.first for row in self.rows])
+        return packed
 
     def drop_stopped(self):
         """Take out the rows whose caller gave up or whose deadline passed; return them."""
         stopping = [row.should_stop() for row in self.rows]  # once: a deadline can pass between two looks
-        gone = [row for row, stop in zip(self.rows, stopping) if stop]
-        if gone:
-            kept = [i for i, stop in enumerate(stopping) if not stop]
-            keep = torch.tensor(kept, dtype=torch.long, device=self.loaded.device)
-            self.rows = [self.rows[i] for i in kept]
-            if self.rows:
-                self.cache.batch_select_indices(keep)
-                self.input_ids, self.mask = self.input_ids[keep], self.mask[keep]
-                self.positions, self.lengths = self.positions[keep], self.lengths[keep]
+        self.rows, gone = ([row for row, stop in zip(self.rows, stopping) if not stop],
+                           [row for row, stop in zip(self.rows, stopping) if stop])
+        if self.rows:  # the longest prompt may have left
+            self.width = max(len(row.request.prompt_ids) for row in self.rows)
         return gone
 
 
+def forward(loaded, segments, keep):
+    """One forward pass of `segments` (row, token ids), packed into one sequence, each row's tokens at its
+    own positions and attending over its own cache: the logits at the packed positions `keep`."""
+    ids, positions = [], []
+    for row, tokens in segments:
+        ids += tokens
+        positions += range(row.cache.length, row.cache.length + len(tokens))
+    step = Pass([(row.cache, len(tokens)) for row, tokens in segments])
+    device = loaded.device
+    logits = loaded.model(input_ids=torch.tensor([ids], device=device),
+                          position_ids=torch.tensor([positions], device=device),
+                          attention_mask=dict.fromkeys(loaded.layer_types, step), cache=step, use_cache=True,
+                          logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device)).logits
+    step.commit()
+    return logits[0]
+
+
 class Batch:
-    """The running rows and their shared KV cache, and the groups prefilling to join them.
+    """The running rows, and the groups prefilling to join them; each row with its own cache, reserved from
+    `memory` (service.inference.kvcache.CacheMemory: unbounded when none is given).
 
     `admit` and `fill` bring requests in, `step` decodes, `evict` takes finished rows out."""
 
-    def __init__(self, loaded):
+    def __init__(self, loaded, memory=None):
         self.loaded, self.rows, self.filling = loaded, [], []
-        self.empty()
+        self.memory = memory or CacheMemory(loaded.layout, device=loaded.device)
 
     def __len__(self):
         return len(self.rows)
 
+    @staticmethod
+    def tokens_of(request):
+        """The most tokens a request's row can hold: its prompt and every token it may generate."""
+        return len(request.prompt_ids) + request.max_new_tokens
+
     def admit(self, handles):
-        """Start prefilling `handles`, in groups of similar prompt lengths (a short prompt neither waits for a
-        long one nor pays its padding); `fill` advances them."""
+        """Reserve each request's cache and start prefilling them, in groups of similar prompt lengths (a
+        short prompt neither waits for a long one nor is packed beside it for long); `fill` advances them.
+        CacheFull (nothing admitted) when the caches do not fit."""
+        rows = []
+        try:
+            for handle in sorted(handles, key=lambda h: len(h.request.prompt_ids)):
+                rows.append(Row(handle, self.loaded, self.memory.allocate(self.tokens_of(handle.request))))
+        except BaseException:
+            self._free(rows)
+            raise
         group = []
-        for handle in sorted(handles, key=lambda h: len(h.request.prompt_ids)):
-            length = len(handle.request.prompt_ids)
+        for row in rows:
+            length = len(row.request.prompt_ids)
             if group and length > SIMILAR_LENGTH * len(group[0].request.prompt_ids) + SIMILAR_SLACK:
                 self.filling.append(Filling(group, self.loaded))
                 group = []
-            group.append(handle)
+            group.append(row)
         if group:
             self.filling.append(Filling(group, self.loaded))
 
@@ -167,62 +197,54 @@ class Batch:
             done = group.advance(tokens)
         except Exception as exc:
             self.filling.remove(group)
+            self._free(group.rows)
             raise FillError([row.handle for row in group.rows]) from exc
         if group.logits is not None:
             self.filling.remove(group)
             self._join(group)
         return done
 
-    @torch.inference_mode()
-    def join(self, handles):
-        """Prefill the prompts of `handles` together in one pass, take each one's first token, and join."""
-        group = Filling(handles, self.loaded)
-        group.advance(group.remaining)
-        self._join(group)
-
     def _join(self, group):
         tokens = choose(group.logits, group.rows)
+        for row in group.rows:
+            row.first = None
         # Rows are in the batch before their first token reaches a caller, so whoever sees that token
         # also sees the rows running.
-        self._merge(group.rows, group.cache, group.mask, tokens, group.lengths)
+        self.rows = self.rows + group.rows
         self._hand_out(group.rows, tokens)
 
     @torch.inference_mode()
     def step(self):
-        """One decode step for every row."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
-        logits = self.loaded.model(input_ids=self.tokens[:, None], attention_mask=self.mask, cache=self.cache,
-                                   position_ids=self.positions[:, None], use_cache=True).logits
-        self.positions += 1
-        self.tokens = choose(logits[:, -1, :], self.rows)
-        self._hand_out(self.rows, self.tokens)
+        """One decode step for every row: each row's last token, packed into one forward pass."""
+        logits = forward(self.loaded, [(row, row.ids[-1:]) for row in self.rows], list(range(len(self.rows))))
+        self._hand_out(self.rows, choose(logits, self.rows))
+
+    @property
+    def context(self):
+        """Tokens in the running rows' caches: what a decode step's attention reads."""
+        return sum(row.cache.length for row in self.rows)
 
     def evict(self):
         """Drop the rows that are done (or whose caller gave up), prefilling ones included; return them."""
         stopped = [row for group in self.filling for row in group.drop_stopped()]
         self.filling = [group for group in self.filling if group.rows]
-        return stopped + self._evict_running()
-
-    def _evict_running(self):
         for row in self.rows:
             row.done = row.done or row.should_stop()
         gone = [row for row in self.rows if row.done]
-        if gone:
-            keep = [i for i, row in enumerate(self.rows) if not row.done]
-            self.rows = [self.rows[i] for i in keep]
-            if not keep:
-                self.empty()
-            else:
-                index = torch.tensor(keep, dtype=torch.long, device=self.loaded.device)
-                self.cache.batch_select_indices(index)
-                self.mask, self.tokens, self.positions = self.mask[index], self.tokens[index], self.positions[index]
-                self._trim()
-        return gone
+        self.rows = [row for row in self.rows if not row.done]
+        return self._free(stopped + gone)
 
     def empty(self):
-        """Drop every running row and the cache (after an error, or once none is left); return the rows."""
+        """Drop every running row (after an error); return them."""
         rows, self.rows = self.rows, []
-        self.cache = self.mask = self.tokens = self.positions = None
+        return self._free(rows)
+
+    def _free(self, rows):
+        """Give back the caches of `rows`, which have left; return them."""
+        for row in rows:
+            if row.cache is not None:
+                self.memory.release(row.cache)
+                row.cache = None
         return rows
 
     def _hand_out(self, rows, tokens):
@@ -232,28 +254,6 @@ class Batch:
         for row, token in zip(rows, tokens.tolist()):
             row.add(token, now)
 
-    def _merge(self, rows, cache, mask, tokens, positions):
-        if not self.rows:
-            self.rows, self.cache, self.mask, self.tokens, self.positions = rows, cache, mask, tokens, positions
-            return
-        old, new = self.mask.shape[1], mask.shape[1]
-        for ours, theirs in zip(self.cache.layers, cache.layers):  # left-pad the shorter, then stack rows
-            ours.keys = torch.cat([_left_pad(ours.keys, new - old), _left_pad(theirs.keys, old - new)])
-            ours.values = torch.cat([_left_pad(ours.values, new - old), _left_pad(theirs.values, old - new)])
-        self.mask = torch.cat([_left_pad(self.mask, new - old), _left_pad(mask, old - new)])
-        self.rows = self.rows + rows
-        self.tokens = torch.cat([self.tokens, tokens])
-        self.positions = torch.cat([self.positions, positions])
-
-    def _trim(self):
-        """Drop the leading columns that are padding in every remaining row."""
-        used = self.mask.any(dim=0).nonzero()
-        start = int(used[0]) if len(used) else 0
-        if start:
-            self.mask = self.mask[:, start:]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
-
 
 class FillError(Exception):
     """A prefill chunk failed; `handles` are the requests of the group it took out."""
@@ -261,13 +261,3 @@ class FillError(Exception):
     def __init__(self, handles):
         super().__init__("prefill failed")
         self.handles = handles
-
-
-def _left_pad(tensor, columns):
-    """`tensor` with `columns` zero columns before its sequence dimension (-2 for KV, -1 for a mask)."""
-    if columns <= 0:
-        return tensor
-    dim = -1 if tensor.dim() == 2 else -2
-    shape = list(tensor.shape)
-    shape[dim] = columns
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

@@ -12,9 +12,17 @@ leave it, so a request never waits for another one to end. Prompts are
 prefilled in chunks between decode steps, each sized to take about one step
 at the measured speeds, so a long prompt joining slows the running streams
 to about half speed while it fills, never stalls them. Every step and
-prefill is timed (service.inference.speed), so callers can size a request
-to its deadline.
+prefill is timed (service.inference.speed), with the context the step read,
+so callers can size a request to its deadline at the speed a long answer
+really has.
+
+Each row's KV cache is reserved when it joins, for its prompt and every
+token it may generate (service.inference.kvcache), within a bound on the
+cache's bytes: a request that would pass the bound waits at the head of the
+queue until rows leave (a full queue refuses more), and one that could never
+fit is refused at once (`TooLarge`). A running answer never runs out of memory.
 """
+
 
 import contextlib
 import logging
@@ -24,8 +32,10 @@ import time
 
 import torch
 
+from service.inference import kvcache
 from service.inference.batching import Batch, FillError
-from service.inference.generation import EngineError, Generation, GenerationResult, NotReady, QueueFull
+from service.inference.generation import (EngineError, Generation, GenerationResult, NotReady, QueueFull,
+                                          TooLarge)
 from service.inference.speed import DecodeSpeed
 from service.records import metrics
 
@@ -61,8 +71,9 @@ class Turns:
 class Engine:
     """Owns one model in one thread; everything else talks to it through the queue."""
 
-    def __init__(self, loader, queue_size, torch_threads, max_batch=16, name="model", turns=None):
+    def __init__(self, loader, queue_size, torch_threads, max_batch=16, name="model", turns=None, cache_bytes=None):
         self._loader = loader
+        self._cache_bytes = cache_bytes  # the bound on the rows' KV caches; None: no bound
         self._queue = queue.Queue(maxsize=queue_size)
         self._max_batch = max_batch
         self._torch_threads = torch_threads
@@ -72,6 +83,8 @@ class Engine:
         self._stopping = threading.Event()
         self.model = None
         self._batch = None
+        self._held = None  # the queue's head, taken out but waiting for cache memory
+        self.memory = None  # the rows' KV cache (kvcache.CacheMemory), once the model is loaded
         self.state = "loading"
         self.speed = DecodeSpeed()
 
@@ -79,7 +92,10 @@ class Engine:
         """Start the engine thread; it loads the model, then serves the queue."""
         metrics.WAITING.labels(self.name).set_function(self.queued)
         metrics.RUNNING.labels(self.name).set_function(lambda: self.running)
-        metrics.DECODE_SPEED.labels(self.name).set_function(lambda: self.speed.per_row(max(1, self.decoding)) or 0.0)
+        metrics.DECODE_SPEED.labels(self.name).set_function(lambda: self.speed_now()[0] or 0.0)
+        metrics.DECODE_CONTEXT.labels(self.name).set_function(lambda: self.speed_now()[2])
+        for kind in ("reserved", "used", "free", "bound"):
+            metrics.KV_CACHE.labels(self.name, kind).set_function(lambda kind=kind: self.cache_bytes().get(kind) or 0)
         self._thread.start()
         return self
 
@@ -103,23 +119,51 @@ class Engine:
         return len(self._batch) if self._batch is not None else 0
 
     def queued(self):
-        return self._queue.qsize()
+        return self._queue.qsize() + (self._held is not None)
+
+    def context(self):
+        """Tokens in the running rows' caches now."""
+        batch = self._batch
+        return batch.context if batch is not None else 0
 
     def tokens_within(self, seconds, prompt_tokens):
         """Tokens a request submitted now could generate in `seconds`, with the rows it would share a batch
-        with; None until the engine has measured its speed."""
+        with and the context they hold; None until the engine has measured its speed."""
         rows = min(self._max_batch, self.running + self.queued() + 1)
-        return self.speed.tokens_within(seconds, rows, prompt_tokens)
+        return self.speed.tokens_within(seconds, rows, prompt_tokens, self.context())
 
     def speed_now(self):
-        """(tokens/s of one row, rows) at the current batch size; the rate is None until measured."""
-        rows = max(1, self.decoding)
-        return self.speed.per_row(rows), rows
+        """(tokens/s of one row, rows, mean tokens of context a row holds) at the current batch; the rate is
+        None until measured."""
+        rows, context = max(1, self.decoding), self.context()
+        return self.speed.per_row(rows, context), rows, context // rows
+
+    def cache_bytes(self):
+        """The KV cache's bytes: reserved by the rows, written by them, free to reserve, and the bound (None:
+        no bound); {} until the model is loaded."""
+        memory = self.memory
+        if memory is None:
+            return {}
+        return {"reserved": memory.reserved, "used": memory.depth()[1], "free": memory.free, "bound": memory.bound}
+
+    def longest(self, prompt_tokens=0):
+        """The most tokens a request with `prompt_tokens` may generate at the cache's bound; None: no bound
+        (or not loaded yet)."""
+        memory = self.memory
+        capacity = None if memory is None else memory.capacity_tokens
+        return None if capacity is None else max(0, capacity - prompt_tokens)
 
     def submit(self, request):
-        """Queue a request and return its handle; raise NotReady or QueueFull at once."""
+        """Queue a request and return its handle; raise NotReady, TooLarge or QueueFull at once."""
         if not self.ready:
             raise NotReady(f"model is {self.state}")
+        tokens = Batch.tokens_of(request)
+        longest = self.longest(len(request.prompt_ids))
+        if longest is not None and request.max_new_tokens > longest:
+            need = self.memory.need(tokens)
+            raise TooLarge(f"its prompt ({len(request.prompt_ids)} tokens) and {request.max_new_tokens} new "
+                           f"tokens need {need / 2**20:.0f} MiB of KV cache, more than the cache's bound of "
+                           f"{self.memory.bound / 2**20:.0f} MiB: at most {longest} new tokens fit")
         handle = Generation(request, self.name)
         try:
             self._queue.put_nowait(handle)
@@ -136,11 +180,15 @@ class Engine:
             log.exception("model failed to load", extra={"fields": {"model": self.name}})
             self.state = "failed"
             return
+        self.memory = kvcache.CacheMemory(self.model.layout, self._cache_bytes, self.model.device)
+        config = self.model.model.config
+        self.speed.calibrate(kvcache.attention_cost(self.model.layout, config.num_attention_heads,
+                                                    device=self.model.device))
         self.state = "ready"
         metrics.MODEL_LOAD.labels(self.name).set(self.model.load_seconds)
         log.info("model loaded", extra={"fields": {"model": self.name,
                                                    "load_seconds": round(self.model.load_seconds, 2)}})
-        batch = self._batch = Batch(self.model)
+        batch = self._batch = Batch(self.model, self.memory)
         while not self._stopping.is_set():
             self._finish_rows(batch.evict())  # first, so finished rows make room
             joining = self._dequeue(room=self._max_batch - len(batch) - batch.filling_rows,
@@ -153,11 +201,13 @@ class Engine:
                 self._finish_rows(batch.evict())
             if batch:
                 with self._turns.turn():
-                    rows, started = len(batch), time.monotonic()
+                    rows, context, started = len(batch), batch.context, time.monotonic()
                     self._guarded(batch, batch.step)
-                    self.speed.observe_step(rows, time.monotonic() - started)
+                    self.speed.observe_step(rows, time.monotonic() - started, context)
         for row in batch.empty() + [row for group in batch.filling for row in group.rows]:
             row.handle._finish(error=EngineError("the engine stopped"))
+        if self._held is not None:
+            self._held._finish(error=EngineError("the engine stopped"))
 
     def chunk_tokens(self, running):
         """Prompt tokens to prefill between two decode steps of `running` rows: about one step's time."""
@@ -182,19 +232,28 @@ class Engine:
         self.speed.observe_prefill(done, time.monotonic() - started)
 
     def _dequeue(self, room, wait):
-        """Up to `room` queued requests that are still wanted; waits a little when the batch is empty."""
-        joining = []
+        """Up to `room` queued requests that are still wanted and whose caches fit, first come first served
+        (the first that does not fit waits for rows to leave, and the others behind it); waits a little
+        when the batch is empty."""
+        joining, tokens = [], 0
         while len(joining) < room:
-            try:
-                handle = self._queue.get(timeout=0.2) if wait and not joining else self._queue.get_nowait()
-            except queue.Empty:
-                break
+            handle, self._held = self._held, None
+            if handle is None:
+                try:
+                    handle = self._queue.get(timeout=0.2) if wait and not joining else self._queue.get_nowait()
+                except queue.Empty:
+                    break
             now = time.monotonic()  # after the wait: a request cannot start before it was submitted
             if handle.cancelled or handle.expired(now):
                 reason = "cancelled" if handle.cancelled else "timeout"
                 handle._finish(GenerationResult("", [], len(handle.request.prompt_ids), reason,
                                                 now - handle.submitted, 0.0))
                 continue
+            need = tokens + Batch.tokens_of(handle.request)
+            if not self.memory.fits(need):
+                self._held = handle
+                break
+            tokens = need
             handle.started = now
             metrics.QUEUE_WAIT.labels(self.name).observe(now - handle.submitted)
             joining.append(handle)

@@ -1,4 +1,5 @@
-"""Whether the served models' weights fit the memory the service may use, decided before any is loaded.
+"""Whether the served models' weights fit the memory the service may use, decided before any is loaded,
+and how much of the rest each model's KV cache may take.
 
 Weights are counted from the safetensors headers (shapes and dtypes, no
 tensor read), at the width each model will hold them in: 4 bytes a
@@ -12,7 +13,7 @@ import json
 import struct
 from pathlib import Path
 
-from service.settings import WEIGHTS_SHARE, SettingsError
+from service.settings import CACHE_SHARE, WEIGHTS_SHARE, SettingsError
 
 WIDTHS = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
           "F8_E4M3": 1, "F8_E5M2": 1}
@@ -103,3 +104,13 @@ def check(specs, setting=None):
                             "smaller models (int8 takes half of bfloat16), or give the service more memory "
                             "(memory_limit_bytes, MemoryMax)")
     return sizes
+
+
+def cache_bounds(sizes, setting=None, limit_setting=None):
+    """{model name: bytes its KV cache may reserve}: the `kv_cache_bytes` setting, else CACHE_SHARE of the
+    memory ceiling less the weights (`sizes`, from `check`), shared equally."""
+    if setting:
+        return dict.fromkeys(sizes, setting)
+    limit, _ = ceiling(limit_setting)
+    room = max(0, int(limit * CACHE_SHARE) - sum(sizes.values()))
+    return dict.fromkeys(sizes, room // max(1, len(sizes)))

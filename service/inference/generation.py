@@ -2,7 +2,7 @@
 
 A caller builds a `GenerationRequest` and gives it to `Engine.submit`
 (service.inference.engine), which answers with a `Generation` handle or
-refuses with `NotReady` or `QueueFull`. The handle is shared by two threads:
+refuses with `NotReady`, `TooLarge` or `QueueFull`. The handle is shared by two threads:
 the caller blocks on `result()` or iterates `deltas()`, may `cancel()`, and
 the engine thread feeds it (`_emit`, `_finish`). Nothing here needs torch,
 so a caller that only reads these shapes (the response cache) imports none.
@@ -26,6 +26,10 @@ class QueueFull(EngineError):
 
 class NotReady(EngineError):
     """The model is still loading, or failed to load."""
+
+
+class TooLarge(EngineError):
+    """The request's KV cache could never fit the cache's bound, however long it waited."""
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from service.inference import artifact, numerics  # noqa: E402
+from service.inference import artifact, kvcache, numerics  # noqa: E402
 
 hf_logging.disable_progress_bar()
 PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
@@ -51,6 +51,8 @@ class LoadedModel:
     device: str = "cpu"  # where the weights are and every step runs: cpu or cuda
     opens_reasoning: bool = False  # the chat template opens the thinking after its generation prompt
     forced: tuple = ()  # tests only (settings.forced_output): the tokens every reply is made of, end token last
+    layout: object = None  # the KV cache's shape and dtype (service.inference.kvcache.Layout)
+    layer_types: tuple = ("full_attention",)  # the attention kinds of the model's layers (its masks' keys)
 
     def __post_init__(self):
         # The tokenizer has one owner per side. A fast tokenizer is one Rust object that refuses a mutable
@@ -123,7 +125,7 @@ def resolve_device(setting, quantization="none", cuda_available=None):
 
 
 def load(path, dtype="float32", quantization="none", prefill_float32="auto", device="cpu", reasoning_start="",
-         forced_output=None):
+         forced_output=None, kv_dtype="auto"):
     """Load model and tokenizer once from a local folder; weights are memory-mapped.
 
     With quantization "int8", a plain checkpoint loads in its own dtype (a
@@ -133,6 +135,7 @@ def load(path, dtype="float32", quantization="none", prefill_float32="auto", dev
     `device` is a setting (auto, cpu, cuda; see resolve_device); on cuda the
     weights are copied to the GPU in `dtype` and attention is SDPA. `reasoning_start` is the tag whose
     presence after the template's generation prompt means the template opens the thinking itself.
+    `kv_dtype` is what the KV cache is stored in (service.inference.kvcache.cache_dtype).
     """
     started = time.monotonic()
     device = resolve_device(device, quantization)
@@ -163,6 +166,12 @@ def load(path, dtype="float32", quantization="none", prefill_float32="auto", dev
                          mode="int8" if int8 else dtype, device=device,
                          float32_prefill=not int8 and device == "cpu"
                          and numerics.wants_float32_prefill(prefill_float32, dtype))
+    config = model.config
+    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+        raise ValueError(f"{path}: sliding-window attention is not supported (config use_sliding_window)")
+    kvcache.install(model)
+    loaded.layout = kvcache.Layout.of(config, kvcache.cache_dtype(kv_dtype, loaded.mode))
+    loaded.layer_types = tuple(sorted(set(getattr(config, "layer_types", None) or ["full_attention"])))
     loaded.encode_chat(PROBE)  # a chat template the service cannot encode safely fails the load, not each request
     loaded.opens_reasoning = opens_reasoning(tokenizer, reasoning_start)
     if forced_output:

@@ -1,30 +1,60 @@
-"""The engine's decode and prefill speed, as measured while it runs.
+"""The engine's decode and prefill speed, as measured while it runs, and how it falls with context.
 
 A decode step gives every row of the batch one token, so a row's speed is
-one token per step: its rate at a batch size is 1 / (seconds per step at that
-size). Steps are timed by the engine thread and smoothed per batch size
-(exponential moving average); prefill is timed per prompt token. From these,
-`tokens_within` says how many tokens one more request can get in a number of
-seconds, which sizes a synchronous request to its deadline.
+one token per step. A step costs a part that depends on the number of rows
+(reading the weights, the Python around them) and a part that grows with the
+tokens in the rows' caches (each row's attention reads its whole cache). So
+a step is modelled as `base(rows) + per_token * context`: `per_token` starts
+from a measurement of the attention itself (`calibrate`, at load) and is
+refined by a regression of step times on context; `base` is smoothed per
+batch size (exponential moving average) with the context part taken out.
+Prefill is timed per prompt token. From these, `tokens_within` says how many
+tokens one more request can get in a number of seconds, counting that every
+row's context grows as it goes, which sizes a request to its deadline.
 """
 
+import math
 import threading
 
-SMOOTHING = 0.2  # weight of the newest step in the moving average
+SMOOTHING = 0.2  # weight of the newest step in the moving average of a batch size's step time
+SLOPE_SMOOTHING = 0.05  # weight of the newest step in the regression of step time on context
+MIN_SPREAD = 64  # tokens of context spread (standard deviation) before the regression is trusted
 
 
 class DecodeSpeed:
-    """Seconds per decode step by batch size, and seconds per prefilled prompt token."""
+    """Seconds per decode step by batch size and context, and seconds per prefilled prompt token."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._step_s = {}  # rows -> seconds per step
+        self._base_s = {}  # rows -> seconds per step with no context
         self._prefill_s = None  # seconds per prompt token
+        self.per_token = 0.0  # seconds a step takes per token of context its rows read
+        self._mean = None  # (context, seconds) smoothed, for the regression
+        self._var = self._cov = 0.0
 
-    def observe_step(self, rows, seconds):
+    def calibrate(self, per_token):
+        """Start from `per_token` seconds of attention per cached token (measured at load)."""
         with self._lock:
-            old = self._step_s.get(rows)
-            self._step_s[rows] = seconds if old is None else old + SMOOTHING * (seconds - old)
+            self.per_token = max(0.0, per_token)
+
+    def observe_step(self, rows, seconds, context=0):
+        with self._lock:
+            self._regress(context, seconds)
+            base = max(0.0, seconds - self.per_token * context)
+            old = self._base_s.get(rows)
+            self._base_s[rows] = base if old is None else old + SMOOTHING * (base - old)
+
+    def _regress(self, context, seconds):
+        if self._mean is None:
+            self._mean = (context, seconds)
+            return
+        (x, y), a = self._mean, SLOPE_SMOOTHING
+        dx, dy = context - x, seconds - y
+        self._mean = (x + a * dx, y + a * dy)
+        self._var += a * (dx * dx - self._var)
+        self._cov += a * (dx * dy - self._cov)
+        if self._var >= MIN_SPREAD ** 2 and self._cov > 0:
+            self.per_token = self._cov / self._var
 
     def observe_prefill(self, tokens, seconds):
         if tokens <= 0:
@@ -34,26 +64,45 @@ class DecodeSpeed:
             old = self._prefill_s
             self._prefill_s = per if old is None else old + SMOOTHING * (per - old)
 
-    def per_row(self, rows):
-        """Tokens per second of one row in a batch of `rows` rows; None before any step was measured."""
+    def step_seconds(self, rows, context=0):
+        """Seconds a step of `rows` rows reading `context` cached tokens takes; None before any was measured."""
         with self._lock:
-            if not self._step_s:
-                return None
-            sizes = sorted(self._step_s)
-            larger = [size for size in sizes if size >= rows]
-            if larger:  # a step of at least as many rows: as slow or slower, so never optimistic
-                return 1.0 / self._step_s[larger[0]]
-            largest = sizes[-1]  # only smaller batches seen: assume the step grows in proportion
-            return 1.0 / (self._step_s[largest] * rows / largest)
+            return self._step(rows, context)
 
-    def tokens_within(self, seconds, rows, prompt_tokens=0):
-        """Tokens one more request can get in `seconds` beside `rows - 1` others; None when not yet known."""
-        rate = self.per_row(rows)
-        if rate is None:
+    def _step(self, rows, context):
+        if not self._base_s:
             return None
+        sizes = sorted(self._base_s)
+        larger = [size for size in sizes if size >= rows]
+        if larger:  # a step of at least as many rows: as slow or slower, so never optimistic
+            base = self._base_s[larger[0]]
+        else:  # only smaller batches seen: assume the step grows in proportion
+            base = self._base_s[sizes[-1]] * rows / sizes[-1]
+        return base + self.per_token * context
+
+    def per_row(self, rows, context=0):
+        """Tokens per second of one row in a batch of `rows` rows whose caches hold `context` tokens in all;
+        None before any step was measured."""
+        step = self.step_seconds(rows, context)
+        return None if not step else 1.0 / step
+
+    def tokens_within(self, seconds, rows, prompt_tokens=0, context=0):
+        """Tokens one more request can get in `seconds` beside `rows - 1` others holding `context` tokens; None
+        when not yet known. Every row's cache grows a token a step, so step i reads about
+        context + prompt_tokens + rows * i tokens: the steps' sum is solved for the number of steps."""
         with self._lock:
+            first = self._step(rows, context + prompt_tokens)
             prefill = (self._prefill_s or 0.0) * prompt_tokens
-        return max(0, int((seconds - prefill) * rate))
+            growth = self.per_token * rows  # seconds a step gains per step taken
+        if not first:
+            return None
+        left = seconds - prefill
+        if left <= 0:
+            return 0
+        if growth <= 0:
+            return int(left / first)
+        # n * first + growth * n^2 / 2 <= left
+        return max(0, int((-first + math.sqrt(first * first + 2 * growth * left)) / growth))
 
     def prefill_tokens_within(self, seconds):
         """Prompt tokens a prefill gets through in `seconds`; None when not yet known."""

@@ -27,8 +27,12 @@ QUEUE_WAIT = Histogram("vibethinker_queue_wait_seconds", "Time a generation wait
 BATCH_SIZE = Histogram("vibethinker_batch_size", "Sequences generated together per engine step.", ["model"],
                        buckets=(1, 2, 4, 8, 16, 32, 64))
 RUNNING = Gauge("vibethinker_requests_running", "Generations running now.", ["model"])
-DECODE_SPEED = Gauge("vibethinker_decode_tokens_per_second",
-                     "Measured decode speed of one request at the current batch size (0 until measured).", ["model"])
+DECODE_SPEED = Gauge("vibethinker_decode_tokens_per_second", "Decode speed of one request at the current batch size "
+                     "and context, from the measured step times (0 until measured).", ["model"])
+DECODE_CONTEXT = Gauge("vibethinker_decode_context_tokens", "Mean tokens of context a running row holds (what a "
+                       "decode step's attention reads per row).", ["model"])
+KV_CACHE = Gauge("vibethinker_kv_cache_bytes", "KV cache bytes: reserved by the running rows (their whole possible "
+                 "length), used (written), free (left to reserve) and bound (0: no bound).", ["model", "state"])
 WAITING = Gauge("vibethinker_requests_waiting", "Generations waiting in the queue.", ["model"])
 PROMPT_TOKENS = Counter("vibethinker_prompt_tokens_total", "Prompt tokens processed.", ["model"])
 GENERATION_TOKENS = Counter("vibethinker_generation_tokens_total", "Tokens generated.", ["model"])

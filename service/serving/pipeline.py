@@ -18,8 +18,8 @@ import time
 from contextlib import contextmanager
 
 from service.admission import budget
-from service.errors import BadRequest, ClientGone, DeadlineExceeded, Unavailable
-from service.inference.generation import GenerationRequest, NotReady, QueueFull
+from service.errors import BadRequest, ClientGone, DeadlineExceeded, PromptTooLong, Unavailable
+from service.inference.generation import GenerationRequest, NotReady, QueueFull, TooLarge
 from service.records.accounting import Usage
 from service.serving import cache
 
@@ -105,6 +105,9 @@ def submit(job, deadline_s):
         return engine.submit(request)
     except NotReady:
         raise not_ready(engine) from None
+    except TooLarge as exc:
+        raise PromptTooLong(f"this request cannot be served: {exc}", "context_length_exceeded",
+                            job.tokens_name) from None
     except QueueFull:
         raise Unavailable("server is at capacity: the generation queue is full; retry shortly", "queue_full",
                           retry_after=RETRY_FULL_S) from None
@@ -181,7 +184,7 @@ def fit_deadline(state, job):
         params = dataclasses.replace(params, sized=True)
     if fit is not None and params.max_new_tokens > fit:
         if job.asked is not None:
-            rate, _ = engine.speed_now()
+            rate = engine.speed_now()[0]
             raise BadRequest(
                 f"{job.tokens_name} {params.max_new_tokens} cannot finish within the "
                 f"{settings.request_deadline_s:g} s deadline of a whole answer at this server's measured speed "

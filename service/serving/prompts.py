@@ -81,6 +81,11 @@ def prompt_ids(state, job, messages, param):
     if len(ids) + asked > context:
         raise PromptTooLong(f"prompt ({len(ids)} tokens) plus {tokens_name} ({asked}) exceeds the "
                             f"model's context of {context} tokens", "context_length_exceeded", tokens_name)
+    longest = engine.longest(len(ids))
+    if longest is not None and asked > longest:
+        raise PromptTooLong(f"prompt ({len(ids)} tokens) plus {tokens_name} ({asked}) does not fit this server's "
+                            f"KV cache bound: at most {longest} new tokens fit beside this prompt",
+                            "context_length_exceeded", tokens_name)
     return ids
 
 

@@ -1,0 +1,242 @@
+"""The KV cache: a slab of its own for each row, written in place, read by that row's attention alone.
+
+A row's slab holds its keys and values for every layer, with room for its
+prompt and its `max_new_tokens` (`RowCache`). It is allocated once, when the
+row is admitted, and never copied: each forward pass writes the new tokens'
+keys and values at the row's length, and attention reads the row's slab up
+to there. Rows join and leave without touching each other's storage, and a
+row 30,000 tokens deep costs the others nothing: no padding is shared.
+
+A forward pass carries several rows' tokens packed into one sequence (a
+`Pass`: decode rows one token each, a prefill chunk several), so the
+model's weights are read once for all of them. The pass is handed to the
+model as its cache (transformers calls `update` in every layer) and as its
+attention mask (the attention function registered here, `ATTENTION`, reads
+it); anything else (a plain `generate`) goes through transformers' own SDPA.
+
+The cache is stored in bfloat16 (`kv_dtype` auto, for the bfloat16 and int8
+modes: half of float32's bytes read per step) or float32 (the float32 mode's
+auto: that mode is the exact reference). A decode step's attention reads the
+slab with two bfloat16 matrix products per layer and a float32 softmax; a
+prefill chunk's attention runs in float32 through SDPA with its causal mask.
+
+Memory is reserved by `CacheMemory` when a row is admitted, for the most the
+row can ever hold, so a running answer never runs out of it; the slab's
+pages are only committed as they are written.
+"""
+
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+ATTENTION = "vibe_rows"
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def cache_dtype(setting, mode):
+    """The torch dtype the `kv_dtype` setting means for a model in numeric `mode`."""
+    if setting == "auto":
+        return torch.float32 if mode == "float32" else torch.bfloat16
+    return DTYPES[setting]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The shape of one token's cache: layers, key/value heads, head width, and the dtype it is stored in."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, config, dtype):
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim, dtype)
+
+    @property
+    def bytes_per_token(self):
+        """A key and a value per layer and head."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype.itemsize
+
+
+class RowCache:
+    """One row's keys and values, every layer, with room for `capacity` tokens; the first `length` are written.
+
+    Both are [layer, head, token, width]: appending a token writes contiguous memory, and a head's keys up to
+    the row's length are one contiguous matrix for attention to read."""
+
+    def __init__(self, layout, capacity, device="cpu"):
+        shape = (layout.layers, layout.kv_heads, capacity, layout.head_dim)
+        self.keys = torch.empty(shape, dtype=layout.dtype, device=device)  # pages committed only as written
+        self.values = torch.empty(shape, dtype=layout.dtype, device=device)
+        self.capacity, self.length = capacity, 0
+
+
+class CacheFull(Exception):
+    """A row's cache would pass its capacity (a bug in admission: a row is sized for its whole answer)."""
+
+
+class Pass:
+    """One forward pass over rows packed into one sequence: `segments` are (row cache, tokens it adds).
+
+    Given to the model both as its cache and as its attention mask. `commit` advances the rows' lengths once
+    the pass has run; a pass that failed leaves them as they were (its writes are overwritten next time)."""
+
+    def __init__(self, segments):
+        self.segments, start = [], 0
+        for cache, count in segments:
+            if cache.length + count > cache.capacity:
+                raise CacheFull(f"{cache.length} + {count} tokens do not fit a row of {cache.capacity}")
+            self.segments.append((cache, start, count, cache.length))
+            start += count
+        self.tokens = start
+
+    def update(self, keys, values, layer, kwargs=None):
+        """Write this pass's new keys and values ([1, head, token, width]) into each row's slab."""
+        for cache, start, count, base in self.segments:
+            cache.keys[layer, :, base:base + count] = keys[0, :, start:start + count]
+            cache.values[layer, :, base:base + count] = values[0, :, start:start + count]
+        return keys, values
+
+    def attend(self, layer, query, scaling):
+        """Each row's queries ([1, head, token, width]) against its own slab: [1, token, head, width]."""
+        out = query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
+        for cache, start, count, base in self.segments:
+            keys, values = cache.keys[layer, :, :base + count], cache.values[layer, :, :base + count]
+            rows = query[0, :, start:start + count]
+            attend = _decode_attention if count == 1 else _prefill_attention
+            out[0, start:start + count] = attend(rows, keys, values, scaling, base).transpose(0, 1)
+        return out
+
+    def commit(self):
+        for cache, _, count, _ in self.segments:
+            cache.length += count
+
+
+def _decode_attention(query, keys, values, scaling, base):
+    """One token's attention: query [head, 1, width] against keys and values [kv head, length, width].
+
+    Two matrix products per key/value head in the cache's dtype (each reads the slab once, no copy) and a
+    float32 softmax. Query heads are grouped by the key/value head they share (GQA)."""
+    kv_heads, width = keys.shape[0], keys.shape[-1]
+    grouped = query.reshape(kv_heads, -1, width).to(keys.dtype)
+    scores = torch.stack([F.linear(grouped[h], keys[h]) for h in range(kv_heads)])
+    weights = torch.softmax(scores.float() * scaling, dim=-1).to(values.dtype)
+    return torch.bmm(weights, values).reshape(query.shape).to(query.dtype)
+
+
+def _prefill_attention(query, keys, values, scaling, base):
+    """A chunk's attention, in float32: token i of the chunk sees the row's first base + i + 1 tokens."""
+    count, length = query.shape[1], keys.shape[1]
+    mask = None
+    if base:  # a later chunk: causal from the bottom right
+        mask = torch.ones((count, length), dtype=torch.bool, device=query.device).tril(diagonal=base)
+    out = F.scaled_dot_product_attention(query[None].float(), keys[None].float(), values[None].float(),
+                                         attn_mask=mask, is_causal=not base, scale=scaling, enable_gqa=True)
+    return out[0].to(query.dtype)
+
+
+def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The model's attention function: a `Pass` attends row by row; anything else through SDPA."""
+    if isinstance(attention_mask, Pass):
+        return attention_mask.attend(module.layer_idx, query, scaling), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def install(model):
+    """Make `model` (a transformers model) attend through `attention`."""
+    if ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(ATTENTION, attention)
+        AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ATTENTION)
+
+
+class CacheMemory:
+    """The bytes the rows' caches may reserve (`bound`, None for no bound), and what they hold now.
+
+    `allocate` reserves a row's whole capacity when it is admitted and `release` gives it back when it
+    leaves. Read from other threads (`/readyz`, `/metrics`) while the engine thread changes it."""
+
+    def __init__(self, layout, bound=None, device="cpu"):
+        self.layout, self.bound, self.device = layout, bound, device
+        self._lock = threading.Lock()
+        self.reserved = 0  # bytes
+        self._rows = {}  # id(row cache) -> the cache, for the bytes written now
+
+    def need(self, tokens):
+        """Bytes a row of `tokens` reserves."""
+        return tokens * self.layout.bytes_per_token
+
+    @property
+    def capacity_tokens(self):
+        """The most tokens one row may hold: the whole bound; None when there is none."""
+        return None if self.bound is None else self.bound // self.layout.bytes_per_token
+
+    def fits(self, tokens):
+        """Whether a row of `tokens` fits beside the rows there are now."""
+        with self._lock:
+            return self.bound is None or self.reserved + self.need(tokens) <= self.bound
+
+    def allocate(self, tokens):
+        """A row cache with room for `tokens`, its bytes reserved; CacheFull when the bound would be passed."""
+        need = self.need(tokens)
+        with self._lock:
+            if self.bound is not None and self.reserved + need > self.bound:
+                raise CacheFull(f"a row of {tokens} tokens does not fit: {self.reserved} of {self.bound} bytes "
+                                "are reserved")
+            self.reserved += need
+        try:
+            cache = RowCache(self.layout, tokens, self.device)
+        except BaseException:
+            with self._lock:
+                self.reserved -= need
+            raise
+        with self._lock:
+            self._rows[id(cache)] = cache
+        return cache
+
+    def release(self, cache):
+        """Give back what the row of `cache` reserved (once: releasing it again does nothing)."""
+        with self._lock:
+            if self._rows.pop(id(cache), None) is not None:
+                self.reserved -= self.need(cache.capacity)
+
+    @property
+    def free(self):
+        """Bytes a new row could still reserve; None when there is no bound."""
+        with self._lock:
+            return None if self.bound is None else max(0, self.bound - self.reserved)
+
+    def depth(self):
+        """(rows holding a cache, bytes they have written) now."""
+        with self._lock:
+            rows = list(self._rows.values())
+        return len(rows), sum(cache.length for cache in rows) * self.layout.bytes_per_token
+
+
+def attention_cost(layout, heads, tokens=2048, device="cpu"):
+    """Seconds a decode step's attention takes per cached token of a row, every layer: timed on a scratch
+    row at load, the starting point of the engine's speed model (service.inference.speed)."""
+    cache = RowCache(layout, tokens, device)
+    cache.keys.normal_()
+    cache.values.normal_()
+    query = torch.randn((heads, 1, layout.head_dim), device=device)
+
+    def run(length):
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for layer in range(layout.layers):
+                _decode_attention(query, cache.keys[layer, :, :length], cache.values[layer, :, :length], 1.0, 0)
+        return time.perf_counter() - started
+
+    run(tokens)  # warm: the kernels' first call
+    short, long = min(run(16) for _ in range(3)), min(run(tokens) for _ in range(3))
+    return max(0.0, long - short) / (tokens - 16)
