@@ -105,13 +105,15 @@ bench: install
 	$(BIN)/python -m bench.slowclients
 
 # Real size against llama.cpp (bench/realsize.py): builds llama.cpp under var/llama once (cmake and g++;
-# minutes) and the 3.1 GB random-weight model under var/bench-model; then about 15 minutes.
+# minutes) and the 3.1 GB random-weight model under var/bench-model; then about 15 minutes, and the
+# decode speed deep into long answers (bench/depth.py) about 5 more.
 bench-real: install
 	@command -v cmake >/dev/null && command -v g++ >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++ >/dev/null; \
 	  else echo "cmake and g++ are missing: install them"; exit 1; fi; }
 	$(BIN)/python -m bench.realsize
+	$(BIN)/python -m bench.depth
 
 # What ansible/ deploys: the project wheel, and for offline servers a
 # wheelhouse of every dependency (torch's CPU build included; TORCH_VARIANT=cuda

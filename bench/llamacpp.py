@@ -100,6 +100,13 @@ def decode_batch1(model, build, threads, tokens=64):
     return round(json.loads(out.stdout)[0]["avg_ts"], 2)
 
 
+def decode_at_depth(model, build, threads, depth, tokens=32):
+    """llama-bench's batch-1 decode tokens/s with `depth` tokens already in its context (-d)."""
+    out = _run([str(binary(build, "llama-bench")), "-m", str(model), "-p", "0", "-n", str(tokens),
+                "-d", str(depth), "-t", str(threads), "-r", "1", "-o", "json"])
+    return round(json.loads(out.stdout)[0]["avg_ts"], 2)
+
+
 def batched(model, threads, sequences=16, prompt=128, tokens=32):
     """llama-batched-bench (no-AMX build) with `sequences` sequences: aggregate decode and prefill tokens/s."""
     out = _run([str(binary("noamx", "llama-batched-bench")), "-m", str(model), "-c",

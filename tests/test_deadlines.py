@@ -28,6 +28,25 @@ def test_speed_is_unknown_until_measured_then_never_optimistic():
     assert speed.per_row(1) == pytest.approx(50, rel=0.01)
 
 
+def test_a_step_costs_more_with_the_context_it_reads_and_sizing_counts_that_it_grows():
+    speed = DecodeSpeed()
+    speed.calibrate(1e-6)  # a first guess, as the engine's measurement at load gives
+    for step in range(400):  # 10 ms a step plus 2 us a cached token: the regression finds the 2 us
+        context = 100 + 40 * step
+        speed.observe_step(2, 0.010 + 2e-6 * context, context)
+    assert speed.per_token == pytest.approx(2e-6, rel=0.02)
+    assert speed.step_seconds(2) == pytest.approx(0.010, rel=0.02)
+    assert speed.per_row(2, 20000) == pytest.approx(1 / 0.050, rel=0.02)
+    # every step of a request reads more context (both rows gain a token): fewer fit than the first step says
+    fit = speed.tokens_within(10.0, 2, context=5000)
+    assert fit < 10.0 / speed.step_seconds(2, 5000)
+
+    def steps(n):
+        return sum(speed.step_seconds(2, 5000 + 2 * i) for i in range(n))
+
+    assert steps(fit) <= 10.0 < steps(fit + 2)
+
+
 @pytest.fixture(scope="module")
 def sized(start_server):
     server = start_server(VIBE_REQUEST_DEADLINE_S=DEADLINE_S, VIBE_DEFAULT_MAX_NEW_TOKENS=2048)

@@ -111,3 +111,37 @@ def test_bad_settings_stop_start_up_naming_the_setting(tmp_path, tiny_model):
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode != 0
         assert name in proc.stderr and "Traceback" not in proc.stderr
+
+
+KV_BOUND = 1 << 20  # the smallest bound the settings take
+
+
+@pytest.fixture(scope="module")
+def bounded(start_server):
+    return start_server(VIBE_KV_CACHE_BYTES=KV_BOUND)
+
+
+def test_the_kv_cache_bound_is_shown_and_a_request_that_could_never_fit_gets_400(bounded):
+    ready = requests.get(bounded.url("/readyz"), timeout=10).json()
+    [model] = ready["models"]
+    cache = model["kv_cache"]
+    assert cache["bound"] == KV_BOUND and cache["reserved"] == 0 and cache["free"] == KV_BOUND
+    assert cache["dtype"] == "float32" and cache["bytes_per_token"] > 0  # the float32 mode's auto
+    capacity = KV_BOUND // cache["bytes_per_token"]
+    card = bounded.get("/v1/models/VibeThinker-1.5B").json()
+    assert card["max_tokens"] == min(2048, capacity - 1)  # the settings' limit, or what the bound leaves
+    body = {"model": "VibeThinker-1.5B", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2048}
+    refused = bounded.post("/v1/chat/completions", body)
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "max_tokens"
+    assert "KV cache" in error["message"] and "new tokens fit" in error["message"]
+    fits = bounded.post("/v1/chat/completions", {**body, "max_tokens": 16})
+    assert fits.status_code == 200 and fits.json()["usage"]["completion_tokens"] > 0
+    metrics = requests.get(bounded.url("/metrics"), timeout=10).text
+    assert 'vibethinker_kv_cache_bytes{model="VibeThinker-1.5B",state="bound"} 1.048576e+06' in metrics
+    assert 'vibethinker_kv_cache_bytes{model="VibeThinker-1.5B",state="reserved"} 0.0' in metrics
+    after = requests.get(bounded.url("/readyz"), timeout=10).json()["models"][0]
+    assert set(after["decode_tokens_per_s_by_depth"]) == {"1024", "4096", "16384", "32768"}
+    rates = list(after["decode_tokens_per_s_by_depth"].values())
+    assert rates == sorted(rates, reverse=True) and rates[-1] < rates[0]  # deeper is slower
