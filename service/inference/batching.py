@@ -222,7 +222,8 @@ class Batch:
     @property
     def context(self):
         """Tokens in the running rows' caches: what a decode step's attention reads."""
-        return sum(row.cache.length for row in self.rows)
+        return sum(cache.length for cache in (row.cache for row in self.rows) if cache is not None)  # read
+        # by request threads too: a row that left meanwhile has no cache any more
 
     def evict(self):
         """Drop the rows that are done (or whose caller gave up), prefilling ones included; return them."""

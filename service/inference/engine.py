@@ -194,7 +194,12 @@ class Engine:
             joining = self._dequeue(room=self._max_batch - len(batch) - batch.filling_rows,
                                     wait=not batch and not batch.filling)
             if joining:
-                batch.admit(joining)
+                try:
+                    batch.admit(joining)
+                except Exception as exc:  # their caches could not be had (the bound is checked first)
+                    log.exception("admission failed", extra={"fields": {"model": self.name}})
+                    for handle in joining:
+                        handle._finish(error=exc)
             if batch.filling:
                 with self._turns.turn():
                     self._fill(batch)

@@ -235,6 +235,8 @@ def attention_cost(layout, heads, tokens=2048, device="cpu"):
         with torch.inference_mode():
             for layer in range(layout.layers):
                 _decode_attention(query, cache.keys[layer, :, :length], cache.values[layer, :, :length], 1.0, 0)
+        if device == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - started
 
     run(tokens)  # warm: the kernels' first call
