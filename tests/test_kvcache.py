@@ -31,11 +31,15 @@ def test_decode_attention_matches_sdpa_over_a_strided_slab(dtype, tolerance, len
     values = torch.randn(kv_heads, length + 40, width)
     query = torch.randn(heads, 1, width)
     keys, vals = slab[:, :length].to(dtype), values[:, :length].to(dtype)
-    ours = kvcache._decode_attention(query, keys, vals, width ** -0.5, length - 1)
     theirs = F.scaled_dot_product_attention(query[None], keys[None].float(), vals[None].float(),
                                             scale=width ** -0.5, enable_gqa=True)[0]
+    ours = kvcache._decode_attention(query, keys, vals, width ** -0.5, length)
     assert ours.dtype == query.dtype and ours.shape == (heads, 1, width)
     assert torch.allclose(ours, theirs, atol=tolerance, rtol=tolerance)
+    # read in a whole bucket: past the length, keys are anything and values zero (RowCache.padded): masked out
+    values[:, length:] = 0
+    padded = kvcache._decode_attention(query, slab.to(dtype), values.to(dtype), width ** -0.5, length)
+    assert torch.allclose(padded, ours, atol=tolerance, rtol=tolerance)
 
 
 def test_a_later_prefill_chunk_sees_the_rows_earlier_tokens_and_not_its_own_later_ones():
@@ -46,7 +50,7 @@ def test_a_later_prefill_chunk_sees_the_rows_earlier_tokens_and_not_its_own_late
     ours = kvcache._prefill_attention(query, keys, values, 0.5, base)
     for i in range(count):  # token i of the chunk, alone, over the first base + i + 1 keys
         alone = kvcache._decode_attention(query[:, i:i + 1], keys[:, :base + i + 1], values[:, :base + i + 1],
-                                          0.5, base + i)
+                                          0.5, base + i + 1)
         assert torch.allclose(ours[:, i:i + 1], alone, atol=1e-5)
 
 
@@ -104,6 +108,20 @@ def test_the_float32_cache_is_exact_and_the_bfloat16_one_keeps_the_choices(tiny_
         agree += sum(a == b for a, b in zip(ours, continuation))
         total += len(continuation)
     assert agree / total >= 0.95, f"{agree}/{total}"  # int8 weights keep > 0.5 (test_numerics)
+
+
+def test_a_decode_step_reads_whole_buckets_zeroed_past_what_was_written():
+    layout = kvcache.Layout(layers=2, kv_heads=1, head_dim=4, dtype=torch.float32)
+    cache = kvcache.RowCache(layout, capacity=kvcache.BUCKET + 10)
+    cache.keys.fill_(float("nan"))  # what uninitialised memory may hold
+    cache.values.fill_(float("nan"))
+    cache.values[:, :, :3], cache.length = 2.0, 3  # a prompt of 3 tokens, prefilled
+    assert cache.padded(4) == kvcache.BUCKET and cache.zeroed == kvcache.BUCKET
+    assert (cache.values[:, :, :3] == 2.0).all()  # what is written stays
+    assert (cache.values[:, :, 3:kvcache.BUCKET] == 0).all()
+    assert cache.values[:, :, kvcache.BUCKET:].isnan().all()  # not zeroed before it is needed
+    assert cache.padded(kvcache.BUCKET + 1) == kvcache.BUCKET + 10  # the last bucket stops at the capacity
+    assert not cache.values.isnan().any() and not cache.keys.isnan().any()
 
 
 def test_cache_memory_reserves_whole_rows_and_refuses_past_its_bound(reference):

@@ -59,7 +59,8 @@ def load(path):
             if name not in names:
                 raise ConvertError(f"{path / WEIGHTS} lacks {name}; convert the model again")
             parent, _, leaf = name.rpartition(".")
-            model.get_submodule(parent)._parameters[leaf] = torch.nn.Parameter(weights.get_tensor(name),
+            # a copy: a view would keep the whole file mapped, and its pages resident, for the process's life
+            model.get_submodule(parent)._parameters[leaf] = torch.nn.Parameter(weights.get_tensor(name).clone(),
                                                                                requires_grad=False)
     rotary = model.model.rotary_emb  # its buffers are computed from the config, not stored
     model.model.rotary_emb = type(rotary)(config=model.config)
@@ -78,7 +79,7 @@ def _int8_linear(weights, name, names):
     int8 = weights.get_tensor(f"{name}.weight")
     qweight = torch._make_per_channel_quantized_tensor(
         int8, weights.get_tensor(f"{name}.weight_scales"), weights.get_tensor(f"{name}.weight_zero_points"), 0)
-    bias = weights.get_tensor(f"{name}.bias") if f"{name}.bias" in names else None
+    bias = weights.get_tensor(f"{name}.bias").clone() if f"{name}.bias" in names else None  # no view kept
     module = numerics.Int8Linear(int8.shape[1], int8.shape[0], bias_=bias is not None)
     module.set_weight_bias(qweight, bias)
     return module

@@ -36,6 +36,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
 ATTENTION = "vibe_rows"
+# A decode step's attention reads a row's cache in whole buckets of this many tokens (the part past the row's
+# length zeroed, and masked): matrix products of a shape seen before reuse oneDNN's compiled kernel, where a
+# new length every step made it compile one per call (measured: 1.86 ms against 0.10 ms a bfloat16 product).
+BUCKET = 256
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -77,6 +81,17 @@ class RowCache:
         self.keys = torch.empty(shape, dtype=layout.dtype, device=device)  # pages committed only as written
         self.values = torch.empty(shape, dtype=layout.dtype, device=device)
         self.capacity, self.length = capacity, 0
+        self.zeroed = 0  # past the length, positions up to here hold zeros, not uninitialised memory
+
+    def padded(self, length):
+        """`length` rounded up to a whole bucket (at most the capacity), zeroing what was never written there."""
+        end = min(self.capacity, -(-length // BUCKET) * BUCKET)
+        if end > self.zeroed:
+            start = max(self.zeroed, self.length)  # what is written stays
+            self.keys[:, :, start:end].zero_()
+            self.values[:, :, start:end].zero_()
+            self.zeroed = end
+        return end
 
 
 class CacheFull(Exception):
@@ -94,6 +109,8 @@ class Pass:
         for cache, count in segments:
             if cache.length + count > cache.capacity:
                 raise CacheFull(f"{cache.length} + {count} tokens do not fit a row of {cache.capacity}")
+            if count == 1:  # decode: the row's bucket, zeroed past what is written, before any layer writes
+                cache.padded(cache.length + 1)
             self.segments.append((cache, start, count, cache.length))
             start += count
         self.tokens = start
@@ -109,10 +126,14 @@ class Pass:
         """Each row's queries ([1, head, token, width]) against its own slab: [1, token, head, width]."""
         out = query.new_empty((1, query.shape[2], query.shape[1], query.shape[3]))
         for cache, start, count, base in self.segments:
-            keys, values = cache.keys[layer, :, :base + count], cache.values[layer, :, :base + count]
             rows = query[0, :, start:start + count]
-            attend = _decode_attention if count == 1 else _prefill_attention
-            out[0, start:start + count] = attend(rows, keys, values, scaling, base).transpose(0, 1)
+            if count == 1:
+                end = cache.padded(base + 1)
+                keys, values = cache.keys[layer, :, :end], cache.values[layer, :, :end]
+                out[0, start] = _decode_attention(rows, keys, values, scaling, base + 1)[:, 0]
+            else:
+                keys, values = cache.keys[layer, :, :base + count], cache.values[layer, :, :base + count]
+                out[0, start:start + count] = _prefill_attention(rows, keys, values, scaling, base).transpose(0, 1)
         return out
 
     def commit(self):
@@ -120,15 +141,18 @@ class Pass:
             cache.length += count
 
 
-def _decode_attention(query, keys, values, scaling, base):
-    """One token's attention: query [head, 1, width] against keys and values [kv head, length, width].
+def _decode_attention(query, keys, values, scaling, length):
+    """One token's attention: query [head, 1, width] against the first `length` of keys and values [kv head,
+    padded length, width] (past `length`: zeros, masked out).
 
     Two matrix products per key/value head in the cache's dtype (each reads the slab once, no copy) and a
     float32 softmax. Query heads are grouped by the key/value head they share (GQA)."""
     kv_heads, width = keys.shape[0], keys.shape[-1]
     grouped = query.reshape(kv_heads, -1, width).to(keys.dtype)
-    scores = torch.stack([F.linear(grouped[h], keys[h]) for h in range(kv_heads)])
-    weights = torch.softmax(scores.float() * scaling, dim=-1).to(values.dtype)
+    scores = torch.stack([F.linear(grouped[h], keys[h]) for h in range(kv_heads)]).float()
+    if length < keys.shape[1]:
+        scores[..., length:] = float("-inf")
+    weights = torch.softmax(scores * scaling, dim=-1).to(values.dtype)
     return torch.bmm(weights, values).reshape(query.shape).to(query.dtype)
 
 
@@ -234,7 +258,8 @@ def attention_cost(layout, heads, tokens=2048, device="cpu"):
         started = time.perf_counter()
         with torch.inference_mode():
             for layer in range(layout.layers):
-                _decode_attention(query, cache.keys[layer, :, :length], cache.values[layer, :, :length], 1.0, 0)
+                _decode_attention(query, cache.keys[layer, :, :length], cache.values[layer, :, :length], 1.0,
+                                  length)
         if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - started

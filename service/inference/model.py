@@ -6,6 +6,7 @@ exactly this code. Nothing here talks to the Hugging Face hub.
 
 import contextlib
 import copy
+import ctypes
 import os
 import re
 import threading
@@ -166,6 +167,7 @@ def load(path, dtype="float32", quantization="none", prefill_float32="auto", dev
                          mode="int8" if int8 else dtype, device=device,
                          float32_prefill=not int8 and device == "cpu"
                          and numerics.wants_float32_prefill(prefill_float32, dtype))
+    _give_back_free_memory()
     config = model.config
     if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
         raise ValueError(f"{path}: sliding-window attention is not supported (config use_sliding_window)")
@@ -177,6 +179,14 @@ def load(path, dtype="float32", quantization="none", prefill_float32="auto", dev
     if forced_output:
         loaded.forced = (*tokenizer(forced_output, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id)
     return loaded
+
+
+def _give_back_free_memory():
+    """Return the heap the load freed to the system (glibc keeps it otherwise: about 0.3 GiB at full size)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def opens_reasoning(tokenizer, start):
