@@ -115,7 +115,7 @@ def test_a_decode_step_reads_whole_buckets_zeroed_past_what_was_written():
     cache = kvcache.RowCache(layout, capacity=kvcache.BUCKET + 10)
     cache.keys.fill_(float("nan"))  # what uninitialised memory may hold
     cache.values.fill_(float("nan"))
-    cache.values[:, :, :3], cache.length = 2.0, 3  # a prompt of 3 tokens, prefilled
+    cache.keys[:, :, :3], cache.values[:, :, :3], cache.length = 1.0, 2.0, 3  # a prompt of 3 tokens, prefilled
     assert cache.padded(4) == kvcache.BUCKET and cache.zeroed == kvcache.BUCKET
     assert (cache.values[:, :, :3] == 2.0).all()  # what is written stays
     assert (cache.values[:, :, 3:kvcache.BUCKET] == 0).all()
