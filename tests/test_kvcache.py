@@ -83,6 +83,28 @@ def test_rows_joining_and_leaving_never_move_or_change_another_rows_cache(refere
     assert batch.memory.reserved == 0 and batch.memory.depth() == (0, 0)
 
 
+@pytest.mark.parametrize("short", [kvcache.SHORT, 0])
+def test_short_and_long_rows_decode_together_each_as_alone(reference, monkeypatch, short):
+    """Rows past SHORT attend in place, the others together in one float32 batch (or all in place)."""
+    monkeypatch.setattr(kvcache, "SHORT", short)
+    questions = ["a short one", "a long one " + "with many words " * 160]
+    prompts = [_prompt(reference, q) for q in questions]
+    assert len(prompts[0]) < kvcache.SHORT or not short
+    assert len(prompts[1]) > kvcache.SHORT or not short
+    batch = Batch(reference)
+    handles = [_handle(ids, 24) for ids in prompts]
+    batch.admit(handles)
+    while batch.filling:
+        batch.fill(4096)
+    finished = []
+    while batch.rows:
+        batch.step()
+        finished += batch.evict()
+    answers = {id(row.handle): row.ids for row in finished}
+    for question, handle in zip(questions, handles):
+        assert answers[id(handle)] == greedy(reference, [{"role": "user", "content": question}], 24)[1]
+
+
 def _teacher_forced(loaded, prompt, continuation):
     """Each next-token choice of `loaded` along `continuation`, through a row cache of its own: the prompt
     prefilled in one chunk, then one decode step per token."""

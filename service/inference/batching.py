@@ -204,6 +204,13 @@ class Batch:
             self._join(group)
         return done
 
+    @torch.inference_mode()
+    def join(self, handles):
+        """Prefill the prompts of `handles` each group in one pass, take each one's first token, and join."""
+        self.admit(handles)
+        while self.filling:
+            self.fill(len(handles) * max(len(handle.request.prompt_ids) for handle in handles))
+
     def _join(self, group):
         tokens = choose(group.logits, group.rows)
         for row in group.rows:
