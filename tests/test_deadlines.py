@@ -31,11 +31,13 @@ def test_speed_is_unknown_until_measured_then_never_optimistic():
 def test_a_step_costs_more_with_the_context_it_reads_and_sizing_counts_that_it_grows():
     speed = DecodeSpeed()
     speed.calibrate(1e-6)  # a first guess, as the engine's measurement at load gives
-    for step in range(400):  # 10 ms a step plus 2 us a cached token: the regression finds the 2 us
-        context = 100 + 40 * step
-        speed.observe_step(2, 0.010 + 2e-6 * context, context)
+    for step in range(600):  # 5 ms a row a step plus 2 us a cached token: the regression finds the 2 us
+        rows = (1, 2, 4)[step % 3]  # more rows hold more context and cost more for their own sake too
+        context = rows * (100 + 20 * step)
+        speed.observe_step(rows, 0.005 * rows + 2e-6 * context, context)
     assert speed.per_token == pytest.approx(2e-6, rel=0.02)
     assert speed.step_seconds(2) == pytest.approx(0.010, rel=0.02)
+    assert speed.step_seconds(4) == pytest.approx(0.020, rel=0.02)
     assert speed.per_row(2, 20000) == pytest.approx(1 / 0.050, rel=0.02)
     # every step of a request reads more context (both rows gain a token): fewer fit than the first step says
     fit = speed.tokens_within(10.0, 2, context=5000)

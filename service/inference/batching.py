@@ -168,7 +168,12 @@ class Batch:
         rows = []
         try:
             for handle in sorted(handles, key=lambda h: len(h.request.prompt_ids)):
-                rows.append(Row(handle, self.loaded, self.memory.allocate(self.tokens_of(handle.request))))
+                cache = self.memory.allocate(self.tokens_of(handle.request))
+                try:
+                    rows.append(Row(handle, self.loaded, cache))
+                except BaseException:
+                    self.memory.release(cache)
+                    raise
         except BaseException:
             self._free(rows)
             raise
@@ -246,6 +251,11 @@ class Batch:
         """Drop every running row (after an error); return them."""
         rows, self.rows = self.rows, []
         return self._free(rows)
+
+    def close(self):
+        """Drop every row, prefilling ones included (the engine stops); return them."""
+        filling, self.filling = [row for group in self.filling for row in group.rows], []
+        return self.empty() + self._free(filling)
 
     def _free(self, rows):
         """Give back the caches of `rows`, which have left; return them."""

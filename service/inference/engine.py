@@ -119,6 +119,7 @@ class Engine:
         return len(self._batch) if self._batch is not None else 0
 
     def queued(self):
+        """Requests waiting: in the queue, and the one at its head held for cache memory."""
         return self._queue.qsize() + (self._held is not None)
 
     def context(self):
@@ -157,13 +158,11 @@ class Engine:
         """Queue a request and return its handle; raise NotReady, TooLarge or QueueFull at once."""
         if not self.ready:
             raise NotReady(f"model is {self.state}")
-        tokens = Batch.tokens_of(request)
         longest = self.longest(len(request.prompt_ids))
         if longest is not None and request.max_new_tokens > longest:
-            need = self.memory.need(tokens)
             raise TooLarge(f"its prompt ({len(request.prompt_ids)} tokens) and {request.max_new_tokens} new "
-                           f"tokens need {need / 2**20:.0f} MiB of KV cache, more than the cache's bound of "
-                           f"{self.memory.bound / 2**20:.0f} MiB: at most {longest} new tokens fit")
+                           f"tokens need more KV cache than its bound holds ({self.memory.capacity_tokens} "
+                           f"tokens): at most {longest} new tokens fit")
         handle = Generation(request, self.name)
         try:
             self._queue.put_nowait(handle)
@@ -176,14 +175,14 @@ class Engine:
         try:
             with self._turns.turn():  # one model loads at a time: one peak of memory and of disk reads
                 self.model = self._loader()
+                self.memory = kvcache.CacheMemory(self.model.layout, self._bound(), self.model.device)
+                config = self.model.model.config
+                self.speed.calibrate(kvcache.attention_cost(self.model.layout, config.num_attention_heads,
+                                                            device=self.model.device))
         except Exception:  # the process stays up to answer /readyz; the log has the reason
             log.exception("model failed to load", extra={"fields": {"model": self.name}})
             self.state = "failed"
             return
-        self.memory = kvcache.CacheMemory(self.model.layout, self._cache_bytes, self.model.device)
-        config = self.model.model.config
-        self.speed.calibrate(kvcache.attention_cost(self.model.layout, config.num_attention_heads,
-                                                    device=self.model.device))
         self.state = "ready"
         metrics.MODEL_LOAD.labels(self.name).set(self.model.load_seconds)
         log.info("model loaded", extra={"fields": {"model": self.name,
@@ -209,16 +208,32 @@ class Engine:
                     rows, context, started = len(batch), batch.context, time.monotonic()
                     self._guarded(batch, batch.step)
                     self.speed.observe_step(rows, time.monotonic() - started, context)
-        for row in batch.empty() + [row for group in batch.filling for row in group.rows]:
-            row.handle._finish(error=EngineError("the engine stopped"))
-        if self._held is not None:
-            self._held._finish(error=EngineError("the engine stopped"))
+        stopped = EngineError("the engine stopped")
+        for row in batch.close():
+            row.handle._finish(error=stopped)
+        waiting = [self._held] if self._held is not None else []
+        while True:
+            try:
+                waiting.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        for handle in waiting:
+            handle._finish(error=stopped)
 
-    def chunk_tokens(self, running):
-        """Prompt tokens to prefill between two decode steps of `running` rows: about one step's time."""
+    def _bound(self):
+        """The cache's bound: the setting, and on a GPU no more than 90% of its memory free once the weights
+        are on it (its slabs are committed when allocated, not as written)."""
+        if self.model.device != "cuda":
+            return self._cache_bytes
+        free = int(torch.cuda.mem_get_info()[0] * 0.9)
+        return free if self._cache_bytes is None else min(self._cache_bytes, free)
+
+    def chunk_tokens(self, running, context=0):
+        """Prompt tokens to prefill between two decode steps of `running` rows holding `context` tokens:
+        about one step's time."""
         if not running:
             return CHUNK_IDLE_TOKENS
-        rate = self.speed.per_row(running)
+        rate = self.speed.per_row(running, context)
         fit = None if rate is None else self.speed.prefill_tokens_within(1.0 / rate)
         if fit is None:
             return CHUNK_UNMEASURED_TOKENS
@@ -228,7 +243,7 @@ class Engine:
         """One prefill chunk; a failed one fails the requests of its group."""
         started = time.monotonic()
         try:
-            done = batch.fill(self.chunk_tokens(len(batch)))
+            done = batch.fill(self.chunk_tokens(len(batch), batch.context))
         except FillError as exc:
             log.error("prefill failed", exc_info=exc.__cause__)
             for handle in exc.handles:
@@ -242,23 +257,24 @@ class Engine:
         when the batch is empty."""
         joining, tokens = [], 0
         while len(joining) < room:
-            handle, self._held = self._held, None
+            handle = self._held  # stays held (and counted as queued) until it joins or ends
             if handle is None:
                 try:
                     handle = self._queue.get(timeout=0.2) if wait and not joining else self._queue.get_nowait()
                 except queue.Empty:
                     break
+                self._held = handle
             now = time.monotonic()  # after the wait: a request cannot start before it was submitted
             if handle.cancelled or handle.expired(now):
+                self._held = None
                 reason = "cancelled" if handle.cancelled else "timeout"
                 handle._finish(GenerationResult("", [], len(handle.request.prompt_ids), reason,
                                                 now - handle.submitted, 0.0))
                 continue
             need = tokens + Batch.tokens_of(handle.request)
             if not self.memory.fits(need):
-                self._held = handle
                 break
-            tokens = need
+            self._held, tokens = None, need
             handle.started = now
             metrics.QUEUE_WAIT.labels(self.name).observe(now - handle.submitted)
             joining.append(handle)

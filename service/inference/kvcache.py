@@ -18,7 +18,9 @@ The cache is stored in bfloat16 (`kv_dtype` auto, for the bfloat16 and int8
 modes: half of float32's bytes read per step) or float32 (the float32 mode's
 auto: that mode is the exact reference). A decode step's attention reads a
 long row's slab in place, with two matrix products per key/value head in the
-cache's dtype and a float32 softmax; rows with short caches (`SHORT`) attend
+cache's dtype (torch has no bfloat16 product with a float32 result on a CPU, so
+the scores are rounded to bfloat16 before a float32 softmax, as a bfloat16
+model's own attention rounds them); rows with short caches (`SHORT`) attend
 together in float32, their caches copied into one batch (cheap at that
 length, and a few operations instead of a dozen per row); a prefill chunk's
 attention runs in float32 through SDPA with its causal mask.
@@ -112,17 +114,20 @@ class Pass:
     the pass has run; a pass that failed leaves them as they were (its writes are overwritten next time)."""
 
     def __init__(self, segments):
-        self.segments, start = [], 0
+        self.segments, self.short, self.deep, start = [], [], [], 0
         for cache, count in segments:
             if cache.length + count > cache.capacity:
                 raise CacheFull(f"{cache.length} + {count} tokens do not fit a row of {cache.capacity}")
-            if count == 1:  # decode: the row's bucket, zeroed past what is written, before any layer writes
-                cache.padded(cache.length + 1)
-            self.segments.append((cache, start, count, cache.length))
+            base = cache.length
+            self.segments.append((cache, start, count, base))
+            if count > 1:
+                pass  # a prefill chunk: attends through SDPA
+            elif base < SHORT:
+                self.short.append((cache, start, base))
+            else:  # its bucket, zeroed past what is written, before any layer writes
+                self.deep.append((cache, start, base, cache.padded(base + 1)))
             start += count
         self.tokens = start
-        self.short = [(cache, start, base) for cache, start, count, base in self.segments
-                      if count == 1 and base < SHORT]
         self._batch = None  # the short rows' float32 keys and values, made by the first layer, reused by the rest
 
     def _short_batch(self, query):
@@ -158,17 +163,14 @@ class Pass:
             attended = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, scale=scaling,
                                                       enable_gqa=True)
             out[0, where] = attended[:, :, 0].to(out.dtype)
+        for cache, start, base, end in self.deep:
+            keys, values = cache.keys[layer, :, :end], cache.values[layer, :, :end]
+            out[0, start] = _decode_attention(query[0, :, start:start + 1], keys, values, scaling, base + 1)[:, 0]
         for cache, start, count, base in self.segments:
-            rows = query[0, :, start:start + count]
-            if count == 1 and base < SHORT:
-                continue  # attended above, with the other short rows
-            if count == 1:
-                end = cache.padded(base + 1)
-                keys, values = cache.keys[layer, :, :end], cache.values[layer, :, :end]
-                out[0, start] = _decode_attention(rows, keys, values, scaling, base + 1)[:, 0]
-            else:
+            if count > 1:
                 keys, values = cache.keys[layer, :, :base + count], cache.values[layer, :, :base + count]
-                out[0, start:start + count] = _prefill_attention(rows, keys, values, scaling, base).transpose(0, 1)
+                out[0, start:start + count] = _prefill_attention(query[0, :, start:start + count], keys, values,
+                                                                 scaling, base).transpose(0, 1)
         return out
 
     def commit(self):

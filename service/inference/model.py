@@ -134,7 +134,8 @@ def load(path, dtype="float32", quantization="none", prefill_float32="auto", dev
     at a time; a folder written by `vibethinker-admin model convert` loads as
     it is. Such a folder only loads with the quantization it was converted to.
     `device` is a setting (auto, cpu, cuda; see resolve_device); on cuda the
-    weights are copied to the GPU in `dtype` and attention is SDPA. `reasoning_start` is the tag whose
+    weights are copied to the GPU in `dtype`; attention goes through the engine's own
+    (service.inference.kvcache), transformers' SDPA for anything else. `reasoning_start` is the tag whose
     presence after the template's generation prompt means the template opens the thinking itself.
     `kv_dtype` is what the KV cache is stored in (service.inference.kvcache.cache_dtype).
     """

@@ -6,7 +6,8 @@ one token per step. A step costs a part that depends on the number of rows
 tokens in the rows' caches (each row's attention reads its whole cache). So
 a step is modelled as `base(rows) + per_token * context`: `per_token` starts
 from a measurement of the attention itself (`calibrate`, at load) and is
-refined by a regression of step times on context; `base` is smoothed per
+refined by a regression of step times on context within each batch size;
+`base` is smoothed per
 batch size (exponential moving average) with the context part taken out.
 Prefill is timed per prompt token. From these, `tokens_within` says how many
 tokens one more request can get in a number of seconds, counting that every
@@ -29,7 +30,7 @@ class DecodeSpeed:
         self._base_s = {}  # rows -> seconds per step with no context
         self._prefill_s = None  # seconds per prompt token
         self.per_token = 0.0  # seconds a step takes per token of context its rows read
-        self._mean = None  # (context, seconds) smoothed, for the regression
+        self._means = {}  # rows -> (context, seconds) smoothed: the regression works on deviations from them
         self._var = self._cov = 0.0
 
     def calibrate(self, per_token):
@@ -39,18 +40,20 @@ class DecodeSpeed:
 
     def observe_step(self, rows, seconds, context=0):
         with self._lock:
-            self._regress(context, seconds)
+            self._regress(rows, context, seconds)
             base = max(0.0, seconds - self.per_token * context)
             old = self._base_s.get(rows)
             self._base_s[rows] = base if old is None else old + SMOOTHING * (base - old)
 
-    def _regress(self, context, seconds):
-        if self._mean is None:
-            self._mean = (context, seconds)
+    def _regress(self, rows, context, seconds):
+        """Step time against context, within each batch size: a larger batch holds more context and also
+        costs more for its rows alone, which a regression across batch sizes would take for the context's."""
+        if rows not in self._means:
+            self._means[rows] = (context, seconds)
             return
-        (x, y), a = self._mean, SLOPE_SMOOTHING
+        (x, y), a = self._means[rows], SLOPE_SMOOTHING
         dx, dy = context - x, seconds - y
-        self._mean = (x + a * dx, y + a * dy)
+        self._means[rows] = (x + a * dx, y + a * dy)
         self._var += a * (dx * dx - self._var)
         self._cov += a * (dx * dy - self._cov)
         if self._var >= MIN_SPREAD ** 2 and self._cov > 0:

@@ -163,8 +163,8 @@ def answer(state, job, gone=lambda: False):
 def outcome(job, result, deadline_s):
     """The answer of a finished generation, or DeadlineExceeded when the deadline (or a cancel) cut it; a
     server-sized answer cut by its deadline ends as "length" instead: the server chose its length."""
-    if job.params.sized and result is not None and result.finish_reason == "timeout":
-        return dataclasses.replace(result, finish_reason="length")
+    if job.params.sized and result is not None and result.finish_reason == "timeout" and result.token_ids:
+        return dataclasses.replace(result, finish_reason="length")  # (one that never started is a 504)
     if result is None or result.finish_reason in ("timeout", "cancelled"):
         raise deadline_error(deadline_s, result.completion_tokens if result else 0)
     return result
@@ -184,7 +184,7 @@ def fit_deadline(state, job):
         params = dataclasses.replace(params, sized=True)
     if fit is not None and params.max_new_tokens > fit:
         if job.asked is not None:
-            rate = engine.speed_now()[0]
+            rate = engine.speed_now()[0] or 0.0
             raise BadRequest(
                 f"{job.tokens_name} {params.max_new_tokens} cannot finish within the "
                 f"{settings.request_deadline_s:g} s deadline of a whole answer at this server's measured speed "

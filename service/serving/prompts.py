@@ -8,6 +8,8 @@ prompt or model not allowed, Unprocessable for the content policy,
 PromptTooLong naming the field to change, Unavailable while the model loads).
 """
 
+import dataclasses
+
 from service.errors import BadRequest, PromptTooLong
 from service.inference.model import PromptError, chat_messages
 from service.inputs import filtering, language
@@ -83,9 +85,12 @@ def prompt_ids(state, job, messages, param):
                             f"model's context of {context} tokens", "context_length_exceeded", tokens_name)
     longest = engine.longest(len(ids))
     if longest is not None and asked > longest:
-        raise PromptTooLong(f"prompt ({len(ids)} tokens) plus {tokens_name} ({asked}) does not fit this server's "
-                            f"KV cache bound: at most {longest} new tokens fit beside this prompt",
-                            "context_length_exceeded", tokens_name)
+        if job.asked is None and longest >= 1:  # the server's default, not the caller's: lowered to what fits
+            job.params = dataclasses.replace(job.params, max_new_tokens=longest)
+        else:
+            raise PromptTooLong(f"prompt ({len(ids)} tokens) plus {tokens_name} ({asked}) does not fit this "
+                                f"server's KV cache bound: at most {longest} new tokens fit beside this prompt",
+                                "context_length_exceeded", tokens_name)
     return ids
 
 
