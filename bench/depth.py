@@ -9,7 +9,10 @@ bfloat16 cache and with the float32 one, measured side by side. A row's
 context is laid into its cache directly (random keys and values, then its
 last prompt token prefilled for real): decode reads the cache's bytes
 whatever they hold, and prefilling 32,768 tokens at real size would take
-minutes for nothing this bench measures. The bound of each ratio is the
+minutes for nothing this bench measures. Rows of fewer than 512 tokens
+attend together in one float32 batch, the engine's own path near the start
+of an answer (service.inference.kvcache.SHORT), so the 8-row ratio sets
+that path against the in-place one. The bound of each ratio is the
 bytes a step reads (weights plus every row's cache) near the start over
 at depth. llama.cpp Q8_0 (`llama-bench -d`, its no-AMX build) decodes at
 the same depths, in the same run. Last, 4 rows of 16,384 tokens run a few
