@@ -146,7 +146,13 @@ def test_kill_9_of_the_worker_during_load(fronted, long_question):
 
     first = worker_of(app)
     with Load(5, ask) as load, Load(1, lambda s, rid: ask(s, rid, capped)) as capped_load:
-        time.sleep(2.0)  # every client is mid-generation
+        # Every client mid-generation: all six running, then killed at once (a fixed sleep could land as an
+        # answer ends, after its budget is settled and before its usage row is committed)
+        deadline = time.monotonic() + 30
+        while requests.get(nginx.https + "/readyz", verify=nginx.cert, timeout=10).json().get("running", 0) < 6:
+            assert time.monotonic() < deadline, "the six clients never ran together"
+            time.sleep(0.05)
+        time.sleep(0.2)
         first.kill()
         first.wait(10)
         deadline = time.monotonic() + 90
