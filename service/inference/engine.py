@@ -23,7 +23,6 @@ queue until rows leave (a full queue refuses more), and one that could never
 fit is refused at once (`TooLarge`). A running answer never runs out of memory.
 """
 
-
 import contextlib
 import logging
 import queue
