@@ -8,7 +8,7 @@ from service.inference import model
 from service.inference.decoding import decode_step
 from service.inference.engine import Engine
 from service.inference.generation import GenerationRequest, QueueFull
-from tests.support.reference import greedy, long_messages
+from tests.support.reference import decode_to_the_end, greedy, long_messages
 
 
 def started(tiny_model, **kwargs):
@@ -260,15 +260,6 @@ def _handle(ids, max_new_tokens, deadline_s=60.0):
     return Generation(GenerationRequest(ids, max_new_tokens, deadline=time.monotonic() + deadline_s))
 
 
-def _decode_to_the_end(batch):
-    """Step `batch` until every row left; the rows' token ids, in the order the rows joined."""
-    finished = []
-    while batch.rows:
-        batch.step()
-        finished += batch.evict()
-    return {id(row.handle): row.ids for row in finished}
-
-
 def test_a_prompt_prefilled_in_chunks_answers_as_one_prefilled_at_once(reference):
     from service.inference.batching import Batch
 
@@ -283,7 +274,7 @@ def test_a_prompt_prefilled_in_chunks_answers_as_one_prefilled_at_once(reference
         assert chunked.fill(7) <= 2 * 3  # two rows: 3 columns a chunk
         chunks += 1
     assert chunks == -(-max(map(len, prompts)) // 3) > 3
-    answers = _decode_to_the_end(chunked)
+    answers = decode_to_the_end(chunked)
     for question, handle in zip(questions, handles):
         assert answers[id(handle)] == greedy(reference, [{"role": "user", "content": question}], 16)[1]
 
@@ -319,7 +310,7 @@ def test_a_row_that_stops_mid_prefill_leaves_and_the_others_still_match(referenc
     assert batch.filling_rows == 1
     while batch.filling:
         batch.fill(8)
-    assert _decode_to_the_end(batch)[id(staying)] == greedy(
+    assert decode_to_the_end(batch)[id(staying)] == greedy(
         reference, [{"role": "user", "content": questions[1]}], 16)[1]
 
 

@@ -11,7 +11,7 @@ from service.inference import kvcache, model
 from service.inference.batching import Batch, forward
 from service.inference.engine import Engine
 from service.inference.generation import EngineError, Generation, GenerationRequest, TooLarge
-from tests.support.reference import greedy, long_messages
+from tests.support.reference import decode_to_the_end, greedy, long_messages
 
 
 def _handle(ids, max_new_tokens, deadline_s=60.0):
@@ -96,11 +96,7 @@ def test_short_and_long_rows_decode_together_each_as_alone(reference, monkeypatc
     batch.admit(handles)
     while batch.filling:
         batch.fill(4096)
-    finished = []
-    while batch.rows:
-        batch.step()
-        finished += batch.evict()
-    answers = {id(row.handle): row.ids for row in finished}
+    answers = decode_to_the_end(batch)
     for question, handle in zip(questions, handles):
         assert answers[id(handle)] == greedy(reference, [{"role": "user", "content": question}], 24)[1]
 

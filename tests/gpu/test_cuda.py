@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from tests.support.reference import greedy
+from tests.support.reference import decode_to_the_end, greedy
 
 MODEL = "VibeThinker-1.5B"
 
@@ -34,11 +34,7 @@ def test_the_model_on_the_gpu_answers_as_on_the_cpu(tiny_model, reference):
     batch.admit(handles)
     while batch.filling:
         batch.fill(8)  # chunked, as the engine does while others decode
-    finished = []
-    while batch.rows:
-        batch.step()
-        finished += batch.evict()
-    answers = {id(row.handle): row.ids for row in finished}
+    answers = decode_to_the_end(batch)
     for question, handle in zip(questions, handles):
         assert answers[id(handle)] == greedy(reference, [{"role": "user", "content": question}], 24)[1]
 

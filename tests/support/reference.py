@@ -14,6 +14,15 @@ def greedy(loaded, messages, max_new_tokens):
     return loaded.decode(new), new
 
 
+def decode_to_the_end(batch):
+    """Step a batch (service.inference.batching.Batch) until every row left; {id(handle): its token ids}."""
+    finished = []
+    while batch.rows:
+        batch.step()
+        finished += batch.evict()
+    return {id(row.handle): row.ids for row in finished}
+
+
 def long_messages(question):
     """The conversation /predict builds for `question`: long_question runs 2048 tokens without an end."""
     from service.settings import Settings
