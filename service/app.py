@@ -122,7 +122,8 @@ def start_models(specs, sizes, settings):
     bounds = footprint.cache_bounds(sizes, settings.kv_cache_bytes, settings.memory_limit_bytes)
     for spec in specs:
         loader = partial(model.load, str(spec.path), spec.dtype, spec.quantization, settings.prefill_float32,
-                         settings.device, spec.reasoning_start, settings.forced_output, settings.kv_dtype)
+                         settings.device, spec.reasoning_start, settings.forced_output, settings.kv_dtype,
+                         spec.reasoning_end, settings.thinking_closing)
         # before the engine starts: the files loaded; the KV cache's dtype changes answers as the mode does
         files = revision(spec.path, f"{mode_of(spec)} kv {settings.kv_dtype}")
         engine = Engine(loader, settings.queue_size, settings.torch_threads, settings.max_batch_size,

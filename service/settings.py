@@ -170,6 +170,30 @@ class Settings(BaseSettings):
         3.0, gt=0.0, le=60.0, description="Longest time checking one final answer against expected_answer "
         "(math-verify, in a process of its own) may take; past it `correct` is null.",
     )
+    answer_tokens: int = Field(
+        1024, ge=1, le=131072, description="Room kept for the answer after a thinking ended early: the thinking "
+        "is ended (a closing sentence and the end tag fed in) when what is left of max_tokens, or of the deadline "
+        "at the measured speed, would not fit this many more (half of what is left, for shorter requests); the "
+        "answer that follows is capped at it.",
+    )
+    thinking_closing: str = Field(
+        "\n\nConsidering the limited time, I have to stop thinking here and give the final answer now.\n",
+        min_length=1, max_length=512, description="The sentence fed into a thinking ended early, before the "
+        "model's end tag (reasoning_end).",
+    )
+    reasoning_effort_budgets: dict[Literal["none", "minimal", "low", "medium", "high"], int] = Field(
+        {"none": 0, "minimal": 256, "low": 1024, "medium": 4096, "high": 16384},
+        description="Thinking tokens each reasoning_effort allows (a request's thinking_token_budget sets its "
+        "own). A missing level is a request without a budget.",
+    )
+    loop_period: int = Field(
+        256, ge=1, le=4096, description="The longest span of tokens the loop check looks for repeating.")
+    loop_tokens: int = Field(
+        512, ge=0, le=131072, description="A thinking whose last tokens repeat one span (of at most loop_period) "
+        "this far past its first copy is looping, and is ended; 0 turns the check off.",
+    )
+    max_n: int = Field(8, ge=1, le=64, description="Most choices (n) one request may ask for (and at most "
+                       "max_batch_size): prefilled once, each its own row.")
     forced_output: str | None = Field(
         None, min_length=1, max_length=4096, description="Tests only: a demo model (its folder has "
         "DEMO_MODEL.txt) emits this text's tokens instead of its own choices, then its end token.",

@@ -47,7 +47,8 @@ class ChatStream:
         self.record, self.state = accounting.current(), state()
         self.handle = self.result = None
         self.status = 200
-        self.splitter = reasoning.Splitter(job.served.markers, raw=job.params.reasoning_format == "none")
+        raw = job.params.reasoning_format == "none"
+        self.splitters = [reasoning.Splitter(job.served.markers, raw=raw) for _ in range(job.params.n)]
 
     def open(self):
         """Admit and queue now; refusals raise with their own status. A replay needs neither."""
@@ -77,10 +78,11 @@ class ChatStream:
     def events(self):
         """The stream's events, as SSE text."""
         settings = self.state.settings
-        yield self._chunk({"role": "assistant", "content": ""})
-        for piece in self.handle.deltas(idle=settings.stream_keepalive_s):
-            yield ": keep-alive\n\n" if piece is None else self._pieces(self.splitter.feed(piece))
-        yield self._pieces(self.splitter.flush())
+        yield self._opening()
+        for delta in self.handle.deltas(idle=settings.stream_keepalive_s):
+            yield ": keep-alive\n\n" if delta is None else \
+                self._pieces(delta.index, self.splitters[delta.index].feed(delta.text), delta.logprobs)
+        yield "".join(self._pieces(index, splitter.flush()) for index, splitter in enumerate(self.splitters))
         try:
             self.result = self.handle.result(timeout=5)
         except Exception:  # the engine failed this request: say so in the stream, as a 500 would
@@ -90,7 +92,7 @@ class ChatStream:
                                     "reporting it", "internal_error"))
             yield "data: [DONE]\n\n"
             return
-        if self.result.finish_reason in ("timeout", "cancelled"):
+        if any(choice.finish_reason in ("timeout", "cancelled") for choice in self.result.choices):
             self.status = 504
             error = pipeline.deadline_error(settings.stream_deadline_s, self.result.completion_tokens)
             yield _event(body_of(error))
@@ -100,25 +102,45 @@ class ChatStream:
 
     def replay(self):
         """The events of the cached answer, as events() would have sent them."""
-        yield self._chunk({"role": "assistant", "content": ""})
-        for piece in pieces(self.hit.text):
-            yield self._pieces(self.splitter.feed(piece))
-        yield self._pieces(self.splitter.flush())
+        yield self._opening()
+        for choice in self.hit.choices:
+            splitter, entries = self.splitters[choice.index], list(choice.logprobs or ())
+            for piece in pieces(choice.text):
+                yield self._pieces(choice.index, splitter.feed(piece), entries[:1])
+                entries = entries[1:]
+            yield self._pieces(choice.index, splitter.flush(), entries)
         yield from self._ending(self.hit)
         yield "data: [DONE]\n\n"
 
-    def _ending(self, result):
-        """The last chunk (its finish reason, the final answer and its check) and the usage chunk if asked."""
-        answer = reasoning.split(result.text, self.job.served.markers).answer
-        yield self._chunk(shapes.verdict(self.state, self.job, answer),
-                          finish=shapes.openai_reason(result.finish_reason))
-        if self.include_usage:
-            yield self._chunk({}, usage=shapes.chat_usage(self.job, result))
+    def _opening(self):
+        return "".join(self._chunk(index, {"role": "assistant", "content": ""}) for index in range(self.job.params.n))
 
-    def _pieces(self, parts):
-        """The chunks of split text: the thinking as reasoning_content and reasoning, the answer as content."""
-        return "".join(self._chunk({"content": text} if kind == "content" else
-                                   {"reasoning_content": text, "reasoning": text}) for kind, text in parts)
+    def _ending(self, result):
+        """Each choice's last chunk (its finish reason, why its thinking was ended early, the final answer and
+        its check), the vote and the usage chunk if asked."""
+        finals = []
+        for choice in result.choices:
+            answer = reasoning.split(choice.text, self.job.served.markers).answer
+            verdict = shapes.verdict(self.state, self.job, answer)
+            finals.append(verdict["final_answer"])
+            yield self._chunk(choice.index, verdict, finish=shapes.openai_reason(choice.finish_reason),
+                              ended=choice.thinking_ended)
+        if self.job.params.vote:
+            yield self._chunk(None, {}, vote=shapes.vote(self.state, finals))
+        if self.include_usage:
+            yield self._chunk(None, {}, usage=shapes.chat_usage(self.job, result))
+
+    def _pieces(self, index, parts, logprobs=()):
+        """The chunks of split text: the thinking as reasoning_content and reasoning, the answer as content; the
+        log probabilities of the tokens decoded with them on the first (a piece held back has its tokens')."""
+        chunks = []
+        for kind, text in parts:
+            chunks.append(self._chunk(index, {"content": text} if kind == "content" else
+                                      {"reasoning_content": text, "reasoning": text}, logprobs=logprobs))
+            logprobs = ()
+        if logprobs:  # text held back (a possible tag): its tokens' log probabilities go now
+            chunks.append(self._chunk(index, {}, logprobs=logprobs))
+        return "".join(chunks)
 
     def close(self):
         """Stop the generation, settle what it used, write the usage row and log line."""
@@ -134,12 +156,23 @@ class ChatStream:
         except Exception:  # the engine failed this request or did not stop in time: nothing known to count
             return None
 
-    def _chunk(self, delta, finish=None, usage=None):
-        choices = [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+    def _chunk(self, index, delta, finish=None, usage=None, vote=None, logprobs=(), ended=None):
+        """One chat.completion.chunk: a choice's delta (its log probabilities when asked), or with `index` None
+        the vote or the usage, with no choice."""
+        choices = []
+        if index is not None:
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+            if self.job.params.logprobs is not None and logprobs:
+                choice["logprobs"] = shapes.logprobs(self.job, logprobs)
+            if finish is not None:
+                choice["thinking_ended_early"] = ended
+            choices.append(choice)
         body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.job.model, "choices": choices}
         if usage:
             body["usage"] = usage
+        if vote:
+            body["vote"] = vote
         return _event(body)
 
 

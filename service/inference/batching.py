@@ -21,8 +21,10 @@ import time
 
 import torch
 
-from service.inference.decoding import GREEDY_BELOW, StopText, choose, decode_step, finish_reason
+from service.inference.decoding import GREEDY_BELOW, StopText, choose, decode_step, entry, finish_reason, logprobs_of
+from service.inference.generation import Logprob
 from service.inference.kvcache import CacheMemory, Pass
+from service.inference.thinking import Loops, Thinking
 from service.records import metrics
 
 # Prompts prefilled as one group: the longest at most this times the shortest, plus the slack.
@@ -30,48 +32,98 @@ SIMILAR_LENGTH, SIMILAR_SLACK = 2, 64
 
 
 class Row:
-    """One request inside the batch: its tokens, its text, its sampler and why it ended."""
+    """One choice of a request inside the batch: its tokens, its text, its sampler, its thinking, why it ended."""
 
-    def __init__(self, handle, loaded, cache):
-        self.handle, self.loaded, self.request = handle, loaded, handle.request
+    def __init__(self, handle, loaded, cache, index=0):
+        self.handle, self.loaded, self.request, self.index = handle, loaded, handle.request, index
         self.cache = cache  # its keys and values (service.inference.kvcache.RowCache), until it leaves
         self.first = None  # the logits of its prompt's last token, once prefilled
+        self.forks = []  # the other choices of its request, until they join it (copies of its prefilled cache)
         self.ids, self.prefix, self.read, self.last = [], 0, 0, None
         self.text = StopText(self.request.stop)
         self.done, self.error = False, None
         self.greedy = self.request.temperature < GREEDY_BELOW
         self.generator = None
         if not self.greedy and self.request.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.request.seed)
+            self.generator = torch.Generator().manual_seed(seed_of(self.request.seed, index))
+        budget = self.request.budget
+        loops = None if budget is None or not budget.loop_tokens else Loops(budget.loop_period, budget.loop_tokens)
+        self.thinking = Thinking(loaded.tags, budget and budget.tokens, budget and budget.answer_tokens,
+                                 loaded.closing, loops)
+        self.forcing = []  # tokens to feed in before its next one: the closing of a thinking ended early
+        self.forced = 0
+        self.logprobs = [] if self.request.logprobs is not None else None
+        self.pending = []  # log probabilities of its tokens whose text was not sent yet
+
+    @property
+    def limit(self):
+        """The most tokens it may generate: its max_new_tokens, or less once its thinking was ended early."""
+        return self.thinking.limit or self.request.max_new_tokens
 
     def fail(self, error):
         """End this row with `error` (its caller gets it); the batch goes on without it."""
         self.error, self.done = error, True
 
-    def add(self, token, now):
-        """Take the row's next token: metrics, incremental decoding, stop strings, end token."""
+    def add(self, token, now, logprob=None):
+        """Take the row's next token: metrics, incremental decoding, stop strings, its thinking, end token."""
         if self.error is not None:
             return
         model = self.handle.model
         metrics.TTFT.labels(model).observe(now - self.handle.submitted) if self.last is None \
             else metrics.INTER_TOKEN.labels(model).observe(now - self.last)
         self.last = now
-        self.ids.append(token)
-        piece, self.prefix, self.read = decode_step(self.loaded.decode, self.ids, self.prefix, self.read)
-        self.handle._emit(self.text.feed(piece))
+        thinking = self.thinking.state != "answering"
+        self._append(token, logprob, thinking)
+        self.thinking.follow(token, self.text.text)
         self.done = token in self.loaded.eos_ids or self.should_stop()
+
+    def force(self, logprobs=None):
+        """Take the closing fed into the row by the last pass (its tokens' log probabilities, if asked)."""
+        tokens, self.forcing = self.forcing, []
+        self.forced += len(tokens)
+        thinking = self.loaded.closing_thinking
+        for i, token in enumerate(tokens):
+            self._append(token, None if logprobs is None else logprobs[i], i < thinking)
+
+    def _append(self, token, logprob, thinking):
+        self.ids.append(token)
+        if logprob is not None and self.logprobs is not None:
+            entry = Logprob(token, logprob[0], logprob[1], thinking)
+            self.logprobs.append(entry)
+            self.pending.append(entry)
+        piece, self.prefix, self.read = decode_step(self.loaded.decode, self.ids, self.prefix, self.read)
+        text = self.text.feed(piece)
+        if text or (self.pending and self.text.hit):
+            self.handle._emit(text, self.index, self.pending)
+            self.pending = []
+
+    def end_thinking(self, now, seconds_per_token):
+        """Whether its thinking must end now (service.inference.thinking); if so, the closing to feed in."""
+        if self.done or self.forcing:
+            return None
+        reason = self.thinking.must_end(len(self.ids), self.request.max_new_tokens,
+                                        self.request.deadline - now, seconds_per_token)
+        if reason is not None:
+            self.forcing = self.thinking.end(reason, len(self.ids), self.request.max_new_tokens)
+        return reason
 
     def should_stop(self):
         return (self.handle.cancelled or self.handle.expired() or self.text.hit
-                or len(self.ids) >= self.request.max_new_tokens)
+                or len(self.ids) >= self.limit)
 
     def outcome(self):
         """(text, token ids, finish reason), once the row has left the batch."""
-        self.handle._emit(self.text.flush())
+        self.handle._emit(self.text.flush(), self.index, self.pending)
+        self.pending = []
         if self.text.hit:
             return self.text.text, self.ids, "stop"
-        reason = finish_reason(self.ids, self.loaded.eos_ids, self.request.max_new_tokens, self.handle)
+        reason = finish_reason(self.ids, self.loaded.eos_ids, self.limit, self.handle)
         return self.loaded.decode(self.ids), self.ids, reason
+
+
+def seed_of(seed, index):
+    """The seed of a request's choice `index`: its seed, plus the index (wrapped into torch's range)."""
+    return (seed + index + 2**63) % 2**64 - 2**63
 
 
 class Filling:
@@ -117,7 +169,8 @@ class Filling:
         return packed
 
     def drop_stopped(self):
-        """Take out the rows whose caller gave up or whose deadline passed; return them."""
+        """Take out the rows whose caller gave up or whose deadline passed; return them (their forks with them:
+        Batch._free)."""
         stopping = [row.should_stop() for row in self.rows]  # once: a deadline can pass between two looks
         self.rows, gone = ([row for row, stop in zip(self.rows, stopping) if not stop],
                            [row for row, stop in zip(self.rows, stopping) if stop])
@@ -143,37 +196,58 @@ def forward(loaded, segments, keep):
     return logits[0]
 
 
+def fork(lead):
+    """The other choices of `lead`'s request, joining: its prefilled cache copied into each one's own."""
+    length = lead.cache.length
+    for row in lead.forks:
+        row.cache.keys[:, :, :length].copy_(lead.cache.keys[:, :, :length])
+        row.cache.values[:, :, :length].copy_(lead.cache.values[:, :, :length])
+        row.cache.length = length
+    forks, lead.forks = lead.forks, []
+    return forks
+
+
 class Batch:
     """The running rows, and the groups prefilling to join them; each row with its own cache, reserved from
     `memory` (service.inference.kvcache.CacheMemory: unbounded when none is given).
 
-    `admit` and `fill` bring requests in, `step` decodes, `evict` takes finished rows out."""
+    `admit` and `fill` bring requests in, `step` decodes, `evict` takes finished rows out. A request for n
+    choices is prefilled once, by its first row; the others fork from it as it joins. `pace` is the seconds
+    a decode step takes per row, as the engine measured it (None: not yet), for the thinkings' deadlines."""
 
     def __init__(self, loaded, memory=None):
         self.loaded, self.rows, self.filling = loaded, [], []
         self.memory = memory or CacheMemory(loaded.layout, device=loaded.device)
+        self.pace = None
 
     def __len__(self):
         return len(self.rows)
 
     @staticmethod
     def tokens_of(request):
-        """The most tokens a request's row can hold: its prompt and every token it may generate."""
-        return len(request.prompt_ids) + request.max_new_tokens
+        """The most tokens a request's rows can hold: its prompt and every token it may generate, per choice."""
+        return (len(request.prompt_ids) + request.max_new_tokens) * request.n
 
     def admit(self, handles):
-        """Reserve each request's cache and start prefilling them, in groups of similar prompt lengths (a
-        short prompt neither waits for a long one nor is packed beside it for long); `fill` advances them.
-        CacheFull (nothing admitted) when the caches do not fit."""
+        """Reserve each request's caches (one row per choice) and start prefilling them, in groups of similar
+        prompt lengths (a short prompt neither waits for a long one nor is packed beside it for long); `fill`
+        advances them. CacheFull (nothing admitted) when the caches do not fit."""
         rows = []
         try:
             for handle in sorted(handles, key=lambda h: len(h.request.prompt_ids)):
-                cache = self.memory.allocate(self.tokens_of(handle.request))
-                try:
-                    rows.append(Row(handle, self.loaded, cache))
-                except BaseException:
-                    self.memory.release(cache)
-                    raise
+                request, lead = handle.request, None
+                for index in range(request.n):
+                    cache = self.memory.allocate(len(request.prompt_ids) + request.max_new_tokens)
+                    try:
+                        row = Row(handle, self.loaded, cache, index)
+                    except BaseException:
+                        self.memory.release(cache)
+                        raise
+                    if lead is None:
+                        lead = row
+                        rows.append(row)
+                    else:
+                        lead.forks.append(row)
         except BaseException:
             self._free(rows)
             raise
@@ -189,7 +263,8 @@ class Batch:
 
     @property
     def filling_rows(self):
-        return sum(len(group) for group in self.filling)
+        """Rows prefilling to join: each request's choices."""
+        return sum(row.request.n for group in self.filling for row in group.rows)
 
     @torch.inference_mode()
     def fill(self, tokens):
@@ -217,19 +292,47 @@ class Batch:
             self.fill(len(handles) * max(len(handle.request.prompt_ids) for handle in handles))
 
     def _join(self, group):
-        tokens = choose(group.logits, group.rows)
-        for row in group.rows:
-            row.first = None
+        rows, logits = [], []
+        for lead, first in zip(group.rows, group.logits):
+            lead.first = None
+            for row in (lead, *fork(lead)):
+                rows.append(row)
+                logits.append(first)
+        logits = torch.stack(logits)
+        tokens = choose(logits, rows)
         # Rows are in the batch before their first token reaches a caller, so whoever sees that token
         # also sees the rows running.
-        self.rows = self.rows + group.rows
-        self._hand_out(group.rows, tokens)
+        self.rows = self.rows + rows
+        self._hand_out(rows, tokens, logprobs_of(logits, rows, tokens))
 
     @torch.inference_mode()
     def step(self):
-        """One decode step for every row: each row's last token, packed into one forward pass."""
-        logits = forward(self.loaded, [(row, row.ids[-1:]) for row in self.rows], list(range(len(self.rows))))
-        self._hand_out(self.rows, choose(logits, self.rows))
+        """One decode step for every row: each row's last token (and a closing being forced), packed into one
+        forward pass."""
+        segments, keep, ends, packed = [], [], [], 0
+        for row in self.rows:
+            tokens = row.ids[-1:] + row.forcing
+            segments.append((row, tokens))
+            if row.forcing and row.logprobs is not None:  # the forced tokens' log probabilities too
+                keep += range(packed, packed + len(tokens))
+            else:
+                keep.append(packed + len(tokens) - 1)
+            packed += len(tokens)
+            ends.append(len(keep) - 1)
+        logits = forward(self.loaded, segments, keep)
+        for row, end in zip(self.rows, ends):
+            if row.forcing:
+                before = logits[end - len(row.forcing):end] if row.logprobs is not None else None
+                row.force(None if before is None else self._logprobs(before, row))
+        last = logits[ends]
+        tokens = choose(last, self.rows)
+        self._hand_out(self.rows, tokens, logprobs_of(last, self.rows, tokens))
+
+    @staticmethod
+    def _logprobs(logits, row):
+        """Per forced token, its log probability and alternatives from the logits that predicted it."""
+        logs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        return [entry(logs[i], token, row.request.logprobs) for i, token in enumerate(row.forcing)]
 
     @property
     def context(self):
@@ -258,19 +361,25 @@ class Batch:
         return self.empty() + self._free(filling)
 
     def _free(self, rows):
-        """Give back the caches of `rows`, which have left; return them."""
+        """Give back the caches of `rows` (and of their forks not yet joined), which have left; return them."""
+        rows = [each for row in rows for each in (row, *row.forks)]
         for row in rows:
+            row.forks = []
             if row.cache is not None:
                 self.memory.release(row.cache)
                 row.cache = None
         return rows
 
-    def _hand_out(self, rows, tokens):
-        """Give each row its chosen token (decoding, stop strings, its caller's deltas)."""
+    def _hand_out(self, rows, tokens, logprobs):
+        """Give each row its chosen token (decoding, stop strings, its caller's deltas), and end the thinkings
+        that must end now."""
         now = time.monotonic()
         metrics.BATCH_SIZE.labels(rows[0].handle.model).observe(len(rows))
-        for row, token in zip(rows, tokens.tolist()):
-            row.add(token, now)
+        for row, token, logprob in zip(rows, tokens.tolist(), logprobs):
+            row.add(token, now, logprob)
+            reason = row.end_thinking(now, self.pace)
+            if reason is not None:
+                metrics.THINKING_ENDED.labels(row.handle.model, reason).inc()
 
 
 class FillError(Exception):

@@ -94,3 +94,24 @@ class StopText:
     def _release(self, upto):
         piece, self.sent = self.text[self.sent:upto], upto
         return piece
+
+
+def logprobs_of(logits, rows, tokens):
+    """Per row, (the chosen token's log probability, its top alternatives as (token, log probability)) when
+    the row's request asked for log probabilities, else None: from the model's own distribution (before
+    temperature and truncation), as OpenAI's are."""
+    wanted = [i for i, row in enumerate(rows) if row.request.logprobs is not None]
+    out = [None] * len(rows)
+    if not wanted:
+        return out
+    logs = torch.log_softmax(logits[wanted].float(), dim=-1).cpu()
+    for at, i in enumerate(wanted):
+        out[i] = entry(logs[at], int(tokens[i]), rows[i].request.logprobs)
+    return out
+
+
+def entry(logs, token, top):
+    """(log probability of `token`, its `top` alternatives) from one position's log probabilities."""
+    best = logs.topk(top) if top else None
+    alternatives = () if best is None else tuple(zip(best.indices.tolist(), best.values.tolist()))
+    return float(logs[token]), alternatives

@@ -146,20 +146,21 @@ class Engine:
             return {}
         return {"reserved": memory.reserved, "used": memory.depth()[1], "free": memory.free, "bound": memory.bound}
 
-    def longest(self, prompt_tokens=0):
-        """The most tokens a request with `prompt_tokens` may generate at the cache's bound; None: no bound
-        (or not loaded yet)."""
+    def longest(self, prompt_tokens=0, n=1):
+        """The most tokens each of `n` choices of a request with `prompt_tokens` may generate at the cache's
+        bound (each choice's row holds the prompt); None: no bound (or not loaded yet)."""
         memory = self.memory
         capacity = None if memory is None else memory.capacity_tokens
-        return None if capacity is None else max(0, capacity - prompt_tokens)
+        return None if capacity is None else max(0, capacity // n - prompt_tokens)
 
     def submit(self, request):
         """Queue a request and return its handle; raise NotReady, TooLarge or QueueFull at once."""
         if not self.ready:
             raise NotReady(f"model is {self.state}")
-        longest = self.longest(len(request.prompt_ids))
+        longest = self.longest(len(request.prompt_ids), request.n)
         if longest is not None and request.max_new_tokens > longest:
-            raise TooLarge(f"its prompt ({len(request.prompt_ids)} tokens) and {request.max_new_tokens} new "
+            rows = f"{request.n} rows of " if request.n > 1 else ""
+            raise TooLarge(f"{rows}its prompt ({len(request.prompt_ids)} tokens) and {request.max_new_tokens} new "
                            f"tokens need more KV cache than its bound holds ({self.memory.capacity_tokens} "
                            f"tokens): at most {longest} new tokens fit")
         handle = Generation(request, self.name)
@@ -205,6 +206,8 @@ class Engine:
             if batch:
                 with self._turns.turn():
                     rows, context, started = len(batch), batch.context, time.monotonic()
+                    rate = self.speed.per_row(rows, context)
+                    batch.pace = None if not rate else 1.0 / rate
                     self._guarded(batch, batch.step)
                     self.speed.observe_step(rows, time.monotonic() - started, context)
         stopped = EngineError("the engine stopped")
@@ -254,8 +257,8 @@ class Engine:
         """Up to `room` queued requests that are still wanted and whose caches fit, first come first served
         (the first that does not fit waits for rows to leave, and the others behind it); waits a little
         when the batch is empty."""
-        joining, tokens = [], 0
-        while len(joining) < room:
+        joining, tokens, rows = [], 0, 0
+        while rows < room:
             handle = self._held  # stays held (and counted as queued) until it joins or ends
             if handle is None:
                 try:
@@ -271,9 +274,9 @@ class Engine:
                                                 now - handle.submitted, 0.0))
                 continue
             need = tokens + Batch.tokens_of(handle.request)
-            if not self.memory.fits(need):
+            if not self.memory.fits(need) or rows + handle.request.n > room:
                 break
-            self._held, tokens = None, need
+            self._held, tokens, rows = None, need, rows + handle.request.n
             handle.started = now
             metrics.QUEUE_WAIT.labels(self.name).observe(now - handle.submitted)
             joining.append(handle)
@@ -298,14 +301,18 @@ class Engine:
             if row.error is not None:
                 log.error("generation failed for one row", exc_info=row.error)
                 handle._finish(error=row.error)
+                handle.cancel()  # its other choices end at the next step
                 continue
             text, ids, reason = row.outcome()
             result = GenerationResult(text, ids, len(handle.request.prompt_ids), reason,
-                                      handle.started - handle.submitted, now - handle.started)
-            metrics.PROMPT_TOKENS.labels(self.name).inc(result.prompt_tokens)
-            metrics.GENERATION_TOKENS.labels(self.name).inc(result.completion_tokens)
+                                      handle.started - handle.submitted, now - handle.started,
+                                      forced_tokens=row.forced, thinking_ended=row.thinking.ended,
+                                      logprobs=row.logprobs, index=row.index)
+            if row.index == 0:
+                metrics.PROMPT_TOKENS.labels(self.name).inc(result.prompt_tokens)
+            metrics.GENERATION_TOKENS.labels(self.name).inc(len(ids))
             metrics.FINISHED.labels(self.name, result.finish_reason).inc()
-            handle._finish(result)
+            handle._settle(result)
 
 
 

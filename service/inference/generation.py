@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 _END = object()
 
@@ -42,12 +43,47 @@ class GenerationRequest:
     top_p: float = 1.0
     deadline: float = field(default_factory=lambda: time.monotonic() + 60.0)
     stop: tuple = ()  # strings that end the reply (not included in it)
-    seed: int | None = None  # makes sampling repeatable
+    seed: int | None = None  # makes sampling repeatable (choice i samples with seed + i)
+    n: int = 1  # choices: rows forked from one prefill of the prompt
+    logprobs: int | None = None  # each token's log probability and this many alternatives' (None: none)
+    budget: "Budget | None" = None  # how its thinking ends in time (None: never ended early)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How a request's thinking is ended early (service.inference.thinking): its budget of thinking tokens
+    (None: none), the room kept for the answer after the closing, and what counts as a loop."""
+
+    answer_tokens: int
+    tokens: int | None = None
+    loop_period: int = 256  # the longest repeated span looked for
+    loop_tokens: int = 512  # how far past its first copy a span repeats before it is a loop (0: not looked for)
+
+
+class Logprob(NamedTuple):
+    """One generated token's log probability, its `top` alternatives' (token, log probability), and whether it
+    was part of the thinking."""
+
+    token: int
+    logprob: float
+    top: tuple
+    thinking: bool
+
+
+class Delta(NamedTuple):
+    """A piece of one choice's text as it is decoded, and the log probabilities of its tokens (when asked)."""
+
+    index: int
+    text: str
+    logprobs: tuple = ()
 
 
 @dataclass
 class GenerationResult:
-    """A finished generation; finish_reason is stop, length, timeout or cancelled."""
+    """A finished generation: its first choice, and the others of a request for n (`others`).
+
+    finish_reason is stop, length, timeout or cancelled; `thinking_ended` says why the thinking was ended early
+    (service.inference.thinking.REASONS), with its `forced_tokens` (the closing fed in)."""
 
     text: str
     token_ids: list
@@ -55,10 +91,26 @@ class GenerationResult:
     finish_reason: str
     queue_seconds: float
     run_seconds: float
+    forced_tokens: int = 0
+    thinking_ended: str | None = None
+    logprobs: list | None = None  # Logprob per token, when asked
+    index: int = 0
+    others: tuple = ()  # the other choices (GenerationResults of their own, without others)
+
+    @property
+    def choices(self):
+        """Every choice, in index order."""
+        return [self, *self.others]
 
     @property
     def completion_tokens(self):
-        return len(self.token_ids)
+        """Tokens generated, every choice's together (what a usage row counts)."""
+        return sum(len(choice.token_ids) for choice in self.choices)
+
+    @property
+    def forced(self):
+        """Tokens forced into the thinkings to end them, every choice's together."""
+        return sum(choice.forced_tokens for choice in self.choices)
 
 
 class Generation:
@@ -74,6 +126,7 @@ class Generation:
         self._deltas = queue.SimpleQueue()
         self._result = None
         self._error = None
+        self._choices = {}  # index -> GenerationResult, until all n are in
 
     def cancel(self):
         """Ask the engine to stop this request at its next step (or skip it)."""
@@ -95,7 +148,7 @@ class Generation:
         return self._result
 
     def deltas(self, idle=None):
-        """Yield text pieces as they are decoded, ending when the generation ends.
+        """Yield each choice's pieces (Delta) as they are decoded, ending when the generation ends.
 
         With `idle` seconds, yields None whenever nothing came for that long (a
         stream writes a keep-alive then, which also notices a gone client).
@@ -114,12 +167,28 @@ class Generation:
     def done(self):
         return self._done.is_set()
 
+    def text(self):
+        """The first choice's text as it is decoded, to the end (tests, and callers of one choice)."""
+        return "".join(delta.text for delta in self.deltas())
+
     # --- called by the engine thread ---
-    def _emit(self, text):
-        if text:
-            self._deltas.put(text)
+    def _emit(self, text, index=0, logprobs=()):
+        if text or logprobs:
+            self._deltas.put(Delta(index, text, tuple(logprobs)))
+
+    def _settle(self, choice):
+        """One choice has ended; the generation ends with the last of its n."""
+        if self._done.is_set():
+            return
+        self._choices[choice.index] = choice
+        if len(self._choices) == self.request.n:
+            first, *others = (self._choices[i] for i in range(self.request.n))
+            first.others = tuple(others)
+            self._finish(first)
 
     def _finish(self, result=None, error=None):
+        if self._done.is_set():  # a request's rows end one by one: the first error ends it
+            return
         self._result, self._error = result, error
         self._deltas.put(_END)
         self._done.set()

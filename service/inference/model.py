@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from service.inference import artifact, kvcache, numerics  # noqa: E402
+from service.inference.thinking import Tags  # noqa: E402
 
 hf_logging.disable_progress_bar()
 PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
@@ -52,6 +53,9 @@ class LoadedModel:
     device: str = "cpu"  # where the weights are and every step runs: cpu or cuda
     opens_reasoning: bool = False  # the chat template opens the thinking after its generation prompt
     forced: tuple = ()  # tests only (settings.forced_output): the tokens every reply is made of, end token last
+    tags: Tags = Tags("", "")  # how it marks its thinking (service.inference.thinking); none: it does not think
+    closing: tuple = ()  # the tokens that end a thinking early: a short sentence, the end tag, a blank line
+    closing_thinking: int = 0  # how many of them are the thinking's (up to its end tag)
     layout: object = None  # the KV cache's shape and dtype (service.inference.kvcache.Layout)
     layer_types: tuple = ("full_attention",)  # the attention kinds of the model's layers (its masks' keys)
 
@@ -96,6 +100,13 @@ class LoadedModel:
         """The context a prefill forward runs in."""
         return numerics.float32_matmuls(self.model) if self.float32_prefill else contextlib.nullcontext()
 
+    def decode_token(self, token):
+        """Text of one token, a special one included (a log probability's `token`); a token that is part of a
+        character reads as U+FFFD, as in other servers' log probabilities."""
+        if self.backend is not None:
+            return self.backend.decode([token], skip_special_tokens=False)
+        return self.decoder.decode([token], skip_special_tokens=False)
+
     def decode(self, ids):
         """Text of generated ids, special tokens dropped (the engine thread's copy of the tokenizer)."""
         if self.backend is not None:
@@ -126,7 +137,7 @@ def resolve_device(setting, quantization="none", cuda_available=None):
 
 
 def load(path, dtype="float32", quantization="none", prefill_float32="auto", device="cpu", reasoning_start="",
-         forced_output=None, kv_dtype="auto"):
+         forced_output=None, kv_dtype="auto", reasoning_end="", closing=""):
     """Load model and tokenizer once from a local folder; weights are memory-mapped.
 
     With quantization "int8", a plain checkpoint loads in its own dtype (a
@@ -136,8 +147,9 @@ def load(path, dtype="float32", quantization="none", prefill_float32="auto", dev
     `device` is a setting (auto, cpu, cuda; see resolve_device); on cuda the
     weights are copied to the GPU in `dtype`; attention goes through the engine's own
     (service.inference.kvcache), transformers' SDPA for anything else. `reasoning_start` is the tag whose
-    presence after the template's generation prompt means the template opens the thinking itself.
-    `kv_dtype` is what the KV cache is stored in (service.inference.kvcache.cache_dtype).
+    presence after the template's generation prompt means the template opens the thinking itself;
+    `reasoning_end` the tag that closes it, and `closing` the sentence fed in before it to end a thinking
+    early (service.inference.thinking). `kv_dtype` is what the KV cache is stored in (service.inference.kvcache.cache_dtype).
     """
     started = time.monotonic()
     device = resolve_device(device, quantization)
@@ -177,6 +189,10 @@ def load(path, dtype="float32", quantization="none", prefill_float32="auto", dev
     loaded.layer_types = tuple(sorted(set(getattr(config, "layer_types", None) or ["full_attention"])))
     loaded.encode_chat(PROBE)  # a chat template the service cannot encode safely fails the load, not each request
     loaded.opens_reasoning = opens_reasoning(tokenizer, reasoning_start)
+    if reasoning_end:
+        loaded.tags = Tags(reasoning_start, reasoning_end, loaded.opens_reasoning or not reasoning_start)
+        thinking = loaded._ids(closing + reasoning_end)
+        loaded.closing, loaded.closing_thinking = (*thinking, *loaded._ids("\n\n")), len(thinking)
     if forced_output:
         loaded.forced = (*tokenizer(forced_output, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id)
     return loaded

@@ -21,6 +21,9 @@ TYPE_NAMES = {"string_type": "a string", "int_type": "an integer", "float_type":
               "literal_error": "one of the allowed values"}
 
 
+Effort = Literal["none", "minimal", "low", "medium", "high"]
+
+
 class StrictModel(BaseModel):
     """Base of request models: strict types, no unknown fields."""
 
@@ -37,6 +40,8 @@ class PredictRequest(StrictModel):
     temperature: Annotated[float, Field(allow_inf_nan=False)] | None = None
     top_p: Annotated[float, Field(allow_inf_nan=False)] | None = None
     expected_answer: str | None = Field(None, min_length=1, max_length=EXPECTED_CHARS)
+    thinking_token_budget: int | None = None  # vLLM's: thinking tokens before the thinking is ended
+    reasoning_effort: Effort | None = None  # OpenAI's: a thinking budget from settings
 
 
 class TextPart(StrictModel):
@@ -103,6 +108,10 @@ class ChatRequest(StrictModel):
     stream_options: StreamOptions | None = None
     reasoning_format: Literal["auto", "deepseek", "none"] | None = None  # llama.cpp's; "none": the raw text
     expected_answer: str | None = Field(None, min_length=1, max_length=EXPECTED_CHARS)
+    thinking_token_budget: int | None = None  # vLLM's: thinking tokens before the thinking is ended
+    reasoning_effort: Effort | None = None  # OpenAI's: a thinking budget from settings
+    vote: bool | None = None  # a majority vote over the n choices' final answers
+    top_logprobs: int | None = None
     # OpenAI's fields its clients send by default: taken at the values that ask for nothing more
     # (service.serving.params.refuse_unsupported names the field otherwise).
     presence_penalty: Annotated[float, Field(allow_inf_nan=False)] | None = None

@@ -22,13 +22,16 @@ class Usage:
     completion_tokens: int = 0
     finish_reason: str | None = None
     cached: bool = False  # answered from the response cache: nothing computed, no budget spent
+    forced_tokens: int = 0  # of the completion's: fed in to end thinkings early (service.inference.thinking)
 
     @classmethod
     def of(cls, result):
-        """From a GenerationResult; None (it never ran or the engine failed) used nothing."""
+        """From a GenerationResult (every choice's tokens); None (it never ran or the engine failed) used
+        nothing."""
         if result is None:
             return cls()
-        return cls(result.prompt_tokens, result.completion_tokens, result.finish_reason)
+        return cls(result.prompt_tokens, result.completion_tokens, result.finish_reason,
+                   forced_tokens=result.forced)
 
     @property
     def total(self):
@@ -36,7 +39,7 @@ class Usage:
 
     def fields(self):
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "finish_reason": self.finish_reason, "cached": self.cached}
+                "finish_reason": self.finish_reason, "cached": self.cached, "forced_tokens": self.forced_tokens}
 
 
 @dataclass(frozen=True)

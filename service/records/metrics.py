@@ -38,6 +38,8 @@ PROMPT_TOKENS = Counter("vibethinker_prompt_tokens_total", "Prompt tokens proces
 GENERATION_TOKENS = Counter("vibethinker_generation_tokens_total", "Tokens generated.", ["model"])
 FINISHED = Counter("vibethinker_request_finish_total", "Finished generations by finish reason.",
                    ["model", "finish_reason"])
+THINKING_ENDED = Counter("vibethinker_thinking_ended_total", "Thinkings ended early by the engine (a closing fed "
+                         "in), by why: budget, length, deadline or loop.", ["model", "reason"])
 MODEL_LOAD = Gauge("vibethinker_model_load_seconds", "Seconds the model took to load.", ["model"])
 MODEL_INFO = Info("vibethinker_model", "A model this server serves.", ["model"])
 CACHE = Counter("vibethinker_cache_lookups_total", "Response-cache lookups by result (hit, miss, error: the "

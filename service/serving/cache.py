@@ -56,18 +56,26 @@ def key(settings, served, user, ids, params):
     material = {"model": served.name, "mode": served.mode, "revision": served.revision, "ids": list(ids),
                 "max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
                 "top_p": params.top_p, "stop": list(params.stop), "seed": params.seed,
-                "reasoning_format": params.reasoning_format}
+                "reasoning_format": params.reasoning_format, "n": params.n, "logprobs": params.logprobs,
+                "thinking": [params.thinking_budget, settings.answer_tokens, settings.thinking_closing,
+                             settings.loop_period, settings.loop_tokens]}
     digest = hashlib.sha256(json.dumps(material, separators=(",", ":")).encode()).hexdigest()
     owner = SHARED if settings.cache == "shared" else user
     return Key(f"{PREFIX}{model_tag(served.name)}:{owner}:{digest}", served.name, params.max_new_tokens)
 
 
+ENDED_AS_ASKED = ("budget", "length", "loop")  # thinkings ended early the same way every time (not "deadline")
+
+
 def storable(key, result):
-    """True for a whole answer: the model ended it, or it reached the length the client asked for."""
+    """True for a whole answer: in every choice the model ended it, or it reached the length the client asked
+    for, or the answer's room after a thinking ended early by the request's own numbers."""
     if result is None:
         return False
-    return result.finish_reason == "stop" or (
-        result.finish_reason == "length" and result.completion_tokens == key.max_new_tokens)
+    return all(choice.thinking_ended in (None, *ENDED_AS_ASKED) and (choice.finish_reason == "stop" or (
+        choice.finish_reason == "length" and (len(choice.token_ids) == key.max_new_tokens
+                                              or choice.thinking_ended is not None)))
+        for choice in result.choices)
 
 
 class Cache:
@@ -90,16 +98,28 @@ class Cache:
         metrics.CACHE.labels(key.model, "hit").inc()
         from service.inference.generation import GenerationResult  # here: the admin CLI purges without torch
 
+        from service.inference.generation import Logprob
+
         entry = json.loads(raw)
-        return GenerationResult(entry["text"], entry["token_ids"], entry["prompt_tokens"], entry["finish_reason"],
-                                0.0, 0.0)
+        choices = [GenerationResult(
+            choice["text"], choice["token_ids"], entry["prompt_tokens"], choice["finish_reason"], 0.0, 0.0,
+            forced_tokens=choice.get("forced_tokens", 0), thinking_ended=choice.get("thinking_ended"),
+            logprobs=None if choice.get("logprobs") is None else
+            [Logprob(token, logprob, tuple(map(tuple, top)), thinking)
+             for token, logprob, top, thinking in choice["logprobs"]], index=index)
+            for index, choice in enumerate(entry.get("choices") or [entry])]
+        choices[0].others = tuple(choices[1:])
+        return choices[0]
 
     def store(self, key, result):
         """Keep a whole answer (see `storable`) under `key`; True if stored."""
         if not storable(key, result):
             return False
-        raw = json.dumps({"text": result.text, "token_ids": result.token_ids, "prompt_tokens": result.prompt_tokens,
-                          "finish_reason": result.finish_reason}, separators=(",", ":")).encode()
+        choices = [{"text": choice.text, "token_ids": choice.token_ids, "finish_reason": choice.finish_reason,
+                    "forced_tokens": choice.forced_tokens, "thinking_ended": choice.thinking_ended,
+                    "logprobs": choice.logprobs} for choice in result.choices]
+        raw = json.dumps({"prompt_tokens": result.prompt_tokens, "choices": choices},
+                         separators=(",", ":")).encode()
         if len(raw) > self.max_entry_bytes:
             return False
         try:

@@ -6,6 +6,7 @@ from service.errors import BadRequest
 from service.inputs.schemas import SEED_RANGE, check_range
 
 MAX_STOPS, MAX_STOP_CHARS = 4, 64
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
 
 
 @dataclass
@@ -19,6 +20,10 @@ class Params:
     seed: int | None = None
     sized: bool = False  # max_new_tokens is the server's choice, sized to the deadline (pipeline.fit_deadline)
     reasoning_format: str = "auto"  # "none": the thinking stays in the content (service.serving.reasoning)
+    thinking_budget: int | None = None  # thinking tokens before it is ended early (None: no budget)
+    n: int = 1  # choices, prefilled once
+    logprobs: int | None = None  # alternatives per token when log probabilities are asked for (None: not)
+    vote: bool = False  # a majority vote over the choices' final answers
 
     @classmethod
     def stored(cls, values):
@@ -42,6 +47,27 @@ def resolve(settings, max_new_tokens=None, temperature=None, top_p=None, stop=()
     )
 
 
+def thinking_budget(settings, budget=None, effort=None):
+    """The thinking budget a request asks for: its thinking_token_budget, else its reasoning_effort's (settings'
+    reasoning_effort_budgets), else None (no budget: the thinking still ends in time for an answer)."""
+    if budget is not None:
+        return check_range("thinking_token_budget", budget, 0, settings.max_new_tokens_limit, integer=True)
+    return None if effort is None else settings.reasoning_effort_budgets.get(effort)
+
+
+def choices(settings, n=None, logprobs=None, top_logprobs=None):
+    """(n, logprobs) of a chat request: n within max_n (and the batch's rows), top_logprobs up to
+    MAX_TOP_LOGPROBS and only with logprobs; BadRequest otherwise."""
+    most = min(settings.max_n, settings.max_batch_size)
+    n = 1 if n is None else check_range("n", n, 1, most, integer=True)
+    if top_logprobs is not None and not logprobs:
+        raise BadRequest("top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
+    if not logprobs:
+        return n, None
+    return n, 0 if top_logprobs is None else check_range("top_logprobs", top_logprobs, 0, MAX_TOP_LOGPROBS,
+                                                            integer=True)
+
+
 def stops(stop):
     """Chat's `stop` (a string, a list of them, or None) as a list; BadRequest past its bounds."""
     given = [stop] if isinstance(stop, str) else list(stop or [])
@@ -52,9 +78,8 @@ def stops(stop):
 
 
 # OpenAI fields its clients send by default: accepted at the value that asks for nothing more (None: absent).
-NEUTRAL = {"presence_penalty": (0, "penalties are not implemented here"),
-           "frequency_penalty": (0, "penalties are not implemented here"),
-           "logprobs": (False, "log probabilities are not returned here")}
+NEUTRAL = {"presence_penalty": (0, "penalties are not implemented here (repetition_penalty is)"),
+           "frequency_penalty": (0, "penalties are not implemented here (repetition_penalty is)")}
 SERVICE_TIERS = ("auto", "default")
 
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 from service.admission import budget
 from service.errors import BadRequest, ClientGone, DeadlineExceeded, PromptTooLong, Unavailable
-from service.inference.generation import GenerationRequest, NotReady, QueueFull, TooLarge
+from service.inference.generation import Budget, GenerationRequest, NotReady, QueueFull, TooLarge
 from service.records.accounting import Usage
 from service.serving import cache
 
@@ -50,7 +50,7 @@ def admit(state, job, deadline_s):
     """The caller's budget lease for `job` (prompt + max_new_tokens), held at most `deadline_s` (and a
     margin); NoSlot or OverBudget when refused. Admitted, the job owes a usage row whatever happens next. A job
     admitted before its documents were read keeps its slot; its reservation becomes the real need."""
-    need = len(job.ids) + job.params.max_new_tokens
+    need = len(job.ids) + job.params.n * job.params.max_new_tokens  # n choices: one prompt, n answers
     if job.lease is not None:
         return budget.resize(state.counters, job.lease, job.caller.limits(state.settings), need)
     job.lease = lease(state, job.caller, need, deadline_s)
@@ -96,11 +96,12 @@ def let_go(state, job):
         budget.release(state.counters, job.lease, 0)
 
 
-def submit(job, deadline_s):
+def submit(state, job, deadline_s):
     """Queue `job` on its model's engine, to end within `deadline_s`; the handle, or Unavailable."""
     engine, params = job.served.engine, job.params
     request = GenerationRequest(job.ids, params.max_new_tokens, params.temperature, params.top_p,
-                                deadline=time.monotonic() + deadline_s, stop=params.stop, seed=params.seed)
+                                deadline=time.monotonic() + deadline_s, stop=params.stop, seed=params.seed,
+                                n=params.n, logprobs=params.logprobs, budget=budget_of(state.settings, job))
     try:
         return engine.submit(request)
     except NotReady:
@@ -113,11 +114,18 @@ def submit(job, deadline_s):
                           retry_after=RETRY_FULL_S) from None
 
 
+def budget_of(settings, job):
+    """How the job's thinking ends in time (service.inference.thinking); None for a model that does not think."""
+    if not job.served.markers.marked:
+        return None
+    return Budget(settings.answer_tokens, job.params.thinking_budget, settings.loop_period, settings.loop_tokens)
+
+
 def start(state, job, deadline_s):
     """Admit and submit `job`: its handle. A refusal after admission settles the lease before it raises."""
     admit(state, job, deadline_s)
     try:
-        return submit(job, deadline_s)
+        return submit(state, job, deadline_s)
     except BaseException:
         settle(state, job, None)
         raise
@@ -161,11 +169,15 @@ def answer(state, job, gone=lambda: False):
 
 
 def outcome(job, result, deadline_s):
-    """The answer of a finished generation, or DeadlineExceeded when the deadline (or a cancel) cut it; a
+    """The answer of a finished generation, or DeadlineExceeded when the deadline (or a cancel) cut a choice; a
     server-sized answer cut by its deadline ends as "length" instead: the server chose its length."""
-    if job.params.sized and result is not None and result.finish_reason == "timeout" and result.token_ids:
-        return dataclasses.replace(result, finish_reason="length")  # (one that never started is a 504)
-    if result is None or result.finish_reason in ("timeout", "cancelled"):
+    if result is not None and job.params.sized:
+        choices = [dataclasses.replace(choice, finish_reason="length", others=())
+                   if choice.finish_reason == "timeout" and choice.token_ids else choice
+                   for choice in result.choices]  # (one that never started is a 504)
+        result = dataclasses.replace(choices[0], others=tuple(choices[1:]))
+    cut = [] if result is None else [c for c in result.choices if c.finish_reason in ("timeout", "cancelled")]
+    if result is None or cut:
         raise deadline_error(deadline_s, result.completion_tokens if result else 0)
     return result
 

@@ -20,9 +20,8 @@ from service.serving.pipeline import not_ready
 def chat(state, job, body):
     """Prepare `job` from a ChatRequest (service.inputs.schemas)."""
     settings = state.settings
-    if body.n not in (None, 1):
-        raise BadRequest("only n=1 is supported", "unsupported_value", "n")
     params.refuse_unsupported(body)
+    n, logprobs = params.choices(settings, body.n, body.logprobs, body.top_logprobs)
     messages = _clean_messages(state, job, body.messages)
     question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
     job.kind, job.served = "chat", _pick(state, job, body.model, question)
@@ -30,6 +29,9 @@ def chat(state, job, body):
     job.asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     job.params = params.resolve(settings, job.asked, body.temperature, body.top_p, params.stops(body.stop),
                                 body.seed, tokens_name=job.tokens_name, reasoning_format=body.reasoning_format)
+    job.params = dataclasses.replace(
+        job.params, n=n, logprobs=logprobs, vote=bool(body.vote),
+        thinking_budget=params.thinking_budget(settings, body.thinking_token_budget, body.reasoning_effort))
     job.expected_answer = body.expected_answer
     job.ids = prompt_ids(state, job, messages, "messages")
     job.hint = language.english_hint(question)
@@ -57,6 +59,9 @@ def predict(state, job, body, document=None):
     job.kind, job.served = "predict", _pick(state, job, body.model, whole)
     job.tokens_name, job.asked = "max_new_tokens", body.max_new_tokens
     job.params = params.resolve(settings, body.max_new_tokens, body.temperature, body.top_p)
+    job.params = dataclasses.replace(
+        job.params, thinking_budget=params.thinking_budget(settings, body.thinking_token_budget,
+                                                           body.reasoning_effort))
     job.expected_answer = body.expected_answer
     job.ids = prompt_ids(state, job, chat_messages(whole, system_prompt), "question")
     job.hint = language.english_hint(whole)
@@ -83,12 +88,13 @@ def prompt_ids(state, job, messages, param):
     if len(ids) + asked > context:
         raise PromptTooLong(f"prompt ({len(ids)} tokens) plus {tokens_name} ({asked}) exceeds the "
                             f"model's context of {context} tokens", "context_length_exceeded", tokens_name)
-    longest = engine.longest(len(ids))
+    longest = engine.longest(len(ids), job.params.n)
     if longest is not None and asked > longest:
         if job.asked is None and longest >= 1:  # the server's default, not the caller's: lowered to what fits
             job.params = dataclasses.replace(job.params, max_new_tokens=longest)
         else:
-            raise PromptTooLong(f"prompt ({len(ids)} tokens) plus {tokens_name} ({asked}) does not fit this "
+            each = f" in each of {job.params.n} choices" if job.params.n > 1 else ""
+            raise PromptTooLong(f"prompt ({len(ids)} tokens) plus {tokens_name} ({asked}){each} does not fit this "
                                 f"server's KV cache bound: at most {longest} new tokens fit beside this prompt",
                                 "context_length_exceeded", tokens_name)
     return ids

@@ -12,19 +12,68 @@ from service.serving import answers, reasoning
 
 
 def completion(state, job, result):
-    """The chat.completion object of `job`'s finished generation."""
-    split = reasoning.split(result.text, job.served.markers)
+    """The chat.completion object of `job`'s finished generation: a choice per `n`, and the `vote` if asked."""
+    choices = [choice_of(state, job, choice) for choice in result.choices]
+    body = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": job.model, "choices": choices, "usage": chat_usage(job, result)}
+    if job.params.vote:
+        body["vote"] = vote(state, [choice["message"].get("final_answer") for choice in choices])
+    return body
+
+
+def choice_of(state, job, choice):
+    """One choice of a chat.completion: its message (the thinking apart, the final answer and its check), why
+    it ended, why its thinking was ended early (`thinking_ended_early`, or null) and its log probabilities."""
+    split = reasoning.split(choice.text, job.served.markers)
     if job.params.reasoning_format == "none":
-        message = {"role": "assistant", "content": result.text}
+        message = {"role": "assistant", "content": choice.text}
     else:
         message = {"role": "assistant", "content": split.answer, "reasoning_content": split.reasoning,
                    "reasoning": split.reasoning}
     message.update(verdict(state, job, split.answer))
-    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": job.model,
-            "choices": [{"index": 0, "message": message,
-                         "finish_reason": openai_reason(result.finish_reason), "logprobs": None}],
-            "usage": chat_usage(job, result)}
+    return {"index": choice.index, "message": message, "finish_reason": openai_reason(choice.finish_reason),
+            "thinking_ended_early": choice.thinking_ended,
+            "logprobs": logprobs(job, choice.logprobs) if job.params.logprobs is not None else None}
+
+
+def logprobs(job, entries):
+    """OpenAI's `logprobs` of a choice: `content` for the answer's tokens, and (not OpenAI's: it has no
+    thinking to show) `reasoning_content` for the thinking's, with reasoning_format "none" all in `content`."""
+    decode = job.served.engine.model.decode_token
+    raw = job.params.reasoning_format == "none" or not job.served.markers.marked
+    content, thinking = [], []
+    for entry in entries or ():
+        (thinking if entry.thinking and not raw else content).append(token_logprob(decode, entry))
+    return {"content": content, "refusal": None, **({} if raw else {"reasoning_content": thinking})}
+
+
+def token_logprob(decode, entry):
+    """One token's entry in OpenAI's shape: its text, log probability, bytes and top alternatives."""
+    def item(token, logprob):
+        text = decode(token)
+        return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode())}
+    return {**item(entry.token, entry.logprob), "top_logprobs": [item(t, lp) for t, lp in entry.top]}
+
+
+def vote(state, finals):
+    """The majority of the choices' final answers: equivalent ones counted together (math-verify, in its
+    bounded worker: service.serving.answers.Checker), the most common first answer on a tie. `final_answer`
+    null when no choice gave one."""
+    groups = []  # [answer, choice indexes]
+    for index, final in enumerate(finals):
+        if final is None:
+            continue
+        for group in groups:
+            if group[0] == final or state.checker.check(group[0], final)[0]:
+                group[1].append(index)
+                break
+        else:
+            groups.append([final, [index]])
+    if not groups:
+        return {"final_answer": None, "share": 0.0, "choices": [], "answered": 0}
+    best = max(groups, key=lambda group: len(group[1]))  # max keeps the first of equals
+    return {"final_answer": best[0], "share": round(len(best[1]) / len(finals), 4), "choices": best[1],
+            "answered": sum(len(group[1]) for group in groups)}
 
 
 def prediction(state, job, result):
@@ -34,7 +83,7 @@ def prediction(state, job, result):
     return {"id": f"pred-{uuid.uuid4().hex}", "model": job.model, **job.echo,
             "response": result.text, "reasoning": split.reasoning, "answer": split.answer,
             **verdict(state, job, split.answer), "success": True, "usage": usage(result),
-            "finish_reason": result.finish_reason}
+            "finish_reason": result.finish_reason, "thinking_ended_early": result.thinking_ended}
 
 
 def answer(state, job, result):
@@ -56,15 +105,20 @@ def verdict(state, job, answer_text):
 
 
 def usage(result):
-    """OpenAI-style usage counts of a result."""
+    """OpenAI-style usage counts of a result (every choice's completion tokens), with the tokens forced to end
+    a thinking early (`forced_tokens`, counted in the completion's)."""
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+            "total_tokens": result.prompt_tokens + result.completion_tokens, "forced_tokens": result.forced}
 
 
 def chat_usage(job, result):
     """Chat's usage: the counts, and how many of the completion's tokens were thinking (OpenAI's
-    completion_tokens_details.reasoning_tokens; max_tokens counts both)."""
-    return {**usage(result), "completion_tokens_details": {"reasoning_tokens": reasoning_tokens(job, result)}}
+    completion_tokens_details.reasoning_tokens; max_tokens counts both), forced ones among them."""
+    counts = usage(result)
+    forced = counts.pop("forced_tokens")
+    return {**counts, "completion_tokens_details": {
+        "reasoning_tokens": sum(reasoning_tokens(job, choice) for choice in result.choices),
+        "forced_tokens": forced}}
 
 
 def reasoning_tokens(job, result):
