@@ -2,7 +2,6 @@
 model by name, alias or "auto" under an allow-list, the memory check, and the cache key."""
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -12,7 +11,7 @@ from service.serving.params import Params
 from service.serving.models import Models, Served, revision
 from service.errors import Refusal, status_of
 from service.inference import footprint
-from service.settings import ModelSpec, RoutingRule, SettingsError, load_settings
+from service.settings import ModelSpec, RoutingRule, Settings, SettingsError, load_settings
 
 RULES = (RoutingRule(model="code", regex=r"(?i)\b(python|function|code)\b"),
          RoutingRule(model="Logic", keywords=("knights", "knaves", "sudoku")),
@@ -147,7 +146,7 @@ def test_a_model_folder_changed_on_disk_has_another_revision(tmp_path):
 
 
 def test_cache_keys_separate_users_models_revisions_and_parameters():
-    settings = SimpleNamespace(cache="user")
+    settings = Settings(cache="user")
     served = Served(ModelSpec(name="m", path=Path("/m"), dtype="float32", quantization="none"), None, "rev1")
     greedy = Params(max_new_tokens=8, temperature=0.0, top_p=1.0)
     key = lambda s=settings, m=served, user="ann", ids=(1, 2), p=greedy: cache.key(s, m, user, ids, p)  # noqa: E731
@@ -155,13 +154,16 @@ def test_cache_keys_separate_users_models_revisions_and_parameters():
     others = [key(user="bob"), key(ids=(1, 3)), key(p=Params(9, 0.0, 1.0)), key(p=Params(8, 0.0, 0.9)),
               key(m=Served(served.spec, None, "rev2")),
               key(m=Served(served.spec.model_copy(update={"quantization": "int8"}), None, "rev1")),
-              key(p=Params(8, 0.0, 1.0, stop=("x",)))]
+              key(p=Params(8, 0.0, 1.0, stop=("x",))), key(p=Params(8, 0.0, 1.0, n=2)),
+              key(p=Params(8, 0.0, 1.0, logprobs=0)), key(p=Params(8, 0.0, 1.0, thinking_budget=100)),
+              key(s=settings.model_copy(update={"answer_tokens": 9})),
+              key(s=settings.model_copy(update={"thinking_closing": "Enough."}))]
     assert len({k.name for k in others} | {key().name}) == len(others) + 1
     assert key(p=Params(8, 0.7, 1.0)) is None  # sampled without a seed: not deterministic, never cached
     assert key(p=Params(8, 0.7, 1.0, seed=3)) is not None
-    shared = SimpleNamespace(cache="shared")
+    shared = settings.model_copy(update={"cache": "shared"})
     assert key(s=shared, user="ann").name == key(s=shared, user="bob").name
-    assert key(s=SimpleNamespace(cache="off")) is None
+    assert key(s=settings.model_copy(update={"cache": "off"})) is None
 
 
 @pytest.mark.parametrize("reason,tokens,stored", [("stop", 3, True), ("length", 8, True), ("length", 5, False),

@@ -9,16 +9,51 @@ FINAL_ANSWER = "The answer part's last \\boxed{} (or \\fbox{}) content, braces b
 CORRECT = ("Only with expected_answer: whether final_answer equals it (math-verify: 1/2, 0.5 and \\frac{1}{2} "
            "are equal); null when it cannot be decided in time or read (correct_reason says why).")
 CORRECT_REASON = "Only when correct is null: why the check could not decide."
+ENDED = ("Why the engine ended the thinking early (fed in a short closing sentence and the end tag, so the "
+         "answer follows, capped at answer_tokens): budget (thinking_token_budget or reasoning_effort reached), "
+         "length (max_tokens would leave no room for an answer), deadline (nor would the deadline, at the measured "
+         "speed), loop (the thinking repeated one span); null when it was not.")
+Ended = Literal["budget", "length", "deadline", "loop"] | None
 
 
 class Usage(BaseModel):
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int = Field(description="Every choice's generated tokens, forced ones included.")
     total_tokens: int
+    forced_tokens: int = Field(description="Of the completion's: fed in by the engine to end a thinking early.")
 
 
 class CompletionTokensDetails(BaseModel):
     reasoning_tokens: int = Field(description="Completion tokens of the thinking, its end tag included.")
+    forced_tokens: int = Field(description="Of the completion's: fed in by the engine to end a thinking early.")
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] = Field(description="The answer's tokens (every token with reasoning_format "
+                                        "\"none\").")
+    refusal: None
+    reasoning_content: list[TokenLogprob] | None = Field(None, description="Not OpenAI's: the thinking's tokens, "
+                                                         "its tags and a forced closing included.")
+
+
+class Vote(BaseModel):
+    """Only with vote: true: the majority final answer of the choices."""
+
+    final_answer: str | None = Field(description="The most common final answer, equivalent ones counted "
+                                     "together (math-verify); null when no choice gave one.")
+    share: float = Field(description="Of the n choices, the fraction that gave it.")
+    choices: list[int] = Field(description="The indexes of the choices that gave it.")
+    answered: int = Field(description="Choices that gave a final answer at all.")
 
 
 class ChatUsage(Usage):
@@ -49,6 +84,7 @@ class Prediction(BaseModel):
     success: Literal[True]
     usage: Usage
     finish_reason: Literal["stop", "length"]
+    thinking_ended_early: Ended = Field(description=ENDED)
     hint: str | None = Field(None, description="One sentence when the question is mostly in a script other than "
                              "Latin: VibeThinker reasons best in English (also the x-vibethinker-hint header).")
     document: DocumentRead | None = Field(None, description="Only when a file was sent (multipart/form-data).")
@@ -69,7 +105,8 @@ class Choice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None
+    thinking_ended_early: Ended = Field(description=ENDED)
+    logprobs: ChoiceLogprobs | None = Field(description="Only with logprobs: true.")
 
 
 class ChatCompletion(BaseModel):
@@ -79,3 +116,4 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: ChatUsage
+    vote: Vote | None = None

@@ -135,6 +135,7 @@ class UsageDay(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    forced_tokens: int  # of the completion's: fed in to end thinkings early
 
 
 class UsageList(BaseModel):
