@@ -34,9 +34,17 @@ def build_demo_model(out, preset="tiny"):
 
 
 def cached_demo_model(preset):
-    """The preset's random-weight model under var/, built on first use (the full size takes minutes and 3.1 GB)."""
+    """The preset's random-weight model under var/, built on first use (the full size takes minutes and 3.1 GB);
+    one built before its preset's chat template changed gets the template (its int8 conversion too)."""
+    from service import demo_model
+
     out = ROOT / "var" / ("bench-tiny" if preset == "tiny" else "bench-model")
-    return out if (out / "config.json").is_file() else build_demo_model(out, preset)
+    if not (out / "config.json").is_file():
+        return build_demo_model(out, preset)
+    for folder in (out, out.with_name(out.name + "-int8")):
+        if (folder / "tokenizer_config.json").is_file():
+            demo_model.set_template(folder, demo_model.template_of(preset))
+    return out
 
 
 def start_service(work, model_dir, port, user_options, **settings):

@@ -7,7 +7,9 @@ makes a model that goes through exactly the same loading code as the real
 VibeThinker-1.5B weights. Its output is gibberish: the weights are random.
 `tiny` is a few MB and builds in seconds; `vibethinker-1.5b` has the real
 model's shape (1.54B parameters, 3.1 GB in bf16) for honest speed and memory
-measurements.
+measurements; its chat template opens the thinking (`<think>` after the
+generation prompt), so its random weights think from the first token and
+never close it on their own, as a long real answer can.
 """
 
 import argparse
@@ -29,6 +31,9 @@ CHAT_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+# The template of a model whose generation prompt opens the thinking, as some reasoning models' do: random
+# weights then think from the first token and never close it on their own, as a long real answer does.
+THINKING_TEMPLATE = CHAT_TEMPLATE.replace("'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n'")
 
 PRESETS = {
     # A few MB. A large init std makes greedy output vary with the prompt,
@@ -37,14 +42,14 @@ PRESETS = {
         hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, vocab_size=None,
         max_position_embeddings=8192, tie_word_embeddings=True,
-        init_std=0.2, dtype="float32",
+        init_std=0.2, dtype="float32", opens_thinking=False,
     ),
     # Qwen2.5-Math-1.5B's shape, which VibeThinker-1.5B shares.
     "vibethinker-1.5b": dict(
         hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
         max_position_embeddings=131072, tie_word_embeddings=True,
-        init_std=0.02, dtype="bfloat16",
+        init_std=0.02, dtype="bfloat16", opens_thinking=True,
     ),
 }
 TOKENIZER_VOCAB = 2048
@@ -61,7 +66,26 @@ def training_text():
             yield path.read_text(encoding="utf-8", errors="replace")
 
 
-def build_tokenizer(out_dir):
+def template_of(preset):
+    """The chat template of a preset's model."""
+    return THINKING_TEMPLATE if PRESETS[preset]["opens_thinking"] else CHAT_TEMPLATE
+
+
+def set_template(out_dir, template):
+    """Write `template` as the chat template of the model folder `out_dir`; True if it changed."""
+    config_path = Path(out_dir) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("chat_template") == template:
+        return False
+    config["chat_template"] = template
+    config_path.write_text(json.dumps(config, indent=2))
+    jinja = Path(out_dir) / "chat_template.jinja"  # newer transformers save it beside, and read it first
+    if jinja.is_file():
+        jinja.write_text(template)
+    return True
+
+
+def build_tokenizer(out_dir, template=CHAT_TEMPLATE):
     """Train a byte-level BPE tokenizer the way Qwen2's is built and save it."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -82,13 +106,13 @@ def build_tokenizer(out_dir):
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         unk_token=None, additional_special_tokens=["<|im_start|>"],
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = template
     fast.save_pretrained(out_dir)
     config_path = Path(out_dir) / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "Qwen2Tokenizer"
-    config["chat_template"] = CHAT_TEMPLATE
     config_path.write_text(json.dumps(config, indent=2))
+    set_template(out_dir, template)
     return fast
 
 
@@ -98,6 +122,7 @@ def make_config(preset, tokenizer):
     from transformers import Qwen2Config
 
     spec = dict(PRESETS[preset])
+    spec.pop("opens_thinking")
     init_std = spec.pop("init_std")
     dtype = getattr(torch, spec.pop("dtype"))
     if spec["vocab_size"] is None:
@@ -148,7 +173,7 @@ def build(out_dir, preset="tiny", seed=0):
     hf_logging.disable_progress_bar()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out)
+    tokenizer = build_tokenizer(out, template_of(preset))
     build_model(out, preset, tokenizer, seed)
     (out / "DEMO_MODEL.txt").write_text(
         f"Random-weight demo model, preset {preset!r}, seed {seed}: its output is gibberish.\n"

@@ -157,3 +157,12 @@ def test_the_state_hosts_firewall_lets_only_the_app_servers_reach_both_redis_por
         assert f"ip saddr {{ 10.0.0.11, 10.0.0.12 }} tcp dport {port} accept" in state, state
     for host in ("lb1", "app1", "app2"):
         assert "dport 6380" not in files[f"{host}-nftables.conf"]
+
+
+def test_long_answers_may_run_to_the_models_recommended_length_at_the_measured_speed(rendered):
+    layout, _, files = rendered
+    for host in ("app1", "app2") if layout == "cluster" else ("api",):
+        config = tomllib.loads(files[f"{host}-config.toml"])
+        assert config["max_new_tokens_limit"] == 40960  # a number, not a string
+        assert config["stream_deadline_s"] == 10240  # 40,960 tokens at 5 tokens/s, and a quarter more
+        assert "request_deadline_s" not in config  # whole answers keep the service's 60 s

@@ -123,3 +123,15 @@ def test_the_reasoning_examples_run_as_printed(thinking_server):
     assert lines[3].startswith("thinking tokens: ") and int(lines[3].split()[-1]) > 0
     streamed = out.stdout.split("\n", 4)[4]  # the thinking's pieces in brackets, then the answer's
     assert streamed.startswith("[") and streamed.replace("[", "").replace("]", "") == THOUGHT + ANSWER
+
+
+def test_the_thinking_example_runs_as_printed(server):
+    block = next(b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S) if "reasoning_effort" in b)
+    code = block.replace("http://127.0.0.1:8000", server.base)
+    out = subprocess.run([sys.executable, "-c", f"TOKEN = {server.token!r}\n" + code], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [line.split()[1] for line in lines if line.startswith("choice ")] == ["0", "1", "2", "3"]
+    assert any(line.startswith("vote: {") and "'share'" in line for line in lines)
+    assert any(line.startswith("forced tokens: ") for line in lines)

@@ -126,10 +126,10 @@ class Engine:
         batch = self._batch
         return batch.context if batch is not None else 0
 
-    def tokens_within(self, seconds, prompt_tokens):
-        """Tokens a request submitted now could generate in `seconds`, with the rows it would share a batch
-        with and the context they hold; None until the engine has measured its speed."""
-        rows = min(self._max_batch, self.running + self.queued() + 1)
+    def tokens_within(self, seconds, prompt_tokens, n=1):
+        """Tokens each choice of a request for `n` submitted now could generate in `seconds`, with the rows it
+        would share a batch with and the context they hold; None until the engine has measured its speed."""
+        rows = min(self._max_batch, self.running + self.queued() + n)
         return self.speed.tokens_within(seconds, rows, prompt_tokens, self.context())
 
     def speed_now(self):

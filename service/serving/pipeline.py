@@ -191,7 +191,7 @@ def fit_deadline(state, job):
     Asked for more than fits: BadRequest at once, saying how many fit, rather than a minute of compute
     thrown away for a 504. Until the engine has measured its speed, lengths are left as they are."""
     engine, settings, params = job.served.engine, state.settings, job.params
-    fit = engine.tokens_within(deadline_left(settings, job) * DEADLINE_SHARE, len(job.ids))
+    fit = engine.tokens_within(deadline_left(settings, job) * DEADLINE_SHARE, len(job.ids), params.n)
     if job.asked is None:
         params = dataclasses.replace(params, sized=True)
     if fit is not None and params.max_new_tokens > fit:
