@@ -154,3 +154,8 @@ def test_the_rules_that_end_a_thinking():
     assert thinking.room(60) == 25  # a short request: half of what is left after the closing
     assert thinking.must_end(20, 25) is None  # no room for a closing and an answer: it thinks to the length
     assert Thinking(Tags("", ""), answer_tokens=100, closing=range(3)).must_end(5, 10) is None  # does not think
+    looping = Thinking(Tags(opened=True), answer_tokens=100, closing=range(10), loops=Loops(period=1, tokens=3))
+    for token in (7, 7, 7, 7):
+        assert looping.follow(token, "seven seven seven seven") is True
+    assert looping.must_end(4, 12) is None and looping.ended is None  # caught, but no room to end it: not ended
+    assert looping.must_end(4, 1000) == "loop"

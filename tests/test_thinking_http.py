@@ -132,8 +132,8 @@ def test_logprobs_come_in_openai_shape(server):
     completion = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, temperature=0,
                                                 logprobs=True, top_logprobs=3)
     logprobs = completion.choices[0].logprobs
-    entries = list(logprobs.content) + [openai.types.chat.ChatCompletionTokenLogprob(**e) for e in
-                                        (logprobs.model_extra.get("reasoning_content") or [])]
+    entries = list(logprobs.content)
+    assert logprobs.model_extra["reasoning_content"] == []  # this model's answer has no thinking
     assert len(entries) == completion.usage.completion_tokens
     for entry in entries:
         assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
@@ -145,8 +145,18 @@ def test_logprobs_come_in_openai_shape(server):
         for choice in chunk.choices:
             if choice.logprobs is not None:
                 streamed += [e.token for e in choice.logprobs.content or []]
-                streamed += [e["token"] for e in choice.logprobs.model_extra.get("reasoning_content") or []]
     assert sorted(streamed) == sorted(e.token for e in entries)
+
+
+def test_the_thinkings_log_probabilities_come_apart_from_the_answers(endless):
+    completion = client_of(endless).chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=100, logprobs=True, extra_body={"thinking_token_budget": 30})
+    logprobs = completion.choices[0].logprobs
+    thinking, answer = logprobs.model_extra["reasoning_content"], logprobs.content
+    assert len(thinking) == completion.usage.completion_tokens_details.reasoning_tokens
+    assert len(thinking) + len(answer) == completion.usage.completion_tokens
+    assert "".join(entry["token"] for entry in thinking).startswith("<think>")
+    assert "".join(entry["token"] for entry in thinking).endswith("</think>")
 
 
 def test_the_vote_counts_equal_answers_together():

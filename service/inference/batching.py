@@ -1,129 +1,34 @@
 """Continuous batching: one step loop, each row with a KV cache of its own (service.inference.kvcache).
 
-The running batch holds one row per request: its cache, its tokens, its
-sampler. Between decode steps, new requests join and finished rows leave; a
-leaving row's cache is freed and no other row's is touched. Joining requests
-form a `Filling` group: their prompts are prefilled together in chunks of
-columns (each row's next tokens, packed without padding into one forward
-pass), one chunk between two decode steps, so a long prompt never stalls the
-running rows for more than one chunk (and a row whose deadline or cancel
-comes mid-prefill leaves at the next chunk). Once its last chunk is in, the
-group's first tokens are chosen and its rows join. A decode step packs every
-row's one token into one forward pass; each row attends over its own cache.
-A row ends at an end token, its max_new_tokens, its deadline, its cancel flag
-or one of its stop strings, and hands each token's text to its caller as it
-is decoded. Every row samples with its own temperature and top_p, and a
-seeded row with its own generator (service.inference.decoding), so any
-requests can share a step.
+The running batch holds one row per choice of a request (service.inference.rows):
+its cache, its tokens, its sampler, its thinking. Between decode steps, new
+requests join and finished rows leave; a leaving row's cache is freed and no
+other row's is touched. Joining requests form a `Filling` group: their
+prompts are prefilled together in chunks of columns (each row's next tokens,
+packed without padding into one forward pass), one chunk between two decode
+steps, so a long prompt never stalls the running rows for more than one
+chunk (and a row whose deadline or cancel comes mid-prefill leaves at the
+next chunk). A request for n choices is prefilled once: its other rows fork
+from its first (the prompt's cache copied) as the group's first tokens are
+chosen and its rows join. A decode step packs every row's one token into one
+forward pass, with the closing of a thinking ended early (service.inference.thinking)
+fed in beside it; each row attends over its own cache. A row ends at an end
+token, its max_new_tokens (or its answer's room after a forced closing), its
+deadline, its cancel flag or one of its stop strings, and hands each token's
+text to its caller as it is decoded.
 """
 
 import time
 
 import torch
 
-from service.inference.decoding import GREEDY_BELOW, StopText, choose, decode_step, entry, finish_reason, logprobs_of
-from service.inference.generation import Logprob
+from service.inference.decoding import choose, entry, logprobs_of
 from service.inference.kvcache import CacheMemory, Pass
-from service.inference.thinking import Loops, Thinking
+from service.inference.rows import Row
 from service.records import metrics
 
 # Prompts prefilled as one group: the longest at most this times the shortest, plus the slack.
 SIMILAR_LENGTH, SIMILAR_SLACK = 2, 64
-
-
-class Row:
-    """One choice of a request inside the batch: its tokens, its text, its sampler, its thinking, why it ended."""
-
-    def __init__(self, handle, loaded, cache, index=0):
-        self.handle, self.loaded, self.request, self.index = handle, loaded, handle.request, index
-        self.cache = cache  # its keys and values (service.inference.kvcache.RowCache), until it leaves
-        self.first = None  # the logits of its prompt's last token, once prefilled
-        self.forks = []  # the other choices of its request, until they join it (copies of its prefilled cache)
-        self.ids, self.prefix, self.read, self.last = [], 0, 0, None
-        self.text = StopText(self.request.stop)
-        self.done, self.error = False, None
-        self.greedy = self.request.temperature < GREEDY_BELOW
-        self.generator = None
-        if not self.greedy and self.request.seed is not None:
-            self.generator = torch.Generator().manual_seed(seed_of(self.request.seed, index))
-        budget = self.request.budget
-        loops = None if budget is None or not budget.loop_tokens else Loops(budget.loop_period, budget.loop_tokens)
-        self.thinking = Thinking(loaded.tags, budget and budget.tokens, budget and budget.answer_tokens,
-                                 loaded.closing, loops)
-        self.forcing = []  # tokens to feed in before its next one: the closing of a thinking ended early
-        self.forced = 0
-        self.logprobs = [] if self.request.logprobs is not None else None
-        self.pending = []  # log probabilities of its tokens whose text was not sent yet
-
-    @property
-    def limit(self):
-        """The most tokens it may generate: its max_new_tokens, or less once its thinking was ended early."""
-        return self.thinking.limit or self.request.max_new_tokens
-
-    def fail(self, error):
-        """End this row with `error` (its caller gets it); the batch goes on without it."""
-        self.error, self.done = error, True
-
-    def add(self, token, now, logprob=None):
-        """Take the row's next token: metrics, incremental decoding, stop strings, its thinking, end token."""
-        if self.error is not None:
-            return
-        model = self.handle.model
-        metrics.TTFT.labels(model).observe(now - self.handle.submitted) if self.last is None \
-            else metrics.INTER_TOKEN.labels(model).observe(now - self.last)
-        self.last = now
-        thinking = self.thinking.state != "answering"
-        self._append(token, logprob, thinking)
-        self.thinking.follow(token, self.text.text)
-        self.done = token in self.loaded.eos_ids or self.should_stop()
-
-    def force(self, logprobs=None):
-        """Take the closing fed into the row by the last pass (its tokens' log probabilities, if asked)."""
-        tokens, self.forcing = self.forcing, []
-        self.forced += len(tokens)
-        thinking = self.loaded.closing_thinking
-        for i, token in enumerate(tokens):
-            self._append(token, None if logprobs is None else logprobs[i], i < thinking)
-
-    def _append(self, token, logprob, thinking):
-        self.ids.append(token)
-        if logprob is not None and self.logprobs is not None:
-            entry = Logprob(token, logprob[0], logprob[1], thinking)
-            self.logprobs.append(entry)
-            self.pending.append(entry)
-        piece, self.prefix, self.read = decode_step(self.loaded.decode, self.ids, self.prefix, self.read)
-        text = self.text.feed(piece)
-        if text or (self.pending and self.text.hit):
-            self.handle._emit(text, self.index, self.pending)
-            self.pending = []
-
-    def end_thinking(self, now, seconds_per_token):
-        """Whether its thinking must end now (service.inference.thinking); if so, the closing to feed in."""
-        if self.done or self.forcing:
-            return None
-        reason = self.thinking.must_end(len(self.ids), self.request.max_new_tokens,
-                                        self.request.deadline - now, seconds_per_token)
-        if reason is not None:
-            self.forcing = self.thinking.end(reason, len(self.ids), self.request.max_new_tokens)
-        return reason
-
-    def should_stop(self):
-        return (self.handle.cancelled or self.handle.expired() or self.text.hit
-                or len(self.ids) >= self.limit)
-
-    def outcome(self):
-        """(text, token ids, finish reason), once the row has left the batch."""
-        self.handle._emit(self.text.flush(), self.index, self.pending)
-        self.pending = []
-        if self.text.hit:
-            return self.text.text, self.ids, "stop"
-        reason = finish_reason(self.ids, self.loaded.eos_ids, self.limit, self.handle)
-        return self.loaded.decode(self.ids), self.ids, reason
-
-
-def seed_of(seed, index):
-    """The seed of a request's choice `index`: its seed, plus the index (wrapped into torch's range)."""
-    return (seed + index + 2**63) % 2**64 - 2**63
 
 
 class Filling:

@@ -65,7 +65,7 @@ class Thinking:
         if not tags.end:
             self.state = "answering"  # a model that does not think
         self.thought = 0  # tokens generated while thinking (the one that completed the end tag included)
-        self.loops = loops
+        self.loops, self.looping = loops, False
         self.ended = None  # why the thinking was ended early, once it was
         self.limit = None  # the most tokens the row may generate once its thinking was ended early
         self._seen = 0  # characters of the text looked at for the end tag
@@ -75,27 +75,29 @@ class Thinking:
         return self.state == "thinking"
 
     def follow(self, token, text):
-        """Take the row's next token and its whole text so far (`text`: as generated, stop strings cut)."""
+        """Take the row's next token and its whole text so far (`text`: as generated, stop strings cut); True when
+        the token is the thinking's (its tags included)."""
         if self.state == "before":
             self.thought += 1  # the start tag's tokens are the thinking's, as reasoning_tokens counts them
             lead = text.lstrip()
             if self.tags.start.startswith(lead):
-                return  # nothing yet, or part of the start tag
+                return True  # nothing yet, or part of the start tag
             self.state = "thinking" if lead.startswith(self.tags.start) else "answering"
             self._seen = len(text) - len(lead) + len(self.tags.start) if self.thinking else len(text)
             if not self.thinking:
                 self.thought = 0
-                return
+                return False
         elif self.state == "thinking":
             self.thought += 1
         else:
-            return
+            return False
         at = text.find(self.tags.end, max(self._seen - len(self.tags.end), 0))
         self._seen = len(text)
         if at >= 0:
             self.state = "answering"
-        elif self.loops is not None and self.loops.add(token) and self.ended is None:
-            self.ended = "loop"
+        elif self.loops is not None and self.loops.add(token):
+            self.looping = True
+        return True
 
     def room(self, max_new_tokens):
         """The answer's room after a forced closing in a row of `max_new_tokens`: answer_tokens, or half of
@@ -110,7 +112,7 @@ class Thinking:
         room = self.room(max_new_tokens)
         if room < 1 or generated + len(self.closing) + 1 > max_new_tokens:
             return None  # no room for a closing and an answer: the thinking goes on to the length
-        if self.ended == "loop":
+        if self.looping:
             return "loop"
         if self.budget is not None and self.thought >= self.budget:
             return "budget"

@@ -1,0 +1,116 @@
+"""One choice of a request in the running batch (service.inference.batching): its tokens, its text, its
+sampler, its thinking (service.inference.thinking) and why it ended.
+
+A row takes each token the batch chose for it (`add`), or the closing the
+batch fed in to end its thinking early (`force`): it decodes them
+incrementally, cuts its text at the request's stop strings, keeps their log
+probabilities when asked, and hands the text to its caller's handle as it
+goes. Every row samples with its own temperature and top_p, and a seeded row
+with its own generator (choice i of a request with seed + i), so any rows can
+share a step.
+"""
+
+import torch
+
+from service.inference.decoding import GREEDY_BELOW, StopText, decode_step, finish_reason
+from service.inference.generation import Logprob
+from service.inference.thinking import Loops, Thinking
+from service.records import metrics
+
+
+class Row:
+    """One choice of a request inside the batch: its tokens, its text, its sampler, its thinking, why it ended."""
+
+    def __init__(self, handle, loaded, cache, index=0):
+        self.handle, self.loaded, self.request, self.index = handle, loaded, handle.request, index
+        self.cache = cache  # its keys and values (service.inference.kvcache.RowCache), until it leaves
+        self.first = None  # the logits of its prompt's last token, once prefilled
+        self.forks = []  # the other choices of its request, until they join it (copies of its prefilled cache)
+        self.ids, self.prefix, self.read, self.last = [], 0, 0, None
+        self.text = StopText(self.request.stop)
+        self.done, self.error = False, None
+        self.greedy = self.request.temperature < GREEDY_BELOW
+        self.generator = None
+        if not self.greedy and self.request.seed is not None:
+            self.generator = torch.Generator().manual_seed(seed_of(self.request.seed, index))
+        budget = self.request.budget
+        loops = None if budget is None or not budget.loop_tokens else Loops(budget.loop_period, budget.loop_tokens)
+        self.thinking = Thinking(loaded.tags, budget and budget.tokens, budget and budget.answer_tokens,
+                                 loaded.closing, loops)
+        self.forcing = []  # tokens to feed in before its next one: the closing of a thinking ended early
+        self.forced = 0
+        self.logprobs = [] if self.request.logprobs is not None else None
+        self.pending = []  # log probabilities of its tokens whose text was not sent yet
+
+    @property
+    def limit(self):
+        """The most tokens it may generate: its max_new_tokens, or less once its thinking was ended early."""
+        return self.thinking.limit or self.request.max_new_tokens
+
+    def fail(self, error):
+        """End this row with `error` (its caller gets it); the batch goes on without it."""
+        self.error, self.done = error, True
+
+    def add(self, token, now, logprob=None):
+        """Take the row's next token: metrics, incremental decoding, stop strings, its thinking, end token."""
+        if self.error is not None:
+            return
+        model = self.handle.model
+        metrics.TTFT.labels(model).observe(now - self.handle.submitted) if self.last is None \
+            else metrics.INTER_TOKEN.labels(model).observe(now - self.last)
+        self.last = now
+        text = self._append(token)
+        self._record(logprob, self.thinking.follow(token, self.text.text), text)
+        self.done = token in self.loaded.eos_ids or self.should_stop()
+
+    def force(self, logprobs=None):
+        """Take the closing fed into the row by the last pass (its tokens' log probabilities, if asked)."""
+        tokens, self.forcing = self.forcing, []
+        self.forced += len(tokens)
+        thinking = self.loaded.closing_thinking
+        for i, token in enumerate(tokens):
+            self._record(None if logprobs is None else logprobs[i], i < thinking, self._append(token))
+
+    def _append(self, token):
+        """Add a token and decode it: the text that may be sent now."""
+        self.ids.append(token)
+        piece, self.prefix, self.read = decode_step(self.loaded.decode, self.ids, self.prefix, self.read)
+        return self.text.feed(piece)
+
+    def _record(self, logprob, thinking, text):
+        """Keep the last token's log probability (when asked), and send the text with those not sent yet."""
+        if logprob is not None and self.logprobs is not None:
+            entry = Logprob(self.ids[-1], logprob[0], logprob[1], thinking)
+            self.logprobs.append(entry)
+            self.pending.append(entry)
+        if text or (self.pending and self.text.hit):
+            self.handle._emit(text, self.index, self.pending)
+            self.pending = []
+
+    def end_thinking(self, now, seconds_per_token):
+        """Whether its thinking must end now (service.inference.thinking); if so, the closing to feed in."""
+        if self.done or self.forcing:
+            return None
+        reason = self.thinking.must_end(len(self.ids), self.request.max_new_tokens,
+                                        self.request.deadline - now, seconds_per_token)
+        if reason is not None:
+            self.forcing = self.thinking.end(reason, len(self.ids), self.request.max_new_tokens)
+        return reason
+
+    def should_stop(self):
+        return (self.handle.cancelled or self.handle.expired() or self.text.hit
+                or len(self.ids) >= self.limit)
+
+    def outcome(self):
+        """(text, token ids, finish reason), once the row has left the batch."""
+        self.handle._emit(self.text.flush(), self.index, self.pending)
+        self.pending = []
+        if self.text.hit:
+            return self.text.text, self.ids, "stop"
+        reason = finish_reason(self.ids, self.loaded.eos_ids, self.limit, self.handle)
+        return self.loaded.decode(self.ids), self.ids, reason
+
+
+def seed_of(seed, index):
+    """The seed of a request's choice `index`: its seed, plus the index (wrapped into torch's range)."""
+    return (seed + index + 2**63) % 2**64 - 2**63
