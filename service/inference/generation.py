@@ -43,6 +43,9 @@ class GenerationRequest:
     deadline: float = field(default_factory=lambda: time.monotonic() + 60.0)
     stop: tuple = ()  # strings that end the reply (not included in it)
     seed: int | None = None  # makes sampling repeatable
+    top_k: int = 0  # sample among the top_k most likely tokens only; 0: no limit
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
+    repetition_penalty: float = 1.0  # above 1, tokens of the prompt and the reply so far are less likely
 
 
 @dataclass
