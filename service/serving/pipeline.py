@@ -100,7 +100,8 @@ def submit(job, deadline_s):
     """Queue `job` on its model's engine, to end within `deadline_s`; the handle, or Unavailable."""
     engine, params = job.served.engine, job.params
     request = GenerationRequest(job.ids, params.max_new_tokens, params.temperature, params.top_p,
-                                deadline=time.monotonic() + deadline_s, stop=params.stop, seed=params.seed)
+                                deadline=time.monotonic() + deadline_s, stop=params.stop, seed=params.seed,
+                                top_k=params.top_k, min_p=params.min_p, repetition_penalty=params.repetition_penalty)
     try:
         return engine.submit(request)
     except NotReady:
