@@ -7,6 +7,7 @@ generation_config.json sets a temperature; the fields through the real app in pr
 
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,10 +18,11 @@ from service.inference.decoding import choose, penalize, sample
 from service.inference.generation import GenerationRequest
 from service.inference.model import sampling_defaults
 from service.inputs.schemas import ChatRequest, PredictRequest, parse
-from service.serving import params, prompts
+from service.serving import cache, params, prompts
 from service.serving.caller import Caller
 from service.serving.job import Job
-from service.settings import load_settings
+from service.serving.models import Served
+from service.settings import ModelSpec, load_settings
 from service.state import state
 from tests.support.inprocess import bearer, make_app, stop_app
 from tests.support.reference import greedy
@@ -165,6 +167,14 @@ def test_without_setting_or_model_value_the_fallbacks_apply_and_each_setting_is_
     assert params.resolve(settings, top_k=-1).top_k == 0
 
 
+def test_the_cache_key_holds_each_of_them():
+    served = Served(ModelSpec(name="m", path=Path("/m"), dtype="float32", quantization="none"), None, "r")
+    key = lambda **how: cache.key(SimpleNamespace(cache="user"), served, "ann", (1, 2),  # noqa: E731
+                                  params.Params(8, 0.0, 1.0, **how))
+    names = {key().name, key(top_k=5).name, key(min_p=0.1).name, key(repetition_penalty=1.2).name}
+    assert len(names) == 4 and key(repetition_penalty=1.2) is not None  # greedy with a penalty: deterministic
+
+
 @pytest.fixture(scope="module")
 def app(tuned_model, tmp_path_factory):
     app = make_app(tuned_model, tmp_path_factory.mktemp("app"), max_prompt_tokens=4096)
@@ -174,7 +184,7 @@ def app(tuned_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def headers(app):
-    return bearer(app, "sampler")
+    return bearer(app, "sampler", rate_limit="1000/minute")  # this module's requests, well within a minute
 
 
 def test_a_request_left_to_the_defaults_samples_at_the_models_temperature(app):
