@@ -169,8 +169,9 @@ class Settings(BaseSettings):
         "request gives no min_p. Unset: the model's, else 0."
     )
     default_repetition_penalty: float | None = Field(
-        None, gt=0.0, le=2.0, description="Repetition penalty when a request gives none (1: none; above 1, tokens "
-        "of the prompt and the reply so far are less likely). Unset: the model's, else 1."
+        None, ge=0.01, le=2.0, description="Repetition penalty when a request gives none (1: none; above 1, tokens "
+        "of the prompt and the reply so far are less likely; at least 0.01, as a request's). Unset: the model's, "
+        "else 1."
     )
     max_prompt_tokens: int = Field(4096, ge=16, description="Longest chat-templated prompt accepted, in tokens.")
     max_question_chars: int = Field(

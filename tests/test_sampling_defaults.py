@@ -142,7 +142,7 @@ def test_only_what_the_file_sets_is_the_models_default(tiny_model, tuned_model, 
     assert sampling_defaults(tmp_path) == {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.05,
                                            "repetition_penalty": 1.1}
     (tmp_path / "generation_config.json").write_text(json.dumps({
-        "temperature": "hot", "top_k": 2.5, "top_p": 0, "min_p": True, "repetition_penalty": -1}))
+        "temperature": "hot", "top_k": 2.5, "top_p": 0, "min_p": True, "repetition_penalty": 1e-300}))
     assert sampling_defaults(tmp_path) == {}  # no value a sampler takes
     (tmp_path / "generation_config.json").unlink()
     assert sampling_defaults(tmp_path) == {}
@@ -216,7 +216,9 @@ ROUTES = ["predict", "chat"]
 REFUSED = [("top_k", 1001, "out_of_range"), ("top_k", -2, "out_of_range"), ("top_k", 1.5, "invalid_type"),
            ("top_k", "5", "invalid_type"), ("top_k", True, "invalid_type"), ("min_p", -0.1, "out_of_range"),
            ("min_p", 1.5, "out_of_range"), ("min_p", "0.1", "invalid_type"), ("repetition_penalty", 0, "out_of_range"),
-           ("repetition_penalty", -1.0, "out_of_range"), ("repetition_penalty", 2.5, "out_of_range")]
+           ("repetition_penalty", 5e-324, "out_of_range"),  # once a 500: a logit divided by it is inf
+           ("repetition_penalty", 0.009, "out_of_range"), ("repetition_penalty", -1.0, "out_of_range"),
+           ("repetition_penalty", 2.5, "out_of_range")]
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -232,7 +234,7 @@ def test_a_value_out_of_bounds_is_a_400_naming_its_field(app, headers, route, fi
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("field,value", [("top_k", -1), ("top_k", 0), ("top_k", 1), ("top_k", 1000),
                                          ("min_p", 0), ("min_p", 0.05), ("min_p", 1.0),
-                                         ("repetition_penalty", 0.5), ("repetition_penalty", 1),
+                                         ("repetition_penalty", 0.01), ("repetition_penalty", 1),
                                          ("repetition_penalty", 2.0)])
 def test_a_value_in_bounds_is_answered(app, headers, route, field, value):
     response = post(app, headers, route, **{field: value, "temperature": 1.0})

@@ -21,7 +21,7 @@ from service.api.responses import (
     ModelCard, ModelList, Ready, Token, TokenList, UsageList, User, UserList)
 from service.inputs import schemas
 from service.inputs.extraction import MEDIA_TYPES
-from service.serving.params import MAX_TOP_K
+from service.serving.params import LEAST_PENALTY, MAX_TOP_K
 from service.state import state
 
 REF = "#/components/schemas/{model}"
@@ -217,7 +217,7 @@ def _bound(components, settings):
         props["top_k"] = {"anyOf": [{"type": "integer", "minimum": -1, "maximum": MAX_TOP_K},
                                     {"type": "null"}], "description": "0 or -1: no limit"}
         props["min_p"] = {"anyOf": [number(0, 1), {"type": "null"}]}
-        props["repetition_penalty"] = {"anyOf": [{**number(0, 2), "exclusiveMinimum": 0}, {"type": "null"}],
+        props["repetition_penalty"] = {"anyOf": [number(LEAST_PENALTY, 2), {"type": "null"}],
                                        "description": "1: none; above 1, tokens already seen are less likely"}
     served = [spec.name for spec in settings.served_models()]
     components["ChatRequest"]["properties"]["model"]["examples"] = [served[0], "auto"]

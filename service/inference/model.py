@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from service.inference import artifact, kvcache, numerics  # noqa: E402
+from service.inference.generation import LEAST_PENALTY  # noqa: E402
 
 hf_logging.disable_progress_bar()
 log = logging.getLogger("vibethinker.model")
@@ -36,7 +37,7 @@ PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
 # a value outside them is ignored (with a warning) rather than served.
 SAMPLING = {"temperature": lambda v: v >= 0, "top_p": lambda v: 0 < v <= 1,
             "top_k": lambda v: v == int(v) and v >= -1, "min_p": lambda v: 0 <= v <= 1,
-            "repetition_penalty": lambda v: v > 0}
+            "repetition_penalty": lambda v: v >= LEAST_PENALTY}
 
 
 PROBE = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},

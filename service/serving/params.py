@@ -4,6 +4,7 @@
 from dataclasses import dataclass
 
 from service.errors import BadRequest
+from service.inference.generation import LEAST_PENALTY
 from service.inputs.schemas import SEED_RANGE, check_range
 
 MAX_STOPS, MAX_STOP_CHARS = 4, 64
@@ -56,7 +57,7 @@ def resolve(settings, max_new_tokens=None, temperature=None, top_p=None, stop=()
         top_p=float(pick("top_p", top_p, 0.0, 1.0, low_open=True)),
         top_k=max(0, int(pick("top_k", top_k, -1, MAX_TOP_K, integer=True))),
         min_p=float(pick("min_p", min_p, 0.0, 1.0)),
-        repetition_penalty=float(pick("repetition_penalty", repetition_penalty, 0.0, 2.0, low_open=True)),
+        repetition_penalty=float(pick("repetition_penalty", repetition_penalty, LEAST_PENALTY, 2.0)),
     )
 
 
