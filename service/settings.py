@@ -150,10 +150,29 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(
         2048, ge=1, le=131072, description="Largest max_new_tokens a request may ask for."
     )
-    default_temperature: float = Field(
-        0.6, ge=0.0, le=2.0, description="Sampling temperature when a request gives none; 0 is greedy."
+    # Sampling defaults: a request's value wins, then the setting, then the model folder's generation_config.json,
+    # then the fallback each description names (service.serving.params.resolve). Unset is not a value.
+    default_temperature: float | None = Field(
+        None, ge=0.0, le=2.0, description="Sampling temperature when a request gives none; 0 is greedy. Unset: "
+        "the model's generation_config.json value, else 0.6."
     )
-    default_top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass when a request gives none.")
+    default_top_p: float | None = Field(
+        None, gt=0.0, le=1.0, description="Nucleus sampling mass when a request gives none. Unset: the model's, "
+        "else 0.95."
+    )
+    default_top_k: int | None = Field(
+        None, ge=-1, le=1000, description="Sample among this many most likely tokens when a request gives no "
+        "top_k; 0 or -1: no limit. Unset: the model's, else 0."
+    )
+    default_min_p: float | None = Field(
+        None, ge=0.0, le=1.0, description="Drop tokens less likely than this times the most likely one when a "
+        "request gives no min_p. Unset: the model's, else 0."
+    )
+    default_repetition_penalty: float | None = Field(
+        None, ge=0.01, le=2.0, description="Repetition penalty when a request gives none (1: none; above 1, tokens "
+        "of the prompt and the reply so far are less likely; at least 0.01, as a request's). Unset: the model's, "
+        "else 1."
+    )
     max_prompt_tokens: int = Field(4096, ge=16, description="Longest chat-templated prompt accepted, in tokens.")
     max_question_chars: int = Field(
         16384, ge=1, description="Longest question or system prompt accepted, in characters."

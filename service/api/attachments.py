@@ -11,7 +11,8 @@ from service.inputs import documents
 from service.serving import attachments
 from service.state import state
 
-FORM_FIELDS = ("question", "system_prompt", "model", "max_new_tokens", "temperature", "top_p", "expected_answer")
+FORM_FIELDS = ("question", "system_prompt", "model", "max_new_tokens", "temperature", "top_p", "top_k", "min_p",
+               "repetition_penalty", "expected_answer")
 OCTET_STREAM = "application/octet-stream"
 # Where a chat content part of each document kind holds its data URL.
 DATA_URL_FIELDS = {"image_url": "url", "file": "file_data"}
@@ -101,11 +102,11 @@ def from_form(app, job):
 
 
 def _form_value(name, text):
-    if name == "max_new_tokens":
+    if name in ("max_new_tokens", "top_k"):
         if not (text.isascii() and text.lstrip("-").isdigit() and len(text) <= 12):
             raise BadRequest(f"{name} must be an integer", "invalid_type", name)
         return int(text)
-    if name in ("temperature", "top_p"):
+    if name in ("temperature", "top_p", "min_p", "repetition_penalty"):
         try:
             value = float(text) if text.isascii() else math.nan
         except ValueError:

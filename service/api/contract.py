@@ -21,6 +21,7 @@ from service.api.responses import (
     ModelCard, ModelList, Ready, Token, TokenList, UsageList, User, UserList)
 from service.inputs import schemas
 from service.inputs.extraction import MEDIA_TYPES
+from service.serving.params import LEAST_PENALTY, MAX_TOP_K
 from service.state import state
 
 REF = "#/components/schemas/{model}"
@@ -34,7 +35,8 @@ PREDICT_FORM = {"schema": {
     "type": "object", "additionalProperties": False,
     "properties": {**{name: {"type": "string"} for name in ("question", "system_prompt", "model", "expected_answer")},
                    "max_new_tokens": {"type": "integer"}, "temperature": {"type": "number"},
-                   "top_p": {"type": "number"},
+                   "top_p": {"type": "number"}, "top_k": {"type": "integer"}, "min_p": {"type": "number"},
+                   "repetition_penalty": {"type": "number"},
                    "file": {"type": "string", "format": "binary",
                             "description": "PDF, PNG, JPEG or WebP; its text is read (OCR where it has none)"}}},
     "encoding": {"file": {"contentType": ", ".join(MEDIA_TYPES)}}}
@@ -212,6 +214,11 @@ def _bound(components, settings):
             props[field] = {"anyOf": [tokens, {"type": "null"}]}
         props["temperature"] = {"anyOf": [number(0, 2), {"type": "null"}]}
         props["top_p"] = {"anyOf": [{**number(0, 1), "exclusiveMinimum": 0}, {"type": "null"}]}
+        props["top_k"] = {"anyOf": [{"type": "integer", "minimum": -1, "maximum": MAX_TOP_K},
+                                    {"type": "null"}], "description": "0 or -1: no limit"}
+        props["min_p"] = {"anyOf": [number(0, 1), {"type": "null"}]}
+        props["repetition_penalty"] = {"anyOf": [number(LEAST_PENALTY, 2), {"type": "null"}],
+                                       "description": "1: none; above 1, tokens already seen are less likely"}
     served = [spec.name for spec in settings.served_models()]
     components["ChatRequest"]["properties"]["model"]["examples"] = [served[0], "auto"]
     components["PredictRequest"]["properties"]["question"]["examples"] = ["What is 2 + 2?"]

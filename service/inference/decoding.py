@@ -1,12 +1,15 @@
 """From logits to text, one row at a time: each row's next token, its text as decoded, and why it ended.
 
 The batch (service.inference.batching) calls `choose` after every forward
-pass: argmax for a greedy row, a top-p sample (with the row's own seeded
-generator, if any) for the others, a failure ending that row alone. Each
+pass: argmax for a greedy row, a sample (top-k, min-p, top-p; with the row's
+own seeded generator, if any) for the others, a failure ending that row
+alone; a row with a repetition penalty has it applied first (`penalize`). Each
 chosen token is detokenised incrementally (`decode_step`), cut at the
 request's stop strings (`StopText`), and a finished row's `finish_reason`
 says what ended it.
 """
+
+import itertools
 
 import torch
 
@@ -16,8 +19,8 @@ GREEDY_BELOW = 1e-3
 
 
 def choose(logits, rows):
-    """The next token of each row: argmax for greedy rows, a top-p sample for the others (or, for tests, the
-    model's forced output: settings.forced_output).
+    """The next token of each row: argmax for greedy rows, a sample for the others (or, for tests, the
+    model's forced output: settings.forced_output); a row's repetition penalty applies before either.
 
     A row whose sampling fails is marked failed (its caller gets the error) and the others go on."""
     tokens = logits.argmax(dim=-1)
@@ -25,24 +28,55 @@ def choose(logits, rows):
         forced = row.loaded.forced  # tests only: the model's output is known in advance
         if forced:
             tokens[i] = forced[min(len(row.ids), len(forced) - 1)]
-        elif not row.greedy:
-            try:
-                tokens[i] = sample(logits[i].float().cpu(), row.request.temperature, row.request.top_p,
-                                   row.generator)  # on the CPU: a row's seeded generator is a CPU one
-            except Exception as exc:  # noqa: BLE001 - any failure of one row is that row's alone
-                row.fail(exc)
+            continue
+        request = row.request
+        penalty = request.repetition_penalty
+        if row.greedy and penalty == 1.0:  # the common greedy row: the batch's argmax is its token
+            continue
+        try:
+            scores = logits[i]
+            if penalty != 1.0:
+                scores = penalize(scores.float(), (request.prompt_ids, row.ids), penalty)
+            if row.greedy:
+                tokens[i] = scores.argmax()
+            else:  # on the CPU: a row's seeded generator is a CPU one
+                tokens[i] = sample(scores.float().cpu(), request.temperature, request.top_p, row.generator,
+                                   request.top_k, request.min_p)
+        except Exception as exc:  # noqa: BLE001 - any failure of one row is that row's alone
+            row.fail(exc)
     return tokens
 
 
-def sample(logits, temperature, top_p, generator=None):
-    """One token id drawn from softmax(logits / temperature), restricted to the top_p nucleus."""
+def sample(logits, temperature, top_p, generator=None, top_k=0, min_p=0.0):
+    """One token id drawn from softmax(logits / temperature), filtered as vLLM does: tokens below min_p times
+    the top token's probability dropped, then all but the top_k most likely (0 or less: no limit), then all
+    outside the top_p nucleus of what is left."""
     probs = torch.softmax(logits / temperature, dim=-1)
+    order, filtered = None, False  # with an order, probs are sorted (descending) and order[j] is probs[j]'s id
+    if min_p > 0.0:
+        probs, filtered = torch.where(probs >= min_p * probs.max(), probs, 0.0), True
+    if 0 < top_k < probs.numel():
+        (probs, order), filtered = probs.topk(top_k), True
     if top_p < 1.0:
-        probs, order = probs.sort(descending=True)
+        if order is None:
+            probs, order = probs.sort(descending=True)
+        if filtered:
+            probs = probs / probs.sum()  # the nucleus is of what the filters above kept
         keep = (probs.cumsum(-1) - probs) < top_p  # the smallest prefix reaching top_p
         keep[0] = True  # however small top_p is (below float32's smallest, it compares as 0)
-        return int(order[torch.multinomial(probs * keep, 1, generator=generator)])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        probs = probs * keep
+    drawn = int(torch.multinomial(probs, 1, generator=generator))
+    return drawn if order is None else int(order[drawn])
+
+
+def penalize(logits, seen, penalty):
+    """`logits` with every token id of the `seen` id lists penalised as transformers and vLLM do: a positive
+    logit divided by `penalty`, a negative one multiplied by it (a new tensor; `logits` is left as it is)."""
+    ids = torch.tensor(list(itertools.chain.from_iterable(seen)), dtype=torch.long, device=logits.device)
+    if not ids.numel():
+        return logits
+    scores = logits.gather(0, ids)  # an id seen twice is penalised once: both its writes below are one value
+    return logits.scatter(0, ids, torch.where(scores > 0, scores / penalty, scores * penalty))
 
 
 def finish_reason(new_ids, eos_ids, max_new_tokens, handle):

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 _END = object()
+# The smallest repetition penalty: a logit divided by a tiny one overflows float32 to inf, which cannot be
+# sampled (5e-324 did, found by the fuzz); this one makes a logit at most 100 times larger.
+LEAST_PENALTY = 0.01
 
 
 class EngineError(Exception):
@@ -44,6 +47,9 @@ class GenerationRequest:
     deadline: float = field(default_factory=lambda: time.monotonic() + 60.0)
     stop: tuple = ()  # strings that end the reply (not included in it)
     seed: int | None = None  # makes sampling repeatable (choice i samples with seed + i)
+    top_k: int = 0  # sample among the top_k most likely tokens only; 0: no limit
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
+    repetition_penalty: float = 1.0  # above 1, tokens of the prompt and the reply so far are less likely
     n: int = 1  # choices: rows forked from one prefill of the prompt
     logprobs: int | None = None  # each token's log probability and this many alternatives' (None: none)
     budget: "Budget | None" = None  # how its thinking ends in time (None: never ended early)

@@ -7,11 +7,15 @@ exactly this code. Nothing here talks to the Hugging Face hub.
 import contextlib
 import copy
 import ctypes
+import json
+import logging
+import math
 import os
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 # Set before transformers is imported: never reach for the hub, no progress bars.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,10 +27,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from service.inference import artifact, kvcache, numerics  # noqa: E402
+from service.inference.generation import LEAST_PENALTY  # noqa: E402
 from service.inference.thinking import Tags  # noqa: E402
 
 hf_logging.disable_progress_bar()
+log = logging.getLogger("vibethinker.model")
 PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
+
+# The sampling parameters a model folder's generation_config.json may set, and the values a sampler can take:
+# a value outside them is ignored (with a warning) rather than served.
+SAMPLING = {"temperature": lambda v: v >= 0, "top_p": lambda v: 0 < v <= 1,
+            "top_k": lambda v: v == int(v) and v >= -1, "min_p": lambda v: 0 <= v <= 1,
+            "repetition_penalty": lambda v: v >= LEAST_PENALTY}
 
 
 PROBE = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
@@ -58,6 +70,7 @@ class LoadedModel:
     closing_thinking: int = 0  # how many of them are the thinking's (up to its end tag)
     layout: object = None  # the KV cache's shape and dtype (service.inference.kvcache.Layout)
     layer_types: tuple = ("full_attention",)  # the attention kinds of the model's layers (its masks' keys)
+    defaults: dict = field(default_factory=dict)  # the sampling values its generation_config.json sets (SAMPLING)
 
     def __post_init__(self):
         # The tokenizer has one owner per side. A fast tokenizer is one Rust object that refuses a mutable
@@ -187,6 +200,7 @@ def load(path, dtype="float32", quantization="none", prefill_float32="auto", dev
     kvcache.install(model)
     loaded.layout = kvcache.Layout.of(config, kvcache.cache_dtype(kv_dtype, loaded.mode))
     loaded.layer_types = tuple(sorted(set(getattr(config, "layer_types", None) or ["full_attention"])))
+    loaded.defaults = sampling_defaults(path)
     loaded.encode_chat(PROBE)  # a chat template the service cannot encode safely fails the load, not each request
     loaded.opens_reasoning = opens_reasoning(tokenizer, reasoning_start)
     if reasoning_end:
@@ -196,6 +210,33 @@ def load(path, dtype="float32", quantization="none", prefill_float32="auto", dev
     if forced_output:
         loaded.forced = (*tokenizer(forced_output, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id)
     return loaded
+
+
+def sampling_defaults(path):
+    """The sampling parameters (SAMPLING) the folder's generation_config.json itself sets.
+
+    Read from the file, not from transformers' GenerationConfig: transformers 4 fills unset keys with its
+    library defaults (top_k 50, temperature 1.0) and its to_diff_dict drops a value set equal to one of them,
+    so neither tells what the model's authors chose. `do_sample` is not read (as vLLM does not)."""
+    file = Path(path) / "generation_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        values = json.loads(file.read_text())
+    except (ValueError, OSError) as exc:
+        log.warning("%s is not readable JSON (%s): the model's sampling defaults are not used", file, exc)
+        return {}
+    defaults = {}
+    for name, valid in SAMPLING.items():
+        value = values.get(name) if isinstance(values, dict) else None
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not valid(value):
+            log.warning("%s: %s = %r is not a value a sampler takes: ignored", file, name, value)
+            continue
+        defaults[name] = int(value) if name == "top_k" else float(value)
+    return defaults
 
 
 def _give_back_free_memory():

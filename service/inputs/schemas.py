@@ -39,6 +39,9 @@ class PredictRequest(StrictModel):
     max_new_tokens: int | None = None
     temperature: Annotated[float, Field(allow_inf_nan=False)] | None = None
     top_p: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    top_k: int | None = None  # vLLM's sampling extensions; their bounds: service.serving.params.resolve
+    min_p: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    repetition_penalty: Annotated[float, Field(allow_inf_nan=False)] | None = None
     expected_answer: str | None = Field(None, min_length=1, max_length=EXPECTED_CHARS)
     thinking_token_budget: int | None = None  # vLLM's: thinking tokens before the thinking is ended
     reasoning_effort: Effort | None = None  # OpenAI's: a thinking budget from settings
@@ -100,6 +103,9 @@ class ChatRequest(StrictModel):
     max_completion_tokens: int | None = None
     temperature: Annotated[float, Field(allow_inf_nan=False)] | None = None
     top_p: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    top_k: int | None = None  # vLLM's sampling extensions; their bounds: service.serving.params.resolve
+    min_p: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    repetition_penalty: Annotated[float, Field(allow_inf_nan=False)] | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int | None = None

@@ -55,7 +55,8 @@ def key(settings, served, user, ids, params):
         return None
     material = {"model": served.name, "mode": served.mode, "revision": served.revision, "ids": list(ids),
                 "max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
-                "top_p": params.top_p, "stop": list(params.stop), "seed": params.seed,
+                "top_p": params.top_p, "top_k": params.top_k, "min_p": params.min_p,
+                "repetition_penalty": params.repetition_penalty, "stop": list(params.stop), "seed": params.seed,
                 "reasoning_format": params.reasoning_format, "n": params.n, "logprobs": params.logprobs,
                 "thinking": [params.thinking_budget, settings.answer_tokens, settings.thinking_closing,
                              settings.loop_period, settings.loop_tokens]}

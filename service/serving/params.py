@@ -1,12 +1,17 @@
-"""Generation parameters: the client's values, the settings' defaults, the bounds, as one `Params`."""
+"""Generation parameters: the client's values, the defaults (settings, the model's own), the bounds, as one
+`Params`."""
 
 from dataclasses import dataclass
 
 from service.errors import BadRequest
+from service.inference.generation import LEAST_PENALTY
 from service.inputs.schemas import SEED_RANGE, check_range
 
 MAX_STOPS, MAX_STOP_CHARS = 4, 64
 MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+MAX_TOP_K = 1000
+# The default of a sampling parameter neither the settings nor the model's generation_config.json set.
+FALLBACK = {"temperature": 0.6, "top_p": 0.95, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
 @dataclass
@@ -16,6 +21,9 @@ class Params:
     max_new_tokens: int
     temperature: float
     top_p: float
+    top_k: int = 0  # 0: no limit (a client's -1, vLLM's "off", is stored as 0)
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
     stop: tuple = ()
     seed: int | None = None
     sized: bool = False  # max_new_tokens is the server's choice, sized to the deadline (pipeline.fit_deadline)
@@ -32,18 +40,29 @@ class Params:
 
 
 def resolve(settings, max_new_tokens=None, temperature=None, top_p=None, stop=(), seed=None,
-            tokens_name="max_new_tokens", reasoning_format=None):
-    """Fill defaults from settings and check bounds; BadRequest when out of range."""
-    limit = settings.max_new_tokens_limit
+            tokens_name="max_new_tokens", reasoning_format=None, top_k=None, min_p=None, repetition_penalty=None,
+            model=None):
+    """The client's values checked against their bounds (BadRequest naming the field), and each value the client
+    left out filled by its default: the setting, else `model` (the served model's own defaults,
+    LoadedModel.defaults), else FALLBACK."""
+    limit, model = settings.max_new_tokens_limit, model or {}
+
+    def pick(name, value, low, high, **bounds):
+        if value is not None:
+            return check_range(name, value, low, high, **bounds)
+        setting = getattr(settings, f"default_{name}")
+        return setting if setting is not None else model.get(name, FALLBACK[name])
+
     return Params(
         stop=tuple(stop), reasoning_format=reasoning_format or "auto",
         seed=None if seed is None else check_range("seed", seed, *SEED_RANGE, integer=True),
         max_new_tokens=check_range(tokens_name, settings.default_max_new_tokens
                                    if max_new_tokens is None else max_new_tokens, 1, limit, integer=True),
-        temperature=float(check_range("temperature", settings.default_temperature
-                                      if temperature is None else temperature, 0.0, 2.0)),
-        top_p=float(check_range("top_p", settings.default_top_p if top_p is None else top_p, 0.0, 1.0,
-                                low_open=True)),
+        temperature=float(pick("temperature", temperature, 0.0, 2.0)),
+        top_p=float(pick("top_p", top_p, 0.0, 1.0, low_open=True)),
+        top_k=max(0, int(pick("top_k", top_k, -1, MAX_TOP_K, integer=True))),
+        min_p=float(pick("min_p", min_p, 0.0, 1.0)),
+        repetition_penalty=float(pick("repetition_penalty", repetition_penalty, LEAST_PENALTY, 2.0)),
     )
 
 
@@ -66,6 +85,12 @@ def choices(settings, n=None, logprobs=None, top_logprobs=None):
         return n, None
     return n, 0 if top_logprobs is None else check_range("top_logprobs", top_logprobs, 0, MAX_TOP_LOGPROBS,
                                                             integer=True)
+
+
+def model_defaults(served):
+    """The sampling defaults of `served`'s loaded model ({} while it loads: its request is refused then)."""
+    loaded = served.engine.model if served.engine is not None else None
+    return getattr(loaded, "defaults", None) or {}
 
 
 def stops(stop):

@@ -101,7 +101,8 @@ def submit(state, job, deadline_s):
     engine, params = job.served.engine, job.params
     request = GenerationRequest(job.ids, params.max_new_tokens, params.temperature, params.top_p,
                                 deadline=time.monotonic() + deadline_s, stop=params.stop, seed=params.seed,
-                                n=params.n, logprobs=params.logprobs, budget=budget_of(state.settings, job))
+                                n=params.n, logprobs=params.logprobs, budget=budget_of(state.settings, job),
+                                top_k=params.top_k, min_p=params.min_p, repetition_penalty=params.repetition_penalty)
     try:
         return engine.submit(request)
     except NotReady:

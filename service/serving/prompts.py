@@ -28,7 +28,9 @@ def chat(state, job, body):
     job.tokens_name = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     job.asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     job.params = params.resolve(settings, job.asked, body.temperature, body.top_p, params.stops(body.stop),
-                                body.seed, tokens_name=job.tokens_name, reasoning_format=body.reasoning_format)
+                                body.seed, tokens_name=job.tokens_name, reasoning_format=body.reasoning_format,
+                                top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                                model=params.model_defaults(job.served))
     job.params = dataclasses.replace(
         job.params, n=n, logprobs=logprobs, vote=bool(body.vote),
         thinking_budget=params.thinking_budget(settings, body.thinking_token_budget, body.reasoning_effort))
@@ -58,7 +60,9 @@ def predict(state, job, body, document=None):
                                           **({"file": text} if text is not None else {})}, whole="question")
     job.kind, job.served = "predict", _pick(state, job, body.model, whole)
     job.tokens_name, job.asked = "max_new_tokens", body.max_new_tokens
-    job.params = params.resolve(settings, body.max_new_tokens, body.temperature, body.top_p)
+    job.params = params.resolve(settings, body.max_new_tokens, body.temperature, body.top_p, top_k=body.top_k,
+                                min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                                model=params.model_defaults(job.served))
     job.params = dataclasses.replace(
         job.params, thinking_budget=params.thinking_budget(settings, body.thinking_token_budget,
                                                            body.reasoning_effort))
