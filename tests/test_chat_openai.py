@@ -96,8 +96,9 @@ def test_errors_raise_the_right_exception_classes(chat_server):
     with pytest.raises(openai.BadRequestError) as bad:
         client(chat_server).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=0)
     assert bad.value.body["param"] == "max_tokens"  # the SDK hands over the error object
-    with pytest.raises(openai.BadRequestError):
-        client(chat_server).chat.completions.create(**ok, n=2)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client(chat_server).chat.completions.create(**ok, n=9)  # past max_n
+    assert bad.value.body["param"] == "n"
     with pytest.raises(openai.BadRequestError):
         client(chat_server).chat.completions.create(model=MODEL, messages=[{"role": "robot", "content": "x"}])
     with pytest.raises(openai.NotFoundError):

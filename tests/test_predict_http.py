@@ -22,7 +22,8 @@ def test_answer_equals_in_process_greedy_generate(server, reference, path, quest
     assert body["success"] is True and body["model"] == "VibeThinker-1.5B" and body["id"]
     prompt_tokens = len(reference.encode_chat(messages))
     assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": len(new_ids),
-                             "total_tokens": prompt_tokens + len(new_ids)}
+                             "total_tokens": prompt_tokens + len(new_ids), "forced_tokens": 0}
+    assert body["thinking_ended_early"] is None
     assert body["finish_reason"] == ("stop" if new_ids[-1] in reference.eos_ids else "length")
 
 

@@ -11,7 +11,7 @@ from service.serving import cache, params
 from service.serving.answers import Checker, final_answer
 from service.serving.models import Served
 from service.serving.reasoning import Markers, Splitter, split
-from service.settings import ModelSpec
+from service.settings import ModelSpec, Settings
 
 THINK = Markers()
 OPENED = Markers(opened=True)
@@ -108,7 +108,7 @@ def test_the_openai_default_fields_are_accepted():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("presence_penalty", 0.5), ("frequency_penalty", -1), ("logprobs", True), ("service_tier", "flex"),
+    ("presence_penalty", 0.5), ("frequency_penalty", -1), ("service_tier", "flex"),
     ("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
 ])
 def test_what_the_service_cannot_do_is_refused_by_name(field, value):
@@ -119,7 +119,7 @@ def test_what_the_service_cannot_do_is_refused_by_name(field, value):
 
 
 def test_the_cache_key_holds_the_reasoning_format():
-    settings = type("S", (), {"cache": "user"})()
+    settings = Settings(cache="user")
     served = Served(ModelSpec(name="m", path=Path("/m"), dtype="float32", quantization="none"), None, "r")
     keys = {cache.key(settings, served, "ann", (1, 2), params.Params(8, 0.0, 1.0, reasoning_format=fmt)).name
             for fmt in ("auto", "none")}

@@ -177,6 +177,24 @@ def test_only_whole_answers_are_stored(reason, tokens, stored):
     assert (kept.lookup(key) is not None) is stored
 
 
+@pytest.mark.parametrize("ended,used,stored", [("budget", 8, True), ("loop", 8, True), ("length", 8, True),
+                                               ("deadline", 8, False), ("length", 6, False), (None, 6, True)])
+def test_a_thinking_ended_early_is_stored_only_when_the_request_alone_decided_it(ended, used, stored):
+    from service.inference.generation import GenerationResult, Logprob
+
+    key = cache.Key("k", "m", 8)
+    kept = cache.Cache(cache.MemoryAnswers(), 60, 10_000)
+    first = GenerationResult("a", [1, 2], 4, "length" if ended else "stop", 0, 0, forced_tokens=1,
+                             thinking_ended=ended, logprobs=[Logprob(1, -0.5, ((1, -0.5), (3, -2.0)), True)])
+    first.others = (GenerationResult("b", [5], 4, "stop", 0, 0, index=1),)
+    assert kept.store(key, first, used) is stored
+    if stored:  # every choice comes back as it was
+        hit = kept.lookup(key)
+        assert [(c.index, c.text, c.token_ids, c.thinking_ended, c.forced_tokens) for c in hit.choices] == \
+            [(0, "a", [1, 2], ended, 1), (1, "b", [5], None, 0)]
+        assert hit.logprobs == first.logprobs and hit.completion_tokens == 3
+
+
 def test_an_entry_over_the_size_cap_is_not_stored_and_entries_expire():
     from service.inference.generation import GenerationResult
 

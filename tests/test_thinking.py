@@ -134,6 +134,24 @@ def test_a_streamed_thinking_shows_the_closing_and_its_tag_once(engine):
     assert end == 20 + closing.closing_thinking
 
 
+def test_tokens_that_might_have_opened_a_thinking_take_the_place_of_what_followed(engine):
+    for text, thinking in (("\n<b>answer</b>", False), ("\n<think>thought</think>answer", True)):
+        forcing(engine, text)
+        _, result = ask(engine, 60, Budget(answer_tokens=8), logprobs=0)
+        assert [entry.token for entry in result.logprobs] == result.token_ids
+        first = next(i for i, token in enumerate(result.token_ids) if "<" in engine.model.decode_token(token))
+        assert all(entry.thinking is thinking for entry in result.logprobs[:first + 1])
+        assert not result.logprobs[-1].thinking  # the answer's last token
+
+
+def test_a_tokens_bytes_are_its_own_even_when_its_text_is_part_of_a_character(engine):
+    loaded, text = engine.model, "héllo 日本 🧮"
+    ids = loaded._ids(text)
+    assert any(loaded.decode_token(token) == "\ufffd" for token in ids)  # a token that is half a character
+    assert b"".join(loaded.token_bytes(token) for token in ids) == text.encode()
+    assert loaded.token_bytes(loaded.tokenizer.eos_token_id) == loaded.tokenizer.eos_token.encode()
+
+
 def test_loops_are_found_by_their_period_and_a_varied_text_is_not():
     loops = Loops(period=8, tokens=10)
     assert not any(loops.add(t) for t in range(100))

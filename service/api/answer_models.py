@@ -16,10 +16,13 @@ ENDED = ("Why the engine ended the thinking early (fed in a short closing senten
 Ended = Literal["budget", "length", "deadline", "loop"] | None
 
 
-class Usage(BaseModel):
+class Counts(BaseModel):
     prompt_tokens: int
     completion_tokens: int = Field(description="Every choice's generated tokens, forced ones included.")
     total_tokens: int
+
+
+class Usage(Counts):
     forced_tokens: int = Field(description="Of the completion's: fed in by the engine to end a thinking early.")
 
 
@@ -56,7 +59,7 @@ class Vote(BaseModel):
     answered: int = Field(description="Choices that gave a final answer at all.")
 
 
-class ChatUsage(Usage):
+class ChatUsage(Counts):
     completion_tokens_details: CompletionTokensDetails
 
 

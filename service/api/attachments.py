@@ -12,7 +12,7 @@ from service.serving import attachments
 from service.state import state
 
 FORM_FIELDS = ("question", "system_prompt", "model", "max_new_tokens", "temperature", "top_p", "top_k", "min_p",
-               "repetition_penalty", "expected_answer")
+               "repetition_penalty", "expected_answer", "thinking_token_budget", "reasoning_effort")
 OCTET_STREAM = "application/octet-stream"
 # Where a chat content part of each document kind holds its data URL.
 DATA_URL_FIELDS = {"image_url": "url", "file": "file_data"}
@@ -102,7 +102,7 @@ def from_form(app, job):
 
 
 def _form_value(name, text):
-    if name in ("max_new_tokens", "top_k"):
+    if name in ("max_new_tokens", "top_k", "thinking_token_budget"):
         if not (text.isascii() and text.lstrip("-").isdigit() and len(text) <= 12):
             raise BadRequest(f"{name} must be an integer", "invalid_type", name)
         return int(text)

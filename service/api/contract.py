@@ -21,7 +21,7 @@ from service.api.responses import (
     ModelCard, ModelList, Ready, Token, TokenList, UsageList, User, UserList)
 from service.inputs import schemas
 from service.inputs.extraction import MEDIA_TYPES
-from service.serving.params import LEAST_PENALTY, MAX_TOP_K
+from service.serving.params import LEAST_PENALTY, MAX_TOP_K, MAX_TOP_LOGPROBS
 from service.state import state
 
 REF = "#/components/schemas/{model}"
@@ -33,10 +33,11 @@ UPLOAD = {"multipart/form-data": {"schema": {
 # /v1/predict with a document: its JSON form's fields as text fields, and the file (question then optional).
 PREDICT_FORM = {"schema": {
     "type": "object", "additionalProperties": False,
-    "properties": {**{name: {"type": "string"} for name in ("question", "system_prompt", "model", "expected_answer")},
+    "properties": {**{name: {"type": "string"} for name in ("question", "system_prompt", "model", "expected_answer",
+                                                            "reasoning_effort")},
                    "max_new_tokens": {"type": "integer"}, "temperature": {"type": "number"},
                    "top_p": {"type": "number"}, "top_k": {"type": "integer"}, "min_p": {"type": "number"},
-                   "repetition_penalty": {"type": "number"},
+                   "repetition_penalty": {"type": "number"}, "thinking_token_budget": {"type": "integer"},
                    "file": {"type": "string", "format": "binary",
                             "description": "PDF, PNG, JPEG or WebP; its text is read (OCR where it has none)"}}},
     "encoding": {"file": {"contentType": ", ".join(MEDIA_TYPES)}}}
@@ -219,6 +220,13 @@ def _bound(components, settings):
         props["min_p"] = {"anyOf": [number(0, 1), {"type": "null"}]}
         props["repetition_penalty"] = {"anyOf": [number(LEAST_PENALTY, 2), {"type": "null"}],
                                        "description": "1: none; above 1, tokens already seen are less likely"}
+        props["thinking_token_budget"] = {"anyOf": [{**tokens, "minimum": 0}, {"type": "null"}], "description":
+                                          "thinking tokens before the engine ends the thinking (vLLM's name)"}
+    chat = components["ChatRequest"]["properties"]
+    chat["n"] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": min(settings.max_n, settings.max_batch_size)},
+                           {"type": "null"}], "description": "choices, prefilled once"}
+    chat["top_logprobs"] = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS},
+                                      {"type": "null"}], "description": "only with logprobs: true"}
     served = [spec.name for spec in settings.served_models()]
     components["ChatRequest"]["properties"]["model"]["examples"] = [served[0], "auto"]
     components["PredictRequest"]["properties"]["question"]["examples"] = ["What is 2 + 2?"]

@@ -159,17 +159,18 @@ class BatchRunner:
         if taken:
             log.warning("batch lines of a runner that stopped run again here", extra={"fields": {"lines": taken}})
 
-    def _room(self, served=None):
-        """True while no interactive request waits for `served`'s engine and its running batch has a row to
+    def _room(self, served=None, n=1):
+        """True while no interactive request waits for `served`'s engine and its running batch has `n` rows to
         spare (None: any served model's)."""
         if served is None:
             return any(self._room(item) for item in self.state.models)
         engine, settings = served.engine, self.state.settings
-        joining = sum(1 for r in self.running if r.served is served and r.handle.started is None)  # queued lines
-        if not engine.ready or engine.queued() > joining:
+        queued = [r for r in self.running if r.served is served and r.handle.started is None]  # queued lines
+        joining = sum(r.job.params.n for r in queued)  # rows: a line asking n choices takes n
+        if not engine.ready or engine.queued() > len(queued):
             return False
         rows = max(1, settings.max_batch_size - settings.batch_reserved_rows)
-        return engine.running + joining < rows
+        return engine.running + joining + min(n, rows) <= rows  # more than `rows` choices: alone
 
     def _next(self, pending):
         """The oldest batch of the next user after the one served last."""
@@ -187,7 +188,7 @@ class BatchRunner:
         except Refusal as refusal:  # the owner lost the right to it since the batch was made
             self._finish(batch["id"], line, False, lines.refused(custom_id, refusal))
             return True
-        if not self._room(item.served):
+        if not self._room(item.served, item.job.params.n):
             self.records.release(batch["id"], line, self.owner)
             return False
         hit = pipeline.cached(state, item.job)

@@ -102,14 +102,12 @@ def forward(loaded, segments, keep):
 
 
 def fork(lead):
-    """The other choices of `lead`'s request, joining: its prefilled cache copied into each one's own."""
+    """Copy `lead`'s prefilled cache into the caches of the other choices of its request (`lead.forks`)."""
     length = lead.cache.length
     for row in lead.forks:
         row.cache.keys[:, :, :length].copy_(lead.cache.keys[:, :, :length])
         row.cache.values[:, :, :length].copy_(lead.cache.values[:, :, :length])
         row.cache.length = length
-    forks, lead.forks = lead.forks, []
-    return forks
 
 
 class Batch:
@@ -180,13 +178,16 @@ class Batch:
         group = min(self.filling, key=lambda g: g.remaining)
         try:
             done = group.advance(tokens)
+            if group.logits is not None:
+                self._join(group)  # (its rows are in the batch only once its first tokens are chosen)
+                self.filling.remove(group)
         except Exception as exc:
+            handles = [row.handle for row in group.rows]
+            joined = [row for row in self.rows if row.handle in handles]  # a failure while joining
+            self.rows = [row for row in self.rows if row.handle not in handles]
             self.filling.remove(group)
-            self._free(group.rows)
-            raise FillError([row.handle for row in group.rows]) from exc
-        if group.logits is not None:
-            self.filling.remove(group)
-            self._join(group)
+            self._free(list({id(row): row for row in group.rows + joined}.values()))
+            raise FillError(handles) from exc
         return done
 
     @torch.inference_mode()
@@ -197,17 +198,17 @@ class Batch:
             self.fill(len(handles) * max(len(handle.request.prompt_ids) for handle in handles))
 
     def _join(self, group):
-        rows, logits = [], []
-        for lead, first in zip(group.rows, group.logits):
-            lead.first = None
-            for row in (lead, *fork(lead)):
-                rows.append(row)
-                logits.append(first)
-        logits = torch.stack(logits)
+        rows = [row for lead in group.rows for row in (lead, *lead.forks)]
+        logits = torch.stack([first for lead, first in zip(group.rows, group.logits)
+                              for _ in range(1 + len(lead.forks))])
+        for lead in group.rows:
+            fork(lead)
         tokens = choose(logits, rows)
         # Rows are in the batch before their first token reaches a caller, so whoever sees that token
         # also sees the rows running.
         self.rows = self.rows + rows
+        for lead in group.rows:
+            lead.first, lead.forks = None, []
         self._hand_out(rows, tokens, logprobs_of(logits, rows, tokens))
 
     @torch.inference_mode()

@@ -175,7 +175,7 @@ class Generation:
 
     def text(self):
         """The first choice's text as it is decoded, to the end (tests, and callers of one choice)."""
-        return "".join(delta.text for delta in self.deltas())
+        return "".join(delta.text for delta in self.deltas() if delta.index == 0)
 
     # --- called by the engine thread ---
     def _emit(self, text, index=0, logprobs=()):

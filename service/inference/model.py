@@ -41,6 +41,19 @@ SAMPLING = {"temperature": lambda v: v >= 0, "top_p": lambda v: 0 < v <= 1,
             "repetition_penalty": lambda v: v >= LEAST_PENALTY}
 
 
+def _byte_level_alphabet():
+    """GPT-2's byte-level BPE alphabet: the character that stands for each byte (printable bytes themselves, the
+    others shifted past 255), as byte-level tokenizers (Qwen2's) write their tokens."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, shifted = dict(zip(kept, map(chr, kept))), 0
+    for byte in range(256):
+        if byte not in chars:
+            chars[byte], shifted = chr(256 + shifted), shifted + 1
+    return {char: byte for byte, char in chars.items()}
+
+
+BYTE_OF = _byte_level_alphabet()
+
 PROBE = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
          {"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}]
 
@@ -119,6 +132,21 @@ class LoadedModel:
         if self.backend is not None:
             return self.backend.decode([token], skip_special_tokens=False)
         return self.decoder.decode([token], skip_special_tokens=False)
+
+    def token_bytes(self, token):
+        """The bytes of one token: a byte-level BPE token's own (part of a character included), else its text's."""
+        piece = self.decoder.convert_ids_to_tokens(token)
+        if self._byte_level and piece is not None and piece not in self.decoder.all_special_tokens:
+            try:
+                return bytes(BYTE_OF[char] for char in piece)
+            except KeyError:  # not a byte-level form after all (an added token)
+                pass
+        return self.decode_token(token).encode()
+
+    @property
+    def _byte_level(self):
+        backend = self.backend or getattr(self.decoder, "backend_tokenizer", None)
+        return type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
 
     def decode(self, ids):
         """Text of generated ids, special tokens dropped (the engine thread's copy of the tokenizer)."""

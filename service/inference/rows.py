@@ -39,8 +39,8 @@ class Row:
                                  loaded.closing, loops)
         self.forcing = []  # tokens to feed in before its next one: the closing of a thinking ended early
         self.forced = 0
-        self.logprobs = [] if self.request.logprobs is not None else None
-        self.pending = []  # log probabilities of its tokens whose text was not sent yet
+        self.logprobs = [] if self.request.logprobs is not None else None  # those sent
+        self.pending = []  # log probabilities of its tokens not sent yet (their text, or their place, unknown)
 
     @property
     def limit(self):
@@ -78,14 +78,29 @@ class Row:
         return self.text.feed(piece)
 
     def _record(self, logprob, thinking, text):
-        """Keep the last token's log probability (when asked), and send the text with those not sent yet."""
+        """Keep the last token's log probability (when asked), and send the text with those not sent yet. A
+        token whose place is not known yet (`thinking` None) holds its own and the ones after it back, until
+        a token tells: then they all take its place."""
         if logprob is not None and self.logprobs is not None:
-            entry = Logprob(self.ids[-1], logprob[0], logprob[1], thinking)
-            self.logprobs.append(entry)
-            self.pending.append(entry)
-        if text or (self.pending and self.text.hit):
-            self.handle._emit(text, self.index, self.pending)
-            self.pending = []
+            self.pending.append(Logprob(self.ids[-1], logprob[0], logprob[1], thinking))
+        if thinking is not None:
+            self._place(thinking)
+        if thinking is None and self.pending:
+            self.handle._emit(text, self.index)
+        elif text or (self.pending and self.text.hit):
+            self._send(text)
+
+    def _place(self, thinking):
+        """The pending log probabilities whose place was not known are the thinking's, or not."""
+        if any(entry.thinking is None for entry in self.pending):
+            self.pending = [entry._replace(thinking=thinking) if entry.thinking is None else entry
+                            for entry in self.pending]
+
+    def _send(self, text):
+        self.handle._emit(text, self.index, self.pending)
+        if self.logprobs is not None:
+            self.logprobs += self.pending
+        self.pending = []
 
     def end_thinking(self, now, seconds_per_token):
         """Whether its thinking must end now (service.inference.thinking); if so, the closing to feed in."""
@@ -103,8 +118,8 @@ class Row:
 
     def outcome(self):
         """(text, token ids, finish reason), once the row has left the batch."""
-        self.handle._emit(self.text.flush(), self.index, self.pending)
-        self.pending = []
+        self._place(False)  # it never said whether it thinks: a text that is not a start tag is an answer
+        self._send(self.text.flush())
         if self.text.hit:
             return self.text.text, self.ids, "stop"
         reason = finish_reason(self.ids, self.loaded.eos_ids, self.limit, self.handle)

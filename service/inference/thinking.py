@@ -76,12 +76,13 @@ class Thinking:
 
     def follow(self, token, text):
         """Take the row's next token and its whole text so far (`text`: as generated, stop strings cut); True when
-        the token is the thinking's (its tags included)."""
+        the token is the thinking's (its tags included), None while that is not known yet (the text so far could
+        be the start tag's beginning: the next token that tells says for these too)."""
         if self.state == "before":
             self.thought += 1  # the start tag's tokens are the thinking's, as reasoning_tokens counts them
             lead = text.lstrip()
             if self.tags.start.startswith(lead):
-                return True  # nothing yet, or part of the start tag
+                return None  # nothing yet, or part of the start tag
             self.state = "thinking" if lead.startswith(self.tags.start) else "answering"
             self._seen = len(text) - len(lead) + len(self.tags.start) if self.thinking else len(text)
             if not self.thinking:

@@ -68,14 +68,17 @@ def key(settings, served, user, ids, params):
 ENDED_AS_ASKED = ("budget", "length", "loop")  # thinkings ended early the same way every time (not "deadline")
 
 
-def storable(key, result):
+def storable(key, result, used=None):
     """True for a whole answer: in every choice the model ended it, or it reached the length the client asked
-    for, or the answer's room after a thinking ended early by the request's own numbers."""
+    for, or the answer's room after a thinking ended early by the request's own numbers. `used`: the length it
+    ran with, when the server lowered it (sized to the deadline): then a thinking ended early is the server's
+    doing, and not stored."""
     if result is None:
         return False
-    return all(choice.thinking_ended in (None, *ENDED_AS_ASKED) and (choice.finish_reason == "stop" or (
-        choice.finish_reason == "length" and (len(choice.token_ids) == key.max_new_tokens
-                                              or choice.thinking_ended is not None)))
+    sized = used is not None and used != key.max_new_tokens
+    return all(choice.thinking_ended in ((None,) if sized else (None, *ENDED_AS_ASKED)) and (
+        choice.finish_reason == "stop" or (choice.finish_reason == "length" and (
+            len(choice.token_ids) == key.max_new_tokens or choice.thinking_ended is not None)))
         for choice in result.choices)
 
 
@@ -112,9 +115,9 @@ class Cache:
         choices[0].others = tuple(choices[1:])
         return choices[0]
 
-    def store(self, key, result):
-        """Keep a whole answer (see `storable`) under `key`; True if stored."""
-        if not storable(key, result):
+    def store(self, key, result, used=None):
+        """Keep a whole answer (see `storable`; `used`: the length it ran with) under `key`; True if stored."""
+        if not storable(key, result, used):
             return False
         choices = [{"text": choice.text, "token_ids": choice.token_ids, "finish_reason": choice.finish_reason,
                     "forced_tokens": choice.forced_tokens, "thinking_ended": choice.thinking_ended,

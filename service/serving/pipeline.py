@@ -138,7 +138,7 @@ def settle(state, job, result):
     job.usage = Usage.of(result)
     budget.release(state.counters, job.lease, job.usage.total)
     if job.cache_key is not None:
-        state.cache.store(job.cache_key, result)
+        state.cache.store(job.cache_key, result, job.params.max_new_tokens)
     return job.usage
 
 

@@ -39,39 +39,46 @@ def choice_of(state, job, choice):
 def logprobs(job, entries):
     """OpenAI's `logprobs` of a choice: `content` for the answer's tokens, and (not OpenAI's: it has no
     thinking to show) `reasoning_content` for the thinking's, with reasoning_format "none" all in `content`."""
-    decode = job.served.engine.model.decode_token
+    loaded = job.served.engine.model
     raw = job.params.reasoning_format == "none" or not job.served.markers.marked
     content, thinking = [], []
     for entry in entries or ():
-        (thinking if entry.thinking and not raw else content).append(token_logprob(decode, entry))
+        (thinking if entry.thinking and not raw else content).append(token_logprob(loaded, entry))
     return {"content": content, "refusal": None, **({} if raw else {"reasoning_content": thinking})}
 
 
-def token_logprob(decode, entry):
-    """One token's entry in OpenAI's shape: its text, log probability, bytes and top alternatives."""
+def token_logprob(loaded, entry):
+    """One token's entry in OpenAI's shape: its text, log probability, bytes (its own: part of a character's
+    too, where its text reads U+FFFD) and top alternatives."""
     def item(token, logprob):
-        text = decode(token)
-        return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode())}
+        return {"token": loaded.decode_token(token), "logprob": max(logprob, -9999.0),
+                "bytes": list(loaded.token_bytes(token))}
     return {**item(entry.token, entry.logprob), "top_logprobs": [item(t, lp) for t, lp in entry.top]}
 
 
 def vote(state, finals):
-    """The majority of the choices' final answers: equivalent ones counted together (math-verify, in its
-    bounded worker: service.serving.answers.Checker), the most common first answer on a tie. `final_answer`
-    null when no choice gave one."""
-    groups = []  # [answer, choice indexes]
+    """The majority of the choices' final answers: equal ones counted together, the most common first answer on
+    a tie. `final_answer` null when no choice gave one.
+
+    Answers equal as written (spaces aside) are one at once; the distinct ones are then compared by math-verify
+    in its bounded worker (service.serving.answers.Checker), the most given first, within twice the checker's
+    time limit in all: past it, the ones left stay apart."""
+    written = {}  # an answer as written, spaces dropped -> [its first form, choice indexes]
     for index, final in enumerate(finals):
-        if final is None:
-            continue
-        for group in groups:
-            if group[0] == final or state.checker.check(group[0], final)[0]:
-                group[1].append(index)
-                break
+        if final is not None:
+            written.setdefault("".join(final.split()), [final, []])[1].append(index)
+    groups = []
+    until = time.monotonic() + 2 * state.checker.timeout_s
+    for answer, indexes in sorted(written.values(), key=lambda group: (-len(group[1]), group[1][0])):
+        same = next((group for group in groups if time.monotonic() < until
+                     and state.checker.check(group[0], answer)[0]), None)
+        if same is None:
+            groups.append([answer, list(indexes)])
         else:
-            groups.append([final, [index]])
+            same[1] = sorted(same[1] + indexes)
     if not groups:
         return {"final_answer": None, "share": 0.0, "choices": [], "answered": 0}
-    best = max(groups, key=lambda group: len(group[1]))  # max keeps the first of equals
+    best = max(groups, key=lambda group: (len(group[1]), -group[1][0]))
     return {"final_answer": best[0], "share": round(len(best[1]) / len(finals), 4), "choices": best[1],
             "answered": sum(len(group[1]) for group in groups)}
 
