@@ -14,6 +14,15 @@ def shell_blocks():
     return re.findall(r"```sh\n(.*?)```", README, flags=re.S)
 
 
+def run_python_example(server, marker, timeout):
+    """The README's first Python example holding `marker` (None: its first), run against `server` as printed."""
+    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    block = next(b for b in blocks if marker is None or marker in b)
+    code = block.replace("http://127.0.0.1:8000", server.base)
+    return subprocess.run([sys.executable, "-c", f"TOKEN = {server.token!r}\n" + code], capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def test_quick_start_is_two_commands():
     first = shell_blocks()[0]
     assert [line.split("#")[0].strip() for line in first.strip().splitlines()] == ["make run", "make test"]
@@ -51,10 +60,7 @@ def test_admins_day_runs_as_printed(start_server):
 
 
 def test_the_batch_example_runs_as_printed(server):
-    block = next(b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S) if "batches.create" in b)
-    code = block.replace("http://127.0.0.1:8000", server.base)
-    out = subprocess.run([sys.executable, "-c", f"TOKEN = {server.token!r}\n" + code], capture_output=True,
-                         text=True, timeout=300)
+    out = run_python_example(server, "batches.create", timeout=300)
     assert out.returncode == 0, out.stderr
     answers = [line for line in out.stdout.splitlines() if line.startswith("problem-")]
     assert [line.split()[0] for line in answers] == [f"problem-{i}" for i in range(30)]
@@ -62,10 +68,7 @@ def test_the_batch_example_runs_as_printed(server):
 
 
 def test_openai_example_runs_as_printed(server):
-    block = re.search(r"```python\n(.*?)```", README, flags=re.S).group(1)
-    code = block.replace("http://127.0.0.1:8000", server.base)
-    out = subprocess.run([sys.executable, "-c", f"TOKEN = {server.token!r}\n" + code], capture_output=True,
-                         text=True, timeout=120)
+    out = run_python_example(server, None, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
 
@@ -113,10 +116,7 @@ def test_the_reasoning_examples_run_as_printed(thinking_server):
     shown = json.loads(next(b for b in re.findall(r"```json\n(.*?)```", README, flags=re.S) if '"correct"' in b))
     answer = json.loads(out.stdout)
     assert {name: answer[name] for name in shown} == shown
-    code = next(b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S) if "reasoning_content" in b)
-    out = subprocess.run([sys.executable, "-c", f"TOKEN = {thinking_server.token!r}\n" +
-                          code.replace("http://127.0.0.1:8000", thinking_server.base)],
-                         capture_output=True, text=True, timeout=120)
+    out = run_python_example(thinking_server, "reasoning_content", timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[:3] == [f"thinking: {THOUGHT.strip()}", f"answer: {ANSWER.strip()}", "final: x=3 correct: True"]
@@ -126,10 +126,7 @@ def test_the_reasoning_examples_run_as_printed(thinking_server):
 
 
 def test_the_thinking_example_runs_as_printed(server):
-    block = next(b for b in re.findall(r"```python\n(.*?)```", README, flags=re.S) if "reasoning_effort" in b)
-    code = block.replace("http://127.0.0.1:8000", server.base)
-    out = subprocess.run([sys.executable, "-c", f"TOKEN = {server.token!r}\n" + code], capture_output=True,
-                         text=True, timeout=120)
+    out = run_python_example(server, "reasoning_effort", timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert [line.split()[1] for line in lines if line.startswith("choice ")] == ["0", "1", "2", "3"]
