@@ -64,8 +64,8 @@ PDF_THAT_IS_A_PNG = f"data:application/pdf;base64,{base64.b64encode(PNG).decode(
 @pytest.mark.parametrize("endpoint,body,status,code", [
     ("/v1/predict", {"question": "hi", "max_new_tokens": 0}, 400, "out_of_range"),
     ("/v1/predict", {"question": "hi", "temprature": 0.5}, 400, "unknown_field"),
-    ("/v1/chat/completions", {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400,
-     "unsupported_value"),
+    ("/v1/chat/completions", {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "n": 99}, 400,
+     "out_of_range"),
     ("/v1/chat/completions", {"model": "auto", "messages": [{"role": "user", "content": "hi"}],
                               "frequency_penalty": 1.5}, 400, "unsupported_value"),
     ("/v1/chat/completions", {"model": "auto", "messages": [{"role": "user", "content": "hi"}],
