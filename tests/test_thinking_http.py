@@ -118,12 +118,15 @@ def test_n_choices_sample_apart_and_repeat_under_a_seed(server):
     assert len(set(texts)) > 1  # sampled apart
     again = second.chat.completions.create(**asked)
     assert [c.message.content for c in again.choices] == [c.message.content for c in one.choices]
-    streamed = {}
+    streamed, finished = {}, []
     for chunk in second.chat.completions.create(**asked, stream=True):
         for choice in chunk.choices:
             streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "") + (
                 (choice.delta.model_extra or {}).get("reasoning_content") or "")
-    assert sorted(streamed) == [0, 1, 2, 3]
+            if choice.finish_reason:
+                assert choice.index not in finished  # each choice's last chunk once, as it ends
+                finished.append(choice.index)
+    assert sorted(streamed) == sorted(finished) == [0, 1, 2, 3]
     assert 12 < one.usage.completion_tokens <= 4 * 12  # every choice's tokens, the prompt's once
 
 

@@ -6,8 +6,10 @@
   thinking as `delta.reasoning_content` and `delta.reasoning`, the answer as
   `delta.content`, a tag never cut across two: service.serving.reasoning),
   keep-alive comments while a request waits (they also notice a gone
-  client), a final chunk with the finish reason (and the `final_answer`,
-  `correct` extensions), a usage chunk when asked, then `data: [DONE]`.
+  client), each choice's last chunk as it ends, with its finish reason (and
+  the `thinking_ended_early`, `final_answer`, `correct` extensions), the
+  `vote` and a usage chunk when asked, then `data: [DONE]`. A request for n
+  choices interleaves them, each chunk with its choice's `index`.
   A deadline cut ends with `data: {"error": {...}}` in the one error shape.
 - `close` runs however the stream ends (finished, cut, or the client gone,
   499): it cancels the generation, settles the lease and the usage from the
@@ -49,6 +51,7 @@ class ChatStream:
         self.status = 200
         raw = job.params.reasoning_format == "none"
         self.splitters = [reasoning.Splitter(job.served.markers, raw=raw) for _ in range(job.params.n)]
+        self.finals = [None] * job.params.n  # each choice's final answer, once it ended (the vote's)
 
     def open(self):
         """Admit and queue now; refusals raise with their own status. A replay needs neither."""
@@ -80,9 +83,12 @@ class ChatStream:
         settings = self.state.settings
         yield self._opening()
         for delta in self.handle.deltas(idle=settings.stream_keepalive_s):
-            yield ": keep-alive\n\n" if delta is None else \
-                self._pieces(delta.index, self.splitters[delta.index].feed(delta.text), delta.logprobs)
-        yield "".join(self._pieces(index, splitter.flush()) for index, splitter in enumerate(self.splitters))
+            if delta is None:
+                yield ": keep-alive\n\n"
+            elif delta.ended is not None:  # a choice ended: its last chunk now, not when all n have
+                yield self._closing(delta.ended)
+            else:
+                yield self._pieces(delta.index, self.splitters[delta.index].feed(delta.text), delta.logprobs)
         try:
             self.result = self.handle.result(timeout=5)
         except Exception:  # the engine failed this request: say so in the stream, as a 500 would
@@ -100,6 +106,19 @@ class ChatStream:
             yield from self._ending(self.result)
         yield "data: [DONE]\n\n"
 
+    def _closing(self, choice):
+        """What is left of a choice's text once it ended, and its last chunk (its finish reason, why its
+        thinking was ended early, the final answer and its check); a choice cut by the deadline has none (the
+        stream ends with the error)."""
+        text = self._pieces(choice.index, self.splitters[choice.index].flush())
+        if choice.finish_reason in ("timeout", "cancelled"):
+            return text
+        answer = reasoning.split(choice.text, self.job.served.markers).answer
+        verdict = shapes.verdict(self.state, self.job, answer)
+        self.finals[choice.index] = verdict["final_answer"]
+        return text + self._chunk(choice.index, verdict, finish=shapes.openai_reason(choice.finish_reason),
+                                  ended=choice.thinking_ended)
+
     def replay(self):
         """The events of the cached answer, as events() would have sent them."""
         yield self._opening()
@@ -108,7 +127,7 @@ class ChatStream:
             for piece in pieces(choice.text):
                 yield self._pieces(choice.index, splitter.feed(piece), entries[:1])
                 entries = entries[1:]
-            yield self._pieces(choice.index, splitter.flush(), entries)
+            yield self._pieces(choice.index, [], entries) + self._closing(choice)
         yield from self._ending(self.hit)
         yield "data: [DONE]\n\n"
 
@@ -116,17 +135,9 @@ class ChatStream:
         return "".join(self._chunk(index, {"role": "assistant", "content": ""}) for index in range(self.job.params.n))
 
     def _ending(self, result):
-        """Each choice's last chunk (its finish reason, why its thinking was ended early, the final answer and
-        its check), the vote and the usage chunk if asked."""
-        finals = []
-        for choice in result.choices:
-            answer = reasoning.split(choice.text, self.job.served.markers).answer
-            verdict = shapes.verdict(self.state, self.job, answer)
-            finals.append(verdict["final_answer"])
-            yield self._chunk(choice.index, verdict, finish=shapes.openai_reason(choice.finish_reason),
-                              ended=choice.thinking_ended)
+        """After every choice's last chunk: the vote and the usage chunk, if asked."""
         if self.job.params.vote:
-            yield self._chunk(None, {}, vote=shapes.vote(self.state, finals))
+            yield self._chunk(None, {}, vote=shapes.vote(self.state, self.finals))
         if self.include_usage:
             yield self._chunk(None, {}, usage=shapes.chat_usage(self.job, result))
 

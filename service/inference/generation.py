@@ -77,11 +77,13 @@ class Logprob(NamedTuple):
 
 
 class Delta(NamedTuple):
-    """A piece of one choice's text as it is decoded, and the log probabilities of its tokens (when asked)."""
+    """A piece of one choice's text as it is decoded, and the log probabilities of its tokens (when asked); the
+    choice's last one carries its result (`ended`), as each choice ends."""
 
     index: int
     text: str
     logprobs: tuple = ()
+    ended: "GenerationResult | None" = None
 
 
 @dataclass
@@ -187,6 +189,7 @@ class Generation:
         if self._done.is_set():
             return
         self._choices[choice.index] = choice
+        self._deltas.put(Delta(choice.index, "", (), choice))
         if len(self._choices) == self.request.n:
             first, *others = (self._choices[i] for i in range(self.request.n))
             first.others = tuple(others)
