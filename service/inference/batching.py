@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from service.inference.decoding import choose, entry, logprobs_of
+from service.inference.decoding import choose, logprobs_of
 from service.inference.kvcache import CacheMemory, Pass
 from service.inference.rows import Row
 from service.records import metrics
@@ -127,9 +127,14 @@ class Batch:
         return len(self.rows)
 
     @staticmethod
+    def row_tokens(request):
+        """The most tokens one row of a request can hold: its prompt and every token it may generate."""
+        return len(request.prompt_ids) + request.max_new_tokens
+
+    @staticmethod
     def tokens_of(request):
-        """The most tokens a request's rows can hold: its prompt and every token it may generate, per choice."""
-        return (len(request.prompt_ids) + request.max_new_tokens) * request.n
+        """The most tokens a request's rows can hold: a row's, per choice."""
+        return Batch.row_tokens(request) * request.n
 
     def admit(self, handles):
         """Reserve each request's caches (one row per choice) and start prefilling them, in groups of similar
@@ -140,7 +145,7 @@ class Batch:
             for handle in sorted(handles, key=lambda h: len(h.request.prompt_ids)):
                 request, lead = handle.request, None
                 for index in range(request.n):
-                    cache = self.memory.allocate(len(request.prompt_ids) + request.max_new_tokens)
+                    cache = self.memory.allocate(self.row_tokens(request))
                     try:
                         row = Row(handle, self.loaded, cache, index)
                     except BaseException:
@@ -227,18 +232,12 @@ class Batch:
             ends.append(len(keep) - 1)
         logits = forward(self.loaded, segments, keep)
         for row, end in zip(self.rows, ends):
-            if row.forcing:
-                before = logits[end - len(row.forcing):end] if row.logprobs is not None else None
-                row.force(None if before is None else self._logprobs(before, row))
+            if row.forcing:  # each forced token's log probability from the logits that predicted it, if asked
+                row.force(logprobs_of(logits[end - len(row.forcing):end], [row] * len(row.forcing), row.forcing)
+                          if row.logprobs is not None else None)
         last = logits[ends]
         tokens = choose(last, self.rows)
         self._hand_out(self.rows, tokens, logprobs_of(last, self.rows, tokens))
-
-    @staticmethod
-    def _logprobs(logits, row):
-        """Per forced token, its log probability and alternatives from the logits that predicted it."""
-        logs = torch.log_softmax(logits.float(), dim=-1).cpu()
-        return [entry(logs[i], token, row.request.logprobs) for i, token in enumerate(row.forcing)]
 
     @property
     def context(self):

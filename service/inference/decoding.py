@@ -140,12 +140,8 @@ def logprobs_of(logits, rows, tokens):
         return out
     logs = torch.log_softmax(logits[wanted].float(), dim=-1).cpu()
     for at, i in enumerate(wanted):
-        out[i] = entry(logs[at], int(tokens[i]), rows[i].request.logprobs)
+        top = rows[i].request.logprobs
+        best = logs[at].topk(top) if top else None
+        alternatives = () if best is None else tuple(zip(best.indices.tolist(), best.values.tolist()))
+        out[i] = float(logs[at, int(tokens[i])]), alternatives
     return out
-
-
-def entry(logs, token, top):
-    """(log probability of `token`, its `top` alternatives) from one position's log probabilities."""
-    best = logs.topk(top) if top else None
-    alternatives = () if best is None else tuple(zip(best.indices.tolist(), best.values.tolist()))
-    return float(logs[token]), alternatives

@@ -129,9 +129,7 @@ class LoadedModel:
     def decode_token(self, token):
         """Text of one token, a special one included (a log probability's `token`); a token that is part of a
         character reads as U+FFFD, as in other servers' log probabilities."""
-        if self.backend is not None:
-            return self.backend.decode([token], skip_special_tokens=False)
-        return self.decoder.decode([token], skip_special_tokens=False)
+        return self.decode([token], special=True)
 
     def token_bytes(self, token):
         """The bytes of one token: a byte-level BPE token's own (part of a character included), else its text's."""
@@ -148,11 +146,12 @@ class LoadedModel:
         backend = self.backend or getattr(self.decoder, "backend_tokenizer", None)
         return type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
 
-    def decode(self, ids):
-        """Text of generated ids, special tokens dropped (the engine thread's copy of the tokenizer)."""
+    def decode(self, ids, special=False):
+        """Text of generated ids, special tokens dropped unless `special` (the engine thread's copy of the
+        tokenizer)."""
         if self.backend is not None:
-            return self.backend.decode(ids, skip_special_tokens=True)
-        return self.decoder.decode(ids, skip_special_tokens=True)
+            return self.backend.decode(ids, skip_special_tokens=not special)
+        return self.decoder.decode(ids, skip_special_tokens=not special)
 
 
 class DeviceError(RuntimeError):
