@@ -107,6 +107,28 @@ def test_a_thinking_that_closes_itself_is_left_alone(engine):
     assert result.finish_reason == "stop" and result.text.endswith("\\boxed{4}.")
 
 
+def test_n_choices_are_prefilled_once_and_fork_the_prompts_cache(engine):
+    from service.inference.batching import Batch
+    from service.inference.generation import Generation
+
+    forcing(engine, never_closing())
+    ids = engine.model.encode_chat([{"role": "user", "content": "Think it over three times."}])
+    batch = Batch(engine.model)
+    batch.admit([Generation(GenerationRequest(ids, 8, temperature=0.7, n=3))])
+    assert len(batch.filling) == 1 and len(batch.filling[0].rows) == 1 and batch.filling_rows == 3
+    prefilled = 0
+    while batch.filling:
+        prefilled += batch.fill(10_000)
+    assert prefilled == len(ids)  # the prompt once, not three times
+    assert sorted(row.index for row in batch.rows) == [0, 1, 2]
+    lead = next(row for row in batch.rows if row.index == 0)
+    for row in batch.rows:
+        assert row.cache is not lead.cache or row is lead  # a cache of its own, holding the prompt's copy
+        assert row.cache.keys[:, :, :len(ids)].equal(lead.cache.keys[:, :, :len(ids)])
+    batch.close()
+    assert batch.memory.reserved == 0
+
+
 def test_n_choices_each_end_their_thinking_and_count_their_tokens(engine):
     forcing(engine, never_closing())
     handle, result = ask(engine, 200, Budget(answer_tokens=8, tokens=10, loop_tokens=0), n=3, temperature=0.7)
