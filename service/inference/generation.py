@@ -53,6 +53,7 @@ class GenerationRequest:
     n: int = 1  # choices: rows forked from one prefill of the prompt
     logprobs: int | None = None  # each token's log probability and this many alternatives' (None: none)
     budget: "Budget | None" = None  # how its thinking ends in time (None: never ended early)
+    prefix_scope: str = ""  # prefixes of its prompt are shared only with requests of the same scope ("": any)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class GenerationResult:
     logprobs: list | None = None  # Logprob per token, when asked
     index: int = 0
     others: tuple = ()  # the other choices (GenerationResults of their own, without others)
+    cached_tokens: int = 0  # of the prompt's: read from the prefix cache, not prefilled (the request's, once)
 
     @property
     def choices(self):
