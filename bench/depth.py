@@ -51,12 +51,10 @@ def rows_at(loaded, rows, depth, steps):
     handles = [Generation(GenerationRequest(torch.randint(vocab, (depth,), generator=generator).tolist(),
                                             steps + 8, deadline=time.monotonic() + 3600)) for _ in range(rows)]
     batch.admit(handles)
-    for group in batch.filling:
-        for row in group.rows:  # the context but its last token, laid in directly
-            row.cache.keys[:, :, :depth - 1].uniform_(-1, 1)
-            row.cache.values[:, :, :depth - 1].uniform_(-1, 1)
-            row.cache.length = depth - 1
-        group.done = depth - 1
+    for row in batch.filling:  # the context but its last token, laid in directly
+        row.cache.keys[:, :, :depth - 1].uniform_(-1, 1)
+        row.cache.values[:, :, :depth - 1].uniform_(-1, 1)
+        row.cache.length = row.filled = depth - 1
     while batch.filling:
         batch.fill(4096)
     return batch

@@ -127,6 +127,8 @@ def start_models(specs, sizes, settings):
         # before the engine starts: the files loaded; the KV cache's dtype changes answers as the mode does
         files = revision(spec.path, f"{mode_of(spec)} kv {settings.kv_dtype}")
         engine = Engine(loader, settings.queue_size, settings.torch_threads, settings.max_batch_size,
-                        name=spec.name, turns=turns, cache_bytes=bounds[spec.name])
+                        name=spec.name, turns=turns, cache_bytes=bounds[spec.name],
+                        prefix_bytes=settings.prefix_cache_bytes, revision=files,
+                        step_tokens=settings.prefill_step_tokens)
         served.append(Served(spec, engine.start(), files, sizes[spec.name]))
     return Models(served, settings.routing)

@@ -107,7 +107,7 @@ def test_a_thinking_that_closes_itself_is_left_alone(engine):
     assert result.finish_reason == "stop" and result.text.endswith("\\boxed{4}.")
 
 
-def test_n_choices_are_prefilled_once_and_fork_the_prompts_cache(engine):
+def test_n_choices_are_prefilled_once_and_read_the_prompt_from_the_first_ones_cache(engine):
     from service.inference.batching import Batch
     from service.inference.generation import Generation
 
@@ -115,7 +115,9 @@ def test_n_choices_are_prefilled_once_and_fork_the_prompts_cache(engine):
     ids = engine.model.encode_chat([{"role": "user", "content": "Think it over three times."}])
     batch = Batch(engine.model)
     batch.admit([Generation(GenerationRequest(ids, 8, temperature=0.7, n=3))])
-    assert len(batch.filling) == 1 and len(batch.filling[0].rows) == 1 and batch.filling_rows == 3
+    assert len(batch.filling) == 1 and batch.filling_rows == 3
+    per_token = batch.memory.layout.bytes_per_token
+    assert batch.memory.reserved == (len(ids) + 3 * 8) * per_token  # the prompt once, each choice's answer
     prefilled = 0
     while batch.filling:
         prefilled += batch.fill(10_000)
@@ -123,8 +125,12 @@ def test_n_choices_are_prefilled_once_and_fork_the_prompts_cache(engine):
     assert sorted(row.index for row in batch.rows) == [0, 1, 2]
     lead = next(row for row in batch.rows if row.index == 0)
     for row in batch.rows:
-        assert row.cache is not lead.cache or row is lead  # a cache of its own, holding the prompt's copy
-        assert row.cache.keys[:, :, :len(ids)].equal(lead.cache.keys[:, :, :len(ids)])
+        if row is not lead:  # its own slab holds its answer; the prompt it reads from the first's
+            assert row.cache.shared is lead.cache and row.cache.offset == len(ids) == row.cache.length
+            assert row.cache.keys.shape[2] == 8
+    for _ in range(3):
+        batch.step()
+    assert [len(row.ids) for row in batch.rows] == [4, 4, 4]
     batch.close()
     assert batch.memory.reserved == 0
 

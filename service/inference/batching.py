@@ -1,87 +1,33 @@
-"""Continuous batching: one step loop, each row with a KV cache of its own (service.inference.kvcache).
+"""Continuous batching: one forward pass a step, each row with a KV cache of its own (service.inference.kvcache).
 
 The running batch holds one row per choice of a request (service.inference.rows):
-its cache, its tokens, its sampler, its thinking. Between decode steps, new
+its cache, its tokens, its sampler, its thinking. Between steps, new
 requests join and finished rows leave; a leaving row's cache is freed and no
-other row's is touched. Joining requests form a `Filling` group: their
-prompts are prefilled together in chunks of columns (each row's next tokens,
-packed without padding into one forward pass), one chunk between two decode
-steps, so a long prompt never stalls the running rows for more than one
-chunk (and a row whose deadline or cancel comes mid-prefill leaves at the
-next chunk). A request for n choices is prefilled once: its other rows fork
-from its first (the prompt's cache copied) as the group's first tokens are
-chosen and its rows join. A decode step packs every row's one token into one
-forward pass, with the closing of a thinking ended early (service.inference.thinking)
-fed in beside it; each row attends over its own cache. A row ends at an end
-token, its max_new_tokens (or its answer's room after a forced closing), its
-deadline, its cancel flag or one of its stop strings, and hands each token's
-text to its caller as it is decoded.
+other row's is touched. A joining request's first row prefills its prompt
+(service.inference.prefill): what the prefix cache holds of it is copied in,
+the rest is prefilled a piece at a time. Each step is one forward pass
+carrying every running row's next token (with the closing of a thinking
+ended early, service.inference.thinking, fed in beside it) and up to a budget
+of prompt tokens of the rows prefilling, each row at its own positions and
+attending over its own cache: the model's weights are read once for both,
+and a long prompt never stalls the running rows for more than its piece of
+a step. A request for n choices is prefilled once: its other rows fork from
+its first as it joins, each reading the prompt from the first's cache. A
+row ends at an end token, its max_new_tokens (or its answer's room after a
+forced closing), its deadline, its cancel flag or one of its stop strings,
+and hands each token's text to its caller as it is decoded.
 """
 
+import contextlib
 import time
 
 import torch
 
 from service.inference.decoding import choose, logprobs_of
 from service.inference.kvcache import CacheMemory, Pass
+from service.inference.prefill import Filling
 from service.inference.rows import Row
 from service.records import metrics
-
-# Prompts prefilled as one group: the longest at most this times the shortest, plus the slack.
-SIMILAR_LENGTH, SIMILAR_SLACK = 2, 64
-
-
-class Filling:
-    """Rows whose prompts are being prefilled together, a chunk of columns at a time (no padding: a row whose
-    prompt is shorter adds nothing once it is in)."""
-
-    def __init__(self, rows, loaded):
-        self.loaded, self.rows = loaded, rows
-        self.width = max(len(row.request.prompt_ids) for row in rows)
-        self.done = 0  # columns prefilled so far
-        self.logits = None  # each row's last prompt token's logits, once every column is in
-
-    def __len__(self):
-        return len(self.rows)
-
-    @property
-    def remaining(self):
-        """Prompt tokens still to prefill."""
-        return sum(max(0, len(row.request.prompt_ids) - self.done) for row in self.rows)
-
-    def advance(self, tokens):
-        """Prefill about `tokens` more prompt tokens (at least one column); the number prefilled."""
-        columns = max(1, tokens // len(self.rows))
-        start, end = self.done, min(self.width, self.done + columns)
-        segments, keep, ending, packed = [], [], [], 0
-        for row in self.rows:
-            prompt = row.request.prompt_ids
-            piece = prompt[start:end]
-            if piece:
-                segments.append((row, piece))
-                packed += len(piece)
-                if len(prompt) <= end:  # its last prompt token is in this chunk
-                    keep.append(packed - 1)
-                    ending.append(row)
-        if segments:  # none when the rows still in the group all have their prompts in already
-            with self.loaded.prefill_mode():
-                logits = forward(self.loaded, segments, keep)
-            for row, row_logits in zip(ending, logits):
-                row.first = row_logits
-        self.done = max(self.done, end)
-        if self.done >= self.width:
-            self.logits = torch.stack([row.first for row in self.rows])
-        return packed
-
-    def drop_stopped(self):
-        """Take out the rows whose caller gave up or whose deadline passed; return them (their forks with them:
-        Batch._free)."""
-        stopping = [row.should_stop() for row in self.rows]  # once: a deadline can pass between two looks
-        self.rows, gone = ([row for row, stop in zip(self.rows, stopping) if not stop],
-                           [row for row, stop in zip(self.rows, stopping) if stop])
-        if self.rows:  # the longest prompt may have left
-            self.width = max(len(row.request.prompt_ids) for row in self.rows)
-        return gone
 
 
 def forward(loaded, segments, keep):
@@ -101,26 +47,18 @@ def forward(loaded, segments, keep):
     return logits[0]
 
 
-def fork(lead):
-    """Copy `lead`'s prefilled cache into the caches of the other choices of its request (`lead.forks`)."""
-    length = lead.cache.length
-    for row in lead.forks:
-        row.cache.keys[:, :, :length].copy_(lead.cache.keys[:, :, :length])
-        row.cache.values[:, :, :length].copy_(lead.cache.values[:, :, :length])
-        row.cache.length = length
-
-
 class Batch:
-    """The running rows, and the groups prefilling to join them; each row with its own cache, reserved from
-    `memory` (service.inference.kvcache.CacheMemory: unbounded when none is given).
+    """The running rows, and the rows prefilling to join them; each row with its own cache, reserved from
+    `memory` (service.inference.kvcache.CacheMemory: unbounded when none is given), and the prefix cache
+    their prompts share (service.inference.prefixes.PrefixStore; None: none).
 
-    `admit` and `fill` bring requests in, `step` decodes, `evict` takes finished rows out. A request for n
-    choices is prefilled once, by its first row; the others fork from it as it joins. `pace` is the seconds
+    `admit` brings requests in, `step` runs a pass, `evict` takes finished rows out. `pace` is the seconds
     a decode step takes per row, as the engine measured it (None: not yet), for the thinkings' deadlines."""
 
-    def __init__(self, loaded, memory=None):
-        self.loaded, self.rows, self.filling = loaded, [], []
+    def __init__(self, loaded, memory=None, prefixes=None, model="model"):
+        self.loaded, self.rows = loaded, []
         self.memory = memory or CacheMemory(loaded.layout, device=loaded.device)
+        self.filling = Filling(prefixes, model)
         self.pace = None
 
     def __len__(self):
@@ -133,19 +71,20 @@ class Batch:
 
     @staticmethod
     def tokens_of(request):
-        """The most tokens a request's rows can hold: a row's, per choice."""
-        return Batch.row_tokens(request) * request.n
+        """The most tokens a request's rows hold in memory: the prompt once (its forks read the first row's),
+        and every token each choice may generate."""
+        return len(request.prompt_ids) + request.max_new_tokens * request.n
 
     def admit(self, handles):
-        """Reserve each request's caches (one row per choice) and start prefilling them, in groups of similar
-        prompt lengths (a short prompt neither waits for a long one nor is packed beside it for long); `fill`
-        advances them. CacheFull (nothing admitted) when the caches do not fit."""
+        """Reserve each request's caches (one row per choice, the forks reading the first's prompt) and start
+        prefilling them; `step` advances them. CacheFull (nothing admitted) when the caches do not fit."""
         rows = []
         try:
-            for handle in sorted(handles, key=lambda h: len(h.request.prompt_ids)):
+            for handle in handles:
                 request, lead = handle.request, None
                 for index in range(request.n):
-                    cache = self.memory.allocate(self.row_tokens(request))
+                    shared = None if lead is None else lead.cache
+                    cache = self.memory.allocate(self.row_tokens(request), shared, len(request.prompt_ids))
                     try:
                         row = Row(handle, self.loaded, cache, index)
                     except BaseException:
@@ -159,69 +98,35 @@ class Batch:
         except BaseException:
             self._free(rows)
             raise
-        group = []
         for row in rows:
-            length = len(row.request.prompt_ids)
-            if group and length > SIMILAR_LENGTH * len(group[0].request.prompt_ids) + SIMILAR_SLACK:
-                self.filling.append(Filling(group, self.loaded))
-                group = []
-            group.append(row)
-        if group:
-            self.filling.append(Filling(group, self.loaded))
+            self.filling.add(row)
 
     @property
     def filling_rows(self):
         """Rows prefilling to join: each request's choices."""
-        return sum(row.request.n for group in self.filling for row in group.rows)
+        return self.filling.choices
 
-    @torch.inference_mode()
     def fill(self, tokens):
-        """Prefill about `tokens` prompt tokens of the group closest to done (a short prompt does not wait
-        behind a long one); a group whose last chunk is in joins the batch. The number prefilled.
-
-        A failure of its forward pass takes that group out and re-raises (`FillError` names its handles)."""
-        group = min(self.filling, key=lambda g: g.remaining)
-        try:
-            done = group.advance(tokens)
-            if group.logits is not None:
-                self._join(group)  # (its rows are in the batch only once its first tokens are chosen)
-                self.filling.remove(group)
-        except Exception as exc:
-            handles = [row.handle for row in group.rows]
-            joined = [row for row in self.rows if row.handle in handles]  # a failure while joining
-            self.rows = [row for row in self.rows if row.handle not in handles]
-            self.filling.remove(group)
-            self._free(list({id(row): row for row in group.rows + joined}.values()))
-            raise FillError(handles) from exc
-        return done
+        """A pass prefilling about `tokens` prompt tokens and decoding nothing; the number prefilled."""
+        return self.step(tokens, decode=False)
 
     @torch.inference_mode()
     def join(self, handles):
-        """Prefill the prompts of `handles` each group in one pass, take each one's first token, and join."""
+        """Prefill the prompts of `handles`, take each one's first token, and join."""
         self.admit(handles)
         while self.filling:
-            self.fill(len(handles) * max(len(handle.request.prompt_ids) for handle in handles))
-
-    def _join(self, group):
-        rows = [row for lead in group.rows for row in (lead, *lead.forks)]
-        logits = torch.stack([first for lead, first in zip(group.rows, group.logits)
-                              for _ in range(1 + len(lead.forks))])
-        for lead in group.rows:
-            fork(lead)
-        tokens = choose(logits, rows)
-        # Rows are in the batch before their first token reaches a caller, so whoever sees that token
-        # also sees the rows running.
-        self.rows = self.rows + rows
-        for lead in group.rows:
-            lead.first, lead.forks = None, []
-        self._hand_out(rows, tokens, logprobs_of(logits, rows, tokens))
+            self.fill(sum(len(handle.request.prompt_ids) for handle in handles))
 
     @torch.inference_mode()
-    def step(self):
-        """One decode step for every row: each row's last token (and a closing being forced), packed into one
-        forward pass."""
+    def step(self, budget=0, decode=True):
+        """One forward pass: every running row's next token (and a closing being forced), and up to `budget`
+        prompt tokens of the rows prefilling (at least one while any is ready); a row whose prompt is then
+        all in joins, its forks with it. The number of prompt tokens prefilled.
+
+        A failure takes every row of the pass out and raises `PassError` naming them."""
         segments, keep, ends, packed = [], [], [], 0
-        for row in self.rows:
+        decoding = self.rows if decode else []
+        for row in decoding:
             tokens = row.ids[-1:] + row.forcing
             segments.append((row, tokens))
             if row.forcing and row.logprobs is not None:  # the forced tokens' log probabilities too
@@ -230,14 +135,47 @@ class Batch:
                 keep.append(packed + len(tokens) - 1)
             packed += len(tokens)
             ends.append(len(keep) - 1)
-        logits = forward(self.loaded, segments, keep)
-        for row, end in zip(self.rows, ends):
+        pieces = self.filling.plan(budget) if self.filling else []
+        for row, piece in pieces:
+            segments.append((row, piece))
+            packed += len(piece)
+            if row.filled + len(piece) == len(row.request.prompt_ids):  # its last prompt token: its logits
+                keep.append(packed - 1)
+        if not segments:
+            return 0
+        try:
+            self._pass(segments, keep, ends, decoding, pieces)
+        except Exception as exc:
+            failed = decoding + [row for row, _ in pieces]
+            self.rows = [row for row in self.rows if row not in failed]
+            self.filling.remove(failed)
+            raise PassError(self._free(failed)) from exc
+        prefilled = sum(len(piece) for _, piece in pieces)
+        metrics.PREFILL_TOKENS.labels(self.filling.model).inc(prefilled)
+        return prefilled
+
+    def _pass(self, segments, keep, ends, decoding, pieces):
+        with self.loaded.prefill_mode() if pieces else contextlib.nullcontext():
+            logits = forward(self.loaded, segments, keep)
+        for row, end in zip(decoding, ends):
             if row.forcing:  # each forced token's log probability from the logits that predicted it, if asked
                 row.force(logprobs_of(logits[end - len(row.forcing):end], [row] * len(row.forcing), row.forcing)
                           if row.logprobs is not None else None)
-        last = logits[ends]
-        tokens = choose(last, self.rows)
-        self._hand_out(self.rows, tokens, logprobs_of(last, self.rows, tokens))
+        joining = self.filling.advanced(pieces)
+        first = logits[len(keep) - len(joining):]
+        rows = list(decoding)
+        parts = [logits[ends]]
+        for lead, row_logits in zip(joining, first):
+            rows += [lead, *lead.forks]
+            parts.append(row_logits.expand(1 + len(lead.forks), -1))
+            lead.forks = []
+        last = torch.cat(parts)
+        tokens = choose(last, rows)
+        # Rows are in the batch before their first token reaches a caller, so whoever sees that token
+        # also sees the rows running.
+        self.rows = self.rows + rows[len(decoding):]
+        if rows:
+            self._hand_out(rows, tokens, logprobs_of(last, rows, tokens))
 
     @property
     def context(self):
@@ -247,8 +185,7 @@ class Batch:
 
     def evict(self):
         """Drop the rows that are done (or whose caller gave up), prefilling ones included; return them."""
-        stopped = [row for group in self.filling for row in group.drop_stopped()]
-        self.filling = [group for group in self.filling if group.rows]
+        stopped = self.filling.drop_stopped()
         for row in self.rows:
             row.done = row.done or row.should_stop()
         gone = [row for row in self.rows if row.done]
@@ -262,7 +199,8 @@ class Batch:
 
     def close(self):
         """Drop every row, prefilling ones included (the engine stops); return them."""
-        filling, self.filling = [row for group in self.filling for row in group.rows], []
+        filling = list(self.filling)
+        self.filling.remove(filling)
         return self.empty() + self._free(filling)
 
     def _free(self, rows):
@@ -287,9 +225,9 @@ class Batch:
                 metrics.THINKING_ENDED.labels(row.handle.model, reason).inc()
 
 
-class FillError(Exception):
-    """A prefill chunk failed; `handles` are the requests of the group it took out."""
+class PassError(Exception):
+    """A forward pass failed; `rows` are the rows it took out (their caches given back)."""
 
-    def __init__(self, handles):
-        super().__init__("prefill failed")
-        self.handles = handles
+    def __init__(self, rows):
+        super().__init__("a forward pass failed")
+        self.rows = rows

@@ -32,9 +32,10 @@ import time
 import torch
 
 from service.inference import kvcache
-from service.inference.batching import Batch, FillError
+from service.inference.batching import Batch, PassError
 from service.inference.generation import (EngineError, Generation, GenerationResult, NotReady, QueueFull,
                                           TooLarge)
+from service.inference.prefixes import PrefixStore
 from service.inference.speed import DecodeSpeed
 from service.records import metrics
 
@@ -43,6 +44,7 @@ log = logging.getLogger("vibethinker.engine")
 CHUNK_MIN_TOKENS = 32  # a prefill chunk is never smaller (a matmul of fewer rows wastes the step it takes)
 CHUNK_IDLE_TOKENS = 2048  # with nothing decoding, a chunk only bounds how late a deadline or cancel is seen
 CHUNK_UNMEASURED_TOKENS = 256  # before the speeds are measured
+PREFIX_UNBOUNDED_BYTES = 512 * 2**20  # the prefix cache's default bound beside a KV cache with no bound
 
 
 class Turns:
@@ -70,9 +72,13 @@ class Turns:
 class Engine:
     """Owns one model in one thread; everything else talks to it through the queue."""
 
-    def __init__(self, loader, queue_size, torch_threads, max_batch=16, name="model", turns=None, cache_bytes=None):
+    def __init__(self, loader, queue_size, torch_threads, max_batch=16, name="model", turns=None, cache_bytes=None,
+                 prefix_bytes=None, revision="", step_tokens=None):
         self._loader = loader
         self._cache_bytes = cache_bytes  # the bound on the rows' KV caches; None: no bound
+        self._prefix_bytes = prefix_bytes  # the prefix cache's bound (0: none; None: a share of the KV cache's)
+        self._revision = revision  # the model's files and numeric mode: the prefix cache's keys start from it
+        self._step_tokens = step_tokens  # prompt tokens a step may prefill beside decode rows; None: measured
         self._queue = queue.Queue(maxsize=queue_size)
         self._max_batch = max_batch
         self._torch_threads = torch_threads
@@ -84,6 +90,7 @@ class Engine:
         self._batch = None
         self._held = None  # the queue's head, taken out but waiting for cache memory
         self.memory = None  # the rows' KV cache (kvcache.CacheMemory), once the model is loaded
+        self.prefixes = None  # the prefix cache (prefixes.PrefixStore), once loaded, unless turned off
         self.state = "loading"
         self.speed = DecodeSpeed()
 
@@ -93,6 +100,7 @@ class Engine:
         metrics.RUNNING.labels(self.name).set_function(lambda: self.running)
         metrics.DECODE_SPEED.labels(self.name).set_function(lambda: self.speed_now()[0] or 0.0)
         metrics.DECODE_CONTEXT.labels(self.name).set_function(lambda: self.speed_now()[2])
+        metrics.PREFIX_BYTES.labels(self.name).set_function(lambda: self.prefixes.bytes if self.prefixes else 0)
         for kind in ("reserved", "used", "free", "bound"):
             metrics.KV_CACHE.labels(self.name, kind).set_function(lambda kind=kind: self.cache_bytes().get(kind) or 0)
         self._thread.start()
@@ -151,7 +159,7 @@ class Engine:
         bound (each choice's row holds the prompt); None: no bound (or not loaded yet)."""
         memory = self.memory
         capacity = None if memory is None else memory.capacity_tokens
-        return None if capacity is None else max(0, capacity // n - prompt_tokens)
+        return None if capacity is None else max(0, (capacity - prompt_tokens) // n)
 
     def submit(self, request):
         """Queue a request and return its handle; raise NotReady, TooLarge or QueueFull at once."""
@@ -176,6 +184,9 @@ class Engine:
             with self._turns.turn():  # one model loads at a time: one peak of memory and of disk reads
                 self.model = self._loader()
                 self.memory = kvcache.CacheMemory(self.model.layout, self._bound(), self.model.device)
+                bound = prefix_bound(self._prefix_bytes, self.memory.bound)
+                if bound:
+                    self.prefixes = PrefixStore(self.memory, bound, self._revision, self.name)
                 config = self.model.model.config
                 self.speed.calibrate(kvcache.attention_cost(self.model.layout, config.num_attention_heads,
                                                             device=self.model.device))
@@ -187,7 +198,7 @@ class Engine:
         metrics.MODEL_LOAD.labels(self.name).set(self.model.load_seconds)
         log.info("model loaded", extra={"fields": {"model": self.name,
                                                    "load_seconds": round(self.model.load_seconds, 2)}})
-        batch = self._batch = Batch(self.model, self.memory)
+        batch = self._batch = Batch(self.model, self.memory, self.prefixes, self.name)
         while not self._stopping.is_set():
             self._finish_rows(batch.evict())  # first, so finished rows make room
             joining = self._dequeue(room=self._max_batch - len(batch) - batch.filling_rows,
@@ -199,17 +210,9 @@ class Engine:
                     log.exception("admission failed", extra={"fields": {"model": self.name}})
                     for handle in joining:
                         handle._finish(error=exc)
-            if batch.filling:
+            if batch or batch.filling:
                 with self._turns.turn():
-                    self._fill(batch)
-                self._finish_rows(batch.evict())
-            if batch:
-                with self._turns.turn():
-                    rows, context, started = len(batch), batch.context, time.monotonic()
-                    rate = self.speed.per_row(rows, context)
-                    batch.pace = None if not rate else 1.0 / rate
-                    self._guarded(batch, batch.step)
-                    self.speed.observe_step(rows, time.monotonic() - started, context)
+                    self._step(batch)
         stopped = EngineError("the engine stopped")
         for row in batch.close():
             row.handle._finish(error=stopped)
@@ -231,27 +234,39 @@ class Engine:
         return free if self._cache_bytes is None else min(self._cache_bytes, free)
 
     def chunk_tokens(self, running, context=0):
-        """Prompt tokens to prefill between two decode steps of `running` rows holding `context` tokens:
-        about one step's time."""
+        """Prompt tokens a step of `running` decode rows holding `context` tokens may prefill beside them: the
+        setting, else about what prefills in one decode step's time (so the step takes about two)."""
         if not running:
-            return CHUNK_IDLE_TOKENS
-        rate = self.speed.per_row(running, context)
-        fit = None if rate is None else self.speed.prefill_tokens_within(1.0 / rate)
+            return self._step_tokens or CHUNK_IDLE_TOKENS
+        if self._step_tokens:
+            return self._step_tokens
+        step = self.speed.step_seconds(running, context)
+        fit = None if not step else self.speed.prefill_tokens_within(step)
         if fit is None:
             return CHUNK_UNMEASURED_TOKENS
         return max(CHUNK_MIN_TOKENS, min(CHUNK_IDLE_TOKENS, fit))
 
-    def _fill(self, batch):
-        """One prefill chunk; a failed one fails the requests of its group."""
-        started = time.monotonic()
+    def _step(self, batch):
+        """One pass: the batch's decode rows and a budget of prompt tokens; its time taught to the speeds (a
+        pass of both: the prefill's part is what the decode rows alone would not have taken). A failed pass
+        fails the requests of its rows."""
+        rows, context, started = len(batch), batch.context, time.monotonic()
+        rate = self.speed.per_row(rows, context)
+        batch.pace = None if not rate else 1.0 / rate
+        budget = self.chunk_tokens(rows, context) if batch.filling else 0
         try:
-            done = batch.fill(self.chunk_tokens(len(batch), batch.context))
-        except FillError as exc:
-            log.error("prefill failed", exc_info=exc.__cause__)
-            for handle in exc.handles:
-                handle._finish(error=exc.__cause__)
+            prefilled = batch.step(budget)
+        except PassError as exc:
+            log.error("generation failed", exc_info=exc.__cause__, extra={"fields": {"model": self.name}})
+            for row in exc.rows:
+                row.handle._finish(error=exc.__cause__)
             return
-        self.speed.observe_prefill(done, time.monotonic() - started)
+        seconds = time.monotonic() - started
+        if rows and not prefilled:
+            self.speed.observe_step(rows, seconds, context)
+        elif prefilled:
+            alone = self.speed.step_seconds(rows, context) if rows else 0.0
+            self.speed.observe_prefill(prefilled, max(seconds - (alone or 0.0), seconds / 2))
 
     def _dequeue(self, room, wait):
         """Up to `room` queued requests that are still wanted and whose caches fit, first come first served
@@ -282,18 +297,6 @@ class Engine:
             joining.append(handle)
         return joining
 
-    def _guarded(self, batch, action):
-        """Run a decode step; on an error, fail every running request.
-
-        Only a failure of the model's forward pass gets here: one row's failure (its sampling) ends that
-        row alone (batching.choose)."""
-        try:
-            action()
-        except Exception as exc:
-            log.exception("generation failed")
-            for row in batch.empty():
-                row.handle._finish(error=exc)
-
     def _finish_rows(self, rows):
         now = time.monotonic()
         for row in rows:
@@ -307,7 +310,7 @@ class Engine:
             result = GenerationResult(text, ids, len(handle.request.prompt_ids), reason,
                                       handle.started - handle.submitted, now - handle.started,
                                       forced_tokens=row.forced, thinking_ended=row.thinking.ended,
-                                      logprobs=row.logprobs, index=row.index)
+                                      logprobs=row.logprobs, index=row.index, cached_tokens=row.cached)
             if row.index == 0:
                 metrics.PROMPT_TOKENS.labels(self.name).inc(result.prompt_tokens)
             metrics.GENERATION_TOKENS.labels(self.name).inc(len(ids))
@@ -315,4 +318,9 @@ class Engine:
             handle._settle(result)
 
 
-
+def prefix_bound(setting, kv_bound):
+    """The prefix cache's bound in bytes: the setting (0: no prefix cache), else a quarter of the KV cache's
+    bound, or PREFIX_UNBOUNDED_BYTES when that has none."""
+    if setting is not None:
+        return setting
+    return PREFIX_UNBOUNDED_BYTES if kv_bound is None else kv_bound // 4

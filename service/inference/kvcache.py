@@ -83,24 +83,44 @@ class RowCache:
     """One row's keys and values, every layer, with room for `capacity` tokens; the first `length` are written.
 
     Both are [layer, head, token, width]: appending a token writes contiguous memory, and a head's keys up to
-    the row's length are one contiguous matrix for attention to read."""
+    the row's length are one contiguous matrix for attention to read. A fork (another choice of a request for
+    n) reads its first `offset` tokens, the prompt, from its lead's cache (`shared`) and holds only the rest:
+    the prompt is neither prefilled nor stored twice."""
 
-    def __init__(self, layout, capacity, device="cpu"):
-        shape = (layout.layers, layout.kv_heads, capacity, layout.head_dim)
+    def __init__(self, layout, capacity, device="cpu", shared=None, offset=0):
+        self.shared, self.offset = shared, offset if shared is not None else 0
+        shape = (layout.layers, layout.kv_heads, capacity - self.offset, layout.head_dim)
         self.keys = torch.empty(shape, dtype=layout.dtype, device=device)  # pages committed only as written
         self.values = torch.empty(shape, dtype=layout.dtype, device=device)
-        self.capacity, self.length = capacity, 0
-        self.zeroed = 0  # past the length, positions up to here hold zeros, not uninitialised memory
+        self.capacity, self.length = capacity, self.offset
+        self.zeroed = 0  # of its own part: past the length, positions up to here hold zeros, not uninitialised memory
+        self.holders, self.released = 1, False  # its row, and the forks reading its prompt (CacheMemory.release)
+
+    @property
+    def own(self):
+        """Tokens its own slab has room for."""
+        return self.capacity - self.offset
 
     def padded(self, length):
-        """`length` rounded up to a whole bucket (at most the capacity), zeroing what was never written there."""
-        end = min(self.capacity, -(-length // BUCKET) * BUCKET)
+        """`length` (of its own part) rounded up to a whole bucket (at most its room), zeroing what was never
+        written there."""
+        end = min(self.own, -(-length // BUCKET) * BUCKET)
         if end > self.zeroed:
-            start = max(self.zeroed, self.length)  # what is written stays
+            start = max(self.zeroed, self.length - self.offset)  # what is written stays
             self.keys[:, :, start:end].zero_()
             self.values[:, :, start:end].zero_()
             self.zeroed = end
         return end
+
+    def span(self, layer, end):
+        """The keys and values of its first `end` tokens in `layer` ([head, token, width]): views of its slab,
+        or for a fork its lead's prompt and its own tokens joined."""
+        keys, values = self.keys[layer, :, :end - self.offset], self.values[layer, :, :end - self.offset]
+        if self.shared is None:
+            return keys, values
+        shared_keys = self.shared.keys[layer, :, :self.offset]
+        shared_values = self.shared.values[layer, :, :self.offset]
+        return torch.cat([shared_keys, keys], dim=1), torch.cat([shared_values, values], dim=1)
 
 
 class CacheFull(Exception):
@@ -125,7 +145,7 @@ class Pass:
             elif base < SHORT:
                 self.short.append((cache, start, base))
             else:  # its bucket, zeroed past what is written, before any layer writes
-                self.deep.append((cache, start, base, cache.padded(base + 1)))
+                self.deep.append((cache, start, base, cache.padded(base + 1 - cache.offset)))
             start += count
         self.tokens = start
         self._batch = None  # the short rows' float32 keys and values, made by the first layer, reused by the rest
@@ -147,8 +167,9 @@ class Pass:
     def update(self, keys, values, layer, kwargs=None):
         """Write this pass's new keys and values ([1, head, token, width]) into each row's slab."""
         for cache, start, count, base in self.segments:
-            cache.keys[layer, :, base:base + count] = keys[0, :, start:start + count]
-            cache.values[layer, :, base:base + count] = values[0, :, start:start + count]
+            at = base - cache.offset
+            cache.keys[layer, :, at:at + count] = keys[0, :, start:start + count]
+            cache.values[layer, :, at:at + count] = values[0, :, start:start + count]
         return keys, values
 
     def attend(self, layer, query, scaling):
@@ -157,18 +178,20 @@ class Pass:
         if self.short:
             keys, values, mask, where = self._short_batch(query)
             for i, (cache, _, base) in enumerate(self.short):  # the rest of each row's part stays zero
-                keys[i, :, :base + 1] = cache.keys[layer, :, :base + 1]
-                values[i, :, :base + 1] = cache.values[layer, :, :base + 1]
+                keys[i, :, :base + 1], values[i, :, :base + 1] = cache.span(layer, base + 1)
             rows = query[0, :, where].transpose(0, 1)[:, :, None].float()  # [row, head, 1, width]
             attended = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, scale=scaling,
                                                       enable_gqa=True)
             out[0, where] = attended[:, :, 0].to(out.dtype)
         for cache, start, base, end in self.deep:
             keys, values = cache.keys[layer, :, :end], cache.values[layer, :, :end]
-            out[0, start] = _decode_attention(query[0, :, start:start + 1], keys, values, scaling, base + 1)[:, 0]
+            shared = None if cache.shared is None else (cache.shared.keys[layer, :, :cache.offset],
+                                                        cache.shared.values[layer, :, :cache.offset])
+            out[0, start] = _decode_attention(query[0, :, start:start + 1], keys, values, scaling,
+                                              base + 1 - cache.offset, shared)[:, 0]
         for cache, start, count, base in self.segments:
             if count > 1:
-                keys, values = cache.keys[layer, :, :base + count], cache.values[layer, :, :base + count]
+                keys, values = cache.span(layer, base + count)
                 out[0, start:start + count] = _prefill_attention(query[0, :, start:start + count], keys, values,
                                                                  scaling, base).transpose(0, 1)
         return out
@@ -178,19 +201,28 @@ class Pass:
             cache.length += count
 
 
-def _decode_attention(query, keys, values, scaling, length):
+def _decode_attention(query, keys, values, scaling, length, shared=None):
     """One token's attention: query [head, 1, width] against the first `length` of keys and values [kv head,
-    padded length, width] (past `length`: zeros, masked out).
+    padded length, width] (past `length`: zeros, masked out), after all of `shared` (a fork's lead's prompt:
+    its keys and values, [kv head, tokens, width]) when given.
 
-    Two matrix products per key/value head in the cache's dtype (each reads the slab once, no copy) and a
-    float32 softmax. Query heads are grouped by the key/value head they share (GQA)."""
+    Two matrix products per key/value head and part in the cache's dtype (each reads the slab once, no copy)
+    and one float32 softmax over both parts. Query heads are grouped by the key/value head they share (GQA)."""
     kv_heads, width = keys.shape[0], keys.shape[-1]
     grouped = query.reshape(kv_heads, -1, width).to(keys.dtype)
     scores = torch.stack([F.linear(grouped[h], keys[h]) for h in range(kv_heads)]).float()
     if length < keys.shape[1]:
         scores[..., length:] = float("-inf")
+    if shared is not None:
+        before = torch.stack([F.linear(grouped[h], shared[0][h]) for h in range(kv_heads)]).float()
+        scores = torch.cat([before, scores], dim=-1)
     weights = torch.softmax(scores * scaling, dim=-1).to(values.dtype)
-    return torch.bmm(weights, values).reshape(query.shape).to(query.dtype)
+    if shared is None:
+        out = torch.bmm(weights, values)
+    else:
+        split = shared[0].shape[1]
+        out = torch.bmm(weights[..., :split], shared[1]) + torch.bmm(weights[..., split:], values)
+    return out.reshape(query.shape).to(query.dtype)
 
 
 def _prefill_attention(query, keys, values, scaling, base):
@@ -224,12 +256,16 @@ class CacheMemory:
     """The bytes the rows' caches may reserve (`bound`, None for no bound), and what they hold now.
 
     `allocate` reserves a row's whole capacity when it is admitted and `release` gives it back when it
-    leaves. Read from other threads (`/readyz`, `/metrics`) while the engine thread changes it."""
+    leaves (a lead's, once its forks have left too). The prefix cache (service.inference.prefixes) keeps its
+    blocks in what the rows leave free (`hold`), and gives them back when a row needs the room (`reclaim`,
+    set by it). Read from other threads (`/readyz`, `/metrics`) while the engine thread changes it."""
 
     def __init__(self, layout, bound=None, device="cpu"):
         self.layout, self.bound, self.device = layout, bound, device
         self._lock = threading.Lock()
-        self.reserved = 0  # bytes
+        self.reserved = 0  # bytes, by the rows
+        self.held = 0  # bytes, by the prefix cache's blocks
+        self.reclaim = None  # frees at least the bytes it is given from the prefix cache, if it can
         self._rows = {}  # id(row cache) -> the cache, for the bytes written now
 
     def need(self, tokens):
@@ -242,37 +278,68 @@ class CacheMemory:
         return None if self.bound is None else self.bound // self.layout.bytes_per_token
 
     def fits(self, tokens):
-        """Whether a row of `tokens` fits beside the rows there are now."""
+        """Whether a row of `tokens` fits beside the rows there are now (the prefix cache gives way)."""
         with self._lock:
             return self.bound is None or self.reserved + self.need(tokens) <= self.bound
 
-    def allocate(self, tokens):
-        """A row cache with room for `tokens`, its bytes reserved; CacheFull when the bound would be passed."""
-        need = self.need(tokens)
+    def allocate(self, tokens, shared=None, offset=0):
+        """A row cache with room for `tokens`, its bytes reserved; CacheFull when the bound would be passed.
+        A fork's (`shared`: its lead's cache, whose first `offset` tokens it reads) reserves only its own part."""
+        need = self.need(tokens - (offset if shared is not None else 0))
         with self._lock:
             if self.bound is not None and self.reserved + need > self.bound:
                 raise CacheFull(f"a row of {tokens} tokens does not fit: {self.reserved} of {self.bound} bytes "
                                 "are reserved")
             self.reserved += need
+            short = 0 if self.bound is None else self.reserved + self.held - self.bound
         try:
-            cache = RowCache(self.layout, tokens, self.device)
+            if short > 0 and self.reclaim is not None:
+                self.reclaim(short)
+            cache = RowCache(self.layout, tokens, self.device, shared, offset)
         except BaseException:
             with self._lock:
                 self.reserved -= need
             raise
         with self._lock:
             self._rows[id(cache)] = cache
+            if shared is not None:
+                shared.holders += 1
         return cache
 
     def release(self, cache):
-        """Give back what the row of `cache` reserved (once: releasing it again does nothing)."""
+        """Give back what the row of `cache` reserved (once: releasing it again does nothing); a lead's only
+        once the forks reading its prompt have left."""
         with self._lock:
-            if self._rows.pop(id(cache), None) is not None:
-                self.reserved -= self.need(cache.capacity)
+            if cache.released:
+                return
+            cache.released = True
+        self._drop(cache)
+
+    def _drop(self, cache):
+        with self._lock:
+            cache.holders -= 1
+            last = cache.holders == 0 and self._rows.pop(id(cache), None) is not None
+            if last:
+                self.reserved -= self.need(cache.own)
+        if last and cache.shared is not None:
+            self._drop(cache.shared)
+
+    def hold(self, nbytes):
+        """Take `nbytes` for the prefix cache if the rows leave them free; whether it could."""
+        with self._lock:
+            if self.bound is not None and self.reserved + self.held + nbytes > self.bound:
+                return False
+            self.held += nbytes
+            return True
+
+    def unhold(self, nbytes):
+        with self._lock:
+            self.held -= nbytes
 
     @property
     def free(self):
-        """Bytes a new row could still reserve; None when there is no bound."""
+        """Bytes a new row could still reserve (the prefix cache's included: it gives way); None when there is
+        no bound."""
         with self._lock:
             return None if self.bound is None else max(0, self.bound - self.reserved)
 
@@ -280,7 +347,7 @@ class CacheMemory:
         """(rows holding a cache, bytes they have written) now."""
         with self._lock:
             rows = list(self._rows.values())
-        return len(rows), sum(cache.length for cache in rows) * self.layout.bytes_per_token
+        return len(rows), sum(cache.length - cache.offset for cache in rows) * self.layout.bytes_per_token
 
 
 def attention_cost(layout, heads, tokens=2048, device="cpu"):

@@ -25,7 +25,11 @@ class Row:
         self.handle, self.loaded, self.request, self.index = handle, loaded, handle.request, index
         self.cache = cache  # its keys and values (service.inference.kvcache.RowCache), until it leaves
         self.first = None  # the logits of its prompt's last token, once prefilled
-        self.forks = []  # the other choices of its request, until they join it (copies of its prefilled cache)
+        self.forks = []  # the other choices of its request, until they join it (reading its prompt's cache)
+        self.filled = 0  # prompt tokens in its cache (service.inference.prefill), prefilled or read from the
+        self.cached = 0  # prefix cache (these), whose keys for its prompt's blocks are `blocks`, of which it
+        self.blocks, self.stored = [], 0  # has stored (or found) those up to `stored`
+        self.leader, self.awaits = None, 0  # a row prefilling the same prefix, whose first blocks it waits for
         self.ids, self.prefix, self.read, self.last = [], 0, 0, None
         self.text = StopText(self.request.stop)
         self.done, self.error = False, None

@@ -35,6 +35,14 @@ KV_CACHE = Gauge("vibethinker_kv_cache_bytes", "KV cache bytes: reserved by the 
                  "length), used (written), free (left to reserve) and bound (0: no bound).", ["model", "state"])
 WAITING = Gauge("vibethinker_requests_waiting", "Generations waiting in the queue.", ["model"])
 PROMPT_TOKENS = Counter("vibethinker_prompt_tokens_total", "Prompt tokens processed.", ["model"])
+PREFILL_TOKENS = Counter("vibethinker_prefill_tokens_total", "Prompt tokens run through the model; those read from "
+                         "the prefix cache are not.", ["model"])
+PREFIX_TOKENS = Counter("vibethinker_prefix_cache_tokens_total", "Prompt tokens looked up in the prefix cache, by "
+                        "outcome: hit (read from it, or from a request prefilling the same prefix) or miss.",
+                        ["model", "outcome"])
+PREFIX_EVICTIONS = Counter("vibethinker_prefix_cache_evictions_total", "Blocks evicted from the prefix cache "
+                           "(least recently used first) for room.", ["model"])
+PREFIX_BYTES = Gauge("vibethinker_prefix_cache_bytes", "Bytes the prefix cache's blocks hold.", ["model"])
 GENERATION_TOKENS = Counter("vibethinker_generation_tokens_total", "Tokens generated.", ["model"])
 FINISHED = Counter("vibethinker_request_finish_total", "Finished generations by finish reason.",
                    ["model", "finish_reason"])
