@@ -1,35 +1,34 @@
-"""Chunked prefill: how running streams fare while a long prompt joins, chunked against in one pass.
+"""A long prompt joining running streams: its time to first token against its time alone, and how smooth
+the streams stay, with prefill and decode in one pass a step.
 
-    python -m bench.prefill [--preset tiny|vibethinker-1.5b] [--dtype bfloat16] [--streams 4] [--prompt 4000]
+    python -m bench.prefill [--preset tiny|vibethinker-1.5b] [--streams 4] [--prompt 4000] [--rounds 2]
 
-In one process, one engine: `--streams` greedy streams run, then a prompt of
-about `--prompt` tokens joins. Measured over the streams' tokens from the
-join to a while after it (each token timed as the engine chooses it):
-inter-token latency p50, p99, the longest gap and p99 / p50; the long
-prompt's time to first token. Run twice side by side,
-prefill chunked (as the engine does) and in one pass (every chunk as large
-as the prompt), and print one JSON line per run and one with the ratios.
+In one process, one engine (int8 at the real-size preset, float32 on the tiny
+one; the prefix cache off, so every run prefills the whole prompt): the
+prompt alone, then `--streams` greedy streams running and the same prompt
+joining them, taking turns for `--rounds` rounds. For the joined runs, the
+streams' inter-token latency over their whole run (p50) and over the join
+(p99, the longest gap), each token timed as the engine chooses it. One JSON
+line per run, and one with the ratios: the joined prompt's time to first
+token over its time alone (median of the rounds' ratios), and p99 / p50.
 """
 
 import argparse
 import json
+import statistics
 import threading
 import time
 
 from bench.harness import cached_demo_model
 
 
-def run(engine, streams, prompt_ids, chunked):
+def stream_times(engine, question, streams, stop):
+    """Start `streams` readers, each running greedy answers back to back until `stop`; their token times."""
     from service.inference.generation import GenerationRequest
 
-    if not chunked:
-        engine.chunk_tokens = lambda running: 10**9  # every prefill in one pass
-    else:
-        engine.__dict__.pop("chunk_tokens", None)
-    stamps, stop = [], threading.Event()  # one list of token times per stream request
-    question = engine.model.encode_chat([{"role": "user", "content": "Count to a thousand."}])
+    stamps = []
 
-    def read():  # one stream after another until told to stop (a random model's answer may end early)
+    def read():
         while not stop.is_set():
             handle = engine.submit(GenerationRequest(question, 10**5, deadline=time.monotonic() + 3600))
             handle.token_times = []  # Row.add stamps each token here (a random model's tokens may have no text)
@@ -42,76 +41,97 @@ def run(engine, streams, prompt_ids, chunked):
     readers = [threading.Thread(target=read) for _ in range(streams)]
     for reader in readers:
         reader.start()
-    time.sleep(3)  # the streams run and the speeds are measured
-    joined = time.perf_counter()
-    long = engine.submit(GenerationRequest(prompt_ids, 1, deadline=time.monotonic() + 3600))
-    long.result(timeout=3600)
-    first = time.perf_counter() - joined
-    time.sleep(first * 0.5)  # some tokens after the join, as a stream's p50 sees them
-    stop.set()
-    for reader in readers:
-        reader.join()
-    if not any(s and s[-1] > joined for s in stamps):
-        raise SystemExit(f"no stream token after the join: {[len(s) for s in stamps]}")
-    gaps = sorted(b - a for s in stamps for a, b in zip(s, s[1:]) if b > joined)  # the gap the join falls in too
-    pick = lambda q: gaps[min(len(gaps) - 1, int(q * len(gaps)))]  # noqa: E731
-    return {"prefill": "chunked" if chunked else "one pass", "streams": streams, "prompt_tokens": len(prompt_ids),
-            "long_prompt_ttft_s": round(first, 3), "itl_p50_ms": round(pick(0.5) * 1e3, 2),
-            "itl_p99_ms": round(pick(0.99) * 1e3, 2), "itl_max_ms": round(gaps[-1] * 1e3, 2),
-            "p99_over_p50": round(pick(0.99) / pick(0.5), 2)}
+    return stamps, readers
 
 
 def stamp_tokens():
     """Make every row record when each of its tokens was chosen, on its handle's `token_times` if it has one."""
-    from service.inference import batching
+    from service.inference import rows
 
-    add = batching.Row.add
+    add = rows.Row.add
 
-    def stamped(row, token, now):
+    def stamped(row, token, now, logprob=None):
         times = getattr(row.handle, "token_times", None)
         if times is not None:
             times.append(time.perf_counter())
-        return add(row, token, now)
+        return add(row, token, now, logprob)
 
-    batching.Row.add = stamped
+    rows.Row.add = stamped
+
+
+def ttft(engine, prompt_ids):
+    from service.inference.generation import GenerationRequest
+
+    started = time.perf_counter()
+    engine.submit(GenerationRequest(prompt_ids, 1, deadline=time.monotonic() + 3600)).result(timeout=3600)
+    return time.perf_counter() - started
+
+
+def joined(engine, streams, prompt_ids, question):
+    """The prompt's time to first token while `streams` streams run; the streams' gaps."""
+    stop = threading.Event()
+    stamps, readers = stream_times(engine, question, streams, stop)
+    time.sleep(4)  # the streams run and the speeds are measured
+    join = time.perf_counter()
+    first = ttft(engine, prompt_ids)
+    time.sleep(min(10.0, first * 0.5))  # some tokens after the join
+    stop.set()
+    for reader in readers:
+        reader.join()
+    gaps = sorted(b - a for s in stamps for a, b in zip(s, s[1:]))
+    during = sorted(b - a for s in stamps for a, b in zip(s, s[1:]) if b > join and a < join + first)
+    pick = lambda values, q: values[min(len(values) - 1, int(q * len(values)))]  # noqa: E731
+    p50, p99 = pick(gaps, 0.5), pick(gaps, 0.99)
+    return {"run": "joining", "streams": streams, "prompt_tokens": len(prompt_ids), "ttft_s": round(first, 3),
+            "itl_p50_ms": round(p50 * 1e3, 2), "itl_p99_ms": round(p99 * 1e3, 2),
+            "itl_max_during_join_ms": round(max(during) * 1e3, 2) if during else None,
+            "stream_tokens_during_join": len(during), "p99_over_p50": round(p99 / p50, 2)}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=["tiny", "vibethinker-1.5b"])
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--quantization", default="none")
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=4000)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
+    from bench.realsize import int8_folder
     from service.inference import model
     from service.inference.engine import Engine
 
     stamp_tokens()
     path = cached_demo_model(args.preset)
-    engine = Engine(lambda: model.load(str(path), args.dtype, args.quantization), queue_size=64,
-                    torch_threads=args.threads).start()
+    if args.preset == "tiny":
+        load = lambda: model.load(str(path))  # noqa: E731
+    else:
+        folder = int8_folder(path)
+        load = lambda: model.load(str(folder), quantization="int8")  # noqa: E731
+    engine = Engine(load, queue_size=64, torch_threads=args.threads, prefix_bytes=0).start()
     while not engine.ready:
         if engine.state == "failed":
             raise SystemExit("the model failed to load")
         time.sleep(0.1)
-    text = "Read this document carefully and summarise it. " + "The quick brown fox jumps over the lazy dog. " * 400
+    text = "Read this document carefully and summarise it. " + "The quick brown fox jumps over the lazy dog. " * 800
     ids = engine.model.encode_chat([{"role": "user", "content": text}])
     while len(ids) > args.prompt:
         text = text[: int(len(text) * args.prompt / len(ids) * 0.99)]
         ids = engine.model.encode_chat([{"role": "user", "content": text}])
-    figures = [run(engine, args.streams, ids, chunked) for chunked in (True, False)]
+    question = engine.model.encode_chat([{"role": "user", "content": "Count to a thousand."}])
+    ttft(engine, ids[:64])  # warm
+    ratios, lines = [], []
+    for _ in range(args.rounds):
+        alone = {"run": "alone", "prompt_tokens": len(ids), "ttft_s": round(ttft(engine, ids), 3)}
+        together = joined(engine, args.streams, ids, question)
+        ratios.append(together["ttft_s"] / alone["ttft_s"])
+        lines += [alone, together]
     engine.stop(timeout=60)
-    for line in figures:
-        print(json.dumps({"preset": args.preset, "dtype": args.dtype, "quantization": args.quantization, **line}))
-    chunked, whole = figures
-    print(json.dumps({"preset": args.preset, "chunked_p99_over_p50": chunked["p99_over_p50"],
-                      "one_pass_p99_over_p50": whole["p99_over_p50"],
-                      "longest_gap_chunked_over_one_pass": round(chunked["itl_max_ms"] / whole["itl_max_ms"], 3),
-                      "long_prompt_ttft_chunked_over_one_pass":
-                          round(chunked["long_prompt_ttft_s"] / whole["long_prompt_ttft_s"], 2)}))
+    for line in lines:
+        print(json.dumps({"preset": args.preset, **line}))
+    print(json.dumps({"preset": args.preset, "streams": args.streams, "prompt_tokens": len(ids),
+                      "joined_ttft_over_alone": round(statistics.median(ratios), 3),
+                      "p99_over_p50": max(line["p99_over_p50"] for line in lines if line["run"] == "joining")}))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,24 @@ def test_a_later_prefill_chunk_sees_the_rows_earlier_tokens_and_not_its_own_late
         assert torch.allclose(ours[:, i:i + 1], alone, atol=1e-5)
 
 
+@pytest.mark.parametrize("base", [0, 37])
+def test_a_short_piece_over_a_bfloat16_cache_attends_in_place_as_sdpa_does(base):
+    torch.manual_seed(1)
+    heads, kv_heads, width, count = 6, 2, 16, 9
+    keys = torch.randn(kv_heads, base + count, width).to(torch.bfloat16)
+    values = torch.randn(kv_heads, base + count, width).to(torch.bfloat16)
+    query = torch.randn(heads, count, width)
+    ours = kvcache._prefill_attention(query, keys, values, width ** -0.5, base)
+    sdpa = kvcache._prefill_attention(query, keys.float(), values.float(), width ** -0.5, base)
+    assert ours.dtype == query.dtype and torch.allclose(ours, sdpa, atol=3e-2, rtol=3e-2)
+    for i in range(count):  # token i sees the first base + i + 1 keys only: what comes after changes nothing
+        later_keys, later_values = keys.clone(), values.clone()
+        later_keys[:, base + i + 1:], later_values[:, base + i + 1:] = 50.0, -50.0
+        changed = kvcache._piece_attention(query, later_keys, later_values, width ** -0.5, base)
+        assert torch.equal(changed[:, :i + 1], ours[:, :i + 1])
+        assert i == count - 1 or not torch.equal(changed[:, i + 1:], ours[:, i + 1:])
+
+
 def test_rows_joining_and_leaving_never_move_or_change_another_rows_cache(reference):
     batch = Batch(reference)
     first = _handle(_prompt(reference, "the row that stays"), 24)

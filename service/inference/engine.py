@@ -8,19 +8,23 @@ steps, so a late or abandoned request stops consuming compute.
 
 Batching is continuous (service.inference.batching): between decode steps, waiting
 requests join the running batch (up to max_batch rows) and finished ones
-leave it, so a request never waits for another one to end. Prompts are
-prefilled in chunks between decode steps, each sized to take about one step
-at the measured speeds, so a long prompt joining slows the running streams
-to about half speed while it fills, never stalls them. Every step and
-prefill is timed (service.inference.speed), with the context the step read,
-so callers can size a request to its deadline at the speed a long answer
-really has.
+leave it, so a request never waits for another one to end. Each step is
+one forward pass carrying the decode rows and a budget of prompt tokens
+(the `prefill_step_tokens` setting, else about what prefills in one decode
+step's time at the measured speeds), so the weights are read once for both:
+a long prompt joining slows the running streams to about half speed while it
+fills, never stalls them, and fills at nearly its speed alone. Every step
+is timed (service.inference.speed), with the context it read, so callers can
+size a request to its deadline at the speed a long answer really has.
 
 Each row's KV cache is reserved when it joins, for its prompt and every
-token it may generate (service.inference.kvcache), within a bound on the
-cache's bytes: a request that would pass the bound waits at the head of the
-queue until rows leave (a full queue refuses more), and one that could never
-fit is refused at once (`TooLarge`). A running answer never runs out of memory.
+token it may generate (service.inference.kvcache; a request's n choices hold
+its prompt once), within a bound on the cache's bytes: a request that would
+pass the bound waits at the head of the queue until rows leave (a full queue
+refuses more), and one that could never fit is refused at once (`TooLarge`).
+A running answer never runs out of memory. The prefix cache
+(service.inference.prefixes) keeps prompts' blocks in what the rows leave
+free, within its own bound, and gives them back when a row needs the room.
 """
 
 import contextlib

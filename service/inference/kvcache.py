@@ -49,6 +49,9 @@ BUCKET = 256
 # batch (a handful of operations a layer for all of them): per row, a short cache's attention costs more in
 # operations than in bytes (at 8 rows of 256 tokens, 45 ms a step against about 10 together, measured).
 SHORT = 512
+# A prompt's piece of at most this many tokens over a bfloat16 cache attends reading the slab in place
+# (`_piece_attention`); a longer one (a whole prompt while nothing decodes) through SDPA in float32.
+PIECE = 256
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -226,7 +229,12 @@ def _decode_attention(query, keys, values, scaling, length, shared=None):
 
 
 def _prefill_attention(query, keys, values, scaling, base):
-    """A chunk's attention, in float32: token i of the chunk sees the row's first base + i + 1 tokens."""
+    """A chunk's attention: token i of the chunk sees the row's first base + i + 1 tokens. A float32 cache in
+    float32 through SDPA; a short chunk (a prompt's piece beside decode rows, a forced closing) over a bfloat16
+    cache reads the slab in place as a decode row does (`_piece_attention`): SDPA would need its float32 copy,
+    made again for every piece (at 4,000 tokens deep, about as long as the piece's own layers took)."""
+    if keys.dtype != torch.float32 and query.shape[1] <= PIECE:
+        return _piece_attention(query, keys, values, scaling, base)
     count, length = query.shape[1], keys.shape[1]
     mask = None
     if base:  # a later chunk: causal from the bottom right
@@ -234,6 +242,20 @@ def _prefill_attention(query, keys, values, scaling, base):
     out = F.scaled_dot_product_attention(query[None].float(), keys[None].float(), values[None].float(),
                                          attn_mask=mask, is_causal=not base, scale=scaling, enable_gqa=True)
     return out[0].to(query.dtype)
+
+
+def _piece_attention(query, keys, values, scaling, base):
+    """`_prefill_attention` for a short piece: per key/value head, the piece's grouped queries against the
+    keys in the cache's dtype, a float32 softmax under the causal mask, and the values."""
+    heads, count, width = query.shape
+    kv_heads, length = keys.shape[0], keys.shape[1]
+    group = heads // kv_heads
+    grouped = query.reshape(kv_heads, group * count, width).to(keys.dtype)
+    scores = torch.stack([F.linear(grouped[h], keys[h]) for h in range(kv_heads)]).float()
+    hidden = torch.ones((count, length), dtype=torch.bool, device=query.device).triu(diagonal=base + 1)
+    scores = scores.view(kv_heads, group, count, length).masked_fill(hidden, float("-inf"))
+    weights = torch.softmax(scores * scaling, dim=-1).to(values.dtype).view(kv_heads, group * count, length)
+    return torch.bmm(weights, values).view(heads, count, width).to(query.dtype)
 
 
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
