@@ -150,3 +150,21 @@ def test_a_right_narrowed_after_the_batch_was_made_is_refused_the_same_way_both_
     assert line["error"]["code"] in ("system_prompt_not_allowed", "model_not_allowed")
     assert line["error"]["message"] == live.get_json()["error"]["message"]
     assert caller.rows() == []
+
+
+@pytest.mark.parametrize("scope", ["model", "user"])
+def test_the_engine_shares_prefixes_within_the_scope_of_the_setting_both_ways(tiny_model, tmp_path, scope):
+    app = make_app(tiny_model, tmp_path, prefix_cache_scope=scope)
+    try:
+        engine, scopes = state(app).models.default.engine, []
+        submit = engine.submit
+        engine.submit = lambda request: scopes.append(request.prefix_scope) or submit(request)
+        body = {"question": "What is 2 + 3?", "max_new_tokens": 4, "temperature": 0}
+        for name in ("ann", "bob"):
+            caller = Caller(app, name)
+            assert caller.live("/v1/predict", body).status_code == 200
+            assert caller.first_line(caller.submit("/v1/predict", body))["response"]["status_code"] == 200
+        # a live request and a batch line of one user share a scope; two users never do under "user"
+        assert scopes == (["", "", "", ""] if scope == "model" else ["user:ann", "user:ann", "user:bob", "user:bob"])
+    finally:
+        stop_app(app)
