@@ -76,6 +76,8 @@ usage = sa.Table(
     sa.Column("document_ms", sa.Integer, nullable=False, server_default="0"),
     # Completion tokens fed in by the engine to end a thinking early (service.inference.thinking).
     sa.Column("forced_tokens", sa.Integer, nullable=False, server_default="0"),
+    # Prompt tokens read from the engine's prefix cache instead of prefilled (a response-cache hit: all of them).
+    sa.Column("cached_tokens", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_usage_user_at", "user", "at"),
 )
 # One row: replaced by every change that can turn a valid token invalid (revocation, disable, demotion,

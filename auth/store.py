@@ -197,7 +197,8 @@ class Store:
                            sa.func.sum(sa.case((usage.c.cached, 1), else_=0)).label("cached"),
                            computed(usage.c.prompt_tokens).label("prompt_tokens"),
                            computed(usage.c.completion_tokens).label("completion_tokens"),
-                           computed(usage.c.forced_tokens).label("forced_tokens"))
+                           computed(usage.c.forced_tokens).label("forced_tokens"),
+                           computed(usage.c.cached_tokens).label("cached_tokens"))
                  .group_by(day, usage.c.user).order_by(day.desc(), usage.c.user))
         if user is not None:
             query = query.where(usage.c.user == user)
@@ -207,7 +208,8 @@ class Store:
             return [{"day": str(r.day), "user": r.user, "requests": r.requests, "succeeded": int(r.succeeded),
                      "cached": int(r.cached), "prompt_tokens": int(r.prompt_tokens), "completion_tokens": int(r.completion_tokens),
                      "total_tokens": int(r.prompt_tokens + r.completion_tokens),
-                     "forced_tokens": int(r.forced_tokens)} for r in conn.execute(query)]
+                     "forced_tokens": int(r.forced_tokens), "cached_tokens": int(r.cached_tokens)}
+                    for r in conn.execute(query)]
 
     def usage_rows(self, user=None, limit=100):
         query = sa.select(usage).order_by(usage.c.id.desc()).limit(limit)

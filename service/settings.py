@@ -125,6 +125,23 @@ class Settings(BaseSettings):
         f"could never fit. Default: {CACHE_SHARE:.0%} of the memory ceiling (memory_limit_bytes) less the "
         "weights, shared equally by the models.",
     )
+    prefix_cache_bytes: int | None = Field(
+        None, ge=0, description="Bytes each served model's prefix cache may hold: the KV blocks of earlier "
+        "prompts, kept so a later prompt that begins the same way reads them instead of prefilling them again. "
+        "Default: a quarter of the model's KV cache bound (kv_cache_bytes), or 512 MiB when that has no bound. "
+        "0 turns the prefix cache off.",
+    )
+    prefix_cache_scope: Literal["model", "user"] = Field(
+        "model", description="Which requests share a prompt prefix in the prefix cache. model: any requests to "
+        "the same model whose prompts are identical up to it. user: only one user's own requests, so nobody's "
+        "time to first token or usage.prompt_tokens_details.cached_tokens tells them anything about another "
+        "user's prompts.",
+    )
+    prefill_step_tokens: int | None = Field(
+        None, ge=1, le=65536, description="Prompt tokens one engine step may prefill beside its decode rows (a "
+        "longer prompt is prefilled over several steps). Default: sized from the measured speeds so that a step "
+        "with prefill takes about twice a decode step.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the model runs: cuda (a GPU; the CUDA build of torch), cpu, or auto (cuda "
         "when torch sees a GPU). int8 runs on the CPU only.",

@@ -53,10 +53,14 @@ def test_streamed_and_whole_answers_match_in_process_greedy(chat_server, referen
     assert whole.usage.prompt_tokens == len(reference.encode_chat(MESSAGES))
     assert whole.usage.completion_tokens == len(ids)
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + len(ids)
+    cached = whole.usage.prompt_tokens_details.cached_tokens  # where the official client reads it
+    assert isinstance(cached, int) and 0 <= cached <= whole.usage.prompt_tokens
     streamed, finish, usage = stream_text(chat_server, messages=MESSAGES, max_tokens=24, temperature=0,
                                           stream_options={"include_usage": True})
     assert streamed == text and finish == [whole.choices[0].finish_reason]
     assert usage[0].completion_tokens == len(ids) and usage[0].prompt_tokens == whole.usage.prompt_tokens
+    cached = usage[0].prompt_tokens_details.cached_tokens
+    assert isinstance(cached, int) and 0 <= cached <= usage[0].prompt_tokens
 
 
 def test_max_completion_tokens_and_seeded_sampling(chat_server):

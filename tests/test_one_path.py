@@ -8,6 +8,7 @@ under the owner's rights at that moment, as it would whenever a runner takes it.
 """
 
 import base64
+import json
 
 import pytest
 
@@ -150,3 +151,49 @@ def test_a_right_narrowed_after_the_batch_was_made_is_refused_the_same_way_both_
     assert line["error"]["code"] in ("system_prompt_not_allowed", "model_not_allowed")
     assert line["error"]["message"] == live.get_json()["error"]["message"]
     assert caller.rows() == []
+
+
+@pytest.mark.parametrize("scope", ["model", "user"])
+def test_the_engine_shares_prefixes_within_the_scope_of_the_setting_both_ways(tiny_model, tmp_path, scope):
+    app = make_app(tiny_model, tmp_path, prefix_cache_scope=scope)
+    try:
+        engine, scopes = state(app).models.default.engine, []
+        submit = engine.submit
+        engine.submit = lambda request: scopes.append(request.prefix_scope) or submit(request)
+        body = {"question": "What is 2 + 3?", "max_new_tokens": 4, "temperature": 0}
+        for name in ("ann", "bob"):
+            caller = Caller(app, name)
+            assert caller.live("/v1/predict", body).status_code == 200
+            assert caller.first_line(caller.submit("/v1/predict", body))["response"]["status_code"] == 200
+        # a live request and a batch line of one user share a scope; two users never do under "user"
+        assert scopes == (["", "", "", ""] if scope == "model" else ["user:ann", "user:ann", "user:bob", "user:bob"])
+    finally:
+        stop_app(app)
+
+
+def test_a_replayed_answer_says_its_whole_prompt_was_cached_live_streamed_and_as_a_batch_line(tiny_model, tmp_path):
+    app = make_app(tiny_model, tmp_path, cache="user")
+    try:
+        caller = Caller(app, "gus")
+        chat = {"model": MODEL, "max_tokens": 6, "temperature": 0, "messages": [{"role": "user", "content": "2+3?"}]}
+        computed = caller.live("/v1/chat/completions", chat).get_json()["usage"]
+        assert computed["prompt_tokens_details"]["cached_tokens"] < computed["prompt_tokens"]
+        replayed = caller.live("/v1/chat/completions", chat)
+        assert replayed.headers["x-cache"] == "hit"
+        whole = computed["prompt_tokens"]
+        assert replayed.get_json()["usage"]["prompt_tokens_details"] == {"cached_tokens": whole}
+        events = caller.client.post("/v1/chat/completions", headers=caller.headers, json={
+            **chat, "stream": True, "stream_options": {"include_usage": True}}).get_data(as_text=True)
+        [usage] = [chunk["usage"] for chunk in (json.loads(line[6:]) for line in events.splitlines()
+                                                if line.startswith("data: {")) if chunk.get("usage")]
+        assert usage["prompt_tokens_details"] == {"cached_tokens": whole}
+        line = caller.first_line(caller.submit("/v1/chat/completions", chat))
+        assert line["response"]["body"]["usage"]["prompt_tokens_details"] == {"cached_tokens": whole}
+        predict = {"question": "2+3?", "max_new_tokens": 6, "temperature": 0}
+        prompt = caller.live("/v1/predict", predict).get_json()["usage"]["prompt_tokens"]
+        line = caller.first_line(caller.submit("/v1/predict", predict))
+        assert line["response"]["body"]["usage"]["cached_tokens"] == prompt
+        hits = [row for row in caller.rows() if row["cached"]]
+        assert sorted(row["cached_tokens"] for row in hits) == sorted([whole] * 3 + [prompt])
+    finally:
+        stop_app(app)

@@ -7,7 +7,11 @@ import pytest
 
 from service.errors import BadRequest
 from service.inputs.schemas import ChatRequest, parse
-from service.serving import cache, params
+from service.api.answer_models import ChatCompletion, Prediction
+from service.inference.generation import GenerationResult
+from service.serving import cache, params, shapes
+from service.serving.caller import Caller
+from service.serving.job import Job
 from service.serving.answers import Checker, final_answer
 from service.serving.models import Served
 from service.serving.reasoning import Markers, Splitter, split
@@ -150,3 +154,41 @@ def test_a_checked_pair_is_answered_from_memory_and_a_busy_pool_is_not_remembere
     assert checker.check("3", "x=3") == checker.check("3", "x=3") == (True, None)
     assert checker.check("3", "busy") == checker.check("3", "busy") == (None, "too many answers are being checked now")
     assert asked == [("3", "x=3"), ("3", "busy"), ("3", "busy")]
+
+
+def answered(kind, cached_tokens):
+    """A job of `kind` and its finished result of two choices, as the engine gives them: the request's cached
+    prompt tokens on the first choice, 0 on the other."""
+    served = Served(ModelSpec(name="m", path=Path("/m"), dtype="float32", quantization="none"), None, "r")
+    job = Job(Caller("ann"), kind=kind, served=served, params=params.Params(8, 0.0, 1.0, n=2),
+              echo={"input": "q", "system_prompt": "s"})
+    result = GenerationResult("no thinking: \\boxed{4}", [1, 2, 3], 12, "stop", 0.0, 0.0, forced_tokens=1,
+                              cached_tokens=cached_tokens)
+    result.others = (GenerationResult("4", [5], 12, "stop", 0.0, 0.0, index=1),)
+    return job, result
+
+
+@pytest.mark.parametrize("cached_tokens", [0, 7, 12])
+def test_a_chat_usage_says_how_many_prompt_tokens_the_prefix_cache_gave_in_openais_shape(cached_tokens):
+    job, result = answered("chat", cached_tokens)
+    body = shapes.completion(None, job, result)
+    assert body["usage"] == {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16,
+                             "prompt_tokens_details": {"cached_tokens": cached_tokens},
+                             "completion_tokens_details": {"reasoning_tokens": 0, "forced_tokens": 1}}
+    assert shapes.chat_usage(job, result) == body["usage"]  # a stream's usage chunk: the same
+    assert ChatCompletion.model_validate(body).usage.prompt_tokens_details.cached_tokens == cached_tokens
+    del body["usage"]["prompt_tokens_details"]
+    with pytest.raises(ValueError, match="prompt_tokens_details"):  # the schema holds it: the fuzz checks it
+        ChatCompletion.model_validate(body)
+
+
+@pytest.mark.parametrize("cached_tokens", [0, 7, 12])
+def test_a_prediction_usage_says_how_many_prompt_tokens_the_prefix_cache_gave_beside_the_forced(cached_tokens):
+    job, result = answered("predict", cached_tokens)
+    body = shapes.answer(None, job, result)
+    assert body["usage"] == {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16, "forced_tokens": 1,
+                             "cached_tokens": cached_tokens}
+    assert Prediction.model_validate(body).usage.cached_tokens == cached_tokens
+    del body["usage"]["cached_tokens"]
+    with pytest.raises(ValueError, match="cached_tokens"):
+        Prediction.model_validate(body)

@@ -195,6 +195,24 @@ def test_a_thinking_ended_early_is_stored_only_when_the_request_alone_decided_it
         assert hit.logprobs == first.logprobs and hit.completion_tokens == 3
 
 
+def test_a_replay_computed_nothing_so_its_whole_prompt_was_cached_entries_from_before_included():
+    import json
+
+    from service.inference.generation import GenerationResult
+
+    key = cache.Key("k", "m", 8)
+    kept = cache.Cache(cache.MemoryAnswers(), 60, 10_000)
+    first = GenerationResult("a", [1, 2], 9, "stop", 0, 0, cached_tokens=3)
+    first.others = (GenerationResult("b", [5], 9, "stop", 0, 0, index=1),)
+    assert kept.store(key, first)
+    hit = kept.lookup(key)
+    assert [c.cached_tokens for c in hit.choices] == [9, 0]  # the request's figure, on its first choice
+    old = {"prompt_tokens": 6, "choices": [{"text": "c", "token_ids": [4], "finish_reason": "stop"}]}
+    kept.storage.set("old", json.dumps(old).encode(), 60)  # stored before cached_tokens (and forced_tokens)
+    hit = kept.lookup(cache.Key("old", "m", 8))
+    assert (hit.text, hit.prompt_tokens, hit.cached_tokens, hit.forced_tokens) == ("c", 6, 6, 0)
+
+
 def test_an_entry_over_the_size_cap_is_not_stored_and_entries_expire():
     from service.inference.generation import GenerationResult
 

@@ -35,6 +35,10 @@ def test_environment_overrides_toml(tmp_path, monkeypatch):
     ("VIBE_QUEUE_SIZE", "0", "greater than or equal to 1"),
     ("VIBE_DTYPE", "float16", "float32"),
     ("VIBE_REQUEST_DEADLINE_S", "-1", "greater than 0"),
+    ("VIBE_PREFIX_CACHE_SCOPE", "everyone", "'model' or 'user'"),
+    ("VIBE_PREFIX_CACHE_BYTES", "-1", "greater than or equal to 0"),
+    ("VIBE_PREFILL_STEP_TOKENS", "0", "greater than or equal to 1"),
+    ("VIBE_PREFILL_STEP_TOKENS", "65537", "less than or equal to 65536"),
     ("VIBE_TOP_P", "1", "unknown setting"),
     ("VIBE_MODLE_PATH", "/srv/model", "unknown setting"),
 ])

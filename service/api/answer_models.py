@@ -22,8 +22,17 @@ class Counts(BaseModel):
     total_tokens: int
 
 
+CACHED = ("Of the prompt's: read from the engine's prefix cache (an earlier prompt that began the same way, "
+          "within prefix_cache_scope) instead of prefilled; all of them for an answer from the response cache.")
+
+
 class Usage(Counts):
     forced_tokens: int = Field(description="Of the completion's: fed in by the engine to end a thinking early.")
+    cached_tokens: int = Field(description=CACHED)
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description=CACHED)
 
 
 class CompletionTokensDetails(BaseModel):
@@ -60,6 +69,7 @@ class Vote(BaseModel):
 
 
 class ChatUsage(Counts):
+    prompt_tokens_details: PromptTokensDetails
     completion_tokens_details: CompletionTokensDetails
 
 

@@ -136,6 +136,7 @@ class UsageDay(BaseModel):
     completion_tokens: int
     total_tokens: int
     forced_tokens: int  # of the completion's: fed in to end thinkings early
+    cached_tokens: int  # of the prompt's: read from the engine's prefix cache, not prefilled
 
 
 class UsageList(BaseModel):

@@ -23,6 +23,7 @@ class Usage:
     finish_reason: str | None = None
     cached: bool = False  # answered from the response cache: nothing computed, no budget spent
     forced_tokens: int = 0  # of the completion's: fed in to end thinkings early (service.inference.thinking)
+    cached_tokens: int = 0  # of the prompt's: read from the engine's prefix cache, not prefilled
 
     @classmethod
     def of(cls, result):
@@ -31,7 +32,7 @@ class Usage:
         if result is None:
             return cls()
         return cls(result.prompt_tokens, result.completion_tokens, result.finish_reason,
-                   forced_tokens=result.forced)
+                   forced_tokens=result.forced, cached_tokens=result.cached_tokens)
 
     @property
     def total(self):
@@ -39,7 +40,8 @@ class Usage:
 
     def fields(self):
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "finish_reason": self.finish_reason, "cached": self.cached, "forced_tokens": self.forced_tokens}
+                "finish_reason": self.finish_reason, "cached": self.cached, "forced_tokens": self.forced_tokens,
+                "cached_tokens": self.cached_tokens}
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,7 @@ class Cache:
              for token, logprob, top, thinking in choice["logprobs"]], index=index)
             for index, choice in enumerate(entry.get("choices") or [entry])]
         choices[0].others = tuple(choices[1:])
+        choices[0].cached_tokens = entry["prompt_tokens"]  # a replay computed nothing: its whole prompt was cached
         return choices[0]
 
     def store(self, key, result, used=None):

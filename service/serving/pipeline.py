@@ -102,7 +102,8 @@ def submit(state, job, deadline_s):
     request = GenerationRequest(job.ids, params.max_new_tokens, params.temperature, params.top_p,
                                 deadline=time.monotonic() + deadline_s, stop=params.stop, seed=params.seed,
                                 n=params.n, logprobs=params.logprobs, budget=budget_of(state.settings, job),
-                                top_k=params.top_k, min_p=params.min_p, repetition_penalty=params.repetition_penalty)
+                                top_k=params.top_k, min_p=params.min_p, repetition_penalty=params.repetition_penalty,
+                                prefix_scope=prefix_scope(state.settings, job))
     try:
         return engine.submit(request)
     except NotReady:
@@ -113,6 +114,13 @@ def submit(state, job, deadline_s):
     except QueueFull:
         raise Unavailable("server is at capacity: the generation queue is full; retry shortly", "queue_full",
                           retry_after=RETRY_FULL_S) from None
+
+
+def prefix_scope(settings, job):
+    """Which requests may share the job's prompt prefixes in the engine's prefix cache: any of the model's
+    ("", prefix_cache_scope "model"), or only its user's own ("user": the verified caller's name, unique and
+    never renamed, so no client-chosen value nor token picks it)."""
+    return f"user:{job.caller.user}" if settings.prefix_cache_scope == "user" else ""
 
 
 def budget_of(settings, job):
