@@ -7,8 +7,10 @@ In one process, one engine (int8 at the real-size preset, float32 on the tiny
 one; the prefix cache off, so every run prefills the whole prompt): the
 prompt alone, then `--streams` greedy streams running and the same prompt
 joining them, taking turns for `--rounds` rounds. For the joined runs, the
-streams' inter-token latency over their whole run (p50) and over the join
-(p99, the longest gap), each token timed as the engine chooses it. One JSON
+streams' inter-token latency over their whole run (4 s before the join, the
+join, and as long after it as it took): p50 and p99, and the p50 apart from
+the join and during it, the longest gap; each token timed as the engine
+chooses it. One JSON
 line per run, and one with the ratios: the joined prompt's time to first
 token over its time alone (median of the rounds' ratios), and p99 / p50.
 """
@@ -74,16 +76,19 @@ def joined(engine, streams, prompt_ids, question):
     time.sleep(4)  # the streams run and the speeds are measured
     join = time.perf_counter()
     first = ttft(engine, prompt_ids)
-    time.sleep(min(10.0, first * 0.5))  # some tokens after the join
+    time.sleep(min(60.0, first))  # as long after the join as it took: the streams' whole run is about half join
     stop.set()
     for reader in readers:
         reader.join()
     gaps = sorted(b - a for s in stamps for a, b in zip(s, s[1:]))
     during = sorted(b - a for s in stamps for a, b in zip(s, s[1:]) if b > join and a < join + first)
+    apart = sorted(b - a for s in stamps for a, b in zip(s, s[1:]) if b <= join or a >= join + first)
     pick = lambda values, q: values[min(len(values) - 1, int(q * len(values)))]  # noqa: E731
     p50, p99 = pick(gaps, 0.5), pick(gaps, 0.99)
     return {"run": "joining", "streams": streams, "prompt_tokens": len(prompt_ids), "ttft_s": round(first, 3),
             "itl_p50_ms": round(p50 * 1e3, 2), "itl_p99_ms": round(p99 * 1e3, 2),
+            "itl_p50_apart_from_the_join_ms": round(pick(apart, 0.5) * 1e3, 2),
+            "itl_p50_during_join_ms": round(pick(during, 0.5) * 1e3, 2) if during else None,
             "itl_max_during_join_ms": round(max(during) * 1e3, 2) if during else None,
             "stream_tokens_during_join": len(during), "p99_over_p50": round(p99 / p50, 2)}
 

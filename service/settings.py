@@ -129,7 +129,8 @@ class Settings(BaseSettings):
         None, ge=0, description="Bytes each served model's prefix cache may hold: the KV blocks of earlier "
         "prompts, kept so a later prompt that begins the same way reads them instead of prefilling them again. "
         "Default: a quarter of the model's KV cache bound (kv_cache_bytes), or 512 MiB when that has no bound. "
-        "0 turns the prefix cache off.",
+        "0 turns the prefix cache off. Its blocks live in what the rows' caches leave free and give way when a "
+        "row needs the room.",
     )
     prefix_cache_scope: Literal["model", "user"] = Field(
         "model", description="Which requests share a prompt prefix in the prefix cache. model: any requests to "
@@ -139,8 +140,8 @@ class Settings(BaseSettings):
     )
     prefill_step_tokens: int | None = Field(
         None, ge=1, le=65536, description="Prompt tokens one engine step may prefill beside its decode rows (a "
-        "longer prompt is prefilled over several steps). Default: sized from the measured speeds so that a step "
-        "with prefill takes about twice a decode step.",
+        "longer prompt is prefilled over several steps; with nothing decoding, a step prefills up to 2,048). "
+        "Default: sized from the measured speeds so that a step with prefill takes about three decode steps.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the model runs: cuda (a GPU; the CUDA build of torch), cpu, or auto (cuda "

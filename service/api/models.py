@@ -54,13 +54,16 @@ def by_depth(engine):
 
 
 def cache(engine):
-    """The KV cache's bytes (reserved, used, free, bound) and dtype, and its bytes per token; None until the model
-    is loaded."""
+    """The KV cache's bytes (reserved, used, free, bound) and dtype, its bytes per token, and its prefix cache's
+    bytes, bound and blocks (None: turned off); None until the model is loaded."""
     model = engine.model
     if not engine.ready or model is None:
         return None
+    store = engine.prefixes
+    prefixes = None if store is None else {"bytes": store.bytes, "bound": store.bound, "blocks": len(store),
+                                           "block_tokens": store.block_tokens}
     return {**engine.cache_bytes(), "dtype": str(model.layout.dtype).removeprefix("torch."),
-            "bytes_per_token": model.layout.bytes_per_token}
+            "bytes_per_token": model.layout.bytes_per_token, "prefixes": prefixes}
 
 
 @bp.get("/v1/models")

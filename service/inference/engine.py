@@ -45,7 +45,11 @@ from service.records import metrics
 
 log = logging.getLogger("vibethinker.engine")
 
-CHUNK_MIN_TOKENS = 32  # a prefill chunk is never smaller (a matmul of fewer rows wastes the step it takes)
+CHUNK_MIN_TOKENS = 8  # a step's prompt piece is never smaller (up to about 8 rows, a matmul costs what one does)
+# A step that prefills beside decode rows takes about this many decode steps: the running streams' tokens come
+# about that much slower while a prompt joins, and the prompt fills at nearly its speed alone (a step's fixed
+# cost, about a decode step's, is shared by a piece twice its size in time; bench/prefill measures both).
+MIXED_PACE = 3
 CHUNK_IDLE_TOKENS = 2048  # with nothing decoding, a chunk only bounds how late a deadline or cancel is seen
 CHUNK_UNMEASURED_TOKENS = 256  # before the speeds are measured
 PREFIX_UNBOUNDED_BYTES = 512 * 2**20  # the prefix cache's default bound beside a KV cache with no bound
@@ -239,13 +243,14 @@ class Engine:
 
     def chunk_tokens(self, running, context=0):
         """Prompt tokens a step of `running` decode rows holding `context` tokens may prefill beside them: the
-        setting, else about what prefills in one decode step's time (so the step takes about two)."""
+        setting, else what prefills (at its speed beside decode rows, measured) in the time that makes the
+        step take MIXED_PACE decode steps."""
         if not running:
-            return self._step_tokens or CHUNK_IDLE_TOKENS
+            return CHUNK_IDLE_TOKENS
         if self._step_tokens:
             return self._step_tokens
         step = self.speed.step_seconds(running, context)
-        fit = None if not step else self.speed.prefill_tokens_within(step)
+        fit = None if not step else self.speed.prefill_tokens_within(step * (MIXED_PACE - 1))
         if fit is None:
             return CHUNK_UNMEASURED_TOKENS
         return max(CHUNK_MIN_TOKENS, min(CHUNK_IDLE_TOKENS, fit))

@@ -51,7 +51,7 @@ BUCKET = 256
 SHORT = 512
 # A prompt's piece of at most this many tokens over a bfloat16 cache attends reading the slab in place
 # (`_piece_attention`); a longer one (a whole prompt while nothing decodes) through SDPA in float32.
-PIECE = 256
+PIECE = 16
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -245,16 +245,17 @@ def _prefill_attention(query, keys, values, scaling, base):
 
 
 def _piece_attention(query, keys, values, scaling, base):
-    """`_prefill_attention` for a short piece: per key/value head, the piece's grouped queries against the
-    keys in the cache's dtype, a float32 softmax under the causal mask, and the values."""
+    """`_prefill_attention` for a short piece: per key/value head, the piece's grouped queries (scaled first)
+    against the keys in the cache's dtype, the causal mask on the piece's own columns only (the ones before
+    it are all seen), a float32 softmax, and the values."""
     heads, count, width = query.shape
     kv_heads, length = keys.shape[0], keys.shape[1]
     group = heads // kv_heads
-    grouped = query.reshape(kv_heads, group * count, width).to(keys.dtype)
-    scores = torch.stack([F.linear(grouped[h], keys[h]) for h in range(kv_heads)]).float()
-    hidden = torch.ones((count, length), dtype=torch.bool, device=query.device).triu(diagonal=base + 1)
-    scores = scores.view(kv_heads, group, count, length).masked_fill(hidden, float("-inf"))
-    weights = torch.softmax(scores * scaling, dim=-1).to(values.dtype).view(kv_heads, group * count, length)
+    grouped = (query * scaling).reshape(kv_heads, group * count, width).to(keys.dtype)
+    scores = torch.stack([F.linear(grouped[h], keys[h]) for h in range(kv_heads)])
+    hidden = torch.ones((count, count), dtype=torch.bool, device=query.device).triu(diagonal=1)
+    scores.view(kv_heads, group, count, length)[..., base:].masked_fill_(hidden, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
     return torch.bmm(weights, values).view(heads, count, width).to(query.dtype)
 
 

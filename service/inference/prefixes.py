@@ -25,9 +25,8 @@ head, and every block kept is still reachable from its first.
 
 import hashlib
 import threading
+from array import array
 from collections import OrderedDict
-
-import torch
 
 from service.records import metrics
 
@@ -43,7 +42,7 @@ def block_keys(root, ids, blocks):
     """The keys of the first `blocks` whole blocks of `ids`."""
     keys, key = [], root
     for i in range(blocks):
-        piece = torch.tensor(ids[i * BLOCK:(i + 1) * BLOCK], dtype=torch.int64).numpy().tobytes()
+        piece = array("q", ids[i * BLOCK:(i + 1) * BLOCK]).tobytes()
         key = hashlib.blake2b(key + piece, digest_size=16).digest()
         keys.append(key)
     return keys
@@ -52,6 +51,8 @@ def block_keys(root, ids, blocks):
 class PrefixStore:
     """Blocks of prefilled prompts by key, least recently used first, within `bound` bytes and what `memory`
     (the model's kvcache.CacheMemory) leaves free."""
+
+    block_tokens = BLOCK
 
     def __init__(self, memory, bound, revision, model="model"):
         self.memory, self.bound, self.revision, self.model = memory, bound, revision, model
