@@ -1,5 +1,5 @@
 """The prefix cache through real gunicorn and the official openai client: cached_tokens in chat, streams and
-/predict, the usage row, /metrics and /v1/models, and the user scope that keeps one user's prompts apart from
+/predict, the usage row, /metrics and /readyz, and the user scope that keeps one user's prompts apart from
 another's."""
 
 import re
@@ -58,7 +58,7 @@ def test_a_second_question_on_a_document_reads_it_from_the_prefix_cache(server):
     stream = ask(client, "And which ships last?", stream=True, stream_options={"include_usage": True})
     usage = [chunk.usage for chunk in stream if chunk.usage is not None][-1]
     assert cached <= usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens  # its own prompt, asked before
-    model = requests.get(server.url(f"/v1/models/{MODEL}"), headers=server.auth(), timeout=10).json()
+    [model] = requests.get(server.url("/readyz"), timeout=10).json()["models"]
     prefixes = model["kv_cache"]["prefixes"]
     assert prefixes["blocks"] >= cached // BLOCK and prefixes["bytes"] <= prefixes["bound"]
     assert prefixes["block_tokens"] == BLOCK
