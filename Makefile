@@ -100,13 +100,16 @@ bench: install
 	$(BIN)/python -m bench.modes
 	$(BIN)/python -m bench.batches
 	$(BIN)/python -m bench.prefill
+	$(BIN)/python -m bench.prefixes --preset tiny
 	$(BIN)/python -m bench.cache
 	$(BIN)/python -m bench.documents
 	$(BIN)/python -m bench.slowclients
 
 # Real size against llama.cpp (bench/realsize.py): builds llama.cpp under var/llama once (cmake and g++;
-# minutes) and the 3.1 GB random-weight model under var/bench-model; then about 15 minutes, and the
-# decode speed deep into long answers (bench/depth.py) about 5 more.
+# minutes) and the 3.1 GB random-weight model under var/bench-model; then about 15 minutes, the decode
+# speed deep into long answers (bench/depth.py) about 5 more, thinking that ends in time
+# (bench/thinking.py) about 6, a long prompt joining running streams
+# (bench/prefill.py) about 5, and the prefix cache (bench/prefixes.py) about 4.
 bench-real: install
 	@command -v cmake >/dev/null && command -v g++ >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -114,6 +117,9 @@ bench-real: install
 	  else echo "cmake and g++ are missing: install them"; exit 1; fi; }
 	$(BIN)/python -m bench.realsize
 	$(BIN)/python -m bench.depth
+	$(BIN)/python -m bench.thinking
+	$(BIN)/python -m bench.prefill --preset vibethinker-1.5b
+	$(BIN)/python -m bench.prefixes
 
 # What ansible/ deploys: the project wheel, and for offline servers a
 # wheelhouse of every dependency (torch's CPU build included; TORCH_VARIANT=cuda

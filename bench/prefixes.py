@@ -36,10 +36,14 @@ MODEL = "VibeThinker-1.5B"
 SENTENCE = "Clause {i}: the supplier delivers lot {i} within {d} days, or pays {p} per cent of its price. "
 
 
-def text_of(tokens, salt):
-    """A document of about `tokens` tokens of the demo tokenizer (about 15 a sentence)."""
-    return f"Document {salt}. " + "".join(SENTENCE.format(i=i, d=i % 9 + 1, p=i % 7 + 2)
-                                          for i in range(tokens // 15))
+def text_of(tokenizer, tokens, salt):
+    """A document of about `tokens` tokens of the model's tokenizer."""
+    sentences, count = [f"Document {salt}. "], 0
+    while count < tokens:
+        sentence = SENTENCE.format(i=len(sentences), d=len(sentences) % 9 + 1, p=len(sentences) % 7 + 2)
+        sentences.append(sentence)
+        count += len(tokenizer.encode(sentence, add_special_tokens=False))
+    return "".join(sentences)
 
 
 def ask(base, headers, content):
@@ -97,10 +101,13 @@ def main():
         procs.append(proc)
         base = f"http://127.0.0.1:{port}"
         ask(base, headers, "Warm up.")
-        document = text_of(args.document, "A")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        document = text_of(tokenizer, args.document, "A")
         first_s, first = ask(base, headers, f"{document}\n\nWhich clause has the shortest delay?")
         second_s, second = ask(base, headers, f"{document}\n\nWhat does clause 12 say about the price?")
-        preamble = text_of(args.preamble, "B")
+        preamble = text_of(tokenizer, args.preamble, "B")
         before = prefilled(base)
         usages = batch_of(base, headers, preamble, args.lines)
         batch_prefilled = prefilled(base) - before
