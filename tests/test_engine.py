@@ -321,7 +321,7 @@ def test_running_streams_keep_decoding_while_a_long_prompt_prefills(engine, long
     pieces = running.deltas()
     next(pieces)
     long_text = "a long document to read " * 500
-    assert engine.chunk_tokens(1) < len(engine.model.encode_chat([{"role": "user", "content": long_text}]))
+    assert engine.speed.prefill_budget(1) < len(engine.model.encode_chat([{"role": "user", "content": long_text}]))
     counted = []
     joining = engine.submit(request(engine, long_text, 1))
     while not joining.done:  # every delta the running stream gets while the long prompt is prefilled

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.inference import kvcache, model
+from service.inference import kvcache, kvmemory, model
 from service.inference.batching import Batch, forward
 from service.inference.engine import Engine
 from service.inference.generation import EngineError, Generation, GenerationRequest, TooLarge
@@ -162,7 +162,7 @@ def test_a_decode_step_reads_whole_buckets_zeroed_past_what_was_written():
 
 def test_cache_memory_reserves_whole_rows_and_refuses_past_its_bound(reference):
     layout = reference.layout
-    memory = kvcache.CacheMemory(layout, bound=100 * layout.bytes_per_token)
+    memory = kvmemory.CacheMemory(layout, bound=100 * layout.bytes_per_token)
     assert memory.capacity_tokens == 100 and memory.fits(100) and not memory.fits(101)
     first = memory.allocate(60)
     assert memory.reserved == memory.need(60) and memory.free == memory.need(40) and not memory.fits(41)

@@ -24,10 +24,15 @@ import time
 import torch
 
 from service.inference.decoding import choose, logprobs_of
-from service.inference.kvcache import CacheMemory, Pass
+from service.inference.kvcache import Pass
+from service.inference.kvmemory import CacheMemory
 from service.inference.prefill import Filling
 from service.inference.rows import Row
 from service.records import metrics
+
+# A pass prefilling at least this many prompt tokens runs in the model's prefill mode (float32 matmuls for a
+# bfloat16 model on a CPU without bfloat16 instructions): a few tokens beside decode rows do not slow them so.
+FLOAT32_PIECE = 64
 
 
 def forward(loaded, segments, keep):
@@ -49,7 +54,7 @@ def forward(loaded, segments, keep):
 
 class Batch:
     """The running rows, and the rows prefilling to join them; each row with its own cache, reserved from
-    `memory` (service.inference.kvcache.CacheMemory: unbounded when none is given), and the prefix cache
+    `memory` (service.inference.kvmemory.CacheMemory: unbounded when none is given), and the prefix cache
     their prompts share (service.inference.prefixes.PrefixStore; None: none).
 
     `admit` brings requests in, `step` runs a pass, `evict` takes finished rows out. `pace` is the seconds
@@ -124,8 +129,21 @@ class Batch:
         all in joins, its forks with it. The number of prompt tokens prefilled.
 
         A failure takes every row of the pass out and raises `PassError` naming them."""
+        decoding, pieces = (self.rows if decode else []), []
+        try:
+            pieces = self.filling.plan(budget) if self.filling else []
+            self._pass(decoding, pieces)
+        except Exception as exc:
+            failed = self._free(decoding + [row for row, _ in pieces])  # with the forks of those joining
+            self.rows = [row for row in self.rows if row not in failed]
+            self.filling.remove(failed)
+            raise PassError(failed) from exc
+        prefilled = sum(len(piece) for _, piece in pieces)
+        metrics.PREFILL_TOKENS.labels(self.filling.model).inc(prefilled)
+        return prefilled
+
+    def _pass(self, decoding, pieces):
         segments, keep, ends, packed = [], [], [], 0
-        decoding = self.rows if decode else []
         for row in decoding:
             tokens = row.ids[-1:] + row.forcing
             segments.append((row, tokens))
@@ -135,27 +153,15 @@ class Batch:
                 keep.append(packed + len(tokens) - 1)
             packed += len(tokens)
             ends.append(len(keep) - 1)
-        pieces = self.filling.plan(budget) if self.filling else []
         for row, piece in pieces:
             segments.append((row, piece))
             packed += len(piece)
             if row.filled + len(piece) == len(row.request.prompt_ids):  # its last prompt token: its logits
                 keep.append(packed - 1)
         if not segments:
-            return 0
-        try:
-            self._pass(segments, keep, ends, decoding, pieces)
-        except Exception as exc:
-            failed = decoding + [row for row, _ in pieces]
-            self.rows = [row for row in self.rows if row not in failed]
-            self.filling.remove(failed)
-            raise PassError(self._free(failed)) from exc
-        prefilled = sum(len(piece) for _, piece in pieces)
-        metrics.PREFILL_TOKENS.labels(self.filling.model).inc(prefilled)
-        return prefilled
-
-    def _pass(self, segments, keep, ends, decoding, pieces):
-        with self.loaded.prefill_mode() if pieces else contextlib.nullcontext():
+            return
+        prefilling = sum(len(piece) for _, piece in pieces) >= FLOAT32_PIECE
+        with self.loaded.prefill_mode() if prefilling else contextlib.nullcontext():
             logits = forward(self.loaded, segments, keep)
         for row, end in zip(decoding, ends):
             if row.forcing:  # each forced token's log probability from the logits that predicted it, if asked
@@ -163,12 +169,10 @@ class Batch:
                           if row.logprobs is not None else None)
         joining = self.filling.advanced(pieces)
         first = logits[len(keep) - len(joining):]
-        rows = list(decoding)
-        parts = [logits[ends]]
+        rows, parts = list(decoding), [logits[ends]]
         for lead, row_logits in zip(joining, first):
             rows += [lead, *lead.forks]
             parts.append(row_logits.expand(1 + len(lead.forks), -1))
-            lead.forks = []
         last = torch.cat(parts)
         tokens = choose(last, rows)
         # Rows are in the batch before their first token reaches a caller, so whoever sees that token
@@ -176,6 +180,8 @@ class Batch:
         self.rows = self.rows + rows[len(decoding):]
         if rows:
             self._hand_out(rows, tokens, logprobs_of(last, rows, tokens))
+        for lead in joining:  # only now: a failure before takes the forks out with their lead (`step`)
+            lead.forks = []
 
     @property
     def context(self):

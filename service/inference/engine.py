@@ -10,12 +10,13 @@ Batching is continuous (service.inference.batching): between decode steps, waiti
 requests join the running batch (up to max_batch rows) and finished ones
 leave it, so a request never waits for another one to end. Each step is
 one forward pass carrying the decode rows and a budget of prompt tokens
-(the `prefill_step_tokens` setting, else about what prefills in one decode
-step's time at the measured speeds), so the weights are read once for both:
-a long prompt joining slows the running streams to about half speed while it
-fills, never stalls them, and fills at nearly its speed alone. Every step
-is timed (service.inference.speed), with the context it read, so callers can
-size a request to its deadline at the speed a long answer really has.
+(the `prefill_step_tokens` setting, else what prefills, at the measured
+speeds, in the time that makes the step take speed.MIXED_PACE decode steps), so
+the weights are read once for both: a long prompt joining slows the running
+streams to about a third of their speed while it fills, never stalls them,
+and fills at nearly its speed alone. Every step is timed
+(service.inference.speed), with the context it read, so callers can size a
+request to its deadline at the speed a long answer really has.
 
 Each row's KV cache is reserved when it joins, for its prompt and every
 token it may generate (service.inference.kvcache; a request's n choices hold
@@ -35,7 +36,7 @@ import time
 
 import torch
 
-from service.inference import kvcache
+from service.inference import kvcache, kvmemory
 from service.inference.batching import Batch, PassError
 from service.inference.generation import (EngineError, Generation, GenerationResult, NotReady, QueueFull,
                                           TooLarge)
@@ -45,13 +46,6 @@ from service.records import metrics
 
 log = logging.getLogger("vibethinker.engine")
 
-CHUNK_MIN_TOKENS = 8  # a step's prompt piece is never smaller (up to about 8 rows, a matmul costs what one does)
-# A step that prefills beside decode rows takes about this many decode steps: the running streams' tokens come
-# about that much slower while a prompt joins, and the prompt fills at nearly its speed alone (a step's fixed
-# cost, about a decode step's, is shared by a piece twice its size in time; bench/prefill measures both).
-MIXED_PACE = 3
-CHUNK_IDLE_TOKENS = 2048  # with nothing decoding, a chunk only bounds how late a deadline or cancel is seen
-CHUNK_UNMEASURED_TOKENS = 256  # before the speeds are measured
 PREFIX_UNBOUNDED_BYTES = 512 * 2**20  # the prefix cache's default bound beside a KV cache with no bound
 
 
@@ -97,7 +91,7 @@ class Engine:
         self.model = None
         self._batch = None
         self._held = None  # the queue's head, taken out but waiting for cache memory
-        self.memory = None  # the rows' KV cache (kvcache.CacheMemory), once the model is loaded
+        self.memory = None  # the rows' KV cache (kvmemory.CacheMemory), once the model is loaded
         self.prefixes = None  # the prefix cache (prefixes.PrefixStore), once loaded, unless turned off
         self.state = "loading"
         self.speed = DecodeSpeed()
@@ -191,7 +185,7 @@ class Engine:
         try:
             with self._turns.turn():  # one model loads at a time: one peak of memory and of disk reads
                 self.model = self._loader()
-                self.memory = kvcache.CacheMemory(self.model.layout, self._bound(), self.model.device)
+                self.memory = kvmemory.CacheMemory(self.model.layout, self._bound(), self.model.device)
                 bound = prefix_bound(self._prefix_bytes, self.memory.bound)
                 if bound:
                     self.prefixes = PrefixStore(self.memory, bound, self._revision, self.name)
@@ -241,28 +235,12 @@ class Engine:
         free = int(torch.cuda.mem_get_info()[0] * 0.9)
         return free if self._cache_bytes is None else min(self._cache_bytes, free)
 
-    def chunk_tokens(self, running, context=0):
-        """Prompt tokens a step of `running` decode rows holding `context` tokens may prefill beside them: the
-        setting, else what prefills (at its speed beside decode rows, measured) in the time that makes the
-        step take MIXED_PACE decode steps."""
-        if not running:
-            return CHUNK_IDLE_TOKENS
-        if self._step_tokens:
-            return self._step_tokens
-        step = self.speed.step_seconds(running, context)
-        fit = None if not step else self.speed.prefill_tokens_within(step * (MIXED_PACE - 1))
-        if fit is None:
-            return CHUNK_UNMEASURED_TOKENS
-        return max(CHUNK_MIN_TOKENS, min(CHUNK_IDLE_TOKENS, fit))
-
     def _step(self, batch):
-        """One pass: the batch's decode rows and a budget of prompt tokens; its time taught to the speeds (a
-        pass of both: the prefill's part is what the decode rows alone would not have taken). A failed pass
-        fails the requests of its rows."""
+        """One pass: the batch's decode rows and a budget of prompt tokens, its time taught to the speeds. A
+        failed pass fails the requests of its rows (anything else failing, every request the batch holds)."""
         rows, context, started = len(batch), batch.context, time.monotonic()
-        rate = self.speed.per_row(rows, context)
-        batch.pace = None if not rate else 1.0 / rate
-        budget = self.chunk_tokens(rows, context) if batch.filling else 0
+        batch.pace = self.speed.pace(rows, context)
+        budget = self.speed.prefill_budget(rows, context, self._step_tokens) if batch.filling else 0
         try:
             prefilled = batch.step(budget)
         except PassError as exc:
@@ -270,12 +248,12 @@ class Engine:
             for row in exc.rows:
                 row.handle._finish(error=exc.__cause__)
             return
-        seconds = time.monotonic() - started
-        if rows and not prefilled:
-            self.speed.observe_step(rows, seconds, context)
-        elif prefilled:
-            alone = self.speed.step_seconds(rows, context) if rows else 0.0
-            self.speed.observe_prefill(prefilled, max(seconds - (alone or 0.0), seconds / 2))
+        except Exception as exc:  # a bug outside the pass: the engine goes on, without the rows it held
+            log.exception("engine step failed", extra={"fields": {"model": self.name}})
+            for row in batch.close():
+                row.handle._finish(error=exc)
+            return
+        self.speed.observe_pass(rows, context, prefilled, time.monotonic() - started)
 
     def _dequeue(self, room, wait):
         """Up to `room` queued requests that are still wanted and whose caches fit, first come first served

@@ -12,8 +12,12 @@ quarter of the budget, so a long prompt never waits behind a stream of short
 ones. A row whose last prompt token is in joins the batch with its logits.
 """
 
+import logging
+
 from service.inference.prefixes import BLOCK
 from service.records import metrics
+
+log = logging.getLogger("vibethinker.engine")
 
 OLDEST_SHARE = 4  # the row that came first gets at least 1/OLDEST_SHARE of a step's prompt tokens
 
@@ -40,27 +44,48 @@ class Filling:
         more of the same prefix has stored it."""
         if self.store is not None:
             row.blocks = self.store.keys(row.request.prompt_ids, row.request.prefix_scope)
-            shared = [(common(row.blocks, other.blocks), other) for other in self.rows]
+        self.rows.append(row)
+        self._follow(row, self.rows[:-1])
+
+    def _follow(self, row, before):
+        """Make `row` wait for the row of `before` (those that came before it) prefilling the most of its
+        prefix past what the prefix cache holds; start it if there is none."""
+        row.leader = None
+        if self.store is not None:
+            shared = [(common(row.blocks, other.blocks), other) for other in before]
             most, leader = max(shared, key=lambda pair: pair[0], default=(0, None))
             if most > self.store.found(row.blocks):
                 row.leader, row.awaits = leader, most
-        self.rows.append(row)
-        if row.leader is None:
-            self._start(row)
+                return
+        self._start(row)
 
     def _start(self, row):
-        row.leader = None
         if self.store is None:
             return
-        row.cached = row.filled = self.store.load(row.blocks, row.cache)
+        try:
+            row.cached = row.filled = self.store.load(row.blocks, row.cache)
+        except Exception:  # noqa: BLE001 - the cache is an optimisation: the row prefills its whole prompt
+            log.exception("reading the prefix cache failed", extra={"fields": {"model": self.model}})
+            row.cached = row.filled = row.cache.length = 0
         row.stored = row.cached // BLOCK
         metrics.PREFIX_TOKENS.labels(self.model, "hit").inc(row.cached)
         metrics.PREFIX_TOKENS.labels(self.model, "miss").inc(len(row.request.prompt_ids) - row.cached)
 
+    def _waits(self, row):
+        """Whether a following row still waits: its leader is prefilling and has not yet stored, nor passed,
+        the blocks it waits for (a block it found no room for is never stored)."""
+        leader = row.leader
+        return leader.stored < row.awaits and leader.filled < row.awaits * BLOCK
+
     def plan(self, budget):
         """(row, prompt tokens) to prefill in the next pass: `budget` tokens at most, at least one."""
-        for row in self.rows:
-            if row.leader is not None and (row.leader not in self.rows or row.leader.stored >= row.awaits):
+        for index, row in enumerate(self.rows):
+            if row.leader is None:
+                continue
+            if row.leader not in self.rows:  # it joined, or left: follow another that came before, if any
+                self._follow(row, self.rows[:index])
+            elif not self._waits(row):
+                row.leader = None
                 self._start(row)
         ready = [row for row in self.rows if row.leader is None]
         if not ready:
@@ -87,7 +112,7 @@ class Filling:
         done = []
         for row, piece in pieces:
             row.filled += len(piece)
-            if self.store is not None:
+            if self.store is not None and row.stored < len(row.blocks):
                 row.stored = self.store.store(row.blocks, row.cache)
             if row.filled >= len(row.request.prompt_ids):
                 done.append(row)

@@ -14,7 +14,7 @@ in (`store`), so a request that shares a prefix with one still prefilling
 waits for those blocks instead of computing them again (service.inference.batching).
 The last prompt token is always prefilled: its logits choose the first token.
 
-Blocks are kept in the memory the rows' caches leave free (kvcache.CacheMemory.hold),
+Blocks are kept in the memory the rows' caches leave free (kvmemory.CacheMemory.hold),
 up to the cache's own bound, and evicted least recently used first: a row
 that needs the room takes it back (`reclaim`). A block is only read while it
 is copied, in the engine's thread, so none is ever evicted while in use. A
@@ -24,11 +24,14 @@ head, and every block kept is still reachable from its first.
 """
 
 import hashlib
+import logging
 import threading
 from array import array
 from collections import OrderedDict
 
 from service.records import metrics
+
+log = logging.getLogger("vibethinker.engine")
 
 BLOCK = 64  # tokens a block holds: a prompt shares its prefix to within this many tokens
 
@@ -50,7 +53,7 @@ def block_keys(root, ids, blocks):
 
 class PrefixStore:
     """Blocks of prefilled prompts by key, least recently used first, within `bound` bytes and what `memory`
-    (the model's kvcache.CacheMemory) leaves free."""
+    (the model's kvmemory.CacheMemory) leaves free."""
 
     block_tokens = BLOCK
 
@@ -102,9 +105,16 @@ class PrefixStore:
                 if not self._room(keys[:i]):
                     end = i
                     break
+                try:
+                    block = (cache.keys[:, :, i * BLOCK:(i + 1) * BLOCK].clone(),
+                             cache.values[:, :, i * BLOCK:(i + 1) * BLOCK].clone())
+                except Exception:  # noqa: BLE001 - out of memory on a GPU: not stored, nothing else fails
+                    self.memory.unhold(self.block_bytes)
+                    log.exception("storing a prefix block failed", extra={"fields": {"model": self.model}})
+                    end = i
+                    break
                 with self._lock:
-                    self._blocks[keys[i]] = (cache.keys[:, :, i * BLOCK:(i + 1) * BLOCK].clone(),
-                                             cache.values[:, :, i * BLOCK:(i + 1) * BLOCK].clone())
+                    self._blocks[keys[i]] = block
         self._touch(keys[:end])
         return end
 
@@ -115,14 +125,15 @@ class PrefixStore:
                 self._blocks.move_to_end(key)
 
     def _room(self, before):
-        """Make room for one more block within the bound, evicting the least recently used but not the blocks
-        `before` it (touched first); whether there is."""
+        """Make room for one more block within the bound and in what the rows leave free, evicting the least
+        recently used but not the blocks `before` it (touched first); whether there is (its bytes then held)."""
         self._touch(before)
-        while len(self._blocks) > len(before) and self.bytes + self.block_bytes > self.bound:
+        while True:
+            if self.bytes + self.block_bytes <= self.bound and self.memory.hold(self.block_bytes):
+                return True
+            if len(self._blocks) <= len(before):
+                return False
             self._evict()
-        if self.bytes + self.block_bytes > self.bound or not self.memory.hold(self.block_bytes):
-            return False
-        return True
 
     def _evict(self):
         with self._lock:

@@ -24,7 +24,6 @@ class Row:
     def __init__(self, handle, loaded, cache, index=0):
         self.handle, self.loaded, self.request, self.index = handle, loaded, handle.request, index
         self.cache = cache  # its keys and values (service.inference.kvcache.RowCache), until it leaves
-        self.first = None  # the logits of its prompt's last token, once prefilled
         self.forks = []  # the other choices of its request, until they join it (reading its prompt's cache)
         self.filled = 0  # prompt tokens in its cache (service.inference.prefill), prefilled or read from the
         self.cached = 0  # prefix cache (these), whose keys for its prompt's blocks are `blocks`, of which it

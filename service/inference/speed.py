@@ -9,9 +9,13 @@ from a measurement of the attention itself (`calibrate`, at load) and is
 refined by a regression of step times on context within each batch size;
 `base` is smoothed per
 batch size (exponential moving average) with the context part taken out.
-Prefill is timed per prompt token. From these, `tokens_within` says how many
-tokens one more request can get in a number of seconds, counting that every
-row's context grows as it goes, which sizes a request to its deadline.
+Prefill is timed per prompt token: alone, or beside decode rows (the part of
+the pass they alone would not have taken). From these, `tokens_within` says
+how many tokens one more request can get in a number of seconds, counting
+that every row's context grows as it goes, which sizes a request to its
+deadline; `prefill_budget` sizes a step's prompt piece so a step with one
+takes MIXED_PACE decode steps; `pace` is a row's seconds per token lately,
+those steps included.
 """
 
 import math
@@ -20,6 +24,14 @@ import threading
 SMOOTHING = 0.2  # weight of the newest step in the moving average of a batch size's step time
 SLOPE_SMOOTHING = 0.05  # weight of the newest step in the regression of step time on context
 MIN_SPREAD = 64  # tokens of context spread (standard deviation) before the regression is trusted
+CHUNK_MIN_TOKENS = 8  # a step's prompt piece is never smaller (up to about 8 rows, a matmul costs what one does)
+# A step that prefills beside decode rows takes about this many decode steps: the running streams' tokens come
+# about that much slower while a prompt joins, and the prompt fills at nearly its speed alone (a step's fixed
+# cost, about a decode step's, is shared by a piece twice its size in time; bench/prefill measures both).
+MIXED_PACE = 3
+CHUNK_IDLE_TOKENS = 2048  # with nothing decoding, a chunk only bounds how late a deadline or cancel is seen
+CHUNK_UNMEASURED_TOKENS = 256  # before the speeds are measured
+CHUNK_OBSERVED_TOKENS = 64  # a pass prefilling fewer alone (a prompt's tail past a prefix cache hit) is not timed
 
 
 class DecodeSpeed:
@@ -32,6 +44,7 @@ class DecodeSpeed:
         self.per_token = 0.0  # seconds a step takes per token of context its rows read
         self._means = {}  # rows -> (context, seconds) smoothed: the regression works on deviations from them
         self._var = self._cov = 0.0
+        self._recent = None  # seconds a pass with decode rows took lately, prompt pieces included (smoothed)
 
     def calibrate(self, per_token):
         """Start from `per_token` seconds of attention per cached token (measured at load)."""
@@ -112,3 +125,39 @@ class DecodeSpeed:
         with self._lock:
             per = self._prefill_s
         return None if not per else int(seconds / per)
+
+    def observe_pass(self, rows, context, prefilled, seconds):
+        """Learn from a pass of `rows` decode rows holding `context` tokens and `prefilled` prompt tokens: a
+        decode step's time for the step model; a pass with prompt tokens, its prefill's part (beside decode
+        rows: what they alone would not have taken; alone: the whole, if the piece is large enough that the
+        pass's fixed cost does not count for much); every pass with decode rows, for the recent pace."""
+        if rows:
+            with self._lock:
+                old = self._recent
+                self._recent = seconds if old is None else old + SMOOTHING * (seconds - old)
+        if rows and not prefilled:
+            self.observe_step(rows, seconds, context)
+        elif rows:
+            alone = self.step_seconds(rows, context) or 0.0
+            self.observe_prefill(prefilled, max(seconds - alone, seconds / MIXED_PACE))
+        elif prefilled >= CHUNK_OBSERVED_TOKENS:
+            self.observe_prefill(prefilled, seconds)
+
+    def pace(self, rows, context=0):
+        """Seconds a row takes per token now: a decode step's, or the recent steps' when slower (prompt pieces
+        beside them); None before any step was measured."""
+        step = self.step_seconds(rows, context)
+        return None if not step else max(step, self._recent or 0.0)
+
+    def prefill_budget(self, running, context=0, setting=None):
+        """Prompt tokens a step of `running` decode rows holding `context` tokens may prefill beside them: the
+        `setting`, else what prefills in the time that makes the step take MIXED_PACE decode steps."""
+        if not running:
+            return CHUNK_IDLE_TOKENS
+        if setting:
+            return setting
+        step = self.step_seconds(running, context)
+        fit = None if not step else self.prefill_tokens_within(step * (MIXED_PACE - 1))
+        if fit is None:
+            return CHUNK_UNMEASURED_TOKENS
+        return max(CHUNK_MIN_TOKENS, min(CHUNK_IDLE_TOKENS, fit))
