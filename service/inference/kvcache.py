@@ -49,7 +49,9 @@ BUCKET = 256
 # operations than in bytes (at 8 rows of 256 tokens, 45 ms a step against about 10 together, measured).
 SHORT = 512
 # A prompt's piece of at most this many tokens over a bfloat16 cache attends reading the slab in place
-# (`_piece_attention`); a longer one (a whole prompt while nothing decodes) through SDPA in float32.
+# (`_piece_attention`); a longer one through SDPA in float32. Measured at 3,000 tokens deep (12 heads of 128,
+# 2 threads): 16 tokens 1.2 ms a layer against SDPA's 4.3; from about 24 tokens SDPA's kernel is as fast or
+# faster (32: 5.8 against 4.2; 64: 12.5 against 8.8).
 PIECE = 16
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -228,10 +230,9 @@ def _decode_attention(query, keys, values, scaling, length, shared=None):
 
 
 def _prefill_attention(query, keys, values, scaling, base):
-    """A chunk's attention: token i of the chunk sees the row's first base + i + 1 tokens. A float32 cache in
-    float32 through SDPA; a short chunk (a prompt's piece beside decode rows, a forced closing) over a bfloat16
-    cache reads the slab in place as a decode row does (`_piece_attention`): SDPA would need its float32 copy,
-    made again for every piece (at 4,000 tokens deep, about as long as the piece's own layers took)."""
+    """A chunk's attention: token i of the chunk sees the row's first base + i + 1 tokens. In float32 through
+    SDPA (a bfloat16 cache copied to float32 first), but a short piece (a prompt's beside decode rows) over a
+    bfloat16 cache reads the slab in place as a decode row does (`_piece_attention`, PIECE)."""
     if keys.dtype != torch.float32 and query.shape[1] <= PIECE:
         return _piece_attention(query, keys, values, scaling, base)
     count, length = query.shape[1], keys.shape[1]
@@ -244,14 +245,14 @@ def _prefill_attention(query, keys, values, scaling, base):
 
 
 def _piece_attention(query, keys, values, scaling, base):
-    """`_prefill_attention` for a short piece: per key/value head, the piece's grouped queries (scaled first)
-    against the keys in the cache's dtype, the causal mask on the piece's own columns only (the ones before
+    """`_prefill_attention` for a short piece: for each key/value head at once, the piece's grouped queries
+    (scaled first) against the keys in the cache's dtype, the causal mask on the piece's own columns only (the ones before
     it are all seen), a float32 softmax, and the values."""
     heads, count, width = query.shape
     kv_heads, length = keys.shape[0], keys.shape[1]
     group = heads // kv_heads
     grouped = (query * scaling).reshape(kv_heads, group * count, width).to(keys.dtype)
-    scores = torch.stack([F.linear(grouped[h], keys[h]) for h in range(kv_heads)])
+    scores = torch.bmm(grouped, keys.transpose(1, 2))
     hidden = torch.ones((count, count), dtype=torch.bool, device=query.device).triu(diagonal=1)
     scores.view(kv_heads, group, count, length)[..., base:].masked_fill_(hidden, float("-inf"))
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
