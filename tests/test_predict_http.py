@@ -22,7 +22,8 @@ def test_answer_equals_in_process_greedy_generate(server, reference, path, quest
     assert body["success"] is True and body["model"] == "VibeThinker-1.5B" and body["id"]
     prompt_tokens = len(reference.encode_chat(messages))
     cached = body["usage"].pop("cached_tokens")  # the prefix cache's share: an earlier prompt may have begun so
-    assert isinstance(cached, int) and 0 <= cached <= prompt_tokens
+    assert isinstance(cached, int) and 0 <= cached < prompt_tokens
+    assert body["usage"].pop("prompt_tokens_details") == {"cached_tokens": cached}  # where OpenAI has it too
     assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": len(new_ids),
                              "total_tokens": prompt_tokens + len(new_ids), "forced_tokens": 0}
     assert body["thinking_ended_early"] is None

@@ -71,6 +71,7 @@ def test_predict_says_its_cached_tokens_too(server):
     second = requests.post(server.url("/predict"), headers=server.auth(), json=body, timeout=60).json()["usage"]
     assert second["cached_tokens"] >= max(first["cached_tokens"], 4 * BLOCK)
     assert second["cached_tokens"] < second["prompt_tokens"]
+    assert second["prompt_tokens_details"] == {"cached_tokens": second["cached_tokens"]}  # OpenAI's place too
 
 
 def test_under_the_user_scope_another_users_same_prompt_reads_nothing_of_it(server):

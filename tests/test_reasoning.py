@@ -187,8 +187,9 @@ def test_a_prediction_usage_says_how_many_prompt_tokens_the_prefix_cache_gave_be
     job, result = answered("predict", cached_tokens)
     body = shapes.answer(None, job, result)
     assert body["usage"] == {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16, "forced_tokens": 1,
-                             "cached_tokens": cached_tokens}
-    assert Prediction.model_validate(body).usage.cached_tokens == cached_tokens
+                             "cached_tokens": cached_tokens, "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    usage = Prediction.model_validate(body).usage
+    assert usage.cached_tokens == usage.prompt_tokens_details.cached_tokens == cached_tokens
     del body["usage"]["cached_tokens"]
     with pytest.raises(ValueError, match="cached_tokens"):
         Prediction.model_validate(body)

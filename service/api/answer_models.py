@@ -26,13 +26,15 @@ CACHED = ("Of the prompt's: read from the engine's prefix cache (an earlier prom
           "within prefix_cache_scope) instead of prefilled; all of them for an answer from the response cache.")
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description=CACHED)
+
+
 class Usage(Counts):
     forced_tokens: int = Field(description="Of the completion's: fed in by the engine to end a thinking early.")
     cached_tokens: int = Field(description=CACHED)
-
-
-class PromptTokensDetails(BaseModel):
-    cached_tokens: int = Field(description=CACHED)
+    prompt_tokens_details: PromptTokensDetails = Field(description="The same cached_tokens where OpenAI's "
+                                                       "usage has them (as on chat).")
 
 
 class CompletionTokensDetails(BaseModel):

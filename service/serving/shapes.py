@@ -114,10 +114,11 @@ def verdict(state, job, answer_text):
 def usage(result):
     """OpenAI-style usage counts of a result (every choice's completion tokens), with the tokens forced to end
     a thinking early (`forced_tokens`, counted in the completion's) and the prompt's tokens read from the
-    engine's prefix cache (`cached_tokens`, counted in the prompt's: the request's, on its first choice)."""
+    engine's prefix cache (`cached_tokens`, counted in the prompt's: the request's, on its first choice; also
+    where OpenAI puts it, prompt_tokens_details.cached_tokens)."""
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
             "total_tokens": result.prompt_tokens + result.completion_tokens, "forced_tokens": result.forced,
-            "cached_tokens": result.cached_tokens}
+            "cached_tokens": result.cached_tokens, "prompt_tokens_details": {"cached_tokens": result.cached_tokens}}
 
 
 def chat_usage(job, result):
@@ -125,8 +126,8 @@ def chat_usage(job, result):
     and how many of the completion's tokens were thinking (OpenAI's completion_tokens_details.reasoning_tokens;
     max_tokens counts both), forced ones among them."""
     counts = usage(result)
-    forced, cached = counts.pop("forced_tokens"), counts.pop("cached_tokens")
-    return {**counts, "prompt_tokens_details": {"cached_tokens": cached}, "completion_tokens_details": {
+    forced, _ = counts.pop("forced_tokens"), counts.pop("cached_tokens")
+    return {**counts, "completion_tokens_details": {
         "reasoning_tokens": sum(reasoning_tokens(job, choice) for choice in result.choices),
         "forced_tokens": forced}}
 
