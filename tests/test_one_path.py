@@ -33,6 +33,16 @@ def without(body, *names):
     return {key: value for key, value in body.items() if key not in names}
 
 
+def uncached(body):
+    """An answer without what the prefix cache changes: the second of two equal prompts reads the first's."""
+    cache_fields = ("cached_tokens", "prompt_tokens_details")
+    return {**body, "usage": {key: value for key, value in body["usage"].items() if key not in cache_fields}}
+
+
+def cached(body):
+    return body["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
 @pytest.mark.parametrize("endpoint,body", [
     ("/v1/predict", {"question": "What is 2 + 3?", "max_new_tokens": 6, "temperature": 0}),
     ("/v1/chat/completions", {"model": "auto", "max_tokens": 6, "temperature": 0,
@@ -50,11 +60,15 @@ def test_a_good_body_gets_the_same_answer_and_usage_row_both_ways(app, endpoint,
     assert live.status_code == 200, live.get_json()
     line = caller.first_line(caller.submit(endpoint, body))
     assert line["error"] is None and line["response"]["status_code"] == 200
-    assert without(line["response"]["body"], "id", "created") == without(live.get_json(), "id", "created")
+    assert uncached(without(line["response"]["body"], "id", "created")) == uncached(without(live.get_json(), "id",
+                                                                                             "created"))
+    assert cached(live.get_json()) <= cached(line["response"]["body"])  # the line came second
     batch_row, live_row = caller.rows()  # newest first
     assert (live_row["route"], batch_row["route"]) == (endpoint, "/v1/batches")
     assert set(batch_row) == set(live_row)
-    assert without(batch_row, *OWN_FIELDS) == without(live_row, *OWN_FIELDS)
+    assert (live_row["cached_tokens"], batch_row["cached_tokens"]) == (cached(live.get_json()),
+                                                                       cached(line["response"]["body"]))
+    assert without(batch_row, *OWN_FIELDS, "cached_tokens") == without(live_row, *OWN_FIELDS, "cached_tokens")
     assert live_row["completion_tokens"] == 6 and live_row["prompt_tokens"] > 0
 
 

@@ -246,8 +246,8 @@ def _prefill_attention(query, keys, values, scaling, base):
 
 def _piece_attention(query, keys, values, scaling, base):
     """`_prefill_attention` for a short piece: for each key/value head at once, the piece's grouped queries
-    (scaled first) against the keys in the cache's dtype, the causal mask on the piece's own columns only (the ones before
-    it are all seen), a float32 softmax, and the values."""
+    (scaled first) against the keys in the cache's dtype, the causal mask on the piece's own columns only
+    (the ones before it are all seen), a float32 softmax, and the values."""
     heads, count, width = query.shape
     kv_heads, length = keys.shape[0], keys.shape[1]
     group = heads // kv_heads
