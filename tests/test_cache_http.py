@@ -77,7 +77,9 @@ def test_a_repeated_deterministic_request_is_a_hit_on_both_routes(cached):
     one, two = cached.post("/predict", ask, token=token), cached.post("/predict", ask, token=token)
     assert (one.headers["x-cache"], two.headers["x-cache"]) == ("miss", "hit")
     assert two.json()["response"] == one.json()["response"] and two.json()["success"] is True
-    assert two.json()["usage"] == {**one.json()["usage"], "cached_tokens": one.json()["usage"]["prompt_tokens"]}
+    prompt = one.json()["usage"]["prompt_tokens"]
+    assert two.json()["usage"] == {**one.json()["usage"], "cached_tokens": prompt,
+                                   "prompt_tokens_details": {"cached_tokens": prompt}}
     refused = cached.post("/predict", {**ask, "temperature": 7}, token=token)
     assert refused.status_code == 400 and "x-cache" not in refused.headers  # checked before the cache
 
