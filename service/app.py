@@ -129,6 +129,6 @@ def start_models(specs, sizes, settings):
         engine = Engine(loader, settings.queue_size, settings.torch_threads, settings.max_batch_size,
                         name=spec.name, turns=turns, cache_bytes=bounds[spec.name],
                         prefix_bytes=settings.prefix_cache_bytes, revision=files,
-                        step_tokens=settings.prefill_step_tokens)
+                        step_tokens=settings.prefill_step_tokens, speculation=settings.speculate)
         served.append(Served(spec, engine.start(), files, sizes[spec.name]))
     return Models(served, settings.routing)

@@ -143,6 +143,12 @@ class Settings(BaseSettings):
         "longer prompt is prefilled over several steps; with nothing decoding, a step prefills up to 2,048). "
         "Default: sized from the measured speeds so that a step with prefill takes about three decode steps.",
     )
+    speculate: Literal["auto", "off", "ngram"] = Field(
+        "auto", description="Prompt-lookup speculation: each decode step also checks up to 3 tokens guessed "
+        "from the request's own prompt and answer so far, keeping those the model would have chosen anyway "
+        "(answers are the same with and without it, only sooner). ngram: always; auto: while a step decodes at "
+        "most 2 answers and prefills nothing (where the extra tokens cost almost nothing); off: never.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the model runs: cuda (a GPU; the CUDA build of torch), cpu, or auto (cuda "
         "when torch sees a GPU). int8 runs on the CPU only.",

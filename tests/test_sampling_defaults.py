@@ -102,7 +102,8 @@ def row(prompt_ids, greedy_row=True, **how):
     request = GenerationRequest(prompt_ids, 8, temperature=0.0 if greedy_row else 1.0, **how)
     failed = []
     return SimpleNamespace(loaded=SimpleNamespace(forced=()), request=request, ids=[], greedy=greedy_row,
-                           generator=torch.Generator().manual_seed(0), fail=failed.append, failed=failed)
+                           generator=lambda position: torch.Generator().manual_seed(position), fail=failed.append,
+                           failed=failed)
 
 
 def test_choose_gives_a_greedy_row_its_penalty_and_leaves_the_others_as_they_were():

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from service.inference import speculate
 from service.inference.decoding import choose, logprobs_of
 from service.inference.kvcache import Pass
 from service.inference.kvmemory import CacheMemory
@@ -55,13 +56,14 @@ def forward(loaded, segments, keep):
 class Batch:
     """The running rows, and the rows prefilling to join them; each row with its own cache, reserved from
     `memory` (service.inference.kvmemory.CacheMemory: unbounded when none is given), and the prefix cache
-    their prompts share (service.inference.prefixes.PrefixStore; None: none).
+    their prompts share (service.inference.prefixes.PrefixStore; None: none); `speculation` is the
+    speculate setting (service.inference.speculate: auto, off or ngram).
 
     `admit` brings requests in, `step` runs a pass, `evict` takes finished rows out. `pace` is the seconds
     a decode step takes per row, as the engine measured it (None: not yet), for the thinkings' deadlines."""
 
-    def __init__(self, loaded, memory=None, prefixes=None, model="model"):
-        self.loaded, self.rows = loaded, []
+    def __init__(self, loaded, memory=None, prefixes=None, model="model", speculation="auto"):
+        self.loaded, self.rows, self.speculation = loaded, [], speculation
         self.memory = memory or CacheMemory(loaded.layout, device=loaded.device)
         self.filling = Filling(prefixes, model)
         self.pace = None
@@ -143,16 +145,19 @@ class Batch:
         return prefilled
 
     def _pass(self, decoding, pieces):
-        segments, keep, ends, packed = [], [], [], 0
+        speculating = speculate.wanted(self.speculation, len(decoding), bool(pieces))
+        segments, keep, ends, guesses, packed = [], [], [], [], 0
         for row in decoding:
-            tokens = row.ids[-1:] + row.forcing
+            guess = self._guess(row) if speculating and not row.forcing else []
+            tokens = row.ids[-1:] + (row.forcing or guess)
             segments.append((row, tokens))
-            if row.forcing and row.logprobs is not None:  # the forced tokens' log probabilities too
+            if guess or (row.forcing and row.logprobs is not None):  # each token's logits (or log probability)
                 keep += range(packed, packed + len(tokens))
             else:
                 keep.append(packed + len(tokens) - 1)
             packed += len(tokens)
             ends.append(len(keep) - 1)
+            guesses.append(guess)
         for row, piece in pieces:
             segments.append((row, piece))
             packed += len(piece)
@@ -168,20 +173,48 @@ class Batch:
                 row.force(logprobs_of(logits[end - len(row.forcing):end], [row] * len(row.forcing), row.forcing)
                           if row.logprobs is not None else None)
         joining = self.filling.advanced(pieces)
-        first = logits[len(keep) - len(joining):]
-        rows, parts = list(decoding), [logits[ends]]
-        for lead, row_logits in zip(joining, first):
-            rows += [lead, *lead.forks]
-            parts.append(row_logits.expand(1 + len(lead.forks), -1))
-        last = torch.cat(parts)
-        tokens = choose(last, rows)
+        # What is chosen from: each decode row's last logits, or with a guess the logits at each of its tokens
+        # (the drafts before each position assumed taken); then each joining lead's first, for it and its forks.
+        at, rows, ahead = [], [], []
+        for row, end, guess in zip(decoding, ends, guesses):
+            for i in range(len(guess) + 1):
+                at.append(end - len(guess) + i)
+                rows.append(row)
+                ahead.append(guess[:i])
+        first = len(keep) - len(joining)
+        for i, lead in enumerate(joining):
+            for row in (lead, *lead.forks):
+                at.append(first + i)
+                rows.append(row)
+                ahead.append(())
+        if not rows:
+            return
+        chosen = logits[at]
+        tokens = choose(chosen, rows, ahead)
+        logprobs = logprobs_of(chosen, rows, tokens)
+        tokens = tokens.tolist()
         # Rows are in the batch before their first token reaches a caller, so whoever sees that token
         # also sees the rows running.
-        self.rows = self.rows + rows[len(decoding):]
-        if rows:
-            self._hand_out(rows, tokens, logprobs_of(last, rows, tokens))
+        self.rows = self.rows + [row for lead in joining for row in (lead, *lead.forks)]
+        taken, i = [], 0
+        for row, guess in zip(decoding, guesses):
+            drafted = len(guess)
+            accepted = next((j for j in range(drafted) if tokens[i + j] != guess[j]), drafted)
+            taken.append((row, tokens[i:i + accepted + 1], logprobs[i:i + accepted + 1], drafted))
+            i += drafted + 1
+        taken += [(row, tokens[j:j + 1], logprobs[j:j + 1], 0) for j, row in enumerate(rows[i:], i)]
+        self._hand_out(taken)
         for lead in joining:  # only now: a failure before takes the forks out with their lead (`step`)
             lead.forks = []
+
+    def _guess(self, row):
+        """The tokens drafted to follow `row` (service.inference.speculate): as many as its answer and its
+        cache have room for past its next token."""
+        if row.drafts is None:
+            row.drafts = speculate.Drafts(row.request.prompt_ids)
+        cache = row.cache
+        room = min(speculate.DRAFT_TOKENS, row.limit - len(row.ids) - 1, cache.capacity - cache.length - 1)
+        return row.drafts.propose(row.ids, room)
 
     @property
     def context(self):
@@ -219,16 +252,29 @@ class Batch:
                 row.cache = None
         return rows
 
-    def _hand_out(self, rows, tokens, logprobs):
-        """Give each row its chosen token (decoding, stop strings, its caller's deltas), and end the thinkings
-        that must end now."""
+    def _hand_out(self, taken):
+        """Give each row its tokens (decoding, stop strings, its caller's deltas), and end the thinkings that
+        must end now. `taken` holds (row, its tokens, their log probabilities, tokens drafted for it): a row
+        that speculated has its accepted drafts and the token chosen after them, of which it keeps those up
+        to where it ends or its thinking must end (what it would have had without them), and its cache
+        forgets the rest."""
         now = time.monotonic()
-        metrics.BATCH_SIZE.labels(rows[0].handle.model).observe(len(rows))
-        for row, token, logprob in zip(rows, tokens.tolist(), logprobs):
-            row.add(token, now, logprob)
-            reason = row.end_thinking(now, self.pace)
-            if reason is not None:
-                metrics.THINKING_ENDED.labels(row.handle.model, reason).inc()
+        model = taken[0][0].handle.model
+        metrics.BATCH_SIZE.labels(model).observe(len(taken))
+        for row, tokens, logprobs, drafted in taken:
+            kept = 0
+            for token, logprob in zip(tokens, logprobs):
+                row.add(token, now, logprob)
+                kept += 1
+                reason = row.end_thinking(now, self.pace)
+                if reason is not None:
+                    metrics.THINKING_ENDED.labels(row.handle.model, reason).inc()
+                if row.done or row.forcing:
+                    break
+            if drafted:
+                metrics.SPECULATION_DRAFTED.labels(model).inc(drafted)
+                metrics.SPECULATION_ACCEPTED.labels(model).observe(kept - 1)
+                row.cache.rewind(drafted + 1 - kept)
 
 
 class PassError(Exception):

@@ -2,7 +2,7 @@
 
 The batch (service.inference.batching) calls `choose` after every forward
 pass: argmax for a greedy row, a sample (top-k, min-p, top-p; with the row's
-own seeded generator, if any) for the others, a failure ending that row
+seeded draw for each token, if any) for the others, a failure ending that row
 alone; a row with a repetition penalty has it applied first (`penalize`). Each
 chosen token is detokenised incrementally (`decode_step`), cut at the
 request's stop strings (`StopText`), and a finished row's `finish_reason`
@@ -18,16 +18,21 @@ import torch
 GREEDY_BELOW = 1e-3
 
 
-def choose(logits, rows):
+def choose(logits, rows, ahead=None):
     """The next token of each row: argmax for greedy rows, a sample for the others (or, for tests, the
     model's forced output: settings.forced_output); a row's repetition penalty applies before either.
+
+    `ahead`, when given, holds for each logits row the drafted tokens assumed to come before it
+    (service.inference.speculate): the token is chosen as it would be once they are the row's, at their
+    index, with the same penalty and the same seeded draw.
 
     A row whose sampling fails is marked failed (its caller gets the error) and the others go on."""
     tokens = logits.argmax(dim=-1)
     for i, row in enumerate(rows):
+        before = ahead[i] if ahead is not None else ()
         forced = row.loaded.forced  # tests only: the model's output is known in advance
         if forced:
-            tokens[i] = forced[min(len(row.ids), len(forced) - 1)]
+            tokens[i] = forced[min(len(row.ids) + len(before), len(forced) - 1)]
             continue
         request = row.request
         penalty = request.repetition_penalty
@@ -36,12 +41,12 @@ def choose(logits, rows):
         try:
             scores = logits[i]
             if penalty != 1.0:
-                scores = penalize(scores.float(), (request.prompt_ids, row.ids), penalty)
+                scores = penalize(scores.float(), (request.prompt_ids, row.ids, before), penalty)
             if row.greedy:
                 tokens[i] = scores.argmax()
             else:  # on the CPU: a row's seeded generator is a CPU one
-                tokens[i] = sample(scores.float().cpu(), request.temperature, request.top_p, row.generator,
-                                   request.top_k, request.min_p)
+                tokens[i] = sample(scores.float().cpu(), request.temperature, request.top_p,
+                                   row.generator(len(row.ids) + len(before)), request.top_k, request.min_p)
         except Exception as exc:  # noqa: BLE001 - any failure of one row is that row's alone
             row.fail(exc)
     return tokens
@@ -50,23 +55,25 @@ def choose(logits, rows):
 def sample(logits, temperature, top_p, generator=None, top_k=0, min_p=0.0):
     """One token id drawn from softmax(logits / temperature), filtered as vLLM does: tokens below min_p times
     the top token's probability dropped, then all but the top_k most likely (0 or less: no limit), then all
-    outside the top_p nucleus of what is left."""
+    outside the top_p nucleus of what is left.
+
+    The draw is over the vocabulary in id order, not in order of probability: two tokens almost equally
+    likely that swap places when the logits move in their last bits (another batch shape, a drafted pass)
+    would otherwise swap which of them a seeded draw gives; this way a draw changes only when it lands
+    within the change itself."""
     probs = torch.softmax(logits / temperature, dim=-1)
-    order, filtered = None, False  # with an order, probs are sorted (descending) and order[j] is probs[j]'s id
     if min_p > 0.0:
-        probs, filtered = torch.where(probs >= min_p * probs.max(), probs, 0.0), True
+        probs = torch.where(probs >= min_p * probs.max(), probs, 0.0)
     if 0 < top_k < probs.numel():
-        (probs, order), filtered = probs.topk(top_k), True
+        top = probs.topk(top_k)
+        probs = torch.zeros_like(probs).scatter_(0, top.indices, top.values)
     if top_p < 1.0:
-        if order is None:
-            probs, order = probs.sort(descending=True)
-        if filtered:
-            probs = probs / probs.sum()  # the nucleus is of what the filters above kept
-        keep = (probs.cumsum(-1) - probs) < top_p  # the smallest prefix reaching top_p
+        ordered, order = probs.sort(descending=True)
+        ordered = ordered / ordered.sum()  # the nucleus is of what the filters above kept
+        keep = (ordered.cumsum(-1) - ordered) < top_p  # the smallest prefix reaching top_p
         keep[0] = True  # however small top_p is (below float32's smallest, it compares as 0)
-        probs = probs * keep
-    drawn = int(torch.multinomial(probs, 1, generator=generator))
-    return drawn if order is None else int(order[drawn])
+        probs = probs * torch.zeros_like(keep).scatter_(0, order, keep)
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def penalize(logits, seen, penalty):

@@ -75,12 +75,13 @@ class Engine:
     """Owns one model in one thread; everything else talks to it through the queue."""
 
     def __init__(self, loader, queue_size, torch_threads, max_batch=16, name="model", turns=None, cache_bytes=None,
-                 prefix_bytes=None, revision="", step_tokens=None):
+                 prefix_bytes=None, revision="", step_tokens=None, speculation="auto"):
         self._loader = loader
         self._cache_bytes = cache_bytes  # the bound on the rows' KV caches; None: no bound
         self._prefix_bytes = prefix_bytes  # the prefix cache's bound (0: none; None: a share of the KV cache's)
         self._revision = revision  # the model's files and numeric mode: the prefix cache's keys start from it
         self._step_tokens = step_tokens  # prompt tokens a step may prefill beside decode rows; None: measured
+        self._speculation = speculation  # drafting tokens by prompt lookup: auto, off or ngram (speculate)
         self._queue = queue.Queue(maxsize=queue_size)
         self._max_batch = max_batch
         self._torch_threads = torch_threads
@@ -200,7 +201,7 @@ class Engine:
         metrics.MODEL_LOAD.labels(self.name).set(self.model.load_seconds)
         log.info("model loaded", extra={"fields": {"model": self.name,
                                                    "load_seconds": round(self.model.load_seconds, 2)}})
-        batch = self._batch = Batch(self.model, self.memory, self.prefixes, self.name)
+        batch = self._batch = Batch(self.model, self.memory, self.prefixes, self.name, self._speculation)
         while not self._stopping.is_set():
             self._finish_rows(batch.evict())  # first, so finished rows make room
             joining = self._dequeue(room=self._max_batch - len(batch) - batch.filling_rows,

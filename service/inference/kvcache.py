@@ -116,6 +116,16 @@ class RowCache:
             self.zeroed = end
         return end
 
+    def rewind(self, count):
+        """Forget its last `count` tokens (drafts the row did not keep): the next pass writes over them. Those
+        inside the zeroed bucket are zeroed again, as a decode step's attention expects past the length."""
+        self.length -= count
+        start = self.length - self.offset
+        end = min(start + count, self.zeroed)
+        if end > start:
+            self.keys[:, :, start:end].zero_()
+            self.values[:, :, start:end].zero_()
+
     def span(self, layer, end):
         """The keys and values of its first `end` tokens in `layer` ([head, token, width]): views of its slab,
         or for a fork its lead's prompt and its own tokens joined."""

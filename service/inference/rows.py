@@ -6,8 +6,10 @@ batch fed in to end its thinking early (`force`): it decodes them
 incrementally, cuts its text at the request's stop strings, keeps their log
 probabilities when asked, and hands the text to its caller's handle as it
 goes. Every row samples with its own temperature and top_p, and a seeded row
-with its own generator (choice i of a request with seed + i), so any rows can
-share a step.
+draws each token from a generator seeded with its seed (choice i of a request
+with seed + i) and the token's index: any rows can share a step, and a token
+drafted ahead (service.inference.speculate) is drawn exactly as it would be
+without the draft.
 """
 
 import torch
@@ -33,9 +35,8 @@ class Row:
         self.text = StopText(self.request.stop)
         self.done, self.error = False, None
         self.greedy = self.request.temperature < GREEDY_BELOW
-        self.generator = None
-        if not self.greedy and self.request.seed is not None:
-            self.generator = torch.Generator().manual_seed(seed_of(self.request.seed, index))
+        self.seed = None if self.greedy or self.request.seed is None else seed_of(self.request.seed, index)
+        self.drafts = None  # its n-gram index, once it speculates (service.inference.speculate.Drafts)
         budget = self.request.budget
         loops = None if budget is None or not budget.loop_tokens else Loops(budget.loop_period, budget.loop_tokens)
         self.thinking = Thinking(loaded.tags, budget and budget.tokens, budget and budget.answer_tokens,
@@ -49,6 +50,13 @@ class Row:
     def limit(self):
         """The most tokens it may generate: its max_new_tokens, or less once its thinking was ended early."""
         return self.thinking.limit or self.request.max_new_tokens
+
+    def generator(self, position):
+        """The generator drawing its token at `position` (its output's index): seeded from its seed and the
+        index when it has a seed, else None (torch's global one)."""
+        if self.seed is None:
+            return None
+        return torch.Generator().manual_seed(token_seed(self.seed, position))
 
     def fail(self, error):
         """End this row with `error` (its caller gets it); the batch goes on without it."""
@@ -132,3 +140,13 @@ class Row:
 def seed_of(seed, index):
     """The seed of a request's choice `index`: its seed, plus the index (wrapped into torch's range)."""
     return (seed + index + 2**63) % 2**64 - 2**63
+
+
+def token_seed(seed, position):
+    """The seed of the draw at `position` of a row seeded with `seed`: the two mixed (splitmix64's finaliser),
+    so neighbouring seeds and positions draw unrelated streams; in torch's signed 64-bit range."""
+    value = (seed + (position + 1) * 0x9E3779B97F4A7C15) % 2**64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) % 2**64
+    value ^= value >> 31
+    return value - 2**64 if value >= 2**63 else value

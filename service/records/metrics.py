@@ -43,6 +43,11 @@ PREFIX_TOKENS = Counter("vibethinker_prefix_cache_tokens_total", "Prompt tokens 
 PREFIX_EVICTIONS = Counter("vibethinker_prefix_cache_evictions_total", "Blocks evicted from the prefix cache "
                            "(least recently used first) for room.", ["model"])
 PREFIX_BYTES = Gauge("vibethinker_prefix_cache_bytes", "Bytes the prefix cache's blocks hold.", ["model"])
+SPECULATION_ACCEPTED = Histogram("vibethinker_speculation_accepted_tokens", "Drafted tokens accepted per row and "
+                                 "speculating step (service.inference.speculate): each is a token the step gave "
+                                 "beyond its own.", ["model"], buckets=(0, 1, 2, 3))
+SPECULATION_DRAFTED = Counter("vibethinker_speculation_drafted_tokens_total", "Tokens drafted by prompt lookup and "
+                              "verified; accepted ones are in vibethinker_speculation_accepted_tokens_sum.", ["model"])
 GENERATION_TOKENS = Counter("vibethinker_generation_tokens_total", "Tokens generated.", ["model"])
 FINISHED = Counter("vibethinker_request_finish_total", "Finished generations by finish reason.",
                    ["model", "finish_reason"])
