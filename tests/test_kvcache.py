@@ -57,17 +57,19 @@ def test_a_later_prefill_chunk_sees_the_rows_earlier_tokens_and_not_its_own_late
 @pytest.mark.parametrize("base", [0, 37])
 def test_a_short_piece_over_a_bfloat16_cache_attends_in_place_as_sdpa_does(base):
     torch.manual_seed(1)
-    heads, kv_heads, width, count = 6, 2, 16, 9
-    keys = torch.randn(kv_heads, base + count, width).to(torch.bfloat16)
-    values = torch.randn(kv_heads, base + count, width).to(torch.bfloat16)
+    heads, kv_heads, width, count, bucket = 6, 2, 16, 9, 64
+    keys = torch.zeros(kv_heads, bucket, width, dtype=torch.bfloat16)  # a bucket, zeros past what is written
+    values = torch.zeros(kv_heads, bucket, width, dtype=torch.bfloat16)
+    keys[:, :base + count], values[:, :base + count] = torch.randn(2, kv_heads, base + count, width)
     query = torch.randn(heads, count, width)
-    ours = kvcache._prefill_attention(query, keys, values, width ** -0.5, base)
-    sdpa = kvcache._prefill_attention(query, keys.float(), values.float(), width ** -0.5, base)
+    ours = kvcache._piece_attention(query, keys, values, width ** -0.5, base, base + count)
+    sdpa = kvcache._prefill_attention(query, keys[:, :base + count].float(), values[:, :base + count].float(),
+                                      width ** -0.5, base)
     assert ours.dtype == query.dtype and torch.allclose(ours, sdpa, atol=3e-2, rtol=3e-2)
     for i in range(count):  # token i sees the first base + i + 1 keys only: what comes after changes nothing
         later_keys, later_values = keys.clone(), values.clone()
         later_keys[:, base + i + 1:], later_values[:, base + i + 1:] = 50.0, -50.0
-        changed = kvcache._piece_attention(query, later_keys, later_values, width ** -0.5, base)
+        changed = kvcache._piece_attention(query, later_keys, later_values, width ** -0.5, base, base + count)
         assert torch.equal(changed[:, :i + 1], ours[:, :i + 1])
         assert i == count - 1 or not torch.equal(changed[:, i + 1:], ours[:, i + 1:])
 

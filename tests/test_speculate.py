@@ -8,7 +8,7 @@ import time
 import pytest
 from prometheus_client import REGISTRY
 
-from service.inference import speculate
+from service.inference import kvcache, speculate
 from service.inference.batching import Batch
 from service.inference.generation import Generation, GenerationRequest
 from service.inference.rows import token_seed
@@ -192,3 +192,27 @@ def test_a_seeded_answer_repeats_whoever_shares_the_batch_with_it(reference):
     alone, _ = _run(reference, _requests(reference, 40, **how)[:1], "ngram")
     together, _ = _run(reference, _requests(reference, 40, **how), "ngram")
     assert together[0, 0] == alone[0, 0]
+
+
+@pytest.fixture(scope="module")
+def bfloat16_cache(tiny_model):
+    """The tiny model with a bfloat16 KV cache (the int8 and bfloat16 modes' own): a drafted token is checked
+    in a piece whose attention must come out as a decoded token's would."""
+    from service.inference import model
+
+    return model.load(str(tiny_model), kv_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("document", ["", " ".join(f"Line {i}: x{i} = {i * 7 % 13}." for i in range(120))])
+def test_with_a_bfloat16_cache_drafted_tokens_come_out_as_decoded_ones_short_or_deep(bfloat16_cache, document,
+                                                                                      monkeypatch):
+    def requests():
+        return [GenerationRequest(bfloat16_cache.encode_chat([{"role": "user", "content": document + question}]),
+                                  60, deadline=time.monotonic() + 300) for question in QUESTIONS[:3]]
+
+    asked = requests()
+    assert all((len(request.prompt_ids) > kvcache.SHORT) == bool(document) for request in asked)
+    plain, plain_steps = _run(bfloat16_cache, asked, "off")
+    monkeypatch.setattr(speculate, "Drafts", _knowing(plain, asked))
+    sped, sped_steps = _run(bfloat16_cache, requests(), "ngram")
+    assert sped == plain and sped_steps < plain_steps * 0.6

@@ -48,8 +48,8 @@ BUCKET = 256
 # batch (a handful of operations a layer for all of them): per row, a short cache's attention costs more in
 # operations than in bytes (at 8 rows of 256 tokens, 45 ms a step against about 10 together, measured).
 SHORT = 512
-# A prompt's piece of at most this many tokens over a bfloat16 cache attends reading the slab in place
-# (`_piece_attention`); a longer one through SDPA in float32. Measured at 3,000 tokens deep (12 heads of 128,
+# A piece of at most this many tokens (a prompt's, or a decode row's token and its drafts) over a deep row's
+# bfloat16 cache attends reading the slab in place (`_piece_attention`); a longer one through SDPA in float32. Measured at 3,000 tokens deep (12 heads of 128,
 # 2 threads): 16 tokens 1.2 ms a layer against SDPA's 4.3; from about 24 tokens SDPA's kernel is as fast or
 # faster (32: 5.8 against 4.2; 64: 12.5 against 8.8).
 PIECE = 16
@@ -148,14 +148,16 @@ class Pass:
     the pass has run; a pass that failed leaves them as they were (its writes are overwritten next time)."""
 
     def __init__(self, segments):
-        self.segments, self.short, self.deep, start = [], [], [], 0
+        self.segments, self.short, self.deep, self.pieces, start = [], [], [], {}, 0
         for cache, count in segments:
             if cache.length + count > cache.capacity:
                 raise CacheFull(f"{cache.length} + {count} tokens do not fit a row of {cache.capacity}")
             base = cache.length
             self.segments.append((cache, start, count, base))
-            if count > 1:
-                pass  # a prefill chunk: attends through SDPA
+            if count > 1:  # a prompt's piece, or a decode row's token with the closing or drafts after it
+                if count <= PIECE and base >= SHORT and cache.keys.dtype != torch.float32:  # read in place, as a
+                    # deep decode row's is (its numbers too: a drafted token's are as if decoded), in buckets
+                    self.pieces[start] = cache.offset + cache.padded(base + count - cache.offset)
             elif base < SHORT:
                 self.short.append((cache, start, base))
             else:  # its bucket, zeroed past what is written, before any layer writes
@@ -205,9 +207,14 @@ class Pass:
                                               base + 1 - cache.offset, shared)[:, 0]
         for cache, start, count, base in self.segments:
             if count > 1:
-                keys, values = cache.span(layer, base + count)
-                out[0, start:start + count] = _prefill_attention(query[0, :, start:start + count], keys, values,
-                                                                 scaling, base).transpose(0, 1)
+                piece = query[0, :, start:start + count]
+                if start in self.pieces:
+                    keys, values = cache.span(layer, self.pieces[start])
+                    attended = _piece_attention(piece, keys, values, scaling, base, base + count)
+                else:
+                    keys, values = cache.span(layer, base + count)
+                    attended = _prefill_attention(piece, keys, values, scaling, base)
+                out[0, start:start + count] = attended.transpose(0, 1)
         return out
 
     def commit(self):
@@ -241,10 +248,8 @@ def _decode_attention(query, keys, values, scaling, length, shared=None):
 
 def _prefill_attention(query, keys, values, scaling, base):
     """A chunk's attention: token i of the chunk sees the row's first base + i + 1 tokens. In float32 through
-    SDPA (a bfloat16 cache copied to float32 first), but a short piece (a prompt's beside decode rows) over a
-    bfloat16 cache reads the slab in place as a decode row does (`_piece_attention`, PIECE)."""
-    if keys.dtype != torch.float32 and query.shape[1] <= PIECE:
-        return _piece_attention(query, keys, values, scaling, base)
+    SDPA (a bfloat16 cache copied to float32 first); a short piece over a bfloat16 cache reads the slab in
+    place instead (`_piece_attention`, PIECE: the pass chooses)."""
     count, length = query.shape[1], keys.shape[1]
     mask = None
     if base:  # a later chunk: causal from the bottom right
@@ -254,18 +259,23 @@ def _prefill_attention(query, keys, values, scaling, base):
     return out[0].to(query.dtype)
 
 
-def _piece_attention(query, keys, values, scaling, base):
-    """`_prefill_attention` for a short piece: for each key/value head at once, the piece's grouped queries
-    (scaled first) against the keys in the cache's dtype, the causal mask on the piece's own columns only
-    (the ones before it are all seen), a float32 softmax, and the values."""
+def _piece_attention(query, keys, values, scaling, base, length):
+    """A short piece's attention over a deep row, reading the slab in place, with a decode row's numbers
+    (`_decode_attention`: scores in the cache's dtype, then a float32 softmax), so a token checked in a piece
+    comes out as it would decoded alone: for each key/value head at once, the piece's grouped queries against
+    the keys, the causal mask on the piece's own columns only (the ones before it are all seen) and none past
+    `length` (keys and values are read in whole buckets, zeros past what is written: a product of a shape seen
+    before reuses oneDNN's kernel), and the values."""
     heads, count, width = query.shape
-    kv_heads, length = keys.shape[0], keys.shape[1]
+    kv_heads, end = keys.shape[0], keys.shape[1]
     group = heads // kv_heads
-    grouped = (query * scaling).reshape(kv_heads, group * count, width).to(keys.dtype)
-    scores = torch.bmm(grouped, keys.transpose(1, 2))
+    grouped = query.reshape(kv_heads, group * count, width).to(keys.dtype)
+    scores = torch.bmm(grouped, keys.transpose(1, 2)).float().view(kv_heads, group, count, end)
     hidden = torch.ones((count, count), dtype=torch.bool, device=query.device).triu(diagonal=1)
-    scores.view(kv_heads, group, count, length)[..., base:].masked_fill_(hidden, float("-inf"))
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    scores[..., base:base + count].masked_fill_(hidden, float("-inf"))
+    if length < end:
+        scores[..., length:] = float("-inf")
+    weights = torch.softmax(scores.view(kv_heads, group * count, end) * scaling, dim=-1).to(values.dtype)
     return torch.bmm(weights, values).view(heads, count, width).to(query.dtype)
 
 
