@@ -12,7 +12,12 @@ of prompt tokens of the rows prefilling, each row at its own positions and
 attending over its own cache: the model's weights are read once for both,
 and a long prompt never stalls the running rows for more than its piece of
 a step. A request for n choices is prefilled once: its other rows fork from
-its first as it joins, each reading the prompt from the first's cache. A
+its first as it joins, each reading the prompt from the first's cache. While
+the pass is small, a decode row also carries the tokens drafted to follow
+its next one (service.inference.speculate): the pass chooses a token at each
+of them as it would have one at a time, and the row keeps the drafts up to
+the first that differs, the token chosen there, and nothing past where it
+would have ended; its cache forgets the rest. A
 row ends at an end token, its max_new_tokens (or its answer's room after a
 forced closing), its deadline, its cancel flag or one of its stop strings,
 and hands each token's text to its caller as it is decoded.
@@ -67,6 +72,7 @@ class Batch:
         self.memory = memory or CacheMemory(loaded.layout, device=loaded.device)
         self.filling = Filling(prefixes, model)
         self.pace = None
+        self.decoded = 0  # tokens the last pass gave its decode rows: one a row, more where drafts held
 
     def __len__(self):
         return len(self.rows)
@@ -145,6 +151,7 @@ class Batch:
         return prefilled
 
     def _pass(self, decoding, pieces):
+        self.decoded = 0
         speculating = speculate.wanted(self.speculation, len(decoding), bool(pieces))
         segments, keep, ends, guesses, packed = [], [], [], [], 0
         for row in decoding:
@@ -203,7 +210,9 @@ class Batch:
             taken.append((row, tokens[i:i + accepted + 1], logprobs[i:i + accepted + 1], drafted))
             i += drafted + 1
         taken += [(row, tokens[j:j + 1], logprobs[j:j + 1], 0) for j, row in enumerate(rows[i:], i)]
+        before = sum(len(row.ids) for row in decoding)
         self._hand_out(taken)
+        self.decoded = sum(len(row.ids) for row in decoding) - before
         for lead in joining:  # only now: a failure before takes the forks out with their lead (`step`)
             lead.forks = []
 

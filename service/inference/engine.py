@@ -14,7 +14,9 @@ one forward pass carrying the decode rows and a budget of prompt tokens
 speeds, in the time that makes the step take speed.MIXED_PACE decode steps), so
 the weights are read once for both: a long prompt joining slows the running
 streams to about a third of their speed while it fills, never stalls them,
-and fills at nearly its speed alone. Every step is timed
+and fills at nearly its speed alone. At low load a decode row also checks
+tokens drafted from its own prompt and answer (service.inference.speculate),
+so a step may give it several. Every step is timed
 (service.inference.speed), with the context it read, so callers can size a
 request to its deadline at the speed a long answer really has.
 
@@ -254,7 +256,10 @@ class Engine:
             for row in batch.close():
                 row.handle._finish(error=exc)
             return
-        self.speed.observe_pass(rows, context, prefilled, time.monotonic() - started)
+        seconds = time.monotonic() - started
+        if rows and batch.decoded > rows and not prefilled:  # drafts held: the speeds are per token a row
+            seconds *= rows / batch.decoded
+        self.speed.observe_pass(rows, context, prefilled, seconds)
 
     def _dequeue(self, room, wait):
         """Up to `room` queued requests that are still wanted and whose caches fit, first come first served
