@@ -281,6 +281,8 @@ def weight_bytes(model):
     """Bytes of weights one decode step reads: every weight once, except the embedding (one row), unless tied."""
     import torch
 
+    from service.inference.int8kernel import OwnInt8Linear
+
     embedding = model.get_input_embeddings()
     head = getattr(model.get_output_embeddings(), "weight", None)
     total, seen = 0, set()
@@ -291,6 +293,8 @@ def weight_bytes(model):
             weight, bias = module._weight_bias()
             total += weight.numel() * weight.element_size() + weight.q_per_channel_scales().numel() * 8
             total += bias.numel() * bias.element_size() if bias is not None else 0
+        if isinstance(module, OwnInt8Linear):  # the own kernel's int8 layer keeps its weight as buffers
+            total += sum(buffer.numel() * buffer.element_size() for buffer in module.buffers(recurse=False))
         for param in module.parameters(recurse=False):
             if id(param) not in seen:
                 seen.add(id(param))

@@ -115,17 +115,20 @@ def load_policy(settings):
 def start_models(specs, sizes, settings):
     """Start an engine thread per served model, taking turns at the processor; each imports torch and loads
     its model off the request path."""
-    from service.inference import model
+    from service.inference import int8kernel, model
     from service.inference.engine import Engine, Turns
 
     turns, served = Turns(), []
     bounds = footprint.cache_bounds(sizes, settings.kv_cache_bytes, settings.memory_limit_bytes)
     for spec in specs:
+        # int8: the kernel is chosen (and a fallback logged) here, as the answers depend on it
+        kernel = int8kernel.choose(settings.int8_kernel) if mode_of(spec) == "int8" else None
         loader = partial(model.load, str(spec.path), spec.dtype, spec.quantization, settings.prefill_float32,
                          settings.device, spec.reasoning_start, settings.forced_output, settings.kv_dtype,
-                         spec.reasoning_end, settings.thinking_closing)
-        # before the engine starts: the files loaded; the KV cache's dtype changes answers as the mode does
-        files = revision(spec.path, f"{mode_of(spec)} kv {settings.kv_dtype}")
+                         spec.reasoning_end, settings.thinking_closing, int8_kernel=kernel or "fbgemm")
+        # before the engine starts: the files loaded; the KV cache's dtype and the int8 kernel change answers as
+        # the mode does
+        files = revision(spec.path, f"{mode_of(spec)} kv {settings.kv_dtype}" + (f" {kernel}" if kernel else ""))
         engine = Engine(loader, settings.queue_size, settings.torch_threads, settings.max_batch_size,
                         name=spec.name, turns=turns, cache_bytes=bounds[spec.name],
                         prefix_bytes=settings.prefix_cache_bytes, revision=files,

@@ -114,6 +114,12 @@ class Settings(BaseSettings):
         "none", description="int8: the decoder's and output head's linear layers in int8 (about 3x faster decode "
         "on a CPU; dtype then does not apply).",
     )
+    int8_kernel: Literal["auto", "own", "fbgemm"] = Field(
+        "auto", description="int8 only: which kernel computes the int8 linear layers. own: the service's AVX512-VNNI "
+        "kernel (service/inference/int8kernel.py); fbgemm: torch's. auto: own where this CPU has AVX512-VNNI and "
+        "the kernel was built, else fbgemm. own where it cannot run starts on fbgemm with a warning; /readyz says "
+        "which runs.",
+    )
     kv_dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto", description="What the KV cache is stored in: bfloat16 (half of float32's bytes read per decode "
         "step, and half the memory) or float32. auto: bfloat16, except float32 for float32 weights (the exact "

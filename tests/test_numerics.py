@@ -11,14 +11,15 @@ import requests
 import torch
 
 from bench.modes import weight_bytes  # what a decode step reads
-from service.inference import artifact, model, numerics
+from service.inference import artifact, int8kernel, model, numerics
 from tests.support.reference import greedy
 from tests.support.servers import admin_cli, clean_env
 
 
 @pytest.fixture(scope="module")
 def int8(tiny_model):
-    return model.load(str(tiny_model), quantization="int8")
+    """The int8 mode on fbgemm's kernel (test_int8kernel.py has the own kernel's)."""
+    return model.load(str(tiny_model), quantization="int8", int8_kernel="fbgemm")
 
 
 def test_bf16_units_are_read_from_the_cpu_flags(tmp_path):
@@ -87,9 +88,14 @@ def converted(tiny_model, tmp_path_factory):
     return out
 
 
-def test_a_converted_folder_loads_the_same_int8_model(converted, int8):
-    loaded = model.load(str(converted), quantization="int8")
-    assert loaded.mode == "int8" and isinstance(loaded.model.lm_head, numerics.Int8Linear)
+@pytest.mark.parametrize("kernel", ["fbgemm", "own"])
+def test_a_converted_folder_loads_the_same_int8_model(converted, int8, tiny_model, kernel):
+    # the folder was converted on whichever kernel `auto` picked here; it loads on either
+    loaded = model.load(str(converted), quantization="int8", int8_kernel=kernel)
+    if loaded.int8_kernel == "own":  # where it can run: the same as converting at load on it
+        int8 = model.load(str(tiny_model), quantization="int8", int8_kernel="own")
+    layer = int8kernel.OwnInt8Linear if loaded.int8_kernel == "own" else numerics.Int8Linear
+    assert loaded.mode == "int8" and isinstance(loaded.model.lm_head, layer)
     assert json.loads((converted / artifact.MARKER).read_text())["quantization"] == "int8"
     ids = torch.tensor([int8.encode_chat([{"role": "user", "content": "Is 91 prime?"}])])
     with torch.inference_mode():

@@ -37,6 +37,7 @@ def status(served):
     model = engine.model
     return {"name": served.name, "state": engine.state, "mode": served.mode,
             "device": model.device if model is not None else None,
+            "int8_kernel": model.int8_kernel if model is not None else None,
             "load_seconds": round(model.load_seconds, 3) if model is not None else None,
             "queued": engine.queued(), "running": engine.running,
             "decode_tokens_per_s": None if rate is None else round(rate, 2), "decode_batch_size": rows,

@@ -38,8 +38,9 @@ def quantization_of(path):
     return json.loads(marker.read_text())["quantization"]
 
 
-def load(path):
-    """The int8 model of a converted folder, ready for inference (as numerics.quantize_int8 leaves it)."""
+def load(path, kernel="fbgemm"):
+    """The int8 model of a converted folder, ready for inference on `kernel` (fbgemm or own), as
+    numerics.quantize_int8 leaves it."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     path = Path(path)
@@ -54,7 +55,7 @@ def load(path):
         names = set(weights.keys())
         for name in sorted(n[:-len(".weight_scales")] for n in names if n.endswith(".weight_scales")):
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, _int8_linear(weights, name, names))
+            setattr(model.get_submodule(parent), leaf, _int8_linear(weights, name, names, kernel))
         for name, _ in list(model.named_parameters()):
             if name not in names:
                 raise ConvertError(f"{path / WEIGHTS} lacks {name}; convert the model again")
@@ -74,12 +75,19 @@ def load(path):
     return numerics.finish_int8(model)
 
 
-def _int8_linear(weights, name, names):
-    """The Int8Linear stored under `name`; packing its weight for fbgemm is most of a load's time."""
+def _int8_linear(weights, name, names, kernel):
+    """The int8 layer stored under `name`; packing its weight for fbgemm is most of a load's time (the own
+    kernel's packing is a copy)."""
     int8 = weights.get_tensor(f"{name}.weight")
-    qweight = torch._make_per_channel_quantized_tensor(
-        int8, weights.get_tensor(f"{name}.weight_scales"), weights.get_tensor(f"{name}.weight_zero_points"), 0)
+    scales, zero_points = weights.get_tensor(f"{name}.weight_scales"), weights.get_tensor(f"{name}.weight_zero_points")
     bias = weights.get_tensor(f"{name}.bias").clone() if f"{name}.bias" in names else None  # no view kept
+    if kernel == "own":
+        from service.inference.int8kernel import OwnInt8Linear
+
+        if zero_points.any():
+            raise ConvertError(f"{name} has non-zero zero points: convert the model again")
+        return OwnInt8Linear(int8, scales, bias)
+    qweight = torch._make_per_channel_quantized_tensor(int8, scales, zero_points, 0)
     module = numerics.Int8Linear(int8.shape[1], int8.shape[0], bias_=bias is not None)
     module.set_weight_bias(qweight, bias)
     return module

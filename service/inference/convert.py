@@ -17,7 +17,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+import torch
+
 from service.inference import artifact, model, numerics
+from service.inference.int8kernel import OwnInt8Linear
 
 # The source's weight files: every other file of its folder is copied as it is.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
@@ -92,8 +95,15 @@ def _tensors(network):
             tensors[f"{name}.weight"] = weight.int_repr().contiguous()
             tensors[f"{name}.weight_scales"] = weight.q_per_channel_scales().contiguous()
             tensors[f"{name}.weight_zero_points"] = weight.q_per_channel_zero_points().contiguous()
-            if bias is not None:
-                tensors[f"{name}.bias"] = bias.detach().contiguous()
+        elif isinstance(module, OwnInt8Linear):  # the same file, whichever kernel converted it
+            int8, scales, bias = module.int8_weight()
+            tensors[f"{name}.weight"] = int8
+            tensors[f"{name}.weight_scales"] = scales.double()
+            tensors[f"{name}.weight_zero_points"] = torch.zeros(len(scales), dtype=torch.int64)
+        else:
+            continue
+        if bias is not None:
+            tensors[f"{name}.bias"] = bias.detach().contiguous()
     for name, param in network.named_parameters():
         tensors[name] = param.detach().contiguous()
     return tensors

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from service.inference import artifact, kvcache, numerics  # noqa: E402
+from service.inference import artifact, int8kernel, kvcache, numerics  # noqa: E402
 from service.inference.generation import LEAST_PENALTY  # noqa: E402
 from service.inference.thinking import Tags  # noqa: E402
 
@@ -81,6 +81,7 @@ class LoadedModel:
     tags: Tags = Tags("", "")  # how it marks its thinking (service.inference.thinking); none: it does not think
     closing: tuple = ()  # the tokens that end a thinking early: a short sentence, the end tag, a blank line
     closing_thinking: int = 0  # how many of them are the thinking's (up to its end tag)
+    int8_kernel: str = None  # int8 mode only: the kernel its linear layers run on, own or fbgemm (int8kernel.choose)
     layout: object = None  # the KV cache's shape and dtype (service.inference.kvcache.Layout)
     layer_types: tuple = ("full_attention",)  # the attention kinds of the model's layers (its masks' keys)
     defaults: dict = field(default_factory=dict)  # the sampling values its generation_config.json sets (SAMPLING)
@@ -177,7 +178,7 @@ def resolve_device(setting, quantization="none", cuda_available=None):
 
 
 def load(path, dtype="float32", quantization="none", prefill_float32="auto", device="cpu", reasoning_start="",
-         forced_output=None, kv_dtype="auto", reasoning_end="", closing=""):
+         forced_output=None, kv_dtype="auto", reasoning_end="", closing="", int8_kernel="auto"):
     """Load model and tokenizer once from a local folder; weights are memory-mapped.
 
     With quantization "int8", a plain checkpoint loads in its own dtype (a
@@ -190,6 +191,7 @@ def load(path, dtype="float32", quantization="none", prefill_float32="auto", dev
     presence after the template's generation prompt means the template opens the thinking itself;
     `reasoning_end` the tag that closes it, and `closing` the sentence fed in before it to end a thinking
     early (service.inference.thinking). `kv_dtype` is what the KV cache is stored in (service.inference.kvcache.cache_dtype).
+    `int8_kernel` (auto, own, fbgemm) picks the int8 mode's kernel (service.inference.int8kernel.choose).
     """
     started = time.monotonic()
     device = resolve_device(device, quantization)
@@ -199,15 +201,16 @@ def load(path, dtype="float32", quantization="none", prefill_float32="auto", dev
                          f"(it is {quantization}), or point model_path at the original checkpoint")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     int8 = quantization == "int8"
+    kernel = int8kernel.choose(int8_kernel) if int8 else None
     if converted:
-        model = artifact.load(path)
+        model = artifact.load(path, kernel)
     else:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype="auto" if int8 else getattr(torch, dtype), low_cpu_mem_usage=True, local_files_only=True,
         )
         model.eval()
         if int8:
-            numerics.quantize_int8(model)
+            numerics.quantize_int8(model, kernel)
         elif device == "cuda":
             model.to(device)
     eos = model.generation_config.eos_token_id
@@ -217,7 +220,7 @@ def load(path, dtype="float32", quantization="none", prefill_float32="auto", dev
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
     context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
     loaded = LoadedModel(model, tokenizer, frozenset(eos_ids), pad_id, time.monotonic() - started, int(context),
-                         mode="int8" if int8 else dtype, device=device,
+                         mode="int8" if int8 else dtype, device=device, int8_kernel=kernel,
                          float32_prefill=not int8 and device == "cpu"
                          and numerics.wants_float32_prefill(prefill_float32, dtype))
     _give_back_free_memory()

@@ -76,8 +76,9 @@ def wants_float32_prefill(setting, dtype):
     return setting == "on" or not cpu_has_bf16()
 
 
-def quantize_int8(model):
-    """Make the decoder layers' and the output head's linear layers int8, one layer at a time.
+def quantize_int8(model, kernel="fbgemm"):
+    """Make the decoder layers' and the output head's linear layers int8, one layer at a time, for `kernel`
+    (fbgemm, or own: service.inference.int8kernel).
 
     The embedding stays in the dtype it was loaded in (a lookup reads one row
     per token) and hands float32 to the layers.
@@ -90,6 +91,8 @@ def quantize_int8(model):
         for layer in model.model.layers:
             layer.float()  # only this layer is ever float32
             quantize_dynamic(layer, spec, mapping=mapping, inplace=True)
+            if kernel == "own":  # one layer at a time: fbgemm's packed copy never exists for more than one
+                own_int8(layer)
             gc.collect()  # the swapped-out float32 modules sit in reference cycles
         model.model.norm.float()
         model.model.rotary_emb.float()
@@ -100,13 +103,29 @@ def quantize_int8(model):
             if head.bias is not None:
                 full.bias = torch.nn.Parameter(head.bias.detach().float(), requires_grad=False)
             model.lm_head = quantize_dynamic(torch.nn.Sequential(full), spec, mapping=mapping, inplace=True)[0]
+            if kernel == "own":
+                model.lm_head = own_int8(model.lm_head)
             del full
             gc.collect()
     return finish_int8(model)
 
 
+def own_int8(module):
+    """Replace `module`'s Int8Linear layers (or `module`, one itself) by the own kernel's, from the same int8
+    weights; fbgemm's packed copies are dropped. Returns the module."""
+    from service.inference.int8kernel import OwnInt8Linear
+
+    if isinstance(module, Int8Linear):
+        weight, bias = module._weight_bias()
+        return OwnInt8Linear.from_quantized(weight, bias)
+    for name, child in list(module.named_children()):
+        module._modules[name] = own_int8(child)
+    return module
+
+
 def finish_int8(model):
-    """Finish a model whose linears are Int8Linear: 8-bit activations on a VNNI CPU, float32 embeddings."""
+    """Finish a model whose linears are int8 (Int8Linear or the own kernel's): 8-bit activations on a VNNI
+    CPU, float32 embeddings."""
     full_range = cpu_has_vnni()
     for module in model.modules():
         if isinstance(module, Int8Linear):
