@@ -22,6 +22,7 @@
  * whether this CPU (and its OS) can run them.
  */
 #define PY_SSIZE_T_CLEAN
+#define Py_LIMITED_API 0x030b0000 /* the stable ABI of 3.11: one wheel (cp311-abi3) for the server's Python and later */
 #include <Python.h>
 #include <immintrin.h>
 #include <stdint.h>
