@@ -98,6 +98,7 @@ bench: install
 	$(BIN)/python -m bench.throughput
 	$(BIN)/python -m bench.refusals
 	$(BIN)/python -m bench.modes
+	$(BIN)/python -m bench.kernel
 	$(BIN)/python -m bench.batches
 	$(BIN)/python -m bench.prefill
 	$(BIN)/python -m bench.prefixes --preset tiny

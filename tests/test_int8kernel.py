@@ -28,6 +28,15 @@ def test_the_kernel_runs_exactly_where_the_cpu_can():
     assert int8kernel.choose("fbgemm") == "fbgemm"
 
 
+def test_the_kernel_and_torch_share_one_openmp_runtime():
+    """The extension links libgomp.so.1 and torch's wheel ships its own: loaded after torch, the kernel must
+    reuse torch's (two runtimes would each keep a team of threads spinning on the same two cores)."""
+    int8kernel.unavailable()  # imports the extension, if it was built
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line}
+    assert len(runtimes) == 1
+
+
 def test_own_where_it_cannot_run_falls_back_to_fbgemm_and_says_why(monkeypatch, caplog):
     hide_the_kernel(monkeypatch)
     with caplog.at_level(logging.INFO, logger="vibethinker.model"):

@@ -34,6 +34,12 @@
 
 #define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
 #define INLINE static inline __attribute__((always_inline))
+#ifndef PF
+#define PF 4096
+#endif
+#ifndef WORK
+#define WORK (256 << 10)
+#endif
 #define MC 64 /* activation rows per sweep over W when there are many (prefill) */
 #ifndef KP
 #define KP 2048 /* bytes of K per pass: four rows' slices of it (8 KiB) stay in L1 while the next block streams */
@@ -81,6 +87,7 @@ struct pass {
     long k0, k1, ld;
     int32_t *sums;
     int first, last;
+    int prefetch; /* several row groups per block: fetch W ahead, so the arithmetic and the reads overlap */
 };
 
 /* The four channels of one block of P for rows [0, MB) of q over one pass. MB is a constant at each call, so
@@ -96,6 +103,9 @@ TARGET INLINE void block(const int8_t *P, long Kp, long n, const uint8_t *q, con
     /* the pass's part of W is one run of bytes, its blocks one after the other, each read in order */
     const int8_t *w = P + pass->k0 * pass->ld + n * (pass->k1 - pass->k0);
     for (long k = pass->k0; k < pass->k1; k += 64, w += 256) {
+        if (PF && pass->prefetch)
+            for (int line = 0; line < 256; line += 64)
+                _mm_prefetch((const char *)w + PF + line, _MM_HINT_T0);
         __m512i w0 = _mm512_load_si512(w), w1 = _mm512_load_si512(w + 64);
         __m512i w2 = _mm512_load_si512(w + 128), w3 = _mm512_load_si512(w + 192);
         for (int m = 0; m < MB; m++) {
@@ -150,12 +160,15 @@ TARGET static void linear(const float *x, long M, long K, const int8_t *P, long 
 {
     quantize(x, M, K, Kp, q, sx);
     long blocks = (N + 3) / 4, passes = (Kp + KP - 1) / KP;
+    long work = (long)blocks * 4 * Kp * (M < 4 ? 1 : M / 4); /* bytes of W read, times the row groups */
+    if (threads > work / WORK)
+        threads = work / WORK > 1 ? (int)(work / WORK) : 1; /* waking a thread costs more than a small layer */
     for (long m0 = 0; m0 < M; m0 += MC) { /* many rows: MC at a time */
         long mc = M - m0 < MC ? M - m0 : MC;
 #pragma omp parallel num_threads(threads) if (threads > 1)
         for (long p = 0; p < passes; p++) {
             struct pass pass = {p * KP, (p + 1) * KP < Kp ? (p + 1) * KP : Kp, 4 * blocks, sums, p == 0,
-                                p == passes - 1};
+                                p == passes - 1, mc > 4};
             /* static: each thread gets the same blocks in every pass, so it alone carries their sums */
 #pragma omp for schedule(static) nowait
             for (long i = 0; i < blocks; i++)
