@@ -16,8 +16,29 @@ is not on the CPUs this was written on and is not used.
 One copy of the weights: a layer is either fbgemm's (`numerics.Int8Linear`)
 or this kernel's (`OwnInt8Linear`), never both, and the own kernel computes
 prefill too (rows in chunks of 64, K in passes of 2 KiB). Keeping fbgemm's
-packed copy beside it for prefill would cost the int8 weights again: 1.54 GB
-at VibeThinker-1.5B's size.
+packed copy beside it for prefill would cost the int8 weights again, 1.54 GB
+at VibeThinker-1.5B's size, for nothing: the own kernel measured as fast at
+prefill sizes (below).
+
+Measured (`python -m bench.kernel`, 2 threads, an idle 2-core "AMD EPYC"
+(Zen 4, KVM) that reads 29.7 GB/s; two runs; fbgemm's time over own's):
+- one decode step's linears (28 layers and the head, from the medians per
+  shape): M = 1: 72 -> 67-69 ms (1.05-1.07x); M = 2: 1.14-1.15x;
+  M = 4: 1.04-1.07x; M = 8: 0.86-1.02x.
+- per shape at M = 1: q/o 1.08-1.24x (19-25 GB/s against fbgemm's 17-21),
+  k/v 1.45-1.5x, gate/up 1.03x, down 1.0-1.1x, head 1.02-1.03x (28-31 GB/s,
+  both near the floor). Prefill rows (M = 64, 256, 2048): 0.95-1.36x.
+- one call on a 64 x 4 layer: 6.5 us against fbgemm's 22-25 us; a step
+  makes 197 calls. (A CPython function with METH_FASTCALL: the call itself is
+  under 1 us; ctypes measured 0.3-0.6 us for a 3-pointer call before any
+  argument conversion, and would need the library's path found by hand.)
+- the whole model from a converted folder (random weights, `generate`):
+  batch 1 11.4-12.4 -> 12.1-16.2 tok/s, batch 4 41-50 -> 51-55, prefill of
+  512 tokens 141-164 -> 148-181 (noisy: within one another), load 10-11.5 s
+  -> 3.4-4.3 s (no fbgemm packing), peak RSS 4.1-4.3 GiB both (one own run
+  5.2: the mapped file's pages count while a load reads it).
+- software prefetch of W 4 KiB ahead when a block serves several row groups:
+  12-22% at M = 8 and 64 (none at M <= 4, where it is off).
 
 Numerics: each activation row gets its own symmetric 8-bit scale (fbgemm:
 one asymmetric scale per call), so a row's answer no longer depends on the
@@ -25,11 +46,16 @@ other rows of its batch; on the tiny model its logits are nearer float32's
 than fbgemm's (tests/test_int8kernel.py has the figures). The int8 weights
 and scales are the same either way, so a converted folder loads on both.
 
-Threads: OpenMP, `torch.get_num_threads()` of them. The extension links
-libgomp.so.1 and is imported after torch, whose wheel ships a libgomp.so.1:
-the loader reuses the one already loaded (same soname), so the kernel and
-torch share one OpenMP runtime and one team of threads, with no second pool
-spinning against torch's on a 2-core machine.
+Threads: OpenMP, `torch.get_num_threads()` of them (a step's linears at
+M = 1: 67-69 ms on two threads, 83 ms on one), one for a layer under
+256 KiB of weight (waking the second thread cost more than such a layer:
+a 64 x 4 layer took 52-64 us a call on two threads of a busy machine, 7 on
+one). The extension links libgomp.so.1 and is imported after torch, whose
+wheel ships its own libgomp.so.1: the loader reuses the one already loaded
+(same soname; tests/test_int8kernel.py checks that one is mapped), so the
+kernel and torch share one OpenMP runtime and the engine thread's one team
+of threads, rather than two pools spinning against each other on two cores.
+A pool of our own (pthreads) would be that second pool.
 """
 
 import logging
@@ -37,7 +63,6 @@ import logging
 import torch
 
 log = logging.getLogger("vibethinker.model")
-KERNELS = ("auto", "own", "fbgemm")
 
 
 def _extension():
