@@ -2,20 +2,24 @@
  *
  * Why it exists, when it runs and what it measured: service/inference/int8kernel.py.
  *
- * W is the int8 weight (one float scale per output channel) packed in blocks
- * of four output channels: a block holds its four rows' first 64 bytes, then
- * their next 64, and so on, so a block is read once, in address order (rows
- * read side by side from the plain layout, four short streams per block,
- * measured 1.7x slower at K = 1536). K is padded to 64 with zeros, N to 4.
+ * W is the int8 weight (one float scale per output channel) packed in the
+ * order the kernel reads it (int8kernel.pack): K in passes of KP bytes; in a
+ * pass, blocks of four output channels, each holding its four rows' first
+ * 64 bytes, then their next 64, and so on. So W streams in address order
+ * (the plain layout, four rows read side by side, measured 1.7x slower at
+ * K = 1536), and a pass's activation bytes stay in L1 while the blocks go by
+ * (one pass over K = 8960 at four rows measured 2x slower). K is padded to 64
+ * with zeros, N to 4.
+ *
  * Each call quantises the activation rows, each with its own symmetric scale
  * (x ~ sx * q, q in [-127, 127]), and stores q + 128: vpdpbusd multiplies
  * unsigned bytes by signed ones, and the 128 * rowsum(W) this adds is taken
  * off again with `corr` (per output channel, computed at packing). The sums
  * are exact in int32 (|(q + 128) w| <= 255 * 128, K < 2^16).
  *
- * A block's four accumulators per activation row are folded into one vector
- * of four sums at the end; rows go four at a time (six for a prefill), each
- * 64-byte slice of the block loaded once for them all.
+ * Rows go four at a time, each 64-byte slice of a block loaded once for
+ * them; a block's four accumulators per row are folded into one vector of
+ * four sums at the end of a pass, and carried in `sums` between passes.
  *
  * Every function that uses AVX-512 carries its own target attribute, so the
  * file compiles with any x86-64 compiler flags; `vnni()` tells the caller
@@ -265,5 +269,10 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_int8", "The own int
 PyMODINIT_FUNC PyInit__int8(void)
 {
     has_vnni = vnni_ok();
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "KP", KP) < 0) { /* int8kernel.pack must pack in the same passes */
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -73,6 +73,8 @@ def _extension():
         return None, f"the kernel was not built ({exc}); reinstall with a C compiler"
     if not _int8.vnni():
         return None, "this CPU lacks AVX512-VNNI"
+    if _int8.KP != PASS:  # a stale build beside newer Python: it would read the weights in another order
+        return None, f"the kernel was built for passes of {_int8.KP} bytes, not {PASS}; reinstall"
     return _int8, None
 
 
