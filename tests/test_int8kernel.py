@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from service.inference import int8kernel, model, numerics
+from service.serving.models import revision
+from service.state import state
 from tests.support.inprocess import make_app, stop_app
 from tests.support.reference import greedy
 
@@ -162,11 +164,14 @@ def hidden_app(tiny_model, tmp_path, monkeypatch):
     stop_app(app)
 
 
-def test_a_server_without_the_kernel_starts_on_fbgemm_and_readyz_says_so(hidden_app):
+def test_a_server_without_the_kernel_starts_on_fbgemm_and_readyz_says_so(hidden_app, tiny_model):
     response = hidden_app.test_client().get("/readyz")
     assert response.status_code == 200
     (status,) = response.get_json()["models"]
     assert status["mode"] == "int8" and status["int8_kernel"] == "fbgemm"
+    # the response cache keys answers by the kernel that computed them
+    (served,) = state(hidden_app).models
+    assert served.revision == revision(tiny_model, "int8 kv auto fbgemm") != revision(tiny_model, "int8 kv auto own")
 
 
 def test_readyz_names_the_kernel_in_use(tiny_model, tmp_path):
