@@ -7,6 +7,9 @@ quantisation: activations are quantised on the fly with one scale per call,
 so a row's output can shift slightly with the other rows in its batch; the
 README has the measured trade-off). Conversion goes layer by layer from the
 memory-mapped checkpoint, so the load never holds a float32 copy of the model.
+On an AVX512-VNNI CPU the layers then move to the service's own kernel
+(service.inference.int8kernel, setting int8_kernel), one layer at a time, so
+fbgemm's packed copy of only one layer exists beside it.
 
 fbgemm quantises activations to 7 bits by default, because its AVX2 kernel
 sums pairs of 8-bit products in 16 bits and would saturate. On a CPU with
