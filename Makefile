@@ -14,9 +14,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
+# setup.py builds the own int8 kernel (service/inference/_int8.c) in place; without a C compiler the install
+# goes on and the int8 mode runs on torch's fbgemm kernel.
+$(STAMP): pyproject.toml setup.py service/inference/_int8.c | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[test,deploy]'
+	@$(BIN)/python -c 'import service.inference._int8' 2>/dev/null || echo "the own int8 kernel did not build \
+	(is a C compiler, gcc, installed?): the int8 mode will run on torch's fbgemm kernel, which is slower at batch 1"
 	touch $@
 
 install: $(STAMP)
