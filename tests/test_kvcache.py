@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.inference import kvcache, kvmemory, model
+from service.inference import kvcache, kvmemory, layers, model
 from service.inference.batching import Batch, forward
 from service.inference.engine import Engine
 from service.inference.generation import EngineError, Generation, GenerationRequest, TooLarge
@@ -250,3 +250,23 @@ def test_decode_speed_follows_the_context_the_rows_hold(tiny_model, reference):
         assert rows == 1 and depth == 0 and rate == engine.speed.per_row(1, 0)
     finally:
         engine.stop(timeout=30)
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+def test_the_engines_own_layer_loop_gives_transformers_logits_bit_for_bit(tiny_model, kv_dtype, monkeypatch):
+    loaded = model.load(str(tiny_model), kv_dtype=kv_dtype)
+    assert layers.supported(loaded.model)
+    prompt, other = _prompt(loaded, "the first row"), _prompt(loaded, "and a second, longer one joins it")
+
+    def passes():
+        """A prefill of two rows, then two passes of one token each and a piece of three: every logit."""
+        caches = [kvcache.RowCache(loaded.layout, 64), kvcache.RowCache(loaded.layout, 64)]
+        rows = [SimpleNamespace(cache=cache) for cache in caches]
+        out = [forward(loaded, [(rows[0], prompt), (rows[1], other)], list(range(len(prompt) + len(other))))]
+        out.append(forward(loaded, [(rows[0], [5]), (rows[1], [7])], [0, 1]))
+        out.append(forward(loaded, [(rows[0], [9, 11, 13]), (rows[1], [2])], [0, 1, 2, 3]))
+        return out
+
+    ours = passes()
+    monkeypatch.setattr(layers, "supported", lambda _: False)  # transformers' own forward
+    assert all(torch.equal(a, b) for a, b in zip(ours, passes(), strict=True))

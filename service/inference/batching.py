@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from service.inference import speculate
+from service.inference import layers, speculate
 from service.inference.decoding import choose, logprobs_of
 from service.inference.kvcache import Pass
 from service.inference.kvmemory import CacheMemory
@@ -43,19 +43,23 @@ FLOAT32_PIECE = 64
 
 def forward(loaded, segments, keep):
     """One forward pass of `segments` (row, token ids), packed into one sequence, each row's tokens at its
-    own positions and attending over its own cache: the logits at the packed positions `keep`."""
+    own positions and attending over its own cache: the logits at the packed positions `keep`. Qwen2's
+    decoder runs in the engine's own loop (service.inference.layers), any other model through transformers'."""
     ids, positions = [], []
     for row, tokens in segments:
         ids += tokens
         positions += range(row.cache.length, row.cache.length + len(tokens))
     step = Pass([(row.cache, len(tokens)) for row, tokens in segments])
-    device = loaded.device
-    logits = loaded.model(input_ids=torch.tensor([ids], device=device),
-                          position_ids=torch.tensor([positions], device=device),
-                          attention_mask=dict.fromkeys(loaded.layer_types, step), cache=step, use_cache=True,
-                          logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device)).logits
+    device, model = loaded.device, loaded.model
+    ids, positions = torch.tensor(ids, device=device), torch.tensor(positions, device=device)
+    keep = torch.tensor(keep, dtype=torch.long, device=device)
+    if layers.supported(model):
+        logits = layers.forward(model, ids, positions, step, keep)
+    else:
+        logits = model(input_ids=ids[None], position_ids=positions[None], cache=step, use_cache=True,
+                       attention_mask=dict.fromkeys(loaded.layer_types, step), logits_to_keep=keep).logits[0]
     step.commit()
-    return logits[0]
+    return logits
 
 
 class Batch:
