@@ -120,6 +120,16 @@ def test_the_kernel_runs_the_same_with_one_thread_or_two():
     assert torch.equal(one, two)
 
 
+def test_no_rows_give_no_outputs():
+    """A pass that keeps no logits (a prompt's piece that does not end it) asks the head for none."""
+    if not HERE:
+        assert int8kernel.unavailable() is not None
+        return
+    weight, scales, bias, _ = quantized_layer(1, 100, 37, seed=5)
+    layer = int8kernel.OwnInt8Linear(weight, scales, bias)
+    assert layer(torch.empty(0, 100)).shape == (0, 37)
+
+
 @pytest.fixture(scope="module")
 def on_fbgemm(tiny_model):
     return model.load(str(tiny_model), quantization="int8", int8_kernel="fbgemm")
@@ -188,3 +198,24 @@ def test_readyz_names_the_kernel_in_use(tiny_model, tmp_path):
         assert status["int8_kernel"] is None
     finally:
         stop_app(app)
+
+
+def test_a_long_prompt_prefilled_in_pieces_through_the_engines_pass_on_either_kernel(on_own, on_fbgemm):
+    """Pieces that keep no logits, then the one that ends the prompt: each kernel gives its int8 model's answer
+    as the engine's whole-prompt pass does."""
+    import time
+
+    from service.inference.batching import Batch
+    from service.inference.generation import Generation, GenerationRequest
+
+    for loaded in (on_own, on_fbgemm):
+        prompt = loaded.encode_chat([{"role": "user", "content": "a question asked at some length " * 8}])
+        answers = []
+        for piece in (16, 10_000):
+            batch = Batch(loaded, speculation="off")
+            batch.admit([Generation(GenerationRequest(prompt, 6, deadline=time.monotonic() + 60))])
+            while batch.filling:
+                batch.fill(piece)
+            [row] = batch.rows
+            answers.append(row.ids[0])
+        assert len(prompt) > 32 and answers[0] == answers[1]

@@ -133,6 +133,8 @@ class OwnInt8Linear(torch.nn.Module):
         if not rows.is_contiguous():
             rows = rows.contiguous()
         out = torch.empty(x.shape[:-1] + (self.out_features,))
+        if not rows.shape[0]:  # no rows (a prefill pass whose prompts all go on: no logits kept)
+            return out if x.dtype == torch.float32 else out.to(x.dtype)
         packed, corr, scales, bias = self._pointers
         self.kernel.linear(rows.data_ptr(), out.data_ptr(), packed, corr, scales, bias, rows.shape[0],
                            self.out_features, self.in_features, torch.get_num_threads())
