@@ -106,6 +106,7 @@ bench: install
 	$(BIN)/python -m bench.batches
 	$(BIN)/python -m bench.prefill
 	$(BIN)/python -m bench.prefixes --preset tiny
+	$(BIN)/python -m bench.speculation --preset tiny --no-llama
 	$(BIN)/python -m bench.cache
 	$(BIN)/python -m bench.documents
 	$(BIN)/python -m bench.slowclients
@@ -114,7 +115,8 @@ bench: install
 # minutes) and the 3.1 GB random-weight model under var/bench-model; then about 15 minutes, the decode
 # speed deep into long answers (bench/depth.py) about 5 more, thinking that ends in time
 # (bench/thinking.py) about 6, a long prompt joining running streams
-# (bench/prefill.py) about 5, and the prefix cache (bench/prefixes.py) about 4.
+# (bench/prefill.py) about 5, the prefix cache (bench/prefixes.py) about 4, and batch 1 with and without
+# speculation against llama.cpp (bench/speculation.py) about 5.
 bench-real: install
 	@command -v cmake >/dev/null && command -v g++ >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -125,6 +127,7 @@ bench-real: install
 	$(BIN)/python -m bench.thinking
 	$(BIN)/python -m bench.prefill --preset vibethinker-1.5b
 	$(BIN)/python -m bench.prefixes
+	$(BIN)/python -m bench.speculation
 
 # What ansible/ deploys: the project wheel, and for offline servers a
 # wheelhouse of every dependency (torch's CPU build included; TORCH_VARIANT=cuda

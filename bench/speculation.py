@@ -19,7 +19,8 @@ read in the demo tokenizer:
 - `own_output_*`: the acceptance on the random model's own greedy output,
   NOT representative of a real model (labelled so).
 - llama.cpp Q8_0's batch-1 decode on the same weights, its best build here
-  (bench/llamacpp.py), for the issue's ratios.
+  (bench/llamacpp.py), with as many tokens in its context as the timed window
+  has (llama-bench -d; the goals compare with this one) and with none.
 One JSON line of figures, then one with the goals.
 """
 
@@ -125,19 +126,22 @@ def main():
     for _ in range(args.rounds):
         for mode in ("off", "ngram"):
             runs.setdefault(f"timed_{mode}_tok_s", []).append(timed(loaded, deep_prompt, window, mode))
-        if not args.no_llama:
+        if not args.no_llama:  # its best build, at the depth of the timed window and with nothing before it
             q8 = llamacpp.gguf(base, "q8_0")
-            best = max(llamacpp.decode_batch1(q8, build, args.threads) for build in ("amx", "noamx"))
-            runs.setdefault("llama_q8_0_batch1_tok_s", []).append(best)
+            runs.setdefault("llama_q8_0_batch1_at_depth_tok_s", []).append(max(
+                llamacpp.decode_at_depth(q8, build, args.threads, len(deep_prompt), 64) for build in ("amx", "noamx")))
+            runs.setdefault("llama_q8_0_batch1_tok_s", []).append(max(
+                llamacpp.decode_batch1(q8, build, args.threads) for build in ("amx", "noamx")))
     figures.update({key: round(statistics.median(values), 2) for key, values in runs.items()})
     figures["timed_depth"], figures["timed_window"] = depth, len(window)
     figures["speculation_speedup"] = round(figures["timed_ngram_tok_s"] / figures["timed_off_tok_s"], 3)
     own_drafted, own_accepted = own_output(loaded, prompt, args.window)
+    figures["own_output_drafted_not_representative"] = own_drafted
     figures["own_output_acceptance_not_representative"] = round(own_accepted / max(own_drafted, 1), 3)
     print(json.dumps({"bench": "speculation", "preset": args.preset, "threads": args.threads,
                       "rounds": args.rounds, **figures}))
     if not args.no_llama:
-        llama = figures["llama_q8_0_batch1_tok_s"]
+        llama = figures["llama_q8_0_batch1_at_depth_tok_s"]  # as deep into its context as the timed window
         plain = round(figures["timed_off_tok_s"] / llama, 2)
         sped = round(figures["timed_ngram_tok_s"] / llama, 2)
         print(json.dumps({"bench": "speculation_goals", "goals": {
