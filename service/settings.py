@@ -152,8 +152,9 @@ class Settings(BaseSettings):
     speculate: Literal["auto", "off", "ngram"] = Field(
         "auto", description="Prompt-lookup speculation: each decode step also checks up to 3 tokens guessed "
         "from the request's own prompt and answer so far, keeping those the model would have chosen anyway "
-        "(answers are the same with and without it, only sooner). ngram: always; auto: while a step decodes at "
-        "most 2 answers and prefills nothing (where the extra tokens cost almost nothing); off: never.",
+        "(answers are the same with and without it, only sooner). ngram: always; auto: while a step stays within "
+        "4 tokens and prefills nothing (one answer drafts 3, two answers 1 each: there the extra tokens cost "
+        "almost nothing); off: never.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where the model runs: cuda (a GPU; the CUDA build of torch), cpu, or auto (cuda "

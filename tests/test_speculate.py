@@ -12,7 +12,7 @@ from service.inference import kvcache, speculate
 from service.inference.batching import Batch
 from service.inference.generation import Generation, GenerationRequest
 from service.inference.rows import token_seed
-from service.inference.speculate import Drafts, wanted
+from service.inference.speculate import Drafts, drafts_per_row
 from tests.support.reference import greedy
 
 QUESTIONS = ["Count: one two three one two three one two", "What is 12 times 12? Think step by step.",
@@ -59,9 +59,9 @@ def test_a_draft_is_what_followed_the_latest_earlier_place_of_the_last_ngram():
 
 
 def test_auto_speculates_only_in_a_small_pass_that_prefills_nothing():
-    assert wanted("auto", 1, False) and wanted("auto", 2, False)
-    assert not wanted("auto", 3, False) and not wanted("auto", 1, True)
-    assert wanted("ngram", 16, True) and not wanted("off", 1, False)
+    assert [drafts_per_row("auto", rows, False) for rows in range(6)] == [0, 3, 1, 0, 0, 0]
+    assert drafts_per_row("auto", 1, True) == 0
+    assert drafts_per_row("ngram", 16, True) == 3 and drafts_per_row("off", 1, False) == 0
 
 
 def test_token_seeds_differ_by_seed_and_position_and_stay_in_torchs_range():

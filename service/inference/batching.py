@@ -156,10 +156,10 @@ class Batch:
 
     def _pass(self, decoding, pieces):
         self.decoded = 0
-        speculating = speculate.wanted(self.speculation, len(decoding), bool(pieces))
+        drafts = speculate.drafts_per_row(self.speculation, len(decoding), bool(pieces))
         segments, keep, ends, guesses, packed = [], [], [], [], 0
         for row in decoding:
-            guess = self._guess(row) if speculating and not row.forcing else []
+            guess = self._guess(row, drafts) if drafts and not row.forcing else []
             tokens = row.ids[-1:] + (row.forcing or guess)
             segments.append((row, tokens))
             if guess or (row.forcing and row.logprobs is not None):  # each token's logits (or log probability)
@@ -220,13 +220,13 @@ class Batch:
         for lead in joining:  # only now: a failure before takes the forks out with their lead (`step`)
             lead.forks = []
 
-    def _guess(self, row):
-        """The tokens drafted to follow `row` (service.inference.speculate): as many as its answer and its
-        cache have room for past its next token."""
+    def _guess(self, row, count):
+        """Up to `count` tokens drafted to follow `row` (service.inference.speculate): no more than its answer
+        and its cache have room for past its next token."""
         if row.drafts is None:
             row.drafts = speculate.Drafts(row.request.prompt_ids)
         cache = row.cache
-        room = min(speculate.DRAFT_TOKENS, row.limit - len(row.ids) - 1, cache.capacity - cache.length - 1)
+        room = min(count, row.limit - len(row.ids) - 1, cache.capacity - cache.length - 1)
         return row.drafts.propose(row.ids, room)
 
     @property

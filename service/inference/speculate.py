@@ -18,26 +18,32 @@ token's index), and keeps the drafts up to the first that differs from what
 was chosen, plus the token chosen there: the output is exactly the one
 without speculation, only sooner.
 
-`wanted` says when it pays: `ngram` always, `auto` while the pass is small
-(few decode rows and no prompt being prefilled), where a step's time is
-the weights' bandwidth and extra tokens ride along almost free; a busy
-batch's step is already compute, and drafts would only add to it.
+`drafts_per_row` says when it pays: `ngram` always, `auto` while the pass
+stays small (a row drafting 3, two rows 1 each, and no prompt being
+prefilled), where a step's time is the weights' bandwidth and extra tokens
+ride along almost free; a busy batch's step is already compute, and drafts
+would only add to it.
 """
 
 # The n-gram sizes looked up, longest first: a 3-token match predicts better, a 2-token one more often.
 SIZES = (3, 2)
 # Drafted tokens per row and step: what one step verifies for little more than its own time (see above).
 DRAFT_TOKENS = 3
-# `auto` speculates while a pass decodes at most this many rows and prefills nothing.
-AUTO_ROWS = 2
+# `auto` keeps a speculating pass within this many tokens, where a step still costs about one row's: the own
+# int8 kernel's linears at real size (bench/kernel.py) took 58 ms for 1 row, 61 for 4, 73 for 8. So one row
+# drafts 3, two rows 1 each, and three or more none; nor does a pass that prefills.
+AUTO_TOKENS = 4
 MODES = ("auto", "off", "ngram")
 
 
-def wanted(mode, rows, prefilling):
-    """Whether a pass decoding `rows` rows (and prefilling prompt tokens, if `prefilling`) speculates."""
+def drafts_per_row(mode, rows, prefilling):
+    """How many tokens each of a pass's `rows` decode rows drafts (0: none), the pass prefilling prompt
+    tokens too if `prefilling`: `ngram` always DRAFT_TOKENS; `auto` what keeps the pass within AUTO_TOKENS."""
     if mode == "ngram":
-        return True
-    return mode == "auto" and rows <= AUTO_ROWS and not prefilling
+        return DRAFT_TOKENS
+    if mode != "auto" or prefilling or not rows:
+        return 0
+    return max(0, min(DRAFT_TOKENS, (AUTO_TOKENS - rows) // rows))
 
 
 class Drafts:
