@@ -34,6 +34,10 @@ from service.serving.models import Models, Served, mode_of, revision
 from service.settings import SettingsError, load_settings, require_models
 from service.state import State, attach
 
+# How seeded draws are made (service.inference.rows.token_seed): part of each model's revision, so answers
+# cached under an earlier way (2: keyed on each token's index, drawn in vocabulary order) are not replayed.
+SAMPLING = 2
+
 
 def create_app(settings=None):
     """Build the app around one engine per served model; each model is loaded once per process."""
@@ -127,8 +131,9 @@ def start_models(specs, sizes, settings):
                          settings.device, spec.reasoning_start, settings.forced_output, settings.kv_dtype,
                          spec.reasoning_end, settings.thinking_closing, int8_kernel=kernel or "fbgemm")
         # before the engine starts: the files loaded; the KV cache's dtype and the int8 kernel change answers as
-        # the mode does
-        files = revision(spec.path, f"{mode_of(spec)} kv {settings.kv_dtype}" + (f" {kernel}" if kernel else ""))
+        # the mode does, and so did seeded sampling's keying on each token's index (SAMPLING)
+        files = revision(spec.path, f"{mode_of(spec)} kv {settings.kv_dtype}" + (f" {kernel}" if kernel else "")
+                         + f" sampling {SAMPLING}")
         engine = Engine(loader, settings.queue_size, settings.torch_threads, settings.max_batch_size,
                         name=spec.name, turns=turns, cache_bytes=bounds[spec.name],
                         prefix_bytes=settings.prefix_cache_bytes, revision=files,

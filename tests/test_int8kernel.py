@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from service.inference import int8kernel, model, numerics
+from service.app import SAMPLING
 from service.serving.models import revision
 from service.state import state
 from tests.support.inprocess import make_app, stop_app
@@ -181,7 +182,8 @@ def test_a_server_without_the_kernel_starts_on_fbgemm_and_readyz_says_so(hidden_
     assert status["mode"] == "int8" and status["int8_kernel"] == "fbgemm"
     # the response cache keys answers by the kernel that computed them
     (served,) = state(hidden_app).models
-    assert served.revision == revision(tiny_model, "int8 kv auto fbgemm") != revision(tiny_model, "int8 kv auto own")
+    assert served.revision == revision(tiny_model, f"int8 kv auto fbgemm sampling {SAMPLING}") != \
+        revision(tiny_model, f"int8 kv auto own sampling {SAMPLING}")
 
 
 def test_readyz_names_the_kernel_in_use(tiny_model, tmp_path):

@@ -159,7 +159,7 @@ class Batch:
         drafts = speculate.drafts_per_row(self.speculation, len(decoding), bool(pieces))
         segments, keep, ends, guesses, packed = [], [], [], [], 0
         for row in decoding:
-            guess = self._guess(row, drafts) if drafts and not row.forcing else []
+            guess = self._guess(row, drafts) if drafts and not (row.forcing or row.cache.shared) else []
             tokens = row.ids[-1:] + (row.forcing or guess)
             segments.append((row, tokens))
             if guess or (row.forcing and row.logprobs is not None):  # each token's logits (or log probability)
@@ -200,8 +200,8 @@ class Batch:
                 ahead.append(())
         if not rows:
             return
-        chosen = logits[at]
-        tokens = choose(chosen, rows, ahead)
+        chosen, failed = logits[at], {}
+        tokens = choose(chosen, rows, ahead, failed)
         logprobs = logprobs_of(chosen, rows, tokens)
         tokens = tokens.tolist()
         # Rows are in the batch before their first token reaches a caller, so whoever sees that token
@@ -210,10 +210,15 @@ class Batch:
         taken, i = [], 0
         for row, guess in zip(decoding, guesses):
             drafted = len(guess)
-            accepted = next((j for j in range(drafted) if tokens[i + j] != guess[j]), drafted)
+            accepted = next((j for j in range(drafted) if tokens[i + j] != guess[j] or i + j in failed), drafted)
             taken.append((row, tokens[i:i + accepted + 1], logprobs[i:i + accepted + 1], drafted))
+            if i + accepted in failed:  # a position the row reached (past a draft that held, or its first)
+                row.fail(failed[i + accepted])
             i += drafted + 1
         taken += [(row, tokens[j:j + 1], logprobs[j:j + 1], 0) for j, row in enumerate(rows[i:], i)]
+        for j, row in enumerate(rows[i:], i):
+            if j in failed:
+                row.fail(failed[j])
         before = sum(len(row.ids) for row in decoding)
         self._hand_out(taken)
         self.decoded = sum(len(row.ids) for row in decoding) - before

@@ -18,7 +18,7 @@ import torch
 GREEDY_BELOW = 1e-3
 
 
-def choose(logits, rows, ahead=None):
+def choose(logits, rows, ahead=None, failed=None):
     """The next token of each row: argmax for greedy rows, a sample for the others (or, for tests, the
     model's forced output: settings.forced_output); a row's repetition penalty applies before either.
 
@@ -26,7 +26,9 @@ def choose(logits, rows, ahead=None):
     (service.inference.speculate): the token is chosen as it would be once they are the row's, at their
     index, with the same penalty and the same seeded draw.
 
-    A row whose sampling fails is marked failed (its caller gets the error) and the others go on."""
+    A row whose sampling fails is marked failed (its caller gets the error) and the others go on; with
+    `failed` (a dict), the failure is put there by logits row instead, for the caller to decide (a position
+    past a draft that did not hold is never reached)."""
     tokens = logits.argmax(dim=-1)
     for i, row in enumerate(rows):
         before = ahead[i] if ahead is not None else ()
@@ -48,7 +50,10 @@ def choose(logits, rows, ahead=None):
                 tokens[i] = sample(scores.float().cpu(), request.temperature, request.top_p,
                                    row.generator(len(row.ids) + len(before)), request.top_k, request.min_p)
         except Exception as exc:  # noqa: BLE001 - any failure of one row is that row's alone
-            row.fail(exc)
+            if failed is None:
+                row.fail(exc)
+            else:
+                failed[i] = exc
     return tokens
 
 

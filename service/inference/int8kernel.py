@@ -117,8 +117,6 @@ class OwnInt8Linear(torch.nn.Module):
         zeros = torch.zeros(self.out_features)
         self.register_buffer("bias", _pad4(zeros if bias is None else bias.detach().float(), n).contiguous())
         self.has_bias = bias is not None
-        self._pointers = (self.packed.data_ptr(), self.corr.data_ptr(), self.scales.data_ptr(),
-                          self.bias.data_ptr())
 
     @classmethod
     def from_quantized(cls, weight, bias=None):
@@ -132,12 +130,15 @@ class OwnInt8Linear(torch.nn.Module):
         rows = x.float().reshape(-1, self.in_features)
         if not rows.is_contiguous():
             rows = rows.contiguous()
-        out = torch.empty(x.shape[:-1] + (self.out_features,))
+        out = torch.empty(x.shape[:-1] + (self.out_features,), dtype=torch.float32)  # whatever the default dtype
         if not rows.shape[0]:  # no rows (a prefill pass whose prompts all go on: no logits kept)
             return out if x.dtype == torch.float32 else out.to(x.dtype)
-        packed, corr, scales, bias = self._pointers
-        self.kernel.linear(rows.data_ptr(), out.data_ptr(), packed, corr, scales, bias, rows.shape[0],
-                           self.out_features, self.in_features, torch.get_num_threads())
+        scales, bias = self.scales, self.bias  # read each call: a module's buffers may be replaced (.to(), ...)
+        if scales.dtype != torch.float32 or bias.dtype != torch.float32:
+            raise TypeError("the own int8 kernel's scales and bias must stay float32 (the layer was converted)")
+        self.kernel.linear(rows.data_ptr(), out.data_ptr(), self.packed.data_ptr(), self.corr.data_ptr(),
+                           scales.data_ptr(), bias.data_ptr(), rows.shape[0], self.out_features,
+                           self.in_features, torch.get_num_threads())
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     def int8_weight(self):

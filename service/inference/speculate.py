@@ -15,8 +15,10 @@ costs a few dictionary reads however deep the row is. The batch
 one pass, chooses a token at each position as it would have without them
 (service.inference.decoding.choose, sampling keyed on the seed and the
 token's index), and keeps the drafts up to the first that differs from what
-was chosen, plus the token chosen there: the output is exactly the one
-without speculation, only sooner.
+was chosen, plus the token chosen there: the output is the one without
+speculation, only sooner (exactly, where a token's numbers do not depend on
+the shape of the pass: the float32 mode, and int8 on the own kernel; in the
+bfloat16 mode and int8 on fbgemm, as closely as batching keeps them).
 
 `drafts_per_row` says when it pays: `ngram` always, `auto` while the pass
 stays small (a row drafting 3, two rows 1 each, and no prompt being
