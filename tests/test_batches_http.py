@@ -215,7 +215,11 @@ def test_users_batches_take_turns(start_server, long_question):
     first = big.batches.create(input_file_id=big.files.create(file=("b.jsonl", jsonl(long_items)),
                                                               purpose="batch").id,
                                endpoint="/v1/predict", completion_window="24h")
-    time.sleep(0.5)
+    # the small batch comes once the big one has answered a line (however fast lines go: speculation makes a
+    # looping answer's lines several times faster), so its head start is a line or two, not a time
+    deadline = time.monotonic() + 60
+    while big.batches.retrieve(first.id).request_counts.completed < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
     second = small.batches.create(input_file_id=small.files.create(file=("s.jsonl", jsonl(long_items[:2])),
                                                                    purpose="batch").id,
                                   endpoint="/v1/predict", completion_window="24h")

@@ -2,7 +2,6 @@
 /predict, the usage row, /metrics and /readyz, and the user scope that keeps one user's prompts apart from
 another's."""
 
-import re
 
 import openai
 import pytest
@@ -11,6 +10,7 @@ import requests
 from auth.store import Store
 from service.inference.prefixes import BLOCK
 from tests.support.batches import MODEL
+from tests.support.metrics import counter
 from tests.support.tokens import user_token
 
 pytestmark = pytest.mark.slow
@@ -29,12 +29,6 @@ def client_of(server, token=None):
 def ask(client, question, **kwargs):
     return client.chat.completions.create(model=MODEL, max_tokens=4, temperature=0, messages=[
         {"role": "user", "content": f"{DOCUMENT}\n\n{question}"}], **kwargs)
-
-
-def counter(server, name, **labels):
-    text = requests.get(server.url("/metrics"), timeout=10).text
-    wanted = "".join(f'(?=[^}}]*{key}="{value}")' for key, value in labels.items())
-    return sum(float(v) for v in re.findall(rf"^{name}\{{{wanted}[^}}]*\}} (\S+)$", text, re.MULTILINE))
 
 
 def test_a_second_question_on_a_document_reads_it_from_the_prefix_cache(server):

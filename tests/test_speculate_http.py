@@ -6,7 +6,7 @@ import openai
 import pytest
 
 from tests.support.batches import MODEL
-from tests.test_prefixes_http import counter
+from tests.support.metrics import counter
 
 pytestmark = pytest.mark.slow
 REPLY = "the cat sat on the mat, " * 12 + "and then the dog sat on the mat too."
@@ -31,10 +31,11 @@ def test_a_repeating_reply_is_the_same_with_and_without_speculation_and_its_draf
     steps = counter(on, "vibethinker_speculation_accepted_tokens_count")
     replies = {}
     for mode, server in servers.items():
-        completion = client_of(server).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=200)
-        stream = client_of(server).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=200,
-                                                           stream=True, stream_options={"include_usage": True})
-        chunks = list(stream)
+        with client_of(server) as client:  # closed: an open connection's socket would warn when collected
+            completion = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=200)
+            with client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=200, stream=True,
+                                                stream_options={"include_usage": True}) as stream:
+                chunks = list(stream)
         streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
         replies[mode] = (completion.choices[0].message.content, completion.usage.completion_tokens,
                          completion.choices[0].finish_reason, streamed, chunks[-1].usage.completion_tokens)
