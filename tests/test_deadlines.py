@@ -95,7 +95,9 @@ def test_a_request_that_asks_nothing_gets_what_fits(sized, long_question):
 def test_a_length_the_server_chose_ends_as_length_even_if_the_speed_was_unknown(start_server, long_question):
     # A fresh server has measured nothing, so the default (2048 tokens, seconds of work) is not lowered:
     # the deadline cuts it, and the answer is what was computed, as "length", not a 504.
-    fresh = start_server(VIBE_REQUEST_DEADLINE_S=0.5, VIBE_DEFAULT_MAX_NEW_TOKENS=2048)
+    # Speculation off, and 2,048 tokens asked for below: with the engine's own layer loop the demo model made
+    # 1,000 tokens within the half second that this test needs them not to fit (and 4 a step speculating).
+    fresh = start_server(VIBE_REQUEST_DEADLINE_S=0.5, VIBE_DEFAULT_MAX_NEW_TOKENS=2048, VIBE_SPECULATE="off")
     response = fresh.post("/predict", {"question": long_question, "temperature": 0})
     assert response.status_code == 200, response.text
     body = response.json()
@@ -105,7 +107,7 @@ def test_a_length_the_server_chose_ends_as_length_even_if_the_speed_was_unknown(
                                                "temperature": 0})
     assert chat.status_code == 200 and chat.json()["choices"][0]["finish_reason"] == "length"
     # Asked for explicitly, the length is the client's: a cut is still the deadline's 504.
-    asked = fresh.post("/predict", {"question": long_question, "max_new_tokens": 1000, "temperature": 0})
+    asked = fresh.post("/predict", {"question": long_question, "max_new_tokens": 2048, "temperature": 0})
     assert asked.status_code in (400, 504), asked.text
     assert asked.json()["error"]["code"] in ("exceeds_deadline", "deadline_exceeded")
 
