@@ -35,7 +35,6 @@ DRAFT_TOKENS = 3
 # int8 kernel's linears at real size (bench/kernel.py) took 58 ms for 1 row, 61 for 4, 73 for 8. So one row
 # drafts 3, two rows 1 each, and three or more none; nor does a pass that prefills.
 AUTO_TOKENS = 4
-MODES = ("auto", "off", "ngram")
 
 
 def drafts_per_row(mode, rows, prefilling):
