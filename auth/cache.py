@@ -36,10 +36,11 @@ class TokenCache:
         self._epoch = None
         self._db_checked = float("-inf")
 
-    def begin(self):
-        """Bring the cache up to the current epoch (one read of the mirror) and return it; None: do not use it."""
+    def begin(self, read=None):
+        """Bring the cache up to the current epoch (one read of the mirror, by `read` when given: a trip the
+        request makes anyway that brings it) and return it; None: do not use it."""
         try:
-            epoch = self._read()
+            epoch = (read or self._read)()
         except Exception:  # the mirror is unreachable: nobody could tell us of a revocation
             self.clear()
             return None

@@ -26,11 +26,12 @@ REQUIRED_CLAIMS = ("iss", "aud", "exp", "iat", "nbf", "jti", "sub", "scope", "ty
 QUERY_TOKEN_NAMES = ("token", "access_token", "jwt", "api_key", "apikey")
 
 
-def init_app(app, *, store, keyset, issuer, audience, needs_token, scope_for, respond, cache=None):
+def init_app(app, *, store, keyset, issuer, audience, needs_token, scope_for, respond, cache=None, fold=None):
     """Require a valid token on every request for which `needs_token()` is true.
 
     `scope_for(path)` names the scope a route needs (None: any valid token); `respond(status, message, code)`
-    builds the app's error response (the auth layer knows nothing of its shape).
+    builds the app's error response (the auth layer knows nothing of its shape). With a `cache`, `fold(token)`
+    may read the access epoch for a cached token record in a trip the request makes anyway (its rate limit).
     """
     app.config.update(JWT_ALGORITHM=ALGORITHM, JWT_DECODE_ALGORITHMS=[ALGORITHM], JWT_TOKEN_LOCATION=["headers"],
                       JWT_DECODE_ISSUER=issuer, JWT_DECODE_AUDIENCE=audience, JWT_DECODE_LEEWAY=0,
@@ -57,14 +58,15 @@ def init_app(app, *, store, keyset, issuer, audience, needs_token, scope_for, re
         if any(name in request.args for name in QUERY_TOKEN_NAMES):
             raise AuthError(401, "tokens in the query string are refused; use the Authorization header",
                             "token_in_query")
-        g.auth = check_access(_token(store, keyset, cache), scope_for(request.path))
+        g.auth = check_access(_token(store, keyset, cache, fold), scope_for(request.path))
         return None
 
 
-def _token(store, keyset, cache):
+def _token(store, keyset, cache, fold=None):
     """The bearer token's record: from this worker's cache, or decoded and checked against the store."""
     header = request.headers.get("Authorization", "")
-    epoch = cache.begin() if cache is not None and header else None
+    held = cache.get(header) if cache is not None and header and fold is not None else None
+    epoch = cache.begin(held and (lambda: fold(held[1]))) if cache is not None and header else None
     hit = cache.get(header) if epoch is not None else None
     # A key deleted from the folder by hand (not by `keys retire`) moves no epoch: ask the folder too.
     if hit is not None and keyset.holds(hit[1]["kid"]):

@@ -25,7 +25,7 @@ from service.batches.records import BatchRecords
 from service.batches.runner import BatchRunner
 from service.inference import footprint
 from service.inputs import filtering
-from service.records import logs, metrics
+from service.records import logs, metrics, timing
 from service.records.usagelog import UsageLog
 from service.serving import attachments
 from service.serving.answers import Checker
@@ -50,6 +50,7 @@ def create_app(settings=None):
     if settings.proxy_fix_hops:  # the real client address and scheme, as nginx saw them
         hops = settings.proxy_fix_hops
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
+    app.wsgi_app = timing.stamp(app.wsgi_app)  # outermost: a request's total runs from here
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False  # no CORS here: OPTIONS is a 405 like any other method
     app.json.sort_keys = False
@@ -66,7 +67,7 @@ def create_app(settings=None):
     errors.init_app(app)
     guard.init_app(app, store=store, keyset=keyset, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
                    needs_token=access.needs_token, scope_for=access.scope_for, respond=ratelimit.record_auth_failure,
-                   cache=token_cache(settings, store, counters))
+                   cache=token_cache(settings, store, counters), fold=ratelimit.prefetch)
     ratelimit.init_app(app, settings, limited_blueprints=[predict.bp, chat.bp, batches.bp],
                        polls=batches.POLLS)  # after the guard: keys on the user
     app.register_blueprint(health.bp)

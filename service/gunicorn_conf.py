@@ -46,8 +46,9 @@ workers = 1
 # while one engine thread runs the model. Async workers would gain nothing.
 worker_class = "gthread"
 # Concurrent HTTP requests the worker holds (waiting or generating); beyond this
-# connections queue in the backlog. From VIBE_HTTP_THREADS, 1-1024.
-threads = _settings.http_threads
+# connections queue in the backlog. From VIBE_HTTP_THREADS, 1-1024; unset, twice
+# VIBE_MAX_BATCH_SIZE, so the engine's batch can fill.
+threads = _settings.threads
 # Seconds of worker silence before the master kills it. The gthread main loop
 # keeps heart-beating while requests generate, so this only catches a hung
 # process; it also bounds model loading, which runs in a background thread.

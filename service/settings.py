@@ -320,7 +320,15 @@ class Settings(BaseSettings):
 
     # --- HTTP ---
     bind: str = Field("127.0.0.1:8000", min_length=1, description="Gunicorn bind: HOST:PORT or unix:/path.")
-    http_threads: int = Field(8, ge=1, le=1024, description="Gunicorn gthread threads: concurrent HTTP requests held.")
+    http_threads: int | None = Field(
+        None, ge=1, le=1024,
+        description="Gunicorn gthread threads: concurrent HTTP requests held. Unset: twice max_batch_size, so the "
+        "engine's batch fills (each generation holds a thread) with as many again waiting or on other routes.")
+    server_timing: Literal["on", "admin", "off"] = Field(
+        "on",
+        description="Who sees a generation's phases (Server-Timing header, a stream's usage chunk, a batch "
+        "line's body): everyone (on), admin-scope tokens only (admin), nobody (off). The log line and /metrics "
+        "have them whatever this says.")
     proxy_fix_hops: int = Field(
         0,
         ge=0,
@@ -424,6 +432,11 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(schemes):
             raise ValueError("use memory://, redis://HOST:PORT or redis+unix:///path/to/redis.sock")
         return value
+
+    @property
+    def threads(self):
+        """The HTTP threads a worker runs: http_threads, or twice max_batch_size."""
+        return self.http_threads or 2 * self.max_batch_size
 
     @model_validator(mode="after")
     def _check_bounds(self):

@@ -60,8 +60,12 @@ def test_a_good_body_gets_the_same_answer_and_usage_row_both_ways(app, endpoint,
     assert live.status_code == 200, live.get_json()
     line = caller.first_line(caller.submit(endpoint, body))
     assert line["error"] is None and line["response"]["status_code"] == 200
-    assert uncached(without(line["response"]["body"], "id", "created")) == uncached(without(live.get_json(), "id",
-                                                                                             "created"))
+    # the same answer; where the time went is the line body's extension (a live answer's is its header)
+    phases = line["response"]["body"]["server_timing"]
+    assert phases["decode"] > 0 and phases["total"] >= phases["decode"] + phases["queue"] + phases["prefill"]
+    assert "Server-Timing" in live.headers
+    assert uncached(without(line["response"]["body"], "id", "created", "server_timing")) == \
+        uncached(without(live.get_json(), "id", "created"))
     assert cached(live.get_json()) <= cached(line["response"]["body"])  # the line came second
     batch_row, live_row = caller.rows()  # newest first
     assert (live_row["route"], batch_row["route"]) == (endpoint, "/v1/batches")

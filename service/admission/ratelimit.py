@@ -21,9 +21,11 @@ from flask_limiter import Limiter
 from flask_limiter.errors import RateLimitExceeded
 from limits import parse_many
 
+from service.admission import ratestore
 from service.admission.budget import DAY_S
 from service.admission.counters import StorageUnavailable
 from service.admission.rates import LIVE_SCOPE, user_key
+from service.api import accounting
 from service.api.errors import error_response, refusal_response
 from service.errors import RateLimited, Unavailable
 from service.state import state
@@ -35,7 +37,9 @@ def init_app(app, settings, limited_blueprints, polls=frozenset()):
     """Bind the limiter (after the auth hook, so it sees the user): `limited_blueprints` count against the
     user's request rate limit, except their endpoints named in `polls` (retrieves, lists), which count
     against the generous polling limit instead."""
-    limiter = Limiter(key_func=_user_key, storage_uri=settings.ratelimit_storage_uri, strategy="moving-window",
+    uri = settings.ratelimit_storage_uri
+    limiter = Limiter(key_func=_user_key, storage_uri=uri if uri.startswith("memory://") else ratestore.SCHEME + uri,
+                      strategy="moving-window",
                       headers_enabled=False, swallow_errors=settings.ratelimit_fail_open,
                       storage_options={"socket_timeout": 2, "socket_connect_timeout": 2})
     for bp in limited_blueprints:
@@ -44,11 +48,15 @@ def init_app(app, settings, limited_blueprints, polls=frozenset()):
         if any(endpoint.startswith(f"{bp.name}.") for endpoint in polls):
             limiter.shared_limit(lambda: state().settings.poll_rate_limit, scope="poll", key_func=_user_key,
                                  exempt_when=lambda: request.endpoint not in polls)(bp)
+    app.before_request(accounting.lap("auth"))  # the guard's hook ran just before
     limiter.init_app(app)
+    app.before_request(accounting.lap("limits"))
     if settings.ratelimit_storage_uri.startswith("memory://"):
         log.warning("rate limits, token budgets and concurrency use memory://: per process and lost on "
                     "restart; set VIBE_RATELIMIT_STORAGE_URI to Redis in production")
     state(app).limiter = limiter
+    limiter.vibethinker_live = frozenset(bp.name for bp in limited_blueprints), frozenset(polls)
+    app.teardown_request(_give_back)
     app.register_error_handler(RateLimitExceeded, _rate_limited)
     app.register_error_handler(StorageUnavailable, _storage_down)
     try:
@@ -65,7 +73,41 @@ def _user_key():
 
 
 def _user_limit():
-    return g.auth.get("rate_limit") or state().settings.default_rate_limit
+    return _limit_of(g.auth)
+
+
+def _limit_of(token):
+    return token.get("rate_limit") or state().settings.default_rate_limit
+
+
+def prefetch(token):
+    """The guard's read of the access epoch for a token it holds cached, with the hits flask-limiter will make
+    for that token's request rate limit on this request folded into the same trip (service.admission.ratestore).
+    """
+    limiter = state().limiter
+    if not isinstance(limiter.storage, ratestore.FoldedRedisStorage):
+        return state().counters.get_epoch()
+    return limiter.storage.prefetch(_windows(limiter, token))
+
+
+def _windows(limiter, token):
+    """The windows flask-limiter hits for `token`'s request here, in its order, as (key, limit, expiry, amount):
+    none off the limited routes, or on a polling route (its own limit, not prefetched)."""
+    blueprints, polls = limiter.vibethinker_live
+    if request.blueprint not in blueprints or request.endpoint in polls or request.routing_exception is not None:
+        return []
+    key = user_key(token["user"])
+    return [(item.key_for(key, LIVE_SCOPE), item.amount, item.get_expiry(), 1)
+            for item in sorted(parse_many(_limit_of(token)))]
+
+
+def _give_back(_exc):
+    """Prefetched hits flask-limiter did not make (a refusal before it, a limit changed meanwhile): undone."""
+    if g.get("rate_prefetched"):
+        try:
+            state().limiter.storage.give_back()
+        except Exception:  # noqa: BLE001 - the storage went away: the entries expire with their window
+            log.warning("prefetched rate-limit hits not given back: storage unreachable")
 
 
 def _rate_limited(exc):

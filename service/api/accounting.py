@@ -9,8 +9,10 @@ the usage row and the log line are taken here.
 `finish` writes the usage row and the log line: after the response for plain
 requests, when the stream ends for streams (499: the client left). The row is
 written before the response leaves, so a crash after it cannot lose it. The
-log line has who, what route, status, latency, tokens, finish reason and
-refusal reason; never a token or prompt text.
+log line has who, what route, status, latency, tokens, finish reason,
+refusal reason and a generation's phases (service.records.timing); never a
+token or prompt text. A generation route's response carries its phases in
+`Server-Timing` where the `server_timing` setting shows them.
 """
 
 import logging
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from flask import g, request
 
 from service.errors import token_headers
-from service.records import metrics, requestid
+from service.records import metrics, requestid, timing
 from service.records.accounting import write_usage
 from service.serving import pipeline
 from service.serving.caller import Caller
@@ -28,6 +30,7 @@ from service.serving.job import Job
 from service.state import state
 
 log = logging.getLogger("vibethinker.requests")
+GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/predict", "/v1/predict"})
 
 
 @dataclass
@@ -40,6 +43,11 @@ class RequestRecord:
     error_code: str | None = None  # the refusal's code, from service.api.errors' response
     streamed: bool = False  # the stream writes its own row when it ends
     job: object = None  # the service.serving.job.Job of a generation, set once by its route
+    timings: timing.Timings = None  # its phases, from the moment the edge read it
+
+    def __post_init__(self):
+        if self.timings is None:
+            self.timings = timing.Timings(self.started)
 
     @property
     def latency(self):
@@ -55,12 +63,21 @@ def begin():
     """A generation Job for this request's caller, made the request's `job`: the record reads its model, usage
     and headers from it."""
     record = current()
-    record.job = Job(Caller.of_token(g.auth), started=record.started, live=True)
+    record.job = Job(Caller.of_token(g.auth), started=record.started, live=True, timings=record.timings)
     return record.job
 
 
+def lap(phase):
+    """A before_request hook giving the time since the last mark to `phase` (auth, limits: the hooks before)."""
+    def hook():
+        current().timings.lap(phase)
+    hook.__name__ = f"lap_{phase}"
+    return hook
+
+
 def _open():
-    g.record = RequestRecord(requestid.choose(request.headers), time.monotonic(),
+    g.record = RequestRecord(requestid.choose(request.headers),
+                             request.environ.get(timing.EDGE_KEY) or time.monotonic(),
                              request.url_rule.rule if request.url_rule else "unmatched")
     requestid.bind(g.record.request_id)
 
@@ -82,26 +99,40 @@ def _account(response):
         for name, value in token_headers(job.lease).items():
             response.headers.setdefault(name, str(value))
     response.headers[requestid.HEADER] = record.request_id
-    if not record.streamed:
-        finish(record, status, "request")
+    # a stream's head leaves now, before its first token: its usage chunk and log line have the whole
+    total = record.timings.total() if record.streamed else finish(record, status, "request")
+    if record.route in GENERATION_ROUTES and shows_timing():
+        response.headers["Server-Timing"] = record.timings.header(total)
     return response
 
 
+def shows_timing():
+    """Whether this request's caller sees its phases (service.records.timing.shown)."""
+    auth = g.get("auth")
+    return timing.shown(state().settings.server_timing, auth["scope"].split() if auth else ())
+
+
 def finish(record, status, message="stream ended"):
-    """The usage row (for an admitted generation) and the log line of a request or a stream."""
+    """The usage row (for an admitted generation) and the log line of a request or a stream; the request's
+    total seconds, from the edge."""
+    requestid.bind(record.request_id)  # a stream ends after its request's teardown unbound it
     latency, job, auth = record.latency, record.job, g.get("auth")
     if job is not None:
         pipeline.let_go(state(), job)  # refused after admission (a document, the policy) or a cache hit
     if job is not None and job.recorded:
         write_usage(state().usage_log, job, record.route, status, latency, record.request_id)
+    record.timings.lap("record")
+    total = record.timings.total()
     fields = {"method": request.method, "route": record.route, "status": status,
               "latency_ms": round(latency * 1000, 1), "user": auth["user"] if auth else None,
               "client_ip": request.remote_addr}
     if job is not None:
-        fields.update(_job_fields(job))
+        fields.update(_job_fields(job), phases=record.timings.milliseconds(total))
+        timing.observe(metrics.PHASES, record.route, record.timings, total)
     if record.error_code:
         fields.update(error_code=record.error_code, refusal=metrics.refusal_reason(status, record.error_code))
     log.info(message, extra={"fields": fields})
+    return total
 
 
 def _job_fields(job):

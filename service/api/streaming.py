@@ -8,7 +8,8 @@
   keep-alive comments while a request waits (they also notice a gone
   client), each choice's last chunk as it ends, with its finish reason (and
   the `thinking_ended_early`, `final_answer`, `correct` extensions), the
-  `vote` and a usage chunk when asked, then `data: [DONE]`. A request for n
+  `vote` and a usage chunk when asked (with the phases so far as
+  `server_timing`, where they are shown), then `data: [DONE]`. A request for n
   choices interleaves them, each chunk with its choice's `index`.
   A deadline cut ends with `data: {"error": {...}}` in the one error shape.
 - `close` runs however the stream ends (finished, cut, or the client gone,
@@ -139,7 +140,11 @@ class ChatStream:
         if self.job.params.vote:
             yield self._chunk(None, {}, vote=shapes.vote(self.state, self.finals))
         if self.include_usage:
-            yield self._chunk(None, {}, usage=shapes.chat_usage(self.job, result))
+            timings = self.job.timings
+            timings.engine(result, replayed=self.hit is not None)
+            shown = accounting.shows_timing()
+            yield self._chunk(None, {}, usage=shapes.chat_usage(self.job, result),
+                              timing=timings.milliseconds(timings.total()) if shown else None)
 
     def _pieces(self, index, parts, logprobs=()):
         """The chunks of split text: the thinking as reasoning_content and reasoning, the answer as content; the
@@ -167,7 +172,7 @@ class ChatStream:
         except Exception:  # the engine failed this request or did not stop in time: nothing known to count
             return None
 
-    def _chunk(self, index, delta, finish=None, usage=None, vote=None, logprobs=(), ended=None):
+    def _chunk(self, index, delta, finish=None, usage=None, vote=None, logprobs=(), ended=None, timing=None):
         """One chat.completion.chunk: a choice's delta (its log probabilities when asked), or with `index` None
         the vote or the usage, with no choice."""
         choices = []
@@ -182,6 +187,8 @@ class ChatStream:
                 "model": self.job.model, "choices": choices}
         if usage:
             body["usage"] = usage
+        if timing:  # the phases so far (service.records.timing), milliseconds: an extension beside usage
+            body["server_timing"] = timing
         if vote:
             body["vote"] = vote
         return _event(body)

@@ -123,10 +123,14 @@ def job_of(prepared, caller, served):
 
 
 def answered(state, custom_id, job, result, request_id):
-    """The output line of a finished line's job."""
+    """The output line of a finished line's job; its body has the line's phases as `server_timing` (in
+    milliseconds: service.records.timing) when the setting shows them to everyone."""
+    body = shapes.answer(state, job, result)
+    job.timings.lap("record")
+    if state.settings.server_timing == "on":
+        body["server_timing"] = job.timings.milliseconds(job.timings.total())
     return {"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": custom_id,
-            "response": {"status_code": 200, "request_id": request_id, "body": shapes.answer(state, job, result)},
-            "error": None}
+            "response": {"status_code": 200, "request_id": request_id, "body": body}, "error": None}
 
 
 def finished(state, custom_id, job, result, request_id):

@@ -26,6 +26,7 @@ from service.admission.rates import LineRates
 from service.batches import lines
 from service.errors import Forbidden, LimitReached, NotFound, OverBudget, Refusal, Unavailable
 from service.inputs.filtering import check_allowed_prompt
+from service.records import metrics, timing
 from service.records.accounting import usage_row
 from service.serving import pipeline
 from service.serving.caller import Caller
@@ -285,6 +286,8 @@ class BatchRunner:
         thought gone): then neither."""
         usage = usage_row(item.job, ROUTE, status, time.monotonic() - item.started, item.request_id) \
             if item is not None and item.job.recorded else None
+        if item is not None:
+            timing.observe(metrics.PHASES, ROUTE, item.job.timings, item.job.timings.total())
         if not self.records.finish_line(batch_id, line, ok, result, self.owner, usage):
             log.warning("a batch line finished here after another runner took it over; its answer is dropped",
                         extra={"fields": {"batch": batch_id, "line": line}})

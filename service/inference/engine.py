@@ -303,7 +303,8 @@ class Engine:
             result = GenerationResult(text, ids, len(handle.request.prompt_ids), reason,
                                       handle.started - handle.submitted, now - handle.started,
                                       forced_tokens=row.forced, thinking_ended=row.thinking.ended,
-                                      logprobs=row.logprobs, index=row.index, cached_tokens=row.cached)
+                                      logprobs=row.logprobs, index=row.index, cached_tokens=row.cached,
+                                      prefill_seconds=(handle.first or now) - handle.started)
             if row.index == 0:
                 metrics.PROMPT_TOKENS.labels(self.name).inc(result.prompt_tokens)
             metrics.GENERATION_TOKENS.labels(self.name).inc(len(ids))

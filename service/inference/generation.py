@@ -106,6 +106,7 @@ class GenerationResult:
     index: int = 0
     others: tuple = ()  # the other choices (GenerationResults of their own, without others)
     cached_tokens: int = 0  # of the prompt's: read from the prefix cache, not prefilled (the request's, once)
+    prefill_seconds: float = 0.0  # of run_seconds: from joining the batch to the request's first token
 
     @property
     def choices(self):
@@ -131,6 +132,7 @@ class Generation:
         self.model = model  # the engine's name: its metrics' label
         self.submitted = time.monotonic()
         self.started = None  # when it joined the batch
+        self.first = None  # when its first token was taken
         self._cancelled = threading.Event()
         self._done = threading.Event()
         self._deltas = queue.SimpleQueue()

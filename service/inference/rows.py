@@ -69,6 +69,8 @@ class Row:
         model = self.handle.model
         metrics.TTFT.labels(model).observe(now - self.handle.submitted) if self.last is None \
             else metrics.INTER_TOKEN.labels(model).observe(now - self.last)
+        if self.handle.first is None:
+            self.handle.first = now
         self.last = now
         text = self._append(token)
         self._record(logprob, self.thinking.follow(token, self.text.text), text)

@@ -17,6 +17,10 @@ HTTP_REQUESTS = Counter("vibethinker_http_requests_total", "HTTP requests by rou
                         ["route", "method", "status"])
 REQUEST_DURATION = Histogram("vibethinker_request_duration_seconds", "Wall time of HTTP requests by route.",
                              ["route"], buckets=LATENCY_BUCKETS)
+PHASE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, *LATENCY_BUCKETS)
+PHASES = Histogram("vibethinker_request_phase_seconds", "Time of each phase of a generation (service.records.timing: "
+                   "auth, limits, admission, queue, documents, template, prefill, decode, record, and total from the "
+                   "edge), by route (a batch line's: /v1/batches).", ["route", "phase"], buckets=PHASE_BUCKETS)
 REFUSALS = Counter("vibethinker_refusals_total", "Requests refused, by reason.", ["reason"])
 TTFT = Histogram("vibethinker_time_to_first_token_seconds", "From submission to the first generated token.",
                  ["model"], buckets=LATENCY_BUCKETS)

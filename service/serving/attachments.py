@@ -51,7 +51,9 @@ def read(state, job, data, media_type, where):
         raise DeadlineExceeded(f"no time is left before the {settings.request_deadline_s:g} s deadline to read "
                                f"{where}", "deadline_exceeded", where)
     documents.check(data, media_type, state.documents.limits, where)  # what costs nothing to refuse, first
+    job.timings.lap("template")
     pipeline.admit_reading(state, job)
+    job.timings.lap("admission")
     started = time.monotonic()
     try:
         document = state.documents.read(data, media_type, where, timeout_s=left, user=job.caller.user)
@@ -59,6 +61,8 @@ def read(state, job, data, media_type, where):
         kind = "pdf" if media_type == "application/pdf" else "image"
         job.documents.append(DocumentCost(kind, 0, 0, time.monotonic() - started, len(data)))
         raise
+    finally:
+        job.timings.lap("documents")
     job.documents.append(DocumentCost(document.kind, document.pages, document.images, document.seconds,
                                       len(data)))
     metrics.DOCUMENTS.labels(document.kind, document.method).inc()

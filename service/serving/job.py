@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from service.records.accounting import DocumentCost, Usage, document_costs
+from service.records.timing import Timings
 
 
 @dataclass
@@ -37,6 +38,11 @@ class Job:
     costs: dict | None = None  # a batch line's document costs, as read when its batch was created
     system_prompts: list = field(default_factory=list)  # those the client sent, checked against its allow-list
     live: bool = False  # a live request: admitted before its documents are read (a batch line is at its start)
+    timings: Timings = None  # where its time went (service.records.timing); from `started` when not given
+
+    def __post_init__(self):
+        if self.timings is None:
+            self.timings = Timings(self.started)
 
     @property
     def model(self):

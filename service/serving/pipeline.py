@@ -40,6 +40,7 @@ def cached(state, job):
     if job.cache_key is None:
         return None
     hit = state.cache.lookup(job.cache_key)
+    job.timings.lap("cache")
     job.cache = "miss" if hit is None else "hit"
     if hit is not None:
         job.usage = dataclasses.replace(Usage.of(hit), cached=True)
@@ -138,11 +139,14 @@ def start(state, job, deadline_s):
     except BaseException:
         settle(state, job, None)
         raise
+    finally:
+        job.timings.lap("admission")  # sized to the deadline, leased, queued
 
 
 def settle(state, job, result):
     """Release the job's lease to what `result` used (nothing if None), make it the job's usage, and cache a
     whole answer of a cacheable job."""
+    job.timings.engine(result)
     job.usage = Usage.of(result)
     budget.release(state.counters, job.lease, job.usage.total)
     if job.cache_key is not None:

@@ -37,6 +37,7 @@ def chat(state, job, body):
     job.expected_answer = body.expected_answer
     job.ids = prompt_ids(state, job, messages, "messages")
     job.hint = language.english_hint(question)
+    job.timings.lap("template")  # the body read, cleaned, checked, templated and tokenized
     return job
 
 
@@ -72,6 +73,7 @@ def predict(state, job, body, document=None):
     job.echo = {"input": question, "system_prompt": system_prompt, "hint": job.hint}
     if document is not None:
         job.echo["document"] = document.summary(text)
+    job.timings.lap("template")
     return job
 
 
