@@ -3,9 +3,10 @@
     python -m bench.throughput [--requests 3] [--tokens 64] [--rounds 3] [--real]
 
 On the tiny demo model, in one run on this machine, prints JSON lines:
-1. aggregate tokens/s at 1, 4, 8 and 16 concurrent clients: the service
-   (real gunicorn, auth, limits, filtering, batching engine, with Redis as in
-   production) against bench/seed_app.py (a Flask route calling generate, one
+1. aggregate tokens/s at 1, 4, 8 and 16 concurrent clients with kept-alive
+   connections, and at 16 with a new connection per request: the service
+   with its default settings (real gunicorn, auth, limits, filtering,
+   batching engine, with Redis as in production) against bench/seed_app.py (a Flask route calling generate, one
    request at a time) and `transformers serve` with continuous batching
    (Hugging Face's own server, installed by `make bench` through the `bench`
    extra); the service and transformers serve get the same conversation on
@@ -47,29 +48,33 @@ GOAL_OVER_SEED, GOAL_OVER_PEER = 8.0, 1.5
 
 
 def compare(targets, tokens, per_client, rounds):
-    """Median aggregate tokens/s per target and client count, the targets taking turns.
+    """Median aggregate tokens/s per target and load, the targets taking turns.
 
     This machine's speed drifts by up to 2x over minutes, so the servers are
     measured alternately, round after round, never one block after another.
-    `targets` maps a name to (url, headers, body_of); all are running.
+    `targets` maps a name to (url, headers, body_of); all are running. A load
+    is (clients, kept-alive connections): every client count with kept-alive
+    connections, and the most clients with a new connection per request.
     """
     for url, headers, body_of in targets.values():
         load(url, headers, 4, 1, tokens, body_of)  # warm-up: first calls pay one-off costs
-    runs = {name: {n: [] for n in CLIENTS} for name in targets}
+    loads = [(n, True) for n in CLIENTS] + [(max(CLIENTS), False)]
+    runs = {name: {at: [] for at in loads} for name in targets}
     for _ in range(rounds):
-        for n in CLIENTS:
+        for n, kept in loads:
             for name, (url, headers, body_of) in targets.items():
-                runs[name][n].append(load(url, headers, n, per_client, tokens, body_of))
-    return {name: {n: round(statistics.median(values), 1) for n, values in by_n.items()}
-            for name, by_n in runs.items()}
+                runs[name][n, kept].append(load(url, headers, n, per_client, tokens, body_of, kept))
+    return {name: {at: round(statistics.median(values), 1) for at, values in by_load.items()}
+            for name, by_load in runs.items()}
 
 
-def load(url, headers, clients, per_client, tokens, body_of):
+def load(url, headers, clients, per_client, tokens, body_of, kept=True):
     """Aggregate completion tokens/s with `clients` threads sending `per_client` requests each.
 
     Each client keeps one http.client connection alive, as the openai client
-    does: `requests` costs about 1 ms of client CPU per call, and 16 client
-    threads in one process share one GIL and the two cores with the servers.
+    does (`requests` costs about 1 ms of client CPU per call, and 16 client
+    threads in one process share one GIL and the two cores with the servers);
+    or, not `kept`, opens a new one for each request, as curl in a loop does.
     """
     counts = [0] * clients
     where = urlsplit(url)
@@ -78,8 +83,12 @@ def load(url, headers, clients, per_client, tokens, body_of):
         connection = http.client.HTTPConnection(where.hostname, where.port, timeout=600)
         try:
             for j in range(per_client):
+                if not kept and j:
+                    connection.close()
+                    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=600)
                 connection.request("POST", where.path, body=json.dumps(body_of(i, j, tokens)),
-                                   headers={**headers, "Content-Type": "application/json"})
+                                   headers={**headers, "Content-Type": "application/json",
+                                            **({} if kept else {"Connection": "close"})})
                 response = connection.getresponse()
                 data = json.loads(response.read())
                 if response.status != 200:
@@ -250,11 +259,11 @@ def main():
         model_dir = build_demo_model(work / "model")
         service_port, seed_port, peer_port = free_port(), free_port(), free_port()
         redis, storage = start_redis(work)  # as production runs it: limits, budgets and the token cache
+        # the service's defaults (threads, queue, batch): only where its counters live (Redis, as production
+        # has them) and the bench user's own quotas are set
         proc, headers = start_service(work, model_dir, service_port,
                                       ["--rate-limit", "1000000/minute", "--daily-tokens", str(10**12),
-                                       "--max-concurrent", "100"],
-                                      VIBE_HTTP_THREADS="32", VIBE_QUEUE_SIZE="64", VIBE_RATELIMIT_STORAGE_URI=storage,
-                                      VIBE_TORCH_THREADS=str(len(os.sched_getaffinity(0))))
+                                       "--max-concurrent", "100"], VIBE_RATELIMIT_STORAGE_URI=storage)
         procs += [proc, start_seed(model_dir, seed_port), start_transformers_serve(model_dir, peer_port)]
         figures = compare({
             "service": (f"http://127.0.0.1:{service_port}/v1/chat/completions", headers,
@@ -270,11 +279,13 @@ def main():
         p50, p99 = ttft(f"http://127.0.0.1:{service_port}/v1/chat/completions", headers)
         costs = overhead(model_dir, service_port, headers)
         ours, seed, peer = figures["service"], figures["seed"], figures["transformers_serve"]
-        for n in CLIENTS:
+        for at in ours:
+            n, kept = at
             line = {"bench": "throughput", "model": "tiny", "clients": n, "tokens": args.tokens,
-                    "rounds": args.rounds, "service_tok_s": ours[n], "seed_tok_s": seed[n],
-                    "transformers_serve_tok_s": peer[n], "ratio": round(ours[n] / seed[n], 2),
-                    "ratio_to_transformers_serve": round(ours[n] / peer[n], 2)}
+                    "connections": "kept-alive" if kept else "new per request", "rounds": args.rounds,
+                    "settings": "defaults", "service_tok_s": ours[at], "seed_tok_s": seed[at],
+                    "transformers_serve_tok_s": peer[at], "ratio": round(ours[at] / seed[at], 2),
+                    "ratio_to_transformers_serve": round(ours[at] / peer[at], 2)}
             if n == max(CLIENTS):
                 line["goals"] = {"ratio": goal(line["ratio"], GOAL_OVER_SEED),
                                  "ratio_to_transformers_serve": goal(line["ratio_to_transformers_serve"],
