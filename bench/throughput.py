@@ -24,6 +24,7 @@ On the tiny demo model, in one run on this machine, prints JSON lines:
 
 import argparse
 import http.client
+import itertools
 import json
 import os
 import statistics
@@ -106,9 +107,12 @@ def load(url, headers, clients, per_client, tokens, body_of, kept=True):
     return round(sum(counts) / (time.monotonic() - started), 1)
 
 
+ASKED = itertools.count()  # every question differs: the response cache (on by default) never answers one
+
+
 def question(i, j, tokens):
-    return {"question": f"client {i} asks question {j}: what is {i} * {j}?", "max_new_tokens": tokens,
-            "temperature": 0}
+    return {"question": f"client {i} asks question {j} (#{next(ASKED)}): what is {i} * {j}?",
+            "max_new_tokens": tokens, "temperature": 0}
 
 
 def start_seed(model_dir, port):
@@ -156,14 +160,16 @@ def overhead(model_dir, port, headers, samples=200):
     engine = Engine(lambda: model.load(str(model_dir)), 4, len(os.sched_getaffinity(0))).start()
     while not engine.ready:
         time.sleep(0.05)
-    ids = engine.model.encode_chat(chat_messages("overhead?", system))
     direct = []
-    for _ in range(samples):
+    for i in range(samples):  # the same prompts as over HTTP: the engine's prefix cache helps neither more
+        ids = engine.model.encode_chat(chat_messages(f"overhead #{1000 + i}?", system))
         started = time.perf_counter()
         engine.submit(GenerationRequest(ids, 1, deadline=time.monotonic() + 60)).result(60)
         direct.append(time.perf_counter() - started)
     engine.stop(10)
-    body = json.dumps({"question": "overhead?", "max_new_tokens": 1, "temperature": 0})
+    asked = itertools.count(2000)  # every one computed: a cached answer would cost no engine
+    body = lambda: json.dumps({"question": f"overhead #{next(asked)}?", "max_new_tokens": 1,  # noqa: E731
+                               "temperature": 0})
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 
     def timed(method, path, **kwargs):
@@ -177,7 +183,7 @@ def overhead(model_dir, port, headers, samples=200):
 
     full, floor = [], []
     for _ in range(samples):
-        full.append(timed("POST", "/predict", body=body, headers={**headers, "Content-Type": "application/json"}))
+        full.append(timed("POST", "/predict", body=body(), headers={**headers, "Content-Type": "application/json"}))
         floor.append(timed("GET", "/healthz"))
     connection.close()
     path = _median_ms(full) - _median_ms(direct) - _median_ms(floor)

@@ -65,6 +65,8 @@ def test_a_pdf_is_read_and_the_model_sees_its_text_then_the_question(docs):
     assert body["document"]["kind"] == "pdf" and body["document"]["pages"] == 1
     assert body["document"]["method"] == "text" and body["document"]["chars"] == len(body["document"]["text"])
     assert makedocs.PROBLEM in body["document"]["text"] and body["input"] == "Answer briefly."
+    timing = dict(entry.split(";dur=") for entry in answer.headers["Server-Timing"].split(", "))
+    assert float(timing["documents"]) > 0  # reading it is a phase of its own, apart from the template's
     # Exactly what the model saw: the same text typed gives the same prompt and the same greedy answer.
     typed = ask_json(docs, f"{body['document']['text']}\n\nAnswer briefly.").json()
     assert typed["usage"]["prompt_tokens"] == body["usage"]["prompt_tokens"]

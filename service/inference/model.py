@@ -33,6 +33,7 @@ from service.inference.thinking import Tags  # noqa: E402
 hf_logging.disable_progress_bar()
 log = logging.getLogger("vibethinker.model")
 PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
+TEMPLATE_PIECES = 1024  # template pieces whose ids are kept (a conversation's roles make its pieces)
 
 # The sampling parameters a model folder's generation_config.json may set, and the values a sampler can take:
 # a value outside them is ignored (with a warning) rather than served.
@@ -91,6 +92,7 @@ class LoadedModel:
         # borrow while another thread holds it ("RuntimeError: Already borrowed"), so request threads
         # encode through `tokenizer` one at a time, and the engine thread decodes through its own copy.
         self._encoding = threading.Lock()
+        self._template_ids = {}  # the template's own pieces (its text between messages: by roles) -> their ids
         self.decoder = copy.deepcopy(self.tokenizer)
         backend = getattr(self.decoder, "backend_tokenizer", None)
         if backend is not None and not getattr(self.decoder, "clean_up_tokenization_spaces", True):
@@ -117,8 +119,18 @@ class LoadedModel:
                 if i % 2:
                     ids += self._ids(messages[int(piece)]["content"], split_special_tokens=True)
                 elif piece:
-                    ids += self._ids(piece)
+                    ids += self._template_piece(piece)
         return ids
+
+    def _template_piece(self, piece):
+        """The ids of a piece of the template's own text, tokenized once: the pieces depend only on the
+        messages' roles, so a handful of them make every prompt (bounded all the same)."""
+        ids = self._template_ids.get(piece)
+        if ids is None:
+            ids = self._ids(piece)
+            if len(self._template_ids) < TEMPLATE_PIECES:
+                self._template_ids[piece] = ids
+        return list(ids)
 
     def _ids(self, text, split_special_tokens=False):
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
