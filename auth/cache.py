@@ -68,14 +68,18 @@ class TokenCache:
                 pass
         return epoch
 
-    def get(self, header):
-        """(claims, token record) for this Authorization header, or None; expired entries are dropped."""
+    def get(self, header, epoch=None):
+        """(claims, token record) for this Authorization header, or None; expired entries are dropped. With
+        `epoch` (what this request's `begin` returned), only an entry checked under that very epoch: another
+        thread's slower read of an older epoch must never serve this request a verdict the newer one changed."""
         key = _key(header)
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
                 return None
-            claims, token = entry
+            claims, token, checked = entry
+            if epoch is not None and checked != epoch:
+                return None
             now = self._wall()
             if not (claims["nbf"] <= now < claims["exp"]):
                 del self._entries[key]
@@ -88,7 +92,7 @@ class TokenCache:
         with self._lock:
             if epoch is None or epoch != self._epoch:  # checked against data a newer epoch may have changed
                 return
-            self._entries[_key(header)] = (claims, token)
+            self._entries[_key(header)] = (claims, token, epoch)
             while len(self._entries) > self._max:
                 self._entries.popitem(last=False)
 

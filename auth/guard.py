@@ -67,7 +67,7 @@ def _token(store, keyset, cache, fold=None):
     header = request.headers.get("Authorization", "")
     held = cache.get(header) if cache is not None and header and fold is not None else None
     epoch = cache.begin(held and (lambda: fold(held[1]))) if cache is not None and header else None
-    hit = cache.get(header) if epoch is not None else None
+    hit = cache.get(header, epoch) if epoch is not None else None
     # A key deleted from the folder by hand (not by `keys retire`) moves no epoch: ask the folder too.
     if hit is not None and keyset.holds(hit[1]["kid"]):
         return hit[1]

@@ -235,3 +235,12 @@ def test_a_revoked_tokens_request_counts_nothing(server, redis):
     refused = server.post("/v1/predict", {"question": "hi", "max_new_tokens": 1}, token=token)
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "token_revoked"
     assert windows(redis, 9, "minute") == 1
+
+
+def test_a_limit_written_twice_is_hit_twice_as_flask_limiter_would(server, redis):
+    token = user_token(server, "twice", "--rate-limit", "4/minute;4/minute")
+    ask = lambda: server.post("/v1/predict", {"question": "hi", "max_new_tokens": 1}, token=token)  # noqa: E731
+    assert ask().status_code == 200  # two entries in the one list its two windows share; the token cached
+    assert ask().status_code == 200  # prefetched: both hits, each answered to flask-limiter in turn
+    assert ask().status_code == 429
+    assert windows(redis, 4, "minute") == 4

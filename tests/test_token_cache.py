@@ -52,6 +52,19 @@ def test_an_entry_lives_until_the_epoch_moves(cache, epochs):
     assert cache.begin() == "e2" and cache.get("Bearer a") is None
 
 
+def test_a_request_takes_only_an_entry_checked_under_its_own_epoch(cache, epochs):
+    """A slow reader of the old epoch must not bring back, for a request that saw the new one, a check made
+    before the change."""
+    old = cache.begin()  # request A reads e1 (then stalls before taking the lock)
+    epochs.db = epochs.mirror = "e2"  # a revocation, published
+    new = cache.begin()  # request C reads e2: the cache is emptied
+    epochs.mirror = "e1"
+    assert cache.begin() == "e1"  # A's stale read takes the lock after C's: the cache is back at e1...
+    cache.put("Bearer a", CLAIMS, {"user": "a"}, old)  # ...and D, checked before the revocation, is kept
+    assert cache.get("Bearer a", new) is None  # C does not take it: it checks the database
+    assert cache.get("Bearer a", old) == (CLAIMS, {"user": "a"})  # a request that read e1 is older than the change
+
+
 def test_a_check_made_under_an_older_epoch_is_not_kept(cache, epochs):
     seen = cache.begin()  # request A reads e1, then checks the database...
     epochs.db = epochs.mirror = "e2"  # ...while a revocation commits and publishes...

@@ -84,10 +84,15 @@ def prefetch(token):
     """The guard's read of the access epoch for a token it holds cached, with the hits flask-limiter will make
     for that token's request rate limit on this request folded into the same trip (service.admission.ratestore).
     """
-    limiter = state().limiter
+    limiter, timings = state().limiter, accounting.current().timings
     if not isinstance(limiter.storage, ratestore.FoldedRedisStorage):
         return state().counters.get_epoch()
-    return limiter.storage.prefetch(_windows(limiter, token))
+    windows = _windows(limiter, token)
+    timings.lap("auth")
+    try:
+        return limiter.storage.prefetch(windows)
+    finally:
+        timings.lap("limits")  # the rate limit's trip, whatever else it brings
 
 
 def _windows(limiter, token):
@@ -96,9 +101,12 @@ def _windows(limiter, token):
     blueprints, polls = limiter.vibethinker_live
     if request.blueprint not in blueprints or request.endpoint in polls or request.routing_exception is not None:
         return []
+    try:
+        items = sorted(parse_many(_limit_of(token)))
+    except ValueError:  # a stored limit limits cannot read: flask-limiter says so itself (a 500), as before
+        return []
     key = user_key(token["user"])
-    return [(item.key_for(key, LIVE_SCOPE), item.amount, item.get_expiry(), 1)
-            for item in sorted(parse_many(_limit_of(token)))]
+    return [(item.key_for(key, LIVE_SCOPE), item.amount, item.get_expiry(), 1) for item in items]
 
 
 def _give_back(_exc):

@@ -79,26 +79,27 @@ class FoldedRedisStorage(RedisStorage):
 
     def fold(self, windows):
         """Hit `windows` [(key, limit, expiry, amount)] in order, stopping at the first breach, and read the
-        epoch, in one trip: (epoch or None, {key: (acquired, window start, entries, now)} of those tried)."""
+        epoch, in one trip: (epoch or None, [(key, (acquired, window start, entries, now))] of those tried)."""
         now = time.time()
         keys = [self.epoch_key, *(self.prefixed_key(key) for key, *_ in windows)]
         args = [now, *(value for _, *window in windows for value in window)]
         epoch, *rest = self._fold(keys, args)
-        tried = {}
+        tried = []
         for (key, *_), at in zip(windows, range(0, len(rest), 3)):
             acquired, start, count = int(rest[at]), float(rest[at + 1]), int(rest[at + 2])
             if acquired >= 0:
-                tried[key] = (bool(acquired), start, count, now)
+                tried.append((key, (bool(acquired), start, count, now)))
         return (epoch.decode() if epoch is not None else None), tried
 
     def acquire_entry(self, key, limit, expiry, amount=1):
-        prefetched = _memo().pop(key, None) if has_request_context() else None
-        if prefetched is None:
-            _, tried = self.fold([(key, limit, expiry, amount)])
-            prefetched = tried[key]
+        waiting = _memo().get(key) if has_request_context() else None
+        if waiting:  # prefetched: the same key twice (a limit written twice) was hit twice, in order
+            outcome = waiting.pop(0)
+        else:
+            [(_, outcome)] = self.fold([(key, limit, expiry, amount)])[1]
         if has_request_context():
-            _windows()[key] = prefetched
-        return prefetched[0]
+            _windows()[key] = outcome
+        return outcome[0]
 
     def get_moving_window(self, key, limit, expiry):
         window = _windows().get(key) if has_request_context() else None
@@ -109,21 +110,23 @@ class FoldedRedisStorage(RedisStorage):
     def prefetch(self, windows):
         """Fold `windows` for this request (flask-limiter's hits to come): the epoch."""
         epoch, tried = self.fold(windows)
-        _memo().update(tried)
+        for key, outcome in tried:
+            _memo().setdefault(key, []).append(outcome)
         return epoch
 
     def give_back(self):
         """Undo this request's prefetched hits that flask-limiter never asked for (one entry each)."""
         left, given = _memo(), 0
-        for key, (acquired, _, _, now) in list(left.items()):
-            if acquired:
-                given += self.get_connection().lrem(self.prefixed_key(key), 1, repr(now))
+        for key, outcomes in list(left.items()):
+            for acquired, _, _, now in outcomes:
+                if acquired:
+                    given += self.get_connection().lrem(self.prefixed_key(key), 1, repr(now))
         left.clear()
         return given
 
 
 def _memo():
-    """This request's prefetched hits not yet asked for."""
+    """This request's prefetched hits not yet asked for: key -> their outcomes, in order."""
     if "rate_prefetched" not in g:
         g.rate_prefetched = {}
     return g.rate_prefetched

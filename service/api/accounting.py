@@ -116,6 +116,8 @@ def finish(record, status, message="stream ended"):
     """The usage row (for an admitted generation) and the log line of a request or a stream; the request's
     total seconds, from the edge."""
     requestid.bind(record.request_id)  # a stream ends after its request's teardown unbound it
+    # since the last mark: the answer shaped, or the work of a refusal made before the prompt was ready
+    record.timings.lap("template" if record.job is not None and not record.job.ids else "record")
     latency, job, auth = record.latency, record.job, g.get("auth")
     if job is not None:
         pipeline.let_go(state(), job)  # refused after admission (a document, the policy) or a cache hit

@@ -6,8 +6,9 @@ gives the time since the last mark to `phase`. Each phase spans:
 
 - `auth`: the request read and the token checked (flask's request set-up, the
   token cache or the JWT decode and the database);
-- `limits`: the request rate limit (one Redis script, which also brings the
-  access epoch: service.admission.ratestore);
+- `limits`: the request rate limit: for a token the worker holds, one Redis
+  script that also brings the access epoch (service.admission.ratestore),
+  else one per window of the limit;
 - `template`: the body read and validated, its texts cleaned and checked
   against the content policy, the model picked, the chat template applied and
   the prompt tokenized, documents excepted;
@@ -17,7 +18,8 @@ gives the time since the last mark to `phase`. Each phase spans:
 - `queue`, `prefill`, `decode`: the engine's, from its result: waiting to
   join the batch, joining to the first token (the prompt's pieces run beside
   other rows' steps), first token to the last;
-- `record`: the lease settled, the answer shaped, the usage row committed;
+- `record`: the lease settled, the answer shaped, the usage row committed
+  (a refusal made before the prompt was ready: its work is `template`'s);
 - `cache` (only when the response cache is on): its lookup.
 
 `total` is not their sum: it is the wall time from the stamp to the

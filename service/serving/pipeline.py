@@ -133,14 +133,16 @@ def budget_of(settings, job):
 
 def start(state, job, deadline_s):
     """Admit and submit `job`: its handle. A refusal after admission settles the lease before it raises."""
-    admit(state, job, deadline_s)
     try:
-        return submit(state, job, deadline_s)
-    except BaseException:
-        settle(state, job, None)
-        raise
+        admit(state, job, deadline_s)
+        try:
+            return submit(state, job, deadline_s)
+        except BaseException:
+            job.timings.lap("admission")
+            settle(state, job, None)
+            raise
     finally:
-        job.timings.lap("admission")  # sized to the deadline, leased, queued
+        job.timings.lap("admission")  # sized to the deadline, leased, queued (or refused)
 
 
 def settle(state, job, result):
