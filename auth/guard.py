@@ -58,14 +58,19 @@ def init_app(app, *, store, keyset, issuer, audience, needs_token, scope_for, re
         if any(name in request.args for name in QUERY_TOKEN_NAMES):
             raise AuthError(401, "tokens in the query string are refused; use the Authorization header",
                             "token_in_query")
-        g.auth = check_access(_token(store, keyset, cache, fold), scope_for(request.path))
+        scope = scope_for(request.path)
+        g.auth = check_access(_token(store, keyset, cache, fold, scope), scope)
         return None
 
 
-def _token(store, keyset, cache, fold=None):
-    """The bearer token's record: from this worker's cache, or decoded and checked against the store."""
+def _token(store, keyset, cache, fold=None, scope=None):
+    """The bearer token's record: from this worker's cache, or decoded and checked against the store. The
+    epoch is read by `fold` for a held token that this route would take as it stands (a refusal folds
+    nothing in)."""
     header = request.headers.get("Authorization", "")
     held = cache.get(header) if cache is not None and header and fold is not None else None
+    if held is not None and not _passes(held[1], scope):
+        held = None
     epoch = cache.begin(held and (lambda: fold(held[1]))) if cache is not None and header else None
     hit = cache.get(header, epoch) if epoch is not None else None
     # A key deleted from the folder by hand (not by `keys retire`) moves no epoch: ask the folder too.
@@ -103,6 +108,14 @@ def check_token(store, claims):
     if token["revoked_at"] is not None:
         raise AuthError(401, "token has been revoked", "token_revoked")
     return token
+
+
+def _passes(token, needed_scope):
+    try:
+        check_access(token, needed_scope)
+    except AuthError:
+        return False
+    return True
 
 
 def check_access(token, needed_scope):

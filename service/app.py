@@ -68,8 +68,10 @@ def create_app(settings=None):
     guard.init_app(app, store=store, keyset=keyset, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
                    needs_token=access.needs_token, scope_for=access.scope_for, respond=ratelimit.record_auth_failure,
                    cache=token_cache(settings, store, counters), fold=ratelimit.prefetch)
+    app.before_request(accounting.lap("auth"))  # each phase's hook right after its own
     ratelimit.init_app(app, settings, limited_blueprints=[predict.bp, chat.bp, batches.bp],
                        polls=batches.POLLS)  # after the guard: keys on the user
+    app.before_request(accounting.lap("limits"))
     app.register_blueprint(health.bp)
     app.register_blueprint(contract.bp)
     app.register_blueprint(me.bp)

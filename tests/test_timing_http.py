@@ -244,3 +244,18 @@ def test_a_limit_written_twice_is_hit_twice_as_flask_limiter_would(server, redis
     assert ask().status_code == 200  # prefetched: both hits, each answered to flask-limiter in turn
     assert ask().status_code == 429
     assert windows(redis, 4, "minute") == 4
+
+
+def test_a_token_this_route_refuses_folds_no_hit_in(server, redis):
+    """An admin-only token on a generation route: refused (403) from the worker's cache as from the database,
+    with nothing counted against its user's rate limit, not even for the length of the request."""
+    server.cli("users", "add", "scoped", "--admin", "--rate-limit", "11/minute")
+    token = server.cli("tokens", "issue", "scoped", "--scope", "admin").stdout.strip().splitlines()[-1]
+    assert server.get("/v1/me", token=token).status_code == 200  # the token checked, and cached
+    for _ in range(2):
+        refused = server.post("/v1/predict", {"question": "hi", "max_new_tokens": 1}, token=token)
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "insufficient_scope"
+    with Monitor(redis.uri) as monitor:
+        assert server.post("/v1/predict", {"question": "hi"}, token=token).status_code == 403
+    assert windows(redis, 11, "minute") == 0
+    assert "LREM" not in monitor.sent() and monitor.sent() == ["GET"], monitor.sent()  # the epoch, read alone

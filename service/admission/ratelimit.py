@@ -25,7 +25,6 @@ from service.admission import ratestore
 from service.admission.budget import DAY_S
 from service.admission.counters import StorageUnavailable
 from service.admission.rates import LIVE_SCOPE, user_key
-from service.api import accounting
 from service.api.errors import error_response, refusal_response
 from service.errors import RateLimited, Unavailable
 from service.state import state
@@ -48,9 +47,7 @@ def init_app(app, settings, limited_blueprints, polls=frozenset()):
         if any(endpoint.startswith(f"{bp.name}.") for endpoint in polls):
             limiter.shared_limit(lambda: state().settings.poll_rate_limit, scope="poll", key_func=_user_key,
                                  exempt_when=lambda: request.endpoint not in polls)(bp)
-    app.before_request(accounting.lap("auth"))  # the guard's hook ran just before
     limiter.init_app(app)
-    app.before_request(accounting.lap("limits"))
     if settings.ratelimit_storage_uri.startswith("memory://"):
         log.warning("rate limits, token budgets and concurrency use memory://: per process and lost on "
                     "restart; set VIBE_RATELIMIT_STORAGE_URI to Redis in production")
@@ -84,7 +81,7 @@ def prefetch(token):
     """The guard's read of the access epoch for a token it holds cached, with the hits flask-limiter will make
     for that token's request rate limit on this request folded into the same trip (service.admission.ratestore).
     """
-    limiter, timings = state().limiter, accounting.current().timings
+    limiter, timings = state().limiter, g.record.timings  # the request's (service.api.accounting)
     if not isinstance(limiter.storage, ratestore.FoldedRedisStorage):
         return state().counters.get_epoch()
     windows = _windows(limiter, token)
