@@ -6,44 +6,95 @@ No rule matching: the default model (the first served). A rule naming a
 model the caller may not call is passed over, as if it did not match, so
 "auto" only ever picks a model the caller may use. Plain functions over
 settings.RoutingRule, with no Flask and no torch: tested with a table.
+
+An admin writes the regexes and any user writes the questions, so no match
+may take long: rules are compiled with the `regex` module (the keyword rules
+need look-arounds, which linear-time engines lack) and every match has a
+bound (MATCH_TIMEOUT_S). A match that runs past it ends the routing: the
+question goes to the default model, and the rule's number (never the
+question) is logged and counted in /metrics. A rule that backtracks
+catastrophically on a probe string (`backtracks`) is refused when the
+settings load, with a message naming it.
 """
 
-import re
+import logging
+import string
 from dataclasses import dataclass
+
+import regex
+
+log = logging.getLogger("vibethinker.routing")
+MATCH_TIMEOUT_S = 0.05  # the most one rule may take on one question
+PROBE_TIMEOUT_S = 0.05  # the most a rule may take on a probe string when the settings load
+PROBE_LENGTH = 32  # characters a probe repeats: 2^32 steps for an exponential rule, a few hundred for a sane one
+PROBE_ENDS = ("\x00", "!", " ", "")  # what follows the repeats: something no repeat matches, or nothing
+PROBE_UNITS = tuple(string.ascii_letters + string.digits + " \t\n-_.,;:!?()[]{}+*/=<>'\"\\@#$%&|^~`") + (
+    "ab", "a1", "a ", "1 ", "a.", "é", "\u4e00")
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One compiled routing rule: questions it matches go to `model` (a served model's name)."""
+    """One compiled routing rule: questions it matches go to `model` (a served model's name); `number` is its
+    place among the rules (1: the first), its name in logs and metrics."""
 
     model: str
-    pattern: re.Pattern
+    pattern: regex.Pattern
+    number: int = 0
 
     def matches(self, text):
-        return self.pattern.search(text) is not None
+        """Whether `text` matches; TimeoutError past MATCH_TIMEOUT_S."""
+        return self.pattern.search(text, timeout=MATCH_TIMEOUT_S) is not None
+
+
+def compile_pattern(text):
+    """A rule's regex as the rules run it; regex.error when it is not one."""
+    return regex.compile(text)
+
+
+def backtracks(pattern):
+    """A probe string on which `pattern` runs past PROBE_TIMEOUT_S (it backtracks catastrophically), or
+    None. The probes repeat one unit (a character, a pair) and end in something else: where nested or
+    overlapping repeats explode."""
+    for unit in PROBE_UNITS:
+        for end in PROBE_ENDS:
+            probe = unit * (PROBE_LENGTH // len(unit)) + end
+            try:
+                pattern.search(probe, timeout=PROBE_TIMEOUT_S)
+            except TimeoutError:
+                return probe
+    return None
 
 
 def compile_rules(rules, canonical):
     """Rules from settings.RoutingRule tables; `canonical(name)` gives the served name of a name or alias."""
     compiled = []
-    for rule in rules:
+    for number, rule in enumerate(rules, 1):
         if rule.regex is not None:
-            pattern = re.compile(rule.regex)
+            pattern = compile_pattern(rule.regex)
         else:
-            words = "|".join(re.escape(word.strip()) for word in rule.keywords)
-            pattern = re.compile(rf"(?<!\w)(?:{words})(?!\w)", re.IGNORECASE)
-        compiled.append(Rule(canonical(rule.model), pattern))
+            words = "|".join(regex.escape(word.strip()) for word in rule.keywords)
+            pattern = regex.compile(rf"(?<!\w)(?:{words})(?!\w)", regex.IGNORECASE)
+        compiled.append(Rule(canonical(rule.model), pattern, number))
     return tuple(compiled)
 
 
-def route(rules, text, default, allowed=None):
+def route(rules, text, default, allowed=None, timed_out=lambda number: None):
     """The model for `text`: the first matching rule's (among models in `allowed`, when given), else
     `default` if allowed, else the first allowed model (`allowed` keeps the served order); None if the
-    caller may call no model."""
+    caller may call no model. A rule that runs past its bound ends the search there (`timed_out(number)` is
+    told): the text goes to the default."""
     permitted = (lambda name: True) if allowed is None else (lambda name: name in allowed)
     for rule in rules:
-        if permitted(rule.model) and rule.matches(text):
-            return rule.model
+        if not permitted(rule.model):
+            continue
+        try:
+            if rule.matches(text):
+                return rule.model
+        except TimeoutError:
+            log.warning("routing rule %d (to %s) ran past its %g s bound on a question; it went to the default "
+                        "model", rule.number, rule.model, MATCH_TIMEOUT_S)
+            timed_out(rule.number)
+            break
     if permitted(default):
         return default
     return next(iter(allowed), None)

@@ -12,8 +12,11 @@ import re
 from pathlib import Path
 from typing import Literal
 
+import regex
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from service import routing
 
 ENV_PREFIX = "VIBE_"
 
@@ -77,9 +80,14 @@ class RoutingRule(BaseModel):
             raise ValueError(f"the rule for {self.model!r} needs exactly one of regex or keywords")
         if self.regex is not None:
             try:
-                re.compile(self.regex)
-            except re.error as exc:
+                pattern = routing.compile_pattern(self.regex)
+            except regex.error as exc:
                 raise ValueError(f"the rule for {self.model!r} has a bad regex: {exc}") from None
+            probe = routing.backtracks(pattern)
+            if probe is not None:
+                raise ValueError(f"the rule for {self.model!r} backtracks catastrophically: its regex "
+                                 f"{self.regex!r} ran past {routing.PROBE_TIMEOUT_S:g} s on the probe {probe!r} "
+                                 "(nested or overlapping repeats such as (a+)+); rewrite it") from None
         if any(not word.strip() or len(word) > 100 for word in self.keywords):
             raise ValueError(f"the rule for {self.model!r} has an empty keyword or one over 100 characters")
         return self

@@ -1,6 +1,8 @@
 """Several models without HTTP: the settings that declare them, the routing rules (a table), picking a
 model by name, alias or "auto" under an allow-list, the memory check, and the cache key."""
 
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -223,3 +225,29 @@ def test_an_entry_over_the_size_cap_is_not_stored_and_entries_expire():
     assert small.store(key, GenerationResult("x", [1], 4, "stop", 0, 0)) and small.lookup(key).text == "x"
     now[0] = 11.0
     assert small.lookup(key) is None
+
+
+@pytest.mark.parametrize("rule", [r"(a|aa)+$", r"(?i)(ab|a|b)+$", r"(\s|\s\s)+$"])
+def test_a_rule_that_backtracks_catastrophically_is_refused_when_the_settings_load(tmp_path, monkeypatch, rule):
+    table = f'[[models]]\nname = "a"\npath = "/a"\n[[routing]]\nmodel = "a"\nregex = {json.dumps(rule)}\n'
+    monkeypatch.setenv("VIBE_CONFIG", str(spec_tables(tmp_path, table)))
+    with pytest.raises(SettingsError, match="backtracks catastrophically") as refused:
+        load_settings()
+    assert repr(rule) in str(refused.value) and "'a'" in str(refused.value)  # the rule, by its model and regex
+
+
+def test_a_slow_rule_times_out_on_a_question_and_routes_it_to_the_default():
+    """A rule the probes pass (it needs a "q" first) that a question built for it makes backtrack: the match
+    ends at its bound, the question goes to the default model, the rule's number is counted."""
+    from service.records import metrics
+
+    slow = RoutingRule(model="code", regex=r"^q(a|aa)+$")  # accepted: no probe starts with q
+    served = Models([Served(ModelSpec(name=name, path=Path(f"/{name}")), engine=None, revision="r")
+                     for name in ("math", "code")], (slow,))
+    before = metrics.ROUTING_TIMEOUTS.labels("1")._value.get()
+    started = time.monotonic()
+    assert served.pick("auto", "q" + "a" * 40 + "!").name == "math"
+    assert time.monotonic() - started < 1.0  # its bound is 0.05 s
+    assert metrics.ROUTING_TIMEOUTS.labels("1")._value.get() == before + 1
+    assert served.pick("auto", "qaaaa").name == "code"  # what it was written for still routes
+    assert served.pick("auto", "a question").name == "math"

@@ -61,6 +61,9 @@ MODEL_LOAD = Gauge("vibethinker_model_load_seconds", "Seconds the model took to 
 MODEL_INFO = Info("vibethinker_model", "A model this server serves.", ["model"])
 CACHE = Counter("vibethinker_cache_lookups_total", "Response-cache lookups by result (hit, miss, error: the "
                 "storage did not answer).", ["model", "result"])
+ROUTING_TIMEOUTS = Counter("vibethinker_routing_timeouts_total", "Questions on which a routing rule ran past its "
+                           "bound (service.routing): they went to the default model. By the rule's number in the "
+                           "settings (1: the first).", ["rule"])
 DOCUMENTS = Counter("vibethinker_documents_total", "Documents read for requests, by kind (pdf, image) and how "
                     "(text, ocr, text+ocr).", ["kind", "method"])
 DOCUMENT_PAGES = Counter("vibethinker_document_pages_total", "Pages of documents read (an image is one).", ["kind"])

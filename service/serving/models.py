@@ -16,6 +16,7 @@ from pathlib import Path
 
 from service import routing
 from service.errors import Forbidden, NotFound
+from service.records import metrics
 from service.serving.reasoning import Markers
 from service.settings import AUTO
 
@@ -75,7 +76,8 @@ class Models:
         whose allow-list is `allowed` (None: any); NotFound (unknown) or Forbidden (not allowed)."""
         permitted = None if allowed is None else self.permitted(allowed)
         if requested is None or requested.lower() == AUTO:
-            name = routing.route(self.rules, question, self.default.name, permitted)
+            name = routing.route(self.rules, question, self.default.name, permitted,
+                                 timed_out=lambda number: metrics.ROUTING_TIMEOUTS.labels(str(number)).inc())
             if name is None:
                 raise Forbidden("this account may call no model here; ask an admin", "model_not_allowed", param)
             return self._by_name[name.lower()]
