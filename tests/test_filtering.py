@@ -1,11 +1,13 @@
 """Input filtering as tables: text cleaning, the content policy, and the policy file itself."""
 
 import logging
+from pathlib import Path
 
 import pytest
 
 from service.errors import Refusal, status_of
 from service.inputs.filtering import PolicyError, check_policy, clean_text, load_policy
+from service.settings import Settings
 from tests.support.policy import POLICY
 
 
@@ -71,7 +73,7 @@ def test_policy_refuses_with_422_and_logs_no_input(rules, caplog, field, text, r
     assert f"rule={rule}" in logged and "input_sha256=" in logged and text not in logged
 
 
-@pytest.mark.parametrize("text", ["a forbidden-phrase", "abbbc", "BEGIN PRIVATE KEY", "ordinary math: 12*34"])
+@pytest.mark.parametrize("text", ["a forbidden phase", "abbbc", "BEGIN PRIVATE KEY", "ordinary math: 12*34"])
 def test_policy_lets_the_rest_through(rules, text):
     check_policy(rules, {"question": text})
 
@@ -144,3 +146,70 @@ def test_no_text_longer_than_the_composing_bound_fits_a_limit_after_nfkc():
     assert max(len(unicodedata.normalize("NFD", c)) for c in points) == NFKC_MOST_COMPOSED
     longest = "\u03a9\u0314\u0342\u0345"  # one character (U+1FAF) in NFKC
     assert len(unicodedata.normalize("NFKC", longest)) == 1
+
+
+EVASIONS = [
+    # combining marks after letters, and letters composed with them
+    "the fo\u0323rbidden phrase", "f\u0301o\u0301r\u0301b\u0301i\u0301d\u0301d\u0301e\u0301n phrase",
+    "the f\u1ecdrbidden phrase",
+    # separators inside words
+    "the forbidden-phrase", "forbidden_phrase", "for.bid.den phrase", "f-o-r-b-i-d-d-e-n p-h-r-a-s-e",
+    # letter-spacing
+    "f o r b i d d e n p h r a s e", "say f o r b i d d e n phrase",
+    # leetspeak
+    "f0rb1dd3n phr4s3", "f0rbidd3n phr@$e", "the f0rb1dden phra5e",
+    # each with the earlier homoglyph and format-character tricks
+    "f\u043er-b\u200bidden phr\u0430se", "f\u043e\u0323rbidden phrase", "f 0 r b 1 d d 3 n phr\u0430se",
+    "\uff46\uff10\uff52\uff42\uff49\uff44\uff44\uff45\uff4e phrase", "f\u200b0rb1dd3n\u00adphrase",
+]
+
+
+@pytest.mark.parametrize("text", EVASIONS)
+def test_the_evasions_the_fold_now_sees_through_are_refused(rules, text):
+    with pytest.raises(Refusal) as err:
+        check_policy(rules, {"question": clean_text("question", text, 200)})
+    assert err.value.code == "content_policy"
+
+
+def test_a_term_split_around_an_assistants_turn_is_caught():
+    """The user's own messages are matched joined, without the assistant's words between them."""
+    from service.serving import prompts
+    from service.inputs.schemas import ChatRequest
+
+    class State:
+        policy = load_policy(_policy_file())
+        settings = Settings()
+
+    body = ChatRequest.model_validate({"model": "auto", "messages": [
+        {"role": "user", "content": "say the forbidden"}, {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "phrase"}]})
+    with pytest.raises(Refusal) as err:
+        prompts._clean_messages(State, None, body.messages)
+    assert err.value.code == "content_policy" and err.value.param == "messages"
+
+
+def _policy_file(extra=""):
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "policy.toml"
+    path.write_text(POLICY + extra)
+    return path
+
+
+ORDINARY = [line for line in (Path(__file__).parent / "data" / "ordinary_questions.txt").read_text().splitlines()
+            if line.strip()]
+MORE_TERMS = '\n[[rule]]\nid = "more"\nterms = ["malware", "ransomware", "credit card dump", "make a bomb", ' \
+             '"banned phrase", "example forbidden phrase"]\n'
+
+
+def test_ordinary_math_and_code_is_never_refused_because_of_the_fold():
+    """A corpus of ordinary math and code questions (x-1, 3.14, a_1, e^x, f(x) = 3x + 4, s.t., code): none is
+    refused, nor are they as one conversation of user messages."""
+    rules = load_policy(_policy_file(MORE_TERMS))
+    assert len(ORDINARY) >= 90
+    for line in ORDINARY:
+        check_policy(rules, {"question": clean_text("question", line, 2000)})
+    for i in range(0, len(ORDINARY), 10):  # as conversations: each joined, and the user's turns joined
+        lines = ORDINARY[i:i + 10]
+        fields = {f"messages.{j}.content": line for j, line in enumerate(lines)}
+        check_policy(rules, fields, authored=[name for j, name in enumerate(fields) if j % 2 == 0])

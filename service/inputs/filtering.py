@@ -18,13 +18,19 @@ The content policy is a TOML file named by VIBE_CONTENT_POLICY_PATH:
 Matching is on a policy form of the text, so the usual ways around a term do
 not work: invisible format characters (zero-width space, soft hyphen, word
 joiner, bidi controls, variation selectors, tag characters) are dropped,
+combining marks are dropped from their letters (`e\u0323` and `ẹ` are `e`),
 look-alike letters of other scripts are folded to Latin with Unicode's
-confusables table (UTS #39, through confusable-homoglyphs), case is folded
-and whitespace runs collapse (a term's words match with any whitespace, or
-none, between them). Each field is matched, then the whole conversation as
-one text, so a term split across two messages is found too. A refusal is a
-422 with code `content_policy`; the log gets the rule id and a hash of the
-input, never the input nor what matched.
+confusables table (UTS #39, through confusable-homoglyphs), case is folded,
+whitespace runs collapse (a term's words match with any whitespace, or none,
+between them), separators inside a word go (`for-bid.den_phrase`), and so do
+single spaces between single letters (`f o r b i d d e n`). Beside that form,
+its leetspeak readings are matched too (`0 o, 1 i or l, 3 e, 4 a, 5 s, 7 t,
+@ a, $ s`, in words that hold a letter, so `3.14` and `x - 1` stay numbers).
+Each field is matched, then the whole conversation as one text, then the
+user's own messages as one text without the turns between them, so a term
+split across messages, even around an assistant's turn, is found too. A
+refusal is a 422 with code `content_policy`; the log gets the rule id and a
+hash of the input, never the input nor what matched.
 
 The text the model sees is the cleaned field, not its policy form.
 """
@@ -48,6 +54,12 @@ LINE_ENDS = re.compile(r"\r\n?")
 # longer than this many times a limit is over it however it normalises.
 NFKC_MOST_COMPOSED = 4
 WHITESPACE = re.compile(r"\s+")
+SEPARATED = re.compile(r"(?<=\w)[-._]+(?=\w)")  # hyphens, dots, underscores inside a word
+SPACED_OUT = re.compile(r"(?<!\w)\w(?: \w)+(?!\w)")  # single letters, each alone between single spaces
+LEET_WORD = re.compile(r"[\w@$]*[a-z][\w@$]*|[\w@$]+(?=[a-z])")  # a word holding a letter
+LEET = tuple(str.maketrans(table) for table in (
+    {"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"},
+    {"0": "o", "1": "l", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"}))
 # Characters that render as nothing (or only change their neighbour's look): dropped before matching.
 INVISIBLE_RANGES = ((0xFE00, 0xFE0F), (0xE0100, 0xE01EF), (0x034F, 0x034F), (0x115F, 0x1160), (0x3164, 0x3164))
 
@@ -113,31 +125,54 @@ def _compile(entry):
     return re.compile("|".join(parts), re.IGNORECASE)
 
 
-def check_policy(rules, fields, whole="messages"):
-    """Unprocessable if any field, or all of them as one text (param `whole`), matches a rule; logs the
-    rule id and an input hash only."""
+def check_policy(rules, fields, whole="messages", authored=None):
+    """Unprocessable if any field, or all of them as one text (param `whole`), or the fields named in
+    `authored` (the user's own messages) as one text, matches a rule in any of its forms; logs the rule id
+    and an input hash only."""
     if not rules:
         return
     forms = {name: policy_form(text) for name, text in fields.items() if text}
     candidates = list(forms.items())
     if len(forms) > 1:
         candidates.append((whole, "".join(forms.values())))
+    own = [forms[name] for name in authored or () if name in forms]
+    if 1 < len(own) < len(forms):  # the turns between them left out
+        candidates.append((whole, "".join(own)))
     for name, form in candidates:
-        for rule in rules:
-            if rule.pattern.search(form):
-                digest = hashlib.sha256(form.encode("utf-8")).hexdigest()[:16]
-                log.warning("content policy refusal: rule=%s field=%s input_sha256=%s", rule.id, name, digest)
-                what = "the conversation" if name == whole and len(forms) > 1 else name
-                raise Unprocessable(f"{what} was refused by the content policy (rule {rule.id})",
-                                    "content_policy", name)
+        for reading in readings(form):
+            for rule in rules:
+                if rule.pattern.search(reading):
+                    digest = hashlib.sha256(form.encode("utf-8")).hexdigest()[:16]
+                    log.warning("content policy refusal: rule=%s field=%s input_sha256=%s", rule.id, name, digest)
+                    what = "the conversation" if name == whole and len(forms) > 1 else name
+                    raise Unprocessable(f"{what} was refused by the content policy (rule {rule.id})",
+                                        "content_policy", name)
 
 
 def policy_form(text):
-    """The text as the policy matches it: NFKC, invisible characters dropped, confusables folded to
-    Latin, case folded, whitespace runs made one space."""
+    """The text as the policy matches it: NFKC, invisible characters dropped, combining marks dropped from
+    their letters, confusables folded to Latin, case folded, whitespace runs made one space, separators
+    inside words and the spaces of spaced-out letters removed."""
     text = unicodedata.normalize("NFKC", text)
-    text = "".join(c for c in text if not _invisible(c)).translate(_confusables())
-    return WHITESPACE.sub(" ", text.casefold())
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not _invisible(c) and not _mark(c))
+    text = WHITESPACE.sub(" ", text.translate(_confusables()).casefold())
+    text = SEPARATED.sub("", text)
+    return SPACED_OUT.sub(lambda match: match[0].replace(" ", ""), text)
+
+
+def readings(form):
+    """A policy form and its leetspeak readings (digits and symbols as letters, in words holding a letter):
+    each is matched."""
+    found = [form]
+    for table in LEET:
+        reading = LEET_WORD.sub(lambda match: match[0].translate(table), form)
+        if reading not in found:
+            found.append(reading)
+    return found
+
+
+def _mark(char):
+    return unicodedata.category(char) in ("Mn", "Me")
 
 
 def _invisible(char):

@@ -129,7 +129,8 @@ def _clean_messages(state, job, messages):
         if message.role == "system":
             _allowed(job, text)
         cleaned.append({"role": message.role, "content": text})
-    filtering.check_policy(state.policy, {f"messages.{i}.content": m["content"] for i, m in enumerate(cleaned)})
+    filtering.check_policy(state.policy, {f"messages.{i}.content": m["content"] for i, m in enumerate(cleaned)},
+                           authored=[f"messages.{i}.content" for i, m in enumerate(cleaned) if m["role"] == "user"])
     return cleaned
 
 
