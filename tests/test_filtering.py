@@ -1,6 +1,7 @@
 """Input filtering as tables: text cleaning, the content policy, and the policy file itself."""
 
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,9 @@ EVASIONS = [
     # each with the earlier homoglyph and format-character tricks
     "f\u043er-b\u200bidden phr\u0430se", "f\u043e\u0323rbidden phrase", "f 0 r b 1 d d 3 n phr\u0430se",
     "\uff46\uff10\uff52\uff42\uff49\uff44\uff44\uff45\uff4e phrase", "f\u200b0rb1dd3n\u00adphrase",
+    # mixed: separators and spaces, leet with separators, a Unicode dash
+    "f-o r-b-i-d-d-e-n phrase", "f.0.r.b.1.d.d.3.n phrase", "f. o. r. b. i. d. d. e. n phrase",
+    "forb\u2013idden phr\u00b7ase",
 ]
 
 
@@ -213,3 +217,45 @@ def test_ordinary_math_and_code_is_never_refused_because_of_the_fold():
         lines = ORDINARY[i:i + 10]
         fields = {f"messages.{j}.content": line for j, line in enumerate(lines)}
         check_policy(rules, fields, authored=[name for j, name in enumerate(fields) if j % 2 == 0])
+
+
+@pytest.mark.parametrize("parts", [("say the forbid-", "den phrase"), ("f o r b", " i d d e n phrase")])
+def test_a_term_folded_across_a_message_boundary_is_caught(rules, parts):
+    fields = {f"messages.{i}.content": part for i, part in enumerate(parts)}
+    with pytest.raises(Refusal):
+        check_policy(rules, fields)
+
+
+SHORT = '[[rule]]\nid = "short"\nterms = ["sex", "bomb"]\n[[rule]]\nid = "ssn"\nregex = "\\\\d{3}-\\\\d{2}-\\\\d{4}"\n'
+
+
+@pytest.mark.parametrize("text", ["sys.exit(0)", "self.is_exact(x)", "os.execv(path)", "y = 5ex + 1",
+                                  "b_o_m_b_count = 1", "let x = 5\nexplain why"])
+def test_short_terms_are_not_folded_into_code_and_math(text):
+    """A term under FOLDED_TERM_LETTERS letters matches as written (marks and look-alikes aside): folding it
+    would refuse code such as sys.exit ("sex" once the dot goes) and math such as 5ex."""
+    check_policy(load_policy(_policy_file(SHORT)), {"question": text})
+
+
+def test_regex_rules_match_the_text_as_written():
+    rules = load_policy(_policy_file(SHORT))
+    with pytest.raises(Refusal) as err:
+        check_policy(rules, {"question": "my number is 123-45-6789"})  # the dashes are the rule's own
+    assert "ssn" in err.value.message
+    with pytest.raises(Refusal):
+        check_policy(rules, {"question": "a b\u00f3mb"})  # short terms still see through marks
+
+
+@pytest.mark.parametrize("term", ["\u0301", " ", "\u200b"])
+def test_a_term_empty_once_folded_is_refused_when_the_policy_loads(term):
+    with pytest.raises(PolicyError, match="empty once folded"):
+        load_policy(_policy_file(f'[[rule]]\nid = "e"\nterms = ["{term}"]\n'))
+
+
+@pytest.mark.parametrize("text", ["1" * 16000, "$" * 16000, "a-" * 8000, "a " * 8000 + "aa", "1a" * 8000])
+def test_folding_a_long_text_stays_linear(rules, text):
+    """A hostile field at the length limit: folded and matched at once (the folds are linear), not minutes."""
+    started = time.monotonic()
+    check_policy(rules, {"messages.0.content": text, "messages.1.content": text},
+                 authored=["messages.0.content", "messages.1.content"])
+    assert time.monotonic() - started < 5  # about 0.1 s here; quadratic was minutes

@@ -18,14 +18,17 @@ The content policy is a TOML file named by VIBE_CONTENT_POLICY_PATH:
 Matching is on a policy form of the text, so the usual ways around a term do
 not work: invisible format characters (zero-width space, soft hyphen, word
 joiner, bidi controls, variation selectors, tag characters) are dropped,
-combining marks are dropped from their letters (`e\u0323` and `ẹ` are `e`),
 look-alike letters of other scripts are folded to Latin with Unicode's
-confusables table (UTS #39, through confusable-homoglyphs), case is folded,
-whitespace runs collapse (a term's words match with any whitespace, or none,
-between them), separators inside a word go (`for-bid.den_phrase`), and so do
-single spaces between single letters (`f o r b i d d e n`). Beside that form,
-its leetspeak readings are matched too (`0 o, 1 i or l, 3 e, 4 a, 5 s, 7 t,
-@ a, $ s`, in words that hold a letter, so `3.14` and `x - 1` stay numbers).
+confusables table (UTS #39, through confusable-homoglyphs), case is folded
+and whitespace runs collapse (a term's words match with any whitespace, or
+none, between them). Terms are also matched with combining marks taken off
+their letters (`e\u0323`, `ẹ`: `e`), and a term of FOLDED_TERM_LETTERS
+letters or more also in a folded reading: separators inside a word
+(`for-bid.den_phrase`) and between spaced-out letters (`f o r b`, `f. o. r`)
+removed, and the leetspeak readings of that (`0 o, 1 i or l, 3 e, 4 a, 5 s,
+7 t, @ a, $ s`, in words that hold a letter, so `3.14` stays a number).
+Shorter terms are not folded so: `sys.exit` holds "sex" once folded, and
+`5ex` reads "sex". Regex rules match the plain policy form, as written.
 Each field is matched, then the whole conversation as one text, then the
 user's own messages as one text without the turns between them, so a term
 split across messages, even around an assistant's turn, is found too. A
@@ -54,9 +57,13 @@ LINE_ENDS = re.compile(r"\r\n?")
 # longer than this many times a limit is over it however it normalises.
 NFKC_MOST_COMPOSED = 4
 WHITESPACE = re.compile(r"\s+")
-SEPARATED = re.compile(r"(?<=\w)[-._]+(?=\w)")  # hyphens, dots, underscores inside a word
-SPACED_OUT = re.compile(r"(?<!\w)\w(?: \w)+(?!\w)")  # single letters, each alone between single spaces
-LEET_WORD = re.compile(r"[\w@$]*[a-z][\w@$]*|[\w@$]+(?=[a-z])")  # a word holding a letter
+FOLDED_TERM_LETTERS = 5  # a term this long is also matched in the folded readings (shorter ones collide)
+SEPARATORS = "\\-._/*'\u00b7\u2010-\u2015\u2027\u2219"  # hyphens, dots, slashes, stars, apostrophes, dashes
+SEPARATED = re.compile(rf"(?<=\w)[{SEPARATORS}]+(?=\w)")  # inside a word
+SPACED_OUT = re.compile(rf"(?<!\w)\w(?:[ {SEPARATORS}]+\w)+(?!\w)")  # single characters, spaced out
+NOT_WORD = re.compile(r"\W+")
+LEET_WORD = re.compile(r"[\w@$]+")  # a word (with its symbols): read as leet if it holds a letter
+LETTER = re.compile(r"[^\W\d_]")
 LEET = tuple(str.maketrans(table) for table in (
     {"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"},
     {"0": "o", "1": "l", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"}))
@@ -70,8 +77,38 @@ class PolicyError(Exception):
 
 @dataclass(frozen=True)
 class Rule:
+    """A policy rule: its regex (on the policy form), its terms (on the term form) and its long terms (also on
+    the folded readings); None where it has none."""
+
     id: str
-    pattern: re.Pattern
+    regex: re.Pattern | None = None
+    terms: re.Pattern | None = None
+    folded: re.Pattern | None = None
+
+    def matches(self, forms):
+        """Whether any of a text's Forms matches this rule."""
+        return bool((self.regex and self.regex.search(forms.policy))
+                    or (self.terms and self.terms.search(forms.terms))
+                    or (self.folded and any(self.folded.search(reading) for reading in forms.readings)))
+
+
+class Forms:
+    """The forms of one text the rules match, made once each and only when asked."""
+
+    def __init__(self, text):
+        self.text = text
+
+    @functools.cached_property
+    def policy(self):
+        return policy_form(self.text)
+
+    @functools.cached_property
+    def terms(self):
+        return term_form(self.text)
+
+    @functools.cached_property
+    def readings(self):
+        return readings(fold(self.terms))
 
 
 def clean_text(name, value, max_chars, allow_empty=False):
@@ -107,65 +144,86 @@ def load_policy(path):
     for index, entry in enumerate(data.get("rule", [])):
         rule_id = entry.get("id") or f"rule-{index + 1}"
         try:
-            rules.append(Rule(rule_id, _compile(entry)))
+            rules.append(_compile(rule_id, entry))
         except (re.error, TypeError, ValueError) as exc:
             raise PolicyError(f"VIBE_CONTENT_POLICY_PATH: {path}: rule {rule_id!r}: {exc}") from None
     return tuple(rules)
 
 
-def _compile(entry):
+def _compile(rule_id, entry):
     unknown = set(entry) - {"id", "terms", "regex"}
     if unknown:
         raise ValueError(f"unknown key {sorted(unknown)[0]!r} (use id, terms, regex)")
-    parts = [r"\s*".join(map(re.escape, policy_form(t).split())) for t in entry.get("terms", [])]
-    if entry.get("regex"):
-        parts.append(f"(?:{entry['regex']})")
-    if not parts:
+    terms = entry.get("terms", [])
+    if not terms and not entry.get("regex"):
         raise ValueError("a rule needs terms or a regex")
-    return re.compile("|".join(parts), re.IGNORECASE)
+    forms = [term_form(term) for term in terms]
+    empty = next((term for term, form in zip(terms, forms) if not form.strip()), None)
+    if empty is not None:
+        raise ValueError(f"the term {empty!r} is empty once folded (it would match every text)")
+    long = [form for form in forms if sum(c.isalpha() for c in form) >= FOLDED_TERM_LETTERS]
+    folded = {reading for form in long for reading in readings(fold(form))}
+    return Rule(rule_id, re.compile(entry["regex"], re.IGNORECASE) if entry.get("regex") else None,
+                _alternatives(forms), _alternatives(sorted(folded)))
+
+
+def _alternatives(forms):
+    """One pattern matching any of `forms`, each form's words with any whitespace (or none) between them."""
+    if not forms:
+        return None
+    return re.compile("|".join(r"\s*".join(map(re.escape, form.split())) for form in forms))
 
 
 def check_policy(rules, fields, whole="messages", authored=None):
     """Unprocessable if any field, or all of them as one text (param `whole`), or the fields named in
-    `authored` (the user's own messages) as one text, matches a rule in any of its forms; logs the rule id
-    and an input hash only."""
+    `authored` (the user's own messages) as one text, matches a rule; logs the rule id and an input hash
+    only."""
     if not rules:
         return
-    forms = {name: policy_form(text) for name, text in fields.items() if text}
-    candidates = list(forms.items())
-    if len(forms) > 1:
-        candidates.append((whole, "".join(forms.values())))
-    own = [forms[name] for name in authored or () if name in forms]
-    if 1 < len(own) < len(forms):  # the turns between them left out
-        candidates.append((whole, "".join(own)))
-    for name, form in candidates:
-        for reading in readings(form):
-            for rule in rules:
-                if rule.pattern.search(reading):
-                    digest = hashlib.sha256(form.encode("utf-8")).hexdigest()[:16]
-                    log.warning("content policy refusal: rule=%s field=%s input_sha256=%s", rule.id, name, digest)
-                    what = "the conversation" if name == whole and len(forms) > 1 else name
-                    raise Unprocessable(f"{what} was refused by the content policy (rule {rule.id})",
-                                        "content_policy", name)
+    texts = {name: text for name, text in fields.items() if text}
+    candidates = [(name, Forms(text)) for name, text in texts.items()]
+    if len(texts) > 1:
+        candidates.append((whole, Forms("".join(texts.values()))))
+    own = [texts[name] for name in authored or () if name in texts]
+    if 1 < len(own) < len(texts):  # the turns between them left out
+        candidates.append((whole, Forms("".join(own))))
+    for name, forms in candidates:
+        for rule in rules:
+            if rule.matches(forms):
+                digest = hashlib.sha256(forms.text.encode("utf-8")).hexdigest()[:16]
+                log.warning("content policy refusal: rule=%s field=%s input_sha256=%s", rule.id, name, digest)
+                what = "the conversation" if name == whole and len(texts) > 1 else name
+                raise Unprocessable(f"{what} was refused by the content policy (rule {rule.id})",
+                                    "content_policy", name)
 
 
 def policy_form(text):
-    """The text as the policy matches it: NFKC, invisible characters dropped, combining marks dropped from
-    their letters, confusables folded to Latin, case folded, whitespace runs made one space, separators
-    inside words and the spaces of spaced-out letters removed."""
+    """The text as regex rules match it: NFKC, invisible characters dropped, confusables folded to Latin,
+    case folded, whitespace runs made one space."""
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(c for c in text if not _invisible(c)).translate(_confusables())
+    return WHITESPACE.sub(" ", text.casefold())
+
+
+def term_form(text):
+    """The text as terms match it: the policy form, with combining marks taken off their letters first."""
     text = unicodedata.normalize("NFKC", text)
     text = "".join(c for c in unicodedata.normalize("NFKD", text) if not _invisible(c) and not _mark(c))
-    text = WHITESPACE.sub(" ", text.translate(_confusables()).casefold())
-    text = SEPARATED.sub("", text)
-    return SPACED_OUT.sub(lambda match: match[0].replace(" ", ""), text)
+    return WHITESPACE.sub(" ", text.translate(_confusables()).casefold())
+
+
+def fold(form):
+    """A term form with the separators inside words, and between spaced-out letters, removed."""
+    form = SPACED_OUT.sub(lambda match: NOT_WORD.sub("", match[0]), form)
+    return SEPARATED.sub("", form)
 
 
 def readings(form):
-    """A policy form and its leetspeak readings (digits and symbols as letters, in words holding a letter):
-    each is matched."""
+    """A folded form and its leetspeak readings (digits and symbols as letters, in words holding a letter)."""
     found = [form]
     for table in LEET:
-        reading = LEET_WORD.sub(lambda match: match[0].translate(table), form)
+        reading = LEET_WORD.sub(lambda match: match[0].translate(table) if LETTER.search(match[0]) else match[0],
+                                form)
         if reading not in found:
             found.append(reading)
     return found
