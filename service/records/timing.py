@@ -32,7 +32,6 @@ framework's own steps between the phases.
 import time
 
 PHASES = ("auth", "limits", "admission", "queue", "documents", "template", "prefill", "decode", "record")
-ENGINE = ("queue", "prefill", "decode")
 EDGE_KEY = "vibethinker.edge_started"  # the environ key the outermost WSGI layer stamps
 
 
