@@ -16,7 +16,7 @@ x-should-retry: false when a daily limit is spent.
 import logging
 import time
 
-from flask import g, request
+from flask import g, has_request_context, request
 from flask_limiter import Limiter
 from flask_limiter.errors import RateLimitExceeded
 from limits import parse_many
@@ -52,6 +52,8 @@ def init_app(app, settings, limited_blueprints, polls=frozenset()):
         log.warning("rate limits, token budgets and concurrency use memory://: per process and lost on "
                     "restart; set VIBE_RATELIMIT_STORAGE_URI to Redis in production")
     state(app).limiter = limiter
+    if isinstance(limiter.storage, ratestore.FoldedRedisStorage):
+        limiter.storage.request = _scratch
     limiter.vibethinker_live = frozenset(bp.name for bp in limited_blueprints), frozenset(polls)
     app.teardown_request(_give_back)
     app.register_error_handler(RateLimitExceeded, _rate_limited)
@@ -106,9 +108,18 @@ def _windows(limiter, token):
     return [(item.key_for(key, LIVE_SCOPE), item.amount, item.get_expiry(), 1) for item in items]
 
 
+def _scratch():
+    """This request's scratch of the rate limit's storage (ratestore.scratch), made on first use."""
+    if not has_request_context():
+        return None
+    if "rate_scratch" not in g:
+        g.rate_scratch = ratestore.scratch()
+    return g.rate_scratch
+
+
 def _give_back(_exc):
     """Prefetched hits flask-limiter did not make (a refusal before it, a limit changed meanwhile): undone."""
-    if g.get("rate_prefetched"):
+    if "rate_scratch" in g and g.rate_scratch["prefetched"]:
         try:
             state().limiter.storage.give_back()
         except Exception:  # noqa: BLE001 - the storage went away: the entries expire with their window

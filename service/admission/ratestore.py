@@ -23,7 +23,6 @@ brings its window back for the headers.
 
 import time
 
-from flask import g, has_request_context
 from limits.storage import RedisStorage
 
 from service.admission.counters import EPOCH_KEY, PREFIX
@@ -72,6 +71,8 @@ class FoldedRedisStorage(RedisStorage):
 
     STORAGE_SCHEME = [f"{SCHEME}redis", f"{SCHEME}rediss", f"{SCHEME}redis+unix"]
     epoch_key = PREFIX + EPOCH_KEY  # the access epoch's mirror (service.admission.counters)
+    # The current request's `scratch()`, or None outside a request: the HTTP layer binds it (ratelimit.py).
+    request = staticmethod(lambda: None)
 
     def __init__(self, uri, **options):
         super().__init__(uri.removeprefix(SCHEME), **options)
@@ -92,17 +93,19 @@ class FoldedRedisStorage(RedisStorage):
         return (epoch.decode() if epoch is not None else None), tried
 
     def acquire_entry(self, key, limit, expiry, amount=1):
-        waiting = _memo().get(key) if has_request_context() else None
+        scratch = self.request()
+        waiting = scratch["prefetched"].get(key) if scratch else None
         if waiting:  # prefetched: the same key twice (a limit written twice) was hit twice, in order
             outcome = waiting.pop(0)
         else:
             [(_, outcome)] = self.fold([(key, limit, expiry, amount)])[1]
-        if has_request_context():
-            _windows()[key] = outcome
+        if scratch is not None:
+            scratch["windows"][key] = outcome
         return outcome[0]
 
     def get_moving_window(self, key, limit, expiry):
-        window = _windows().get(key) if has_request_context() else None
+        scratch = self.request()
+        window = scratch["windows"].get(key) if scratch else None
         if window is None:
             return super().get_moving_window(key, limit, expiry)
         return window[1], window[2]
@@ -111,12 +114,12 @@ class FoldedRedisStorage(RedisStorage):
         """Fold `windows` for this request (flask-limiter's hits to come): the epoch."""
         epoch, tried = self.fold(windows)
         for key, outcome in tried:
-            _memo().setdefault(key, []).append(outcome)
+            self.request()["prefetched"].setdefault(key, []).append(outcome)
         return epoch
 
     def give_back(self):
         """Undo this request's prefetched hits that flask-limiter never asked for (one entry each)."""
-        left, given = _memo(), 0
+        left, given = self.request()["prefetched"], 0
         for key, outcomes in list(left.items()):
             for acquired, _, _, now in outcomes:
                 if acquired:
@@ -125,15 +128,7 @@ class FoldedRedisStorage(RedisStorage):
         return given
 
 
-def _memo():
-    """This request's prefetched hits not yet asked for: key -> their outcomes, in order."""
-    if "rate_prefetched" not in g:
-        g.rate_prefetched = {}
-    return g.rate_prefetched
-
-
-def _windows():
-    """This request's windows as its hits left them: the x-ratelimit-* headers read them."""
-    if "rate_windows" not in g:
-        g.rate_windows = {}
-    return g.rate_windows
+def scratch():
+    """A request's scratch for this storage: its prefetched hits not yet asked for (key -> their outcomes, in
+    order) and its windows as its hits left them (the x-ratelimit-* headers read them)."""
+    return {"prefetched": {}, "windows": {}}
