@@ -113,8 +113,9 @@ class FoldedRedisStorage(RedisStorage):
     def prefetch(self, windows):
         """Fold `windows` for this request (flask-limiter's hits to come): the epoch."""
         epoch, tried = self.fold(windows)
+        prefetched = self.request()["prefetched"]
         for key, outcome in tried:
-            self.request()["prefetched"].setdefault(key, []).append(outcome)
+            prefetched.setdefault(key, []).append(outcome)
         return epoch
 
     def give_back(self):
