@@ -154,17 +154,29 @@ def _sqlite_restore(source, path):
 
 # --- PostgreSQL ---
 
+# The URL's libpq parameters that pg_dump and pg_restore take from the environment: TLS above all (a
+# cluster's "?sslmode=verify-full&sslrootcert=...", which the service's own connections honour too).
+PG_QUERY_ENV = {"host": "PGHOST", "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT", "sslcert": "PGSSLCERT",
+                "sslkey": "PGSSLKEY", "sslcrl": "PGSSLCRL", "connect_timeout": "PGCONNECT_TIMEOUT"}
+
+
+def pg_environment(db_url):
+    """libpq's environment for `db_url`: its database, user, password, host, port and TLS settings."""
+    url = make_url(db_url)
+    env = {variable: url.query.get(key) for key, variable in PG_QUERY_ENV.items()}
+    env.update({"PGDATABASE": url.database, "PGUSER": url.username, "PGPASSWORD": url.password,
+                "PGHOST": url.host or env["PGHOST"], "PGPORT": str(url.port or "")})
+    return {key: value for key, value in env.items() if isinstance(value, str) and value != ""}
+
+
 def _pg(tool, db_url, *args):
     """Run pg_dump or pg_restore against `db_url`, its connection details in the environment only."""
     binary = shutil.which(tool) or next(iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{tool}"),
                                                     reverse=True)), None)
     if binary is None:
         raise StoreError(500, f"{tool} is not installed (Debian: postgresql-client)", "missing_tool")
+    env = {**os.environ, **pg_environment(db_url)}
     url = make_url(db_url)
-    env = {**os.environ, "PGDATABASE": url.database or "", "PGUSER": url.username or "",
-           "PGPASSWORD": url.password or "", "PGHOST": url.host or url.query.get("host", "") or "",
-           "PGPORT": str(url.port or "")}
-    env = {k: v for k, v in env.items() if v != "" or not k.startswith("PG")}
     dbname = ["--dbname", url.database] if tool == "pg_restore" else []
     result = subprocess.run([str(binary), *dbname, *args], env=env, capture_output=True, text=True)
     if result.returncode != 0:

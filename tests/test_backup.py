@@ -131,3 +131,13 @@ def test_nightly_backups_keep_the_newest(filled, db_url, tmp_path):
     left = sorted(p.name for p in (tmp_path / "nightly").iterdir())
     assert left == sorted(os.path.basename(r["path"]) for r in names[-3:])
     assert names[-1]["removed"] and len(left) == 3
+
+
+def test_pg_dump_gets_the_urls_tls_settings_and_password_in_its_environment_only():
+    env = backup.pg_environment("postgresql+psycopg://svc:p%40ss%2Fw@10.0.0.20:5432/vibethinker"
+                                "?sslmode=verify-full&sslrootcert=/etc/vibethinker/cluster-ca.pem")
+    assert env == {"PGDATABASE": "vibethinker", "PGUSER": "svc", "PGPASSWORD": "p@ss/w", "PGHOST": "10.0.0.20",
+                   "PGPORT": "5432", "PGSSLMODE": "verify-full", "PGSSLROOTCERT": "/etc/vibethinker/cluster-ca.pem"}
+    # A socket folder given as ?host=, no password, no TLS: only what the URL says.
+    assert backup.pg_environment("postgresql+psycopg:///db?host=/run/postgresql") == {
+        "PGDATABASE": "db", "PGHOST": "/run/postgresql"}
