@@ -107,11 +107,13 @@ def rendered(request, tmp_path_factory):
 
 def test_the_counters_redis_refuses_writes_when_full_and_never_evicts():
     tasks = yaml.safe_load((ROOT / "ansible/roles/redis/tasks/main.yml").read_text())
-    [configure] = [t for t in tasks if t.get("ansible.builtin.lineinfile", {}).get("path") == "/etc/redis/redis.conf"
-                   and "loop" in t]
+    [configure] = [t for t in tasks if t["name"] == "Configure Redis for the service"]
     settings = {item["key"]: item["value"] for item in configure["loop"]}
     assert settings["maxmemory-policy"] == "noeviction"
     assert settings["appendonly"] != "no"  # the counters persist; the cache below does not
+    assert settings["port"] == 0  # never plaintext TCP: a cluster's is TLS only
+    [tls] = [t for t in tasks if t["name"] == "Serve Redis over TLS only"]
+    assert {item["key"] for item in tls["loop"]} >= {"tls-port", "tls-cert-file", "tls-key-file", "tls-ca-cert-file"}
 
 
 def test_the_cache_redis_evicts_least_recently_used_keeps_nothing_and_has_files_of_its_own(rendered):
@@ -124,7 +126,8 @@ def test_the_cache_redis_evicts_least_recently_used_keeps_nothing_and_has_files_
     assert conf["unixsocket"].startswith("/run/redis-cache/") and conf["unixsocketperm"] == "770"
     assert conf["logfile"] != "/var/log/redis/redis-server.log" and conf["dbfilename"] != "dump.rdb"
     if layout == "cluster":
-        assert conf["port"] == "6380" and conf["bind"].split()[-1] == "10.0.0.20"
+        assert conf["port"] == "0" and conf["tls-port"] == "6380" and conf["bind"].split()[-1] == "10.0.0.20"
+        assert conf["tls-ca-cert-file"] == "/etc/redis/tls/ca.pem" and conf["tls-auth-clients"] == "no"
         assert conf["requirepass"] == (cache_password or COUNTERS_PASSWORD)
     else:
         assert conf["port"] == "0" and "requirepass" not in conf
@@ -137,8 +140,11 @@ def test_the_service_gets_a_cache_storage_apart_from_the_counters(rendered):
         counters, cache = config["ratelimit_storage_uri"], config["cache_storage_uri"]
         assert cache != counters
         if layout == "cluster":
-            assert counters == f"redis://:{quote(COUNTERS_PASSWORD, safe='')}@10.0.0.20:6379/0"
-            assert cache == f"redis://:{quote(cache_password or COUNTERS_PASSWORD, safe='')}@10.0.0.20:6380/0"
+            verified = "?ssl_ca_certs=/etc/vibethinker/cluster-ca.pem"
+            assert counters == f"rediss://:{quote(COUNTERS_PASSWORD, safe='')}@10.0.0.20:6379/0{verified}"
+            assert cache == f"rediss://:{quote(cache_password or COUNTERS_PASSWORD, safe='')}@10.0.0.20:6380/0{verified}"
+            assert config["db_url"].endswith("/vibethinker?sslmode=verify-full&sslrootcert="
+                                             "/etc/vibethinker/cluster-ca.pem")
             assert "redis-server@cache" not in files[f"{host}-site.conf"]
         else:
             assert counters == "redis+unix:///run/redis/redis.sock"
@@ -166,3 +172,28 @@ def test_long_answers_may_run_to_the_models_recommended_length_at_the_measured_s
         assert config["max_new_tokens_limit"] == 40960  # a number, not a string
         assert config["stream_deadline_s"] == 10240  # 40,960 tokens at 5 tokens/s, and a quarter more
         assert "request_deadline_s" not in config  # whole answers keep the service's 60 s
+
+
+def tasks_of(node):
+    """Every task in a task list, blocks opened."""
+    for task in node or []:
+        yield task
+        for key in ("block", "rescue", "always"):
+            yield from tasks_of(task.get(key))
+
+
+def test_no_task_that_handles_a_secret_writes_it_through_the_controllers_disk():
+    """`copy` with content and `template` write their text to a controller temp file first (README, "No
+    secret on the controller's disk"): a task hiding its values (no_log) writes with secret_file instead."""
+    hidden = []
+    for path in sorted((ROOT / "ansible/roles").glob("*/tasks/*.yml")):
+        for task in tasks_of(yaml.safe_load(path.read_text())):
+            if not task.get("no_log"):
+                continue
+            hidden.append(task["name"])
+            copy = task.get("ansible.builtin.copy") or task.get("copy") or {}
+            assert "content" not in copy and not {"ansible.builtin.template", "template"} & set(task), \
+                f"{path.relative_to(ROOT)}: {task['name']}"
+    assert {"Write the service settings", "Write the signing keys", "Install the given private key",
+            "Write the cache instance's configuration"} <= set(hidden)
+

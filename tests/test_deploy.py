@@ -3,11 +3,14 @@
 The host is booted here with systemd-nspawn in its own network namespace
 (tests/support/deployhost.py). The tests run in file order, as phases of one story:
 provision, provision again (nothing changes), check mode, use the API through
-nginx, restart, upgrade. Each phase's duration is printed at the end of the run.
+nginx, restart, upgrade, and last what the runs left on the controller's disk. Each phase's duration is
+printed at the end of the run.
 """
 
+import datetime
 import json
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -18,6 +21,7 @@ import pytest
 import urllib3
 
 from tests.support import makedocs
+from tests.support.controller import controller_env, keeping, kept_files, leftovers
 from tests.support.deploy import (SERVER_NAME, Api, build_release, build_wheel, changed_tasks, sha256,
                                    wait_ready)
 from tests.support.deployhost import make_host, require_tools
@@ -35,21 +39,40 @@ CACHE_SOCKET = "/run/redis-cache/redis-server-cache.sock"
 
 
 def playbook(host, workdir, variables, *extra):
-    """Run site.yml against the host: (recap counts, full output)."""
+    """Run site.yml against the host (secrets from the encrypted vault; every temporary file the controller
+    makes kept, for `test_no_secret_reached_the_controllers_disk`): (recap counts, full output)."""
     (workdir / "vars.json").write_text(json.dumps(variables))
     inventory = host.inventory(workdir / "inventory.ini")
     result = subprocess.run(
-        [BIN / "ansible-playbook", "-i", inventory, ROOT / "ansible/site.yml", "-e", f"@{workdir / 'vars.json'}",
-         *extra],
-        capture_output=True, text=True, timeout=host.playbook_timeout_s,
-        env={"PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "ANSIBLE_NOCOLOR": "1", "HOME": str(workdir),
-             "ANSIBLE_LOCAL_TEMP": str(workdir / "ansible-tmp"), "LANG": "C.UTF-8"})
+        keeping(["ansible-playbook", "-i", inventory, ROOT / "ansible/site.yml", "-e", f"@{workdir / 'vars.json'}",
+                 "-e", f"@{workdir / 'vault.yml'}", "--vault-password-file", workdir / "vault-password", *extra]),
+        capture_output=True, text=True, timeout=host.playbook_timeout_s, env=controller_env(workdir))
     recap = re.search(r"testhost\s*:\s*(.*)", result.stdout.split("PLAY RECAP")[-1])
     if result.returncode != 0 or not recap:  # the service's own account is often the reason
         journal = host.ssh("journalctl -u vibethinker -n 40 --no-pager", check=False).stdout
         raise AssertionError(result.stdout[-6000:] + result.stderr[-2000:] + "\n--- service journal ---\n" + journal)
     counts = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", recap.group(1))}
     return counts, result.stdout
+
+
+def tls_pair(name):
+    """A self-signed certificate for `name` and its key (PEM texts), made in memory."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM).decode(),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()).decode())
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +89,12 @@ def deployment(tmp_path_factory, tiny_model):
     try:
         with phase(f"deploy: boot the Debian 12 host ({type(host).__name__})"):
             host.boot()
+        # The site's own TLS certificate; its key only in the encrypted vault (as the README says to do).
+        certificate, tls_key = tls_pair(SERVER_NAME)
+        (work / "vault-password").write_text(secrets.token_urlsafe(24))
+        (work / "vault.yml").write_text(json.dumps({"vault_nginx_tls_private_key": tls_key}))
+        subprocess.run([BIN / "ansible-vault", "encrypt", "--vault-password-file", work / "vault-password",
+                        work / "vault.yml"], check=True, capture_output=True, env={"HOME": str(work)})
         variables = {
             "app_wheel": str(wheel), "app_install_mode": "offline", "app_wheelhouse": str(wheelhouse),
             "app_dtype": "float32", "app_model_name": "vibethinker-demo", "app_memory_max": "3G",
@@ -74,8 +103,9 @@ def deployment(tmp_path_factory, tiny_model):
             "model_sha256": {name: sha256(tiny_model / name) for name in ("config.json", "model.safetensors")},
             "base_apt_proxy": host.proxy_url, "nginx_server_name": SERVER_NAME,
             "nginx_admin_allow": [host.gateway], "nginx_metrics_allow": [host.gateway],
+            "nginx_tls_certificate": certificate, "nginx_tls_private_key": "{{ vault_nginx_tls_private_key }}",
         }
-        yield {"host": host, "work": work, "vars": variables, "hub": hub}
+        yield {"host": host, "work": work, "vars": variables, "hub": hub, "tls_key": tls_key}
     finally:
         with phase("deploy: tear the host down"):
             left = host.stop()
@@ -334,3 +364,16 @@ def test_a_reader_cannot_reach_the_keys_the_database_or_the_network_and_its_unit
     level = float(re.search(r"Overall exposure level for vibethinker-reader@x\.service: ([\d.]+)",
                             exposure).group(1))
     assert level <= 2.0, exposure[-3000:]
+
+
+def test_no_secret_reached_the_controllers_disk(provisioned):
+    """Every run above kept every temporary file the controller made (tests/support/controller.py): as if
+    each had been killed at each of its moments. None holds the TLS key, a signing key or the admin token."""
+    host, work = provisioned["host"], provisioned["work"]
+    found = {"TLS key": provisioned["tls_key"], "admin token": provisioned["admin_token"],
+             **{f"signing key {n}": host.ssh(f"cat {path}").stdout
+                for n, path in enumerate(host.ssh("ls /var/lib/vibethinker/keys/*.pem").stdout.split())}}
+    assert host.ssh("cat /etc/ssl/vibethinker/key.pem").stdout.strip() == provisioned["tls_key"].strip()
+    assert len(found) >= 3 and kept_files(work), kept_files(work)
+    assert leftovers(work, found) == []
+
