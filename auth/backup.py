@@ -175,7 +175,8 @@ def _pg(tool, db_url, *args):
                                                     reverse=True)), None)
     if binary is None:
         raise StoreError(500, f"{tool} is not installed (Debian: postgresql-client)", "missing_tool")
-    env = {**os.environ, **pg_environment(db_url)}
+    # The URL says it all: no PG* variable of the caller's environment (a PGSSLMODE=disable) overrides it.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PG")}, **pg_environment(db_url)}
     url = make_url(db_url)
     dbname = ["--dbname", url.database] if tool == "pg_restore" else []
     result = subprocess.run([str(binary), *dbname, *args], env=env, capture_output=True, text=True)

@@ -140,7 +140,7 @@ def test_the_service_gets_a_cache_storage_apart_from_the_counters(rendered):
         counters, cache = config["ratelimit_storage_uri"], config["cache_storage_uri"]
         assert cache != counters
         if layout == "cluster":
-            verified = "?ssl_ca_certs=/etc/vibethinker/cluster-ca.pem"
+            verified = "?ssl_check_hostname=true&ssl_ca_certs=/etc/vibethinker/cluster-ca.pem"
             assert counters == f"rediss://:{quote(COUNTERS_PASSWORD, safe='')}@10.0.0.20:6379/0{verified}"
             assert cache == f"rediss://:{quote(cache_password or COUNTERS_PASSWORD, safe='')}@10.0.0.20:6380/0{verified}"
             assert config["db_url"].endswith("/vibethinker?sslmode=verify-full&sslrootcert="

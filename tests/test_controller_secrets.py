@@ -21,7 +21,7 @@ from tests.support.servers import ROOT
 pytestmark = pytest.mark.slow
 
 
-def play(tmp_path, tasks, pipelining=True):
+def play(tmp_path, tasks, pipelining=True, verbosity="-v", ok=True):
     """Run `tasks` twice on this machine through KEEP (-v: each result shown) with a fresh secret: (the
     secret, each run's output, the work folder, the output folder)."""
     work, out = tmp_path / "work", tmp_path / "out"
@@ -36,12 +36,13 @@ def play(tmp_path, tasks, pipelining=True):
         "tasks": tasks}]))
     secret = secrets.token_urlsafe(24)
     env = {**controller_env(work), "THE_SECRET": secret, "ANSIBLE_LIBRARY": str(ROOT / "ansible/library"),
+           "ANSIBLE_ACTION_PLUGINS": str(ROOT / "ansible/action_plugins"),
            "ANSIBLE_INVENTORY_UNPARSED_WARNING": "0", "ANSIBLE_LOCALHOST_WARNING": "0"}
     outputs = []
     for _ in range(2):
-        run = subprocess.run(keeping(["ansible-playbook", "-v", "-i", "localhost,", work / "play.yml"]), env=env,
-                             capture_output=True, text=True, timeout=300, cwd=work)
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        run = subprocess.run(keeping(["ansible-playbook", verbosity, "-i", "localhost,", work / "play.yml"]),
+                             env=env, capture_output=True, text=True, timeout=300, cwd=work)
+        assert (run.returncode == 0) is ok, run.stdout[-3000:] + run.stderr[-3000:]
         outputs.append(run.stdout + run.stderr)
     return secret, outputs, work, out
 
@@ -72,16 +73,22 @@ def test_secret_file_writes_from_memory_and_leaves_nothing_behind(tmp_path):
     assert leftovers(work, {"secret": secret}) == []
 
 
-def test_secret_file_depends_on_pipelining_which_the_site_turns_on(tmp_path):
-    secret, _, work, _ = play(tmp_path, [WRITE], pipelining=False)  # the module's payload goes through a file
-    assert leftovers(work, {"secret": secret}) != []
+def test_secret_file_refuses_to_run_without_pipelining_which_the_site_turns_on(tmp_path):
+    # Without pipelining a module's payload, its arguments inside, goes through a file on the controller:
+    # the action plugin fails the task before anything is sent.
+    secret, outputs, work, out = play(tmp_path, [WRITE], pipelining=False, ok=False)
+    assert "secret_file needs pipelining" in outputs[0], outputs[0][-2000:]
+    assert not (out / "written").exists()
+    assert leftovers(work, {"secret": secret}) == []
     assert yaml.safe_load((ROOT / "ansible/group_vars/all.yml").read_text())["ansible_pipelining"] is True
 
 
 def test_secret_file_fixes_owner_and_mode_and_shows_nothing(tmp_path):
-    shown = {**WRITE, "name": "shown", "no_log": False}  # the module's own no_log on content
-    secret, outputs, _, out = play(tmp_path, [WRITE, {"file": {"path": "{{ out }}/written", "mode": "0666"}}, shown])
+    # The module's own no_log on content; and a mode given as YAML's number (an unquoted 0640 is 416).
+    shown = {**WRITE, "name": "shown", "no_log": False, "secret_file": {**WRITE["secret_file"], "mode": 0o640}}
+    secret, outputs, _, out = play(tmp_path, [WRITE, {"file": {"path": "{{ out }}/written", "mode": "0666"}}, shown],
+                                   verbosity="-vvv")  # -vvv: the module's invocation (its arguments) shown
     assert stat.S_IMODE((out / "written").stat().st_mode) == 0o640
     assert "TASK [shown]" in outputs[1] and "changed: [localhost]" in outputs[1].split("TASK [shown]")[1]
-    assert "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER" in outputs[1] or "content" not in outputs[1]
+    assert '"content": "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER"' in outputs[1], outputs[1][-3000:]
     assert all(secret not in output for output in outputs)

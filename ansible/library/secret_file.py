@@ -22,8 +22,18 @@ options:
   content: {description: What the file holds; never logged or returned., type: str, required: true}
   owner: {description: Its owner (a user name)., type: str, default: root}
   group: {description: Its group (a group name)., type: str, default: root}
-  mode: {description: Its mode as an octal string., type: str, default: "0600"}
+  mode: {description: Its mode, an octal string ("0640"; an unquoted 0640 is read as YAML's number), type: raw,
+         default: "0600"}
 """
+
+
+def octal(mode):
+    """A mode as given: "0640" or "640", or the number YAML makes of an unquoted 0640 (as `file` takes it)."""
+    if isinstance(mode, int):
+        return mode
+    if not isinstance(mode, str) or not mode.isdigit() or set(mode) - set("01234567") or len(mode.lstrip("0")) > 4:
+        raise ValueError(f"mode must be an octal string such as '0640', not {mode!r}")
+    return int(mode, 8)
 
 
 def attributes(path):
@@ -41,14 +51,25 @@ def main():
                        "content": {"type": "str", "required": True, "no_log": True},
                        "owner": {"type": "str", "default": "root"},
                        "group": {"type": "str", "default": "root"},
-                       "mode": {"type": "str", "default": "0600"}},
+                       "mode": {"type": "raw", "default": "0600"}},
         supports_check_mode=True)
     dest, data = module.params["dest"], module.params["content"].encode()
+    folder, name = os.path.split(dest)
+    # What a run killed between writing and renaming left behind (a copy of the secret): never kept.
+    if not module.check_mode and os.path.isdir(folder):
+        for left in os.listdir(folder):
+            if left.startswith(f".{name}.") and left.endswith(".part"):
+                os.unlink(os.path.join(folder, left))
     try:
-        wanted = (pwd.getpwnam(module.params["owner"]).pw_uid, grp.getgrnam(module.params["group"]).gr_gid,
-                  int(module.params["mode"], 8))
-    except (KeyError, ValueError) as exc:
-        module.fail_json(msg=f"owner, group or mode not usable: {exc}")
+        mode = octal(module.params["mode"])
+    except ValueError as exc:
+        module.fail_json(msg=str(exc))
+    try:
+        wanted = (pwd.getpwnam(module.params["owner"]).pw_uid, grp.getgrnam(module.params["group"]).gr_gid, mode)
+    except KeyError as exc:
+        if module.check_mode:  # a dry run before the user or group exists: it would be made
+            module.exit_json(changed=True, dest=dest)
+        module.fail_json(msg=f"no such owner or group: {exc}")
     try:
         with open(dest, "rb") as current:
             same = current.read() == data
@@ -57,11 +78,13 @@ def main():
     changed = not same or attributes(dest) != wanted
     if changed and not module.check_mode:
         if same:
+            # Owner only: no one but it may read while the group changes; then the mode wanted.
+            os.chmod(dest, wanted[2] & 0o700)
             os.chown(dest, *wanted[:2])
             os.chmod(dest, wanted[2])
         else:
             # Owner and mode are set before a byte is written; the rename makes it whole at once.
-            fd, temp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=f".{os.path.basename(dest)}.")
+            fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
             try:
                 os.fchown(fd, *wanted[:2])
                 os.fchmod(fd, wanted[2])
@@ -69,10 +92,11 @@ def main():
                     out.write(data)
                     out.flush()
                     os.fsync(out.fileno())
+                os.replace(temp, dest)
             except OSError as exc:
-                os.unlink(temp)
+                if os.path.exists(temp):
+                    os.unlink(temp)
                 module.fail_json(msg=f"cannot write {dest}: {exc.strerror}")
-            os.replace(temp, dest)
     module.exit_json(changed=changed, dest=dest)
 
 
