@@ -350,13 +350,14 @@ def test_stopping_an_app_server_fails_only_its_requests_and_a_batch_still_comple
     # Clients that ask again and again until the server is dead and a moment after: the balancer sends every
     # other request to app2, so requests are in flight there when it dies, whatever this machine's speed
     # (one run of six one-shot requests had all finished before the kill). Each a long greedy answer that
-    # is never a cache hit (its own seed is part of the cache key), and a pause after a failure, so no
-    # client spins into a rate limit.
+    # is never a cache hit (its own seed is part of the cache key; /v1/predict takes none), and a pause
+    # after a failure, so no client spins into a rate limit.
     def ask():
         while True:
             try:
-                results.append(api.call("POST", "/v1/predict", admin, {
-                    "question": long_question, "max_new_tokens": 2000, "temperature": 0, "seed": next(seeds)}))
+                results.append(api.call("POST", "/v1/chat/completions", admin, {
+                    "model": "vibethinker-demo", "messages": [{"role": "user", "content": long_question}],
+                    "max_tokens": 2000, "temperature": 0, "seed": next(seeds)}))
             except urllib3.exceptions.HTTPError as exc:  # a failure is a result here
                 results.append((0, repr(exc)))
             if killed.wait(0) and time.monotonic() > killed.after:
