@@ -22,6 +22,7 @@ import tomllib
 import pytest
 import urllib3
 
+from service.settings import Settings
 from tests.support.controller import controller_env, keeping, kept_files, killed_at, leftovers
 from tests.support.deploy import SERVER_NAME, Api, build_release, changed_tasks, sha256, wait_ready
 from tests.support.deployhost import Bridge, Host, require_tools
@@ -349,15 +350,19 @@ def test_stopping_an_app_server_fails_only_its_requests_and_a_batch_still_comple
 
     # Clients that ask again and again until the server is dead and a moment after: the balancer sends every
     # other request to app2, so requests are in flight there when it dies, whatever this machine's speed
-    # (one run of six one-shot requests had all finished before the kill). Each a long greedy answer that
-    # is never a cache hit (its own seed is part of the cache key; /v1/predict takes none), and a pause
-    # after a failure, so no client spins into a rate limit.
+    # (one run of six one-shot requests had all finished before the kill). Each a long greedy answer (the
+    # default system prompt given, as long_question was chosen with it: without it the answer ends at
+    # about 90 tokens) that is never a cache hit (its own seed is part of the cache key; /v1/predict takes
+    # none), and a pause after a failure, so no client spins into a rate limit.
+    messages = [{"role": "system", "content": Settings().default_system_prompt},
+                {"role": "user", "content": long_question}]
+
     def ask():
         while True:
             try:
                 results.append(api.call("POST", "/v1/chat/completions", admin, {
-                    "model": "vibethinker-demo", "messages": [{"role": "user", "content": long_question}],
-                    "max_tokens": 2000, "temperature": 0, "seed": next(seeds)}))
+                    "model": "vibethinker-demo", "messages": messages, "max_tokens": 2000, "temperature": 0,
+                    "seed": next(seeds)}))
             except urllib3.exceptions.HTTPError as exc:  # a failure is a result here
                 results.append((0, repr(exc)))
             if killed.wait(0) and time.monotonic() > killed.after:
@@ -386,6 +391,7 @@ def test_stopping_an_app_server_fails_only_its_requests_and_a_batch_still_comple
     kinds = collections.Counter("ok" if status == 200 else body["error"]["code"] if isinstance(body, dict) else body
                                 for status, body in results)
     assert set(kinds) == {"ok", "bad_gateway"}, (kinds, results)  # app2's requests failed (JSON 502), app1's went on
+    assert {body["usage"]["completion_tokens"] for status, body in results if status == 200} == {2000}
     assert [status for status, _ in after] == [200] * 4, after
     assert batch["status"] == "completed" and batch["request_counts"]["completed"] == 12, batch
     output = [json.loads(line) for line in api.content(admin, batch["output_file_id"])[1].splitlines()]
