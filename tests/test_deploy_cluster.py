@@ -417,5 +417,8 @@ def test_no_secret_reaches_the_controllers_disk_even_when_a_run_is_killed(provis
              "CA key": hosts["state1"].ssh("cat /etc/vibethinker-ca/ca.key").stdout,
              "server key": hosts["state1"].ssh("cat /etc/vibethinker-ca/server.key").stdout,
              **{key: hosts["app1"].ssh(f"cat /var/lib/vibethinker/keys/{key}").stdout for key in keys}}
+    certificates = [hosts["state1"].ssh(f"cat /etc/vibethinker-ca/{name}").stdout for name in ("ca.pem", "server.pem")]
     assert keys and kept_files(work), kept_files(work)  # every earlier run kept all its temporary files
-    assert leftovers(work, found) == []
+    assert leftovers(work, found, public=certificates) == []
+    # The CA's certificate did pass through the controller (copied to the app servers): the scan sees it.
+    assert leftovers(work, {"CA certificate": certificates[0]}) != []

@@ -72,12 +72,15 @@ def killed_at(argv, env, task, settle_s=1.0, timeout_s=1800):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(30)
+        process.stdout.close()
     return "".join(lines)
 
 
-def needles(secrets):
+def needles(secrets, public=()):
     """{bytes: what they are} for `secrets` {name: text}: each whole, in base64 (slurp's form, a vault's
-    payload), and each line of 16 bytes or more (a PEM body line, as JSON or YAML would hold it)."""
+    payload), and each line of 16 bytes or more (a PEM body line, as JSON or YAML would hold it) that is not
+    also in one of the `public` texts (an EC key's last line is mostly its public point, which its
+    certificate holds too, and may line up with the certificate's own base64)."""
     found = {}
     for name, secret in secrets.items():
         data = secret.strip().encode()
@@ -85,15 +88,17 @@ def needles(secrets):
         found.setdefault(base64.b64encode(data), f"{name} (base64)")
         found.setdefault(base64.b64encode(secret.encode()), f"{name} (base64)")
         for line in data.splitlines():
-            if len(line.strip()) >= 16 and not line.startswith(b"-----"):
+            if len(line.strip()) >= 16 and not line.startswith(b"-----") \
+                    and not any(line.strip() in text.encode() for text in public):
                 found.setdefault(line.strip(), f"{name} (a line)")
     return found
 
 
-def leftovers(work, secrets, skip=()):
+def leftovers(work, secrets, skip=(), public=()):
     """[(file, what)] for every file the controller's runs left under `work` (its files and Ansible's
-    folders; never the folders in `skip`, such as a booted host's root) that holds any of `secrets`."""
-    look = needles(secrets)
+    folders; never the folders in `skip`, such as a booted host's root) that holds any of `secrets`
+    (`needles`, with `public` the texts that are no secret: certificates)."""
+    look = needles(secrets, public)
     files = [path for path in work.iterdir() if path.is_file()]
     for folder in ("ansible-tmp", "tmp", ".ansible"):
         if (work / folder).is_dir():
