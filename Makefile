@@ -151,7 +151,7 @@ deploy-test: install system-deps
 	$(BIN)/python -m pytest tests/test_deploy.py
 
 # A cluster (balancer, two app servers, state host) as four systemd-nspawn
-# hosts on one private bridge, deployed by site.yml: about 15 minutes, which
+# hosts on one private bridge, deployed by site.yml: about 11 minutes, which
 # `make test` (about 35 already) leaves to this target.
 deploy-test-cluster: install system-deps
 	$(BIN)/python -m pytest tests/test_deploy_cluster.py
