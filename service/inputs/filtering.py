@@ -200,16 +200,20 @@ def check_policy(rules, fields, whole="messages", authored=None):
 def policy_form(text):
     """The text as regex rules match it: NFKC, invisible characters dropped, confusables folded to Latin,
     case folded, whitespace runs made one space."""
-    text = unicodedata.normalize("NFKC", text)
-    text = "".join(c for c in text if not _invisible(c)).translate(_confusables())
-    return WHITESPACE.sub(" ", text.casefold())
+    return _folded(unicodedata.normalize("NFKC", text), lambda c: not _invisible(c))
 
 
 def term_form(text):
     """The text as terms match it: the policy form, with combining marks taken off their letters first."""
-    text = unicodedata.normalize("NFKC", text)
-    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not _invisible(c) and not _mark(c))
-    return WHITESPACE.sub(" ", text.translate(_confusables()).casefold())
+    decomposed = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text))
+    return _folded(decomposed, lambda c: not _invisible(c) and not _mark(c))
+
+
+def _folded(text, keep):
+    """`text` with only the characters `keep` keeps, confusables folded to Latin, case folded, whitespace runs
+    made one space: the tail both forms share."""
+    text = "".join(c for c in text if keep(c)).translate(_confusables())
+    return WHITESPACE.sub(" ", text.casefold())
 
 
 def fold(form):
