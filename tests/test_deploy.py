@@ -7,7 +7,6 @@ nginx, restart, upgrade, and last what the runs left on the controller's disk. E
 printed at the end of the run.
 """
 
-import datetime
 import json
 import re
 import secrets
@@ -25,6 +24,7 @@ from tests.support.controller import controller_env, keeping, kept_files, leftov
 from tests.support.deploy import (SERVER_NAME, Api, build_release, build_wheel, changed_tasks, sha256,
                                    wait_ready)
 from tests.support.deployhost import make_host, require_tools
+from tests.support.nginx import certificate_pair
 from tests.support.phases import phase
 from tests.support.servers import BIN, ROOT
 
@@ -55,26 +55,6 @@ def playbook(host, workdir, variables, *extra):
     return counts, result.stdout
 
 
-def tls_pair(name):
-    """A self-signed certificate for `name` and its key (PEM texts), made in memory."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-            .sign(key, hashes.SHA256()))
-    return (cert.public_bytes(serialization.Encoding.PEM).decode(),
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption()).decode())
-
-
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory, tiny_model):
     """A booted host, the builds to deploy, and the variables of the first deployment."""
@@ -90,7 +70,7 @@ def deployment(tmp_path_factory, tiny_model):
         with phase(f"deploy: boot the Debian 12 host ({type(host).__name__})"):
             host.boot()
         # The site's own TLS certificate; its key only in the encrypted vault (as the README says to do).
-        certificate, tls_key = tls_pair(SERVER_NAME)
+        certificate, tls_key = certificate_pair(SERVER_NAME)
         (work / "vault-password").write_text(secrets.token_urlsafe(24))
         (work / "vault.yml").write_text(json.dumps({"vault_nginx_tls_private_key": tls_key}))
         subprocess.run([BIN / "ansible-vault", "encrypt", "--vault-password-file", work / "vault-password",

@@ -25,21 +25,28 @@ def nginx_binary():
     return found
 
 
-def make_certificate(folder):
-    """A self-signed certificate for localhost and 127.0.0.1 in `folder`: (cert path, key path)."""
+def certificate_pair(name, addresses=()):
+    """A self-signed certificate for the host `name` (and the IP `addresses`) and its key, made in memory:
+    (certificate PEM, key PEM) as text."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+    names = [x509.DNSName(name), *(x509.IPAddress(ipaddress.ip_address(address)) for address in addresses)]
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.SubjectAlternativeName(names), False)
             .sign(key, hashes.SHA256()))
-    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                       serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
+    return (cert.public_bytes(serialization.Encoding.PEM).decode(),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()).decode())
+
+
+def make_certificate(folder):
+    """A self-signed certificate for localhost and 127.0.0.1 in `folder`: (cert path, key path)."""
+    cert, key = certificate_pair("localhost", ["127.0.0.1"])
+    (folder / "cert.pem").write_text(cert)
+    (folder / "key.pem").write_text(key)
     return folder / "cert.pem", folder / "key.pem"
 
 
