@@ -1,4 +1,4 @@
-"""The tables of users, tokens, usage, audit and the access epoch, and how a database gets them.
+"""The tables of users, tokens, usage, audit, the access epoch and the console's sign-ins, and how a database gets them.
 
 SQLAlchemy Core over any URL: SQLite in WAL mode by default, PostgreSQL by URL
 alone. The schema is created and upgraded by Alembic migrations
@@ -79,6 +79,25 @@ usage = sa.Table(
     # Prompt tokens read from the engine's prefix cache instead of prefilled (a response-cache hit: all of them).
     sa.Column("cached_tokens", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_usage_user_at", "user", "at"),
+)
+# The admins' console (service.console): one-time sign-in links and server-side sessions, each stored under the
+# SHA-256 of its secret, so a copy of the database holds no usable link or cookie.
+console_links = sa.Table(
+    "console_links", metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("used_at", sa.DateTime(timezone=True)),
+)
+console_sessions = sa.Table(
+    "console_sessions", metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("kind", sa.String(8), nullable=False),  # login: before sign-in (SameSite=Lax); auth: signed in
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), index=True),
+    sa.Column("data", sa.Text, nullable=False),  # JSON
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("seen_at", sa.DateTime(timezone=True), nullable=False),
 )
 # One row: replaced by every change that can turn a valid token invalid (revocation, disable, demotion,
 # a quota or key change), so workers that cache verified tokens know to drop them (auth.cache).

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from auth.checks import check_name, check_quotas
 from auth.errors import StoreError
-from auth.schema import audit, auth_epoch, connect, migrate, tokens, usage, users
+from auth.schema import audit, auth_epoch, connect, console_links, console_sessions, migrate, tokens, usage, users
 
 STORAGE_QUOTAS = ("max_files", "max_stored_bytes", "max_open_batches", "daily_batches")
 QUOTA_FIELDS = ("rate_limit", "daily_tokens", "max_concurrent", "system_prompts", "models", *STORAGE_QUOTAS)
@@ -157,11 +157,14 @@ class Store:
         return self.get_token(jti)
 
     def revoke_all(self, user_name, actor="system", source="cli"):
-        """Revoke every live token of a user; the number revoked."""
+        """Revoke every live token of a user, and end their console sessions; the number of tokens revoked."""
         user = self.get_user(user_name)
         with self.engine.begin() as conn:
             count = conn.execute(tokens.update().where(tokens.c.user_id == user["id"], tokens.c.revoked_at.is_(None))
                                  .values(revoked_at=self.clock(), revoked_by=actor)).rowcount
+            # the admins' console too: their sessions end and their unused sign-in links stop working
+            conn.execute(console_sessions.delete().where(console_sessions.c.user_id == user["id"]))
+            conn.execute(console_links.delete().where(console_links.c.user_id == user["id"]))
             self._audit(conn, actor, "token.revoke_all", user_name, {"count": count}, source)
             epoch = self._changed_access(conn)
         self.publish(epoch)

@@ -18,6 +18,7 @@ from auth import guard
 from auth.cache import TokenCache
 from auth.keys import KeyFolderError, KeySet
 from auth.store import Store
+from service import console
 from service.admission import ratelimit
 from service.admission.counters import epoch_publisher, open_counters
 from service.api import access, accounting, admin, batches, body, chat, contract, errors, health, me, models, predict
@@ -79,6 +80,7 @@ def create_app(settings=None):
     app.register_blueprint(admin.bp)
     app.register_blueprint(chat.bp)
     app.register_blueprint(batches.bp)
+    console.init_app(app, state)
     predict.init_app(app)
     state.models = start_models(specs, sizes, settings)
     state.batch_runner = BatchRunner(state).start()

@@ -54,7 +54,7 @@ def _first_line(exc):
 def build_parser():
     parser = Parser(prog="vibethinker-admin", description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{users,tokens,keys,usage,audit,cache,db,model}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{users,tokens,console-link,keys,usage,audit,cache,db,model}")
 
     users = groups.add_parser("users", help="add, list, disable, enable, set").add_subparsers(dest="cmd", required=True)
     add = users.add_parser("add", help="create a user")
@@ -90,6 +90,10 @@ def build_parser():
     revoke_all = tokens.add_parser("revoke-all", help="revoke every token of a user")
     revoke_all.add_argument("name")
     revoke_all.set_defaults(handler=commands.tokens_revoke_all)
+
+    link = groups.add_parser("console-link", help="print a one-time sign-in link to the admins' console")
+    link.add_argument("name", help="the admin it signs in")
+    link.set_defaults(handler=commands.console_link)
 
     key_cmds = groups.add_parser("keys", help="generate, rotate, retire, list").add_subparsers(
         dest="cmd", required=True

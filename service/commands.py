@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 from auth import backup, keys
+from auth.console import ConsoleAccess
 from auth.errors import StoreError
 from auth.schema import connect, migrate, revision
 from auth.store import QUOTA_FIELDS, Store
-from auth.tokens import issue_token
+from auth.tokens import issue_token, parse_duration
 from service.admission.counters import epoch_publisher, open_counters
 from service.settings import SettingsError
 
@@ -102,6 +103,15 @@ def tokens_revoke(args, settings):
 def tokens_revoke_all(args, settings):
     count = _store(settings).revoke_all(args.name, **_who())
     _emit(args, {"user": args.name, "revoked": count}, f"revoked {count} token(s) of {args.name}")
+
+
+def console_link(args, settings):
+    """A one-time link that signs admin NAME in to the console (the link is the secret: it is printed once)."""
+    ttl = parse_duration(settings.console_link_ttl)
+    secret = ConsoleAccess(_store(settings)).issue_link(args.name, ttl, **_who())
+    url = f"{settings.console_base}/admin/console/login/link/{secret}"
+    _emit(args, {"user": args.name, "url": url, "expires_in_s": int(ttl.total_seconds())},
+          f"a sign-in link for {args.name}, working once within {settings.console_link_ttl}:\n{url}")
 
 
 def keys_change(args, settings):

@@ -300,6 +300,32 @@ class Settings(BaseSettings):
         "while nothing changed who may do what (needs Redis; 0 turns it off).",
     )
 
+    # --- the admins' console (service.console) ---
+    console_url: str | None = Field(
+        None, pattern=r"^https?://[A-Za-z0-9.:\[\]-]+(:\d+)?$",
+        description="The address admins reach the service at (https://api.example.org): the base of sign-in links "
+        "and of the OpenID Connect callback. Unset: http://BIND (dev).",
+    )
+    console_link_ttl: str = Field("10m", pattern=r"^\d+[smh]$", description="How long a one-time sign-in link "
+                                  "(`vibethinker-admin console-link`) works.")
+    console_idle_timeout: str = Field("15m", pattern=r"^\d+[smh]$", description="A console session ends after "
+                                      "this long without a request.")
+    console_session_lifetime: str = Field("8h", pattern=r"^\d+[smhd]$", description="A console session ends "
+                                          "this long after sign-in, however active.")
+    console_oidc_issuer: str | None = Field(
+        None, pattern=r"^https?://\S+$", description="The organisation's OpenID Connect provider (its issuer URL, "
+        "discovery at /.well-known/openid-configuration); unset: sign-in by one-time link only.",
+    )
+    console_oidc_client_id: str = Field("", max_length=200, description="The console's client id at the provider.")
+    console_oidc_client_secret: str = Field("", max_length=500, description="Its client secret (a secret: in the "
+                                            "configuration file, mode 0640, written from the vault).")
+    console_oidc_claim: str = Field("email", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="The ID token's "
+                                    "claim that names the admin (email: only when email_verified is true).")
+    console_oidc_admins: dict[str, str] = Field(
+        {}, max_length=1000, description="TOML table: the claim's value -> an existing admin user's name "
+        "(\"alice@example.org\" = \"alice\"). Signing in creates no user; an unmapped one is refused.",
+    )
+
     # --- quotas and admission ---
     ratelimit_storage_uri: str = Field(
         "memory://",
@@ -471,6 +497,13 @@ class Settings(BaseSettings):
         if specs and unknown is not None:
             raise ValueError(f"a routing rule names {unknown!r}, which is not a served model")
         return self
+
+    @property
+    def console_base(self):
+        """Where admins reach the service: console_url, else this server's bind address (dev)."""
+        if self.console_url:
+            return self.console_url.rstrip("/")
+        return "http://" + (self.bind if not self.bind.startswith("unix:") else "localhost")
 
     @property
     def document_body_bytes(self):

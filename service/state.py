@@ -17,11 +17,14 @@ from flask import current_app
 if TYPE_CHECKING:  # names for the fields' types only: importing them here would load torch and Redis clients
     from flask_limiter import Limiter
 
+    from auth.console import ConsoleAccess
     from auth.keys import KeySet
     from auth.store import Store
     from service.admission.counters import MemoryCounters, RedisCounters
     from service.batches.records import BatchRecords
     from service.batches.runner import BatchRunner
+    from service.console.oidc import Oidc
+    from service.console.sessions import ConsoleSessions
     from service.inputs.documents import Reader
     from service.inputs.filtering import Rule
     from service.records.usagelog import UsageLog
@@ -51,6 +54,9 @@ class State:
     batch_runner: BatchRunner | None = None
     documents: Reader | None = None  # this worker's pool reading PDFs and images
     checker: Checker | None = None  # this worker's pool checking final answers against expected ones
+    console: ConsoleAccess | None = None  # the admins' console: sign-in links and sessions
+    console_sessions: ConsoleSessions | None = None
+    oidc: Oidc | None = None  # sign-in through the organisation's provider, where one is configured
 
 
 def attach(app, state):

@@ -1,7 +1,8 @@
 """The house's layers, read from the source with `ast`: imports run downward only.
 
 - Nothing under service/batches/ imports service/api/ (a batch line runs serving, not the routes).
-- Flask and its kin (flask, flask_*, werkzeug) are imported only by the HTTP layer: service/api/, the app
+- Flask and its kin (flask, flask_*, werkzeug) are imported only by the HTTP layer: service/api/, the
+  admins' console (service/console/), the app
   factory, the app state's accessor, the CLI, gunicorn's config, and the two extension bindings
   (auth/guard.py with flask-jwt-extended, service/admission/ratelimit.py with flask-limiter).
 - service/records/ and service/errors.py import nothing above them (records may import errors and each other).
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-HTTP_LAYER = ("service/api/", "service/app.py", "service/state.py", "service/cli.py", "service/gunicorn_conf.py",
+HTTP_LAYER = ("service/api/", "service/console/", "service/app.py", "service/state.py", "service/cli.py", "service/gunicorn_conf.py",
               "auth/guard.py", "service/admission/ratelimit.py")
 FLASK = ("flask", "flask_", "werkzeug")
 

@@ -29,10 +29,15 @@ def needs_token():
     """Every request needs a token, except to a public view, or to no route at all outside /admin (a 404
     says nothing there); so OPTIONS and a wrong method on a protected route, or any path under /admin,
     tell nothing to a caller without one."""
-    if is_public():
+    if is_public() or is_console(request.path):
         return False
     unrouted = request.url_rule is None and not isinstance(request.routing_exception, MethodNotAllowed)
     return not unrouted or scope_for(request.path) == "admin"
+
+
+def is_console(path):
+    """The admins' console signs its admins in with its own sessions (service.console), not bearer tokens."""
+    return path == "/admin/console" or path.startswith("/admin/console/")
 
 
 def scope_for(path):

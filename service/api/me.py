@@ -16,14 +16,20 @@ bp = Blueprint("me", __name__)
 @bp.get("/v1/me")
 def me():
     token = caller()
-    store, settings = state().store, state().settings
-    user = store.get_user(token["user"])
-    midnight = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
-    today = (store.usage_by_day(user["name"], since=midnight) or [None])[0]
+    user = state().store.get_user(token["user"])
     return {"user": user["name"], "admin": user["admin"], "active": user["active"],
             "token": {"jti": token["jti"], "scope": token["scope"].split(), "label": token["label"],
                       "issued_at": token["issued_at"].isoformat(), "expires_at": token["expires_at"].isoformat()},
-            "limits": {"rate_limit": user["rate_limit"], "daily_tokens": user["daily_tokens"],
+            **standing(user)}
+
+
+def standing(user):
+    """A user's limits (as set, and as they apply), what they store, and today's use: /v1/me's and the
+    console's."""
+    store, settings = state().store, state().settings
+    midnight = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    today = (store.usage_by_day(user["name"], since=midnight) or [None])[0]
+    return {"limits": {"rate_limit": user["rate_limit"], "daily_tokens": user["daily_tokens"],
                        "max_concurrent": user["max_concurrent"], "system_prompts": user["system_prompts"],
                        "models": user["models"]},
             "effective_limits": {"rate_limit": user["rate_limit"] or settings.default_rate_limit,

@@ -1,0 +1,23 @@
+"""The admins' console: pages at /admin/console/ for admins in a browser (service.console.views)."""
+
+from auth.console import ConsoleAccess
+from auth.tokens import parse_duration
+from service.console import views
+from service.console.csrf import csrf_token
+from service.console.sessions import ConsoleSessions
+
+
+def init_app(app, state):
+    """Sessions (server-side, the console's paths only), the pages, and the provider's sign-in if configured."""
+    settings = state.settings
+    state.console = ConsoleAccess(state.store)
+    state.console_sessions = ConsoleSessions(state.console, parse_duration(settings.console_idle_timeout),
+                                             parse_duration(settings.console_session_lifetime),
+                                             parse_duration(settings.console_link_ttl))
+    app.session_interface = state.console_sessions
+    views.bp.app_context_processor(lambda: {"csrf_token": csrf_token})
+    if settings.console_oidc_issuer:
+        from service.console.oidc import Oidc  # authlib: loaded only where a provider is configured
+
+        state.oidc = Oidc(app, settings, settings.console_base)
+    app.register_blueprint(views.bp)

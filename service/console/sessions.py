@@ -1,0 +1,85 @@
+"""Server-side sessions for /admin/console/ only (Flask's `session`, stored as rows by auth.console).
+
+Two cookies, both HttpOnly, Secure behind TLS:
+- `console_login` (SameSite=Lax, Path=/admin/console/login/, minutes): the sign-in transaction (the link
+  form's CSRF token, the OpenID Connect state, nonce and PKCE verifier). The provider's redirect back is a
+  cross-site navigation, which never carries a Strict cookie.
+- `console_session` (SameSite=Strict, Path=/admin/console/): a signed-in admin. Each sign-in gets a new id
+  (no fixation); idle and absolute timeouts are checked here on every request, server-side.
+
+Any other path gets no session at all (the API never sets a cookie). No signing key is involved: the cookie
+is a random id, the database keeps its SHA-256.
+"""
+
+import secrets
+from flask import request
+from flask.sessions import SessionInterface, SessionMixin
+from werkzeug.datastructures import CallbackDict
+
+PREFIX = "/admin/console/"
+LOGIN_PREFIX = PREFIX + "login/"
+SESSION_COOKIE, LOGIN_COOKIE = "console_session", "console_login"
+
+
+class ConsoleSession(CallbackDict, SessionMixin):
+    def __init__(self, data=None, sid=None, kind="auth", created=None, user_id=None):
+        def on_update(s):
+            s.modified = True
+
+        super().__init__(data or {}, on_update)
+        self.sid, self.kind, self.created, self.user_id, self.modified = sid, kind, created, user_id, False
+
+
+class ConsoleSessions(SessionInterface):
+    """Sessions in `access` (auth.console.ConsoleAccess), with their timeouts (timedeltas)."""
+
+    def __init__(self, access, idle, lifetime, login):
+        self.access, self.idle, self.lifetime, self.login = access, idle, lifetime, login
+
+    def open_session(self, app, request):
+        if not (request.path + "/").startswith(PREFIX):
+            return None  # a null session: nothing outside the console reads or sets one
+        kind = "login" if request.path.startswith(LOGIN_PREFIX) else "auth"
+        sid = request.cookies.get(LOGIN_COOKIE if kind == "login" else SESSION_COOKIE, "")
+        now = self.access.now()
+        record = self.access.load(sid) if 20 <= len(sid) <= 100 else None
+        if record is not None:
+            fresh = record["kind"] == kind and (
+                now - record["created_at"] < self.login if kind == "login"
+                else now - record["created_at"] < self.lifetime and now - record["seen_at"] < self.idle)
+            if fresh:
+                return ConsoleSession(record["data"], sid, kind, record["created_at"], record["user_id"])
+            self.access.delete(sid)
+        return ConsoleSession(kind=kind, created=now)  # nothing is stored until something is written
+
+    def save_session(self, app, session, response):
+        login = session.kind == "login"
+        if not session:  # emptied (signed out, sign-in done) or never used
+            if session.sid:
+                self.access.delete(session.sid)
+                self._cookie(response, session.kind, None)
+            return
+        if login and not session.modified:
+            return
+        if session.sid is None:
+            session.sid = secrets.token_urlsafe(32)
+        # a signed-in session is written on every request: that moves its idle clock
+        self.access.save(session.sid, session.kind, session.user_id, dict(session), session.created)
+        self._cookie(response, session.kind, session.sid)
+
+    def sign_in(self, session, response, user):
+        """After a successful sign-in: the sign-in transaction ends, and a NEW signed-in session starts."""
+        session.clear()
+        sid = secrets.token_urlsafe(32)
+        self.access.save(sid, "auth", user["id"], {"csrf": secrets.token_urlsafe(32)}, self.access.now())
+        self._cookie(response, "auth", sid)
+
+    def _cookie(self, response, kind, sid):
+        login = kind == "login"
+        name, path = (LOGIN_COOKIE, LOGIN_PREFIX) if login else (SESSION_COOKIE, PREFIX)
+        options = dict(path=path, secure=request.is_secure, httponly=True, samesite="Lax" if login else "Strict")
+        if sid is None:
+            response.delete_cookie(name, **options)
+        else:
+            age = self.login if login else self.lifetime
+            response.set_cookie(name, sid, max_age=int(age.total_seconds()), **options)

@@ -1,0 +1,377 @@
+"""The admins' console at /admin/console/: server-rendered pages over the admin API's own functions.
+
+Routes are thin: a form becomes the admin API's request model (service.inputs.schemas), then auth.store,
+auth.tokens or the batch records do the work, audited under the signed-in admin's name. Every page needs a
+signed-in admin (service.console.sessions); every form a CSRF token (service.console.csrf).
+"""
+
+from datetime import datetime, timedelta, timezone
+
+from flask import Blueprint, Response, flash, g, redirect, render_template, request, session, url_for
+
+from auth.errors import StoreError
+from auth.store import QUOTA_FIELDS
+from auth.tokens import issue_token
+from service import errors
+from service.api import models as model_cards
+from service.api.me import standing
+from service.console import figures
+from service.console.charts import bar_chart, line_chart
+from service.console.csrf import CsrfRefused, check_csrf
+from service.errors import BadRequest
+from service.inputs.schemas import AdminTokenRequest, AdminUserCreate, AdminUserPatch, check_unicode, parse, query_int
+from service.state import state
+
+bp = Blueprint("console", __name__, url_prefix="/admin/console", template_folder="templates",
+               static_folder="static", static_url_path="/static")
+PUBLIC = {"console.static", "console.login", "console.link_confirm", "console.link_use", "console.oidc_start",
+          "console.oidc_callback"}
+INT_QUOTAS = ("daily_tokens", "max_concurrent", "max_files", "max_stored_bytes", "max_open_batches",
+              "daily_batches")
+PROMPT_SEPARATOR = "---"  # a line of its own between system prompts (a prompt may span lines)
+AUDIT_ACTIONS = ("user.add", "user.update", "user.enable", "user.disable", "token.issue", "token.revoke",
+                 "token.revoke_all", "console.link", "console.sign_in", "console.sign_out", "console.refused",
+                 "batch.cancel", "cache.purge", "key.generate", "key.rotate", "key.retire")
+
+
+class NotSignedIn(Exception):
+    pass
+
+
+def _app():
+    return state()
+
+
+def _who():
+    return {"actor": g.console_admin["name"], "source": request.remote_addr or "-"}
+
+
+@bp.before_request
+def _signed_in_admin():
+    """A signed-in, still active admin for every page but the sign-in ones; the CSRF check on every form."""
+    check_csrf()
+    if request.endpoint in PUBLIC:
+        return
+    user = _app().console.active_admin(session.user_id) if session.user_id is not None else None
+    if user is None:
+        session.clear()  # a stale session (timed out, its admin disabled or demoted) is deleted
+        raise NotSignedIn()
+    g.console_admin = user
+
+
+@bp.after_request
+def _headers(response):
+    """A strict policy: no inline script or style anywhere, nothing framed, forms only to the console."""
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Cross-Origin-Opener-Policy"] = "same-origin"
+    if request.endpoint == "console.static":
+        response.headers["Cache-Control"] = "public, max-age=86400"
+    else:
+        response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.app_template_filter("timestamp")
+def _timestamp(value):
+    return "" if value is None else datetime.fromtimestamp(value, timezone.utc).isoformat(timespec="seconds")
+
+
+@bp.errorhandler(NotSignedIn)
+def _not_signed_in(_exc):
+    return render_template("login.html", oidc=_app().oidc is not None, refused=None), 401
+
+
+@bp.errorhandler(CsrfRefused)
+def _csrf_refused(exc):
+    return _error_page(403, str(exc), "csrf_refused")
+
+
+@bp.errorhandler(StoreError)
+def _store_error(exc):
+    return _error_page(exc.status, exc.message, exc.code)
+
+
+@bp.errorhandler(errors.Refusal)
+def _refusal(exc):
+    return _error_page(errors.status_of(exc), exc.message, exc.code)
+
+
+def _error_page(status, message, code):
+    response = Response(render_template("error.html", status=status, message=message, code=code), status)
+    response.error_code = code  # for accounting, as the JSON errors carry it
+    return response
+
+
+# --- sign-in and out ---
+@bp.get("/login/")
+def login():
+    return render_template("login.html", oidc=_app().oidc is not None, refused=None)
+
+
+@bp.get("/login/link/<secret>")
+def link_confirm(secret):
+    """A page with one button: a link scanner or a prefetch that GETs the link does not use it up."""
+    return render_template("link.html", secret=secret)
+
+
+@bp.post("/login/link/<secret>")
+def link_use(secret):
+    access = _app().console
+    user = access.redeem_link(secret, request.remote_addr or "-")
+    response = redirect(url_for("console.overview"), 303)
+    _app().console_sessions.sign_in(session, response, user)
+    return response
+
+
+@bp.get("/login/oidc/start")
+def oidc_start():
+    oidc = _app().oidc
+    if oidc is None:
+        return _error_page(404, "sign-in with the organisation's provider is not configured here",
+                           "oidc_not_configured")
+    return oidc.start()
+
+
+@bp.get("/login/oidc/callback")
+def oidc_callback():
+    oidc, access = _app().oidc, _app().console
+    if oidc is None:
+        return _error_page(404, "sign-in with the organisation's provider is not configured here",
+                           "oidc_not_configured")
+    source = request.remote_addr or "-"
+    try:
+        user = oidc.finish(access)
+    except oidc.Refused as exc:
+        session.clear()
+        _app().store.record_event("console.refused", exc.who or "-", {"method": "oidc", "reason": exc.reason},
+                                  actor=exc.who or "-", source=source)
+        return render_template("login.html", oidc=True, refused=exc.message), 403
+    access.signed_in(user, "oidc", source)
+    # 200 and a refresh, not a redirect: the way back from the provider started on another site, and a
+    # SameSite=Strict cookie set along a redirect chain begun there is not sent on the chain's next request.
+    response = Response(render_template("signed_in.html"))
+    _app().console_sessions.sign_in(session, response, user)
+    return response
+
+
+@bp.post("/logout")
+def logout():
+    _app().store.record_event("console.sign_out", g.console_admin["name"], {}, **_who())
+    session.clear()
+    return redirect(url_for("console.login"), 303)
+
+
+# --- overview, models, health ---
+@bp.get("/")
+def overview():
+    app = _app()
+    today = figures.today_utc(datetime.now(timezone.utc))
+    rows = app.store.usage_by_day(since=datetime.combine(today, datetime.min.time(), timezone.utc))
+    totals = {field: sum(row[field] for row in rows) for field in ("requests", "total_tokens", "cached")}
+    return render_template("overview.html", health=_health(), totals=totals, users=len(rows),
+                           top=bar_chart(figures.top_users(rows, "total_tokens"), "tokens per user today"))
+
+
+@bp.get("/models")
+def model_list():
+    app = _app()
+    return render_template("models.html", health=_health(), cards=[model_cards.card(s) for s in app.models],
+                           rules=app.settings.routing, default=app.models.default.name)
+
+
+def _health():
+    app = _app()
+    each = [model_cards.status(served) for served in app.models]
+    try:
+        database = app.store.ping()
+    except Exception:  # noqa: BLE001 - any driver error: shown as down
+        database = False
+    try:
+        counters = app.counters.ping()
+    except Exception:  # noqa: BLE001
+        counters = False
+    ready = all(s.engine.ready for s in app.models) and database and (counters or app.settings.ratelimit_fail_open)
+    return {"ready": ready, "models": each, "database": database, "counters": counters}
+
+
+# --- users ---
+@bp.get("/users")
+def users():
+    query = request.args.get("q", "")[:64].strip().lower()
+    rows = [u for u in _app().store.list_users() if query in u["name"]]
+    return render_template("users.html", users=rows, q=query, quota_fields=QUOTA_FIELDS)
+
+
+@bp.post("/users")
+def user_add():
+    form = _form_quotas(request.form, clear_empty=False)
+    body = parse(AdminUserCreate, check_unicode({"name": request.form.get("name", "").strip(),
+                                                 "admin": request.form.get("admin") == "on", **form}))
+    user = _app().store.add_user(body.name, body.admin, **{k: getattr(body, k) for k in QUOTA_FIELDS}, **_who())
+    flash(f"created user {user['name']}")
+    return redirect(url_for("console.user_detail", name=user["name"]), 303)
+
+
+@bp.get("/users/<name>")
+def user_detail(name):
+    store = _app().store
+    user = store.get_user(name)
+    every = request.args.get("all") == "true"
+    return render_template("user.html", user=user, standing=standing(user), separator=PROMPT_SEPARATOR,
+                           tokens=store.list_tokens(name, include_inactive=every), every=every,
+                           sessions=_app().console.sessions_of(name), int_quotas=INT_QUOTAS)
+
+
+@bp.post("/users/<name>")
+def user_set(name):
+    changes = _form_quotas(request.form, clear_empty=True)
+    changes["admin"] = request.form.get("admin") == "on"
+    body = parse(AdminUserPatch, check_unicode(changes)).model_dump(exclude_unset=True)
+    body["is_admin"] = body.pop("admin")
+    _app().store.update_user(name, **body, **_who())
+    flash(f"saved {name}'s limits")
+    return redirect(url_for("console.user_detail", name=name), 303)
+
+
+@bp.post("/users/<name>/active")
+def user_active(name):
+    active = _flag(request.form.get("active"), "active")
+    _app().store.update_user(name, active=active, **_who())
+    flash(f"{'enabled' if active else 'disabled'} {name}")
+    return redirect(url_for("console.user_detail", name=name), 303)
+
+
+def _flag(text, field):
+    if text not in ("true", "false"):
+        raise BadRequest(f"{field} must be true or false", "invalid_value", field)
+    return text == "true"
+
+
+def _form_quotas(form, clear_empty):
+    """The quota fields of a form as the admin API takes them: numbers as numbers, allow-lists as lists (models
+    one per line, system prompts separated by a line of ---); an empty field is not given (a new user) or
+    cleared (a change: the server's default applies)."""
+    out = {}
+    for name in QUOTA_FIELDS:
+        text = form.get(name, "")
+        if name == "system_prompts":
+            value = [part.strip("\r\n") for part in _split_prompts(text)]
+            value = [part for part in value if part.strip()] or None
+        elif name == "models":
+            value = [line.strip() for line in text.splitlines() if line.strip()] or None
+        else:
+            text = text.strip()
+            value = (int(text) if text.lstrip("-").isdigit() and len(text) <= 20 else text) if text else None
+            if name not in INT_QUOTAS and value is not None:
+                value = str(value)
+        if value is not None or clear_empty:
+            out[name] = value
+    return out
+
+
+def _split_prompts(text):
+    parts, current = [], []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if line.strip() == PROMPT_SEPARATOR:
+            parts.append("\n".join(current))
+            current = []
+        else:
+            current.append(line)
+    parts.append("\n".join(current))
+    return parts
+
+
+# --- tokens ---
+@bp.post("/users/<name>/tokens")
+def token_issue(name):
+    app, form = _app(), request.form
+    scope = ",".join(s for s in ("generate", "admin") if form.get(f"scope_{s}") == "on") or "generate"
+    body = parse(AdminTokenRequest, check_unicode({"user": name, "scope": scope, "ttl": form.get("ttl") or None,
+                                                   "label": form.get("label", "")}))
+    text, meta = issue_token(app.store, app.keys, body.user, scope=body.scope, ttl=body.ttl or app.settings.token_ttl,
+                             max_ttl=app.settings.token_max_ttl, label=body.label, issuer=app.settings.jwt_issuer,
+                             audience=app.settings.jwt_audience, **_who())
+    return render_template("token.html", token=text, meta=meta)
+
+
+@bp.post("/tokens/<jti>/revoke")
+def token_revoke(jti):
+    token = _app().store.revoke_token(jti, **_who())
+    flash(f"revoked token {token['jti']}")
+    return redirect(url_for("console.user_detail", name=token["user"]), 303)
+
+
+@bp.post("/users/<name>/revoke-all")
+def token_revoke_all(name):
+    count = _app().store.revoke_all(name, **_who())
+    flash(f"revoked {count} token(s) of {name}; their console sessions ended")
+    return redirect(url_for("console.user_detail", name=name), 303)
+
+
+# --- usage ---
+@bp.get("/usage")
+def usage():
+    app, args = _app(), request.args
+    span_days = query_int(args.get("days", "14"), "days", 1, 366)
+    user = args.get("user") or None
+    if user is not None:
+        app.store.get_user(user)  # an unknown user is a 404, not an empty chart
+    today = figures.today_utc(datetime.now(timezone.utc))
+    span = figures.days(today, span_days)
+    rows = app.store.usage_by_day(user, datetime.fromisoformat(span[0]).replace(tzinfo=timezone.utc))
+    return render_template(
+        "usage.html", rows=rows, user=user, span_days=span_days,
+        tokens=line_chart(figures.per_day(rows, "total_tokens", span), "tokens per day"),
+        requests=bar_chart(figures.per_day(rows, "requests", span), "requests per day"),
+        top=bar_chart(figures.top_users(rows, "total_tokens"), f"top users by tokens, last {span_days} days"),
+        today=[{"user": u, "standing": standing(u)} for u in app.store.list_users()
+               if user is None or u["name"] == user])
+
+
+@bp.get("/usage.csv")
+def usage_csv():
+    args = request.args
+    span_days = query_int(args.get("days", "14"), "days", 1, 3660)
+    since = datetime.now(timezone.utc) - timedelta(days=span_days)
+    rows = _app().store.usage_by_day(args.get("user") or None, since)
+    return Response(figures.usage_csv(rows), mimetype="text/csv",
+                    headers={"Content-Disposition": 'attachment; filename="usage.csv"'})
+
+
+# --- audit ---
+@bp.get("/audit")
+def audit():
+    args = request.args
+    filters = {name: (args.get(name) or "").strip()[:200] or None for name in ("actor", "action", "target")}
+    since = args.get("since") or None
+    if since is not None:
+        try:
+            since = datetime.fromisoformat(since)
+        except ValueError:
+            raise BadRequest("since must be a date (YYYY-MM-DD)", "invalid_value", "since") from None
+    limit = query_int(args.get("limit", "200"), "limit", 1, 1000)
+    rows = _app().store.list_audit(**filters, since=since, limit=limit)
+    return render_template("audit.html", rows=rows, filters=filters, since=args.get("since", ""), limit=limit,
+                           actions=AUDIT_ACTIONS)
+
+
+# --- batches ---
+@bp.get("/batches")
+def batch_list():
+    records = _app().batches
+    listing = records.list_batches(None, True, limit=100, after=request.args.get("after") or None)
+    return render_template("batches.html", listing=listing, owners=records.owners([b["id"] for b in listing["data"]]))
+
+
+@bp.post("/batches/<batch_id>/cancel")
+def batch_cancel(batch_id):
+    app = _app()
+    batch = app.batches.cancel(batch_id, None, True)
+    app.store.record_event("batch.cancel", batch["id"], {"owner": batch.get("user")}, **_who())
+    flash(f"cancelling batch {batch['id']}")
+    return redirect(url_for("console.batch_list"), 303)

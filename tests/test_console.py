@@ -1,0 +1,400 @@
+"""The admins' console in process (Flask's test client, the real app, store and engine): sign-in by one-time
+link, sessions, CSRF, every page and form, escaping, the security headers, and the attacks the issue names.
+The browser's view of the same pages is tests/test_console_browser.py."""
+
+import re
+import xml.etree.ElementTree as ET
+from datetime import timedelta
+from html import unescape
+
+import pytest
+
+from auth.store import utcnow
+from service.console import charts, figures
+from service.state import state
+from tests.support.inprocess import bearer, make_app, stop_app
+
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+       "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+XSS = ('<script>alert(1)</script>', '"><img src=x onerror=alert(1)>')
+
+
+@pytest.fixture(scope="module")
+def app(tiny_model, tmp_path_factory):
+    app = make_app(tiny_model, tmp_path_factory.mktemp("console"))
+    state(app).store.add_user("boss", is_admin=True)
+    yield app
+    stop_app(app)
+
+
+class Clock:
+    """The store's clock, moved by the test."""
+
+    def __init__(self):
+        self.offset = timedelta()
+
+    def __call__(self):
+        return utcnow() + self.offset
+
+
+@pytest.fixture
+def clock(app):
+    store = state(app).store
+    before, store.clock = store.clock, Clock()
+    yield store.clock
+    store.clock = before
+
+
+def link(app, name="boss", ttl=timedelta(minutes=10)):
+    return state(app).console.issue_link(name, ttl)
+
+
+def csrf(page):
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page.get_data(as_text=True))
+    assert found, page.get_data(as_text=True)[:500]
+    return found.group(1)
+
+
+def sign_in(app, name="boss", client=None):
+    """A test client signed in as `name` by a one-time link, as a browser would: the page, then its form."""
+    client = client or app.test_client()
+    secret = link(app, name)
+    page = client.get(f"/admin/console/login/link/{secret}")
+    assert page.status_code == 200
+    done = client.post(f"/admin/console/login/link/{secret}", data={"csrf_token": csrf(page)})
+    assert done.status_code == 303, done.get_data(as_text=True)
+    return client
+
+
+def post(client, path, data=None, page=None):
+    """A form post with the CSRF token of `page` (default: the console's overview)."""
+    page = page or client.get("/admin/console/")
+    return client.post(path, data={"csrf_token": csrf(page), **(data or {})})
+
+
+def text(response):
+    return response.get_data(as_text=True)
+
+
+# --- sign-in ---
+def test_a_link_signs_its_admin_in_once_with_a_strict_session_cookie(app):
+    client = app.test_client()
+    secret = link(app)
+    page = client.get(f"/admin/console/login/link/{secret}")
+    assert page.status_code == 200 and 'id="continue"' in text(page)
+    login_cookie = next(v for k, v in page.headers.items() if k == "Set-Cookie")
+    assert login_cookie.startswith("console_login=") and "SameSite=Lax" in login_cookie
+    assert "Path=/admin/console/login/" in login_cookie and "HttpOnly" in login_cookie
+    done = client.post(f"/admin/console/login/link/{secret}", data={"csrf_token": csrf(page)})
+    assert done.status_code == 303 and done.headers["Location"].endswith("/admin/console/")
+    cookies = done.headers.getlist("Set-Cookie")
+    session_cookie = next(c for c in cookies if c.startswith("console_session="))
+    assert "SameSite=Strict" in session_cookie and "HttpOnly" in session_cookie and "Path=/admin/console/" in session_cookie
+    assert any(c.startswith("console_login=;") for c in cookies)  # the sign-in transaction ends
+    home = client.get("/admin/console/")
+    assert home.status_code == 200 and '<span id="signed-in-as">boss</span>' in text(home)
+    again = app.test_client()
+    page = again.get(f"/admin/console/login/link/{secret}")
+    refused = again.post(f"/admin/console/login/link/{secret}", data={"csrf_token": csrf(page)})
+    assert refused.status_code == 403 and "unknown, used or expired" in text(refused)
+    actions = [(e["action"], e["actor"]) for e in state(app).store.list_audit(target="boss", limit=5)]
+    assert ("console.sign_in", "boss") in actions and ("console.link", "system") in actions
+
+
+def test_behind_tls_the_session_cookie_is_secure(app):
+    client = sign_in(app, client=app.test_client())
+    secret = link(app)
+    tls = app.test_client()
+    page = tls.get(f"/admin/console/login/link/{secret}", base_url="https://localhost")
+    done = tls.post(f"/admin/console/login/link/{secret}", data={"csrf_token": csrf(page)},
+                    base_url="https://localhost")
+    assert "Secure" in next(c for c in done.headers.getlist("Set-Cookie") if c.startswith("console_session="))
+    assert client.get("/admin/console/").status_code == 200
+
+
+def test_an_expired_link_is_refused(app, clock):
+    client = app.test_client()
+    secret = link(app, ttl=timedelta(minutes=1))
+    page = client.get(f"/admin/console/login/link/{secret}")
+    clock.offset = timedelta(minutes=2)  # the link's minute is over; the sign-in page's form still holds
+    refused = client.post(f"/admin/console/login/link/{secret}", data={"csrf_token": csrf(page)})
+    assert refused.status_code == 403 and "unknown, used or expired" in text(refused)
+
+
+def test_a_link_is_only_for_an_active_admin(app):
+    store = state(app).store
+    store.add_user("plain")
+    with pytest.raises(Exception, match="not an admin"):
+        link(app, "plain")
+    client = app.test_client()
+    store.add_user("leaving", is_admin=True)
+    secret = link(app, "leaving")
+    store.update_user("leaving", active=False)
+    page = client.get(f"/admin/console/login/link/{secret}")
+    assert client.post(f"/admin/console/login/link/{secret}", data={"csrf_token": csrf(page)}).status_code == 403
+
+
+def test_a_link_form_without_its_csrf_token_does_not_use_the_link(app):
+    client = app.test_client()
+    secret = link(app)
+    client.get(f"/admin/console/login/link/{secret}")
+    assert client.post(f"/admin/console/login/link/{secret}", data={}).status_code == 403
+    page = client.get(f"/admin/console/login/link/{secret}")
+    assert client.post(f"/admin/console/login/link/{secret}", data={"csrf_token": csrf(page)}).status_code == 303
+
+
+def test_without_a_session_every_page_shows_the_sign_in_page_and_a_forged_one_is_refused(app):
+    client = app.test_client()
+    for path in ("/admin/console/", "/admin/console/users", "/admin/console/usage", "/admin/console/audit",
+                 "/admin/console/batches", "/admin/console/models", "/admin/console/users/boss"):
+        page = client.get(path)
+        assert page.status_code == 401 and "console-link" in text(page), path
+    client.set_cookie("console_session", "A" * 43, path="/admin/console/")
+    assert client.get("/admin/console/").status_code == 401
+    assert client.post("/admin/console/users", data={"name": "forged"}).status_code in (401, 403)
+    with pytest.raises(Exception, match="no such user"):
+        state(app).store.get_user("forged")
+
+
+def test_a_bearer_token_opens_no_console_even_an_admins(app):
+    admin = bearer(app, "tokenadmin", "generate admin", is_admin=True)
+    generate = bearer(app, "tokengen", "generate", is_admin=True)
+    for headers in (admin, generate):
+        assert app.test_client().get("/admin/console/", headers=headers).status_code == 401
+    assert app.test_client().get("/admin/users", headers=generate).status_code == 403  # the API is unchanged
+
+
+def test_the_api_never_sets_a_cookie(app):
+    client = sign_in(app)
+    me = client.get("/v1/me", headers=bearer(app, "cookieless"))
+    assert me.status_code == 200 and "Set-Cookie" not in me.headers
+
+
+# --- sessions end ---
+def test_idle_and_absolute_timeouts_end_a_session(app, clock):
+    client = sign_in(app)
+    clock.offset = timedelta(minutes=14)
+    assert client.get("/admin/console/").status_code == 200  # moves the idle clock
+    clock.offset = timedelta(minutes=28)
+    assert client.get("/admin/console/").status_code == 200
+    clock.offset = timedelta(minutes=44)
+    assert client.get("/admin/console/").status_code == 401  # 16 minutes idle
+    client = sign_in(app)
+    for minutes in range(10, 8 * 60, 10):
+        clock.offset = timedelta(minutes=44 + minutes)
+        assert client.get("/admin/console/").status_code == 200
+    clock.offset = timedelta(minutes=44 + 8 * 60 + 1)
+    assert client.get("/admin/console/").status_code == 401
+
+
+@pytest.mark.parametrize("change", ["disable", "demote", "revoke-all"])
+def test_disabling_demoting_or_revoking_an_admin_ends_their_session_at_the_next_request(app, change):
+    store, name = state(app).store, f"admin-{change}"
+    store.add_user(name, is_admin=True)
+    client = sign_in(app, name)
+    assert client.get("/admin/console/").status_code == 200
+    assert state(app).console.sessions_of(name) == 1
+    if change == "disable":
+        store.update_user(name, active=False)
+    elif change == "demote":
+        store.update_user(name, is_admin=False)
+    else:
+        store.revoke_all(name)
+    assert client.get("/admin/console/").status_code == 401
+    assert state(app).console.sessions_of(name) == 0
+    if change != "revoke-all":
+        store.update_user(name, active=True, is_admin=True)  # restored rights do not restore the session
+        assert client.get("/admin/console/").status_code == 401
+
+
+def test_signing_out_deletes_the_session(app):
+    client = sign_in(app)
+    before = state(app).console.sessions_of("boss")
+    out = post(client, "/admin/console/logout")
+    assert out.status_code == 303
+    assert client.get("/admin/console/").status_code == 401
+    assert state(app).console.sessions_of("boss") == before - 1
+    assert state(app).store.list_audit(action="console.sign_out", limit=1)[0]["actor"] == "boss"
+
+
+# --- CSRF ---
+def test_a_form_without_its_csrf_token_or_from_another_site_is_refused(app):
+    client = sign_in(app)
+    refused = client.post("/admin/console/users", data={"name": "nocsrf"})
+    assert refused.status_code == 403 and "CSRF" in text(refused)
+    token = csrf(client.get("/admin/console/users"))
+    refused = client.post("/admin/console/users", data={"name": "crosssite", "csrf_token": token},
+                          headers={"Sec-Fetch-Site": "cross-site"})
+    assert refused.status_code == 403
+    other = sign_in(app)  # another session's token is not this one's
+    refused = client.post("/admin/console/users", data={"name": "othertoken",
+                                                         "csrf_token": csrf(other.get("/admin/console/users"))})
+    assert refused.status_code == 403
+    users = {u["name"] for u in state(app).store.list_users()}
+    assert not users & {"nocsrf", "crosssite", "othertoken"}
+    done = client.post("/admin/console/users", data={"name": "withcsrf", "csrf_token": token},
+                       headers={"Sec-Fetch-Site": "same-origin"})
+    assert done.status_code == 303 and "withcsrf" in {u["name"] for u in state(app).store.list_users()}
+
+
+# --- what admins do ---
+def test_create_a_user_issue_a_token_that_works_then_revoke_it(app):
+    client = sign_in(app)
+    created = post(client, "/admin/console/users", {"name": "carol", "daily_tokens": "5000",
+                                                     "rate_limit": "10/minute"})
+    assert created.status_code == 303 and created.headers["Location"].endswith("/admin/console/users/carol")
+    user = state(app).store.get_user("carol")
+    assert (user["daily_tokens"], user["rate_limit"], user["admin"]) == (5000, "10/minute", False)
+    page = client.get("/admin/console/users/carol")
+    shown = post(client, "/admin/console/users/carol/tokens", {"label": "notebook", "scope_generate": "on",
+                                                               "ttl": "1d"}, page)
+    assert shown.status_code == 200
+    token = unescape(re.search(r'<textarea id="token"[^>]*>([^<]+)</textarea>', text(shown)).group(1))
+    headers = {"Authorization": f"Bearer {token}"}
+    me = app.test_client().get("/v1/me", headers=headers)
+    assert me.status_code == 200 and me.get_json()["user"] == "carol"
+    jti = me.get_json()["token"]["jti"]
+    assert token not in text(client.get("/admin/console/users/carol"))  # shown once
+    revoked = post(client, f"/admin/console/tokens/{jti}/revoke")
+    assert revoked.status_code == 303
+    refused = app.test_client().get("/v1/me", headers=headers)
+    assert refused.status_code == 401 and refused.get_json()["error"]["code"] == "token_revoked"
+    trail = [(e["action"], e["actor"], e["source"]) for e in state(app).store.list_audit(target="carol", limit=10)]
+    assert [a for a, actor, _ in trail if actor == "boss"] == ["token.revoke", "token.issue", "user.add"]
+
+
+def test_a_bad_form_gets_the_admin_apis_message_and_changes_nothing(app):
+    client = sign_in(app)
+    bad = post(client, "/admin/console/users", {"name": "Bad Name"})
+    assert bad.status_code == 400 and "name" in text(bad)
+    bad = post(client, "/admin/console/users", {"name": "dave", "daily_tokens": "many"})
+    assert bad.status_code == 400 and "daily_tokens" in text(bad)
+    assert post(client, "/admin/console/users", {"name": "boss"}).status_code == 409
+    missing = post(client, "/admin/console/users/nobody", {"daily_tokens": "5"})
+    assert missing.status_code == 404
+    bad = post(client, "/admin/console/users/boss/tokens", {"ttl": "forever"})
+    assert bad.status_code == 400 and "dave" not in {u["name"] for u in state(app).store.list_users()}
+
+
+def test_set_limits_allow_lists_and_disable_then_enable(app):
+    client = sign_in(app)
+    post(client, "/admin/console/users", {"name": "erin"})
+    page = client.get("/admin/console/users/erin")
+    saved = post(client, "/admin/console/users/erin", {
+        "daily_tokens": "777", "max_concurrent": "", "rate_limit": "5/second", "models": "tiny\n\n",
+        "system_prompts": "Be brief.\nVery.\n---\nAnswer in French."}, page)
+    assert saved.status_code == 303
+    user = state(app).store.get_user("erin")
+    assert user["daily_tokens"] == 777 and user["max_concurrent"] is None and user["rate_limit"] == "5/second"
+    assert user["models"] == ["tiny"] and user["system_prompts"] == ["Be brief.\nVery.", "Answer in French."]
+    page = text(client.get("/admin/console/users/erin"))
+    assert "Be brief.\nVery.\n---\nAnswer in French." in unescape(page)  # the form shows what it saves
+    assert post(client, "/admin/console/users/erin/active", {"active": "false"}).status_code == 303
+    assert state(app).store.get_user("erin")["active"] is False
+    assert post(client, "/admin/console/users/erin/active", {"active": "true"}).status_code == 303
+    assert state(app).store.get_user("erin")["active"] is True
+    trail = state(app).store.list_audit(target="erin", actor="boss", limit=10)
+    assert [e["action"] for e in trail] == ["user.enable", "user.disable", "user.update", "user.add"]
+
+
+def test_revoke_all_from_the_console(app):
+    client = sign_in(app)
+    store = state(app).store
+    store.add_user("frank")
+    headers = [bearer_of(app, "frank") for _ in range(2)]
+    assert post(client, "/admin/console/users/frank/revoke-all").status_code == 303
+    for h in headers:
+        assert app.test_client().get("/v1/me", headers=h).status_code == 401
+
+
+def bearer_of(app, name):
+    from auth.tokens import issue_token
+
+    held = state(app)
+    token, _ = issue_token(held.store, held.keys, name, issuer=held.settings.jwt_issuer,
+                           audience=held.settings.jwt_audience)
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_user_supplied_strings_are_shown_inert(app):
+    client = sign_in(app)
+    store = state(app).store
+    store.add_user("xss", system_prompts=list(XSS))
+    for label in XSS:
+        bearer_of(app, "xss")  # a token with a plain label beside
+        post(client, "/admin/console/users/xss/tokens", {"label": label, "scope_generate": "on"})
+    pages = [text(client.get(p)) for p in ("/admin/console/users/xss", "/admin/console/audit",
+                                           "/admin/console/users?q=xss")]
+    for page in pages:
+        assert "<script>alert" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in pages[0]
+    assert "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;" in pages[0]
+    search = text(client.get('/admin/console/users?q="><script>'))
+    assert "<script>" not in search.split("</head>")[1].replace('<script src=', '')
+
+
+def test_every_page_carries_the_security_headers(app):
+    client = sign_in(app)
+    paths = ["/admin/console/", "/admin/console/users", "/admin/console/users/boss", "/admin/console/usage",
+             "/admin/console/usage?user=boss&days=3", "/admin/console/audit?action=user.add",
+             "/admin/console/batches", "/admin/console/models", "/admin/console/login/"]
+    for path in paths:
+        page = client.get(path)
+        assert page.status_code == 200, (path, text(page)[:300])
+        assert page.headers["Content-Security-Policy"] == CSP, path
+        assert page.headers["X-Frame-Options"] == "DENY" and page.headers["Cache-Control"] == "no-store"
+        assert page.headers["Referrer-Policy"] == "no-referrer"
+        assert page.headers["X-Content-Type-Options"] == "nosniff"
+        assert not re.search(r"<script>|<style|<[a-z][^>]*\s(style|on[a-z]+)=", text(page)), path  # nothing inline
+    for refused in (app.test_client().get("/admin/console/"), client.post("/admin/console/users")):
+        assert refused.headers["Content-Security-Policy"] == CSP
+    asset = client.get("/admin/console/static/console.css")
+    assert asset.status_code == 200 and "max-age=86400" in asset.headers["Cache-Control"]
+    asset.close()
+
+
+def test_usage_page_charts_and_csv(app):
+    client = sign_in(app)
+    headers = bearer(app, "grace")
+    answer = app.test_client().post("/v1/predict", json={"question": "hi", "max_new_tokens": 4}, headers=headers)
+    assert answer.status_code == 200, answer.get_json()
+    page = text(client.get("/admin/console/usage"))
+    svgs = re.findall(r"<svg .*?</svg>", page, re.S)
+    assert len(svgs) == 3
+    for svg in svgs:
+        ET.fromstring(svg)
+    assert re.search(r"<title>grace: \d+</title>", page)  # grace among the top users
+    csv_text = client.get("/admin/console/usage.csv?user=grace").get_data(as_text=True)
+    lines = csv_text.splitlines()
+    assert lines[0].startswith("day,user,requests") and lines[1].split(",")[1:3] == ["grace", "1"]
+    assert client.get("/admin/console/usage?user=nobody").status_code == 404
+    assert client.get("/admin/console/usage?days=0").status_code == 400
+
+
+def test_models_page_shows_health_and_the_served_model(app):
+    client = sign_in(app)
+    page = text(client.get("/admin/console/models"))
+    assert 'id="ready">ready<' in page and state(app).models.default.name in page
+
+
+# --- pure parts ---
+def test_charts_are_valid_svg_and_escape_their_labels():
+    svg = charts.bar_chart([(XSS[0], 3), ("b", 0)], XSS[1])
+    root = ET.fromstring(str(svg))
+    assert root.tag.endswith("svg") and "<script>" not in str(svg)
+    assert [t.text for t in root.iter("{http://www.w3.org/2000/svg}title")][1] == f"{XSS[0]}: 3"
+    heights = [float(r.get("height")) for r in root.iter("{http://www.w3.org/2000/svg}rect")]
+    assert heights[0] > 0 and heights[1] == 0
+    line = ET.fromstring(str(charts.line_chart([("d1", 1), ("d2", 4)], "x")))
+    points = line.find("{http://www.w3.org/2000/svg}polyline").get("points").split()
+    assert len(points) == 2 and float(points[1].split(",")[1]) < float(points[0].split(",")[1])
+    assert ET.fromstring(str(charts.line_chart([], "empty"))) is not None
+
+
+def test_figures_fill_days_and_rank_users():
+    rows = [{"day": "2026-12-05", "user": "a", "total_tokens": 5}, {"day": "2026-12-06", "user": "b", "total_tokens": 7},
+            {"day": "2026-12-06", "user": "a", "total_tokens": 1}]
+    span = figures.days(figures.today_utc(utcnow().replace(2026, 12, 6)), 3)
+    assert span == ["2026-12-04", "2026-12-05", "2026-12-06"]
+    assert figures.per_day(rows, "total_tokens", span) == [("2026-12-04", 0), ("2026-12-05", 5), ("2026-12-06", 8)]
+    assert figures.top_users(rows, "total_tokens") == [("b", 7), ("a", 6)]
