@@ -389,6 +389,8 @@ def test_charts_are_valid_svg_and_escape_their_labels():
     points = line.find("{http://www.w3.org/2000/svg}polyline").get("points").split()
     assert len(points) == 2 and float(points[1].split(",")[1]) < float(points[0].split(",")[1])
     assert ET.fromstring(str(charts.line_chart([], "empty"))) is not None
+    assert charts._scale(0) == (1, 1) and charts._scale(1) == (1, 1) and charts._scale(66) == (80, 4)
+    assert charts._scale(7) == (8, 4) and charts._scale(12345) == (15000, 3)
 
 
 def test_figures_fill_days_and_rank_users():
@@ -396,5 +398,5 @@ def test_figures_fill_days_and_rank_users():
             {"day": "2026-12-06", "user": "a", "total_tokens": 1}]
     span = figures.days(figures.today_utc(utcnow().replace(2026, 12, 6)), 3)
     assert span == ["2026-12-04", "2026-12-05", "2026-12-06"]
-    assert figures.per_day(rows, "total_tokens", span) == [("2026-12-04", 0), ("2026-12-05", 5), ("2026-12-06", 8)]
+    assert figures.per_day(rows, "total_tokens", span) == [("12-04", 0), ("12-05", 5), ("12-06", 8)]
     assert figures.top_users(rows, "total_tokens") == [("b", 7), ("a", 6)]

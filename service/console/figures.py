@@ -15,12 +15,12 @@ def days(today, count):
 
 
 def per_day(rows, field, span):
-    """[(day, sum of `field` over the users that day)] for each day of `span` (no row: 0)."""
+    """[(MM-DD, sum of `field` over the users that day)] for each day of `span` (no row: 0)."""
     totals = dict.fromkeys(span, 0)
     for row in rows:
         if row["day"] in totals:
             totals[row["day"]] += row[field]
-    return list(totals.items())
+    return [(day[5:], total) for day, total in totals.items()]
 
 
 def top_users(rows, field, count=10):

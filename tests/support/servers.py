@@ -83,7 +83,8 @@ class Server:
 
     def __init__(self, state_dir, env, keep=False):
         self.keep = keep
-        self.port = free_port()
+        bind = env.get("VIBE_BIND", "")  # a loopback port chosen by the caller (another server names it)
+        self.port = int(bind.removeprefix("127.0.0.1:")) if bind.startswith("127.0.0.1:") else free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = state_dir / f"gunicorn-{self.port}.log"
         env.setdefault("VIBE_BIND", f"127.0.0.1:{self.port}")
