@@ -496,6 +496,8 @@ class Settings(BaseSettings):
         unknown = next((rule.model for rule in self.routing if rule.model.lower() not in names), None)
         if specs and unknown is not None:
             raise ValueError(f"a routing rule names {unknown!r}, which is not a served model")
+        if self.console_oidc_issuer and not (self.console_oidc_client_id and self.console_oidc_client_secret):
+            raise ValueError("console_oidc_issuer needs console_oidc_client_id and console_oidc_client_secret")
         return self
 
     @property
@@ -543,7 +545,11 @@ def load_settings(**overrides):
         return Settings(**overrides)
     except ValidationError as exc:
         raise SettingsError(_describe(exc)) from None
-    except ValueError as exc:  # a malformed TOML file
+    except ValueError as exc:  # a malformed TOML file, or an environment variable that is not the JSON it needs
+        field = re.search(r'field "(\w+)" from source "EnvSettingsSource"', str(exc))
+        if field:
+            raise SettingsError(f"invalid settings: {ENV_PREFIX}{field.group(1).upper()}: not valid JSON "
+                                "(a table or list setting is JSON in the environment)") from None
         raise SettingsError(f"VIBE_CONFIG: {config_file}: {exc}") from None
 
 

@@ -11,6 +11,7 @@ from urllib.parse import quote
 import pytest
 import yaml
 
+from service.settings import Settings
 from tests.support.servers import ROOT
 
 BIN = Path(sys.executable).parent
@@ -49,6 +50,11 @@ LAYOUTS = {
 # Passwords that need urlencoding (a cluster's vault): the counters', and the cache's own or (None) theirs reused.
 COUNTERS_PASSWORD = "counters/pass:word@0123456789+"
 CACHE_PASSWORD = "cache-pass/word#0123456789"
+# The cluster's front and its console's sign-in through the organisation's provider.
+CLUSTER_CONSOLE = {"nginx_server_name": "api.example.org", "nginx_https_port": 8443,
+                   "app_console_oidc_issuer": "https://login.example.org/realms/staff",
+                   "app_console_oidc_client_id": "vibethinker-console", "app_console_oidc_client_secret": "oidc-s3cret",
+                   "app_console_oidc_admins": {"alice@example.org": "alice", "bob\"@example.org": "bob"}}
 # role: (the hosts whose play runs it in site.yml, the templates it renders)
 RENDERED = {"redis": ("vibethinker_state:vibethinker", ["redis-cache.conf"]),
             "app": ("vibethinker_app:vibethinker", ["config.toml", "site.conf"]),
@@ -79,8 +85,8 @@ def render(work, layout, cache_password=None):
     (work / "group_vars").symlink_to(ROOT / "ansible/group_vars")
     (work / "inventory.ini").write_text(LAYOUTS[layout] + "[all:vars]\nansible_connection=local\n"
                                         f"ansible_python_interpreter={sys.executable}\n")
-    secrets = {"vault_redis_password": COUNTERS_PASSWORD, "vault_db_password": "db-password-0123456789"} \
-        if layout == "cluster" else {}
+    secrets = {"vault_redis_password": COUNTERS_PASSWORD, "vault_db_password": "db-password-0123456789",
+               **CLUSTER_CONSOLE} if layout == "cluster" else {}
     if cache_password:
         secrets["vault_redis_cache_password"] = cache_password
     (work / "vault.json").write_text(json.dumps(secrets))
@@ -172,6 +178,23 @@ def test_long_answers_may_run_to_the_models_recommended_length_at_the_measured_s
         assert config["max_new_tokens_limit"] == 40960  # a number, not a string
         assert config["stream_deadline_s"] == 10240  # 40,960 tokens at 5 tokens/s, and a quarter more
         assert "request_deadline_s" not in config  # whole answers keep the service's 60 s
+
+
+def test_the_console_knows_its_address_and_the_organisations_provider(rendered):
+    layout, _, files = rendered
+    for host in ("app1", "app2") if layout == "cluster" else ("api",):
+        config = tomllib.loads(files[f"{host}-config.toml"])
+        if layout == "one":
+            assert config["console_url"] == "https://api"  # the front's name: the inventory's by default
+            assert not [key for key in config if key.startswith("console_oidc")]
+            continue
+        assert config["console_url"] == "https://api.example.org:8443"
+        assert config["console_oidc_issuer"] == "https://login.example.org/realms/staff"
+        assert config["console_oidc_client_secret"] == "oidc-s3cret" and config["console_oidc_claim"] == "email"
+        assert config["console_oidc_admins"] == CLUSTER_CONSOLE["app_console_oidc_admins"]
+        settings = Settings(**{k: v for k, v in config.items() if k.startswith("console_")})
+        assert settings.console_base == "https://api.example.org:8443"
+        assert settings.console_oidc_admins["bob\"@example.org"] == "bob"
 
 
 def tasks_of(node):

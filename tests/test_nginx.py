@@ -8,6 +8,7 @@ import ssl
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -19,6 +20,7 @@ from tests.support.servers import free_port
 pytestmark = pytest.mark.slow  # real restarts, many CLI calls or long runs: not in make test-quick
 
 MAX_BODY = 65536
+CONSOLE_ADDRESS = "127.0.0.2"  # the admins' console's allow-list: not the API's 127.0.0.1
 DEADLINE_S = 60
 
 
@@ -34,7 +36,7 @@ def front(start_server, long_question):
     site = render(server_name="localhost", http_port=http_port, https_port=https_port, listen_address="127.0.0.1",
                   socket_path=sock, cert_path=cert, key_path=key, max_body_bytes=MAX_BODY,
                   proxy_read_timeout_s=DEADLINE_S + 30, req_rate="20r/s", req_burst=20, conn_limit=20,
-                  metrics_allow=["10.11.12.13"], admin_allow=["127.0.0.1"])
+                  metrics_allow=["10.11.12.13"], admin_allow=["127.0.0.1"], console_allow=[CONSOLE_ADDRESS])
     nginx = Nginx(folder, site)
     checked = nginx.test_config()
     assert checked.returncode == 0, checked.stderr
@@ -149,6 +151,47 @@ def test_metrics_only_from_allowed_addresses(front):
     refused = get(front, "/metrics")
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "address_not_allowed"
     assert get(front, "/admin/users", headers=front.app.auth()).status_code == 200  # 127.0.0.1 is allowed there
+
+
+class FromAddress(requests.adapters.HTTPAdapter):
+    """Connections from a given loopback address (127.0.0.2 is this machine too)."""
+
+    def __init__(self, address):
+        self.address = address
+        super().__init__()
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, source_address=(self.address, 0), **kwargs)
+
+
+def test_the_console_has_its_own_allow_list_and_secure_cookies_behind_tls(front):
+    refused = get(front, "/admin/console/")
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "address_not_allowed"
+    with requests.Session() as admin:
+        admin.mount("https://", FromAddress(CONSOLE_ADDRESS))
+        admin.trust_env = False  # REQUESTS_CA_BUNDLE would win over the session's verify
+        admin.verify = front.cert
+        page = admin.get(front.https + "/admin/console/", timeout=10)
+        assert page.status_code == 401 and "console-link" in page.text  # the sign-in page
+        assert page.headers["Cache-Control"] == "no-store" and page.headers["X-Content-Type-Options"] == "nosniff"
+        assert page.headers["Strict-Transport-Security"].startswith("max-age=")
+        assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
+        asset = admin.get(front.https + "/admin/console/static/console.css", timeout=10)
+        assert asset.status_code == 200 and asset.headers["Cache-Control"] == "public, max-age=86400"
+        # the admin API keeps its own list: the console's address may not call it
+        assert admin.get(front.https + "/admin/users", headers=front.app.auth(), timeout=10).status_code == 403
+        url = json.loads(front.app.cli("--json", "console-link", "root").stdout)["url"]
+        link = urlsplit(url).path
+        form = admin.get(front.https + link, timeout=10)
+        token = form.text.split('name="csrf_token" value="')[1].split('"')[0]
+        done = admin.post(front.https + link, data={"csrf_token": token}, allow_redirects=False, timeout=10)
+        assert done.status_code == 303
+        cookie = next(c for c in done.raw.headers.getlist("Set-Cookie") if c.startswith("console_session="))
+        assert "Secure" in cookie and "SameSite=Strict" in cookie and "HttpOnly" in cookie
+        home = admin.get(front.https + "/admin/console/", timeout=10)
+        assert home.status_code == 200 and '<span id="signed-in-as">root</span>' in home.text
+        signed = json.loads(front.app.cli("--json", "audit", "--action", "console.sign_in", "--limit", "1").stdout)
+        assert signed[0]["source"] == CONSOLE_ADDRESS  # the admin's address, as nginx saw it
 
 
 def test_real_client_ip_and_request_id_reach_the_app(front):

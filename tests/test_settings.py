@@ -41,6 +41,9 @@ def test_environment_overrides_toml(tmp_path, monkeypatch):
     ("VIBE_PREFILL_STEP_TOKENS", "65537", "less than or equal to 65536"),
     ("VIBE_TOP_P", "1", "unknown setting"),
     ("VIBE_MODLE_PATH", "/srv/model", "unknown setting"),
+    ("VIBE_CONSOLE_URL", "api.example.org", "should match pattern"),
+    ("VIBE_CONSOLE_LINK_TTL", "10", "should match pattern"),
+    ("VIBE_CONSOLE_OIDC_ADMINS", "alice", "valid JSON"),
 ])
 def test_invalid_environment_names_the_setting(monkeypatch, name, value, fragment):
     monkeypatch.setenv(name, value)
@@ -53,6 +56,15 @@ def test_cross_field_check(monkeypatch):
     monkeypatch.setenv("VIBE_DEFAULT_MAX_NEW_TOKENS", "4096")
     with pytest.raises(SettingsError, match="VIBE_DEFAULT_MAX_NEW_TOKENS|max_new_tokens_limit"):
         load_settings()
+
+
+def test_a_console_provider_needs_its_client(monkeypatch):
+    monkeypatch.setenv("VIBE_CONSOLE_OIDC_ISSUER", "https://login.example.org")
+    monkeypatch.setenv("VIBE_CONSOLE_OIDC_CLIENT_ID", "console")
+    with pytest.raises(SettingsError, match="console_oidc_client_secret"):
+        load_settings()
+    monkeypatch.setenv("VIBE_CONSOLE_OIDC_CLIENT_SECRET", "s3cret")
+    assert load_settings().console_oidc_issuer == "https://login.example.org"
 
 
 @pytest.mark.parametrize("content,fragment", [
