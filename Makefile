@@ -41,9 +41,12 @@ runtime-deps:
 	  else echo "missing$$missing (documents read by OCR need them): install them as root"; fi; \
 	fi
 
-# Servers the tests run for real (nginx, redis-server, PostgreSQL) and curl for
-# the README's examples: installed when missing, only on Debian as root, without
-# starting their packaged services (RUNLEVEL=1 makes invoke-rc.d skip them).
+# Servers the tests run for real (nginx, redis-server, PostgreSQL), curl for the
+# README's examples, and for the console's tests Debian's chromium with its
+# driver and Node.js (the test OpenID provider, tests/oidc_op): installed when
+# missing, only on Debian as root, without starting their packaged services
+# (RUNLEVEL=1 makes invoke-rc.d skip them). A Node.js already there (with its
+# npm) is kept: the provider needs Node 20 or later.
 system-deps:
 	@missing=""; \
 	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
@@ -51,6 +54,9 @@ system-deps:
 	command -v curl >/dev/null 2>&1 || missing="$$missing curl"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -x /usr/bin/chromedriver ] || missing="$$missing chromium-driver"; \
+	command -v node >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
 	$(OCR_LIBS_CHECK); \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -81,7 +87,12 @@ run: install runtime-deps
 
 # Everything but the four-host cluster deployment (make deploy-test-cluster),
 # whose loopback form (tests/test_cluster_http.py) is in.
-test: install system-deps
+# The console's test OpenID provider (npm's oidc-provider, pinned by its lock file).
+OIDC_OP := tests/oidc_op/node_modules/.package-lock.json
+$(OIDC_OP): tests/oidc_op/package-lock.json
+	cd tests/oidc_op && npm ci --no-audit --no-fund --prefer-offline --loglevel=error
+
+test: install system-deps $(OIDC_OP)
 	$(BIN)/python -m pytest -m "not cluster"
 
 # For quick loops: everything but the slow tests.

@@ -37,6 +37,9 @@ def provider(ports, tmp_path_factory):
     node = shutil.which("node")
     if node is None:
         pytest.fail("node is missing: the provider runs on Node.js (nodejs, with npm)")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    if int(version.lstrip("v").split(".")[0]) < 20:
+        pytest.fail(f"Node.js {version} is too old for oidc-provider 9 (it needs 20 or later)")
     if not (OP_DIR / "node_modules" / "oidc-provider").is_dir():  # make test installs it; so does this
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--prefer-offline"], cwd=OP_DIR, check=True,
                        capture_output=True, timeout=300)

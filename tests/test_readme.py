@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import requests
+
 from tests.support.servers import BIN, ROOT
 
 README = (ROOT / "README.md").read_text()
@@ -132,3 +134,16 @@ def test_the_thinking_example_runs_as_printed(server):
     assert [line.split()[1] for line in lines if line.startswith("choice ")] == ["0", "1", "2", "3"]
     assert any(line.startswith("vote: {") and "'share'" in line for line in lines)
     assert any(line.startswith("forced tokens: ") for line in lines)
+
+
+def test_the_console_section_shows_a_screenshot_and_its_link_command_works(server):
+    image = re.search(r"!\[[^]]*\]\((tests/data/[^)]+\.png)\)", README)
+    assert image and (ROOT / image.group(1)).read_bytes().startswith(b"\x89PNG")
+    block = next(b for b in shell_blocks() if b.strip().startswith("vibethinker-admin console-link"))
+    command = block.strip().replace("vibethinker-admin", str(BIN / "vibethinker-admin")).replace(" admin", " root")
+    out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60, check=True,
+                         env=server.env, cwd=ROOT)
+    url = out.stdout.strip().splitlines()[-1]
+    assert url.startswith(server.base + "/admin/console/login/link/")
+    page = requests.get(url, timeout=10)
+    assert page.status_code == 200 and 'id="continue"' in page.text

@@ -6,7 +6,8 @@ follow (service.api.responses). Paths come from the app's own URL map, and
 every route must have an entry in ROUTES, so nothing is served undocumented
 (the spec refuses to build otherwise). Bounds that come from settings
 (max_new_tokens, the body size) are written in from the running settings.
-Every error response is the one error shape (service.errors).
+Every error response is the one error shape (service.errors). The admins'
+console (/admin/console/, HTML pages for a browser) is not part of it.
 """
 
 from flask import Blueprint, current_app
@@ -14,7 +15,7 @@ from pydantic.json_schema import models_json_schema
 
 from auth.checks import NAME_PATTERN
 from service.api import health
-from service.api.access import public, scope_for
+from service.api.access import is_console, public, scope_for
 from service.api.answer_models import ChatCompletion, Prediction
 from service.api.responses import (
     AuditList, Batch, BatchList, CachePurged, Error, FileDeleted, FileList, FileObject, Health, IssuedToken, Me,
@@ -140,7 +141,7 @@ def spec(app):
     _bound(components, settings)
     paths = {}
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
-        if rule.endpoint == "static":
+        if rule.endpoint == "static" or is_console(rule.rule):  # the console's pages are for browsers, not the API
             continue
         if rule.endpoint not in ROUTES:
             raise ValueError(f"route {rule.rule} ({rule.endpoint}) is not described in service.api.contract")

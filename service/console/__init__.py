@@ -3,7 +3,6 @@
 from auth.console import ConsoleAccess
 from auth.tokens import parse_duration
 from service.console import views
-from service.console.csrf import csrf_token
 from service.console.sessions import ConsoleSessions
 
 
@@ -15,7 +14,6 @@ def init_app(app, state):
                                              parse_duration(settings.console_session_lifetime),
                                              parse_duration(settings.console_link_ttl))
     app.session_interface = state.console_sessions
-    views.bp.app_context_processor(lambda: {"csrf_token": csrf_token})
     if settings.console_oidc_issuer:
         from service.console.oidc import Oidc  # authlib: loaded only where a provider is configured
 

@@ -17,7 +17,7 @@ from service.api import models as model_cards
 from service.api.me import standing
 from service.console import figures
 from service.console.charts import bar_chart, line_chart
-from service.console.csrf import CsrfRefused, check_csrf
+from service.console.csrf import CsrfRefused, check_csrf, csrf_token
 from service.errors import BadRequest
 from service.inputs.schemas import AdminTokenRequest, AdminUserCreate, AdminUserPatch, check_unicode, parse, query_int
 from service.state import state
@@ -74,6 +74,11 @@ def _headers(response):
     else:
         response.headers["Cache-Control"] = "no-store"
     return response
+
+
+@bp.context_processor
+def _globals():
+    return {"csrf_token": csrf_token}
 
 
 @bp.app_template_filter("timestamp")
