@@ -8,7 +8,9 @@ from datetime import timedelta
 from html import unescape
 
 import pytest
+import sqlalchemy as sa
 
+from auth.schema import console_sessions
 from auth.store import utcnow
 from service.console import charts, figures
 from service.state import state
@@ -205,6 +207,21 @@ def test_disabling_demoting_or_revoking_an_admin_ends_their_session_at_the_next_
     if change != "revoke-all":
         store.update_user(name, active=True, is_admin=True)  # restored rights do not restore the session
         assert client.get("/admin/console/").status_code == 401
+
+
+def test_abandoned_sessions_are_purged_at_the_next_sign_in(app, clock):
+    def rows():
+        with state(app).store.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(console_sessions)).scalar()
+
+    abandoned = app.test_client()
+    abandoned.get(f"/admin/console/login/link/{link(app)}")  # a sign-in begun, never finished
+    sign_in(app)
+    before = rows()
+    clock.offset = timedelta(minutes=16)
+    sign_in(app)
+    assert rows() == 1  # every older one is past its timeout (this module's other sessions too); the new one stays
+    assert before >= 2
 
 
 def test_signing_out_deletes_the_session(app):

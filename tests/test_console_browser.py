@@ -14,6 +14,7 @@ from service.settings import Settings
 from tests.support.browser import csp_violations, make_driver, screenshot
 
 pytestmark = pytest.mark.slow
+XSS = '"><img src=x onerror="document.title=1">'
 
 
 @pytest.fixture(scope="module")
@@ -103,12 +104,25 @@ def test_an_admins_visit(server, browser, long_question):
     refused = me(server, token)
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "token_revoked"
 
+    # a label and a system prompt that are markup stay text
+    fill(driver, "#token-label", XSS)
+    click(driver, "#issue")
+    wait_for(driver, lambda d: d.find_elements(By.ID, "token"))
+    driver.find_element(By.LINK_TEXT, "Back to carol").click()
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#tokens td.label"))
+    assert driver.find_element(By.CSS_SELECTOR, "#tokens td.label").text == XSS
+    assert not driver.find_elements(By.CSS_SELECTOR, "#tokens img, #tokens script")
+    fill(driver, "#system-prompts", "<script>document.title='owned'</script>")
+
     # set a quota
     fill(driver, "#quota-daily_tokens", "12345")
     click(driver, "#save-limits")
     wait_for(driver, lambda d: "saved carol" in d.find_element(By.CSS_SELECTOR, ".notice").text)
     users = json.loads(server.cli("--json", "users", "list").stdout)
-    assert next(u for u in users if u["name"] == "carol")["daily_tokens"] == 12345
+    carol = next(u for u in users if u["name"] == "carol")
+    assert carol["daily_tokens"] == 12345 and carol["system_prompts"] == ["<script>document.title='owned'</script>"]
+    assert driver.title != "owned" and driver.find_element(By.ID, "system-prompts").get_attribute("value") == \
+        "<script>document.title='owned'</script>"
     page(driver, "05-user-limits")
 
     # usage: today's figures as a chart

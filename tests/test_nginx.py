@@ -167,6 +167,9 @@ class FromAddress(requests.adapters.HTTPAdapter):
 def test_the_console_has_its_own_allow_list_and_secure_cookies_behind_tls(front):
     refused = get(front, "/admin/console/")
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "address_not_allowed"
+    assert get(front, "/admin/console/login/link/x" * 3).status_code == 403
+    link_block = (front.folder / "site.conf").read_text().split("location /admin/console/login/link/ {")[1].split("}")[0]
+    assert "access_log off;" in link_block and f"allow {CONSOLE_ADDRESS};" in link_block
     with requests.Session() as admin:
         admin.mount("https://", FromAddress(CONSOLE_ADDRESS))
         admin.trust_env = False  # REQUESTS_CA_BUNDLE would win over the session's verify

@@ -70,8 +70,10 @@ class ConsoleSessions(SessionInterface):
     def sign_in(self, session, response, user):
         """After a successful sign-in: the sign-in transaction ends, and a NEW signed-in session starts."""
         session.clear()
+        now = self.access.now()
+        self.access.purge(now - max(self.idle, self.login))  # abandoned sessions: none of them could open
         sid = secrets.token_urlsafe(32)
-        self.access.save(sid, "auth", user["id"], {"csrf": secrets.token_urlsafe(32)}, self.access.now())
+        self.access.save(sid, "auth", user["id"], {"csrf": secrets.token_urlsafe(32)}, now)
         self._cookie(response, "auth", sid)
 
     def _cookie(self, response, kind, sid):
