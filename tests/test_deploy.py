@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import time
 import tomllib
+from urllib.parse import urlsplit
 
 import pytest
 import urllib3
@@ -148,6 +149,14 @@ def test_the_api_answers_through_nginx_and_revocation_works(provisioned):
         status, typed = api.call("POST", "/v1/chat/completions", token, {**asked, "messages": [
             {"role": "user", "content": f"Solve:\n\n{makedocs.EQUATION}"}]})
         assert status == 200 and read["usage"]["prompt_tokens"] == typed["usage"]["prompt_tokens"], (read, typed)
+    with phase("deploy: the admins' console, its pages and assets from the wheel"):
+        url = host.ssh(f"{CLI} console-link admin").stdout.strip().splitlines()[-1]
+        path = urlsplit(url).path
+        assert url.startswith(f"https://{SERVER_NAME}") and path.startswith("/admin/console/login/link/"), url
+        page = api.pool.request("GET", path, headers={"Host": SERVER_NAME})
+        assert page.status == 200 and b'id="continue"' in page.data, page.data[:300]
+        css = api.pool.request("GET", "/admin/console/static/console.css", headers={"Host": SERVER_NAME})
+        assert css.status == 200 and b".chart .bar" in css.data
     with phase("deploy: revoke"):
         revoked = host.ssh(f"{CLI} tokens revoke {jti}")
         assert "warning" not in revoked.stderr, revoked.stderr  # the CLI told the workers, through Redis
