@@ -3,9 +3,10 @@
 A link and a session cookie are random secrets; the database keeps only their SHA-256, so a copy of it (a
 backup) holds nothing that signs anyone in. A link is bound to one admin, lasts minutes and works once (the
 row is marked used in the same statement that checks it, so two workers cannot both take it). A session is
-a row: signing out, `tokens revoke-all` of its admin, or its timeouts delete it; and it counts only while
-its user is an active admin, read from the database on every request, so disabling or demoting an admin
-ends their sessions at their next request on every worker and server.
+a row: signing out, its timeouts, and disabling, demoting or `tokens revoke-all` of its admin delete it
+(auth.store); and it counts only while its user is an active admin, read from the database on every request,
+so those end their sessions at their next request on every worker and server. A request never writes back a
+row that was deleted while it ran.
 """
 
 import hashlib
@@ -86,14 +87,19 @@ class ConsoleAccess:
         return {"kind": row["kind"], "user_id": row["user_id"], "data": json.loads(row["data"]),
                 "created_at": aware(row["created_at"]), "seen_at": aware(row["seen_at"])}
 
-    def save(self, secret, kind, user_id, data, created_at):
-        """Write a session (new or changed); its idle clock restarts now."""
-        key, values = digest(secret), dict(kind=kind, user_id=user_id, data=json.dumps(data),
-                                           created_at=created_at, seen_at=self.now())
+    def create(self, secret, kind, user_id, data, created_at):
+        """Store a new session."""
         with self.engine.begin() as conn:
-            if not conn.execute(console_sessions.update().where(console_sessions.c.key == key)
-                                .values(**values)).rowcount:
-                conn.execute(console_sessions.insert().values(key=key, **values))
+            conn.execute(console_sessions.insert().values(key=digest(secret), kind=kind, user_id=user_id,
+                                                          data=json.dumps(data), created_at=created_at,
+                                                          seen_at=self.now()))
+
+    def update(self, secret, data):
+        """Write an open session's data and restart its idle clock; False when it is gone (signed out, its
+        admin's sessions ended while this request ran): it is never written back."""
+        with self.engine.begin() as conn:
+            return conn.execute(console_sessions.update().where(console_sessions.c.key == digest(secret))
+                                .values(data=json.dumps(data), seen_at=self.now())).rowcount == 1
 
     def delete(self, secret):
         with self.engine.begin() as conn:
@@ -104,11 +110,20 @@ class ConsoleAccess:
         with self.engine.begin() as conn:
             return conn.execute(console_sessions.delete().where(console_sessions.c.seen_at < older_than)).rowcount
 
-    def sessions_of(self, name):
-        """How many sessions a user holds (signed in)."""
+    def sessions_of(self, name, seen_since):
+        """How many sessions a user holds that were used since `seen_since`."""
         with self.engine.connect() as conn:
-            return conn.execute(sa.select(sa.func.count()).select_from(console_sessions).join(users)
-                                .where(users.c.name == name)).scalar()
+            return conn.execute(sa.select(sa.func.count()).select_from(console_sessions).join(users).where(
+                users.c.name == name, console_sessions.c.seen_at >= seen_since)).scalar()
+
+    def link_usable(self, secret):
+        """Whether a link would sign in now (unused, unexpired), without using it."""
+        if not isinstance(secret, str) or not 20 <= len(secret) <= 100:
+            return False
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(console_links.c.key).where(
+                console_links.c.key == digest(secret), console_links.c.used_at.is_(None),
+                console_links.c.expires_at > self.now())).first() is not None
 
     def active_admin(self, user_id):
         """The user `user_id` when it is an active admin now, else None."""

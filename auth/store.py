@@ -108,6 +108,8 @@ class Store:
             conn.execute(users.update().where(users.c.id == user["id"]).values(**_encode(changes)))
             action = {(True,): "user.enable", (False,): "user.disable"}.get(
                 (changes["active"],) if set(changes) == {"active"} else None, "user.update")
+            if changes.get("active") is False or changes.get("is_admin") is False:
+                _end_console(conn, user["id"])  # enabled or promoted again later, they sign in again
             self._audit(conn, actor, action, name, changes, source)
             epoch = self._changed_access(conn)
         self.publish(epoch)
@@ -162,9 +164,7 @@ class Store:
         with self.engine.begin() as conn:
             count = conn.execute(tokens.update().where(tokens.c.user_id == user["id"], tokens.c.revoked_at.is_(None))
                                  .values(revoked_at=self.clock(), revoked_by=actor)).rowcount
-            # the admins' console too: their sessions end and their unused sign-in links stop working
-            conn.execute(console_sessions.delete().where(console_sessions.c.user_id == user["id"]))
-            conn.execute(console_links.delete().where(console_links.c.user_id == user["id"]))
+            _end_console(conn, user["id"])
             self._audit(conn, actor, "token.revoke_all", user_name, {"count": count}, source)
             epoch = self._changed_access(conn)
         self.publish(epoch)
@@ -237,6 +237,12 @@ class Store:
         """True when the database answers."""
         with self.engine.connect() as conn:
             return conn.execute(sa.text("SELECT 1")).scalar() == 1
+
+
+def _end_console(conn, user_id):
+    """The admins' console: the user's sessions end and their unused sign-in links stop working."""
+    conn.execute(console_sessions.delete().where(console_sessions.c.user_id == user_id))
+    conn.execute(console_links.delete().where(console_links.c.user_id == user_id))
 
 
 def _encode(fields):

@@ -27,6 +27,9 @@ class SettingsError(Exception):
 
 AUTO = "auto"  # the model name that asks the service to pick one by the question (the routing rules)
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}$"  # it is a metric label and a log field: plain characters
+# The longest a console sign-in link, an idle console session and any console session may last.
+CONSOLE_TIMES = {"console_link_ttl": 24 * 3600, "console_idle_timeout": 24 * 3600,
+                 "console_session_lifetime": 7 * 24 * 3600}
 WEIGHTS_SHARE = 0.8  # of the memory ceiling the models' weights may take; the rest: caches, activations, Python
 CACHE_SHARE = 0.9  # of the memory ceiling the weights and the KV caches may take together by default
 
@@ -459,6 +462,15 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a rate limit such as '60/minute;2000/day'")
         return value
 
+    @field_validator("console_link_ttl", "console_idle_timeout", "console_session_lifetime")
+    @classmethod
+    def _check_console_time(cls, value, info):
+        seconds = int(value[:-1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[value[-1]]
+        longest = CONSOLE_TIMES[info.field_name]
+        if not 60 <= seconds <= longest:
+            raise ValueError(f"must be between 1 minute and {longest // 3600} hours")
+        return value
+
     @field_validator("ratelimit_storage_uri", "cache_storage_uri")
     @classmethod
     def _check_storage(cls, value):
@@ -496,8 +508,10 @@ class Settings(BaseSettings):
         unknown = next((rule.model for rule in self.routing if rule.model.lower() not in names), None)
         if specs and unknown is not None:
             raise ValueError(f"a routing rule names {unknown!r}, which is not a served model")
-        if self.console_oidc_issuer and not (self.console_oidc_client_id and self.console_oidc_client_secret):
-            raise ValueError("console_oidc_issuer needs console_oidc_client_id and console_oidc_client_secret")
+        if self.console_oidc_issuer and not (self.console_oidc_client_id and self.console_oidc_client_secret
+                                             and self.console_url):
+            raise ValueError("console_oidc_issuer needs console_oidc_client_id, console_oidc_client_secret and "
+                             "console_url (the provider sends admins back to it)")
         return self
 
     @property

@@ -3,9 +3,11 @@ link, sessions, CSRF, every page and form, escaping, the security headers, and t
 The browser's view of the same pages is tests/test_console_browser.py."""
 
 import re
+import sys
 import xml.etree.ElementTree as ET
 from datetime import timedelta
 from html import unescape
+from html.parser import HTMLParser
 
 import pytest
 import sqlalchemy as sa
@@ -96,9 +98,12 @@ def test_a_link_signs_its_admin_in_once_with_a_strict_session_cookie(app):
     home = client.get("/admin/console/")
     assert home.status_code == 200 and '<span id="signed-in-as">boss</span>' in text(home)
     again = app.test_client()
-    page = again.get(f"/admin/console/login/link/{secret}")
-    refused = again.post(f"/admin/console/login/link/{secret}", data={"csrf_token": csrf(page)})
+    refused = again.get(f"/admin/console/login/link/{secret}")  # a used link's page says so, and stores nothing
     assert refused.status_code == 403 and "unknown, used or expired" in text(refused)
+    assert "Set-Cookie" not in refused.headers
+    page = client.get(f"/admin/console/users")  # a form of this session, posted to the used link
+    refused = client.post(f"/admin/console/login/link/{secret}", data={"csrf_token": csrf(page)})
+    assert refused.status_code == 403
     actions = [(e["action"], e["actor"]) for e in state(app).store.list_audit(target="boss", limit=5)]
     assert ("console.sign_in", "boss") in actions and ("console.link", "system") in actions
 
@@ -131,9 +136,11 @@ def test_a_link_is_only_for_an_active_admin(app):
     client = app.test_client()
     store.add_user("leaving", is_admin=True)
     secret = link(app, "leaving")
-    store.update_user("leaving", active=False)
     page = client.get(f"/admin/console/login/link/{secret}")
+    store.update_user("leaving", active=False)  # between the link's page and its button
     assert client.post(f"/admin/console/login/link/{secret}", data={"csrf_token": csrf(page)}).status_code == 403
+    store.update_user("leaving", active=True)  # disabling also ended the links it had
+    assert client.get(f"/admin/console/login/link/{secret}").status_code == 403
 
 
 def test_a_link_form_without_its_csrf_token_does_not_use_the_link(app):
@@ -195,18 +202,17 @@ def test_disabling_demoting_or_revoking_an_admin_ends_their_session_at_the_next_
     store.add_user(name, is_admin=True)
     client = sign_in(app, name)
     assert client.get("/admin/console/").status_code == 200
-    assert state(app).console.sessions_of(name) == 1
+    since = utcnow() - timedelta(minutes=1)
+    assert state(app).console.sessions_of(name, since) == 1
     if change == "disable":
         store.update_user(name, active=False)
     elif change == "demote":
         store.update_user(name, is_admin=False)
     else:
         store.revoke_all(name)
+    assert state(app).console.sessions_of(name, since) == 0  # ended now, not at its next request
+    store.update_user(name, active=True, is_admin=True)  # restored rights, before any request: still ended
     assert client.get("/admin/console/").status_code == 401
-    assert state(app).console.sessions_of(name) == 0
-    if change != "revoke-all":
-        store.update_user(name, active=True, is_admin=True)  # restored rights do not restore the session
-        assert client.get("/admin/console/").status_code == 401
 
 
 def test_abandoned_sessions_are_purged_at_the_next_sign_in(app, clock):
@@ -226,11 +232,12 @@ def test_abandoned_sessions_are_purged_at_the_next_sign_in(app, clock):
 
 def test_signing_out_deletes_the_session(app):
     client = sign_in(app)
-    before = state(app).console.sessions_of("boss")
+    since = utcnow() - timedelta(minutes=1)
+    before = state(app).console.sessions_of("boss", since)
     out = post(client, "/admin/console/logout")
     assert out.status_code == 303
     assert client.get("/admin/console/").status_code == 401
-    assert state(app).console.sessions_of("boss") == before - 1
+    assert state(app).console.sessions_of("boss", since) == before - 1
     assert state(app).store.list_audit(action="console.sign_out", limit=1)[0]["actor"] == "boss"
 
 
@@ -312,6 +319,88 @@ def test_set_limits_allow_lists_and_disable_then_enable(app):
     assert state(app).store.get_user("erin")["active"] is True
     trail = state(app).store.list_audit(target="erin", actor="boss", limit=10)
     assert [e["action"] for e in trail] == ["user.enable", "user.disable", "user.update", "user.add"]
+
+
+class Form(HTMLParser):
+    """A page's form #`form_id` as a browser submits it: inputs, checked boxes, textareas (less the newline
+    right after their start tag, which HTML drops)."""
+
+    def __init__(self, page, form_id):
+        super().__init__()
+        self.form_id, self.inside, self.fields, self.area = form_id, False, {}, None
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "form":
+            self.inside = attrs.get("id") == self.form_id
+        elif self.inside and tag == "input" and attrs.get("name"):
+            if attrs.get("type") != "checkbox" or "checked" in attrs:
+                self.fields[attrs["name"]] = attrs.get("value", "on" if attrs.get("type") == "checkbox" else "")
+        elif self.inside and tag == "textarea":
+            self.area = attrs["name"]
+            self.fields[self.area] = ""
+
+    def handle_endtag(self, tag):
+        if tag == "form":
+            self.inside = False
+        elif tag == "textarea" and self.area:
+            self.fields[self.area] = self.fields[self.area].removeprefix("\n").replace("\n", "\r\n")
+            self.area = None
+
+    def handle_data(self, data):
+        if self.area:
+            self.fields[self.area] += data
+
+
+def test_saving_one_limit_leaves_every_other_field_as_it_was(app):
+    store = state(app).store
+    prompts = ["\nStarts with a newline.", "Has a line\n---\ninside, and ends with one\n", "  spaced  "]
+    store.add_user("henry", system_prompts=prompts, models=["tiny"], rate_limit="7/minute", max_files=3)
+    client = sign_in(app)
+    fields = Form(text(client.get("/admin/console/users/henry")), "limits").fields
+    assert fields["daily_tokens"] == "" and fields["max_files"] == "3"
+    fields["daily_tokens"] = "4242"
+    assert client.post("/admin/console/users/henry", data=fields).status_code == 303
+    user = store.get_user("henry")
+    assert user["daily_tokens"] == 4242 and user["system_prompts"] == prompts and user["models"] == ["tiny"]
+    assert (user["rate_limit"], user["max_files"], user["admin"]) == ("7/minute", 3, False)
+    assert store.list_audit(target="henry", limit=1)[0]["detail"] == {"daily_tokens": 4242}
+    fields = Form(text(client.get("/admin/console/users/henry")), "limits").fields
+    assert client.post("/admin/console/users/henry", data=fields).status_code == 303  # nothing changed
+    assert "nothing changed for henry" in text(client.get("/admin/console/users/henry"))
+    fields["models"], fields["max_files"] = "", ""
+    client.post("/admin/console/users/henry", data=fields)
+    user = store.get_user("henry")
+    assert user["models"] is None and user["max_files"] is None and user["system_prompts"] == prompts
+
+
+@pytest.mark.parametrize("value", ["--5", "²", "٣", "1e3", "99999999999999999999999"])
+def test_a_number_field_that_is_not_a_plain_number_is_refused_by_the_apis_rule(app, value):
+    client = sign_in(app)
+    refused = post(client, "/admin/console/users/boss", {"daily_tokens": value})
+    assert refused.status_code == 400 and "daily_tokens" in text(refused)
+
+
+def test_an_error_outside_a_view_is_logged_by_route_never_by_path(app, caplog):
+    secret = link(app)
+    with app.test_request_context(f"/admin/console/login/link/{secret}"):
+        try:
+            raise RuntimeError("the database went away")
+        except RuntimeError:
+            app.log_exception(sys.exc_info())  # as Flask does when opening a session fails
+    logged = caplog.text
+    assert "/admin/console/login/link/<secret>" in logged and "the database went away" in logged
+    assert secret not in logged
+
+
+def test_a_session_deleted_while_a_request_runs_is_not_written_back(app):
+    access = state(app).console
+    access.create("s" * 43, "auth", state(app).store.get_user("boss")["id"], {"csrf": "x"}, utcnow())
+    assert access.update("s" * 43, {"csrf": "y"}) and access.load("s" * 43)["data"] == {"csrf": "y"}
+    access.delete("s" * 43)  # signed out, or the admin's sessions ended, while a request held it
+    assert not access.update("s" * 43, {"csrf": "z"})
+    assert access.load("s" * 43) is None
 
 
 def test_revoke_all_from_the_console(app):

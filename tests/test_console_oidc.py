@@ -78,7 +78,8 @@ def plain_provider(request):
 
 @pytest.fixture(scope="module")
 def server(start_server, provider, ports):
-    return start_server(VIBE_BIND=f"127.0.0.1:{ports[0]}", VIBE_CONSOLE_OIDC_ISSUER=provider,
+    return start_server(VIBE_BIND=f"127.0.0.1:{ports[0]}", VIBE_CONSOLE_URL=f"http://127.0.0.1:{ports[0]}",
+                        VIBE_CONSOLE_OIDC_ISSUER=provider,
                         VIBE_CONSOLE_OIDC_CLIENT_ID="console", VIBE_CONSOLE_OIDC_CLIENT_SECRET=CLIENT_SECRET,
                         VIBE_CONSOLE_OIDC_ADMINS=json.dumps({"alice@example.org": "root",
                                                              "mallory@example.org": "nobody-here"}))
@@ -132,9 +133,9 @@ def test_a_replayed_callback_or_code_is_refused(server, provider):
     session = requests.Session()
     callback = to_callback(server, session)
     assert session.get(callback, timeout=10).status_code == 200
-    again = requests.Session()  # no sign-in transaction holds its state
-    refused(again.get(callback, timeout=10), "did not check out", server, "MismatchingStateError")
-    refused(session.get(callback, timeout=10), "did not check out", server, "MismatchingStateError")
+    again = requests.Session()  # no sign-in transaction holds its state (and a stray callback is not audited)
+    refused(again.get(callback, timeout=10), "did not check out")
+    refused(session.get(callback, timeout=10), "did not check out")  # this one's ended at its sign-in
     # the old code with a new sign-in's state: the provider refuses the code (used once already)
     fresh = requests.Session()
     new_state = parse_qs(urlsplit(to_callback(server, fresh)).query)
@@ -143,6 +144,23 @@ def test_a_replayed_callback_or_code_is_refused(server, provider):
                                                      "iss": new_state["iss"][0]}, timeout=10)
     refused(replay, "did not check out", server, "invalid_grant")
     assert signed_in_as(server, fresh) is None
+
+
+def test_a_stray_callback_writes_nothing_and_a_callbacks_free_text_never_reaches_the_audit_trail(server, provider):
+    def refusals():
+        return server.get("/admin/audit?action=console.refused&limit=1000").json()["data"]
+
+    before = refusals()
+    stray = requests.get(server.url(CALLBACK), params={"error": "access_denied", "error_description": "x" * 500},
+                         timeout=10)
+    refused(stray, "did not check out")
+    assert refusals() == before  # no sign-in begun in this browser: nothing stored
+    session = requests.Session()
+    state = parse_qs(urlsplit(to_callback(server, session)).query)["state"][0]
+    answer = session.get(server.url(CALLBACK), params={"state": state, "error": "<b>made-up</b>",
+                                                       "error_description": "<script>alert(1)</script>"}, timeout=10)
+    refused(answer, "did not check out", server, "OAuthError: other")
+    assert "made-up" not in str(refusals()) and "script" not in str(refusals())
 
 
 @pytest.mark.parametrize(("tamper", "claim"), [("aud+azp", "'aud'"), ("aud", "'aud'"), ("iss", "'iss'"),
@@ -164,7 +182,7 @@ def test_an_unmapped_or_unverified_user_is_refused_and_audited(server, provider,
     refused(session.get(to_callback(server, session), timeout=10), words)
     assert signed_in_as(server, session) is None
     event = server.get("/admin/audit?action=console.refused&limit=1").json()["data"][0]
-    assert (event["detail"]["method"], event["target"], event["actor"]) == ("oidc", email, email)
+    assert (event["detail"]["method"], event["target"], event["actor"]) == ("oidc", email, "-")  # no one signed in
     assert not [u for u in server.get("/admin/users").json()["data"] if u["name"] in ("mallory", "nobody-here")]
 
 

@@ -167,13 +167,18 @@ class FromAddress(requests.adapters.HTTPAdapter):
 def test_the_console_has_its_own_allow_list_and_secure_cookies_behind_tls(front):
     refused = get(front, "/admin/console/")
     assert refused.status_code == 403 and refused.json()["error"]["code"] == "address_not_allowed"
-    assert get(front, "/admin/console/login/link/x" * 3).status_code == 403
-    link_block = (front.folder / "site.conf").read_text().split("location /admin/console/login/link/ {")[1].split("}")[0]
-    assert "access_log off;" in link_block and f"allow {CONSOLE_ADDRESS};" in link_block
+    assert get(front, "/admin/console/login/link/" + "x" * 43).status_code == 403
+    assert get(front, "/admin/console", allow_redirects=False).status_code == 301  # to the page refused above
+    site = (front.folder / "site.conf").read_text()
+    plain, tls = site.split("location /admin/console/login/link/ {")[1:3]  # the port-80 server's, then TLS's
+    assert "access_log off;" in plain.split("}")[0] and "return 301 https://" in plain.split("}")[0]
+    assert "access_log off;" in tls.split("}")[0] and f"allow {CONSOLE_ADDRESS};" in tls.split("}")[0]
     with requests.Session() as admin:
         admin.mount("https://", FromAddress(CONSOLE_ADDRESS))
         admin.trust_env = False  # REQUESTS_CA_BUNDLE would win over the session's verify
         admin.verify = front.cert
+        moved = admin.get(front.https + "/admin/console", allow_redirects=False, timeout=10)
+        assert moved.status_code == 301 and moved.headers["Location"].endswith("/admin/console/")
         page = admin.get(front.https + "/admin/console/", timeout=10)
         assert page.status_code == 401 and "console-link" in page.text  # the sign-in page
         assert page.headers["Cache-Control"] == "no-store" and page.headers["X-Content-Type-Options"] == "nosniff"

@@ -43,6 +43,8 @@ def test_environment_overrides_toml(tmp_path, monkeypatch):
     ("VIBE_MODLE_PATH", "/srv/model", "unknown setting"),
     ("VIBE_CONSOLE_URL", "api.example.org", "should match pattern"),
     ("VIBE_CONSOLE_LINK_TTL", "10", "should match pattern"),
+    ("VIBE_CONSOLE_LINK_TTL", "0s", "between 1 minute and 24 hours"),
+    ("VIBE_CONSOLE_SESSION_LIFETIME", "30d", "between 1 minute and 168 hours"),
     ("VIBE_CONSOLE_OIDC_ADMINS", "alice", "valid JSON"),
 ])
 def test_invalid_environment_names_the_setting(monkeypatch, name, value, fragment):
@@ -64,6 +66,9 @@ def test_a_console_provider_needs_its_client(monkeypatch):
     with pytest.raises(SettingsError, match="console_oidc_client_secret"):
         load_settings()
     monkeypatch.setenv("VIBE_CONSOLE_OIDC_CLIENT_SECRET", "s3cret")
+    with pytest.raises(SettingsError, match="console_url"):
+        load_settings()
+    monkeypatch.setenv("VIBE_CONSOLE_URL", "https://api.example.org")
     assert load_settings().console_oidc_issuer == "https://login.example.org"
 
 

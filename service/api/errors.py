@@ -57,8 +57,17 @@ def _snake(name):
     return name.lower().replace(" ", "_").replace("'", "")
 
 
+def _log_exception(exc_info):
+    """Flask's log of an error raised outside a view (opening a session, say), by route, never by path: a
+    path may hold a secret (a console sign-in link)."""
+    rule = request.url_rule.rule if request.url_rule is not None else "(no route)"
+    log.error("unhandled exception in request %s on %s %s", requestid.current(), request.method, rule,
+              exc_info=exc_info)
+
+
 def init_app(app):
     """Route every error the app can raise through the one shape."""
+    app.log_exception = _log_exception
     app.register_error_handler(errors.Refusal, refusal_response)
     app.register_error_handler(StoreError, lambda e: error_response(e.status, e.message, e.code, e.param))
     app.register_error_handler(HTTPException, _http_error)

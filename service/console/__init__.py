@@ -12,7 +12,8 @@ def init_app(app, state):
     state.console = ConsoleAccess(state.store)
     state.console_sessions = ConsoleSessions(state.console, parse_duration(settings.console_idle_timeout),
                                              parse_duration(settings.console_session_lifetime),
-                                             parse_duration(settings.console_link_ttl))
+                                             parse_duration(settings.console_link_ttl),
+                                             secure=settings.console_base.startswith("https://"))
     app.session_interface = state.console_sessions
     if settings.console_oidc_issuer:
         from service.console.oidc import Oidc  # authlib: loaded only where a provider is configured

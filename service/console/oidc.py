@@ -32,6 +32,8 @@ class Oidc:
     def __init__(self, app, settings, base_url):
         self.issuer = settings.console_oidc_issuer.rstrip("/")
         self.claim, self.admins = settings.console_oidc_claim, dict(settings.console_oidc_admins)
+        if self.claim == "email":  # an address's case is not the person's: compared without it
+            self.admins = {address.casefold(): name for address, name in self.admins.items()}
         self.redirect_uri = base_url + CALLBACK
         self.oauth = OAuth(app)
         self.client = self.oauth.register(
@@ -45,7 +47,7 @@ class Oidc:
         """The redirect to the provider (a new state, nonce and PKCE verifier in the sign-in session)."""
         try:
             return self.client.authorize_redirect(self.redirect_uri)
-        except (requests.RequestException, ValueError, KeyError) as exc:
+        except (requests.RequestException, ValueError, KeyError, RuntimeError) as exc:  # no or bad metadata
             raise Refused("the organisation's sign-in provider does not answer; try again later",
                           f"provider unreachable: {type(exc).__name__}") from None
 
@@ -60,9 +62,10 @@ class Oidc:
             options = {"iss": {"essential": True, "value": issuer}, "aud": {"essential": True, "value": client.client_id},
                        "sub": {"essential": True}}
             token = client.authorize_access_token(claims_options=options, leeway=LEEWAY_S)
-        except (OAuthError, JoseError, requests.RequestException, KeyError, ValueError) as exc:
+        except (OAuthError, JoseError, requests.RequestException, KeyError, ValueError, RuntimeError,
+                TypeError) as exc:
             raise Refused("the sign-in was refused: the provider's answer did not check out (start again)",
-                          f"{type(exc).__name__}: {str(exc)[:200]}") from None
+                          _reason(exc)) from None
         claims = token.get("userinfo")
         if not claims:  # no ID token, or no nonce in the state: nothing was checked
             raise Refused("the sign-in was refused: the provider sent no ID token", "no id_token")
@@ -71,7 +74,7 @@ class Oidc:
             raise Refused(f"the provider's answer has no {self.claim} claim", f"no {self.claim} claim")
         if self.claim == "email" and claims.get("email_verified") is not True:
             raise Refused("the provider has not verified this e-mail address", "email not verified", value[:200])
-        name = self.admins.get(value)
+        name = self.admins.get(value.casefold() if self.claim == "email" else value)
         user = None
         if name is not None:
             try:
@@ -81,3 +84,20 @@ class Oidc:
         if user is None:
             raise Refused(f"{value[:200]} is not an admin of this service", "not an admin", value[:200])
         return user
+
+
+# OAuth 2.0's error codes (RFC 6749 4.1.2.1, 5.2): the only text from a callback's query or a provider's answer
+# that reaches the audit trail; anything else is "other".
+OAUTH_ERRORS = {"invalid_request", "unauthorized_client", "access_denied", "unsupported_response_type",
+                "invalid_scope", "server_error", "temporarily_unavailable", "invalid_client", "invalid_grant",
+                "unsupported_grant_type", "mismatching_state", "interaction_required", "login_required",
+                "consent_required"}
+
+
+def _reason(exc):
+    """Why a sign-in was refused, for the audit trail: the exception's kind, and its error code when it is a
+    known one (a JOSE error's text is the library's own, naming the claim)."""
+    if isinstance(exc, JoseError):
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    code = getattr(exc, "error", None)
+    return f"{type(exc).__name__}: {code if code in OAUTH_ERRORS else 'other'}"

@@ -33,8 +33,9 @@ class ConsoleSession(CallbackDict, SessionMixin):
 class ConsoleSessions(SessionInterface):
     """Sessions in `access` (auth.console.ConsoleAccess), with their timeouts (timedeltas)."""
 
-    def __init__(self, access, idle, lifetime, login):
+    def __init__(self, access, idle, lifetime, login, secure=False):
         self.access, self.idle, self.lifetime, self.login = access, idle, lifetime, login
+        self.secure = secure  # the console's address is https: Secure even if a proxy hop were misconfigured
 
     def open_session(self, app, request):
         if not (request.path + "/").startswith(PREFIX):
@@ -59,27 +60,37 @@ class ConsoleSessions(SessionInterface):
                 self.access.delete(session.sid)
                 self._cookie(response, session.kind, None)
             return
-        if login and not session.modified:
-            return
-        if session.sid is None:
+        if session.sid is None:  # a sign-in begun (a signed-in session starts only in sign_in)
+            if not login:
+                return
             session.sid = secrets.token_urlsafe(32)
-        # a signed-in session is written on every request: that moves its idle clock
-        self.access.save(session.sid, session.kind, session.user_id, dict(session), session.created)
+            self.access.create(session.sid, "login", None, dict(session), session.created)
+        elif login and not session.modified:
+            return
+        # a signed-in session is written on every request: that moves its idle clock; one deleted meanwhile
+        # (signed out elsewhere, its admin disabled) stays deleted, and its cookie goes
+        elif not self.access.update(session.sid, dict(session)):
+            self._cookie(response, session.kind, None)
+            return
         self._cookie(response, session.kind, session.sid)
 
     def sign_in(self, session, response, user):
         """After a successful sign-in: the sign-in transaction ends, and a NEW signed-in session starts."""
         session.clear()
+        previous = request.cookies.get(SESSION_COOKIE, "")
+        if 20 <= len(previous) <= 100:  # this browser's earlier session ends here
+            self.access.delete(previous)
         now = self.access.now()
         self.access.purge(now - max(self.idle, self.login))  # abandoned sessions: none of them could open
         sid = secrets.token_urlsafe(32)
-        self.access.save(sid, "auth", user["id"], {"csrf": secrets.token_urlsafe(32)}, now)
+        self.access.create(sid, "auth", user["id"], {"csrf": secrets.token_urlsafe(32)}, now)
         self._cookie(response, "auth", sid)
 
     def _cookie(self, response, kind, sid):
         login = kind == "login"
         name, path = (LOGIN_COOKIE, LOGIN_PREFIX) if login else (SESSION_COOKIE, PREFIX)
-        options = dict(path=path, secure=request.is_secure, httponly=True, samesite="Lax" if login else "Strict")
+        options = dict(path=path, secure=self.secure or request.is_secure, httponly=True,
+                       samesite="Lax" if login else "Strict")
         if sid is None:
             response.delete_cookie(name, **options)
         else:

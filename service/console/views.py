@@ -5,12 +5,13 @@ auth.tokens or the batch records do the work, audited under the signed-in admin'
 signed-in admin (service.console.sessions); every form a CSRF token (service.console.csrf).
 """
 
+import re
 from datetime import datetime, timedelta, timezone
 
 from flask import Blueprint, Response, flash, g, redirect, render_template, request, session, url_for
 
 from auth.errors import StoreError
-from auth.store import QUOTA_FIELDS
+from auth.store import LIST_FIELDS, QUOTA_FIELDS
 from auth.tokens import issue_token
 from service import errors
 from service.api import models as model_cards
@@ -48,15 +49,15 @@ def _who():
 
 @bp.before_request
 def _signed_in_admin():
-    """A signed-in, still active admin for every page but the sign-in ones; the CSRF check on every form."""
+    """A signed-in, still active admin for every page but the sign-in ones (first: a form sent after the
+    session ended gets the sign-in page, not a CSRF refusal); then the CSRF check on every form."""
+    if request.endpoint not in PUBLIC:
+        user = _app().console.active_admin(session.user_id) if session.user_id is not None else None
+        if user is None:
+            session.clear()  # a stale session (timed out, its admin disabled or demoted) is deleted
+            raise NotSignedIn()
+        g.console_admin = user
     check_csrf()
-    if request.endpoint in PUBLIC:
-        return
-    user = _app().console.active_admin(session.user_id) if session.user_id is not None else None
-    if user is None:
-        session.clear()  # a stale session (timed out, its admin disabled or demoted) is deleted
-        raise NotSignedIn()
-    g.console_admin = user
 
 
 @bp.after_request
@@ -120,7 +121,11 @@ def login():
 
 @bp.get("/login/link/<secret>")
 def link_confirm(secret):
-    """A page with one button: a link scanner or a prefetch that GETs the link does not use it up."""
+    """A page with one button: a link scanner or a prefetch that GETs the link does not use it up. A link that
+    would not sign in is refused here already (and stores nothing)."""
+    if not _app().console.link_usable(secret):
+        raise StoreError(403, "this sign-in link is unknown, used or expired: ask for a new one "
+                         "(vibethinker-admin console-link NAME)", "link_refused")
     return render_template("link.html", secret=secret)
 
 
@@ -149,12 +154,14 @@ def oidc_callback():
         return _error_page(404, "sign-in with the organisation's provider is not configured here",
                            "oidc_not_configured")
     source = request.remote_addr or "-"
+    begun = bool(session)  # this browser started a sign-in here: a stray callback is not audited
     try:
         user = oidc.finish(access)
     except oidc.Refused as exc:
         session.clear()
-        _app().store.record_event("console.refused", exc.who or "-", {"method": "oidc", "reason": exc.reason},
-                                  actor=exc.who or "-", source=source)
+        if begun:
+            _app().store.record_event("console.refused", exc.who or "-", {"method": "oidc", "reason": exc.reason},
+                                      actor="-", source=source)
         return render_template("login.html", oidc=True, refused=exc.message), 403
     access.signed_in(user, "oidc", source)
     # 200 and a refresh, not a redirect: the way back from the provider started on another site, and a
@@ -227,20 +234,40 @@ def user_detail(name):
     store = _app().store
     user = store.get_user(name)
     every = request.args.get("all") == "true"
-    return render_template("user.html", user=user, standing=standing(user), separator=PROMPT_SEPARATOR,
-                           tokens=store.list_tokens(name, include_inactive=every), every=every,
-                           sessions=_app().console.sessions_of(name), int_quotas=INT_QUOTAS)
+    since = datetime.now(timezone.utc) - _app().console_sessions.idle
+    return render_template("user.html", user=user, standing=standing(user), shown=shown(user),
+                           separator=PROMPT_SEPARATOR, tokens=store.list_tokens(name, include_inactive=every),
+                           every=every, sessions=_app().console.sessions_of(name, since), int_quotas=INT_QUOTAS)
 
 
 @bp.post("/users/<name>")
 def user_set(name):
-    changes = _form_quotas(request.form, clear_empty=True)
-    changes["admin"] = request.form.get("admin") == "on"
+    """Only the fields the admin changed (a field as the form showed it is left as it is)."""
+    store = _app().store
+    before = shown(store.get_user(name))
+    form = {field: text.replace("\r\n", "\n") for field, text in request.form.items()}
+    edited = {field: form.get(field, "") for field in QUOTA_FIELDS if form.get(field, "") != before[field]}
+    changes = _form_quotas(edited, clear_empty=True)
+    if (form.get("admin") == "on") != (before["admin"] == "on"):
+        changes["admin"] = form.get("admin") == "on"
     body = parse(AdminUserPatch, check_unicode(changes)).model_dump(exclude_unset=True)
-    body["is_admin"] = body.pop("admin")
-    _app().store.update_user(name, **body, **_who())
-    flash(f"saved {name}'s limits")
+    if "admin" in body:
+        body["is_admin"] = body.pop("admin")
+    if not body:
+        flash(f"nothing changed for {name}")
+    else:
+        store.update_user(name, **body, **_who())
+        flash(f"saved {name}'s {', '.join(sorted(body))}")
     return redirect(url_for("console.user_detail", name=name), 303)
+
+
+def shown(user):
+    """Each editable field of `user` as the form shows it (what an untouched field sends back)."""
+    fields = {name: "" if user[name] is None else str(user[name]) for name in QUOTA_FIELDS if name not in LIST_FIELDS}
+    fields["models"] = "\n".join(user["models"] or [])
+    fields["system_prompts"] = f"\n{PROMPT_SEPARATOR}\n".join(user["system_prompts"] or [])
+    fields["admin"] = "on" if user["admin"] else ""
+    return fields
 
 
 @bp.post("/users/<name>/active")
@@ -258,12 +285,14 @@ def _flag(text, field):
 
 
 def _form_quotas(form, clear_empty):
-    """The quota fields of a form as the admin API takes them: numbers as numbers, allow-lists as lists (models
-    one per line, system prompts separated by a line of ---); an empty field is not given (a new user) or
-    cleared (a change: the server's default applies)."""
+    """The quota fields given in a form as the admin API takes them: numbers as numbers, allow-lists as lists
+    (models one per line, system prompts separated by a line of ---); an empty field is not given (a new user)
+    or cleared (a change: the server's default applies)."""
     out = {}
     for name in QUOTA_FIELDS:
-        text = form.get(name, "")
+        if name not in form:
+            continue
+        text = form[name]
         if name == "system_prompts":
             value = [part.strip("\r\n") for part in _split_prompts(text)]
             value = [part for part in value if part.strip()] or None
@@ -271,9 +300,9 @@ def _form_quotas(form, clear_empty):
             value = [line.strip() for line in text.splitlines() if line.strip()] or None
         else:
             text = text.strip()
-            value = (int(text) if text.lstrip("-").isdigit() and len(text) <= 20 else text) if text else None
-            if name not in INT_QUOTAS and value is not None:
-                value = str(value)
+            value = text or None
+            if name in INT_QUOTAS and value is not None and re.fullmatch(r"-?[0-9]{1,19}", text):
+                value = int(text)  # else the text, which the API's model refuses naming the field
         if value is not None or clear_empty:
             out[name] = value
     return out
@@ -341,9 +370,12 @@ def usage():
 @bp.get("/usage.csv")
 def usage_csv():
     args = request.args
-    span_days = query_int(args.get("days", "14"), "days", 1, 3660)
+    span_days = query_int(args.get("days", "14"), "days", 1, 366)
     since = datetime.now(timezone.utc) - timedelta(days=span_days)
-    rows = _app().store.usage_by_day(args.get("user") or None, since)
+    user = args.get("user") or None
+    if user is not None:
+        _app().store.get_user(user)  # an unknown user is a 404, not an empty file
+    rows = _app().store.usage_by_day(user, since)
     return Response(figures.usage_csv(rows), mimetype="text/csv",
                     headers={"Content-Disposition": 'attachment; filename="usage.csv"'})
 
