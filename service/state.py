@@ -23,8 +23,6 @@ if TYPE_CHECKING:  # names for the fields' types only: importing them here would
     from service.admission.counters import MemoryCounters, RedisCounters
     from service.batches.records import BatchRecords
     from service.batches.runner import BatchRunner
-    from service.console.oidc import Oidc
-    from service.console.sessions import ConsoleSessions
     from service.inputs.documents import Reader
     from service.inputs.filtering import Rule
     from service.records.usagelog import UsageLog
@@ -54,9 +52,7 @@ class State:
     batch_runner: BatchRunner | None = None
     documents: Reader | None = None  # this worker's pool reading PDFs and images
     checker: Checker | None = None  # this worker's pool checking final answers against expected ones
-    console: ConsoleAccess | None = None  # the admins' console: sign-in links and sessions
-    console_sessions: ConsoleSessions | None = None
-    oidc: Oidc | None = None  # sign-in through the organisation's provider, where one is configured
+    console: ConsoleAccess | None = None  # the admins' console's sign-in links and sessions
 
 
 def attach(app, state):

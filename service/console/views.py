@@ -19,6 +19,7 @@ from service.api.me import standing
 from service.console import figures
 from service.console.charts import bar_chart, line_chart
 from service.console.csrf import CsrfRefused, check_csrf, csrf_token
+from service.console.parts import parts
 from service.errors import BadRequest
 from service.inputs.schemas import AdminTokenRequest, AdminUserCreate, AdminUserPatch, check_unicode, parse, query_int
 from service.state import state
@@ -52,7 +53,7 @@ def _signed_in_admin():
     """A signed-in, still active admin for every page but the sign-in ones (first: a form sent after the
     session ended gets the sign-in page, not a CSRF refusal); then the CSRF check on every form."""
     if request.endpoint not in PUBLIC:
-        user = _app().console.active_admin(session.user_id) if session.user_id is not None else None
+        user = parts().access.active_admin(session.user_id) if session.user_id is not None else None
         if user is None:
             session.clear()  # a stale session (timed out, its admin disabled or demoted) is deleted
             raise NotSignedIn()
@@ -89,7 +90,7 @@ def _timestamp(value):
 
 @bp.errorhandler(NotSignedIn)
 def _not_signed_in(_exc):
-    return render_template("login.html", oidc=_app().oidc is not None, refused=None), 401
+    return render_template("login.html", oidc=parts().oidc is not None, refused=None), 401
 
 
 @bp.errorhandler(CsrfRefused)
@@ -116,14 +117,14 @@ def _error_page(status, message, code):
 # --- sign-in and out ---
 @bp.get("/login/")
 def login():
-    return render_template("login.html", oidc=_app().oidc is not None, refused=None)
+    return render_template("login.html", oidc=parts().oidc is not None, refused=None)
 
 
 @bp.get("/login/link/<secret>")
 def link_confirm(secret):
     """A page with one button: a link scanner or a prefetch that GETs the link does not use it up. A link that
     would not sign in is refused here already (and stores nothing)."""
-    if not _app().console.link_usable(secret):
+    if not parts().access.link_usable(secret):
         raise StoreError(403, "this sign-in link is unknown, used or expired: ask for a new one "
                          "(vibethinker-admin console-link NAME)", "link_refused")
     return render_template("link.html", secret=secret)
@@ -131,16 +132,16 @@ def link_confirm(secret):
 
 @bp.post("/login/link/<secret>")
 def link_use(secret):
-    access = _app().console
+    access = parts().access
     user = access.redeem_link(secret, request.remote_addr or "-")
     response = redirect(url_for("console.overview"), 303)
-    _app().console_sessions.sign_in(session, response, user)
+    parts().sessions.sign_in(session, response, user)
     return response
 
 
 @bp.get("/login/oidc/start")
 def oidc_start():
-    oidc = _app().oidc
+    oidc = parts().oidc
     if oidc is None:
         return _error_page(404, "sign-in with the organisation's provider is not configured here",
                            "oidc_not_configured")
@@ -149,7 +150,7 @@ def oidc_start():
 
 @bp.get("/login/oidc/callback")
 def oidc_callback():
-    oidc, access = _app().oidc, _app().console
+    oidc, access = parts().oidc, parts().access
     if oidc is None:
         return _error_page(404, "sign-in with the organisation's provider is not configured here",
                            "oidc_not_configured")
@@ -167,7 +168,7 @@ def oidc_callback():
     # 200 and a refresh, not a redirect: the way back from the provider started on another site, and a
     # SameSite=Strict cookie set along a redirect chain begun there is not sent on the chain's next request.
     response = Response(render_template("signed_in.html"))
-    _app().console_sessions.sign_in(session, response, user)
+    parts().sessions.sign_in(session, response, user)
     return response
 
 
@@ -234,10 +235,10 @@ def user_detail(name):
     store = _app().store
     user = store.get_user(name)
     every = request.args.get("all") == "true"
-    since = datetime.now(timezone.utc) - _app().console_sessions.idle
+    since = datetime.now(timezone.utc) - parts().sessions.idle
     return render_template("user.html", user=user, standing=standing(user), shown=shown(user),
                            separator=PROMPT_SEPARATOR, tokens=store.list_tokens(name, include_inactive=every),
-                           every=every, sessions=_app().console.sessions_of(name, since), int_quotas=INT_QUOTAS)
+                           every=every, sessions=parts().access.sessions_of(name, since), int_quotas=INT_QUOTAS)
 
 
 @bp.post("/users/<name>")
