@@ -16,7 +16,8 @@ from auth.schema import console_sessions
 from auth.store import utcnow
 from service.console import charts, figures
 from service.state import state
-from tests.support.inprocess import bearer, make_app, stop_app
+from tests.support.inprocess import BatchUser, bearer, make_app, stop_app
+from tests.support.servers import free_port
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -475,6 +476,36 @@ def test_usage_page_charts_and_csv(app):
     assert lines[0].startswith("day,user,requests") and lines[1].split(",")[1:3] == ["grace", "1"]
     assert client.get("/admin/console/usage?user=nobody").status_code == 404
     assert client.get("/admin/console/usage?days=0").status_code == 400
+
+
+def test_every_users_batches_listed_and_one_cancelled_under_the_admins_name(app):
+    owner = BatchUser(app, "ivy")
+    batch = owner.submit("/v1/predict", {"question": "hi", "max_new_tokens": 4})
+    assert batch["status"] == "in_progress"  # no runner takes it in this app
+    client = sign_in(app)
+    page = text(client.get("/admin/console/batches"))
+    row = page.split(f'data-batch="{batch["id"]}"')[1].split("</tr>")[0]
+    assert "<td>ivy</td>" in row and 'class="danger cancel"' in row
+    assert post(client, f"/admin/console/batches/{batch['id']}/cancel").status_code == 303
+    assert owner.batch(batch["id"])["status"] == "cancelling"
+    event = state(app).store.list_audit(action="batch.cancel", limit=1)[0]
+    assert (event["actor"], event["target"], event["detail"]) == ("boss", batch["id"], {"owner": "ivy"})
+    again = post(client, f"/admin/console/batches/{batch['id']}/cancel")
+    assert again.status_code == 303  # cancelling twice is harmless, as in the API
+    assert post(client, "/admin/console/batches/batch_nope/cancel").status_code == 404
+
+
+def test_an_unreachable_provider_gets_a_page_not_an_error(tiny_model, tmp_path):
+    port = free_port()  # nothing listens there
+    app = make_app(tiny_model, tmp_path, console_oidc_issuer=f"http://127.0.0.1:{port}",
+                   console_oidc_client_id="console", console_oidc_client_secret="s3cret",
+                   console_url="https://api.example.org")
+    try:
+        page = app.test_client().get("/admin/console/login/oidc/start")
+        assert page.status_code == 503 and "does not answer" in text(page)
+        assert page.headers["Content-Security-Policy"] == CSP
+    finally:
+        stop_app(app)
 
 
 def test_models_page_shows_health_and_the_served_model(app):

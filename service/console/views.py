@@ -33,7 +33,7 @@ INT_QUOTAS = ("daily_tokens", "max_concurrent", "max_files", "max_stored_bytes",
 PROMPT_SEPARATOR = "---"  # a line of its own between system prompts (a prompt may span lines)
 AUDIT_ACTIONS = ("user.add", "user.update", "user.enable", "user.disable", "token.issue", "token.revoke",
                  "token.revoke_all", "console.link", "console.sign_in", "console.sign_out", "console.refused",
-                 "batch.cancel", "cache.purge", "key.generate", "key.rotate", "key.retire")
+                 "batch.cancel", "cache.purge", "key.generate", "key.rotate", "key.retire", "db.restore")
 
 
 class NotSignedIn(Exception):
@@ -145,7 +145,10 @@ def oidc_start():
     if oidc is None:
         return _error_page(404, "sign-in with the organisation's provider is not configured here",
                            "oidc_not_configured")
-    return oidc.start()
+    try:
+        return oidc.start()
+    except oidc.Refused as exc:  # the provider does not answer, or its metadata is unusable
+        return render_template("login.html", oidc=True, refused=exc.message), 503
 
 
 @bp.get("/login/oidc/callback")
@@ -410,6 +413,7 @@ def batch_list():
 def batch_cancel(batch_id):
     app = _app()
     batch = app.batches.cancel(batch_id, None, True)
-    app.store.record_event("batch.cancel", batch["id"], {"owner": batch.get("user")}, **_who())
+    app.store.record_event("batch.cancel", batch["id"], {"owner": app.batches.owners([batch["id"]])[batch["id"]]},
+                           **_who())
     flash(f"cancelling batch {batch['id']}")
     return redirect(url_for("console.batch_list"), 303)
