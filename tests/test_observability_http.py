@@ -150,6 +150,8 @@ def test_make_run_serves_and_says_where_logs_and_metrics_are(tmp_path, tiny_mode
             time.sleep(0.2)
         me = requests.get(f"http://127.0.0.1:{port}/v1/me", headers={"Authorization": f"Bearer {token}"}, timeout=5)
         assert me.json()["user"] == "admin" and me.json()["token"]["scope"] == ["generate", "admin"]
+        link = re.search(rf"(http://127\.0\.0\.1:{port}/admin/console/login/link/\S+)", text).group(1)
+        assert 'id="continue"' in requests.get(link, timeout=5).text  # the console's sign-in works
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
