@@ -79,7 +79,7 @@ run: install runtime-deps
 	@$(ADMIN) --json users list | grep -q '"name": "admin"' || $(ADMIN) users add admin --admin
 	@token=$$($(ADMIN) tokens issue admin --scope generate,admin --ttl 7d --label "make run" | tail -n 1); \
 	  echo "a token for the local admin user (scopes generate, admin; 7 days):"; echo "export TOKEN=$$token"
-	@echo "the admins' console: this link signs admin in, once, within 10 minutes (vibethinker-admin console-link admin makes another):"
+	@echo "the admins' console: this link signs admin in, once, soon (vibethinker-admin console-link admin makes another):"
 	@$(ADMIN) console-link admin | tail -n 1
 	@echo "serving on http://$${VIBE_BIND:-127.0.0.1:8000} (Ctrl-C stops)"
 	@echo "logs: this terminal, one JSON object per line on stderr"

@@ -57,8 +57,11 @@ class Store:
 
     def revoke_again(self, revocations):
         """After a restore: revoke each token of {jti: (revoked_at, revoked_by)} that the restored rows hold
-        unrevoked (it was revoked after the backup), and replace the access epoch. How many were revoked."""
+        unrevoked (it was revoked after the backup), end every console session and sign-in link the backup
+        held (a link used since would work again), and replace the access epoch. How many were revoked."""
         with self.engine.begin() as conn:
+            conn.execute(console_sessions.delete())
+            conn.execute(console_links.delete())
             kept = sum(conn.execute(tokens.update().where(tokens.c.jti == jti, tokens.c.revoked_at.is_(None))
                                     .values(revoked_at=at, revoked_by=by)).rowcount
                        for jti, (at, by) in revocations.items())

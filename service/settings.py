@@ -518,7 +518,7 @@ class Settings(BaseSettings):
     def console_base(self):
         """Where admins reach the service: console_url, else this server's bind address (dev)."""
         if self.console_url:
-            return self.console_url.rstrip("/")
+            return self.console_url
         return "http://" + (self.bind if not self.bind.startswith("unix:") else "localhost")
 
     @property

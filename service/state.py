@@ -17,7 +17,6 @@ from flask import current_app
 if TYPE_CHECKING:  # names for the fields' types only: importing them here would load torch and Redis clients
     from flask_limiter import Limiter
 
-    from auth.console import ConsoleAccess
     from auth.keys import KeySet
     from auth.store import Store
     from service.admission.counters import MemoryCounters, RedisCounters
@@ -52,7 +51,6 @@ class State:
     batch_runner: BatchRunner | None = None
     documents: Reader | None = None  # this worker's pool reading PDFs and images
     checker: Checker | None = None  # this worker's pool checking final answers against expected ones
-    console: ConsoleAccess | None = None  # the admins' console's sign-in links and sessions
 
 
 def attach(app, state):

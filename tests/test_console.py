@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from auth.schema import console_sessions
 from auth.store import utcnow
 from service.console import charts, figures
+from service.console.parts import KEY
 from service.state import state
 from tests.support.inprocess import BatchUser, bearer, make_app, stop_app
 from tests.support.servers import free_port
@@ -50,8 +51,13 @@ def clock(app):
     store.clock = before
 
 
+def access(app):
+    """The console's links and sessions in the app's database (auth.console.ConsoleAccess)."""
+    return app.extensions[KEY].access
+
+
 def link(app, name="boss", ttl=timedelta(minutes=10)):
-    return state(app).console.issue_link(name, ttl)
+    return access(app).issue_link(name, ttl)
 
 
 def csrf(page):
@@ -204,14 +210,14 @@ def test_disabling_demoting_or_revoking_an_admin_ends_their_session_at_the_next_
     client = sign_in(app, name)
     assert client.get("/admin/console/").status_code == 200
     since = utcnow() - timedelta(minutes=1)
-    assert state(app).console.sessions_of(name, since) == 1
+    assert access(app).sessions_of(name, since) == 1
     if change == "disable":
         store.update_user(name, active=False)
     elif change == "demote":
         store.update_user(name, is_admin=False)
     else:
         store.revoke_all(name)
-    assert state(app).console.sessions_of(name, since) == 0  # ended now, not at its next request
+    assert access(app).sessions_of(name, since) == 0  # ended now, not at its next request
     store.update_user(name, active=True, is_admin=True)  # restored rights, before any request: still ended
     assert client.get("/admin/console/").status_code == 401
 
@@ -234,11 +240,11 @@ def test_abandoned_sessions_are_purged_at_the_next_sign_in(app, clock):
 def test_signing_out_deletes_the_session(app):
     client = sign_in(app)
     since = utcnow() - timedelta(minutes=1)
-    before = state(app).console.sessions_of("boss", since)
+    before = access(app).sessions_of("boss", since)
     out = post(client, "/admin/console/logout")
     assert out.status_code == 303
     assert client.get("/admin/console/").status_code == 401
-    assert state(app).console.sessions_of("boss", since) == before - 1
+    assert access(app).sessions_of("boss", since) == before - 1
     assert state(app).store.list_audit(action="console.sign_out", limit=1)[0]["actor"] == "boss"
 
 
@@ -303,11 +309,11 @@ def test_a_bad_form_gets_the_admin_apis_message_and_changes_nothing(app):
 
 def test_set_limits_allow_lists_and_disable_then_enable(app):
     client = sign_in(app)
-    post(client, "/admin/console/users", {"name": "erin"})
-    page = client.get("/admin/console/users/erin")
-    saved = post(client, "/admin/console/users/erin", {
+    post(client, "/admin/console/users", {"name": "erin", "max_concurrent": "3"})
+    fields = Form(text(client.get("/admin/console/users/erin")), "limits").fields
+    saved = client.post("/admin/console/users/erin", data={**fields,
         "daily_tokens": "777", "max_concurrent": "", "rate_limit": "5/second", "models": "tiny\n\n",
-        "system_prompts": "Be brief.\nVery.\n---\nAnswer in French."}, page)
+        "system_prompts": "Be brief.\nVery.\n---\nAnswer in French."})
     assert saved.status_code == 303
     user = state(app).store.get_user("erin")
     assert user["daily_tokens"] == 777 and user["max_concurrent"] is None and user["rate_limit"] == "5/second"
@@ -379,29 +385,89 @@ def test_saving_one_limit_leaves_every_other_field_as_it_was(app):
 @pytest.mark.parametrize("value", ["--5", "²", "٣", "1e3", "99999999999999999999999"])
 def test_a_number_field_that_is_not_a_plain_number_is_refused_by_the_apis_rule(app, value):
     client = sign_in(app)
-    refused = post(client, "/admin/console/users/boss", {"daily_tokens": value})
+    fields = Form(text(client.get("/admin/console/users/boss")), "limits").fields
+    refused = client.post("/admin/console/users/boss", data={**fields, "daily_tokens": value})
     assert refused.status_code == 400 and "daily_tokens" in text(refused)
 
 
-def test_an_error_outside_a_view_is_logged_by_route_never_by_path(app, caplog):
+def test_a_form_shown_before_someone_else_changed_the_user_is_refused_not_applied(app):
+    store = state(app).store
+    store.add_user("jack")
+    client = sign_in(app)
+    fields = Form(text(client.get("/admin/console/users/jack")), "limits").fields
+    store.update_user("jack", is_admin=True, daily_tokens=999)  # another admin, or the CLI, meanwhile
+    refused = client.post("/admin/console/users/jack", data={**fields, "rate_limit": "1/second"})
+    assert refused.status_code == 409 and "reload" in text(refused)
+    user = store.get_user("jack")
+    assert (user["admin"], user["daily_tokens"], user["rate_limit"]) == (True, 999, None)
+    without = {k: v for k, v in fields.items() if k != "version"}
+    assert client.post("/admin/console/users/jack", data=without).status_code == 409
+    fields = Form(text(client.get("/admin/console/users/jack")), "limits").fields
+    partial = {k: fields[k] for k in ("csrf_token", "version", "admin")}  # a text field left out stays
+    assert client.post("/admin/console/users/jack", data={**partial, "max_files": "7"}).status_code == 303
+    user = store.get_user("jack")
+    assert (user["admin"], user["daily_tokens"], user["max_files"]) == (True, 999, 7)
+
+
+@pytest.mark.parametrize("path", ["/admin/console/usage?user=%00", "/admin/console/usage.csv?user=a%00",
+                                  "/admin/console/audit?actor=%00", "/admin/console/audit?target=x%01",
+                                  "/admin/console/batches?after=%00", "/admin/console/usage?user=Bad%20Name"])
+def test_odd_query_arguments_get_a_400_page(app, path):
+    client = sign_in(app)
+    refused = client.get(path)
+    assert refused.status_code == 400 and refused.mimetype == "text/html"
+    assert refused.headers["Content-Security-Policy"] == CSP
+
+
+def test_errors_outside_the_pages_carry_the_consoles_headers_and_assets_no_session(app):
+    client = sign_in(app)
+    for answer in (client.get("/admin/console/nope"), client.get("/admin/console/logout")):
+        assert answer.status_code in (404, 405) and answer.headers["Content-Security-Policy"] == CSP
+        assert answer.headers["Cache-Control"] == "no-store"
+    asset = client.get("/admin/console/static/console.js")
+    assert "Set-Cookie" not in asset.headers and asset.headers["Cache-Control"] == "public, max-age=86400"
+    asset.close()
+
+
+def test_a_cookie_naming_no_live_session_is_cleared(app):
+    client = app.test_client()
+    client.set_cookie("console_session", "B" * 43, path="/admin/console/")
+    page = client.get("/admin/console/")
+    assert page.status_code == 401
+    assert any(c.startswith("console_session=;") for c in page.headers.getlist("Set-Cookie"))
+
+
+def test_a_restored_backup_brings_back_no_session_and_no_link(app):
+    client = sign_in(app)
+    unused = link(app)
+    state(app).store.revoke_again({})  # what a restore runs after putting the backup's rows back
+    assert client.get("/admin/console/").status_code == 401
+    assert app.test_client().get(f"/admin/console/login/link/{unused}").status_code == 403
+
+
+def test_an_error_outside_a_view_is_logged_by_route_never_by_path(app, caplog, monkeypatch):
     secret = link(app)
-    with app.test_request_context(f"/admin/console/login/link/{secret}"):
-        try:
-            raise RuntimeError("the database went away")
-        except RuntimeError:
-            app.log_exception(sys.exc_info())  # as Flask does when opening a session fails
+    client = app.test_client()
+    client.set_cookie("console_login", "C" * 43, path="/admin/console/login/")
+
+    def down(_sid):
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(access(app), "load", down)  # opening the session fails, before any view
+    failed = client.get(f"/admin/console/login/link/{secret}")
+    assert failed.status_code == 500 and secret not in failed.get_data(as_text=True)
     logged = caplog.text
-    assert "/admin/console/login/link/<secret>" in logged and "the database went away" in logged
+    assert "GET /admin/console/login/link/<secret>" in logged and "the database went away" in logged
     assert secret not in logged
 
 
 def test_a_session_deleted_while_a_request_runs_is_not_written_back(app):
-    access = state(app).console
-    access.create("s" * 43, "auth", state(app).store.get_user("boss")["id"], {"csrf": "x"}, utcnow())
-    assert access.update("s" * 43, {"csrf": "y"}) and access.load("s" * 43)["data"] == {"csrf": "y"}
-    access.delete("s" * 43)  # signed out, or the admin's sessions ended, while a request held it
-    assert not access.update("s" * 43, {"csrf": "z"})
-    assert access.load("s" * 43) is None
+    sessions = access(app)
+    sessions.create("s" * 43, "auth", state(app).store.get_user("boss")["id"], {"csrf": "x"}, utcnow())
+    assert sessions.update("s" * 43, {"csrf": "y"}) and sessions.load("s" * 43)["data"] == {"csrf": "y"}
+    sessions.delete("s" * 43)  # signed out, or the admin's sessions ended, while a request held it
+    assert not sessions.update("s" * 43, {"csrf": "z"})
+    assert sessions.load("s" * 43) is None
 
 
 def test_revoke_all_from_the_console(app):
@@ -491,7 +557,8 @@ def test_every_users_batches_listed_and_one_cancelled_under_the_admins_name(app)
     event = state(app).store.list_audit(action="batch.cancel", limit=1)[0]
     assert (event["actor"], event["target"], event["detail"]) == ("boss", batch["id"], {"owner": "ivy"})
     again = post(client, f"/admin/console/batches/{batch['id']}/cancel")
-    assert again.status_code == 303  # cancelling twice is harmless, as in the API
+    assert again.status_code == 303  # cancelling twice is harmless, as in the API, and audited once
+    assert len(state(app).store.list_audit(action="batch.cancel", target=batch["id"])) == 1
     assert post(client, "/admin/console/batches/batch_nope/cancel").status_code == 404
 
 

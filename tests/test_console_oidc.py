@@ -163,13 +163,12 @@ def test_a_stray_callback_writes_nothing_and_a_callbacks_free_text_never_reaches
     assert "made-up" not in str(refusals()) and "script" not in str(refusals())
 
 
-@pytest.mark.parametrize(("tamper", "claim"), [("aud+azp", "'aud'"), ("aud", "'aud'"), ("iss", "'iss'"),
-                                              ("nonce", "'nonce'")])
+@pytest.mark.parametrize(("tamper", "claim"), [("aud+azp", "aud"), ("aud", "aud"), ("iss", "iss"), ("nonce", "nonce")])
 def test_an_id_token_for_another_audience_issuer_or_nonce_is_refused(server, provider, tamper, claim):
     op_state(provider, tamper=tamper)
     session = requests.Session()
     refused(session.get(to_callback(server, session), timeout=10), "did not check out", server,
-            f"InvalidClaimError: invalid_claim: Invalid claim: {claim}")
+            f"InvalidClaimError: {claim}")
     assert signed_in_as(server, session) is None
 
 

@@ -5,7 +5,7 @@ exceptions. A 500 never shows exception text: it is logged with the request id.
 
 import logging
 
-from flask import jsonify, request
+from flask import current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from auth.errors import StoreError
@@ -59,10 +59,16 @@ def _snake(name):
 
 def _log_exception(exc_info):
     """Flask's log of an error raised outside a view (opening a session, say), by route, never by path: a
-    path may hold a secret (a console sign-in link)."""
-    rule = request.url_rule.rule if request.url_rule is not None else "(no route)"
-    log.error("unhandled exception in request %s on %s %s", requestid.current(), request.method, rule,
-              exc_info=exc_info)
+    path may hold a secret (a console sign-in link). The route may not be matched yet (a session is opened
+    first): it is matched here."""
+    rule = request.url_rule
+    if rule is None:
+        try:
+            rule, _ = current_app.url_map.bind_to_environ(request.environ).match(return_rule=True)
+        except HTTPException:
+            rule = None
+    log.error("unhandled exception in request %s on %s %s", requestid.current(), request.method,
+              rule.rule if rule is not None else "(no route)", exc_info=exc_info)
 
 
 def init_app(app):

@@ -10,7 +10,7 @@ from service.console.sessions import ConsoleSessions
 def init_app(app, state):
     """Sessions (server-side, the console's paths only), the pages, and the provider's sign-in if configured."""
     settings = state.settings
-    state.console = access = ConsoleAccess(state.store)
+    access = ConsoleAccess(state.store)
     sessions = ConsoleSessions(access, parse_duration(settings.console_idle_timeout),
                                parse_duration(settings.console_session_lifetime),
                                parse_duration(settings.console_link_ttl),
@@ -23,3 +23,4 @@ def init_app(app, state):
         oidc = Oidc(app, settings, settings.console_base)
     app.extensions[KEY] = Parts(access, sessions, oidc)
     app.register_blueprint(views.bp)
+    app.after_request(views.console_headers)

@@ -10,7 +10,7 @@ user, and a name that is not an active admin is refused.
 import requests
 from authlib.integrations.base_client import OAuthError
 from authlib.integrations.flask_client import OAuth
-from joserfc.errors import JoseError
+from joserfc.errors import ClaimError, JoseError
 
 from auth.errors import StoreError
 
@@ -95,9 +95,9 @@ OAUTH_ERRORS = {"invalid_request", "unauthorized_client", "access_denied", "unsu
 
 
 def _reason(exc):
-    """Why a sign-in was refused, for the audit trail: the exception's kind, and its error code when it is a
-    known one (a JOSE error's text is the library's own, naming the claim)."""
-    if isinstance(exc, JoseError):
-        return f"{type(exc).__name__}: {str(exc)[:200]}"
+    """Why a sign-in was refused, for the audit trail: the exception's kind, and the claim a check refused or
+    the error code when it is a known one; never text from the request or the token."""
+    if isinstance(exc, ClaimError):  # which claim failed, as named in our own checks
+        return f"{type(exc).__name__}: {exc.claim}"
     code = getattr(exc, "error", None)
     return f"{type(exc).__name__}: {code if code in OAUTH_ERRORS else 'other'}"

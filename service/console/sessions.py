@@ -7,7 +7,7 @@ Two cookies, both HttpOnly, Secure behind TLS:
 - `console_session` (SameSite=Strict, Path=/admin/console/): a signed-in admin. Each sign-in gets a new id
   (no fixation); idle and absolute timeouts are checked here on every request, server-side.
 
-Any other path gets no session at all (the API never sets a cookie). No signing key is involved: the cookie
+Any other path gets no session at all (the API never sets a cookie), nor do the console's assets. No signing key is involved: the cookie
 is a random id, the database keeps its SHA-256.
 """
 
@@ -18,6 +18,7 @@ from werkzeug.datastructures import CallbackDict
 
 PREFIX = "/admin/console/"
 LOGIN_PREFIX = PREFIX + "login/"
+STATIC_PREFIX = PREFIX + "static/"
 SESSION_COOKIE, LOGIN_COOKIE = "console_session", "console_login"
 
 
@@ -28,6 +29,7 @@ class ConsoleSession(CallbackDict, SessionMixin):
 
         super().__init__(data or {}, on_update)
         self.sid, self.kind, self.created, self.user_id, self.modified = sid, kind, created, user_id, False
+        self.stale = False
 
 
 class ConsoleSessions(SessionInterface):
@@ -38,8 +40,8 @@ class ConsoleSessions(SessionInterface):
         self.secure = secure  # the console's address is https: Secure even if a proxy hop were misconfigured
 
     def open_session(self, app, request):
-        if not (request.path + "/").startswith(PREFIX):
-            return None  # a null session: nothing outside the console reads or sets one
+        if not (request.path + "/").startswith(PREFIX) or request.path.startswith(STATIC_PREFIX):
+            return None  # a null session: nothing outside the console's pages reads or sets one
         kind = "login" if request.path.startswith(LOGIN_PREFIX) else "auth"
         sid = request.cookies.get(LOGIN_COOKIE if kind == "login" else SESSION_COOKIE, "")
         now = self.access.now()
@@ -51,13 +53,18 @@ class ConsoleSessions(SessionInterface):
             if fresh:
                 return ConsoleSession(record["data"], sid, kind, record["created_at"], record["user_id"])
             self.access.delete(sid)
-        return ConsoleSession(kind=kind, created=now)  # nothing is stored until something is written
+        session = ConsoleSession(kind=kind, created=now)  # nothing is stored until something is written
+        session.stale = bool(sid)  # a cookie naming no live session: it goes
+        return session
 
     def save_session(self, app, session, response):
+        if session is None:  # opening it failed (the database): nothing to save
+            return
         login = session.kind == "login"
         if not session:  # emptied (signed out, sign-in done) or never used
             if session.sid:
                 self.access.delete(session.sid)
+            if session.sid or session.stale:
                 self._cookie(response, session.kind, None)
             return
         if session.sid is None:  # a sign-in begun (a signed-in session starts only in sign_in)

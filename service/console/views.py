@@ -5,22 +5,26 @@ auth.tokens or the batch records do the work, audited under the signed-in admin'
 signed-in admin (service.console.sessions); every form a CSRF token (service.console.csrf).
 """
 
+import hashlib
+import json
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 from flask import Blueprint, Response, flash, g, redirect, render_template, request, session, url_for
 
+from auth.checks import QUOTA_MAX, check_name
 from auth.errors import StoreError
 from auth.store import LIST_FIELDS, QUOTA_FIELDS
 from auth.tokens import issue_token
 from service import errors
 from service.api import models as model_cards
+from service.api.access import is_console
 from service.api.me import standing
 from service.console import figures
 from service.console.charts import bar_chart, line_chart
 from service.console.csrf import CsrfRefused, check_csrf, csrf_token
 from service.console.parts import parts
-from service.errors import BadRequest
+from service.errors import BadRequest, Conflict
 from service.inputs.schemas import AdminTokenRequest, AdminUserCreate, AdminUserPatch, check_unicode, parse, query_int
 from service.state import state
 
@@ -28,8 +32,7 @@ bp = Blueprint("console", __name__, url_prefix="/admin/console", template_folder
                static_folder="static", static_url_path="/static")
 PUBLIC = {"console.static", "console.login", "console.link_confirm", "console.link_use", "console.oidc_start",
           "console.oidc_callback"}
-INT_QUOTAS = ("daily_tokens", "max_concurrent", "max_files", "max_stored_bytes", "max_open_batches",
-              "daily_batches")
+INT_QUOTAS = tuple(QUOTA_MAX)  # the integer quotas
 PROMPT_SEPARATOR = "---"  # a line of its own between system prompts (a prompt may span lines)
 AUDIT_ACTIONS = ("user.add", "user.update", "user.enable", "user.disable", "token.issue", "token.revoke",
                  "token.revoke_all", "console.link", "console.sign_in", "console.sign_out", "console.refused",
@@ -61,9 +64,11 @@ def _signed_in_admin():
     check_csrf()
 
 
-@bp.after_request
-def _headers(response):
-    """A strict policy: no inline script or style anywhere, nothing framed, forms only to the console."""
+def console_headers(response):
+    """On every answer under /admin/console/ (the app's after-request hook: errors outside the pages too):
+    a strict policy, no inline script or style anywhere, nothing framed, forms only to the console."""
+    if not is_console(request.path):
+        return response
     response.headers["Content-Security-Policy"] = (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
         "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -158,7 +163,7 @@ def oidc_callback():
         return _error_page(404, "sign-in with the organisation's provider is not configured here",
                            "oidc_not_configured")
     source = request.remote_addr or "-"
-    begun = bool(session)  # this browser started a sign-in here: a stray callback is not audited
+    begun = any(key.startswith("_state_") for key in session)  # a sign-in begun here: a stray one is not audited
     try:
         user = oidc.finish(access)
     except oidc.Refused as exc:
@@ -239,20 +244,25 @@ def user_detail(name):
     user = store.get_user(name)
     every = request.args.get("all") == "true"
     since = datetime.now(timezone.utc) - parts().sessions.idle
-    return render_template("user.html", user=user, standing=standing(user), shown=shown(user),
+    fields = shown(user)
+    return render_template("user.html", user=user, standing=standing(user), shown=fields, version=version(fields),
                            separator=PROMPT_SEPARATOR, tokens=store.list_tokens(name, include_inactive=every),
                            every=every, sessions=parts().access.sessions_of(name, since), int_quotas=INT_QUOTAS)
 
 
 @bp.post("/users/<name>")
 def user_set(name):
-    """Only the fields the admin changed (a field as the form showed it is left as it is)."""
+    """Only the fields the admin changed, and only when no one changed the user since the form was shown
+    (else 409: reload); a text field not in the form is left as it is."""
     store = _app().store
     before = shown(store.get_user(name))
+    if request.form.get("version") != version(before):
+        raise Conflict(f"{name} was changed since this form was shown: reload the page and make the change again",
+                       "changed_meanwhile", "version")
     form = {field: text.replace("\r\n", "\n") for field, text in request.form.items()}
-    edited = {field: form.get(field, "") for field in QUOTA_FIELDS if form.get(field, "") != before[field]}
+    edited = {field: form[field] for field in QUOTA_FIELDS if field in form and form[field] != before[field]}
     changes = _form_quotas(edited, clear_empty=True)
-    if (form.get("admin") == "on") != (before["admin"] == "on"):
+    if (form.get("admin") == "on") != (before["admin"] == "on"):  # a checkbox: absent is unticked
         changes["admin"] = form.get("admin") == "on"
     body = parse(AdminUserPatch, check_unicode(changes)).model_dump(exclude_unset=True)
     if "admin" in body:
@@ -263,6 +273,11 @@ def user_set(name):
         store.update_user(name, **body, **_who())
         flash(f"saved {name}'s {', '.join(sorted(body))}")
     return redirect(url_for("console.user_detail", name=name), 303)
+
+
+def version(fields):
+    """A digest of the fields a form showed: a save compares it with the user as they are then."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def shown(user):
@@ -313,15 +328,15 @@ def _form_quotas(form, clear_empty):
 
 
 def _split_prompts(text):
-    parts, current = [], []
-    for line in text.replace("\r\n", "\n").split("\n"):
+    prompts, current = [], []
+    for line in text.split("\n"):
         if line.strip() == PROMPT_SEPARATOR:
-            parts.append("\n".join(current))
+            prompts.append("\n".join(current))
             current = []
         else:
             current.append(line)
-    parts.append("\n".join(current))
-    return parts
+    prompts.append("\n".join(current))
+    return prompts
 
 
 # --- tokens ---
@@ -352,16 +367,27 @@ def token_revoke_all(name):
 
 
 # --- usage ---
-@bp.get("/usage")
-def usage():
-    app, args = _app(), request.args
+def _span():
+    """The usage pages' arguments: the user (None: everyone), the days shown (UTC, oldest first)."""
+    args = request.args
     span_days = query_int(args.get("days", "14"), "days", 1, 366)
     user = args.get("user") or None
     if user is not None:
-        app.store.get_user(user)  # an unknown user is a 404, not an empty chart
-    today = figures.today_utc(datetime.now(timezone.utc))
-    span = figures.days(today, span_days)
-    rows = app.store.usage_by_day(user, datetime.fromisoformat(span[0]).replace(tzinfo=timezone.utc))
+        check_name(user)
+        _app().store.get_user(user)  # an unknown user is a 404, not an empty chart
+    return user, figures.days(figures.today_utc(datetime.now(timezone.utc)), span_days)
+
+
+def _start(span):
+    return datetime.fromisoformat(span[0]).replace(tzinfo=timezone.utc)
+
+
+@bp.get("/usage")
+def usage():
+    app = _app()
+    user, span = _span()
+    span_days = len(span)
+    rows = app.store.usage_by_day(user, _start(span))
     return render_template(
         "usage.html", rows=rows, user=user, span_days=span_days,
         tokens=line_chart(figures.per_day(rows, "total_tokens", span), "tokens per day"),
@@ -373,13 +399,8 @@ def usage():
 
 @bp.get("/usage.csv")
 def usage_csv():
-    args = request.args
-    span_days = query_int(args.get("days", "14"), "days", 1, 366)
-    since = datetime.now(timezone.utc) - timedelta(days=span_days)
-    user = args.get("user") or None
-    if user is not None:
-        _app().store.get_user(user)  # an unknown user is a 404, not an empty file
-    rows = _app().store.usage_by_day(user, since)
+    user, span = _span()  # the same days as the page
+    rows = _app().store.usage_by_day(user, _start(span))
     return Response(figures.usage_csv(rows), mimetype="text/csv",
                     headers={"Content-Disposition": 'attachment; filename="usage.csv"'})
 
@@ -388,7 +409,7 @@ def usage_csv():
 @bp.get("/audit")
 def audit():
     args = request.args
-    filters = {name: (args.get(name) or "").strip()[:200] or None for name in ("actor", "action", "target")}
+    filters = {name: _text_arg(name, 200) for name in ("actor", "action", "target")}
     since = args.get("since") or None
     if since is not None:
         try:
@@ -401,19 +422,33 @@ def audit():
                            actions=AUDIT_ACTIONS)
 
 
+def _text_arg(name, limit):
+    """A free-text query argument, stripped, or None; control characters (NUL among them, which PostgreSQL
+    refuses) are a 400."""
+    text = (request.args.get(name) or "").strip()[:limit]
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise BadRequest(f"{name} has a control character", "invalid_value", name)
+    return text or None
+
+
 # --- batches ---
 @bp.get("/batches")
 def batch_list():
     records = _app().batches
-    listing = records.list_batches(None, True, limit=100, after=request.args.get("after") or None)
+    after = request.args.get("after") or None
+    if after is not None and not re.fullmatch(r"batch_[0-9a-f]{24}", after):
+        raise BadRequest("after must be a batch id (batch_ and 24 hex digits)", "invalid_value", "after")
+    listing = records.list_batches(None, True, limit=100, after=after)
     return render_template("batches.html", listing=listing, owners=records.owners([b["id"] for b in listing["data"]]))
 
 
 @bp.post("/batches/<batch_id>/cancel")
 def batch_cancel(batch_id):
-    app = _app()
-    batch = app.batches.cancel(batch_id, None, True)
-    app.store.record_event("batch.cancel", batch["id"], {"owner": app.batches.owners([batch["id"]])[batch["id"]]},
-                           **_who())
-    flash(f"cancelling batch {batch['id']}")
+    records = _app().batches
+    running = records.get_batch(batch_id, None, True)["status"] in ("validating", "in_progress")
+    batch = records.cancel(batch_id, None, True)  # the API's rule: a finished batch is a 409
+    if running:  # a second click changes nothing, and is not audited again
+        _app().store.record_event("batch.cancel", batch["id"], {"owner": records.owners([batch["id"]]).get(batch["id"])},
+                                  **_who())
+    flash(f"cancelling batch {batch['id']}" if running else f"batch {batch['id']} is already {batch['status']}")
     return redirect(url_for("console.batch_list"), 303)
