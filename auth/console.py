@@ -12,6 +12,7 @@ row that was deleted while it ran.
 import hashlib
 import json
 import secrets
+
 import sqlalchemy as sa
 
 from auth.errors import StoreError

@@ -1,4 +1,5 @@
-"""The tables of users, tokens, usage, audit, the access epoch and the console's sign-ins, and how a database gets them.
+"""The tables of users, tokens, usage, audit, the access epoch and the console's sign-ins, and how a
+database gets them.
 
 SQLAlchemy Core over any URL: SQLite in WAL mode by default, PostgreSQL by URL
 alone. The schema is created and upgraded by Alembic migrations

@@ -59,8 +59,8 @@ class Oidc:
             if issuer.rstrip("/") != self.issuer:
                 raise Refused("the provider's metadata names another issuer", "issuer mismatch")
             # a new dict each time (authlib pops from it); given, it replaces authlib's default, so iss too
-            options = {"iss": {"essential": True, "value": issuer}, "aud": {"essential": True, "value": client.client_id},
-                       "sub": {"essential": True}}
+            options = {"iss": {"essential": True, "value": issuer},
+                       "aud": {"essential": True, "value": client.client_id}, "sub": {"essential": True}}
             token = client.authorize_access_token(claims_options=options, leeway=LEEWAY_S)
         except (OAuthError, JoseError, requests.RequestException, KeyError, ValueError, RuntimeError,
                 TypeError) as exc:

@@ -7,8 +7,8 @@ Two cookies, both HttpOnly, Secure behind TLS:
 - `console_session` (SameSite=Strict, Path=/admin/console/): a signed-in admin. Each sign-in gets a new id
   (no fixation); idle and absolute timeouts are checked here on every request, server-side.
 
-Any other path gets no session at all (the API never sets a cookie), nor do the console's assets. No signing key is involved: the cookie
-is a random id, the database keeps its SHA-256.
+Any other path gets no session at all (the API never sets a cookie), nor do the console's assets. No
+signing key is involved: the cookie is a random id, the database keeps its SHA-256.
 """
 
 import secrets

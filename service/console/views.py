@@ -448,7 +448,7 @@ def batch_cancel(batch_id):
     running = records.get_batch(batch_id, None, True)["status"] in ("validating", "in_progress")
     batch = records.cancel(batch_id, None, True)  # the API's rule: a finished batch is a 409
     if running:  # a second click changes nothing, and is not audited again
-        _app().store.record_event("batch.cancel", batch["id"], {"owner": records.owners([batch["id"]]).get(batch["id"])},
-                                  **_who())
+        owner = records.owners([batch["id"]]).get(batch["id"])
+        _app().store.record_event("batch.cancel", batch["id"], {"owner": owner}, **_who())
     flash(f"cancelling batch {batch['id']}" if running else f"batch {batch['id']} is already {batch['status']}")
     return redirect(url_for("console.batch_list"), 303)
