@@ -46,9 +46,9 @@ def readyz():
         error = not_ready(waiting)
         error.extra["models"] = each
         raise error
-    if not _database_answers():
+    if not database_answers():
         raise Unavailable("database is unreachable", "database_unavailable", retry_after=5)
-    if not _counters_answer() and not app.settings.ratelimit_fail_open:
+    if not counters_answer() and not app.settings.ratelimit_fail_open:
         raise Unavailable("rate-limit storage is unreachable", "ratelimit_storage_unavailable",
                           retry_after=5)
     default = dict(each[0])
@@ -57,7 +57,8 @@ def readyz():
     return {"status": "ready", "version": version(), **default, "models": each}
 
 
-def _database_answers():
+def database_answers():
+    """Whether the database answers now (readiness; the console's health)."""
     try:
         return state().store.ping()
     except Exception:  # any driver error means "not ready"; the reason is logged
@@ -65,7 +66,8 @@ def _database_answers():
         return False
 
 
-def _counters_answer():
+def counters_answer():
+    """Whether the rate-limit storage answers now (readiness; the console's health)."""
     try:
         return state().counters.ping()
     except Exception:  # StorageUnavailable or a driver error: not ready while generation would be refused
