@@ -55,20 +55,18 @@ class ConsoleAccess:
     def redeem_link(self, secret, source):
         """The admin a link signs in, marking it used; StoreError 403 when it is unknown, used, expired, or
         its user is no longer an active admin (one message: a caller learns nothing of which)."""
-        if not isinstance(secret, str) or not 20 <= len(secret) <= 100:
-            raise _refused()
+        if not plausible(secret):
+            raise link_refused()
         now = self.now()
         with self.engine.begin() as conn:
-            taken = conn.execute(console_links.update().where(
-                console_links.c.key == digest(secret), console_links.c.used_at.is_(None),
-                console_links.c.expires_at > now).values(used_at=now)).rowcount
+            taken = conn.execute(console_links.update().where(*_live(secret, now)).values(used_at=now)).rowcount
             user_id = conn.execute(sa.select(console_links.c.user_id)
                                    .where(console_links.c.key == digest(secret))).scalar()
         if taken != 1:
-            raise _refused()
+            raise link_refused()
         user = self.active_admin(user_id)
         if user is None:
-            raise _refused()
+            raise link_refused()
         self.signed_in(user, "link", source)
         return user
 
@@ -80,6 +78,8 @@ class ConsoleAccess:
     # --- sessions ---
     def load(self, secret):
         """A session's record {kind, user_id, data, created_at, seen_at}, or None."""
+        if not plausible(secret):
+            return None
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(console_sessions)
                                .where(console_sessions.c.key == digest(secret))).mappings().first()
@@ -119,12 +119,10 @@ class ConsoleAccess:
 
     def link_usable(self, secret):
         """Whether a link would sign in now (unused, unexpired), without using it."""
-        if not isinstance(secret, str) or not 20 <= len(secret) <= 100:
+        if not plausible(secret):
             return False
         with self.engine.connect() as conn:
-            return conn.execute(sa.select(console_links.c.key).where(
-                console_links.c.key == digest(secret), console_links.c.used_at.is_(None),
-                console_links.c.expires_at > self.now())).first() is not None
+            return conn.execute(sa.select(console_links.c.key).where(*_live(secret, self.now()))).first() is not None
 
     def active_admin(self, user_id):
         """The user `user_id` when it is an active admin now, else None."""
@@ -144,6 +142,18 @@ def _require_admin(user):
         raise StoreError(400, f"user {user['name']!r} is disabled", "account_disabled", "name")
 
 
-def _refused():
+def plausible(secret):
+    """Whether `secret` could be a link or a session id at all (else no query is made for it)."""
+    return isinstance(secret, str) and 20 <= len(secret) <= 100
+
+
+def _live(secret, now):
+    """The conditions of a link that would sign in at `now`: this one, unused, unexpired."""
+    return (console_links.c.key == digest(secret), console_links.c.used_at.is_(None),
+            console_links.c.expires_at > now)
+
+
+def link_refused():
+    """The one refusal of a link, whatever is wrong with it."""
     return StoreError(403, "this sign-in link is unknown, used or expired: ask for a new one "
                       "(vibethinker-admin console-link NAME)", "link_refused")

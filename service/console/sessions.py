@@ -16,6 +16,8 @@ from flask import request
 from flask.sessions import SessionInterface, SessionMixin
 from werkzeug.datastructures import CallbackDict
 
+from auth.console import plausible
+
 PREFIX = "/admin/console/"
 LOGIN_PREFIX = PREFIX + "login/"
 STATIC_PREFIX = PREFIX + "static/"
@@ -45,7 +47,7 @@ class ConsoleSessions(SessionInterface):
         kind = "login" if request.path.startswith(LOGIN_PREFIX) else "auth"
         sid = request.cookies.get(LOGIN_COOKIE if kind == "login" else SESSION_COOKIE, "")
         now = self.access.now()
-        record = self.access.load(sid) if 20 <= len(sid) <= 100 else None
+        record = self.access.load(sid)
         if record is not None:
             fresh = record["kind"] == kind and (
                 now - record["created_at"] < self.login if kind == "login"
@@ -84,8 +86,8 @@ class ConsoleSessions(SessionInterface):
     def sign_in(self, session, response, user):
         """After a successful sign-in: the sign-in transaction ends, and a NEW signed-in session starts."""
         session.clear()
-        previous = request.cookies.get(SESSION_COOKIE, "")
-        if 20 <= len(previous) <= 100:  # this browser's earlier session ends here
+        previous = request.cookies.get(SESSION_COOKIE)
+        if plausible(previous):  # this browser's earlier session ends here
             self.access.delete(previous)
         now = self.access.now()
         self.access.purge(now - max(self.idle, self.login))  # abandoned sessions: none of them could open

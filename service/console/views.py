@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from flask import Blueprint, Response, flash, g, redirect, render_template, request, session, url_for
 
 from auth.checks import QUOTA_MAX, check_name
+from auth.console import link_refused
 from auth.errors import StoreError
 from auth.store import LIST_FIELDS, QUOTA_FIELDS
 from auth.tokens import issue_token
@@ -130,8 +131,7 @@ def link_confirm(secret):
     """A page with one button: a link scanner or a prefetch that GETs the link does not use it up. A link that
     would not sign in is refused here already (and stores nothing)."""
     if not parts().access.link_usable(secret):
-        raise StoreError(403, "this sign-in link is unknown, used or expired: ask for a new one "
-                         "(vibethinker-admin console-link NAME)", "link_refused")
+        raise link_refused()
     return render_template("link.html", secret=secret)
 
 
