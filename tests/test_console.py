@@ -562,6 +562,14 @@ def test_every_users_batches_listed_and_one_cancelled_under_the_admins_name(app)
     assert post(client, "/admin/console/batches/batch_nope/cancel").status_code == 404
 
 
+def test_without_a_provider_its_sign_in_and_callback_are_404_pages(app):
+    for path in ("/admin/console/login/oidc/start", "/admin/console/login/oidc/callback?code=x&state=y"):
+        page = app.test_client().get(path)
+        assert page.status_code == 404 and "not configured here" in text(page) and page.mimetype == "text/html"
+        assert page.headers["Content-Security-Policy"] == CSP
+    assert 'id="oidc-sign-in"' not in text(app.test_client().get("/admin/console/login/"))
+
+
 def test_an_unreachable_provider_gets_a_page_not_an_error(tiny_model, tmp_path):
     port = free_port()  # nothing listens there
     app = make_app(tiny_model, tmp_path, console_oidc_issuer=f"http://127.0.0.1:{port}",

@@ -25,7 +25,7 @@ from service.console import figures
 from service.console.charts import bar_chart, line_chart
 from service.console.csrf import CsrfRefused, check_csrf, csrf_token
 from service.console.parts import parts
-from service.errors import BadRequest, Conflict
+from service.errors import BadRequest, Conflict, NotFound
 from service.inputs.schemas import AdminTokenRequest, AdminUserCreate, AdminUserPatch, check_unicode, parse, query_int
 from service.state import state
 
@@ -144,12 +144,16 @@ def link_use(secret):
     return response
 
 
+def _provider():
+    """The organisation's provider; a 404 page where none is configured."""
+    if parts().oidc is None:
+        raise NotFound("sign-in with the organisation's provider is not configured here", "oidc_not_configured")
+    return parts().oidc
+
+
 @bp.get("/login/oidc/start")
 def oidc_start():
-    oidc = parts().oidc
-    if oidc is None:
-        return _error_page(404, "sign-in with the organisation's provider is not configured here",
-                           "oidc_not_configured")
+    oidc = _provider()
     try:
         return oidc.start()
     except oidc.Refused as exc:  # the provider does not answer, or its metadata is unusable
@@ -158,10 +162,7 @@ def oidc_start():
 
 @bp.get("/login/oidc/callback")
 def oidc_callback():
-    oidc, access = parts().oidc, parts().access
-    if oidc is None:
-        return _error_page(404, "sign-in with the organisation's provider is not configured here",
-                           "oidc_not_configured")
+    oidc, access = _provider(), parts().access
     source = request.remote_addr or "-"
     begun = any(key.startswith("_state_") for key in session)  # a sign-in begun here: a stray one is not audited
     try:
@@ -219,7 +220,7 @@ def _health():
 def users():
     query = request.args.get("q", "")[:64].strip().lower()
     rows = [u for u in _app().store.list_users() if query in u["name"]]
-    return render_template("users.html", users=rows, q=query, quota_fields=QUOTA_FIELDS)
+    return render_template("users.html", users=rows, q=query)
 
 
 @bp.post("/users")
