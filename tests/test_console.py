@@ -16,7 +16,7 @@ from auth.store import utcnow
 from service.console import charts, figures
 from service.console.parts import KEY
 from service.state import state
-from tests.support.inprocess import BatchUser, bearer, make_app, stop_app
+from tests.support.inprocess import BatchUser, bearer, make_app, stop_app, token_header
 from tests.support.servers import free_port
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -474,19 +474,10 @@ def test_revoke_all_from_the_console(app):
     client = sign_in(app)
     store = state(app).store
     store.add_user("frank")
-    headers = [bearer_of(app, "frank") for _ in range(2)]
+    headers = [token_header(app, "frank") for _ in range(2)]
     assert post(client, "/admin/console/users/frank/revoke-all").status_code == 303
     for h in headers:
         assert app.test_client().get("/v1/me", headers=h).status_code == 401
-
-
-def bearer_of(app, name):
-    from auth.tokens import issue_token
-
-    held = state(app)
-    token, _ = issue_token(held.store, held.keys, name, issuer=held.settings.jwt_issuer,
-                           audience=held.settings.jwt_audience)
-    return {"Authorization": f"Bearer {token}"}
 
 
 def test_user_supplied_strings_are_shown_inert(app):
@@ -494,7 +485,7 @@ def test_user_supplied_strings_are_shown_inert(app):
     store = state(app).store
     store.add_user("xss", system_prompts=list(XSS))
     for label in XSS:
-        bearer_of(app, "xss")  # a token with a plain label beside
+        token_header(app, "xss")  # a token with a plain label beside
         post(client, "/admin/console/users/xss/tokens", {"label": label, "scope_generate": "on"})
     pages = [text(client.get(p)) for p in ("/admin/console/users/xss", "/admin/console/audit",
                                            "/admin/console/users?q=xss")]

@@ -46,8 +46,13 @@ def stop_app(app):
 
 def bearer(app, name, scope="generate", **quotas):
     """The Authorization header of a new user `name`'s token of `scope`."""
+    state(app).store.add_user(name, **quotas)
+    return token_header(app, name, scope)
+
+
+def token_header(app, name, scope="generate"):
+    """The Authorization header of a new token of `scope` for the existing user `name`."""
     store, keyset, settings = state(app).store, state(app).keys, state(app).settings
-    store.add_user(name, **quotas)
     token, _ = issue_token(store, keyset, name, scope=scope, issuer=settings.jwt_issuer,
                            audience=settings.jwt_audience)
     return {"Authorization": f"Bearer {token}"}
