@@ -4,7 +4,7 @@ The browser's view of the same pages is tests/test_console_browser.py."""
 
 import re
 import xml.etree.ElementTree as ET
-from datetime import timedelta
+from datetime import date, timedelta
 from html import unescape
 from html.parser import HTMLParser
 
@@ -599,7 +599,7 @@ def test_charts_are_valid_svg_and_escape_their_labels():
 def test_figures_fill_days_and_rank_users():
     rows = [{"day": "2026-12-05", "user": "a", "total_tokens": 5}, {"day": "2026-12-06", "user": "b", "total_tokens": 7},
             {"day": "2026-12-06", "user": "a", "total_tokens": 1}]
-    span = figures.days(figures.today_utc(utcnow().replace(2026, 12, 6)), 3)
+    span = figures.days(date(2026, 12, 6), 3)
     assert span == ["2026-12-04", "2026-12-05", "2026-12-06"]
     assert figures.per_day(rows, "total_tokens", span) == [("12-04", 0), ("12-05", 5), ("12-06", 8)]
     assert figures.top_users(rows, "total_tokens") == [("b", 7), ("a", 6)]

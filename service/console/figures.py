@@ -3,7 +3,7 @@ users, and the CSV export. Plain functions over lists: no HTTP, no database."""
 
 import csv
 import io
-from datetime import date, timedelta
+from datetime import timedelta
 
 CSV_COLUMNS = ("day", "user", "requests", "succeeded", "cached", "prompt_tokens", "completion_tokens",
                "total_tokens", "forced_tokens", "cached_tokens")
@@ -52,8 +52,3 @@ def _number(text):
     except ValueError:
         return False
     return True
-
-
-def today_utc(now):
-    """The UTC date of a timezone-aware datetime."""
-    return date(now.year, now.month, now.day)

@@ -44,10 +44,6 @@ class NotSignedIn(Exception):
     pass
 
 
-def _app():
-    return state()
-
-
 def _who():
     return {"actor": g.console_admin["name"], "source": request.remote_addr or "-"}
 
@@ -170,7 +166,7 @@ def oidc_callback():
     except oidc.Refused as exc:
         session.clear()
         if begun:
-            _app().store.record_event("console.refused", exc.who or "-", {"method": "oidc", "reason": exc.reason},
+            state().store.record_event("console.refused", exc.who or "-", {"method": "oidc", "reason": exc.reason},
                                       actor="-", source=source)
         return render_template("login.html", oidc=True, refused=exc.message), 403
     access.signed_in(user, "oidc", source)
@@ -183,7 +179,7 @@ def oidc_callback():
 
 @bp.post("/logout")
 def logout():
-    _app().store.record_event("console.sign_out", g.console_admin["name"], {}, **_who())
+    state().store.record_event("console.sign_out", g.console_admin["name"], {}, **_who())
     session.clear()
     return redirect(url_for("console.login"), 303)
 
@@ -191,8 +187,8 @@ def logout():
 # --- overview, models, health ---
 @bp.get("/")
 def overview():
-    app = _app()
-    today = figures.today_utc(datetime.now(timezone.utc))
+    app = state()
+    today = datetime.now(timezone.utc).date()
     rows = app.store.usage_by_day(since=datetime.combine(today, datetime.min.time(), timezone.utc))
     totals = {field: sum(row[field] for row in rows) for field in ("requests", "total_tokens", "cached")}
     return render_template("overview.html", health=_health(), totals=totals, users=len(rows),
@@ -201,14 +197,14 @@ def overview():
 
 @bp.get("/models")
 def model_list():
-    app = _app()
+    app = state()
     return render_template("models.html", health=_health(), cards=[model_cards.card(s) for s in app.models],
                            rules=app.settings.routing, default=app.models.default.name)
 
 
 def _health():
     """What /readyz checks, by the same functions, shown rather than refused."""
-    app = _app()
+    app = state()
     database, counters = health.database_answers(), health.counters_answer()
     ready = all(s.engine.ready for s in app.models) and database and (counters or app.settings.ratelimit_fail_open)
     return {"ready": ready, "models": [model_cards.status(served) for served in app.models], "database": database,
@@ -219,7 +215,7 @@ def _health():
 @bp.get("/users")
 def users():
     query = request.args.get("q", "")[:64].strip().lower()
-    rows = [u for u in _app().store.list_users() if query in u["name"]]
+    rows = [u for u in state().store.list_users() if query in u["name"]]
     return render_template("users.html", users=rows, q=query)
 
 
@@ -228,14 +224,14 @@ def user_add():
     form = _form_quotas(request.form, clear_empty=False)
     body = parse(AdminUserCreate, check_unicode({"name": request.form.get("name", "").strip(),
                                                  "admin": request.form.get("admin") == "on", **form}))
-    user = _app().store.add_user(body.name, body.admin, **{k: getattr(body, k) for k in QUOTA_FIELDS}, **_who())
+    user = state().store.add_user(body.name, body.admin, **{k: getattr(body, k) for k in QUOTA_FIELDS}, **_who())
     flash(f"created user {user['name']}")
     return redirect(url_for("console.user_detail", name=user["name"]), 303)
 
 
 @bp.get("/users/<name>")
 def user_detail(name):
-    store = _app().store
+    store = state().store
     user = store.get_user(name)
     every = request.args.get("all") == "true"
     since = datetime.now(timezone.utc) - parts().sessions.idle
@@ -249,7 +245,7 @@ def user_detail(name):
 def user_set(name):
     """Only the fields the admin changed, and only when no one changed the user since the form was shown
     (else 409: reload); a text field not in the form is left as it is."""
-    store = _app().store
+    store = state().store
     before = shown(store.get_user(name))
     if request.form.get("version") != version(before):
         raise Conflict(f"{name} was changed since this form was shown: reload the page and make the change again",
@@ -287,7 +283,7 @@ def shown(user):
 @bp.post("/users/<name>/active")
 def user_active(name):
     active = _flag(request.form.get("active"), "active")
-    _app().store.update_user(name, active=active, **_who())
+    state().store.update_user(name, active=active, **_who())
     flash(f"{'enabled' if active else 'disabled'} {name}")
     return redirect(url_for("console.user_detail", name=name), 303)
 
@@ -337,7 +333,7 @@ def _split_prompts(text):
 # --- tokens ---
 @bp.post("/users/<name>/tokens")
 def token_issue(name):
-    app, form = _app(), request.form
+    app, form = state(), request.form
     scope = ",".join(s for s in ("generate", "admin") if form.get(f"scope_{s}") == "on") or "generate"
     body = parse(AdminTokenRequest, check_unicode({"user": name, "scope": scope, "ttl": form.get("ttl") or None,
                                                    "label": form.get("label", "")}))
@@ -349,14 +345,14 @@ def token_issue(name):
 
 @bp.post("/tokens/<jti>/revoke")
 def token_revoke(jti):
-    token = _app().store.revoke_token(jti, **_who())
+    token = state().store.revoke_token(jti, **_who())
     flash(f"revoked token {token['jti']}")
     return redirect(url_for("console.user_detail", name=token["user"]), 303)
 
 
 @bp.post("/users/<name>/revoke-all")
 def token_revoke_all(name):
-    count = _app().store.revoke_all(name, **_who())
+    count = state().store.revoke_all(name, **_who())
     flash(f"revoked {count} token(s) of {name}; their console sessions ended")
     return redirect(url_for("console.user_detail", name=name), 303)
 
@@ -369,8 +365,8 @@ def _span():
     user = args.get("user") or None
     if user is not None:
         check_name(user)
-        _app().store.get_user(user)  # an unknown user is a 404, not an empty chart
-    return user, figures.days(figures.today_utc(datetime.now(timezone.utc)), span_days)
+        state().store.get_user(user)  # an unknown user is a 404, not an empty chart
+    return user, figures.days(datetime.now(timezone.utc).date(), span_days)
 
 
 def _start(span):
@@ -379,7 +375,7 @@ def _start(span):
 
 @bp.get("/usage")
 def usage():
-    app = _app()
+    app = state()
     user, span = _span()
     span_days = len(span)
     rows = app.store.usage_by_day(user, _start(span))
@@ -395,7 +391,7 @@ def usage():
 @bp.get("/usage.csv")
 def usage_csv():
     user, span = _span()  # the same days as the page
-    rows = _app().store.usage_by_day(user, _start(span))
+    rows = state().store.usage_by_day(user, _start(span))
     return Response(figures.usage_csv(rows), mimetype="text/csv",
                     headers={"Content-Disposition": 'attachment; filename="usage.csv"'})
 
@@ -412,7 +408,7 @@ def audit():
         except ValueError:
             raise BadRequest("since must be a date (YYYY-MM-DD)", "invalid_value", "since") from None
     limit = query_int(args.get("limit", "200"), "limit", 1, 1000)
-    rows = _app().store.list_audit(**filters, since=since, limit=limit)
+    rows = state().store.list_audit(**filters, since=since, limit=limit)
     return render_template("audit.html", rows=rows, filters=filters, since=args.get("since", ""), limit=limit,
                            actions=AUDIT_ACTIONS)
 
@@ -429,7 +425,7 @@ def _text_arg(name, limit):
 # --- batches ---
 @bp.get("/batches")
 def batch_list():
-    records = _app().batches
+    records = state().batches
     after = request.args.get("after") or None
     if after is not None and not re.fullmatch(r"batch_[0-9a-f]{24}", after):
         raise BadRequest("after must be a batch id (batch_ and 24 hex digits)", "invalid_value", "after")
@@ -439,11 +435,11 @@ def batch_list():
 
 @bp.post("/batches/<batch_id>/cancel")
 def batch_cancel(batch_id):
-    records = _app().batches
+    records = state().batches
     running = records.get_batch(batch_id, None, True)["status"] in ("validating", "in_progress")
     batch = records.cancel(batch_id, None, True)  # the API's rule: a finished batch is a 409
     if running:  # a second click changes nothing, and is not audited again
         owner = records.owners([batch["id"]]).get(batch["id"])
-        _app().store.record_event("batch.cancel", batch["id"], {"owner": owner}, **_who())
+        state().store.record_event("batch.cancel", batch["id"], {"owner": owner}, **_who())
     flash(f"cancelling batch {batch['id']}" if running else f"batch {batch['id']} is already {batch['status']}")
     return redirect(url_for("console.batch_list"), 303)
