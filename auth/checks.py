@@ -17,10 +17,10 @@ QUOTA_MAX = {"daily_tokens": 10**15, "max_concurrent": 10_000, "max_files": 10**
 NAME_PATTERN = r"[a-z0-9_][a-z0-9._-]{0,63}"  # a user name: also the spec's pattern (service.api.contract)
 
 
-def check_name(name):
-    """Refuse (StoreError 400) a user name outside NAME_PATTERN."""
-    if not re.fullmatch(NAME_PATTERN, name):
-        raise StoreError(400, "user name must be 1-64 characters of a-z, 0-9, '.', '_', '-', "
+def check_name(name, kind="user"):
+    """Refuse (StoreError 400) a user (or team) name outside NAME_PATTERN."""
+    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
+        raise StoreError(400, f"{kind} name must be 1-64 characters of a-z, 0-9, '.', '_', '-', "
                          "starting with a letter, digit or '_'", "invalid_name", "name")
 
 

@@ -1,4 +1,4 @@
-"""The tables of users, tokens, usage, audit, the access epoch and the console's sign-ins, and how a
+"""The tables of users, teams, tokens, usage, audit, the access epoch and the console's sign-ins, and how a
 database gets them.
 
 SQLAlchemy Core over any URL: SQLite in WAL mode by default, PostgreSQL by URL
@@ -33,6 +33,20 @@ users = sa.Table(
     sa.Column("max_stored_bytes", sa.BigInteger),
     sa.Column("max_open_batches", sa.Integer),
     sa.Column("daily_batches", sa.Integer),  # batches created per UTC day, failed ones included
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    # The team whose budget, concurrency cap and rate limit the user shares (at most one; NULL: none).
+    sa.Column("team_id", sa.Integer, sa.ForeignKey("teams.id", name="fk_users_team_id", ondelete="SET NULL"),
+              index=True),
+)
+# Teams: limits their members share, each enforced beside the member's own (service.admission). NULL: no limit
+# of that kind for the team (its members' own still apply).
+teams = sa.Table(
+    "teams", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("rate_limit", sa.String(200)),
+    sa.Column("daily_tokens", sa.Integer),
+    sa.Column("max_concurrent", sa.Integer),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )
 tokens = sa.Table(
@@ -79,7 +93,9 @@ usage = sa.Table(
     sa.Column("forced_tokens", sa.Integer, nullable=False, server_default="0"),
     # Prompt tokens read from the engine's prefix cache instead of prefilled (a response-cache hit: all of them).
     sa.Column("cached_tokens", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("team", sa.String(64)),  # the team the request counted against, as it was then (NULL: none)
     sa.Index("ix_usage_user_at", "user", "at"),
+    sa.Index("ix_usage_team_at", "team", "at"),
 )
 # The admins' console (service.console): one-time sign-in links and server-side sessions, each stored under the
 # SHA-256 of its secret, so a copy of the database holds no usable link or cookie.

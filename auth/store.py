@@ -13,11 +13,16 @@ import sqlalchemy as sa
 
 from auth.checks import check_name, check_quotas
 from auth.errors import StoreError
-from auth.schema import audit, auth_epoch, connect, console_links, console_sessions, migrate, tokens, usage, users
+from auth.schema import (audit, auth_epoch, connect, console_links, console_sessions, migrate, teams, tokens, usage,
+                         users)
 
 STORAGE_QUOTAS = ("max_files", "max_stored_bytes", "max_open_batches", "daily_batches")
 QUOTA_FIELDS = ("rate_limit", "daily_tokens", "max_concurrent", "system_prompts", "models", *STORAGE_QUOTAS)
 LIST_FIELDS = ("system_prompts", "models")  # allow-lists, stored as JSON text; NULL allows any
+TEAM_FIELDS = ("rate_limit", "daily_tokens", "max_concurrent")  # the limits a team's members share
+# A token record's team columns (auth.guard's check reads them; service.serving.caller admits by them).
+TEAM_COLUMNS = (teams.c.name.label("team"), teams.c.rate_limit.label("team_rate_limit"),
+                teams.c.daily_tokens.label("team_daily_tokens"), teams.c.max_concurrent.label("team_max_concurrent"))
 
 
 def utcnow():
@@ -90,14 +95,18 @@ class Store:
     def get_user(self, name):
         """The user as a dict; StoreError 404 if unknown."""
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(users).where(users.c.name == name)).mappings().first()
+            row = conn.execute(_users_query().where(users.c.name == name)).mappings().first()
         if row is None:
             raise StoreError(404, f"no such user: {name!r}", "unknown_user", "name")
         return _user(row)
 
-    def list_users(self):
+    def list_users(self, team=None):
+        """Every user, or the members of `team`."""
+        query = _users_query().order_by(users.c.name)
+        if team is not None:
+            query = query.where(users.c.team_id == self.get_team(team)["id"])
         with self.engine.connect() as conn:
-            return [_user(r) for r in conn.execute(sa.select(users).order_by(users.c.name)).mappings()]
+            return [_user(r) for r in conn.execute(query).mappings()]
 
     def update_user(self, name, actor="system", source="cli", **changes):
         """Change active/is_admin/quota fields; None in a quota field clears it."""
@@ -142,8 +151,9 @@ class Store:
         query = (sa.select(tokens, users.c.name.label("user"), users.c.active.label("user_active"),
                            users.c.is_admin.label("user_admin"), users.c.rate_limit, users.c.daily_tokens,
                            users.c.max_concurrent, users.c.system_prompts, users.c.models,
-                           *(users.c[name] for name in STORAGE_QUOTAS))
-                 .join(users).where(tokens.c.jti == jti))
+                           *(users.c[name] for name in STORAGE_QUOTAS), *TEAM_COLUMNS)
+                 .select_from(tokens.join(users).outerjoin(teams, users.c.team_id == teams.c.id))
+                 .where(tokens.c.jti == jti))
         with self.engine.connect() as conn:
             row = conn.execute(query).mappings().first()
         return _token(row) if row else None
@@ -173,6 +183,91 @@ class Store:
         self.publish(epoch)
         return count
 
+    # --- teams ---
+    def add_team(self, name, actor="system", source="cli", **limits):
+        """Create a team with the limits its members will share; StoreError 409 if the name is taken."""
+        check_name(name, "team")
+        _check_team_fields(limits)
+        with self.engine.begin() as conn:
+            if conn.execute(sa.select(teams.c.id).where(teams.c.name == name)).first():
+                raise StoreError(409, f"team {name!r} already exists", "team_exists", "name")
+            conn.execute(teams.insert().values(name=name, created_at=self.clock(),
+                                               **{k: limits.get(k) for k in TEAM_FIELDS}))
+            self._audit(conn, actor, "team.add", name, _given(limits), source)
+        return self.get_team(name)
+
+    def get_team(self, name):
+        """The team as a dict, with its members' names; StoreError 404 if unknown."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(teams).where(teams.c.name == name)).mappings().first()
+            if row is None:
+                raise StoreError(404, f"no such team: {name!r}", "unknown_team", "name")
+            members = conn.execute(sa.select(users.c.name).where(users.c.team_id == row["id"])
+                                   .order_by(users.c.name)).scalars().all()
+        return _team(row, members)
+
+    def list_teams(self):
+        with self.engine.connect() as conn:
+            members = {}
+            for team_id, user in conn.execute(sa.select(users.c.team_id, users.c.name)
+                                              .where(users.c.team_id.is_not(None)).order_by(users.c.name)):
+                members.setdefault(team_id, []).append(user)
+            return [_team(r, members.get(r["id"], []))
+                    for r in conn.execute(sa.select(teams).order_by(teams.c.name)).mappings()]
+
+    def update_team(self, name, actor="system", source="cli", **changes):
+        """Change a team's shared limits; None clears one (no team limit of that kind)."""
+        unknown = set(changes) - set(TEAM_FIELDS)
+        if unknown:
+            raise StoreError(400, f"cannot change {sorted(unknown)[0]}", "unknown_field", sorted(unknown)[0])
+        _check_team_fields(changes)
+        team = self.get_team(name)
+        with self.engine.begin() as conn:
+            conn.execute(teams.update().where(teams.c.id == team["id"]).values(**changes))
+            self._audit(conn, actor, "team.update", name, changes, source)
+            epoch = self._changed_access(conn)  # cached tokens carry their team's limits
+        self.publish(epoch)
+        return self.get_team(name)
+
+    def set_members(self, name, add=(), remove=(), actor="system", source="cli"):
+        """Add users to the team and remove others from it, in one transaction. A user already in another team
+        is refused (StoreError 409: remove them there first), as is removing one who is not a member."""
+        team = self.get_team(name)
+        with self.engine.begin() as conn:
+            found = {row.name: row for row in conn.execute(
+                sa.select(users.c.id, users.c.name, users.c.team_id).where(users.c.name.in_([*add, *remove])))}
+            for user in (*add, *remove):
+                if user not in found:
+                    raise StoreError(404, f"no such user: {user!r}", "unknown_user", "members")
+            for user in add:
+                if found[user].team_id not in (None, team["id"]):
+                    other = conn.execute(sa.select(teams.c.name).where(teams.c.id == found[user].team_id)).scalar()
+                    raise StoreError(409, f"{user!r} is in team {other!r}: remove them from it first",
+                                     "in_another_team", "members")
+            for user in remove:
+                if found[user].team_id != team["id"]:
+                    raise StoreError(409, f"{user!r} is not a member of team {name!r}", "not_a_member", "members")
+            if add:
+                conn.execute(users.update().where(users.c.name.in_(add)).values(team_id=team["id"]))
+            if remove:
+                conn.execute(users.update().where(users.c.name.in_(remove)).values(team_id=None))
+            self._audit(conn, actor, "team.members", name, {"added": sorted(add), "removed": sorted(remove)},
+                        source)
+            epoch = self._changed_access(conn)
+        self.publish(epoch)
+        return self.get_team(name)
+
+    def remove_team(self, name, actor="system", source="cli"):
+        """Delete a team; its members stay, in no team. Their usage rows keep the team's name."""
+        team = self.get_team(name)
+        with self.engine.begin() as conn:
+            conn.execute(users.update().where(users.c.team_id == team["id"]).values(team_id=None))
+            conn.execute(teams.delete().where(teams.c.id == team["id"]))
+            self._audit(conn, actor, "team.remove", name, {"members": team["members"]}, source)
+            epoch = self._changed_access(conn)
+        self.publish(epoch)
+        return team
+
     # --- audit ---
     def list_audit(self, actor=None, action=None, target=None, since=None, limit=100):
         query = sa.select(audit).order_by(audit.c.id.desc()).limit(limit)
@@ -193,26 +288,32 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(usage.insert(), [{"at": at, **row} for row in rows])
 
-    def usage_by_day(self, user=None, since=None):
-        """Daily totals per user (UTC days), newest first. Tokens are those computed: an answer from the
-        response cache counts as a request (and in `cached`), not in the tokens."""
+    def usage_by_day(self, user=None, since=None, team=None, by="user"):
+        """Daily totals per user (UTC days), or per team with `by="team"` (each row in the team it counted against
+        then), newest first; `user` and `team` filter. Tokens are those computed: an answer from the response
+        cache counts as a request (and in `cached`), not in the tokens."""
         day = sa.func.date(usage.c.at).label("day")
+        who = usage.c[by]
         computed = lambda column: sa.func.sum(sa.case((usage.c.cached, 0), else_=column))  # noqa: E731
-        query = (sa.select(day, usage.c.user, sa.func.count().label("requests"),
+        query = (sa.select(day, who.label("who"), sa.func.count().label("requests"),
                            sa.func.sum(sa.case((usage.c.status < 400, 1), else_=0)).label("succeeded"),
                            sa.func.sum(sa.case((usage.c.cached, 1), else_=0)).label("cached"),
                            computed(usage.c.prompt_tokens).label("prompt_tokens"),
                            computed(usage.c.completion_tokens).label("completion_tokens"),
                            computed(usage.c.forced_tokens).label("forced_tokens"),
                            computed(usage.c.cached_tokens).label("cached_tokens"))
-                 .group_by(day, usage.c.user).order_by(day.desc(), usage.c.user))
-        if user is not None:
-            query = query.where(usage.c.user == user)
+                 .group_by(day, who).order_by(day.desc(), who))
+        for column, value in ((usage.c.user, user), (usage.c.team, team)):
+            if value is not None:
+                query = query.where(column == value)
+        if by == "team":
+            query = query.where(usage.c.team.is_not(None))
         if since is not None:
             query = query.where(usage.c.at >= aware(since))
         with self.engine.connect() as conn:
-            return [{"day": str(r.day), "user": r.user, "requests": r.requests, "succeeded": int(r.succeeded),
-                     "cached": int(r.cached), "prompt_tokens": int(r.prompt_tokens), "completion_tokens": int(r.completion_tokens),
+            return [{"day": str(r.day), by: r.who, "requests": r.requests, "succeeded": int(r.succeeded),
+                     "cached": int(r.cached), "prompt_tokens": int(r.prompt_tokens),
+                     "completion_tokens": int(r.completion_tokens),
                      "total_tokens": int(r.prompt_tokens + r.completion_tokens),
                      "forced_tokens": int(r.forced_tokens), "cached_tokens": int(r.cached_tokens)}
                     for r in conn.execute(query)]
@@ -248,6 +349,22 @@ def _end_console(conn, user_id):
     conn.execute(console_links.delete().where(console_links.c.user_id == user_id))
 
 
+def _users_query():
+    return sa.select(users, teams.c.name.label("team")).outerjoin(teams, users.c.team_id == teams.c.id)
+
+
+def _check_team_fields(limits):
+    unknown = set(limits) - set(TEAM_FIELDS)
+    if unknown:
+        raise StoreError(400, f"a team has no {sorted(unknown)[0]}", "unknown_field", sorted(unknown)[0])
+    check_quotas(limits)
+
+
+def _team(row, members):
+    return {"id": row["id"], "name": row["name"], **{k: row[k] for k in TEAM_FIELDS},
+            "members": list(members), "created_at": aware(row["created_at"]).isoformat()}
+
+
 def _encode(fields):
     """Store the allow-lists as JSON text."""
     return {k: json.dumps(v) if k in LIST_FIELDS and v is not None else v for k, v in fields.items()}
@@ -266,14 +383,14 @@ def _user(row):
             "rate_limit": row["rate_limit"], "daily_tokens": row["daily_tokens"],
             "max_concurrent": row["max_concurrent"], "system_prompts": _list(row["system_prompts"]),
             "models": _list(row["models"]), **{name: row[name] for name in STORAGE_QUOTAS},
-            "created_at": aware(row["created_at"]).isoformat()}
+            "team": row.get("team"), "created_at": aware(row["created_at"]).isoformat()}
 
 
 def _token(row):
     token = {"jti": row["jti"], "user": row["user"], "scope": row["scope"], "label": row["label"],
              "kid": row["kid"], "issued_at": aware(row["issued_at"]), "expires_at": aware(row["expires_at"]),
              "revoked_at": aware(row["revoked_at"]), "revoked_by": row["revoked_by"]}
-    for extra in ("user_active", "user_admin", *QUOTA_FIELDS):
+    for extra in ("user_active", "user_admin", *QUOTA_FIELDS, *(column.name for column in TEAM_COLUMNS)):
         if extra in row:
             token[extra] = _list(row[extra]) if extra in LIST_FIELDS else row[extra]
     return token

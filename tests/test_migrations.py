@@ -41,11 +41,13 @@ def test_every_store_change_to_access_replaces_the_epoch(tmp_path):
     assert store.epoch() == first
     for change in (lambda: store.update_user("a", active=False), lambda: store.update_user("a", daily_tokens=5),
                    lambda: store.revoke_token("j1"), lambda: store.revoke_all("a"),
-                   lambda: store.record_event("key.retire", "kid", {}, changes_access=True)):
+                   lambda: store.record_event("key.retire", "kid", {}, changes_access=True),
+                   lambda: store.add_team("t") and store.set_members("t", add=["a"]),
+                   lambda: store.update_team("t", daily_tokens=5), lambda: store.remove_team("t")):
         before = store.epoch()
         change()
         assert store.epoch() != before and published[-1] == store.epoch()
-    assert len(set(published)) == 5
+    assert len(set(published)) == 8
     store.close()
 
 
