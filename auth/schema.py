@@ -35,8 +35,7 @@ users = sa.Table(
     sa.Column("daily_batches", sa.Integer),  # batches created per UTC day, failed ones included
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     # The team whose budget, concurrency cap and rate limit the user shares (at most one; NULL: none).
-    sa.Column("team_id", sa.Integer, sa.ForeignKey("teams.id", name="fk_users_team_id", ondelete="SET NULL"),
-              index=True),
+    sa.Column("team_id", sa.Integer, sa.ForeignKey("teams.id"), index=True),  # remove_team clears it
 )
 # Teams: limits their members share, each enforced beside the member's own (service.admission). NULL: no limit
 # of that kind for the team (its members' own still apply).

@@ -24,21 +24,24 @@ def upgrade():
         sa.Column("max_concurrent", sa.Integer),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     )
-    with op.batch_alter_table("users") as batch:
-        batch.add_column(sa.Column("team_id", sa.Integer))
-        batch.create_foreign_key("fk_users_team_id", "teams", ["team_id"], ["id"], ondelete="SET NULL")
-        batch.create_index("ix_users_team_id", ["team_id"])
-    with op.batch_alter_table("usage") as batch:
-        batch.add_column(sa.Column("team", sa.String(64)))
-        batch.create_index("ix_usage_team_at", ["team", "at"])
+    # Added in place: rebuilding `users` (Alembic's batch mode on SQLite) would break the foreign keys to it.
+    if op.get_bind().dialect.name == "sqlite":  # its ALTER TABLE ADD COLUMN takes a REFERENCES clause
+        op.execute("ALTER TABLE users ADD COLUMN team_id INTEGER REFERENCES teams (id)")
+    else:
+        op.add_column("users", sa.Column("team_id", sa.Integer))
+        op.create_foreign_key("users_team_id_fkey", "users", "teams", ["team_id"], ["id"])
+    op.create_index("ix_users_team_id", "users", ["team_id"])
+    op.add_column("usage", sa.Column("team", sa.String(64)))
+    op.create_index("ix_usage_team_at", "usage", ["team", "at"])
 
 
 def downgrade():
+    op.drop_index("ix_usage_team_at", "usage")
     with op.batch_alter_table("usage") as batch:
-        batch.drop_index("ix_usage_team_at")
         batch.drop_column("team")
+    op.drop_index("ix_users_team_id", "users")
+    if op.get_bind().dialect.name != "sqlite":  # SQLite's batch rebuild of the table drops it with the column
+        op.drop_constraint("users_team_id_fkey", "users", type_="foreignkey")
     with op.batch_alter_table("users") as batch:
-        batch.drop_index("ix_users_team_id")
-        batch.drop_constraint("fk_users_team_id", type_="foreignkey")
         batch.drop_column("team_id")
     op.drop_table("teams")
