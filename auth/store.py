@@ -350,7 +350,7 @@ def _end_console(conn, user_id):
 
 
 def _users_query():
-    return sa.select(users, teams.c.name.label("team")).outerjoin(teams, users.c.team_id == teams.c.id)
+    return sa.select(users, *TEAM_COLUMNS).select_from(users.outerjoin(teams, users.c.team_id == teams.c.id))
 
 
 def _check_team_fields(limits):
@@ -383,7 +383,8 @@ def _user(row):
             "rate_limit": row["rate_limit"], "daily_tokens": row["daily_tokens"],
             "max_concurrent": row["max_concurrent"], "system_prompts": _list(row["system_prompts"]),
             "models": _list(row["models"]), **{name: row[name] for name in STORAGE_QUOTAS},
-            "team": row.get("team"), "created_at": aware(row["created_at"]).isoformat()}
+            **{column.name: row[column.name] for column in TEAM_COLUMNS},
+            "created_at": aware(row["created_at"]).isoformat()}
 
 
 def _token(row):

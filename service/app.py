@@ -27,6 +27,7 @@ from service.batches.runner import BatchRunner
 from service.inference import footprint
 from service.inputs import filtering
 from service.records import logs, metrics, timing
+from service.records.alerts import Alerts
 from service.records.usagelog import UsageLog
 from service.serving import attachments
 from service.serving.answers import Checker
@@ -84,6 +85,7 @@ def create_app(settings=None):
     predict.init_app(app)
     state.models = start_models(specs, sizes, settings)
     state.batch_runner = BatchRunner(state).start()
+    state.alerts = Alerts(counters, settings.alert_targets, settings.alert_retries).start()
     for spec in specs:
         metrics.MODEL_INFO.labels(spec.name).info({"dtype": spec.dtype, "quantization": spec.quantization,
                                                    "device": settings.device, "version": health.version()})

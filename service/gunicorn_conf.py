@@ -113,13 +113,16 @@ def child_exit(server, worker):
 
 
 def worker_exit(server, worker):
-    """In the worker, as it ends: stop its document-reading and answer-checking processes."""
+    """In the worker, as it ends: stop its document-reading and answer-checking processes, and put the budget
+    alerts it has not delivered back in the outbox."""
     from service.state import KEY
 
     held = getattr(getattr(worker, "wsgi", None), "extensions", {}).get(KEY)  # the app's State
     for pool in (held.documents, held.checker) if held is not None else ():
         if pool is not None:
             pool.close()
+    if held is not None and held.alerts is not None:
+        held.alerts.stop()
 
 
 # --- Logging ---

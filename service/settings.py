@@ -329,6 +329,21 @@ class Settings(BaseSettings):
         "(\"alice@example.org\" = \"alice\"). Signing in creates no user; an unmapped one is refused.",
     )
 
+    # --- budget alerts (service.records.alerts) ---
+    alert_targets: list[str] = Field(
+        [], max_length=20, description="Where budget alerts go: Apprise URLs (json://host/path for a webhook, "
+        "mailtos://..., slack://..., and Apprise's other services). They hold secrets: in the configuration file "
+        "(mode 0640, written from the vault) or VIBE_ALERT_TARGETS as a JSON list, never in a log. Empty: no "
+        "alerts.",
+    )
+    alert_thresholds: list[int] = Field(
+        [80, 100], min_length=1, max_length=10, description="Percentages of a user's or a team's daily token "
+        "budget: each reached sends one alert per day, whichever worker or server settled the request that "
+        "reached it.",
+    )
+    alert_retries: int = Field(5, ge=0, le=20, description="How often a failed alert delivery is tried again "
+                               "(waiting 1, 2, 4... s, at most 5 minutes), each failure logged.")
+
     # --- quotas and admission ---
     ratelimit_storage_uri: str = Field(
         "memory://",
@@ -461,6 +476,21 @@ class Settings(BaseSettings):
         if not parse_many(value):
             raise ValueError(f"{value!r} is not a rate limit such as '60/minute;2000/day'")
         return value
+
+    @field_validator("alert_targets")
+    @classmethod
+    def _check_targets(cls, value):
+        for i, target in enumerate(value):  # the target itself is never quoted: it holds its service's secret
+            if not re.fullmatch(r"[a-z][a-z0-9+.-]{0,31}://\S{1,2000}", target):
+                raise ValueError(f"target {i + 1} is not an Apprise URL such as json://host/path")
+        return value
+
+    @field_validator("alert_thresholds")
+    @classmethod
+    def _check_thresholds(cls, value):
+        if not all(1 <= pct <= 1000 for pct in value) or len(set(value)) != len(value):
+            raise ValueError("give distinct percentages between 1 and 1000, such as [80, 100]")
+        return sorted(value)
 
     @field_validator("console_link_ttl", "console_idle_timeout", "console_session_lifetime")
     @classmethod

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # names for the fields' types only: importing them here would
     from service.batches.runner import BatchRunner
     from service.inputs.documents import Reader
     from service.inputs.filtering import Rule
+    from service.records.alerts import Alerts
     from service.records.usagelog import UsageLog
     from service.serving.answers import Checker
     from service.serving.cache import Cache
@@ -51,6 +52,7 @@ class State:
     batch_runner: BatchRunner | None = None
     documents: Reader | None = None  # this worker's pool reading PDFs and images
     checker: Checker | None = None  # this worker's pool checking final answers against expected ones
+    alerts: Alerts | None = None  # this worker's delivery of budget alerts
 
 
 def attach(app, state):

@@ -3,15 +3,19 @@
 Each operation is one atomic step (one Redis round trip), so two workers (or
 two servers on one Redis) never both take the last unit:
 
-- `admit(slots, member, cap, slot_ttl, budget, amount, limit, budget_ttl)`:
-  hold one of `cap` slots and add `amount` to the budget, unless either is
-  spent (then nothing is taken); a slot expires after `slot_ttl` seconds on
-  its own, so a crashed worker cannot leak it.
-- `release(slots, member, budget, delta, budget_ttl)`: free the slot and
-  settle the budget by `delta` (the real use minus the reservation).
-- `resize(slots, member, budget, delta, limit, budget_ttl)`: change a held
-  lease's reservation by `delta` (a document's allowance, once its text is
-  known), refused when a growth would pass `limit`.
+- `admit(levels, member, slot_ttl, amount, budget_ttl)`: at every level
+  (a `Level`: the user's own limits, and their team's), hold one of `cap`
+  slots and add `amount` to the budget, unless a slot or a budget is spent
+  at any level (then nothing is taken anywhere); a slot expires after
+  `slot_ttl` seconds on its own, so a crashed worker cannot leak it.
+- `release(levels, member, delta, budget_ttl, alerts)`: free the slots and
+  settle the budgets by `delta` (the real use minus the reservation); a
+  budget that reaches one of `alerts`' thresholds for the first time that
+  day puts one alert in the outbox (`take_alerts`), in the same step, so
+  two servers settling at once raise it once.
+- `resize(levels, member, delta, budget_ttl)`: change a held lease's
+  reservation by `delta` at every level (a document's allowance, once its
+  text is known), refused when a growth would pass a level's limit.
 
 In Redis, each worker also keeps a ledger of the leases it holds (a hash
 named after its host, its master's pid and its own pid). When a worker dies
@@ -25,11 +29,13 @@ Any storage failure raises StorageUnavailable; the caller decides between
 failing closed and failing open.
 """
 
+import json
 import logging
 import os
 import socket
 import threading
 import time
+from typing import NamedTuple
 
 from auth.cache import DB_CHECK_S
 
@@ -37,57 +43,109 @@ log = logging.getLogger("vibethinker.counters")
 PREFIX = "vibethinker:"
 EPOCH_KEY = "auth-epoch"  # the access epoch's mirror (auth.cache)
 
-# KEYS: slot set, budget, ledger. ARGV: member, cap, slot ttl, amount, limit, budget ttl.
-# {1, total}: admitted; {0, held}: no slot free; {-1, total}: the budget would pass its limit (no slot kept).
+# A lease counts against one or more levels (the user's own limits, their team's), each a slot set with a cap and a
+# budget with a limit, all taken or none. A ledger entry is "reserved\nslots\nbudget[\nslots\nbudget...]".
+# KEYS: ledger, then per level: slot set, budget. ARGV: member, slot ttl, amount, budget ttl, then per level: cap,
+# limit. {1, 0, total per level}: admitted; {0, level, held}: no slot free there; {-1, level, total}: its budget
+# would pass its limit (nothing taken anywhere).
 ADMIT = """
 local now = tonumber(redis.call('TIME')[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local held = redis.call('ZCARD', KEYS[1])
-if held >= tonumber(ARGV[2]) then return {0, held} end
-local current = tonumber(redis.call('GET', KEYS[2]) or '0')
-local amount, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
-if current + amount > limit then return {-1, current} end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-local total = redis.call('INCRBY', KEYS[2], amount)
-if redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], ARGV[6]) end
-redis.call('HSET', KEYS[3], ARGV[1], KEYS[1] .. '\\n' .. KEYS[2] .. '\\n' .. ARGV[4])
-redis.call('EXPIRE', KEYS[3], ARGV[3])
-return {1, total}
+local amount, levels = tonumber(ARGV[3]), (#KEYS - 1) / 2
+for i = 1, levels do
+  local slots, budget = KEYS[2 * i], KEYS[2 * i + 1]
+  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+  local held = redis.call('ZCARD', slots)
+  if held >= tonumber(ARGV[3 + 2 * i]) then return {0, i, held} end
+  local current = tonumber(redis.call('GET', budget) or '0')
+  if current + amount > tonumber(ARGV[4 + 2 * i]) then return {-1, i, current} end
+end
+local out, entry = {1, 0}, ARGV[3]
+for i = 1, levels do
+  local slots, budget = KEYS[2 * i], KEYS[2 * i + 1]
+  redis.call('ZADD', slots, now + tonumber(ARGV[2]), ARGV[1])
+  redis.call('EXPIRE', slots, ARGV[2])
+  table.insert(out, redis.call('INCRBY', budget, amount))
+  if redis.call('TTL', budget) < 0 then redis.call('EXPIRE', budget, ARGV[4]) end
+  entry = entry .. '\\n' .. slots .. '\\n' .. budget
+end
+redis.call('HSET', KEYS[1], ARGV[1], entry)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return out
 """
-# KEYS: slot set, budget, ledger. ARGV: member, delta, budget ttl. Returns today's total.
+# KEYS: ledger, alert outbox, then per level: slot set, budget. ARGV: member, delta, budget ttl, day, thresholds
+# (percentages, comma-separated), the alert markers' prefix, then per level: limit, who ('' for no alerts).
+# Frees the slots and settles each budget by delta; a budget that reaches a threshold for the first time today
+# (one marker per who, day and threshold, whichever worker or server settles) puts one alert in the outbox.
+# Returns each level's total.
 RELEASE = """
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
-local total = redis.call('INCRBY', KEYS[2], ARGV[2])
-if redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
-return total
+redis.call('HDEL', KEYS[1], ARGV[1])
+local out = {}
+for i = 1, (#KEYS - 2) / 2 do
+  redis.call('ZREM', KEYS[1 + 2 * i], ARGV[1])
+  local budget = KEYS[2 + 2 * i]
+  local total = redis.call('INCRBY', budget, ARGV[2])
+  if redis.call('TTL', budget) < 0 then redis.call('EXPIRE', budget, ARGV[3]) end
+  table.insert(out, total)
+  local limit, who = tonumber(ARGV[5 + 2 * i]), ARGV[6 + 2 * i]
+  if who ~= '' then
+    for pct in string.gmatch(ARGV[5], '%d+') do
+      if total * 100 >= tonumber(pct) * limit
+          and redis.call('SET', ARGV[6] .. who .. ':' .. ARGV[4] .. ':' .. pct, '1', 'NX', 'EX', ARGV[3]) then
+        redis.call('RPUSH', KEYS[2], cjson.encode({who = who, day = ARGV[4], threshold = tonumber(pct),
+                                                   limit = limit, total = total}))
+      end
+    end
+  end
+end
+return out
+"""
+# A ledger entry's reservation and its (slot set, budget) pairs; an entry written before levels (slot, budget,
+# reserved) reads as one level.
+ENTRY = """
+local function entry_of(text)
+  local parts = {}
+  for part in string.gmatch(text, '[^\\n]+') do table.insert(parts, part) end
+  if tonumber(parts[1]) == nil then return tonumber(parts[3]), {parts[1], parts[2]} end
+  local reserved = tonumber(table.remove(parts, 1))
+  return reserved, parts
+end
 """
 # KEYS: a ledger. Frees each of its slots, gives each reservation back; returns how many leases it held.
-RECLAIM = """
+RECLAIM = ENTRY + """
 local entries = redis.call('HGETALL', KEYS[1])
 for i = 1, #entries, 2 do
-  local slot, budget, reserved = string.match(entries[i + 1], '^(.-)\\n(.-)\\n(.*)$')
-  redis.call('ZREM', slot, entries[i])
-  if redis.call('EXISTS', budget) == 1 then redis.call('DECRBY', budget, reserved) end
+  local reserved, pairs_ = entry_of(entries[i + 1])
+  for j = 1, #pairs_, 2 do
+    redis.call('ZREM', pairs_[j], entries[i])
+    if redis.call('EXISTS', pairs_[j + 1]) == 1 then redis.call('DECRBY', pairs_[j + 1], reserved) end
+  end
 end
 redis.call('DEL', KEYS[1])
 return #entries / 2
 """
-# KEYS: slot set, budget, ledger. ARGV: member, delta, limit, budget ttl. A held lease's reservation changed by
-# delta (and its ledger entry with it); {1, total}, or {-1, total} when a growth would pass the limit.
-RESIZE = """
-local current = tonumber(redis.call('GET', KEYS[2]) or '0')
-local delta, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
-if delta > 0 and current + delta > limit then return {-1, current} end
-local total = redis.call('INCRBY', KEYS[2], delta)
-if redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], ARGV[4]) end
-local entry = redis.call('HGET', KEYS[3], ARGV[1])
-if entry then
-  local slot, budget, reserved = string.match(entry, '^(.-)\\n(.-)\\n(.*)$')
-  redis.call('HSET', KEYS[3], ARGV[1], slot .. '\\n' .. budget .. '\\n' .. (tonumber(reserved) + delta))
+# KEYS: ledger, then per level: slot set, budget. ARGV: member, delta, budget ttl, then per level: limit. A held
+# lease's reservation changed by delta at every level (and its ledger entry with it): {1, 0, total per level},
+# or {-1, level, total} when a growth would pass that level's limit (nothing changed).
+RESIZE = ENTRY + """
+local delta, levels = tonumber(ARGV[2]), (#KEYS - 1) / 2
+if delta > 0 then
+  for i = 1, levels do
+    local current = tonumber(redis.call('GET', KEYS[2 * i + 1]) or '0')
+    if current + delta > tonumber(ARGV[3 + i]) then return {-1, i, current} end
+  end
 end
-return {1, total}
+local out = {1, 0}
+for i = 1, levels do
+  local budget = KEYS[2 * i + 1]
+  table.insert(out, redis.call('INCRBY', budget, delta))
+  if redis.call('TTL', budget) < 0 then redis.call('EXPIRE', budget, ARGV[3]) end
+end
+local entry = redis.call('HGET', KEYS[1], ARGV[1])
+if entry then
+  local reserved, pairs_ = entry_of(entry)
+  redis.call('HSET', KEYS[1], ARGV[1], (reserved + delta) .. '\\n' .. table.concat(pairs_, '\\n'))
+end
+return out
 """
 ADMITTED, NO_SLOT, OVER_BUDGET = 1, 0, -1
 # KEYS: the epoch's mirror. ARGV: new value, the value it must still hold ('' for absent).
@@ -96,6 +154,24 @@ if (redis.call('GET', KEYS[1]) or '') == ARGV[2] then redis.call('SET', KEYS[1],
 return 0
 """
 ANY = object()  # set_epoch without a condition: a new epoch, published after its commit
+OUTBOX, MARKERS = "alerts", "alerted:"  # budget alerts raised, waiting for delivery; who was alerted when
+
+
+class Level(NamedTuple):
+    """One limit a lease counts against: a concurrency slot set with its cap, and a daily budget with its limit;
+    `who` ("user:NAME", "team:NAME") names it in alerts ('' raises none)."""
+
+    slots: str
+    cap: int
+    budget: str
+    limit: int
+    who: str = ""
+
+
+def _outcome(reply):
+    """(status, level index or None, the refusing level's value or each level's total) of ADMIT or RESIZE."""
+    status, level, *values = (int(v) for v in reply)
+    return (status, None, values) if status == ADMITTED else (status, level - 1, values[0])
 
 
 class StorageUnavailable(Exception):
@@ -200,19 +276,34 @@ class RedisCounters:
         except self._errors as exc:
             raise StorageUnavailable(type(exc).__name__) from exc
 
-    def admit(self, slots, member, cap, slot_ttl, budget, amount, limit, budget_ttl):
-        status, value = self._call(self._admit, keys=[PREFIX + slots, PREFIX + budget, self._ledger],
-                                   args=[member, cap, slot_ttl, amount, limit, budget_ttl])
-        return int(status), int(value)
+    def admit(self, levels, member, slot_ttl, amount, budget_ttl):
+        keys = [self._ledger, *(PREFIX + key for level in levels for key in (level.slots, level.budget))]
+        args = [member, slot_ttl, amount, budget_ttl, *(v for level in levels for v in (level.cap, level.limit))]
+        return _outcome(self._call(self._admit, keys=keys, args=args))
 
-    def release(self, slots, member, budget, delta, budget_ttl):
-        return int(self._call(self._release, keys=[PREFIX + slots, PREFIX + budget, self._ledger],
-                              args=[member, delta, budget_ttl]))
+    def release(self, levels, member, delta, budget_ttl, alerts=None):
+        """Each level's total once settled; `alerts`: (day, thresholds in percent) or None."""
+        day, thresholds = alerts or ("", ())
+        keys = [self._ledger, PREFIX + OUTBOX,
+                *(PREFIX + key for level in levels for key in (level.slots, level.budget))]
+        args = [member, delta, budget_ttl, day, ",".join(map(str, thresholds)), PREFIX + MARKERS,
+                *(v for level in levels for v in (level.limit, level.who if alerts else ""))]
+        return [int(v) for v in self._call(self._release, keys=keys, args=args)]
 
-    def resize(self, slots, member, budget, delta, limit, budget_ttl):
-        status, value = self._call(self._resize, keys=[PREFIX + slots, PREFIX + budget, self._ledger],
-                                   args=[member, delta, limit, budget_ttl])
-        return int(status), int(value)
+    def resize(self, levels, member, delta, budget_ttl):
+        keys = [self._ledger, *(PREFIX + key for level in levels for key in (level.slots, level.budget))]
+        args = [member, delta, budget_ttl, *(level.limit for level in levels)]
+        return _outcome(self._call(self._resize, keys=keys, args=args))
+
+    def take_alerts(self, count=16):
+        """Up to `count` alerts from the outbox, oldest first; each is taken by one process only."""
+        items = self._call(self._redis.lpop, PREFIX + OUTBOX, count) or []
+        return [json.loads(item) for item in items]
+
+    def return_alerts(self, alerts):
+        """Put alerts not delivered back at the head of the outbox (a worker that stops)."""
+        if alerts:
+            self._call(self._redis.lpush, PREFIX + OUTBOX, *(json.dumps(a) for a in reversed(alerts)))
 
     def reclaim(self, ledger):
         """Free the slots and give back the reservations of ledger `ledger`; how many leases it held."""
@@ -249,36 +340,62 @@ class MemoryCounters:
         self._lock = threading.Lock()
         self._values = {}  # key -> (value, expires_at)
         self._slots = {}  # key -> {member: expires_at}
+        self._outbox, self._alerted = [], set()  # alerts waiting for delivery; "who:day:threshold" raised
         self._clock = clock
 
     def _value(self, key):
         value, expires = self._values.get(key, (0, 0))
         return value if expires > self._clock() else 0
 
-    def admit(self, slots, member, cap, slot_ttl, budget, amount, limit, budget_ttl):
+    def admit(self, levels, member, slot_ttl, amount, budget_ttl):
         with self._lock:
             now = self._clock()
-            held = {m: t for m, t in self._slots.get(slots, {}).items() if t > now}
-            self._slots[slots] = held
-            if len(held) >= cap:
-                return NO_SLOT, len(held)
-            current = self._value(budget)
-            if current + amount > limit:
-                return OVER_BUDGET, current
-            held[member] = now + slot_ttl
-            return ADMITTED, self._set(budget, current + amount, budget_ttl)
+            for i, level in enumerate(levels):
+                held = {m: t for m, t in self._slots.get(level.slots, {}).items() if t > now}
+                self._slots[level.slots] = held
+                if len(held) >= level.cap:
+                    return NO_SLOT, i, len(held)
+                current = self._value(level.budget)
+                if current + amount > level.limit:
+                    return OVER_BUDGET, i, current
+            for level in levels:
+                self._slots[level.slots][member] = now + slot_ttl
+            return ADMITTED, None, [self._set(level.budget, self._value(level.budget) + amount, budget_ttl)
+                                    for level in levels]
 
-    def release(self, slots, member, budget, delta, budget_ttl):
+    def release(self, levels, member, delta, budget_ttl, alerts=None):
         with self._lock:
-            self._slots.get(slots, {}).pop(member, None)
-            return self._set(budget, self._value(budget) + delta, budget_ttl)
+            totals = []
+            for level in levels:
+                self._slots.get(level.slots, {}).pop(member, None)
+                total = self._set(level.budget, self._value(level.budget) + delta, budget_ttl)
+                totals.append(total)
+                day, thresholds = alerts or ("", ())
+                for pct in thresholds if level.who else ():
+                    marker = f"{level.who}:{day}:{pct}"
+                    if total * 100 >= pct * level.limit and marker not in self._alerted:
+                        self._alerted.add(marker)
+                        self._outbox.append({"who": level.who, "day": day, "threshold": pct,
+                                             "limit": level.limit, "total": total})
+            return totals
 
-    def resize(self, slots, member, budget, delta, limit, budget_ttl):
+    def resize(self, levels, member, delta, budget_ttl):
         with self._lock:
-            current = self._value(budget)
-            if delta > 0 and current + delta > limit:
-                return OVER_BUDGET, current
-            return ADMITTED, self._set(budget, current + delta, budget_ttl)
+            for i, level in enumerate(levels):
+                current = self._value(level.budget)
+                if delta > 0 and current + delta > level.limit:
+                    return OVER_BUDGET, i, current
+            return ADMITTED, None, [self._set(level.budget, self._value(level.budget) + delta, budget_ttl)
+                                    for level in levels]
+
+    def take_alerts(self, count=16):
+        with self._lock:
+            taken, self._outbox[:count] = self._outbox[:count], []
+            return taken
+
+    def return_alerts(self, alerts):
+        with self._lock:
+            self._outbox[:0] = alerts
 
     def _set(self, key, value, ttl):
         _, expires = self._values.get(key, (0, 0))

@@ -2,7 +2,9 @@
 
 - Request rate: keyed by the token's user (never the IP), with the user's own
   limit from the store or the default from settings; storage in Redis so every
-  worker shares it and it survives restarts.
+  worker shares it and it survives restarts. A member of a team with a rate
+  limit also counts against the team's, keyed by the team's name: a request
+  needs room in both.
 - Failed authentication: limited per client IP (the real one, through
   ProxyFix); past the limit a bad or missing token gets 429 instead of 401.
 - Storage down: 503 (fail closed) by default, or serve unlimited (fail open).
@@ -24,7 +26,7 @@ from limits import parse_many
 from service.admission import ratestore
 from service.admission.budget import DAY_S
 from service.admission.counters import StorageUnavailable
-from service.admission.rates import LIVE_SCOPE, user_key
+from service.admission.rates import LIVE_SCOPE, TEAM_SCOPE, team_key, user_key
 from service.api.errors import error_response, refusal_response
 from service.errors import RateLimited, Unavailable
 from service.state import state
@@ -44,6 +46,8 @@ def init_app(app, settings, limited_blueprints, polls=frozenset()):
     for bp in limited_blueprints:
         limiter.shared_limit(_user_limit, scope=LIVE_SCOPE, key_func=_user_key,
                              exempt_when=lambda: request.endpoint in polls)(bp)
+        limiter.shared_limit(_team_limit, scope=TEAM_SCOPE, key_func=_team_key,
+                             exempt_when=lambda: request.endpoint in polls or not g.auth.get("team_rate_limit"))(bp)
         if any(endpoint.startswith(f"{bp.name}.") for endpoint in polls):
             limiter.shared_limit(lambda: state().settings.poll_rate_limit, scope="poll", key_func=_user_key,
                                  exempt_when=lambda: request.endpoint not in polls)(bp)
@@ -75,6 +79,14 @@ def _user_limit():
     return _limit_of(g.auth)
 
 
+def _team_key():
+    return team_key(g.auth["team"]) if g.auth.get("team") else _user_key()
+
+
+def _team_limit():  # flask-limiter reads it even when exempt (no team, or no team rate limit)
+    return g.auth.get("team_rate_limit") or _limit_of(g.auth)
+
+
 def _limit_of(token):
     return token.get("rate_limit") or state().settings.default_rate_limit
 
@@ -100,12 +112,17 @@ def _windows(limiter, token):
     blueprints, polls = limiter.vibethinker_live
     if request.blueprint not in blueprints or request.endpoint in polls or request.routing_exception is not None:
         return []
-    try:
-        items = sorted(parse_many(_limit_of(token)))
-    except ValueError:  # a stored limit limits cannot read: flask-limiter says so itself (a 500), as before
-        return []
-    key = user_key(token["user"])
-    return [(item.key_for(key, LIVE_SCOPE), item.amount, item.get_expiry(), 1) for item in items]
+    levels = [(user_key(token["user"]), LIVE_SCOPE, _limit_of(token))]
+    if token.get("team") and token.get("team_rate_limit"):
+        levels.append((team_key(token["team"]), TEAM_SCOPE, token["team_rate_limit"]))
+    windows = []
+    for key, scope, limit in levels:
+        try:
+            items = sorted(parse_many(limit))
+        except ValueError:  # a stored limit limits cannot read: flask-limiter says so itself (a 500), as before
+            return windows
+        windows += [(item.key_for(key, scope), item.amount, item.get_expiry(), 1) for item in items]
+    return windows
 
 
 def _scratch():
@@ -130,7 +147,8 @@ def _rate_limited(exc):
     window = exc.limit.limit
     per_day = window.get_expiry() >= DAY_S
     retry = _request_reset_s() or 1
-    return refusal_response(RateLimited(f"rate limit of {window} reached for {g.auth['user']}; retry in {retry} s",
+    whose = f"team {g.auth['team']} (of {g.auth['user']})" if exc.limit.scope == TEAM_SCOPE else g.auth["user"]
+    return refusal_response(RateLimited(f"rate limit of {window} reached for {whose}; retry in {retry} s",
                                         "rate_limit_exceeded", retry_after=retry, final=per_day))
 
 

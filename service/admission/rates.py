@@ -6,8 +6,10 @@ the same user and its own scope, and starts only while the user's live count
 plus line count in the window still fit the user's limit: a batch never gets
 more than the live requests left over, and since flask-limiter never sees
 the lines' count, a user's live requests are never refused because their own
-batch spent the window. A line that does not fit waits for the window to
-move; it is never failed for it. Plain `limits` calls: no Flask here.
+batch spent the window. A member of a team with a rate limit is held to the
+team's the same way (the team's live count plus its lines' count). A line
+that does not fit waits for the window to move; it is never failed for it.
+Plain `limits` calls: no Flask here.
 """
 
 import logging
@@ -19,6 +21,8 @@ log = logging.getLogger("vibethinker.ratelimit")
 
 LIVE_SCOPE = "generate"  # flask-limiter's shared scope of generations, uploads and batch creates
 LINE_SCOPE = "batch-lines"
+TEAM_SCOPE = "team-generate"  # the same requests, counted against the team's rate limit (under the team's key)
+TEAM_LINE_SCOPE = "team-batch-lines"
 MIN_WAIT_S = 0.5  # the least a waiting user's lines rest before the window is looked at again
 MAX_WAIT_S = 30.0  # the most: an admin may have raised the limit meanwhile
 STORAGE_WAIT_S = 1.0  # how long lines wait when the storage cannot be read (and fail_open is off)
@@ -27,6 +31,11 @@ STORAGE_WAIT_S = 1.0  # how long lines wait when the storage cannot be read (and
 def user_key(user):
     """The counters' identity of a user: their name from the store, never client input."""
     return f"user:{user}"
+
+
+def team_key(team):
+    """The counters' identity of a team: its name from the store."""
+    return f"team:{team}"
 
 
 class LineRates:
@@ -46,7 +55,8 @@ class LineRates:
         if self.clock() < self.waiting.get(user, 0.0):
             return True
         try:
-            wait = self.wait_s(user, row.get("rate_limit") or self.default_rate)
+            wait = max(self.wait_s(user, row.get("rate_limit") or self.default_rate),
+                       self.wait_s(row["team"], row["team_rate_limit"], team=True) if _team_rate(row) else 0.0)
         except Exception:  # noqa: BLE001 - the storage is unreachable (Redis's own errors included)
             if self.fail_open:
                 return False
@@ -63,22 +73,34 @@ class LineRates:
         just went away."""
         try:
             self.hit(row["name"], row.get("rate_limit") or self.default_rate)
+            if _team_rate(row):
+                self.hit(row["team"], row["team_rate_limit"], team=True)
         except Exception:  # noqa: BLE001 - the next look at the window waits instead
             log.warning("rate-limit storage unreachable: a batch line went uncounted")
 
-    def wait_s(self, user, rate_limit):
-        """0.0 when one more line of `user` fits every window of `rate_limit`; else seconds to wait."""
-        key, wait = user_key(user), None
+    def wait_s(self, name, rate_limit, team=False):
+        """0.0 when one more line of user `name` (or team, with `team`) fits every window of `rate_limit`; else
+        seconds to wait."""
+        key, wait = team_key(name) if team else user_key(name), None
+        live_scope, line_scope = (TEAM_SCOPE, TEAM_LINE_SCOPE) if team else (LIVE_SCOPE, LINE_SCOPE)
         for item in parse_many(rate_limit):
-            live_reset, live_left = self.strategy.get_window_stats(item, key, LIVE_SCOPE)
-            line_reset, line_left = self.strategy.get_window_stats(item, key, LINE_SCOPE)
+            live_reset, live_left = self.strategy.get_window_stats(item, key, live_scope)
+            line_reset, line_left = self.strategy.get_window_stats(item, key, line_scope)
             if (item.amount - live_left) + (item.amount - line_left) < item.amount:
                 continue
             resets = [at for at, left in ((live_reset, live_left), (line_reset, line_left)) if left < item.amount]
             wait = max(wait or 0.0, min(resets) - self.clock())
         return 0.0 if wait is None else min(MAX_WAIT_S, max(MIN_WAIT_S, wait))
 
-    def hit(self, user, rate_limit):
-        """Count one line of `user` in every window of `rate_limit`."""
+    def hit(self, name, rate_limit, team=False):
+        """Count one line of user `name` (or team, with `team`) in every window of `rate_limit`."""
         for item in parse_many(rate_limit):
-            self.strategy.hit(item, user_key(user), LINE_SCOPE)
+            if team:
+                self.strategy.hit(item, team_key(name), TEAM_LINE_SCOPE)
+            else:
+                self.strategy.hit(item, user_key(name), LINE_SCOPE)
+
+
+def _team_rate(row):
+    """True when the user of store row `row` is in a team with a rate limit."""
+    return bool(row.get("team") and row.get("team_rate_limit"))

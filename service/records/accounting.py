@@ -64,8 +64,10 @@ def document_costs(documents):
 
 def usage_row(job, route, status, latency_s, request_id):
     """The usage row of a served job (service.serving.job.Job), as the store's `usage` table takes it."""
-    return dict(user=job.caller.user, route=route, status=status, latency_ms=int(latency_s * 1000),
-                request_id=request_id, model=job.model, **job.usage.fields(), **job.document_costs())
+    team = job.caller.team
+    return dict(user=job.caller.user, team=team and team.name, route=route, status=status,
+                latency_ms=int(latency_s * 1000), request_id=request_id, model=job.model, **job.usage.fields(),
+                **job.document_costs())
 
 
 def write_usage(usage_log, job, route, status, latency_s, request_id):

@@ -6,9 +6,10 @@ under the owner's rights of that moment. Serving is given the caller; it
 never looks it up.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
-from service.admission.budget import Limits
+from service.admission.budget import Limits, TeamLimits
 
 LIVE_SLOTS = "inflight"  # the concurrency slots of live requests
 BATCH_SLOTS = "batch-inflight"  # batch lines': a batch never takes its owner's interactive slots
@@ -24,6 +25,7 @@ class Caller:
     models: tuple | None = None  # the model names or aliases the user may call
     system_prompts: tuple | None = None  # the system prompts the user may send
     slots: str = LIVE_SLOTS
+    team: TeamLimits | None = None  # the team whose budget and concurrency cap the user shares
 
     @classmethod
     def of_token(cls, token):
@@ -34,14 +36,18 @@ class Caller:
     def of_user(cls, user, max_concurrent):
         """A batch line's caller: its owner's row, on the batch slots, `max_concurrent` of them."""
         caller = cls._of(user["name"], user)
-        return cls(caller.user, caller.daily_tokens, max_concurrent, caller.models, caller.system_prompts,
-                   BATCH_SLOTS)
+        # Lines count against their team's budget; like the owner's own, the team's cap is for live requests.
+        team = caller.team and dataclasses.replace(caller.team, max_concurrent=None)
+        return dataclasses.replace(caller, max_concurrent=max_concurrent, slots=BATCH_SLOTS, team=team)
 
     @classmethod
     def _of(cls, name, fields):
         lists = {key: None if fields.get(key) is None else tuple(fields[key]) for key in ("models", "system_prompts")}
-        return cls(name, fields.get("daily_tokens"), fields.get("max_concurrent"), **lists)
+        team = fields.get("team") and TeamLimits(fields["team"], fields.get("team_daily_tokens"),
+                                                 fields.get("team_max_concurrent"))
+        return cls(name, fields.get("daily_tokens"), fields.get("max_concurrent"), **lists, team=team)
 
     def limits(self, settings):
-        """The budget and concurrency this caller is admitted under."""
-        return Limits.of({"daily_tokens": self.daily_tokens, "max_concurrent": self.max_concurrent}, settings)
+        """The budgets and concurrency caps this caller is admitted under: their own, and their team's."""
+        return Limits(self.daily_tokens or settings.default_daily_tokens,
+                      self.max_concurrent or settings.default_max_concurrent, self.team)

@@ -86,8 +86,10 @@ def preparing(state, caller):
 def lease(state, caller, need, deadline_s):
     """`caller`'s budget lease of `need` tokens on one of their concurrency slots, held at most `deadline_s`
     (and a margin); NoSlot or OverBudget when refused."""
-    return budget.admit(state.counters, caller.user, caller.limits(state.settings), need, deadline_s,
-                        fail_open=state.settings.ratelimit_fail_open, slots=caller.slots)
+    settings = state.settings
+    return budget.admit(state.counters, caller.user, caller.limits(settings), need, deadline_s,
+                        fail_open=settings.ratelimit_fail_open, slots=caller.slots,
+                        alerts=settings.alert_thresholds if settings.alert_targets else ())
 
 
 def let_go(state, job):
