@@ -54,7 +54,8 @@ def _first_line(exc):
 def build_parser():
     parser = Parser(prog="vibethinker-admin", description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{users,tokens,console-link,keys,usage,audit,cache,db,model}")
+    groups = parser.add_subparsers(dest="group", required=True,
+                                   metavar="{users,teams,tokens,console-link,keys,usage,audit,cache,db,model}")
 
     users = groups.add_parser("users", help="add, list, disable, enable, set").add_subparsers(dest="cmd", required=True)
     add = users.add_parser("add", help="create a user")
@@ -72,6 +73,27 @@ def build_parser():
     set_.add_argument("--admin", action=argparse.BooleanOptionalAction, default=None)
     _quota_options(set_, clearable=True)
     set_.set_defaults(handler=commands.users_set)
+
+    teams = groups.add_parser("teams", help="add, list, set, members, remove: limits a team's members share").add_subparsers(
+        dest="cmd", required=True)
+    team_add = teams.add_parser("add", help="create a team")
+    team_add.add_argument("name")
+    _team_options(team_add)
+    team_add.set_defaults(handler=commands.teams_add)
+    teams.add_parser("list", help="list teams, their limits and members").set_defaults(handler=commands.teams_list)
+    team_set = teams.add_parser("set", help="change a team's limits ('none' clears one)")
+    team_set.add_argument("name")
+    _team_options(team_set, clearable=True)
+    team_set.set_defaults(handler=commands.teams_set)
+    members = teams.add_parser("members", help="show a team's members, or add and remove some (a user is in one "
+                                               "team at most)")
+    members.add_argument("name")
+    members.add_argument("--add", action="append", default=[], metavar="USER", help="repeat for more")
+    members.add_argument("--remove", action="append", default=[], metavar="USER", help="repeat for more")
+    members.set_defaults(handler=commands.teams_members)
+    team_remove = teams.add_parser("remove", help="delete a team (its members stay, in no team)")
+    team_remove.add_argument("name")
+    team_remove.set_defaults(handler=commands.teams_remove)
 
     tokens = groups.add_parser("tokens", help="issue, list, revoke").add_subparsers(dest="cmd", required=True)
     issue = tokens.add_parser("issue", help="issue a token; the last line printed is the token")
@@ -105,8 +127,10 @@ def build_parser():
     retire.set_defaults(handler=commands.keys_change, op="retire")
     key_cmds.add_parser("list", help="list key ids, newest (signing) last").set_defaults(handler=commands.keys_list)
 
-    usage = groups.add_parser("usage", help="daily usage per user, newest first")
+    usage = groups.add_parser("usage", help="daily usage per user (or per team), newest first")
     usage.add_argument("--user")
+    usage.add_argument("--team", help="only requests that counted against this team")
+    usage.add_argument("--by-team", action="store_true", help="one row per team and day")
     usage.add_argument("--since", type=_date, help="YYYY-MM-DD")
     usage.set_defaults(handler=commands.usage_list)
 
@@ -144,6 +168,16 @@ def build_parser():
     convert.add_argument("--quantization", choices=["int8"], required=True)
     convert.set_defaults(handler=commands.model_convert)
     return parser
+
+
+def _team_options(parser, clearable=False):
+    number = (lambda v: None if v == "none" else int(v)) if clearable else int
+    parser.add_argument("--rate-limit", type=(lambda v: None if v == "none" else v) if clearable else str,
+                        default=argparse.SUPPRESS, help='requests of all members together, e.g. "600/minute"')
+    parser.add_argument("--daily-tokens", type=number, default=argparse.SUPPRESS,
+                        help="prompt+completion tokens of all members together a day")
+    parser.add_argument("--max-concurrent", type=number, default=argparse.SUPPRESS,
+                        help="simultaneous requests of all members together")
 
 
 def _quota_options(parser, clearable=False):

@@ -15,7 +15,7 @@ from auth import backup, keys
 from auth.console import ConsoleAccess
 from auth.errors import StoreError
 from auth.schema import connect, migrate, revision
-from auth.store import QUOTA_FIELDS, Store
+from auth.store import QUOTA_FIELDS, TEAM_FIELDS, Store
 from auth.tokens import issue_token, parse_duration
 from service.admission.counters import epoch_publisher, open_counters
 from service.settings import SettingsError
@@ -50,7 +50,7 @@ def users_add(args, settings):
 
 def users_list(args, settings):
     rows = _store(settings).list_users()
-    _emit(args, rows, _table(rows, ("name", "admin", "active", "rate_limit", "daily_tokens", "max_concurrent")))
+    _emit(args, rows, _table(rows, ("name", "admin", "active", "team", "rate_limit", "daily_tokens", "max_concurrent")))
 
 
 def users_toggle(args, settings):
@@ -133,15 +133,55 @@ def keys_list(args, settings):
     _emit(args, kids, "\n".join(f"{kid}{'  (signing)' if kid == kids[-1] else ''}" for kid in kids))
 
 
+def teams_add(args, settings):
+    team = _store(settings).add_team(args.name, **_team_limits(args), **_who())
+    _emit(args, team, f"added team {team['name']}")
+
+
+def teams_list(args, settings):
+    rows = _store(settings).list_teams()
+    shown = [{**row, "members": ",".join(row["members"])} for row in rows]
+    _emit(args, rows, _table(shown, ("name", *TEAM_FIELDS, "members")))
+
+
+def teams_set(args, settings):
+    changes = _team_limits(args)
+    if not changes:
+        raise StoreError(400, "nothing to change: give --rate-limit, --daily-tokens or --max-concurrent", "empty")
+    team = _store(settings).update_team(args.name, **changes, **_who())
+    _emit(args, team, f"updated team {args.name}")
+
+
+def teams_members(args, settings):
+    store = _store(settings)
+    if args.add or args.remove:
+        team = store.set_members(args.name, add=args.add, remove=args.remove, **_who())
+    else:
+        team = store.get_team(args.name)
+    _emit(args, team["members"], "\n".join(team["members"]) or f"team {args.name} has no members")
+
+
+def teams_remove(args, settings):
+    team = _store(settings).remove_team(args.name, **_who())
+    _emit(args, team, f"removed team {args.name} ({len(team['members'])} member(s) now in no team)")
+
+
+def _team_limits(args):
+    return {k: getattr(args, k) for k in TEAM_FIELDS if hasattr(args, k)}
+
+
 def usage_list(args, settings):
     store = _store(settings)
     if args.user is not None:
         store.get_user(args.user)  # an unknown user is an error, not an empty table
-    rows = store.usage_by_day(args.user, args.since)
+    if args.team is not None:
+        store.get_team(args.team)
+    by = "team" if args.by_team else "user"
+    rows = store.usage_by_day(args.user, args.since, team=args.team, by=by)
     _emit(
         args,
         rows,
-        _table(rows, ("day", "user", "requests", "succeeded", "cached", "prompt_tokens", "completion_tokens",
+        _table(rows, ("day", by, "requests", "succeeded", "cached", "prompt_tokens", "completion_tokens",
                       "total_tokens")),
     )
 

@@ -66,7 +66,8 @@ def test_the_spec_is_served_without_a_token(fuzzed):
     assert set(spec["paths"]) == {
         "/healthz", "/readyz", "/metrics", "/openapi.json", "/predict", "/v1/predict", "/v1/chat/completions",
         "/v1/models", "/v1/models/{model}", "/v1/me", "/admin/users", "/admin/users/{name}", "/admin/tokens",
-        "/admin/tokens/{jti}", "/admin/usage", "/admin/audit", "/admin/cache/purge", "/v1/files", "/v1/files/{file_id}",
+        "/admin/tokens/{jti}", "/admin/teams", "/admin/teams/{name}", "/admin/teams/{name}/members", "/admin/usage",
+        "/admin/audit", "/admin/cache/purge", "/v1/files", "/v1/files/{file_id}",
         "/v1/files/{file_id}/content", "/v1/batches", "/v1/batches/{batch_id}", "/v1/batches/{batch_id}/cancel"}
     predict = spec["paths"]["/predict"]["post"]
     assert predict["requestBody"]["content"]["application/json"]["schema"] == {
@@ -121,6 +122,8 @@ def _template(uri):
         return "/admin/users/{name}"
     if parts[1:3] == ["admin", "tokens"] and len(parts) == 4:
         return "/admin/tokens/{jti}"
+    if parts[1:3] == ["admin", "teams"] and len(parts) >= 4:
+        return "/".join(parts[:3] + ["{name}"] + parts[4:])
     if parts[1:3] == ["v1", "models"] and len(parts) == 4:
         return "/v1/models/{model}"
     if parts[1:3] in (["v1", "files"], ["v1", "batches"]) and len(parts) >= 4:

@@ -1,4 +1,4 @@
-"""The admin HTTP API (scope `admin`): users, tokens and the audit trail.
+"""The admin HTTP API (scope `admin`): users, teams, tokens and the audit trail.
 
 Routes are thin: parse, call auth.store / auth.tokens, return. Every change is
 audited with the calling admin as actor and the client address as source.
@@ -8,12 +8,13 @@ from datetime import datetime
 
 from flask import Blueprint, request
 
-from auth.store import QUOTA_FIELDS
+from auth.store import QUOTA_FIELDS, TEAM_COLUMNS, TEAM_FIELDS
 from auth.tokens import issue_token
 from service.api.access import caller
 from service.api.body import read
 from service.errors import BadRequest, NotFound, Unavailable
-from service.inputs.schemas import AdminTokenRequest, AdminUserCreate, AdminUserPatch, CachePurge, query_int
+from service.inputs.schemas import (AdminTeamCreate, AdminTeamMembers, AdminTeamPatch, AdminTokenRequest,
+                                   AdminUserCreate, AdminUserPatch, CachePurge, query_int)
 from service.serving import cache
 from service.state import state
 
@@ -55,6 +56,47 @@ def update_user(name):
     return _store().update_user(name, **changes, **_who())
 
 
+@bp.post("/teams")
+def add_team():
+    body = _body(AdminTeamCreate)
+    store = _store()
+    team = store.add_team(body.name, **{name: getattr(body, name) for name in TEAM_FIELDS}, **_who())
+    if body.members:
+        team = store.set_members(body.name, add=body.members, **_who())
+    return team, 201
+
+
+@bp.get("/teams")
+def list_teams():
+    return {"object": "list", "data": _store().list_teams()}
+
+
+@bp.get("/teams/<name>")
+def get_team(name):
+    return _store().get_team(name)
+
+
+@bp.patch("/teams/<name>")
+def update_team(name):
+    changes = _body(AdminTeamPatch).model_dump(exclude_unset=True)
+    if not changes:
+        raise BadRequest("nothing to change: give rate_limit, daily_tokens or max_concurrent", "empty", None)
+    return _store().update_team(name, **changes, **_who())
+
+
+@bp.post("/teams/<name>/members")
+def team_members(name):
+    body = _body(AdminTeamMembers)
+    if not body.add and not body.remove:
+        raise BadRequest("nothing to change: give add or remove (lists of user names)", "empty", None)
+    return _store().set_members(name, add=body.add, remove=body.remove, **_who())
+
+
+@bp.delete("/teams/<name>")
+def remove_team(name):
+    return _store().remove_team(name, **_who())
+
+
 @bp.post("/tokens")
 def add_token():
     body = _body(AdminTokenRequest)
@@ -81,8 +123,12 @@ def revoke_token(jti):
 
 @bp.get("/usage")
 def usage_by_day():
-    """Daily totals per user (?user=NAME&since=YYYY-MM-DD)."""
-    rows = _store().usage_by_day(request.args.get("user"), _date(request.args.get("since")))
+    """Daily totals per user, or per team with by=team (?user=NAME&team=NAME&since=YYYY-MM-DD&by=user|team)."""
+    args = request.args
+    by = args.get("by", "user")
+    if by not in ("user", "team"):
+        raise BadRequest(f"by must be user or team, not {by[:40]!r}", "invalid_value", "by")
+    rows = _store().usage_by_day(args.get("user"), _date(args.get("since")), team=args.get("team"), by=by)
     return {"object": "list", "data": rows}
 
 
@@ -120,7 +166,7 @@ def list_audit():
 def _public(token):
     """Token metadata as JSON: never the token text, which is not stored anyway."""
     return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in token.items()
-            if k not in ("user_active", "user_admin", *QUOTA_FIELDS)}
+            if k not in ("user_active", "user_admin", *QUOTA_FIELDS, *(column.name for column in TEAM_COLUMNS))}
 
 
 def _date(text):

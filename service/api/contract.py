@@ -19,7 +19,7 @@ from service.api.access import is_console, public, scope_for
 from service.api.answer_models import ChatCompletion, Prediction
 from service.api.responses import (
     AuditList, Batch, BatchList, CachePurged, Error, FileDeleted, FileList, FileObject, Health, IssuedToken, Me,
-    ModelCard, ModelList, Ready, Token, TokenList, UsageList, User, UserList)
+    ModelCard, ModelList, Ready, Team, TeamList, Token, TokenList, UsageList, User, UserList)
 from service.inputs import schemas
 from service.inputs.extraction import MEDIA_TYPES
 from service.serving.params import LEAST_PENALTY, MAX_TOP_K, MAX_TOP_LOGPROBS
@@ -84,13 +84,24 @@ ROUTES = {
     "admin.list_users": ("Every user", None, UserList, 200, AUTH, ()),
     "admin.update_user": ("Change a user's state, rights or quotas", schemas.AdminUserPatch, User, 200,
                           (*AUTH, *BODY, 404), ()),
+    "admin.add_team": ("Create a team (its members share its limits)", schemas.AdminTeamCreate, Team, 201,
+                       (*AUTH, *BODY, 404, 409), ()),
+    "admin.list_teams": ("Every team, its limits and members", None, TeamList, 200, AUTH, ()),
+    "admin.get_team": ("One team", None, Team, 200, (*AUTH, 404), ()),
+    "admin.update_team": ("Change a team's shared limits", schemas.AdminTeamPatch, Team, 200, (*AUTH, *BODY, 404),
+                          ()),
+    "admin.team_members": ("Add users to a team and remove others (a user is in one team at most)",
+                           schemas.AdminTeamMembers, Team, 200, (*AUTH, *BODY, 404, 409), ()),
+    "admin.remove_team": ("Delete a team (its members stay, in no team)", None, Team, 200, (*AUTH, 404), ()),
     "admin.add_token": ("Issue a token (its text is shown once)", schemas.AdminTokenRequest, IssuedToken, 201,
                         (*AUTH, *BODY, 404), ()),
     "admin.list_tokens": ("Tokens, active only unless all=true", None, TokenList, 200, (*AUTH, 400, 404),
                           ({"name": "user", "in": "query", "schema": {"type": "string"}},
                            {"name": "all", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]}})),
     "admin.revoke_token": ("Revoke a token", None, Token, 200, (*AUTH, 404), ()),
-    "admin.usage_by_day": ("Usage per user and UTC day", None, UsageList, 200, (*AUTH, 400, 404), QUERY),
+    "admin.usage_by_day": ("Usage per user (or per team) and UTC day", None, UsageList, 200, (*AUTH, 400, 404), (
+        *QUERY, {"name": "team", "in": "query", "schema": {"type": "string"}},
+        {"name": "by", "in": "query", "schema": {"type": "string", "enum": ["user", "team"]}})),
     "admin.purge_cache": ("Drop cached answers: all, a user's or a model's (audited)", schemas.CachePurge,
                           CachePurged, 200, (*AUTH, *BODY, 404, 503), ()),
     "admin.list_audit": ("The audit trail, newest first", None, AuditList, 200, (*AUTH, 400), (
@@ -102,6 +113,8 @@ ROUTES = {
 # What a created thing leads to (OpenAPI links): clients and fuzzers follow them.
 LINKS = {
     "admin.add_user": {"UpdateUser": {"operationId": "admin.update_user.patch",
+                                      "parameters": {"name": "$response.body#/name"}}},
+    "admin.add_team": {"UpdateTeam": {"operationId": "admin.update_team.patch",
                                       "parameters": {"name": "$response.body#/name"}}},
     "admin.add_token": {"RevokeToken": {"operationId": "admin.revoke_token.delete",
                                         "parameters": {"jti": "$response.body#/jti"}}},
@@ -231,7 +244,8 @@ def _bound(components, settings):
     served = [spec.name for spec in settings.served_models()]
     components["ChatRequest"]["properties"]["model"]["examples"] = [served[0], "auto"]
     components["PredictRequest"]["properties"]["question"]["examples"] = ["What is 2 + 2?"]
-    components["AdminUserCreate"]["properties"]["name"].update(pattern=f"^{NAME_PATTERN}$", maxLength=64)
+    for model in ("AdminUserCreate", "AdminTeamCreate"):
+        components[model]["properties"]["name"].update(pattern=f"^{NAME_PATTERN}$", maxLength=64)
     components["ChatRequest"]["properties"]["seed"] = {"anyOf": [
         {"type": "integer", "minimum": schemas.SEED_RANGE[0], "maximum": schemas.SEED_RANGE[1]}, {"type": "null"}]}
 

@@ -1,5 +1,6 @@
-"""GET /v1/me: who the token belongs to, its scope and expiry, the user's limits and today's use, and what
-they store (files, bytes, open batches, batches created today) against their storage quotas."""
+"""GET /v1/me: who the token belongs to, its scope and expiry, the user's limits and today's use, their team's
+(the limits its members share and their use today), and what they store (files, bytes, open batches, batches
+created today) against their storage quotas."""
 
 from datetime import datetime, timezone
 
@@ -38,8 +39,22 @@ def standing(user):
             "storage": {"limits": {name: user[name] for name in STORAGE_QUOTAS},
                         "effective_limits": vars(quotas.StorageQuota.of(user, settings)),
                         "used": _stored(user["name"])},
-            "today": {k: (today or {}).get(k, 0) for k in ("requests", "prompt_tokens", "completion_tokens",
-                                                           "total_tokens")}}
+            "today": _today(today), "team": _team(user, midnight)}
+
+
+def _today(row):
+    return {k: (row or {}).get(k, 0) for k in ("requests", "prompt_tokens", "completion_tokens", "total_tokens")}
+
+
+def _team(user, midnight):
+    """The user's team: the limits its members share (null: none of that kind) and their use today."""
+    if not user["team"]:
+        return None
+    today = (state().store.usage_by_day(team=user["team"], since=midnight, by="team") or [None])[0]
+    return {"name": user["team"], "limits": {"rate_limit": user["team_rate_limit"],
+                                             "daily_tokens": user["team_daily_tokens"],
+                                             "max_concurrent": user["team_max_concurrent"]},
+            "today": _today(today)}
 
 
 def _stored(name):

@@ -94,7 +94,26 @@ class User(BaseModel):
     max_stored_bytes: int | None
     max_open_batches: int | None
     daily_batches: int | None
+    team: str | None  # the team whose limits the user shares, and those limits
+    team_rate_limit: str | None
+    team_daily_tokens: int | None
+    team_max_concurrent: int | None
     created_at: str
+
+
+class Team(BaseModel):
+    id: int
+    name: str
+    rate_limit: str | None  # null: no team limit of that kind (each member's own still applies)
+    daily_tokens: int | None
+    max_concurrent: int | None
+    members: list[str]
+    created_at: str
+
+
+class TeamList(BaseModel):
+    object: Literal["list"]
+    data: list[Team]
 
 
 class UserList(BaseModel):
@@ -128,7 +147,8 @@ class TokenList(BaseModel):
 
 class UsageDay(BaseModel):
     day: str
-    user: str
+    user: str | None = None  # per user (by=user), or
+    team: str | None = None  # per team (by=team): the team each request counted against then
     requests: int
     succeeded: int
     cached: int  # requests answered from the response cache (their tokens are not in the sums)
@@ -176,6 +196,7 @@ class Me(BaseModel):
     effective_limits: dict[str, Any]
     today: dict[str, int]
     storage: dict[str, dict[str, Any]]  # the storage quotas: the user's own, in effect, and what is used
+    team: dict[str, Any] | None  # the user's team: its name, the limits its members share and its use today
 
 
 class FileObject(BaseModel):

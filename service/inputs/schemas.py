@@ -273,6 +273,36 @@ class AdminUserPatch(QuotaFields):
     admin: bool = None
 
 
+class TeamFields(StrictModel):
+    """The limits a team's members share; null clears one (no team limit of that kind)."""
+
+    rate_limit: str | None = None
+    daily_tokens: int | None = None
+    max_concurrent: int | None = None
+
+
+MemberName = Annotated[str, Field(max_length=64)]
+MAX_MEMBER_CHANGES = 100  # users named in one change (a body of them stays far below the body limit)
+
+
+class AdminTeamCreate(TeamFields):
+    """POST /admin/teams."""
+
+    name: str
+    members: list[MemberName] = Field([], max_length=MAX_MEMBER_CHANGES)
+
+
+class AdminTeamPatch(TeamFields):
+    """PATCH /admin/teams/<name>: only the fields given change."""
+
+
+class AdminTeamMembers(StrictModel):
+    """POST /admin/teams/<name>/members: users to add and to remove, in one change."""
+
+    add: list[MemberName] = Field([], max_length=MAX_MEMBER_CHANGES)
+    remove: list[MemberName] = Field([], max_length=MAX_MEMBER_CHANGES)
+
+
 class CachePurge(StrictModel):
     """POST /admin/cache/purge: which cached answers to drop (nothing given: all)."""
 
