@@ -19,7 +19,7 @@ from service.api.access import is_console, public, scope_for
 from service.api.answer_models import ChatCompletion, Prediction
 from service.api.responses import (
     AuditList, Batch, BatchList, CachePurged, Error, FileDeleted, FileList, FileObject, Health, IssuedToken, Me,
-    ModelCard, ModelList, Ready, Token, TokenList, UsageList, User, UserList)
+    ModelCard, ModelList, Ready, RotatedToken, Token, TokenList, UsageList, User, UserList)
 from service.inputs import schemas
 from service.inputs.extraction import MEDIA_TYPES
 from service.serving.params import LEAST_PENALTY, MAX_TOP_K, MAX_TOP_LOGPROBS
@@ -90,6 +90,8 @@ ROUTES = {
                           ({"name": "user", "in": "query", "schema": {"type": "string"}},
                            {"name": "all", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]}})),
     "admin.revoke_token": ("Revoke a token", None, Token, 200, (*AUTH, 404), ()),
+    "admin.rotate_token": ("Issue a successor to a token (its text is shown once); the old one works until the "
+                           "grace ends", schemas.AdminTokenRotate, RotatedToken, 201, (*AUTH, *BODY, 404, 409), ()),
     "admin.usage_by_day": ("Usage per user and UTC day", None, UsageList, 200, (*AUTH, 400, 404), QUERY),
     "admin.purge_cache": ("Drop cached answers: all, a user's or a model's (audited)", schemas.CachePurge,
                           CachePurged, 200, (*AUTH, *BODY, 404, 503), ()),
@@ -104,6 +106,8 @@ LINKS = {
     "admin.add_user": {"UpdateUser": {"operationId": "admin.update_user.patch",
                                       "parameters": {"name": "$response.body#/name"}}},
     "admin.add_token": {"RevokeToken": {"operationId": "admin.revoke_token.delete",
+                                        "parameters": {"jti": "$response.body#/jti"}},
+                        "RotateToken": {"operationId": "admin.rotate_token.post",
                                         "parameters": {"jti": "$response.body#/jti"}}},
     "batches.upload_file": {"CreateBatch": {"operationId": "batches.create_batch.post", "requestBody": {
         "input_file_id": "$response.body#/id", "endpoint": "/v1/chat/completions", "completion_window": "24h"}},
