@@ -37,8 +37,9 @@ PUBLIC = {"console.static", "console.login", "console.link_confirm", "console.li
 INT_QUOTAS = tuple(QUOTA_MAX)  # the integer quotas
 PROMPT_SEPARATOR = "---"  # a line of its own between system prompts (a prompt may span lines)
 AUDIT_ACTIONS = ("user.add", "user.update", "user.enable", "user.disable", "token.issue", "token.revoke",
-                 "token.rotate", "token.revoke_all", "console.link", "console.sign_in", "console.sign_out", "console.refused",
-                 "batch.cancel", "cache.purge", "key.generate", "key.rotate", "key.retire", "db.restore")
+                 "token.rotate", "token.revoke_all", "console.link", "console.sign_in", "console.sign_out",
+                 "console.refused", "batch.cancel", "cache.purge", "key.generate", "key.rotate", "key.retire",
+                 "db.restore")
 
 
 class NotSignedIn(Exception):
