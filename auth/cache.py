@@ -12,7 +12,9 @@ worker empties its cache. With the mirror unreachable the cache is not used at
 all: every request checks the database, as without a cache. The database's
 epoch is also read every `db_check_s` seconds, so a change whose mirror write
 failed still reaches every worker within that time. Expiry and not-before are
-checked on every hit against the token's own claims.
+checked on every hit against the token's own claims, and the end of a rotated
+token's grace (its scheduled `revoked_at`) against its record: that end moves
+no epoch, so no entry may outlive it.
 """
 
 import hashlib
@@ -81,7 +83,7 @@ class TokenCache:
             if epoch is not None and checked != epoch:
                 return None
             now = self._wall()
-            if not (claims["nbf"] <= now < claims["exp"]):
+            if not (claims["nbf"] <= now < _end(claims, token)):
                 del self._entries[key]
                 return None
             self._entries.move_to_end(key)
@@ -103,6 +105,12 @@ class TokenCache:
 
     def __len__(self):
         return len(self._entries)
+
+
+def _end(claims, token):
+    """When a cached token stops working: its expiry, or the end of its rotation's grace if sooner."""
+    revoked_at = token.get("revoked_at")
+    return claims["exp"] if revoked_at is None else min(claims["exp"], revoked_at.timestamp())
 
 
 def _key(header):

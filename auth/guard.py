@@ -4,7 +4,7 @@ flask-jwt-extended decodes the bearer token from the Authorization header only
 (no query strings, no cookies) with the algorithm pinned to EdDSA, the key
 picked by `kid`, and `iss`/`aud`/`exp`/`nbf` checked. Then this hook checks
 what the library does not: every required claim is present, the jti was
-recorded at issue and is not revoked, the user exists and is active, and the
+recorded at issue and is not revoked (a rotated token: not past its grace), the user exists and is active, and the
 token's scope allows the route and the user still holds the rights it names.
 
 With a `cache` (auth.cache), a token this worker verified before skips the
@@ -105,8 +105,9 @@ def check_token(store, claims):
     token = store.get_token(str(claims["jti"]))
     if token is None or token["user"] != claims["sub"]:
         raise AuthError(401, "token was not issued by this service", "invalid_token")
-    if token["revoked_at"] is not None:
-        raise AuthError(401, "token has been revoked", "token_revoked")
+    if token["revoked_at"] is not None and token["revoked_at"] <= store.clock():  # later: a rotation's grace
+        raise AuthError(401, "token was rotated and its grace period has ended: use its successor"
+                        if token["replaced_by"] else "token has been revoked", "token_revoked")
     return token
 
 

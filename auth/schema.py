@@ -57,8 +57,11 @@ tokens = sa.Table(
     sa.Column("kid", sa.String(64), nullable=False),
     sa.Column("issued_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    # When the token stops working; a time still ahead is the end of a rotation's grace (auth.tokens.rotate_token).
     sa.Column("revoked_at", sa.DateTime(timezone=True)),
     sa.Column("revoked_by", sa.String(64)),
+    sa.Column("replaces", sa.String(64)),  # the jti this token was issued to replace (a rotation's successor)
+    sa.Column("replaced_by", sa.String(64)),  # the jti of its successor, once rotated
 )
 audit = sa.Table(
     "audit", metadata,

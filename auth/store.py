@@ -62,12 +62,13 @@ class Store:
 
     def revoke_again(self, revocations):
         """After a restore: revoke each token of {jti: (revoked_at, revoked_by)} that the restored rows hold
-        unrevoked (it was revoked after the backup), end every console session and sign-in link the backup
+        unrevoked or revoked later (it was revoked, or its rotation's grace cut short, after the backup; a
+        grace end still ahead is kept as it stands), end every console session and sign-in link the backup
         held (a link used since would work again), and replace the access epoch. How many were revoked."""
         with self.engine.begin() as conn:
             conn.execute(console_sessions.delete())
             conn.execute(console_links.delete())
-            kept = sum(conn.execute(tokens.update().where(tokens.c.jti == jti, tokens.c.revoked_at.is_(None))
+            kept = sum(conn.execute(tokens.update().where(tokens.c.jti == jti, _unrevoked_at(at))
                                     .values(revoked_at=at, revoked_by=by)).rowcount
                        for jti, (at, by) in revocations.items())
             epoch = self._changed_access(conn)
@@ -138,13 +139,15 @@ class Store:
                         {"jti": jti, "scope": scope, "label": label, "expires_at": expires_at.isoformat()}, source)
 
     def list_tokens(self, user_name=None, include_inactive=False):
+        """Tokens (those still working unless `include_inactive`), oldest first, each with its status."""
+        now = self.clock()
         query = sa.select(tokens, users.c.name.label("user")).join(users).order_by(tokens.c.issued_at)
         if user_name is not None:
             query = query.where(users.c.id == self.get_user(user_name)["id"])
         if not include_inactive:
-            query = query.where(tokens.c.revoked_at.is_(None), tokens.c.expires_at > self.clock())
+            query = query.where(_unrevoked_at(now), tokens.c.expires_at > now)
         with self.engine.connect() as conn:
-            return [_token(r) for r in conn.execute(query).mappings()]
+            return [_token(r, now) for r in conn.execute(query).mappings()]
 
     def get_token(self, jti):
         """Token metadata with its user's name and state, or None if never issued."""
@@ -156,16 +159,18 @@ class Store:
                  .where(tokens.c.jti == jti))
         with self.engine.connect() as conn:
             row = conn.execute(query).mappings().first()
-        return _token(row) if row else None
+        return _token(row, self.clock()) if row else None
 
     def revoke_token(self, jti, actor="system", source="cli"):
-        """Revoke one token; StoreError 404 if never issued. Revoking twice is harmless."""
+        """Revoke one token now (one in a rotation's grace too); StoreError 404 if never issued. Revoking twice
+        is harmless."""
         token = self.get_token(jti)
         if token is None:
             raise StoreError(404, f"no such token: {jti!r}", "unknown_token", "jti")
+        now = self.clock()
         with self.engine.begin() as conn:
-            conn.execute(tokens.update().where(tokens.c.jti == jti, tokens.c.revoked_at.is_(None))
-                         .values(revoked_at=self.clock(), revoked_by=actor))
+            conn.execute(tokens.update().where(tokens.c.jti == jti, _unrevoked_at(now))
+                         .values(revoked_at=now, revoked_by=actor))
             self._audit(conn, actor, "token.revoke", token["user"], {"jti": jti}, source)
             epoch = self._changed_access(conn)
         self.publish(epoch)
@@ -173,15 +178,50 @@ class Store:
 
     def revoke_all(self, user_name, actor="system", source="cli"):
         """Revoke every live token of a user, and end their console sessions; the number of tokens revoked."""
-        user = self.get_user(user_name)
+        user, now = self.get_user(user_name), self.clock()
         with self.engine.begin() as conn:
-            count = conn.execute(tokens.update().where(tokens.c.user_id == user["id"], tokens.c.revoked_at.is_(None))
-                                 .values(revoked_at=self.clock(), revoked_by=actor)).rowcount
+            count = conn.execute(tokens.update().where(tokens.c.user_id == user["id"], _unrevoked_at(now))
+                                 .values(revoked_at=now, revoked_by=actor)).rowcount
             _end_console(conn, user["id"])
             self._audit(conn, actor, "token.revoke_all", user_name, {"count": count}, source)
             epoch = self._changed_access(conn)
         self.publish(epoch)
         return count
+
+    def rotatable(self, jti):
+        """The token `jti` if it may be rotated now; StoreError 404 if never issued, 409 if it is revoked,
+        expired, or rotated already (its successor is the one to rotate)."""
+        token = self.get_token(jti)
+        if token is None:
+            raise StoreError(404, f"no such token: {jti!r}", "unknown_token", "jti")
+        if token["replaced_by"] is not None:
+            raise StoreError(409, f"token {jti!r} was rotated already: its successor is {token['replaced_by']!r}",
+                             "token_rotated", "jti")
+        if token["revoked_at"] is not None:
+            raise StoreError(409, f"token {jti!r} is revoked", "token_revoked", "jti")
+        if token["expires_at"] <= self.clock():
+            raise StoreError(409, f"token {jti!r} has expired", "token_expired", "jti")
+        return token
+
+    def rotate_token(self, jti, successor, ends_at, actor="system", source="cli"):
+        """Record `successor` (the metadata of a token issued to replace `jti`: jti, scope, label, kid,
+        issued_at, expires_at) and schedule `jti`'s revocation at `ends_at`, in one transaction; StoreError as
+        `rotatable`, 409 also when another rotation or a revocation got there first."""
+        old = self.rotatable(jti)
+        user = self.get_user(old["user"])
+        with self.engine.begin() as conn:
+            taken = conn.execute(tokens.update().where(tokens.c.jti == jti, tokens.c.revoked_at.is_(None),
+                                                       tokens.c.replaced_by.is_(None))
+                                 .values(revoked_at=ends_at, revoked_by=actor, replaced_by=successor["jti"]))
+            if taken.rowcount != 1:
+                raise StoreError(409, f"token {jti!r} was revoked or rotated meanwhile", "token_rotated", "jti")
+            conn.execute(tokens.insert().values(user_id=user["id"], replaces=jti, **successor))
+            self._audit(conn, actor, "token.rotate", jti,
+                        {"user": old["user"], "successor": successor["jti"], "grace_ends_at": ends_at.isoformat(),
+                         "expires_at": successor["expires_at"].isoformat()}, source)
+            epoch = self._changed_access(conn)  # cached copies of the old token learn their end
+        self.publish(epoch)
+        return self.get_token(jti)
 
     # --- teams ---
     def add_team(self, name, actor="system", source="cli", **limits):
@@ -343,6 +383,18 @@ class Store:
             return conn.execute(sa.text("SELECT 1")).scalar() == 1
 
 
+def _unrevoked_at(moment):
+    """Tokens not revoked at `moment`: never, or only later (a rotation's grace still running then)."""
+    return sa.or_(tokens.c.revoked_at.is_(None), tokens.c.revoked_at > moment)
+
+
+def token_status(token, now):
+    """active, grace (rotated: works until its revoked_at), revoked or expired."""
+    if token["revoked_at"] is not None:
+        return "revoked" if token["revoked_at"] <= now else "grace"
+    return "expired" if token["expires_at"] <= now else "active"
+
+
 def _end_console(conn, user_id):
     """The admins' console: the user's sessions end and their unused sign-in links stop working."""
     conn.execute(console_sessions.delete().where(console_sessions.c.user_id == user_id))
@@ -387,10 +439,12 @@ def _user(row):
             "created_at": aware(row["created_at"]).isoformat()}
 
 
-def _token(row):
+def _token(row, now):
     token = {"jti": row["jti"], "user": row["user"], "scope": row["scope"], "label": row["label"],
              "kid": row["kid"], "issued_at": aware(row["issued_at"]), "expires_at": aware(row["expires_at"]),
-             "revoked_at": aware(row["revoked_at"]), "revoked_by": row["revoked_by"]}
+             "revoked_at": aware(row["revoked_at"]), "revoked_by": row["revoked_by"], "replaces": row["replaces"],
+             "replaced_by": row["replaced_by"]}
+    token["status"] = token_status(token, now)
     for extra in ("user_active", "user_admin", *QUOTA_FIELDS, *(column.name for column in TEAM_COLUMNS)):
         if extra in row:
             token[extra] = _list(row[extra]) if extra in LIST_FIELDS else row[extra]

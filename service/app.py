@@ -112,7 +112,9 @@ def token_cache(settings, store, counters):
     """This worker's cache of verified tokens, where another process can tell it of a change (Redis)."""
     if not settings.token_cache_entries or not counters.shared:
         return None
-    return TokenCache(store, counters.get_epoch, counters.set_epoch, max_entries=settings.token_cache_entries)
+    # Its wall clock is the store's, the one the guard checks a rotation's grace against.
+    return TokenCache(store, counters.get_epoch, counters.set_epoch, max_entries=settings.token_cache_entries,
+                      wall=lambda: store.clock().timestamp())
 
 
 def load_policy(settings):

@@ -95,7 +95,7 @@ def build_parser():
     team_remove.add_argument("name")
     team_remove.set_defaults(handler=commands.teams_remove)
 
-    tokens = groups.add_parser("tokens", help="issue, list, revoke").add_subparsers(dest="cmd", required=True)
+    tokens = groups.add_parser("tokens", help="issue, list, revoke, rotate").add_subparsers(dest="cmd", required=True)
     issue = tokens.add_parser("issue", help="issue a token; the last line printed is the token")
     issue.add_argument("name")
     issue.add_argument("--ttl", help="lifetime such as 30d, 12h, 90m (default from settings)")
@@ -109,6 +109,12 @@ def build_parser():
     revoke = tokens.add_parser("revoke", help="revoke one token by jti")
     revoke.add_argument("jti")
     revoke.set_defaults(handler=commands.tokens_revoke)
+    rotate = tokens.add_parser("rotate", help="issue a successor to a token; the old one works until the grace "
+                               "ends; the last line printed is the new token")
+    rotate.add_argument("jti")
+    rotate.add_argument("--grace", required=True, help="how long the old token keeps working: 0 (revoked at once), "
+                        "or such as 24h, 7d (at most 30d, never past its own expiry)")
+    rotate.set_defaults(handler=commands.tokens_rotate)
     revoke_all = tokens.add_parser("revoke-all", help="revoke every token of a user")
     revoke_all.add_argument("name")
     revoke_all.set_defaults(handler=commands.tokens_revoke_all)

@@ -16,7 +16,7 @@ from auth.console import ConsoleAccess
 from auth.errors import StoreError
 from auth.schema import connect, migrate, revision
 from auth.store import QUOTA_FIELDS, TEAM_FIELDS, Store
-from auth.tokens import issue_token, parse_duration
+from auth.tokens import issue_token, parse_duration, rotate_token
 from service.admission.counters import epoch_publisher, open_counters
 from service.settings import SettingsError
 
@@ -90,9 +90,20 @@ def tokens_issue(args, settings):
     print(text)
 
 
+def tokens_rotate(args, settings):
+    text, meta = rotate_token(_store(settings), keys.KeySet(settings.jwt_key_dir), args.jti, grace=args.grace,
+                              max_ttl=settings.token_max_ttl, issuer=settings.jwt_issuer,
+                              audience=settings.jwt_audience, **_who())
+    _emit(args, meta, f"rotated {meta['replaces']}: it works until {meta['grace_ends_at']}; its successor "
+          f"{meta['jti']} for {meta['user']} (scope {meta['scope']}, expires {meta['expires_at']}) is shown once, "
+          "store it now:")
+    print(text)
+
+
 def tokens_list(args, settings):
     rows = _store(settings).list_tokens(args.user, include_inactive=args.all)
-    _emit(args, rows, _table(rows, ("jti", "user", "scope", "label", "expires_at", "revoked_at")))
+    _emit(args, rows, _table(rows, ("jti", "user", "scope", "label", "expires_at", "status", "revoked_at",
+                                    "replaces", "replaced_by")))
 
 
 def tokens_revoke(args, settings):

@@ -38,6 +38,19 @@ def test_json_listings(env):
     assert actions == ["token.issue", "user.update", "user.add", "key.generate"]
 
 
+def test_tokens_rotate_prints_the_successor_last_and_lists_both(env):
+    admin_cli(env, "users", "add", "erin")
+    old = json.loads(admin_cli(env, "--json", "tokens", "issue", "erin", "--label", "ci").stdout.splitlines()[0])
+    lines = admin_cli(env, "tokens", "rotate", old["jti"], "--grace", "24h").stdout.splitlines()
+    assert len(lines[-1].split(".")) == 3 and "works until" in lines[0] and old["jti"] in lines[0]
+    listed = {t["jti"]: t for t in json.loads(admin_cli(env, "--json", "tokens", "list").stdout)}
+    [new] = set(listed) - {old["jti"]}
+    assert (listed[old["jti"]]["status"], listed[old["jti"]]["replaced_by"]) == ("grace", new)
+    assert (listed[new]["replaces"], listed[new]["label"]) == (old["jti"], "ci")
+    again = admin_cli(env, "tokens", "rotate", old["jti"], "--grace", "1h", check=False)
+    assert again.returncode == 1 and "rotated already" in again.stderr and again.stderr.count("\n") == 1
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["users", "add", "carol", "--rate-limit", "often"], "rate_limit 'often'"),
     (["users", "disable", "nobody"], "no such user: 'nobody'"),

@@ -294,6 +294,29 @@ def test_create_a_user_issue_a_token_that_works_then_revoke_it(app):
     assert [a for a, actor, _ in trail if actor == "boss"] == ["token.revoke", "token.issue", "user.add"]
 
 
+def test_rotate_a_token_from_its_row_the_old_one_works_until_the_grace_ends(app, clock):
+    client = sign_in(app)
+    state(app).store.add_user("rotor")
+    old = token_header(app, "rotor")
+    jti = app.test_client().get("/v1/me", headers=old).get_json()["token"]["jti"]
+    page = client.get("/admin/console/users/rotor")
+    assert f'/admin/console/tokens/{jti}/rotate' in text(page)
+    bad = post(client, f"/admin/console/tokens/{jti}/rotate", {"grace": "soon"}, page)
+    assert bad.status_code == 400 and "bad grace" in unescape(text(bad))
+    shown = post(client, f"/admin/console/tokens/{jti}/rotate", {"grace": "2h"}, page)
+    assert shown.status_code == 200 and jti in text(shown)
+    successor = {"Authorization": "Bearer " + unescape(
+        re.search(r'<textarea id="token"[^>]*>([^<]+)</textarea>', text(shown)).group(1))}
+    assert app.test_client().get("/v1/me", headers=successor).status_code == 200
+    assert app.test_client().get("/v1/me", headers=old).status_code == 200  # in its grace
+    listed = text(client.get("/admin/console/users/rotor"))
+    assert "works until" in listed and "replaced by" in listed and f"{jti}/rotate" not in listed
+    clock.offset = timedelta(hours=2, seconds=1)
+    assert app.test_client().get("/v1/me", headers=old).get_json()["error"]["code"] == "token_revoked"
+    assert app.test_client().get("/v1/me", headers=successor).status_code == 200
+    assert f'data-jti="{jti}"' not in text(client.get("/admin/console/users/rotor"))  # no longer live
+
+
 def test_a_bad_form_gets_the_admin_apis_message_and_changes_nothing(app):
     client = sign_in(app)
     bad = post(client, "/admin/console/users", {"name": "Bad Name"})

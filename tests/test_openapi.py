@@ -24,7 +24,8 @@ EXPLAINED = {
     401: "the fuzz sends valid tokens; tests/test_auth_attacks.py and test_tokens_lifecycle.py send bad ones",
     403: "needs a disabled user, a missing scope or a demoted admin: test_auth_attacks.py, test_admin_api.py",
     404: "needs a name or jti that does not exist, or another model: test_admin_api.py, test_chat_openai.py",
-    409: "needs a user name taken before: test_admin_api.py",
+    409: "needs a user name taken before, or a token revoked or rotated before: test_admin_api.py, "
+         "test_token_rotation.py",
     413: "needs a body over the limit: test_errors_http.py, test_attacks_http.py (chunked)",
     414: "needs a request line past gunicorn's bound (the fuzz may reach it): test_attacks_http.py",
     415: "needs a body that is not JSON: test_errors_http.py",
@@ -44,6 +45,8 @@ EXPLAINED_FOR = {
                                                  "validation at once): test_batches_http.py",
     ("DELETE /admin/tokens/{jti}", 200): "needs the jti of an issued token (the fuzz does not issue one for an "
                                          "existing user): test_admin_api.py, test_tokens_lifecycle.py",
+    ("POST /admin/tokens/{jti}/rotate", 201): "needs the jti of a live token (the fuzz's rotations of a token it "
+                                              "issued may reach it): test_token_rotation.py, test_cli.py",
 }
 
 
@@ -66,9 +69,10 @@ def test_the_spec_is_served_without_a_token(fuzzed):
     assert set(spec["paths"]) == {
         "/healthz", "/readyz", "/metrics", "/openapi.json", "/predict", "/v1/predict", "/v1/chat/completions",
         "/v1/models", "/v1/models/{model}", "/v1/me", "/admin/users", "/admin/users/{name}", "/admin/tokens",
-        "/admin/tokens/{jti}", "/admin/teams", "/admin/teams/{name}", "/admin/teams/{name}/members", "/admin/usage",
-        "/admin/audit", "/admin/cache/purge", "/v1/files", "/v1/files/{file_id}",
-        "/v1/files/{file_id}/content", "/v1/batches", "/v1/batches/{batch_id}", "/v1/batches/{batch_id}/cancel"}
+        "/admin/tokens/{jti}", "/admin/tokens/{jti}/rotate", "/admin/teams", "/admin/teams/{name}",
+        "/admin/teams/{name}/members", "/admin/usage", "/admin/audit", "/admin/cache/purge", "/v1/files",
+        "/v1/files/{file_id}", "/v1/files/{file_id}/content", "/v1/batches", "/v1/batches/{batch_id}",
+        "/v1/batches/{batch_id}/cancel"}
     predict = spec["paths"]["/predict"]["post"]
     assert predict["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/PredictRequest"}
@@ -120,8 +124,8 @@ def _template(uri):
     parts = urlsplit(uri).path.split("/")
     if parts[1:3] == ["admin", "users"] and len(parts) == 4:
         return "/admin/users/{name}"
-    if parts[1:3] == ["admin", "tokens"] and len(parts) == 4:
-        return "/admin/tokens/{jti}"
+    if parts[1:3] == ["admin", "tokens"] and len(parts) in (4, 5):
+        return "/".join(["/admin/tokens/{jti}", *parts[4:]])
     if parts[1:3] == ["admin", "teams"] and len(parts) >= 4:
         return "/".join(parts[:3] + ["{name}"] + parts[4:])
     if parts[1:3] == ["v1", "models"] and len(parts) == 4:
@@ -136,7 +140,7 @@ def test_schemathesis_finds_nothing_and_every_declared_status_is_reached_or_expl
     seen = run_schemathesis(fuzzed, fuzzed.token, tmp_path / "generate", "--exclude-path-regex", "^/admin")
     # Admin routes with admin-only tokens and no stateful phase. Schemathesis reuses names it saw in answers,
     # so the operations that can disable or revoke the caller run last, as another admin.
-    changers = "update_user|revoke_token"
+    changers = "update_user|revoke_token|rotate_token"
     passes = [(fuzzed.admin_tokens[0], "admin", "examples,coverage,fuzzing",
                ("--include-path-regex", "^/admin", "--exclude-operation-id-regex", changers)),
               (fuzzed.admin_tokens[1], "changers", "examples,coverage,fuzzing,stateful",  # follows the links

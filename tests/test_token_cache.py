@@ -1,6 +1,8 @@
 """auth.cache without HTTP: entries live while the epoch stands, and an epoch read before a change never
 lets a check made before it into the cache."""
 
+from datetime import datetime, timezone
+
 import pytest
 
 from auth.cache import TokenCache
@@ -76,6 +78,16 @@ def test_a_check_made_under_an_older_epoch_is_not_kept(cache, epochs):
 def test_expiry_and_not_before_are_checked_on_every_hit(cache, clock):
     cache.put("Bearer a", CLAIMS, {}, cache.begin())
     clock["wall"] = 1100
+    assert cache.get("Bearer a") is None
+
+
+def test_a_rotated_token_is_cached_only_until_its_grace_ends(cache, clock):
+    """The end of a rotation's grace moves no epoch: the entry itself must end there (before its exp)."""
+    ends = datetime.fromtimestamp(1050, timezone.utc)
+    cache.put("Bearer a", CLAIMS, {"revoked_at": ends}, cache.begin())
+    clock["wall"] = 1049
+    assert cache.get("Bearer a") == (CLAIMS, {"revoked_at": ends})
+    clock["wall"] = 1050
     assert cache.get("Bearer a") is None
 
 

@@ -9,12 +9,12 @@ from datetime import datetime
 from flask import Blueprint, request
 
 from auth.store import QUOTA_FIELDS, TEAM_COLUMNS, TEAM_FIELDS
-from auth.tokens import issue_token
+from auth.tokens import issue_token, rotate_token as issue_successor
 from service.api.access import caller
 from service.api.body import read
 from service.errors import BadRequest, NotFound, Unavailable
 from service.inputs.schemas import (AdminTeamCreate, AdminTeamMembers, AdminTeamPatch, AdminTokenRequest,
-                                   AdminUserCreate, AdminUserPatch, CachePurge, query_int)
+                                   AdminTokenRotate, AdminUserCreate, AdminUserPatch, CachePurge, query_int)
 from service.serving import cache
 from service.state import state
 
@@ -119,6 +119,16 @@ def list_tokens():
 @bp.delete("/tokens/<jti>")
 def revoke_token(jti):
     return _public(_store().revoke_token(jti, **_who()))
+
+
+@bp.post("/tokens/<jti>/rotate")
+def rotate_token(jti):
+    """A successor to token `jti` (its text shown once); `jti` keeps working until the grace ends."""
+    body = _body(AdminTokenRotate)
+    settings = state().settings
+    text, meta = issue_successor(_store(), state().keys, jti, grace=body.grace, max_ttl=settings.token_max_ttl,
+                                 issuer=settings.jwt_issuer, audience=settings.jwt_audience, **_who())
+    return {**meta, "token": text}, 201
 
 
 @bp.get("/usage")

@@ -19,7 +19,7 @@ from service.api.access import is_console, public, scope_for
 from service.api.answer_models import ChatCompletion, Prediction
 from service.api.responses import (
     AuditList, Batch, BatchList, CachePurged, Error, FileDeleted, FileList, FileObject, Health, IssuedToken, Me,
-    ModelCard, ModelList, Ready, Team, TeamList, Token, TokenList, UsageList, User, UserList)
+    ModelCard, ModelList, Ready, RotatedToken, Team, TeamList, Token, TokenList, UsageList, User, UserList)
 from service.inputs import schemas
 from service.inputs.extraction import MEDIA_TYPES
 from service.serving.params import LEAST_PENALTY, MAX_TOP_K, MAX_TOP_LOGPROBS
@@ -99,6 +99,8 @@ ROUTES = {
                           ({"name": "user", "in": "query", "schema": {"type": "string"}},
                            {"name": "all", "in": "query", "schema": {"type": "string", "enum": ["true", "false"]}})),
     "admin.revoke_token": ("Revoke a token", None, Token, 200, (*AUTH, 404), ()),
+    "admin.rotate_token": ("Issue a successor to a token (its text is shown once); the old one works until the "
+                           "grace ends", schemas.AdminTokenRotate, RotatedToken, 201, (*AUTH, *BODY, 404, 409), ()),
     "admin.usage_by_day": ("Usage per user (or per team) and UTC day", None, UsageList, 200, (*AUTH, 400, 404), (
         *QUERY, {"name": "team", "in": "query", "schema": {"type": "string"}},
         {"name": "by", "in": "query", "schema": {"type": "string", "enum": ["user", "team"]}})),
@@ -117,6 +119,8 @@ LINKS = {
     "admin.add_team": {"UpdateTeam": {"operationId": "admin.update_team.patch",
                                       "parameters": {"name": "$response.body#/name"}}},
     "admin.add_token": {"RevokeToken": {"operationId": "admin.revoke_token.delete",
+                                        "parameters": {"jti": "$response.body#/jti"}},
+                        "RotateToken": {"operationId": "admin.rotate_token.post",
                                         "parameters": {"jti": "$response.body#/jti"}}},
     "batches.upload_file": {"CreateBatch": {"operationId": "batches.create_batch.post", "requestBody": {
         "input_file_id": "$response.body#/id", "endpoint": "/v1/chat/completions", "completion_window": "24h"}},

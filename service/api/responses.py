@@ -132,12 +132,20 @@ class TokenMeta(BaseModel):
 
 
 class Token(TokenMeta):
-    revoked_at: str | None
+    revoked_at: str | None  # still ahead while a rotated token's grace runs
     revoked_by: str | None
+    replaces: str | None  # the token this one was issued to replace
+    replaced_by: str | None  # its successor, once rotated
+    status: Literal["active", "grace", "revoked", "expired"]
 
 
 class IssuedToken(TokenMeta):
     token: str  # shown once; never stored
+
+
+class RotatedToken(IssuedToken):
+    replaces: str
+    grace_ends_at: str  # when the replaced token stops working
 
 
 class TokenList(BaseModel):

@@ -16,7 +16,7 @@ from auth.checks import QUOTA_MAX, check_name
 from auth.console import link_refused
 from auth.errors import StoreError
 from auth.store import LIST_FIELDS, QUOTA_FIELDS
-from auth.tokens import issue_token
+from auth.tokens import issue_token, rotate_token
 from service import errors
 from service.api import health, models as model_cards
 from service.api.access import is_console
@@ -26,7 +26,8 @@ from service.console.charts import bar_chart, line_chart
 from service.console.csrf import CsrfRefused, check_csrf, csrf_token
 from service.console.parts import parts
 from service.errors import BadRequest, Conflict, NotFound
-from service.inputs.schemas import AdminTokenRequest, AdminUserCreate, AdminUserPatch, check_unicode, parse, query_int
+from service.inputs.schemas import (AdminTokenRequest, AdminTokenRotate, AdminUserCreate, AdminUserPatch, check_unicode,
+                                    parse, query_int)
 from service.state import state
 
 bp = Blueprint("console", __name__, url_prefix="/admin/console", template_folder="templates",
@@ -36,8 +37,9 @@ PUBLIC = {"console.static", "console.login", "console.link_confirm", "console.li
 INT_QUOTAS = tuple(QUOTA_MAX)  # the integer quotas
 PROMPT_SEPARATOR = "---"  # a line of its own between system prompts (a prompt may span lines)
 AUDIT_ACTIONS = ("user.add", "user.update", "user.enable", "user.disable", "token.issue", "token.revoke",
-                 "token.revoke_all", "console.link", "console.sign_in", "console.sign_out", "console.refused",
-                 "batch.cancel", "cache.purge", "key.generate", "key.rotate", "key.retire", "db.restore")
+                 "token.rotate", "token.revoke_all", "console.link", "console.sign_in", "console.sign_out",
+                 "console.refused", "batch.cancel", "cache.purge", "key.generate", "key.rotate", "key.retire",
+                 "db.restore")
 
 
 class NotSignedIn(Exception):
@@ -348,6 +350,16 @@ def token_revoke(jti):
     token = state().store.revoke_token(jti, **_who())
     flash(f"revoked token {token['jti']}")
     return redirect(url_for("console.user_detail", name=token["user"]), 303)
+
+
+@bp.post("/tokens/<jti>/rotate")
+def token_rotate(jti):
+    """The successor's page (its text shown once, as at issue); the old token works until the grace ends."""
+    app = state()
+    body = parse(AdminTokenRotate, check_unicode({"grace": request.form.get("grace", "").strip()}))
+    text, meta = rotate_token(app.store, app.keys, jti, grace=body.grace, max_ttl=app.settings.token_max_ttl,
+                              issuer=app.settings.jwt_issuer, audience=app.settings.jwt_audience, **_who())
+    return render_template("token.html", token=text, meta=meta)
 
 
 @bp.post("/users/<name>/revoke-all")

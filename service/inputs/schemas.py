@@ -319,6 +319,13 @@ class AdminTokenRequest(StrictModel):
     label: str = ""
 
 
+class AdminTokenRotate(StrictModel):
+    """POST /admin/tokens/<jti>/rotate: how long the old token keeps working beside its successor."""
+
+    grace: str = Field(max_length=16, description="0 (none), or a number and a unit s, m, h, d or w, at most 30d; "
+                       "never past the old token's own expiry")
+
+
 class BatchCreate(StrictModel):
     """POST /v1/batches, as the official openai client sends it."""
 

@@ -2,7 +2,7 @@
 most one team, and a usage row names the team it counted against.
 
 Revision ID: 0015
-Revises: 0013
+Revises: 0014
 
 Existing users are in no team; existing usage rows counted against none (NULL).
 """
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0015"
-down_revision = "0013"
+down_revision = "0014"
 
 
 def upgrade():
