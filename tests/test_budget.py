@@ -130,3 +130,86 @@ def test_a_dead_workers_resized_reservation_is_given_back_as_resized(redis_serve
     budget.resize(dead, admit(dead, need=600), budget.Limits(1000, 2), 250)
     assert reclaim_worker(redis_server.uri, 999_998) == 1
     assert admit(dead, need=1000).total == 1000  # all of the 250 came back, and only that
+
+
+def team_admit(counters, user, need=100, team_daily=1000, team_cap=2, **kwargs):
+    limits = budget.Limits(10_000, 10, budget.TeamLimits("squad", team_daily, team_cap))
+    return budget.admit(counters, user, limits, need, lease_s=60, now=NOW, **kwargs)
+
+
+def test_members_of_a_team_share_its_cap_and_its_budget_beside_their_own(counters):
+    first, second = team_admit(counters, "a", need=300), team_admit(counters, "b", need=300)
+    with pytest.raises(Refusal) as refused:  # the team's two slots are held, by two members
+        team_admit(counters, "c", need=1)
+    assert refused.value.code == "concurrency_limit_exceeded" and "team squad (of c)" in refused.value.message
+    budget.release(counters, first, used=300)
+    with pytest.raises(Refusal) as refused:  # 600 of 1000 counted: 500 more would pass the team's budget
+        team_admit(counters, "c", need=500)
+    assert refused.value.code == "daily_token_quota_exceeded"
+    assert "team squad's daily token budget of 1000 has 400 tokens left" in refused.value.message
+    third = team_admit(counters, "c", need=400)  # refusals took nothing: exactly what is left fits
+    assert third.total == 1000 and third.daily == 1000  # the tightest level's figures (the headers')
+    budget.release(counters, second, used=100)
+    budget.release(counters, third, used=400)
+    assert third.total == 800
+    own = budget.admit(counters, "a", budget.Limits(350, 10), 50, lease_s=60, now=NOW)  # no team: own budget only
+    assert own.total == 350 and len(own.levels) == 1
+
+
+def test_an_unset_team_limit_counts_and_never_refuses(counters):
+    leases = [team_admit(counters, f"u{i}", need=10, team_daily=None, team_cap=None) for i in range(12)]
+    assert all(lease.held for lease in leases) and leases[-1].levels[1].limit == budget.UNBOUNDED
+    with pytest.raises(Refusal) as refused:  # a budget set later finds today's 120 counted already
+        team_admit(counters, "z", need=10, team_daily=125, team_cap=None)
+    assert "has 5 tokens left" in refused.value.message
+
+
+def test_a_dead_workers_team_lease_is_given_back_at_every_level(redis_server):
+    from service.admission.counters import PREFIX, ledger_name, reclaim_worker
+
+    dead = RedisCounters(redis_server.uri, ledger=ledger_name(master_pid=os.getpid(), worker_pid=999_997))
+    dead._redis.flushall()
+    budget.resize(dead, team_admit(dead, "a", need=600), budget.Limits(10_000, 10), 250)
+    # A lease written before teams (slot, budget, reserved) is given back as well.
+    dead._redis.zadd(PREFIX + "inflight:old", {"m": 2**40})
+    dead._redis.set(PREFIX + "budget:old:2026-12-01", 70)
+    dead._redis.hset(PREFIX + ledger_name(os.getpid(), 999_997), "m",
+                     f"{PREFIX}inflight:old\n{PREFIX}budget:old:2026-12-01\n70")
+    assert reclaim_worker(redis_server.uri, 999_997) == 2
+    assert int(dead._redis.get(PREFIX + "budget:old:2026-12-01")) == 0
+    assert dead._redis.zcard(PREFIX + "inflight:old") == 0
+    assert team_admit(dead, "b", need=1000, team_cap=1).total == 1000  # the 250 came back at the team's level too
+
+
+def test_a_threshold_reached_on_two_servers_at_once_raises_one_alert(redis_server):
+    """Two counters (as on two servers) settle leases together; each threshold is reached once a day."""
+    import threading
+
+    servers = [RedisCounters(redis_server.uri, ledger=f"ledger:host:1:{i}") for i in (1, 2)]
+    servers[0]._redis.flushall()
+    leases = [team_admit(servers[i % 2], f"m{i}", need=100, team_cap=20, alerts=(80, 100)) for i in range(10)]
+    start = threading.Barrier(len(leases))
+
+    def settle(i):
+        start.wait()
+        budget.release(servers[i % 2], leases[i], used=100)
+    threads = [threading.Thread(target=settle, args=(i,)) for i in range(len(leases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    alerts = servers[0].take_alerts() + servers[1].take_alerts()
+    assert sorted((a["who"], a["threshold"]) for a in alerts) == [("team:squad", 80), ("team:squad", 100)]
+    assert all(a["day"] == "2026-12-01" and a["limit"] == 1000 for a in alerts)
+    budget.release(servers[0], team_admit(servers[0], "late", need=0, alerts=(80, 100)), used=0)
+    assert servers[1].take_alerts() == []  # once per day: settling past it again raises nothing
+
+
+def test_memory_counters_raise_each_alert_once_too():
+    counters = MemoryCounters()
+    for user, need in (("a", 400), ("b", 400), ("c", 200)):
+        budget.release(counters, team_admit(counters, user, need=need, team_cap=5, alerts=(80, 100)), used=need)
+    taken = counters.take_alerts()
+    assert [(a["who"], a["threshold"]) for a in taken] == [("team:squad", 80), ("team:squad", 100)]
+    counters.return_alerts(taken[1:])  # a worker that stops gives back what it did not deliver
+    assert counters.take_alerts() == taken[1:]

@@ -3,9 +3,10 @@ ansible/site.yml in one process tree (tests/test_deploy_cluster.py deploys the r
 deploy-test-cluster`).
 
 Each server has its own files folder and its own copy of the key set, as on two machines. A file uploaded
-to one is read from the other; a user's rate limit is exact across both; killing one server under load fails
-only the requests it was answering (nginx's JSON 502) and a batch it was working on completes on the other,
-every line exactly once.
+to one is read from the other; a user's rate limit is exact across both, and so are a team's budget,
+concurrency cap and rate limit shared by members on both; a budget alert reached by both at once arrives once;
+killing one server under load fails only the requests it was answering (nginx's JSON 502) and a batch it was
+working on completes on the other, every line exactly once.
 """
 
 import json
@@ -13,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -25,6 +27,7 @@ from tests.support.databases import Redis
 from tests.support.load import Load
 from tests.support.nginx import Nginx, make_certificate, render
 from tests.support.servers import Server, free_port
+from tests.support.webhook import Webhook
 
 pytestmark = pytest.mark.slow  # two servers, nginx, PostgreSQL and Redis
 
@@ -45,9 +48,10 @@ class Peer(Server):
 @pytest.fixture(scope="module")
 def cluster(start_server, postgres, tmp_path_factory):
     redis = Redis(tmp_path_factory.mktemp("redis-cluster")).start()
+    webhook = Webhook().__enter__()  # where both servers send budget alerts
     settings = dict(VIBE_DB_URL=postgres.create_db("cluster"), VIBE_RATELIMIT_STORAGE_URI=redis.uri,
                     VIBE_BATCH_LEASE_S=10, VIBE_MAX_BATCH_SIZE=4, VIBE_BATCH_RESERVED_ROWS=1, VIBE_PROXY_FIX_HOPS=1,
-                    VIBE_REQUEST_DEADLINE_S=300)
+                    VIBE_REQUEST_DEADLINE_S=300, VIBE_ALERT_TARGETS=json.dumps([webhook.url]))
     first = start_server(**settings)
     second = Peer(first, tmp_path_factory.mktemp("peer")).start()
     folder = Path(tempfile.mkdtemp(prefix="vibethinker-cluster-"))
@@ -61,7 +65,9 @@ def cluster(start_server, postgres, tmp_path_factory):
     checked = nginx.test_config()
     assert checked.returncode == 0, checked.stderr
     nginx.start()
-    yield {"servers": (first, second), "front": f"https://localhost:{https_port}", "cert": str(cert)}
+    yield {"servers": (first, second), "front": f"https://localhost:{https_port}", "cert": str(cert),
+           "webhook": webhook}
+    webhook.__exit__(None, None, None)
     nginx.stop()
     second.stop()
     redis.stop()
@@ -91,6 +97,87 @@ def test_a_users_rate_limit_is_exact_across_both_servers(cluster):
     statuses = [server.post("/v1/predict", {"question": "hi", "max_new_tokens": 1}, token=token).status_code
                 for server in (first, second) * 4]
     assert sorted(statuses) == [200] * 4 + [429] * 4, statuses
+
+
+def _team(first, team, *options, members=2):
+    """A team of `members` users (each with ample limits of their own) and a token for each, issued on `first`."""
+    first.cli("teams", "add", team, *options)
+    tokens = []
+    for i in range(members):
+        name = f"{team}-{i}"
+        first.cli("users", "add", name, "--rate-limit", "1000/minute", "--max-concurrent", "20")
+        first.cli("teams", "members", team, "--add", name)
+        tokens.append(first.cli("tokens", "issue", name).stdout.strip().splitlines()[-1])
+    return tokens
+
+
+def _code(response):
+    return "ok" if response.status_code == 200 else response.json()["error"]["code"]
+
+
+def test_a_teams_rate_limit_is_exact_for_members_on_both_servers(cluster):
+    first, second = cluster["servers"]
+    one, two = _team(first, "paced-team", "--rate-limit", "6/minute")
+    answers = [server.post("/v1/predict", {"question": "hi", "max_new_tokens": 1}, token=token)
+               for server, token in ((first, one), (second, two)) * 6]
+    assert [_code(a) for a in answers].count("ok") == 6, [a.text for a in answers]
+    refused = [a.json()["error"] for a in answers if a.status_code != 200]
+    assert {e["code"] for e in refused} == {"rate_limit_exceeded"} and len(refused) == 6
+    assert all("team paced-team" in e["message"] for e in refused), refused
+
+
+def test_a_teams_concurrency_cap_is_shared_by_members_on_both_servers(cluster, long_question):
+    first, second = cluster["servers"]
+    one, two = _team(first, "capped-team", "--max-concurrent", "2")
+    body = {"messages": [{"role": "user", "content": long_question}], "max_tokens": 2048, "temperature": 0,
+            "stream": True}
+    streams = [server.post("/v1/chat/completions", body, token=token, stream=True)
+               for server, token in ((first, one), (second, two))]
+    try:
+        for stream in streams:  # both admitted and generating: the team's two slots are held
+            assert stream.status_code == 200 and next(stream.iter_lines(chunk_size=None))
+        for server, token in ((first, one), (second, two), (second, one)):
+            third = server.post("/v1/predict", {"question": "hi", "max_new_tokens": 1}, token=token)
+            assert _code(third) == "concurrency_limit_exceeded", third.text
+            assert "team capped-team" in third.json()["error"]["message"]
+    finally:
+        for stream in streams:
+            stream.close()  # a client that goes away: its generation stops and its slot is freed
+    deadline = time.monotonic() + 30
+    while _code(after := second.post("/v1/predict", {"question": "hi", "max_new_tokens": 1}, token=two)) != "ok":
+        assert time.monotonic() < deadline, after.text
+        time.sleep(0.2)
+
+
+def test_a_teams_budget_holds_for_members_on_both_servers_and_its_alerts_arrive_once(cluster, long_question):
+    """Five answers fill the team's budget exactly: four reach 80 %, the fifth 100 %, settled on two servers at
+    once; each threshold's alert arrives once, and a sixth request is refused."""
+    first, second = cluster["servers"]
+    ask = {"question": long_question, "max_new_tokens": 8, "temperature": 0}  # never an end token before 8
+    probe = first.post("/v1/predict", ask).json()["usage"]
+    assert probe["completion_tokens"] == 8, probe
+    need = probe["prompt_tokens"] + 8
+    one, two = _team(first, "budget-team", "--daily-tokens", str(5 * need), members=2)
+    webhook = cluster["webhook"]
+    before = len(webhook.received)
+    calls = [(first, one), (second, two), (first, two), (second, one), (first, one), (second, two)]
+    with ThreadPoolExecutor(len(calls)) as pool:
+        answers = list(pool.map(lambda call: call[0].post("/v1/predict", ask, token=call[1]), calls))
+    codes = sorted(_code(a) for a in answers)
+    assert codes == ["daily_token_quota_exceeded"] + ["ok"] * 5, [a.text for a in answers]
+    refused = next(a.json()["error"] for a in answers if a.status_code != 200)
+    assert "team budget-team's daily token budget" in refused["message"], refused
+    team = first.get("/v1/me", token=one).json()["team"]
+    assert team["name"] == "budget-team" and team["limits"]["daily_tokens"] == 5 * need
+    assert team["today"]["total_tokens"] == 5 * need, team  # every member's tokens, from both servers
+    alerts = webhook.wait_for(before + 2)[before:]
+    time.sleep(2)  # a duplicate would come within the poll interval of either server
+    alerts = webhook.received[before:]
+    assert sorted(a["title"] for a in alerts) == [
+        "VibeThinker: team budget-team reached 100% of its daily token budget",
+        "VibeThinker: team budget-team reached 80% of its daily token budget"], alerts
+    usage = first.get("/admin/usage?by=team&team=budget-team").json()["data"]
+    assert usage[0]["team"] == "budget-team" and usage[0]["total_tokens"] == 5 * need
 
 
 def test_killing_one_server_fails_only_its_requests_and_its_batch_lines_run_on_the_other(cluster, long_question):

@@ -523,6 +523,7 @@ def test_user_supplied_strings_are_shown_inert(app):
 def test_every_page_carries_the_security_headers(app):
     client = sign_in(app)
     paths = ["/admin/console/", "/admin/console/users", "/admin/console/users/boss", "/admin/console/usage",
+             "/admin/console/teams",
              "/admin/console/usage?user=boss&days=3", "/admin/console/audit?action=user.add",
              "/admin/console/batches", "/admin/console/models", "/admin/console/login/"]
     for path in paths:
@@ -538,6 +539,34 @@ def test_every_page_carries_the_security_headers(app):
     asset = client.get("/admin/console/static/console.css")
     assert asset.status_code == 200 and "max-age=86400" in asset.headers["Cache-Control"]
     asset.close()
+
+
+def test_a_team_created_limited_filled_and_removed_from_the_console(app):
+    client = sign_in(app)
+    store = state(app).store
+    for name in ("dev-1", "dev-2"):
+        store.add_user(name)
+    created = post(client, "/admin/console/teams", {"name": "devs", "daily_tokens": "9000", "rate_limit": ""})
+    assert created.status_code == 303 and created.headers["Location"].endswith("/admin/console/teams/devs")
+    page = client.get("/admin/console/teams/devs")
+    assert '<option>dev-1</option>' in text(page) and '<option>boss</option>' in text(page)
+    assert post(client, "/admin/console/teams/devs/members", {"add": "dev-1"}, page).status_code == 303
+    assert post(client, "/admin/console/teams/devs/members", {"add": "dev-2"}, page).status_code == 303
+    saved = post(client, "/admin/console/teams/devs", {"daily_tokens": "", "max_concurrent": "3",
+                                                       "rate_limit": ""}, page)
+    assert saved.status_code == 303
+    team = store.get_team("devs")
+    assert (team["daily_tokens"], team["max_concurrent"], team["members"]) == (None, 3, ["dev-1", "dev-2"])
+    bad = post(client, "/admin/console/teams/devs", {"max_concurrent": "0"}, page)
+    assert bad.status_code == 400 and "max_concurrent must be an integer" in text(bad)
+    user_page = text(client.get("/admin/console/users/dev-1"))
+    assert 'in team <a href="/admin/console/teams/devs">devs</a>' in user_page
+    assert "devs" in text(client.get("/admin/console/teams")) and "counted against team devs" in text(
+        client.get("/admin/console/usage?team=devs"))
+    removed = post(client, "/admin/console/teams/devs/remove", page=page)
+    assert removed.status_code == 303 and store.get_user("dev-1")["team"] is None
+    trail = [e["action"] for e in store.list_audit(actor="boss", limit=5)]
+    assert trail == ["team.remove", "team.update", "team.members", "team.members", "team.add"]
 
 
 def test_usage_page_charts_and_csv(app):

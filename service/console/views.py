@@ -15,7 +15,7 @@ from flask import Blueprint, Response, flash, g, redirect, render_template, requ
 from auth.checks import QUOTA_MAX, check_name
 from auth.console import link_refused
 from auth.errors import StoreError
-from auth.store import LIST_FIELDS, QUOTA_FIELDS
+from auth.store import LIST_FIELDS, QUOTA_FIELDS, TEAM_FIELDS
 from auth.tokens import issue_token, rotate_token
 from service import errors
 from service.api import health, models as model_cards
@@ -26,8 +26,8 @@ from service.console.charts import bar_chart, line_chart
 from service.console.csrf import CsrfRefused, check_csrf, csrf_token
 from service.console.parts import parts
 from service.errors import BadRequest, Conflict, NotFound
-from service.inputs.schemas import (AdminTokenRequest, AdminTokenRotate, AdminUserCreate, AdminUserPatch, check_unicode,
-                                    parse, query_int)
+from service.inputs.schemas import (AdminTeamCreate, AdminTeamMembers, AdminTeamPatch, AdminTokenRequest,
+                                   AdminTokenRotate, AdminUserCreate, AdminUserPatch, check_unicode, parse, query_int)
 from service.state import state
 
 bp = Blueprint("console", __name__, url_prefix="/admin/console", template_folder="templates",
@@ -36,7 +36,8 @@ PUBLIC = {"console.static", "console.login", "console.link_confirm", "console.li
           "console.oidc_callback"}
 INT_QUOTAS = tuple(QUOTA_MAX)  # the integer quotas
 PROMPT_SEPARATOR = "---"  # a line of its own between system prompts (a prompt may span lines)
-AUDIT_ACTIONS = ("user.add", "user.update", "user.enable", "user.disable", "token.issue", "token.revoke",
+AUDIT_ACTIONS = ("user.add", "user.update", "user.enable", "user.disable", "team.add", "team.update",
+                 "team.members", "team.remove", "token.issue", "token.revoke",
                  "token.rotate", "token.revoke_all", "console.link", "console.sign_in", "console.sign_out",
                  "console.refused", "batch.cancel", "cache.purge", "key.generate", "key.rotate", "key.retire",
                  "db.restore")
@@ -332,6 +333,77 @@ def _split_prompts(text):
     return prompts
 
 
+# --- teams ---
+@bp.get("/teams")
+def teams():
+    return render_template("teams.html", teams=state().store.list_teams())
+
+
+@bp.post("/teams")
+def team_add():
+    body = parse(AdminTeamCreate, check_unicode({"name": request.form.get("name", "").strip(),
+                                                 **_form_team(request.form, clear_empty=False)}))
+    team = state().store.add_team(body.name, **{k: getattr(body, k) for k in TEAM_FIELDS}, **_who())
+    flash(f"created team {team['name']}")
+    return redirect(url_for("console.team_detail", name=team["name"]), 303)
+
+
+@bp.get("/teams/<name>")
+def team_detail(name):
+    store = state().store
+    team = store.get_team(name)
+    midnight = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    today = (store.usage_by_day(team=name, since=midnight, by="team") or [{}])[0]
+    outside = [u["name"] for u in store.list_users() if u["team"] is None]
+    return render_template("team.html", team=team, today=today, outside=outside)
+
+
+@bp.post("/teams/<name>")
+def team_set(name):
+    """The limits the admin changed (an emptied field clears the team's limit of that kind)."""
+    store = state().store
+    team = store.get_team(name)
+    edited = {k: v for k, v in request.form.items()
+              if k in TEAM_FIELDS and v.strip() != ("" if team[k] is None else str(team[k]))}
+    body = parse(AdminTeamPatch, check_unicode(_form_team(edited, clear_empty=True))).model_dump(exclude_unset=True)
+    if body:
+        store.update_team(name, **body, **_who())
+        flash(f"saved team {name}'s {', '.join(sorted(body))}")
+    else:
+        flash(f"nothing changed for team {name}")
+    return redirect(url_for("console.team_detail", name=name), 303)
+
+
+@bp.post("/teams/<name>/members")
+def team_members(name):
+    add, remove = request.form.getlist("add"), request.form.getlist("remove")
+    body = parse(AdminTeamMembers, check_unicode({"add": [u for u in add if u], "remove": remove}))
+    if not body.add and not body.remove:
+        raise BadRequest("choose a user to add or a member to remove", "empty", None)
+    state().store.set_members(name, add=body.add, remove=body.remove, **_who())
+    flash(f"team {name}: {', '.join([*('added ' + u for u in body.add), *('removed ' + u for u in body.remove)])}")
+    return redirect(url_for("console.team_detail", name=name), 303)
+
+
+@bp.post("/teams/<name>/remove")
+def team_remove(name):
+    team = state().store.remove_team(name, **_who())
+    flash(f"removed team {name}; {len(team['members'])} member(s) now in no team")
+    return redirect(url_for("console.teams"), 303)
+
+
+def _form_team(form, clear_empty):
+    """A team's limit fields from a form as the admin API takes them (see _form_quotas)."""
+    out = {}
+    for name in TEAM_FIELDS:
+        if name in form:
+            text = form[name].strip()
+            value = int(text) if name != "rate_limit" and re.fullmatch(r"-?[0-9]{1,19}", text) else text or None
+            if value is not None or clear_empty:
+                out[name] = value
+    return out
+
+
 # --- tokens ---
 @bp.post("/users/<name>/tokens")
 def token_issue(name):
@@ -371,14 +443,17 @@ def token_revoke_all(name):
 
 # --- usage ---
 def _span():
-    """The usage pages' arguments: the user (None: everyone), the days shown (UTC, oldest first)."""
+    """The usage pages' arguments: the user and the team (None: everyone), the days shown (UTC, oldest first)."""
     args = request.args
     span_days = query_int(args.get("days", "14"), "days", 1, 366)
-    user = args.get("user") or None
+    user, team = args.get("user") or None, args.get("team") or None
     if user is not None:
         check_name(user)
         state().store.get_user(user)  # an unknown user is a 404, not an empty chart
-    return user, figures.days(datetime.now(timezone.utc).date(), span_days)
+    if team is not None:
+        check_name(team, "team")
+        state().store.get_team(team)
+    return user, team, figures.days(datetime.now(timezone.utc).date(), span_days)
 
 
 def _start(span):
@@ -388,22 +463,22 @@ def _start(span):
 @bp.get("/usage")
 def usage():
     app = state()
-    user, span = _span()
+    user, team, span = _span()
     span_days = len(span)
-    rows = app.store.usage_by_day(user, _start(span))
+    rows = app.store.usage_by_day(user, _start(span), team=team)
     return render_template(
-        "usage.html", rows=rows, user=user, span_days=span_days,
+        "usage.html", rows=rows, user=user, team=team, span_days=span_days,
         tokens=line_chart(figures.per_day(rows, "total_tokens", span), "tokens per day"),
         requests=bar_chart(figures.per_day(rows, "requests", span), "requests per day"),
         top=bar_chart(figures.top_users(rows, "total_tokens"), f"top users by tokens, last {span_days} days"),
-        today=[{"user": u, "standing": standing(u)} for u in app.store.list_users()
+        today=[{"user": u, "standing": standing(u)} for u in app.store.list_users(team)
                if user is None or u["name"] == user])
 
 
 @bp.get("/usage.csv")
 def usage_csv():
-    user, span = _span()  # the same days as the page
-    rows = state().store.usage_by_day(user, _start(span))
+    user, team, span = _span()  # the same days as the page
+    rows = state().store.usage_by_day(user, _start(span), team=team)
     return Response(figures.usage_csv(rows), mimetype="text/csv",
                     headers={"Content-Disposition": 'attachment; filename="usage.csv"'})
 
