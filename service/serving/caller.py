@@ -8,6 +8,7 @@ never looks it up.
 
 from dataclasses import dataclass
 
+from auth.transcripts import transcripts_on
 from service.admission.budget import Limits
 
 LIVE_SLOTS = "inflight"  # the concurrency slots of live requests
@@ -24,6 +25,7 @@ class Caller:
     models: tuple | None = None  # the model names or aliases the user may call
     system_prompts: tuple | None = None  # the system prompts the user may send
     slots: str = LIVE_SLOTS
+    transcripts: bool = False  # whether this caller's generations are kept (auth.transcripts.transcripts_on)
 
     @classmethod
     def of_token(cls, token):
@@ -35,12 +37,13 @@ class Caller:
         """A batch line's caller: its owner's row, on the batch slots, `max_concurrent` of them."""
         caller = cls._of(user["name"], user)
         return cls(caller.user, caller.daily_tokens, max_concurrent, caller.models, caller.system_prompts,
-                   BATCH_SLOTS)
+                   BATCH_SLOTS, caller.transcripts)
 
     @classmethod
     def _of(cls, name, fields):
         lists = {key: None if fields.get(key) is None else tuple(fields[key]) for key in ("models", "system_prompts")}
-        return cls(name, fields.get("daily_tokens"), fields.get("max_concurrent"), **lists)
+        return cls(name, fields.get("daily_tokens"), fields.get("max_concurrent"), **lists,
+                   transcripts=transcripts_on(fields))
 
     def limits(self, settings):
         """The budget and concurrency this caller is admitted under."""
