@@ -19,7 +19,7 @@ from service.api.access import is_console, public, scope_for
 from service.api.answer_models import ChatCompletion, Prediction
 from service.api.responses import (
     AuditList, Batch, BatchList, CachePurged, Error, FileDeleted, FileList, FileObject, Health, IssuedToken, Me,
-    ModelCard, ModelList, Ready, Token, TokenList, UsageList, User, UserList)
+    ModelCard, ModelList, Ready, Token, TokenList, Transcript, TranscriptList, UsageList, User, UserList, UserRemoved)
 from service.inputs import schemas
 from service.inputs.extraction import MEDIA_TYPES
 from service.serving.params import LEAST_PENALTY, MAX_TOP_K, MAX_TOP_LOGPROBS
@@ -84,6 +84,15 @@ ROUTES = {
     "admin.list_users": ("Every user", None, UserList, 200, AUTH, ()),
     "admin.update_user": ("Change a user's state, rights or quotas", schemas.AdminUserPatch, User, 200,
                           (*AUTH, *BODY, 404), ()),
+    "admin.remove_user": ("Remove a user with their tokens, console sessions and transcripts (409 while they "
+                          "store files or have batches open); usage and the audit trail stay", None, UserRemoved,
+                          200, (*AUTH, 404, 409), ()),
+    "admin.list_transcripts": ("Transcripts of users who opted in: metadata only, newest first", None,
+                               TranscriptList, 200, (*AUTH, 400), (
+                                   *QUERY, {"name": "limit", "in": "query",
+                                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000}})),
+    "admin.read_transcript": ("One transcript, decrypted (audited as transcript.read)", None, Transcript, 200,
+                              (*AUTH, 404, 500), ()),
     "admin.add_token": ("Issue a token (its text is shown once)", schemas.AdminTokenRequest, IssuedToken, 201,
                         (*AUTH, *BODY, 404), ()),
     "admin.list_tokens": ("Tokens, active only unless all=true", None, TokenList, 200, (*AUTH, 400, 404),
