@@ -44,6 +44,8 @@ EXPLAINED_FOR = {
                                                  "validation at once): test_batches_http.py",
     ("DELETE /admin/tokens/{jti}", 200): "needs the jti of an issued token (the fuzz does not issue one for an "
                                          "existing user): test_admin_api.py, test_tokens_lifecycle.py",
+    ("GET /admin/transcripts/{transcript_id}", 200): "needs a kept transcript (the fuzz's users have transcripts "
+                                                     "off): test_transcripts.py",
 }
 
 
@@ -66,7 +68,8 @@ def test_the_spec_is_served_without_a_token(fuzzed):
     assert set(spec["paths"]) == {
         "/healthz", "/readyz", "/metrics", "/openapi.json", "/predict", "/v1/predict", "/v1/chat/completions",
         "/v1/models", "/v1/models/{model}", "/v1/me", "/admin/users", "/admin/users/{name}", "/admin/tokens",
-        "/admin/tokens/{jti}", "/admin/usage", "/admin/audit", "/admin/cache/purge", "/v1/files", "/v1/files/{file_id}",
+        "/admin/tokens/{jti}", "/admin/usage", "/admin/audit", "/admin/cache/purge", "/admin/transcripts",
+        "/admin/transcripts/{transcript_id}", "/v1/files", "/v1/files/{file_id}",
         "/v1/files/{file_id}/content", "/v1/batches", "/v1/batches/{batch_id}", "/v1/batches/{batch_id}/cancel"}
     predict = spec["paths"]["/predict"]["post"]
     assert predict["requestBody"]["content"]["application/json"]["schema"] == {
@@ -121,6 +124,8 @@ def _template(uri):
         return "/admin/users/{name}"
     if parts[1:3] == ["admin", "tokens"] and len(parts) == 4:
         return "/admin/tokens/{jti}"
+    if parts[1:3] == ["admin", "transcripts"] and len(parts) == 4:
+        return "/admin/transcripts/{transcript_id}"
     if parts[1:3] == ["v1", "models"] and len(parts) == 4:
         return "/v1/models/{model}"
     if parts[1:3] in (["v1", "files"], ["v1", "batches"]) and len(parts) >= 4:
@@ -132,8 +137,8 @@ def _template(uri):
 def test_schemathesis_finds_nothing_and_every_declared_status_is_reached_or_explained(fuzzed, tmp_path):
     seen = run_schemathesis(fuzzed, fuzzed.token, tmp_path / "generate", "--exclude-path-regex", "^/admin")
     # Admin routes with admin-only tokens and no stateful phase. Schemathesis reuses names it saw in answers,
-    # so the operations that can disable or revoke the caller run last, as another admin.
-    changers = "update_user|revoke_token"
+    # so the operations that can disable, remove or revoke the caller run last, as another admin.
+    changers = "update_user|remove_user|revoke_token"
     passes = [(fuzzed.admin_tokens[0], "admin", "examples,coverage,fuzzing",
                ("--include-path-regex", "^/admin", "--exclude-operation-id-regex", changers)),
               (fuzzed.admin_tokens[1], "changers", "examples,coverage,fuzzing,stateful",  # follows the links

@@ -3,6 +3,7 @@
 
 import base64
 import json
+import re
 import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -12,9 +13,10 @@ from openai.types.chat import (
     ChatCompletionAssistantMessageParam, ChatCompletionSystemMessageParam, ChatCompletionUserMessageParam)
 from pydantic import TypeAdapter
 
-from auth import keys
+from auth import backup, keys
 from auth.store import Store
 from auth.transcripts import Transcripts, TranscriptUnreadable
+from service.console.parts import KEY
 from service.serving.export import lines
 from service.state import state
 from tests.support.inprocess import BatchUser, bearer, make_app, stop_app
@@ -90,6 +92,8 @@ def test_only_opted_in_users_are_kept_encrypted_and_reads_are_audited(app, peopl
     database = state(app).settings.db_url.removeprefix("sqlite:///")
     stored = subprocess.run(["cat", *(p for p in (database, f"{database}-wal") if Path(p).exists())],
                             capture_output=True, check=True).stdout
+    copy = backup.backup(state(app).settings.db_url, Path(database).parent / "backup.sqlite")
+    stored += Path(copy["path"]).read_bytes()  # a backup too: the key folder is not in it
     for text in (SECRET_QUESTION, SECRET_SYSTEM, prediction["response"]):
         assert len(text) >= 12 and text.encode() not in stored, text
 
@@ -191,3 +195,32 @@ def test_the_purge_removes_what_is_past_retention(tmp_path):
     now[0] += timedelta(days=2)
     assert kept.purge(timedelta(days=30)) == 1 and [row["request_id"] for row in kept.list()] == ["r0"]
     store.close()
+
+
+def csrf(page):
+    return re.search(r'name="csrf_token" value="([^"]+)"', page.get_data(as_text=True)).group(1)
+
+
+def test_the_console_turns_them_on_shows_them_audited_and_removes_users(app, people):
+    client = app.test_client()
+    secret = app.extensions[KEY].access.issue_link("boss", timedelta(minutes=5))
+    page = client.get(f"/admin/console/login/link/{secret}")
+    assert client.post(f"/admin/console/login/link/{secret}", data={"csrf_token": csrf(page)}).status_code == 303
+    user_page = client.get("/admin/console/users/bob")
+    assert "not kept" in user_page.get_data(as_text=True)
+    on = client.post("/admin/console/users/bob/transcripts", data={"csrf_token": csrf(user_page),
+                                                                   "transcripts": "true"})
+    assert on.status_code == 303 and state(app).store.get_user("bob")["transcripts"] is True
+
+    listing = client.get("/admin/console/transcripts?user=alice")
+    kept = listed(app, people["admin"], user="alice")[-1]
+    assert listing.status_code == 200 and kept["id"] in listing.get_data(as_text=True)
+    before = len(state(app).store.list_audit(action="transcript.read"))
+    view = client.get(f"/admin/console/transcripts/{kept['id']}")
+    assert view.status_code == 200 and SECRET_QUESTION in view.get_data(as_text=True)
+    assert len(state(app).store.list_audit(action="transcript.read")) == before + 1
+
+    bearer(app, "eve")
+    page = client.get("/admin/console/users/eve")
+    removed = client.post("/admin/console/users/eve/remove", data={"csrf_token": csrf(page)})
+    assert removed.status_code == 303 and "eve" not in {u["name"] for u in state(app).store.list_users()}
