@@ -14,6 +14,10 @@ and applied again to what was restored, and the access epoch is replaced, so
 every worker drops the tokens it had cached. The restored schema is then
 migrated to this version's head (a backup from an earlier version restores).
 Restore while the service is stopped: it replaces the whole database.
+
+A backup holds transcripts (auth.transcripts) only as their ciphertext: the
+key folder is never copied into it, so reading them after a restore needs the
+transcripts' key file, kept apart from the backups.
 """
 
 import os

@@ -1,11 +1,19 @@
-"""Signing keys: Ed25519 key files in one folder, identified by `kid`.
+"""Signing keys: Ed25519 key files in one folder, identified by `kid`; and the transcripts' key beside them.
 
 Each key is `<kid>.pem` (PKCS#8 private key, mode 0600) in a folder of mode
 0700. Kids start with a UTC timestamp, so the newest key sorts last: it
 signs; all of them verify. Rotation adds a key; retiring deletes one, and the
 tokens it signed fail from the next request. The folder is re-read when it
 changes, so a running service sees rotations without a restart.
+
+The transcripts' key (auth.transcripts) is `transcripts-<kid>.key` in the
+same folder: 32 random bytes (AES-256-GCM), base64, mode 0600, made by
+`keys generate` (or on first need) and copied to every app server with the
+signing keys. Several may be there: the newest encrypts, each decrypts what
+it encrypted (every row names its kid).
 """
+
+import base64
 
 import os
 import secrets
@@ -17,6 +25,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 ALGORITHM = "EdDSA"
+TRANSCRIPT_KEY_PREFIX = "transcripts-"
+TRANSCRIPT_KEY_SUFFIX = ".key"
 
 
 class KeyFolderError(Exception):
@@ -50,7 +60,9 @@ def generate(key_dir):
     key_dir = _ensure_dir(key_dir)
     if list(key_dir.glob("*.pem")):
         raise KeyFolderError(f"{key_dir} already holds keys; use `keys rotate` to add one")
-    return _write_key(key_dir, _new_kid())
+    kid = _write_key(key_dir, _new_kid())
+    transcript_key(key_dir)
+    return kid
 
 
 def rotate(key_dir):
@@ -69,6 +81,49 @@ def retire(key_dir, kid):
     if len(kids) == 1:
         raise KeyFolderError(f"{kid} is the only key; rotate first, then retire it")
     (Path(key_dir) / f"{kid}.pem").unlink()
+
+
+def transcript_key(key_dir):
+    """The kid of the newest transcripts' key, making the first one when there is none (never overwriting: two
+    processes making it at once keep the first)."""
+    key_dir = _ensure_dir(key_dir)
+    kids = transcript_kids(key_dir)
+    if kids:
+        return kids[-1]
+    kid = _new_kid()
+    path = key_dir / f"{TRANSCRIPT_KEY_PREFIX}{kid}{TRANSCRIPT_KEY_SUFFIX}"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return transcript_kids(key_dir)[-1]
+    with os.fdopen(fd, "wb") as out:
+        out.write(base64.b64encode(secrets.token_bytes(32)) + b"\n")
+    return kid
+
+
+def transcript_kids(key_dir):
+    """The kids of the transcripts' keys in the folder, oldest first."""
+    names = (p.name for p in Path(key_dir).glob(f"{TRANSCRIPT_KEY_PREFIX}*{TRANSCRIPT_KEY_SUFFIX}"))
+    return sorted(n[len(TRANSCRIPT_KEY_PREFIX):-len(TRANSCRIPT_KEY_SUFFIX)] for n in names)
+
+
+def read_transcript_key(key_dir, kid):
+    """The 32 bytes of transcripts' key `kid`; KeyFolderError when it is missing, unsafe or not a key."""
+    path = Path(key_dir) / f"{TRANSCRIPT_KEY_PREFIX}{kid}{TRANSCRIPT_KEY_SUFFIX}"
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        raise KeyFolderError(f"VIBE_JWT_KEY_DIR: no transcripts key {kid!r} in {key_dir} (copy it from the "
+                             "server that made it)") from None
+    if mode & 0o077:
+        raise KeyFolderError(f"VIBE_JWT_KEY_DIR: {path} is mode {mode:04o}; it must be 0600")
+    try:
+        key = base64.b64decode(path.read_bytes().strip(), validate=True)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise KeyFolderError(f"VIBE_JWT_KEY_DIR: {path} is not a transcripts key (32 bytes, base64)")
+    return key
 
 
 def list_kids(key_dir):

@@ -1,5 +1,5 @@
-"""The tables of users, teams, tokens, usage, audit, the access epoch and the console's sign-ins, and how a
-database gets them.
+"""The tables of users, teams, tokens, usage, audit, transcripts, the access epoch and the console's
+sign-ins, and how a database gets them.
 
 SQLAlchemy Core over any URL: SQLite in WAL mode by default, PostgreSQL by URL
 alone. The schema is created and upgraded by Alembic migrations
@@ -34,6 +34,8 @@ users = sa.Table(
     sa.Column("max_open_batches", sa.Integer),
     sa.Column("daily_batches", sa.Integer),  # batches created per UTC day, failed ones included
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    # Whether the user's generations are kept as transcripts (auth.transcripts): opt-in, set by an admin.
+    sa.Column("transcripts", sa.Boolean, nullable=False, server_default=sa.false()),
     # The team whose budget, concurrency cap and rate limit the user shares (at most one; NULL: none).
     sa.Column("team_id", sa.Integer, sa.ForeignKey("teams.id"), index=True),  # remove_team clears it
 )
@@ -117,6 +119,21 @@ console_sessions = sa.Table(
     sa.Column("data", sa.Text, nullable=False),  # JSON
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("seen_at", sa.DateTime(timezone=True), nullable=False),
+)
+# Kept generations of the users who opted in (auth.transcripts): what an admin filters by in the clear, the
+# transcript itself only as AES-GCM ciphertext under the key `kid` of the key folder.
+transcripts = sa.Table(
+    "transcripts", metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("model", sa.String(128)),
+    sa.Column("route", sa.String(64), nullable=False),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("request_id", sa.String(128), nullable=False),
+    sa.Column("kid", sa.String(64), nullable=False),
+    sa.Column("ciphertext", sa.LargeBinary, nullable=False),  # nonce, then AES-GCM of the compressed JSON
+    sa.Index("ix_transcripts_user_created", "user_id", "created_at"),
 )
 # One row: replaced by every change that can turn a valid token invalid (revocation, disable, demotion,
 # a quota or key change), so workers that cache verified tokens know to drop them (auth.cache).

@@ -13,8 +13,8 @@ import sqlalchemy as sa
 
 from auth.checks import check_name, check_quotas
 from auth.errors import StoreError
-from auth.schema import (audit, auth_epoch, connect, console_links, console_sessions, migrate, teams, tokens, usage,
-                         users)
+from auth.schema import (audit, auth_epoch, connect, console_links, console_sessions, migrate, teams, tokens,
+                         transcripts, usage, users)
 
 STORAGE_QUOTAS = ("max_files", "max_stored_bytes", "max_open_batches", "daily_batches")
 QUOTA_FIELDS = ("rate_limit", "daily_tokens", "max_concurrent", "system_prompts", "models", *STORAGE_QUOTAS)
@@ -111,11 +111,13 @@ class Store:
 
     def update_user(self, name, actor="system", source="cli", **changes):
         """Change active/is_admin/quota fields; None in a quota field clears it."""
-        allowed = {"active", "is_admin", *QUOTA_FIELDS}
+        allowed = {"active", "is_admin", "transcripts", *QUOTA_FIELDS}
         unknown = set(changes) - allowed
         if unknown:
             raise StoreError(400, f"cannot change {sorted(unknown)[0]}", "unknown_field", sorted(unknown)[0])
         check_quotas(changes)
+        if "transcripts" in changes and not isinstance(changes["transcripts"], bool):
+            raise StoreError(400, "transcripts must be true or false", "invalid_value", "transcripts")
         user = self.get_user(name)
         with self.engine.begin() as conn:
             conn.execute(users.update().where(users.c.id == user["id"]).values(**_encode(changes)))
@@ -127,6 +129,25 @@ class Store:
             epoch = self._changed_access(conn)
         self.publish(epoch)
         return self.get_user(name)
+
+    def remove_user(self, name, actor="system", source="cli", release=None):
+        """Delete a user with their tokens (refused from the next request: the epoch is replaced), console
+        sessions and links, and transcripts, in one transaction; usage rows and the audit trail stay (they are
+        keyed by name). `release(conn, name)` runs first in the same transaction: it raises StoreError to refuse
+        (what the user still stores) and deletes what else belongs to them. What was deleted, by kind."""
+        user = self.get_user(name)
+        with self.engine.begin() as conn:
+            released = release(conn, name) if release is not None else {}
+            _end_console(conn, user["id"])
+            gone = {"tokens": conn.execute(tokens.delete().where(tokens.c.user_id == user["id"])).rowcount,
+                    "transcripts": conn.execute(transcripts.delete()
+                                                .where(transcripts.c.user_id == user["id"])).rowcount,
+                    **(released or {})}
+            conn.execute(users.delete().where(users.c.id == user["id"]))
+            self._audit(conn, actor, "user.remove", name, gone, source)
+            epoch = self._changed_access(conn)
+        self.publish(epoch)
+        return gone
 
     # --- tokens ---
     def record_token(self, jti, user_name, scope, label, kid, issued_at, expires_at, actor="system", source="cli"):
@@ -154,7 +175,7 @@ class Store:
         query = (sa.select(tokens, users.c.name.label("user"), users.c.active.label("user_active"),
                            users.c.is_admin.label("user_admin"), users.c.rate_limit, users.c.daily_tokens,
                            users.c.max_concurrent, users.c.system_prompts, users.c.models,
-                           *(users.c[name] for name in STORAGE_QUOTAS), *TEAM_COLUMNS)
+                           users.c.transcripts, *(users.c[name] for name in STORAGE_QUOTAS), *TEAM_COLUMNS)
                  .select_from(tokens.join(users).outerjoin(teams, users.c.team_id == teams.c.id))
                  .where(tokens.c.jti == jti))
         with self.engine.connect() as conn:
@@ -436,7 +457,7 @@ def _user(row):
             "max_concurrent": row["max_concurrent"], "system_prompts": _list(row["system_prompts"]),
             "models": _list(row["models"]), **{name: row[name] for name in STORAGE_QUOTAS},
             **{column.name: row[column.name] for column in TEAM_COLUMNS},
-            "created_at": aware(row["created_at"]).isoformat()}
+            "transcripts": bool(row["transcripts"]), "created_at": aware(row["created_at"]).isoformat()}
 
 
 def _token(row, now):
@@ -445,7 +466,7 @@ def _token(row, now):
              "revoked_at": aware(row["revoked_at"]), "revoked_by": row["revoked_by"], "replaces": row["replaces"],
              "replaced_by": row["replaced_by"]}
     token["status"] = token_status(token, now)
-    for extra in ("user_active", "user_admin", *QUOTA_FIELDS, *(column.name for column in TEAM_COLUMNS)):
+    for extra in ("user_active", "user_admin", "transcripts", *QUOTA_FIELDS, *(column.name for column in TEAM_COLUMNS)):
         if extra in row:
             token[extra] = _list(row[extra]) if extra in LIST_FIELDS else row[extra]
     return token

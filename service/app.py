@@ -18,6 +18,7 @@ from auth import guard
 from auth.cache import TokenCache
 from auth.keys import KeyFolderError, KeySet
 from auth.store import Store
+from auth.transcripts import Transcripts
 from service import console
 from service.admission import ratelimit
 from service.admission.counters import epoch_publisher, open_counters
@@ -28,6 +29,7 @@ from service.inference import footprint
 from service.inputs import filtering
 from service.records import logs, metrics, timing
 from service.records.alerts import Alerts
+from service.records.transcriptlog import TranscriptLog
 from service.records.usagelog import UsageLog
 from service.serving import attachments
 from service.serving.answers import Checker
@@ -63,6 +65,9 @@ def create_app(settings=None):
                               batches=BatchRecords(store.engine, settings.files_dir, settings.file_expiry_s),
                               documents=attachments.open_reader(settings),
                               checker=Checker(settings.answer_check_timeout_s)))
+    state.transcripts = Transcripts(store, settings.jwt_key_dir)
+    state.transcript_log = TranscriptLog(state.transcripts.write,
+                                         partial(state.transcripts.purge, settings.transcript_retention_delta))
 
     accounting.init_app(app)  # first: its after-request hook runs last, when every other one has run
     app.after_request(body.drain_unread_body)

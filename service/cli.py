@@ -55,9 +55,9 @@ def build_parser():
     parser = Parser(prog="vibethinker-admin", description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     groups = parser.add_subparsers(dest="group", required=True,
-                                   metavar="{users,teams,tokens,console-link,keys,usage,audit,cache,db,model}")
+                                   metavar="{users,teams,tokens,console-link,keys,transcripts,usage,audit,cache,db,model}")
 
-    users = groups.add_parser("users", help="add, list, disable, enable, set").add_subparsers(dest="cmd", required=True)
+    users = groups.add_parser("users", help="add, list, disable, enable, set, remove").add_subparsers(dest="cmd", required=True)
     add = users.add_parser("add", help="create a user")
     add.add_argument("name")
     add.add_argument("--admin", action="store_true", help="may hold admin-scope tokens")
@@ -71,8 +71,14 @@ def build_parser():
     set_ = users.add_parser("set", help="change quotas or the admin flag ('none' clears a quota)")
     set_.add_argument("name")
     set_.add_argument("--admin", action=argparse.BooleanOptionalAction, default=None)
+    set_.add_argument("--transcripts", choices=["on", "off"], help="keep this user's generations (encrypted, "
+                      "read by admins only, purged after transcript_retention)")
     _quota_options(set_, clearable=True)
     set_.set_defaults(handler=commands.users_set)
+    remove = users.add_parser("remove", help="delete a user with their tokens, console sessions and transcripts "
+                              "(their files and open batches first); usage and the audit trail stay")
+    remove.add_argument("name")
+    remove.set_defaults(handler=commands.users_remove)
 
     teams = groups.add_parser("teams", help="add, list, set, members, remove: limits a team's members share").add_subparsers(
         dest="cmd", required=True)
@@ -132,6 +138,25 @@ def build_parser():
     retire.add_argument("kid")
     retire.set_defaults(handler=commands.keys_change, op="retire")
     key_cmds.add_parser("list", help="list key ids, newest (signing) last").set_defaults(handler=commands.keys_list)
+    key_cmds.add_parser("transcripts", help="make the transcripts' key if there is none (never replaces one)"
+                        ).set_defaults(handler=commands.keys_transcripts)
+
+    kept = groups.add_parser("transcripts", help="export, list, purge").add_subparsers(dest="cmd", required=True)
+    export = kept.add_parser("export", help="transcripts as JSONL (audited): chat for fine-tuning, eval for scoring")
+    export.add_argument("--since", type=_date, required=True, help="YYYY-MM-DD")
+    export.add_argument("--user", help="only this user's")
+    export.add_argument("--format", choices=["chat", "eval"], default="chat",
+                        help="chat: OpenAI's fine-tuning messages, successful answers only, the reasoning in "
+                        "<think>...</think> before the answer; eval: question, final and expected answer, correct")
+    export.add_argument("--output", help="a file to write (mode 0600); default: stdout")
+    export.set_defaults(handler=commands.transcripts_export)
+    listing = kept.add_parser("list", help="transcripts' metadata, newest first (no content)")
+    listing.add_argument("--user")
+    listing.add_argument("--since", type=_date, help="YYYY-MM-DD")
+    listing.add_argument("--limit", type=int, default=100)
+    listing.set_defaults(handler=commands.transcripts_list)
+    kept.add_parser("purge", help="delete transcripts past transcript_retention (the service also does, hourly)"
+                    ).set_defaults(handler=commands.transcripts_purge)
 
     usage = groups.add_parser("usage", help="daily usage per user (or per team), newest first")
     usage.add_argument("--user")

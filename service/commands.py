@@ -8,6 +8,7 @@ published to Redis, so running workers drop their cached tokens at once.
 
 import getpass
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from auth.errors import StoreError
 from auth.schema import connect, migrate, revision
 from auth.store import QUOTA_FIELDS, TEAM_FIELDS, Store
 from auth.tokens import issue_token, parse_duration, rotate_token
+from auth.transcripts import Transcripts
 from service.admission.counters import epoch_publisher, open_counters
 from service.settings import SettingsError
 
@@ -62,10 +64,21 @@ def users_set(args, settings):
     changes = _quotas(args)
     if args.admin is not None:
         changes["is_admin"] = args.admin
+    if args.transcripts is not None:
+        changes["transcripts"] = args.transcripts == "on"
     if not changes:
-        raise StoreError(400, "nothing to change: give --admin/--no-admin or a quota option", "empty")
+        raise StoreError(400, "nothing to change: give --admin/--no-admin, --transcripts or a quota option", "empty")
     user = _store(settings).update_user(args.name, **changes, **_who())
     _emit(args, user, f"updated {args.name}")
+
+
+def users_remove(args, settings):
+    from service.batches.quotas import release_user
+
+    gone = _store(settings).remove_user(args.name, release=release_user, **_who())
+    _emit(args, {"name": args.name, "removed": True, **gone},
+          f"removed {args.name}: {gone['tokens']} token(s), {gone['transcripts']} transcript(s), "
+          f"{gone['batches']} finished batch(es); their usage rows and the audit trail stay")
 
 
 def tokens_issue(args, settings):
@@ -137,6 +150,48 @@ def keys_change(args, settings):
         {"op": args.op, "kid": kid, "key_dir": str(settings.jwt_key_dir)},
         f"{args.op}: {kid} in {settings.jwt_key_dir}",
     )
+
+
+def keys_transcripts(args, settings):
+    """The transcripts' key: made if there is none (a server set up before transcripts), never replaced."""
+    had = keys.transcript_kids(settings.jwt_key_dir)
+    kid = keys.transcript_key(settings.jwt_key_dir)
+    if not had:
+        _store(settings).record_event("key.transcripts", kid, {}, **_who())
+    _emit(args, {"kid": kid, "created": not had, "key_dir": str(settings.jwt_key_dir)},
+          f"{'made' if not had else 'kept'} the transcripts key {kid} in {settings.jwt_key_dir}")
+
+
+def transcripts_export(args, settings):
+    """Transcripts since a date as JSONL (chat: OpenAI's fine-tuning format; eval: one line per answer), to a
+    file of mode 0600 or stdout; audited with the count."""
+    from service.serving.export import lines
+
+    store = _store(settings)
+    if args.user is not None:
+        store.get_user(args.user)  # an unknown user is an error, not an empty export
+    found = Transcripts(store, settings.jwt_key_dir).export(args.since, args.user, **_who())
+    text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines(found, args.format))
+    if args.output is None:
+        sys.stdout.write(text)
+        return
+    handle = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        out.write(text)
+    print(f"exported {text.count(chr(10))} line(s) from {len(found)} transcript(s) to {args.output}",
+          file=sys.stderr)
+
+
+def transcripts_purge(args, settings):
+    retention = settings.transcript_retention_delta
+    count = Transcripts(_store(settings), settings.jwt_key_dir).purge(retention)
+    _emit(args, {"purged": count, "retention": settings.transcript_retention},
+          f"purged {count} transcript(s) older than {settings.transcript_retention}")
+
+
+def transcripts_list(args, settings):
+    rows = Transcripts(_store(settings), settings.jwt_key_dir).list(args.user, args.since, limit=args.limit)
+    _emit(args, rows, _table(rows, ("id", "created_at", "user", "model", "route", "status", "request_id")))
 
 
 def keys_list(args, settings):

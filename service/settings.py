@@ -30,8 +30,14 @@ MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,127}$"  # it is a metric label an
 # The longest a console sign-in link, an idle console session and any console session may last.
 CONSOLE_TIMES = {"console_link_ttl": 24 * 3600, "console_idle_timeout": 24 * 3600,
                  "console_session_lifetime": 7 * 24 * 3600}
+TRANSCRIPT_RETENTION = (86400, 730 * 86400)  # seconds: the shortest and longest transcripts may be kept
 WEIGHTS_SHARE = 0.8  # of the memory ceiling the models' weights may take; the rest: caches, activations, Python
 CACHE_SHARE = 0.9  # of the memory ceiling the weights and the KV caches may take together by default
+
+
+def retention_seconds(value):
+    """Seconds of a retention such as 30d, 12w or 36h."""
+    return int(value[:-1]) * {"h": 3600, "d": 86400, "w": 7 * 86400}[value[-1]]
 
 
 class ModelSpec(BaseModel):
@@ -453,6 +459,10 @@ class Settings(BaseSettings):
     file_expiry_s: int = Field(
         30 * 86400, ge=3600, le=10 * 365 * 86400, description="Seconds an uploaded or output file is kept when "
         "the upload gives no expires_after; expired files are purged.")
+    transcript_retention: str = Field(
+        "30d", pattern=r"^\d+[hdw]$", description="How long the transcripts of users who opted in are kept (1 day "
+        "to 730 days, e.g. 30d, 12w); older ones are purged hourly by the service and by `vibethinker-admin "
+        "transcripts purge`.")
     poll_rate_limit: str = Field(
         "600/minute", description="Per-user limit of polling (file and batch retrieves and lists, downloads), "
         "apart from the request rate limit that uploads and batch creates count against.")
@@ -499,6 +509,13 @@ class Settings(BaseSettings):
         longest = CONSOLE_TIMES[info.field_name]
         if not 60 <= seconds <= longest:
             raise ValueError(f"must be between 1 minute and {longest // 3600} hours")
+        return value
+
+    @field_validator("transcript_retention")
+    @classmethod
+    def _check_retention(cls, value):
+        if not TRANSCRIPT_RETENTION[0] <= retention_seconds(value) <= TRANSCRIPT_RETENTION[1]:
+            raise ValueError("must be between 1 day and 730 days")
         return value
 
     @field_validator("ratelimit_storage_uri", "cache_storage_uri")
@@ -556,6 +573,13 @@ class Settings(BaseSettings):
         """The body limit of the routes that take documents: max_body_bytes plus document_max_bytes in base64.
         nginx/vibethinker.conf.j2 computes the same for those locations."""
         return self.max_body_bytes + (self.document_max_bytes + 2) // 3 * 4
+
+    @property
+    def transcript_retention_delta(self):
+        """transcript_retention as a timedelta."""
+        from datetime import timedelta
+
+        return timedelta(seconds=retention_seconds(self.transcript_retention))
 
     def served_models(self):
         """The models this server serves, the default first: the [[models]] tables, or the one model of

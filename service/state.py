@@ -19,12 +19,14 @@ if TYPE_CHECKING:  # names for the fields' types only: importing them here would
 
     from auth.keys import KeySet
     from auth.store import Store
+    from auth.transcripts import Transcripts
     from service.admission.counters import MemoryCounters, RedisCounters
     from service.batches.records import BatchRecords
     from service.batches.runner import BatchRunner
     from service.inputs.documents import Reader
     from service.inputs.filtering import Rule
     from service.records.alerts import Alerts
+    from service.records.transcriptlog import TranscriptLog
     from service.records.usagelog import UsageLog
     from service.serving.answers import Checker
     from service.serving.cache import Cache
@@ -53,6 +55,8 @@ class State:
     documents: Reader | None = None  # this worker's pool reading PDFs and images
     checker: Checker | None = None  # this worker's pool checking final answers against expected ones
     alerts: Alerts | None = None  # this worker's delivery of budget alerts
+    transcripts: Transcripts | None = None  # kept generations (encrypted), read by admins
+    transcript_log: TranscriptLog | None = None  # their background writer
 
 
 def attach(app, state):

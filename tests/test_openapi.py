@@ -47,6 +47,8 @@ EXPLAINED_FOR = {
                                          "existing user): test_admin_api.py, test_tokens_lifecycle.py",
     ("POST /admin/tokens/{jti}/rotate", 201): "needs the jti of a live token (the fuzz's rotations of a token it "
                                               "issued may reach it): test_token_rotation.py, test_cli.py",
+    ("GET /admin/transcripts/{transcript_id}", 200): "needs a kept transcript (the fuzz's users have transcripts "
+                                                     "off): test_transcripts.py",
 }
 
 
@@ -70,9 +72,9 @@ def test_the_spec_is_served_without_a_token(fuzzed):
         "/healthz", "/readyz", "/metrics", "/openapi.json", "/predict", "/v1/predict", "/v1/chat/completions",
         "/v1/models", "/v1/models/{model}", "/v1/me", "/admin/users", "/admin/users/{name}", "/admin/tokens",
         "/admin/tokens/{jti}", "/admin/tokens/{jti}/rotate", "/admin/teams", "/admin/teams/{name}",
-        "/admin/teams/{name}/members", "/admin/usage", "/admin/audit", "/admin/cache/purge", "/v1/files",
-        "/v1/files/{file_id}", "/v1/files/{file_id}/content", "/v1/batches", "/v1/batches/{batch_id}",
-        "/v1/batches/{batch_id}/cancel"}
+        "/admin/teams/{name}/members", "/admin/usage", "/admin/audit", "/admin/cache/purge", "/admin/transcripts",
+        "/admin/transcripts/{transcript_id}", "/v1/files", "/v1/files/{file_id}", "/v1/files/{file_id}/content",
+        "/v1/batches", "/v1/batches/{batch_id}", "/v1/batches/{batch_id}/cancel"}
     predict = spec["paths"]["/predict"]["post"]
     assert predict["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/PredictRequest"}
@@ -128,6 +130,8 @@ def _template(uri):
         return "/".join(["/admin/tokens/{jti}", *parts[4:]])
     if parts[1:3] == ["admin", "teams"] and len(parts) >= 4:
         return "/".join(parts[:3] + ["{name}"] + parts[4:])
+    if parts[1:3] == ["admin", "transcripts"] and len(parts) == 4:
+        return "/admin/transcripts/{transcript_id}"
     if parts[1:3] == ["v1", "models"] and len(parts) == 4:
         return "/v1/models/{model}"
     if parts[1:3] in (["v1", "files"], ["v1", "batches"]) and len(parts) >= 4:
@@ -139,8 +143,8 @@ def _template(uri):
 def test_schemathesis_finds_nothing_and_every_declared_status_is_reached_or_explained(fuzzed, tmp_path):
     seen = run_schemathesis(fuzzed, fuzzed.token, tmp_path / "generate", "--exclude-path-regex", "^/admin")
     # Admin routes with admin-only tokens and no stateful phase. Schemathesis reuses names it saw in answers,
-    # so the operations that can disable or revoke the caller run last, as another admin.
-    changers = "update_user|revoke_token|rotate_token"
+    # so the operations that can disable, remove or revoke the caller run last, as another admin.
+    changers = "update_user|remove_user|revoke_token|rotate_token"
     passes = [(fuzzed.admin_tokens[0], "admin", "examples,coverage,fuzzing",
                ("--include-path-regex", "^/admin", "--exclude-operation-id-regex", changers)),
               (fuzzed.admin_tokens[1], "changers", "examples,coverage,fuzzing,stateful",  # follows the links

@@ -24,7 +24,7 @@ from flask import g, request
 from service.errors import token_headers
 from service.records import metrics, requestid, timing
 from service.records.accounting import write_usage
-from service.serving import pipeline
+from service.serving import pipeline, transcript
 from service.serving.caller import Caller
 from service.serving.job import Job
 from service.state import state
@@ -41,6 +41,7 @@ class RequestRecord:
     started: float
     route: str = "unmatched"
     error_code: str | None = None  # the refusal's code, from service.api.errors' response
+    error_message: str | None = None  # ... and its message (a transcript of a failed generation keeps both)
     streamed: bool = False  # the stream writes its own row when it ends
     job: object = None  # the service.serving.job.Job of a generation, set once by its route
     timings: timing.Timings = None  # its phases, from the moment the edge read it
@@ -86,6 +87,7 @@ def _account(response):
     record, job = current(), current().job
     status = response.status_code
     record.error_code = getattr(response, "error_code", None)
+    record.error_message = getattr(response, "error_message", None)
     metrics.HTTP_REQUESTS.labels(record.route, metrics.method_label(request.method), str(status)).inc()
     metrics.REQUEST_DURATION.labels(record.route).observe(record.latency)
     reason = metrics.refusal_reason(status, record.error_code)
@@ -134,6 +136,9 @@ def finish(record, status, message="stream ended"):
     if record.error_code:
         fields.update(error_code=record.error_code, refusal=metrics.refusal_reason(status, record.error_code))
     log.info(message, extra={"fields": fields})
+    if job is not None and job.recorded:  # after the log line: handed to its writer, never waited for
+        error = (record.error_code or "error", record.error_message or "") if status >= 400 else None
+        transcript.keep(state(), job, record.route, status, record.request_id, error)
     return total
 
 

@@ -1,4 +1,4 @@
-"""The admin HTTP API (scope `admin`): users, teams, tokens and the audit trail.
+"""The admin HTTP API (scope `admin`): users, teams, tokens, the audit trail and transcripts.
 
 Routes are thin: parse, call auth.store / auth.tokens, return. Every change is
 audited with the calling admin as actor and the client address as source.
@@ -12,7 +12,8 @@ from auth.store import QUOTA_FIELDS, TEAM_COLUMNS, TEAM_FIELDS
 from auth.tokens import issue_token, rotate_token as issue_successor
 from service.api.access import caller
 from service.api.body import read
-from service.errors import BadRequest, NotFound, Unavailable
+from service.batches.quotas import release_user
+from service.errors import BadRequest, Conflict, NotFound, Unavailable
 from service.inputs.schemas import (AdminTeamCreate, AdminTeamMembers, AdminTeamPatch, AdminTokenRequest,
                                    AdminTokenRotate, AdminUserCreate, AdminUserPatch, CachePurge, query_int)
 from service.serving import cache
@@ -52,8 +53,33 @@ def update_user(name):
     if "admin" in changes:
         changes["is_admin"] = changes.pop("admin")
     if not changes:
-        raise BadRequest("nothing to change: give active, admin or a quota field", "empty", None)
+        raise BadRequest("nothing to change: give active, admin, transcripts or a quota field", "empty", None)
     return _store().update_user(name, **changes, **_who())
+
+
+@bp.delete("/users/<name>")
+def remove_user(name):
+    """Delete a user, their tokens, console sessions and transcripts (409 while they store files or have
+    batches open); usage rows and the audit trail stay."""
+    if name == caller()["user"]:
+        raise Conflict("an admin cannot remove themselves: ask another admin", "cannot_remove_self", "name")
+    gone = _store().remove_user(name, release=release_user, **_who())
+    return {"name": name, "removed": True, "batches": 0, **gone}
+
+
+@bp.get("/transcripts")
+def list_transcripts():
+    """Transcripts' metadata, newest first (?user=NAME&since=DATE&limit=N); their content is not shown here."""
+    args = request.args
+    limit = query_int(args.get("limit", "100"), "limit", 1, 1000)
+    rows = state().transcripts.list(args.get("user"), _date(args.get("since")), limit=limit)
+    return {"object": "list", "data": rows}
+
+
+@bp.get("/transcripts/<transcript_id>")
+def read_transcript(transcript_id):
+    """One transcript, decrypted; audited (transcript.read)."""
+    return state().transcripts.read(transcript_id, **_who())
 
 
 @bp.post("/teams")
@@ -176,7 +202,8 @@ def list_audit():
 def _public(token):
     """Token metadata as JSON: never the token text, which is not stored anyway."""
     return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in token.items()
-            if k not in ("user_active", "user_admin", *QUOTA_FIELDS, *(column.name for column in TEAM_COLUMNS))}
+            if k not in ("user_active", "user_admin", "transcripts", *QUOTA_FIELDS,
+                         *(column.name for column in TEAM_COLUMNS))}
 
 
 def _date(text):

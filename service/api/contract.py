@@ -19,7 +19,8 @@ from service.api.access import is_console, public, scope_for
 from service.api.answer_models import ChatCompletion, Prediction
 from service.api.responses import (
     AuditList, Batch, BatchList, CachePurged, Error, FileDeleted, FileList, FileObject, Health, IssuedToken, Me,
-    ModelCard, ModelList, Ready, RotatedToken, Team, TeamList, Token, TokenList, UsageList, User, UserList)
+    ModelCard, ModelList, Ready, RotatedToken, Team, TeamList, Token, TokenList, Transcript, TranscriptList, UsageList,
+    User, UserList, UserRemoved)
 from service.inputs import schemas
 from service.inputs.extraction import MEDIA_TYPES
 from service.serving.params import LEAST_PENALTY, MAX_TOP_K, MAX_TOP_LOGPROBS
@@ -84,6 +85,15 @@ ROUTES = {
     "admin.list_users": ("Every user", None, UserList, 200, AUTH, ()),
     "admin.update_user": ("Change a user's state, rights or quotas", schemas.AdminUserPatch, User, 200,
                           (*AUTH, *BODY, 404), ()),
+    "admin.remove_user": ("Remove a user with their tokens, console sessions and transcripts (409 while they "
+                          "store files or have batches open); usage and the audit trail stay", None, UserRemoved,
+                          200, (*AUTH, 404, 409), ()),
+    "admin.list_transcripts": ("Transcripts of users who opted in: metadata only, newest first", None,
+                               TranscriptList, 200, (*AUTH, 400), (
+                                   *QUERY, {"name": "limit", "in": "query",
+                                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000}})),
+    "admin.read_transcript": ("One transcript, decrypted (audited as transcript.read)", None, Transcript, 200,
+                              (*AUTH, 404, 500), ()),
     "admin.add_team": ("Create a team (its members share its limits)", schemas.AdminTeamCreate, Team, 201,
                        (*AUTH, *BODY, 404, 409), ()),
     "admin.list_teams": ("Every team, its limits and members", None, TeamList, 200, AUTH, ()),

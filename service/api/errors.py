@@ -27,6 +27,7 @@ def error_response(status, message, code, param=None, headers=None, extra=None):
     response = jsonify({**errors.error_body(status, message, code, param), **(extra or {})})
     response.status_code = status
     response.error_code = code  # for accounting: the refusal reason of this request
+    response.error_message = message  # for a transcript of a failed generation
     for name, value in (headers or {}).items():
         response.headers[name] = str(value)
     return response

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from flask import Blueprint
 
 from auth.store import STORAGE_QUOTAS
+from auth.transcripts import transcripts_on
 from service.api.access import caller
 from service.batches import quotas
 from service.state import state
@@ -19,6 +20,7 @@ def me():
     token = caller()
     user = state().store.get_user(token["user"])
     return {"user": user["name"], "admin": user["admin"], "active": user["active"],
+            "transcripts": transcripts_on(token),  # whether this user's generations are kept
             "token": {"jti": token["jti"], "scope": token["scope"].split(), "label": token["label"],
                       "issued_at": token["issued_at"].isoformat(), "expires_at": token["expires_at"].isoformat()},
             **standing(user)}

@@ -98,6 +98,7 @@ class User(BaseModel):
     team_rate_limit: str | None
     team_daily_tokens: int | None
     team_max_concurrent: int | None
+    transcripts: bool  # whether the user's generations are kept (an admin's choice; off by default)
     created_at: str
 
 
@@ -114,6 +115,47 @@ class Team(BaseModel):
 class TeamList(BaseModel):
     object: Literal["list"]
     data: list[Team]
+
+
+class UserRemoved(BaseModel):
+    """What was deleted with a user; their usage rows and the audit trail stay."""
+
+    name: str
+    removed: Literal[True]
+    tokens: int
+    transcripts: int
+    batches: int  # finished batches (with their lines)
+
+
+class TranscriptMeta(BaseModel):
+    id: str
+    user: str
+    created_at: str
+    model: str | None
+    route: str
+    status: int
+    request_id: str
+    kid: str  # the transcripts key it is encrypted under
+
+
+class TranscriptList(BaseModel):
+    object: Literal["list"]
+    data: list[TranscriptMeta]
+
+
+class Transcript(TranscriptMeta):
+    """One transcript, decrypted (reading it is audited as transcript.read)."""
+
+    kind: str
+    messages: list[dict[str, Any]]
+    documents: list[str]
+    params: dict[str, Any] | None
+    phases: dict[str, float]
+    cached: bool
+    choices: list[dict[str, Any]]
+    error: dict[str, str] | None
+    expected_answer: str | None = None
+    usage: dict[str, Any] | None = None
 
 
 class UserList(BaseModel):
@@ -199,6 +241,7 @@ class Me(BaseModel):
     user: str
     admin: bool
     active: bool
+    transcripts: bool  # whether this user's generations are kept (set by an admin)
     token: MeToken
     limits: dict[str, Any]
     effective_limits: dict[str, Any]

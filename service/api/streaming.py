@@ -95,6 +95,7 @@ class ChatStream:
         except Exception:  # the engine failed this request: say so in the stream, as a 500 would
             log.exception("streamed generation failed")
             self.status = 500
+            self.record.error_code, self.record.error_message = "internal_error", "internal error"
             yield _event(error_body(500, f"internal error; quote request id {self.record.request_id} when "
                                     "reporting it", "internal_error"))
             yield "data: [DONE]\n\n"
@@ -102,6 +103,7 @@ class ChatStream:
         if any(choice.finish_reason in ("timeout", "cancelled") for choice in self.result.choices):
             self.status = 504
             error = pipeline.deadline_error(settings.stream_deadline_s, self.result.completion_tokens)
+            self.record.error_code, self.record.error_message = error.code, error.message
             yield _event(body_of(error))
         else:
             yield from self._ending(self.result)
@@ -115,7 +117,7 @@ class ChatStream:
         if choice.finish_reason in ("timeout", "cancelled"):
             return text
         answer = reasoning.split(choice.text, self.job.served.markers).answer
-        verdict = shapes.verdict(self.state, self.job, answer)
+        verdict = shapes.verdict(self.state, self.job, answer, choice.index)
         self.finals[choice.index] = verdict["final_answer"]
         return text + self._chunk(choice.index, verdict, finish=shapes.openai_reason(choice.finish_reason),
                                   ended=choice.thinking_ended)

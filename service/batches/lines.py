@@ -104,7 +104,10 @@ def prepare(state, caller, kind, body, started=None):
         prompts.chat(state, job, request)
     else:
         prompts.predict(state, job, parse(PredictRequest, body))
-    prepared = {"kind": kind, "model": job.model, "ids": job.ids, "params": asdict(job.params)}
+    prepared = {"kind": kind, "model": job.model, "ids": job.ids, "params": asdict(job.params),
+                "messages": job.messages}  # the text of its ids, as a transcript keeps it
+    if job.document_texts:
+        prepared["document_texts"] = job.document_texts
     if job.echo is not None:
         prepared["echo"] = job.echo
     if job.expected_answer is not None:
@@ -120,7 +123,8 @@ def job_of(prepared, caller, served):
     """The Job of a stored line, to run for `caller` on `served`."""
     return Job(caller, kind=prepared["kind"], served=served, ids=prepared["ids"],
                params=Params.stored(prepared["params"]), echo=prepared.get("echo"), costs=prepared.get("documents"),
-               expected_answer=prepared.get("expected_answer"))
+               expected_answer=prepared.get("expected_answer"), messages=prepared.get("messages"),
+               document_texts=prepared.get("document_texts", []))
 
 
 def answered(state, custom_id, job, result, request_id):

@@ -15,9 +15,10 @@ from datetime import datetime, timezone
 
 import sqlalchemy as sa
 
+from auth.errors import StoreError
 from auth.schema import users
 from service.admission.budget import DAY_S
-from service.batches.tables import batches, files
+from service.batches.tables import batch_lines, batches, files
 from service.errors import LimitReached
 
 OPEN = ("validating", "in_progress", "finalizing", "cancelling")
@@ -84,3 +85,17 @@ def check_batches(conn, user, quota):
         raise LimitReached(f"{user} created {used['batches_today']} batches today, their daily_batches quota; "
                            "it resets at midnight UTC", "daily_batch_quota_exceeded", "daily_batches",
                            retry_after=seconds)
+
+
+def release_user(conn, user):
+    """Before `user` is removed (auth.store.remove_user's `release`, in its transaction): StoreError 409 while
+    they store files or have batches open (removing them would orphan those), else their finished batches and
+    lines are deleted. {"batches": how many}."""
+    used = usage(conn, user)
+    if used["files"] or used["open_batches"]:
+        raise StoreError(409, f"{user} still stores {used['files']} file(s) and has {used['open_batches']} batch(es) "
+                         "open: cancel their batches (POST /v1/batches/{id}/cancel) and delete their files (DELETE "
+                         "/v1/files/{id}), then remove them", "user_has_data", "name")
+    ended = sa.select(batches.c.id).where(batches.c.user == user).scalar_subquery()
+    conn.execute(batch_lines.delete().where(batch_lines.c.batch_id.in_(ended)))
+    return {"batches": conn.execute(batches.delete().where(batches.c.user == user)).rowcount}

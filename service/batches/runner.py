@@ -28,7 +28,7 @@ from service.errors import Forbidden, LimitReached, NotFound, OverBudget, Refusa
 from service.inputs.filtering import check_allowed_prompt
 from service.records import metrics, timing
 from service.records.accounting import usage_row
-from service.serving import pipeline
+from service.serving import pipeline, transcript
 from service.serving.caller import Caller
 
 log = logging.getLogger("vibethinker.batches")
@@ -291,6 +291,9 @@ class BatchRunner:
         if not self.records.finish_line(batch_id, line, ok, result, self.owner, usage):
             log.warning("a batch line finished here after another runner took it over; its answer is dropped",
                         extra={"fields": {"batch": batch_id, "line": line}})
+        elif usage is not None:  # stored: its transcript too, when its owner's are kept
+            error = None if ok else (result["error"]["code"], result["error"]["message"])
+            transcript.keep(self.state, item.job, ROUTE, status, item.request_id, error)
 
     def _user(self, name):
         """The owner's row as it is now; {} (no rights) when they were removed. A database that does not answer

@@ -21,6 +21,7 @@ from service import errors
 from service.api import health, models as model_cards
 from service.api.access import is_console
 from service.api.me import standing
+from service.batches.quotas import release_user
 from service.console import figures
 from service.console.charts import bar_chart, line_chart
 from service.console.csrf import CsrfRefused, check_csrf, csrf_token
@@ -36,11 +37,11 @@ PUBLIC = {"console.static", "console.login", "console.link_confirm", "console.li
           "console.oidc_callback"}
 INT_QUOTAS = tuple(QUOTA_MAX)  # the integer quotas
 PROMPT_SEPARATOR = "---"  # a line of its own between system prompts (a prompt may span lines)
-AUDIT_ACTIONS = ("user.add", "user.update", "user.enable", "user.disable", "team.add", "team.update",
-                 "team.members", "team.remove", "token.issue", "token.revoke",
-                 "token.rotate", "token.revoke_all", "console.link", "console.sign_in", "console.sign_out",
-                 "console.refused", "batch.cancel", "cache.purge", "key.generate", "key.rotate", "key.retire",
-                 "db.restore")
+AUDIT_ACTIONS = ("user.add", "user.update", "user.enable", "user.disable", "user.remove", "team.add", "team.update",
+                 "team.members", "team.remove", "token.issue", "token.revoke", "token.rotate", "token.revoke_all",
+                 "console.link", "console.sign_in", "console.sign_out", "console.refused", "batch.cancel",
+                 "cache.purge", "key.generate", "key.rotate", "key.retire", "db.restore", "transcript.read",
+                 "transcript.export")
 
 
 class NotSignedIn(Exception):
@@ -291,6 +292,24 @@ def user_active(name):
     return redirect(url_for("console.user_detail", name=name), 303)
 
 
+@bp.post("/users/<name>/transcripts")
+def user_transcripts(name):
+    keep = _flag(request.form.get("transcripts"), "transcripts")
+    state().store.update_user(name, transcripts=keep, **_who())
+    flash(f"{name}'s transcripts are {'kept from now on' if keep else 'no longer kept'}")
+    return redirect(url_for("console.user_detail", name=name), 303)
+
+
+@bp.post("/users/<name>/remove")
+def user_remove(name):
+    """Delete the user, their tokens, sessions and transcripts (the API's rules: 409 while they store files)."""
+    if name == g.console_admin["name"]:
+        raise Conflict("an admin cannot remove themselves: ask another admin", "cannot_remove_self", "name")
+    gone = state().store.remove_user(name, release=release_user, **_who())
+    flash(f"removed {name}: {gone['tokens']} token(s), {gone['transcripts']} transcript(s)")
+    return redirect(url_for("console.users"), 303)
+
+
 def _flag(text, field):
     if text not in ("true", "false"):
         raise BadRequest(f"{field} must be true or false", "invalid_value", field)
@@ -530,3 +549,26 @@ def batch_cancel(batch_id):
         state().store.record_event("batch.cancel", batch["id"], {"owner": owner}, **_who())
     flash(f"cancelling batch {batch['id']}" if running else f"batch {batch['id']} is already {batch['status']}")
     return redirect(url_for("console.batch_list"), 303)
+
+
+# --- transcripts ---
+@bp.get("/transcripts")
+def transcripts():
+    """Transcripts' metadata (no content: opening one is audited)."""
+    user = _text_arg("user", 64)
+    since = request.args.get("since") or None
+    if since is not None:
+        try:
+            since = datetime.fromisoformat(since)
+        except ValueError:
+            raise BadRequest("since must be a date (YYYY-MM-DD)", "invalid_value", "since") from None
+    rows = state().transcripts.list(user, since, limit=200)
+    return render_template("transcripts.html", rows=rows, user=user or "", since=request.args.get("since", ""))
+
+
+@bp.get("/transcripts/<transcript_id>")
+def transcript(transcript_id):
+    """One transcript, decrypted; each view is audited (transcript.read)."""
+    if not re.fullmatch(r"[0-9a-f]{32}", transcript_id):
+        raise NotFound("no such transcript", "transcript_not_found", "id")
+    return render_template("transcript.html", t=state().transcripts.read(transcript_id, **_who()))

@@ -271,6 +271,7 @@ class AdminUserPatch(QuotaFields):
 
     active: bool = None
     admin: bool = None
+    transcripts: bool = None  # keep this user's generations (auth.transcripts)
 
 
 class TeamFields(StrictModel):

@@ -84,11 +84,18 @@ def part_text(state, job, part, where):
         return part.text
     if part.type == "image_url":
         media_type, data = documents.from_data_url(part.image_url.url, f"{where}.image_url.url", limit)
-        return plain(read(state, job, data, media_type, f"{where}.image_url").text)
+        return _kept(job, read(state, job, data, media_type, f"{where}.image_url").text)
     if part.file.file_id is not None:
         raise BadRequest(f"{where}.file.file_id is not taken here: send the file itself as file_data (a data: "
                          "URL)", "unsupported_value", f"{where}.file.file_id")
     if part.file.file_data is None:
         raise BadRequest(f"{where}.file.file_data is required", "missing", f"{where}.file.file_data")
     media_type, data = documents.from_data_url(part.file.file_data, f"{where}.file.file_data", limit)
-    return plain(read(state, job, data, media_type, f"{where}.file").text)
+    return _kept(job, read(state, job, data, media_type, f"{where}.file").text)
+
+
+def _kept(job, text):
+    """A chat part's document text, plain, noted on the job (a transcript keeps it)."""
+    text = plain(text)
+    job.document_texts.append(text)
+    return text

@@ -9,6 +9,7 @@ never looks it up.
 import dataclasses
 from dataclasses import dataclass
 
+from auth.transcripts import transcripts_on
 from service.admission.budget import Limits, TeamLimits
 
 LIVE_SLOTS = "inflight"  # the concurrency slots of live requests
@@ -26,6 +27,7 @@ class Caller:
     system_prompts: tuple | None = None  # the system prompts the user may send
     slots: str = LIVE_SLOTS
     team: TeamLimits | None = None  # the team whose budget and concurrency cap the user shares
+    transcripts: bool = False  # whether this caller's generations are kept (auth.transcripts.transcripts_on)
 
     @classmethod
     def of_token(cls, token):
@@ -45,7 +47,8 @@ class Caller:
         lists = {key: None if fields.get(key) is None else tuple(fields[key]) for key in ("models", "system_prompts")}
         team = fields.get("team") and TeamLimits(fields["team"], fields.get("team_daily_tokens"),
                                                  fields.get("team_max_concurrent"))
-        return cls(name, fields.get("daily_tokens"), fields.get("max_concurrent"), **lists, team=team)
+        return cls(name, fields.get("daily_tokens"), fields.get("max_concurrent"), **lists, team=team,
+                   transcripts=transcripts_on(fields))
 
     def limits(self, settings):
         """The budgets and concurrency caps this caller is admitted under: their own, and their team's."""

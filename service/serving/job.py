@@ -31,8 +31,12 @@ class Job:
     hint: str | None = None  # the English hint, when the question is mostly in another script
     echo: dict | None = None  # what a prediction echoes: the cleaned question, system prompt, document
     expected_answer: str | None = None  # the client's: the answer says whether the final answer equals it
+    messages: list | None = None  # the conversation as the model sees it (cleaned, documents' text in it)
+    document_texts: list = field(default_factory=list)  # the text read from each document
     lease: object = None  # service.admission.budget.Lease, once admitted: then usage is recorded
     usage: Usage | None = None
+    result: object = None  # the GenerationResult once settled (or the cached one): what a transcript keeps
+    verdicts: dict = field(default_factory=dict)  # choice index -> its final_answer (and correct), as answered
     cache_key: object = None  # service.serving.cache.Key, when the answer can be cached
     cache: str | None = None  # "hit" or "miss", once the cache was asked
     costs: dict | None = None  # a batch line's document costs, as read when its batch was created

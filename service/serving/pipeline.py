@@ -43,7 +43,7 @@ def cached(state, job):
     job.timings.lap("cache")
     job.cache = "miss" if hit is None else "hit"
     if hit is not None:
-        job.usage = dataclasses.replace(Usage.of(hit), cached=True)
+        job.usage, job.result = dataclasses.replace(Usage.of(hit), cached=True), hit
     return hit
 
 
@@ -151,7 +151,7 @@ def settle(state, job, result):
     """Release the job's lease to what `result` used (nothing if None), make it the job's usage, and cache a
     whole answer of a cacheable job."""
     job.timings.engine(result)
-    job.usage = Usage.of(result)
+    job.usage, job.result = Usage.of(result), result
     budget.release(state.counters, job.lease, job.usage.total)
     if job.cache_key is not None:
         state.cache.store(job.cache_key, result, job.params.max_new_tokens)

@@ -35,6 +35,7 @@ def chat(state, job, body):
         job.params, n=n, logprobs=logprobs, vote=bool(body.vote),
         thinking_budget=params.thinking_budget(settings, body.thinking_token_budget, body.reasoning_effort))
     job.expected_answer = body.expected_answer
+    job.messages = messages
     job.ids = prompt_ids(state, job, messages, "messages")
     job.hint = language.english_hint(question)
     job.timings.lap("template")  # the body read, cleaned, checked, templated and tokenized
@@ -68,7 +69,10 @@ def predict(state, job, body, document=None):
         job.params, thinking_budget=params.thinking_budget(settings, body.thinking_token_budget,
                                                            body.reasoning_effort))
     job.expected_answer = body.expected_answer
-    job.ids = prompt_ids(state, job, chat_messages(whole, system_prompt), "question")
+    job.messages = chat_messages(whole, system_prompt)
+    if text is not None:
+        job.document_texts = [text]
+    job.ids = prompt_ids(state, job, job.messages, "question")
     job.hint = language.english_hint(whole)
     job.echo = {"input": question, "system_prompt": system_prompt, "hint": job.hint}
     if document is not None:

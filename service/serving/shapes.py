@@ -30,7 +30,7 @@ def choice_of(state, job, choice):
     else:
         message = {"role": "assistant", "content": split.answer, "reasoning_content": split.reasoning,
                    "reasoning": split.reasoning}
-    message.update(verdict(state, job, split.answer))
+    message.update(verdict(state, job, split.answer, choice.index))
     return {"index": choice.index, "message": message, "finish_reason": openai_reason(choice.finish_reason),
             "thinking_ended_early": choice.thinking_ended,
             "logprobs": logprobs(job, choice.logprobs) if job.params.logprobs is not None else None}
@@ -100,14 +100,16 @@ def answer(state, job, result):
     return prediction(state, job, result)
 
 
-def verdict(state, job, answer_text):
-    """`final_answer`, and with an expected answer `correct` (and `correct_reason` when it is null)."""
+def verdict(state, job, answer_text, index=0):
+    """`final_answer`, and with an expected answer `correct` (and `correct_reason` when it is null), of choice
+    `index`; noted on the job (a transcript keeps it)."""
     final = answers.final_answer(answer_text)
     fields = {"final_answer": final}
     if job.expected_answer is not None:
         fields["correct"], reason = state.checker.check(job.expected_answer, final)
         if reason is not None:
             fields["correct_reason"] = reason
+    job.verdicts[index] = fields
     return fields
 
 
