@@ -49,6 +49,8 @@ teams = sa.Table(
     sa.Column("daily_tokens", sa.Integer),
     sa.Column("max_concurrent", sa.Integer),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    # Whether the members' generations are kept as transcripts (auth.transcripts), whatever their own flag.
+    sa.Column("transcripts", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 tokens = sa.Table(
     "tokens", metadata,
@@ -126,6 +128,7 @@ transcripts = sa.Table(
     "transcripts", metadata,
     sa.Column("id", sa.String(40), primary_key=True),
     sa.Column("user_id", sa.Integer, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("team", sa.String(64)),  # the team the request counted against, as it was then
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),
     sa.Column("model", sa.String(128)),
     sa.Column("route", sa.String(64), nullable=False),
@@ -134,6 +137,7 @@ transcripts = sa.Table(
     sa.Column("kid", sa.String(64), nullable=False),
     sa.Column("ciphertext", sa.LargeBinary, nullable=False),  # nonce, then AES-GCM of the compressed JSON
     sa.Index("ix_transcripts_user_created", "user_id", "created_at"),
+    sa.Index("ix_transcripts_team_created", "team", "created_at"),
 )
 # One row: replaced by every change that can turn a valid token invalid (revocation, disable, demotion,
 # a quota or key change), so workers that cache verified tokens know to drop them (auth.cache).

@@ -20,9 +20,11 @@ STORAGE_QUOTAS = ("max_files", "max_stored_bytes", "max_open_batches", "daily_ba
 QUOTA_FIELDS = ("rate_limit", "daily_tokens", "max_concurrent", "system_prompts", "models", *STORAGE_QUOTAS)
 LIST_FIELDS = ("system_prompts", "models")  # allow-lists, stored as JSON text; NULL allows any
 TEAM_FIELDS = ("rate_limit", "daily_tokens", "max_concurrent")  # the limits a team's members share
-# A token record's team columns (auth.guard's check reads them; service.serving.caller admits by them).
+# A token record's (and a user row's) team columns: service.serving.caller admits by them, auth.transcripts
+# decides by the flag.
 TEAM_COLUMNS = (teams.c.name.label("team"), teams.c.rate_limit.label("team_rate_limit"),
-                teams.c.daily_tokens.label("team_daily_tokens"), teams.c.max_concurrent.label("team_max_concurrent"))
+                teams.c.daily_tokens.label("team_daily_tokens"), teams.c.max_concurrent.label("team_max_concurrent"),
+                teams.c.transcripts.label("team_transcripts"))
 
 
 def utcnow():
@@ -253,6 +255,7 @@ class Store:
             if conn.execute(sa.select(teams.c.id).where(teams.c.name == name)).first():
                 raise StoreError(409, f"team {name!r} already exists", "team_exists", "name")
             conn.execute(teams.insert().values(name=name, created_at=self.clock(),
+                                               transcripts=bool(limits.get("transcripts")),
                                                **{k: limits.get(k) for k in TEAM_FIELDS}))
             self._audit(conn, actor, "team.add", name, _given(limits), source)
         return self.get_team(name)
@@ -277,10 +280,7 @@ class Store:
                     for r in conn.execute(sa.select(teams).order_by(teams.c.name)).mappings()]
 
     def update_team(self, name, actor="system", source="cli", **changes):
-        """Change a team's shared limits; None clears one (no team limit of that kind)."""
-        unknown = set(changes) - set(TEAM_FIELDS)
-        if unknown:
-            raise StoreError(400, f"cannot change {sorted(unknown)[0]}", "unknown_field", sorted(unknown)[0])
+        """Change a team's shared limits (None clears one: no team limit of that kind) or its transcripts flag."""
         _check_team_fields(changes)
         team = self.get_team(name)
         with self.engine.begin() as conn:
@@ -426,16 +426,19 @@ def _users_query():
     return sa.select(users, *TEAM_COLUMNS).select_from(users.outerjoin(teams, users.c.team_id == teams.c.id))
 
 
-def _check_team_fields(limits):
-    unknown = set(limits) - set(TEAM_FIELDS)
+def _check_team_fields(fields):
+    unknown = set(fields) - {*TEAM_FIELDS, "transcripts"}
     if unknown:
         raise StoreError(400, f"a team has no {sorted(unknown)[0]}", "unknown_field", sorted(unknown)[0])
-    check_quotas(limits)
+    if not isinstance(fields.get("transcripts", False), bool):
+        raise StoreError(400, "transcripts must be true or false", "invalid_value", "transcripts")
+    check_quotas({k: v for k, v in fields.items() if k in TEAM_FIELDS})
 
 
 def _team(row, members):
     return {"id": row["id"], "name": row["name"], **{k: row[k] for k in TEAM_FIELDS},
-            "members": list(members), "created_at": aware(row["created_at"]).isoformat()}
+            "transcripts": bool(row["transcripts"]), "members": list(members),
+            "created_at": aware(row["created_at"]).isoformat()}
 
 
 def _encode(fields):

@@ -27,13 +27,13 @@ from auth.schema import transcripts, users
 from auth.store import aware
 
 NONCE_BYTES = 12
-COLUMNS = ("id", "user", "created_at", "model", "route", "status", "request_id", "kid")
+COLUMNS = ("id", "user", "team", "created_at", "model", "route", "status", "request_id", "kid")
 
 
 def transcripts_on(row):
     """Whether the generations of a request are kept: its token record's (auth.store.get_token) or its user
-    row's `transcripts` flag. The one place this is decided."""
-    return bool(row.get("transcripts"))
+    row's `transcripts` flag, or their team's. The one place this is decided."""
+    return bool(row.get("transcripts") or row.get("team_transcripts"))
 
 
 class TranscriptUnreadable(StoreError):
@@ -57,7 +57,7 @@ class Transcripts:
         return self._keys[kid]
 
     def write(self, items):
-        """Store transcripts [{user, created_at, model, route, status, request_id, content}] in one transaction;
+        """Store transcripts [{user, team, created_at, model, route, status, request_id, content}] in one transaction;
         those of users removed meanwhile are dropped. How many were stored."""
         kid = keys.transcript_key(self.key_dir)  # made on first need
         cipher = self._cipher(kid)
@@ -69,7 +69,8 @@ class Transcripts:
                 if item["user"] not in ids:
                     continue
                 row_id = uuid.uuid4().hex
-                rows.append({"id": row_id, "user_id": ids[item["user"]], "created_at": item["created_at"],
+                rows.append({"id": row_id, "user_id": ids[item["user"]], "team": item.get("team"),
+                             "created_at": item["created_at"],
                              "model": item.get("model"), "route": item["route"], "status": item["status"],
                              "request_id": item["request_id"], "kid": kid,
                              "ciphertext": seal(cipher, row_id, item["content"])})
@@ -77,10 +78,10 @@ class Transcripts:
                 conn.execute(transcripts.insert(), rows)
         return len(rows)
 
-    def list(self, user=None, since=None, until=None, limit=100):
+    def list(self, user=None, since=None, until=None, limit=100, team=None):
         """Metadata of transcripts, newest first (no content: nothing to audit)."""
         query = self._select().order_by(transcripts.c.created_at.desc(), transcripts.c.id).limit(limit)
-        return [_meta(row) for row in self._rows(query, user, since, until)]
+        return [_meta(row) for row in self._rows(query, user, since, until, team)]
 
     def read(self, transcript_id, actor="system", source="cli"):
         """One transcript, decrypted, with its metadata; audited as `transcript.read`. StoreError 404 when
@@ -93,12 +94,14 @@ class Transcripts:
         self.store.record_event("transcript.read", transcript_id, {"user": row["user"]}, actor=actor, source=source)
         return found
 
-    def export(self, since, user=None, actor="system", source="cli"):
-        """Every transcript since `since` (of `user`), oldest first, decrypted; audited as `transcript.export`
-        with the count (all are decrypted before any is returned: one unreadable fails the export)."""
+    def export(self, since, user=None, actor="system", source="cli", team=None):
+        """Every transcript since `since` (of `user`, of requests that counted against `team`), oldest first,
+        decrypted; audited as `transcript.export` with the count (all are decrypted before any is returned: one
+        unreadable fails the export)."""
         query = self._select().order_by(transcripts.c.created_at, transcripts.c.id)
-        found = [{**_meta(row), **self._open(row)} for row in self._rows(query, user, since, None)]
-        self.store.record_event("transcript.export", user or "*", {"count": len(found), "since": since.isoformat()},
+        found = [{**_meta(row), **self._open(row)} for row in self._rows(query, user, since, None, team)]
+        target = user or (f"team:{team}" if team else "*")
+        self.store.record_event("transcript.export", target, {"count": len(found), "since": since.isoformat()},
                                 actor=actor, source=source)
         return found
 
@@ -112,9 +115,11 @@ class Transcripts:
         return sa.select(*(transcripts.c[name] for name in COLUMNS if name != "user"),
                          users.c.name.label("user"), transcripts.c.ciphertext).join(users)
 
-    def _rows(self, query, user, since, until):
+    def _rows(self, query, user, since, until, team=None):
         if user is not None:
             query = query.where(users.c.name == user)
+        if team is not None:
+            query = query.where(transcripts.c.team == team)
         if since is not None:
             query = query.where(transcripts.c.created_at >= aware(since))
         if until is not None:

@@ -145,6 +145,7 @@ def build_parser():
     export = kept.add_parser("export", help="transcripts as JSONL (audited): chat for fine-tuning, eval for scoring")
     export.add_argument("--since", type=_date, required=True, help="YYYY-MM-DD")
     export.add_argument("--user", help="only this user's")
+    export.add_argument("--team", help="only requests that counted against this team")
     export.add_argument("--format", choices=["chat", "eval"], default="chat",
                         help="chat: OpenAI's fine-tuning messages, successful answers only, the reasoning in "
                         "<think>...</think> before the answer; eval: question, final and expected answer, correct")
@@ -203,6 +204,8 @@ def build_parser():
 
 def _team_options(parser, clearable=False):
     number = (lambda v: None if v == "none" else int(v)) if clearable else int
+    parser.add_argument("--transcripts", choices=["on", "off"], default=argparse.SUPPRESS,
+                        help="keep the members' generations (encrypted, admins read them), whatever their own flag")
     parser.add_argument("--rate-limit", type=(lambda v: None if v == "none" else v) if clearable else str,
                         default=argparse.SUPPRESS, help='requests of all members together, e.g. "600/minute"')
     parser.add_argument("--daily-tokens", type=number, default=argparse.SUPPRESS,

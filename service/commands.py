@@ -170,7 +170,9 @@ def transcripts_export(args, settings):
     store = _store(settings)
     if args.user is not None:
         store.get_user(args.user)  # an unknown user is an error, not an empty export
-    found = Transcripts(store, settings.jwt_key_dir).export(args.since, args.user, **_who())
+    if args.team is not None:
+        store.get_team(args.team)
+    found = Transcripts(store, settings.jwt_key_dir).export(args.since, args.user, team=args.team, **_who())
     text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines(found, args.format))
     if args.output is None:
         sys.stdout.write(text)
@@ -207,13 +209,14 @@ def teams_add(args, settings):
 def teams_list(args, settings):
     rows = _store(settings).list_teams()
     shown = [{**row, "members": ",".join(row["members"])} for row in rows]
-    _emit(args, rows, _table(shown, ("name", *TEAM_FIELDS, "members")))
+    _emit(args, rows, _table(shown, ("name", *TEAM_FIELDS, "transcripts", "members")))
 
 
 def teams_set(args, settings):
     changes = _team_limits(args)
     if not changes:
-        raise StoreError(400, "nothing to change: give --rate-limit, --daily-tokens or --max-concurrent", "empty")
+        raise StoreError(400, "nothing to change: give --rate-limit, --daily-tokens, --max-concurrent or "
+                         "--transcripts", "empty")
     team = _store(settings).update_team(args.name, **changes, **_who())
     _emit(args, team, f"updated team {args.name}")
 
@@ -233,7 +236,10 @@ def teams_remove(args, settings):
 
 
 def _team_limits(args):
-    return {k: getattr(args, k) for k in TEAM_FIELDS if hasattr(args, k)}
+    fields = {k: getattr(args, k) for k in TEAM_FIELDS if hasattr(args, k)}
+    if hasattr(args, "transcripts"):
+        fields["transcripts"] = args.transcripts == "on"
+    return fields
 
 
 def usage_list(args, settings):

@@ -563,10 +563,13 @@ def test_a_team_created_limited_filled_and_removed_from_the_console(app):
     assert 'in team <a href="/admin/console/teams/devs">devs</a>' in user_page
     assert "devs" in text(client.get("/admin/console/teams")) and "counted against team devs" in text(
         client.get("/admin/console/usage?team=devs"))
+    kept = post(client, "/admin/console/teams/devs/transcripts", {"transcripts": "true"}, page)
+    assert kept.status_code == 303 and store.get_team("devs")["transcripts"] is True
+    assert "kept (encrypted" in text(client.get("/admin/console/teams/devs"))
     removed = post(client, "/admin/console/teams/devs/remove", page=page)
     assert removed.status_code == 303 and store.get_user("dev-1")["team"] is None
-    trail = [e["action"] for e in store.list_audit(actor="boss", limit=5)]
-    assert trail == ["team.remove", "team.update", "team.members", "team.members", "team.add"]
+    trail = [e["action"] for e in store.list_audit(actor="boss", limit=6)]
+    assert trail == ["team.remove", "team.update", "team.update", "team.members", "team.members", "team.add"]
 
 
 def test_usage_page_charts_and_csv(app):

@@ -224,3 +224,22 @@ def test_the_console_turns_them_on_shows_them_audited_and_removes_users(app, peo
     page = client.get("/admin/console/users/eve")
     removed = client.post("/admin/console/users/eve/remove", data={"csrf_token": csrf(page)})
     assert removed.status_code == 303 and "eve" not in {u["name"] for u in state(app).store.list_users()}
+
+
+def test_a_teams_flag_keeps_its_members_transcripts_and_the_export_filters_by_team(app, people):
+    store = state(app).store
+    store.add_team("kept-team", transcripts=True)
+    carol = bearer(app, "carol")  # her own flag is off
+    store.set_members("kept-team", add=["carol"])
+    client = app.test_client()
+    assert client.get("/v1/me", headers=carol).get_json()["transcripts"] is True  # she is told
+    ask(app, carol, "carol's team question 5150")
+    rows = listed(app, people["admin"], team="kept-team")
+    assert {(row["user"], row["team"]) for row in rows} == {("carol", "kept-team")} and len(rows) == 2
+    exported = state(app).transcripts.export(datetime(2020, 1, 1, tzinfo=timezone.utc), team="kept-team")
+    assert {t["user"] for t in exported} == {"carol"}
+    assert store.list_audit(action="transcript.export", limit=1)[0]["target"] == "team:kept-team"
+    store.update_team("kept-team", transcripts=False)
+    ask(app, carol, "after the team's flag is off 6160")
+    assert len(listed(app, people["admin"], team="kept-team")) == 2  # nothing more kept
+    assert client.get("/v1/me", headers=carol).get_json()["transcripts"] is False

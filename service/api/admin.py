@@ -69,10 +69,11 @@ def remove_user(name):
 
 @bp.get("/transcripts")
 def list_transcripts():
-    """Transcripts' metadata, newest first (?user=NAME&since=DATE&limit=N); their content is not shown here."""
+    """Transcripts' metadata, newest first (?user=NAME&team=NAME&since=DATE&limit=N); their content is not shown
+    here."""
     args = request.args
     limit = query_int(args.get("limit", "100"), "limit", 1, 1000)
-    rows = state().transcripts.list(args.get("user"), _date(args.get("since")), limit=limit)
+    rows = state().transcripts.list(args.get("user"), _date(args.get("since")), limit=limit, team=args.get("team"))
     return {"object": "list", "data": rows}
 
 
@@ -86,7 +87,8 @@ def read_transcript(transcript_id):
 def add_team():
     body = _body(AdminTeamCreate)
     store = _store()
-    team = store.add_team(body.name, **{name: getattr(body, name) for name in TEAM_FIELDS}, **_who())
+    team = store.add_team(body.name, transcripts=body.transcripts,
+                          **{name: getattr(body, name) for name in TEAM_FIELDS}, **_who())
     if body.members:
         team = store.set_members(body.name, add=body.members, **_who())
     return team, 201

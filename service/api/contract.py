@@ -90,7 +90,8 @@ ROUTES = {
                           200, (*AUTH, 404, 409), ()),
     "admin.list_transcripts": ("Transcripts of users who opted in: metadata only, newest first", None,
                                TranscriptList, 200, (*AUTH, 400), (
-                                   *QUERY, {"name": "limit", "in": "query",
+                                   *QUERY, {"name": "team", "in": "query", "schema": {"type": "string"}},
+                                   {"name": "limit", "in": "query",
                                             "schema": {"type": "integer", "minimum": 1, "maximum": 1000}})),
     "admin.read_transcript": ("One transcript, decrypted (audited as transcript.read)", None, Transcript, 200,
                               (*AUTH, 404, 500), ()),

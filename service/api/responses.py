@@ -108,6 +108,7 @@ class Team(BaseModel):
     rate_limit: str | None  # null: no team limit of that kind (each member's own still applies)
     daily_tokens: int | None
     max_concurrent: int | None
+    transcripts: bool  # whether the members' generations are kept, whatever their own flag
     members: list[str]
     created_at: str
 
@@ -130,6 +131,7 @@ class UserRemoved(BaseModel):
 class TranscriptMeta(BaseModel):
     id: str
     user: str
+    team: str | None  # the team the request counted against
     created_at: str
     model: str | None
     route: str

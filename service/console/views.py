@@ -393,6 +393,15 @@ def team_set(name):
     return redirect(url_for("console.team_detail", name=name), 303)
 
 
+@bp.post("/teams/<name>/transcripts")
+def team_transcripts(name):
+    keep = _flag(request.form.get("transcripts"), "transcripts")
+    state().store.update_team(name, transcripts=keep, **_who())
+    flash(f"team {name}'s transcripts are " + ("kept from now on" if keep else
+                                                "no longer kept (members who opted in themselves keep theirs)"))
+    return redirect(url_for("console.team_detail", name=name), 303)
+
+
 @bp.post("/teams/<name>/members")
 def team_members(name):
     add, remove = request.form.getlist("add"), request.form.getlist("remove")
@@ -555,15 +564,16 @@ def batch_cancel(batch_id):
 @bp.get("/transcripts")
 def transcripts():
     """Transcripts' metadata (no content: opening one is audited)."""
-    user = _text_arg("user", 64)
+    user, team = _text_arg("user", 64), _text_arg("team", 64)
     since = request.args.get("since") or None
     if since is not None:
         try:
             since = datetime.fromisoformat(since)
         except ValueError:
             raise BadRequest("since must be a date (YYYY-MM-DD)", "invalid_value", "since") from None
-    rows = state().transcripts.list(user, since, limit=200)
-    return render_template("transcripts.html", rows=rows, user=user or "", since=request.args.get("since", ""))
+    rows = state().transcripts.list(user, since, limit=200, team=team)
+    return render_template("transcripts.html", rows=rows, user=user or "", team=team or "",
+                           since=request.args.get("since", ""))
 
 
 @bp.get("/transcripts/<transcript_id>")

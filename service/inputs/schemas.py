@@ -291,10 +291,13 @@ class AdminTeamCreate(TeamFields):
 
     name: str
     members: list[MemberName] = Field([], max_length=MAX_MEMBER_CHANGES)
+    transcripts: bool = False  # keep the members' generations (auth.transcripts), whatever their own flag
 
 
 class AdminTeamPatch(TeamFields):
     """PATCH /admin/teams/<name>: only the fields given change."""
+
+    transcripts: bool = None
 
 
 class AdminTeamMembers(StrictModel):

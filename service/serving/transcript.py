@@ -22,8 +22,9 @@ def keep(state, job, route, status, request_id, error=None):
     if state.transcript_log is None or job is None or not job.caller.transcripts or job.messages is None:
         return
     try:
-        state.transcript_log.keep({"user": job.caller.user, "created_at": state.store.clock(), "model": job.model,
-                                   "route": route, "status": status, "request_id": request_id,
+        team = job.caller.team and job.caller.team.name
+        state.transcript_log.keep({"user": job.caller.user, "team": team, "created_at": state.store.clock(),
+                                   "model": job.model, "route": route, "status": status, "request_id": request_id,
                                    "content": content(job, route, status, request_id, error)})
     except Exception:  # noqa: BLE001 - the answer is given; only its transcript is missing
         log.exception("transcript not kept", extra={"fields": {"user": job.caller.user, "route": route}})
