@@ -54,7 +54,10 @@ CACHE_PASSWORD = "cache-pass/word#0123456789"
 CLUSTER_CONSOLE = {"nginx_server_name": "api.example.org", "nginx_https_port": 8443,
                    "app_console_oidc_issuer": "https://login.example.org/realms/staff",
                    "app_console_oidc_client_id": "vibethinker-console", "app_console_oidc_client_secret": "oidc-s3cret",
-                   "app_console_oidc_admins": {"alice@example.org": "alice", "bob\"@example.org": "bob"}}
+                   "app_console_oidc_admins": {"alice@example.org": "alice", "bob\"@example.org": "bob"},
+                   # Budget alerts to a webhook whose URL holds a token (from the vault), at the service's address.
+                   "app_alert_targets": ["json://10.4.0.10/hooks/vibethinker?token=alert-s3cret"],
+                   "app_alert_thresholds": [50, 100], "app_alert_ip_allow": ["10.0.0.53", "10.4.0.10"]}
 # role: (the hosts whose play runs it in site.yml, the templates it renders)
 RENDERED = {"redis": ("vibethinker_state:vibethinker", ["redis-cache.conf"]),
             "app": ("vibethinker_app:vibethinker", ["config.toml", "site.conf"]),
@@ -195,6 +198,20 @@ def test_the_console_knows_its_address_and_the_organisations_provider(rendered):
         settings = Settings(**{k: v for k, v in config.items() if k.startswith("console_")})
         assert settings.console_base == "https://api.example.org:8443"
         assert settings.console_oidc_admins["bob\"@example.org"] == "bob"
+
+
+def test_budget_alerts_reach_their_targets_and_nothing_else(rendered):
+    layout, _, files = rendered
+    for host in ("app1", "app2") if layout == "cluster" else ("api",):
+        config, unit = tomllib.loads(files[f"{host}-config.toml"]), files[f"{host}-site.conf"]
+        assert config["transcript_retention"] == "30d"
+        if layout == "one":  # no targets: no alerts, and the unit keeps its private network
+            assert "alert_targets" not in config and "PrivateNetwork" not in unit
+            continue
+        settings = Settings(**{k: v for k, v in config.items() if k.startswith("alert_")})
+        assert settings.alert_targets == CLUSTER_CONSOLE["app_alert_targets"] and settings.alert_thresholds == [50, 100]
+        allowed = next(line for line in unit.splitlines() if line.startswith("IPAddressAllow="))
+        assert allowed.split("=", 1)[1].split()[-2:] == ["10.0.0.53", "10.4.0.10"]
 
 
 def tasks_of(node):

@@ -129,13 +129,14 @@ def test_a_teams_rate_limit_is_exact_for_members_on_both_servers(cluster):
 def test_a_teams_concurrency_cap_is_shared_by_members_on_both_servers(cluster, long_question):
     first, second = cluster["servers"]
     one, two = _team(first, "capped-team", "--max-concurrent", "2")
-    body = {"messages": [{"role": "user", "content": long_question}], "max_tokens": 2048, "temperature": 0,
-            "stream": True}
+    body = {"model": "auto", "messages": [{"role": "user", "content": long_question}], "max_tokens": 1024,
+            "temperature": 0, "stream": True}
     streams = [server.post("/v1/chat/completions", body, token=token, stream=True)
                for server, token in ((first, one), (second, two))]
     try:
         for stream in streams:  # both admitted and generating: the team's two slots are held
-            assert stream.status_code == 200 and next(stream.iter_lines(chunk_size=None))
+            assert stream.status_code == 200, stream.text
+            assert next(stream.iter_lines(chunk_size=None))
         for server, token in ((first, one), (second, two), (second, one)):
             third = server.post("/v1/predict", {"question": "hi", "max_new_tokens": 1}, token=token)
             assert _code(third) == "concurrency_limit_exceeded", third.text

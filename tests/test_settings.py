@@ -46,12 +46,26 @@ def test_environment_overrides_toml(tmp_path, monkeypatch):
     ("VIBE_CONSOLE_LINK_TTL", "0s", "between 1 minute and 24 hours"),
     ("VIBE_CONSOLE_SESSION_LIFETIME", "30d", "between 1 minute and 168 hours"),
     ("VIBE_CONSOLE_OIDC_ADMINS", "alice", "valid JSON"),
+    ("VIBE_ALERT_TARGETS", '["hooks.example.org/s3cret"]', "target 1 is not an Apprise URL"),
+    ("VIBE_ALERT_THRESHOLDS", "[80, 80]", "distinct percentages"),
+    ("VIBE_ALERT_THRESHOLDS", "[0]", "distinct percentages between 1 and 1000"),
 ])
 def test_invalid_environment_names_the_setting(monkeypatch, name, value, fragment):
     monkeypatch.setenv(name, value)
     with pytest.raises(SettingsError) as err:
         load_settings()
     assert name in str(err.value) and fragment in str(err.value)
+
+
+def test_alert_settings_are_read_sorted_and_a_bad_target_is_never_quoted(monkeypatch):
+    monkeypatch.setenv("VIBE_ALERT_TARGETS", '["json://hooks.example.org/a?token=x", "mailtos://u:p@example.org"]')
+    monkeypatch.setenv("VIBE_ALERT_THRESHOLDS", "[100, 50, 80]")
+    settings = load_settings()
+    assert len(settings.alert_targets) == 2 and settings.alert_thresholds == [50, 80, 100]
+    monkeypatch.setenv("VIBE_ALERT_TARGETS", '["json://ok/x", "not a url s3cret"]')
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert "target 2" in str(err.value) and "s3cret" not in str(err.value)
 
 
 def test_cross_field_check(monkeypatch):
