@@ -8,6 +8,7 @@ holds the tables declared on `metadata` (these, and service.batches.tables')
 and the migrated schema equal.
 """
 
+from datetime import timezone
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -146,6 +147,11 @@ auth_epoch = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True),
     sa.Column("value", sa.String(64), nullable=False),
 )
+
+
+def aware(value):
+    """SQLite returns naive datetimes; every time in the store is UTC."""
+    return value if value is None or value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
 def connect(url):

@@ -13,30 +13,20 @@ import sqlalchemy as sa
 
 from auth.checks import check_name, check_quotas
 from auth.errors import StoreError
-from auth.schema import (audit, auth_epoch, connect, console_links, console_sessions, migrate, teams, tokens,
+from auth.schema import (audit, auth_epoch, aware, connect, console_links, console_sessions, migrate, teams, tokens,
                          transcripts, usage, users)
+from auth.teams import TEAM_COLUMNS, TEAM_FIELDS, TeamStore  # noqa: F401 - TEAM_FIELDS: the store's names
 
 STORAGE_QUOTAS = ("max_files", "max_stored_bytes", "max_open_batches", "daily_batches")
 QUOTA_FIELDS = ("rate_limit", "daily_tokens", "max_concurrent", "system_prompts", "models", *STORAGE_QUOTAS)
 LIST_FIELDS = ("system_prompts", "models")  # allow-lists, stored as JSON text; NULL allows any
-TEAM_FIELDS = ("rate_limit", "daily_tokens", "max_concurrent")  # the limits a team's members share
-# A token record's (and a user row's) team columns: service.serving.caller admits by them, auth.transcripts
-# decides by the flag.
-TEAM_COLUMNS = (teams.c.name.label("team"), teams.c.rate_limit.label("team_rate_limit"),
-                teams.c.daily_tokens.label("team_daily_tokens"), teams.c.max_concurrent.label("team_max_concurrent"),
-                teams.c.transcripts.label("team_transcripts"))
 
 
 def utcnow():
     return datetime.now(timezone.utc)
 
 
-def aware(value):
-    """SQLite returns naive datetimes; every time in the store is UTC."""
-    return value if value is None or value.tzinfo else value.replace(tzinfo=timezone.utc)
-
-
-class Store:
+class Store(TeamStore):
     """Users, tokens and audit events over one SQLAlchemy engine.
 
     `publish(epoch)` is called after every commit that replaced the access epoch (the service mirrors it
@@ -246,89 +236,6 @@ class Store:
         self.publish(epoch)
         return self.get_token(jti)
 
-    # --- teams ---
-    def add_team(self, name, actor="system", source="cli", **limits):
-        """Create a team with the limits its members will share; StoreError 409 if the name is taken."""
-        check_name(name, "team")
-        _check_team_fields(limits)
-        with self.engine.begin() as conn:
-            if conn.execute(sa.select(teams.c.id).where(teams.c.name == name)).first():
-                raise StoreError(409, f"team {name!r} already exists", "team_exists", "name")
-            conn.execute(teams.insert().values(name=name, created_at=self.clock(),
-                                               transcripts=bool(limits.get("transcripts")),
-                                               **{k: limits.get(k) for k in TEAM_FIELDS}))
-            self._audit(conn, actor, "team.add", name, _given(limits), source)
-        return self.get_team(name)
-
-    def get_team(self, name):
-        """The team as a dict, with its members' names; StoreError 404 if unknown."""
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(teams).where(teams.c.name == name)).mappings().first()
-            if row is None:
-                raise StoreError(404, f"no such team: {name!r}", "unknown_team", "name")
-            members = conn.execute(sa.select(users.c.name).where(users.c.team_id == row["id"])
-                                   .order_by(users.c.name)).scalars().all()
-        return _team(row, members)
-
-    def list_teams(self):
-        with self.engine.connect() as conn:
-            members = {}
-            for team_id, user in conn.execute(sa.select(users.c.team_id, users.c.name)
-                                              .where(users.c.team_id.is_not(None)).order_by(users.c.name)):
-                members.setdefault(team_id, []).append(user)
-            return [_team(r, members.get(r["id"], []))
-                    for r in conn.execute(sa.select(teams).order_by(teams.c.name)).mappings()]
-
-    def update_team(self, name, actor="system", source="cli", **changes):
-        """Change a team's shared limits (None clears one: no team limit of that kind) or its transcripts flag."""
-        _check_team_fields(changes)
-        team = self.get_team(name)
-        with self.engine.begin() as conn:
-            conn.execute(teams.update().where(teams.c.id == team["id"]).values(**changes))
-            self._audit(conn, actor, "team.update", name, changes, source)
-            epoch = self._changed_access(conn)  # cached tokens carry their team's limits
-        self.publish(epoch)
-        return self.get_team(name)
-
-    def set_members(self, name, add=(), remove=(), actor="system", source="cli"):
-        """Add users to the team and remove others from it, in one transaction. A user already in another team
-        is refused (StoreError 409: remove them there first), as is removing one who is not a member."""
-        team = self.get_team(name)
-        with self.engine.begin() as conn:
-            found = {row.name: row for row in conn.execute(
-                sa.select(users.c.id, users.c.name, users.c.team_id).where(users.c.name.in_([*add, *remove])))}
-            for user in (*add, *remove):
-                if user not in found:
-                    raise StoreError(404, f"no such user: {user!r}", "unknown_user", "members")
-            for user in add:
-                if found[user].team_id not in (None, team["id"]):
-                    other = conn.execute(sa.select(teams.c.name).where(teams.c.id == found[user].team_id)).scalar()
-                    raise StoreError(409, f"{user!r} is in team {other!r}: remove them from it first",
-                                     "in_another_team", "members")
-            for user in remove:
-                if found[user].team_id != team["id"]:
-                    raise StoreError(409, f"{user!r} is not a member of team {name!r}", "not_a_member", "members")
-            if add:
-                conn.execute(users.update().where(users.c.name.in_(add)).values(team_id=team["id"]))
-            if remove:
-                conn.execute(users.update().where(users.c.name.in_(remove)).values(team_id=None))
-            self._audit(conn, actor, "team.members", name, {"added": sorted(add), "removed": sorted(remove)},
-                        source)
-            epoch = self._changed_access(conn)
-        self.publish(epoch)
-        return self.get_team(name)
-
-    def remove_team(self, name, actor="system", source="cli"):
-        """Delete a team; its members stay, in no team. Their usage rows keep the team's name."""
-        team = self.get_team(name)
-        with self.engine.begin() as conn:
-            conn.execute(users.update().where(users.c.team_id == team["id"]).values(team_id=None))
-            conn.execute(teams.delete().where(teams.c.id == team["id"]))
-            self._audit(conn, actor, "team.remove", name, {"members": team["members"]}, source)
-            epoch = self._changed_access(conn)
-        self.publish(epoch)
-        return team
-
     # --- audit ---
     def list_audit(self, actor=None, action=None, target=None, since=None, limit=100):
         query = sa.select(audit).order_by(audit.c.id.desc()).limit(limit)
@@ -424,21 +331,6 @@ def _end_console(conn, user_id):
 
 def _users_query():
     return sa.select(users, *TEAM_COLUMNS).select_from(users.outerjoin(teams, users.c.team_id == teams.c.id))
-
-
-def _check_team_fields(fields):
-    unknown = set(fields) - {*TEAM_FIELDS, "transcripts"}
-    if unknown:
-        raise StoreError(400, f"a team has no {sorted(unknown)[0]}", "unknown_field", sorted(unknown)[0])
-    if not isinstance(fields.get("transcripts", False), bool):
-        raise StoreError(400, "transcripts must be true or false", "invalid_value", "transcripts")
-    check_quotas({k: v for k, v in fields.items() if k in TEAM_FIELDS})
-
-
-def _team(row, members):
-    return {"id": row["id"], "name": row["name"], **{k: row[k] for k in TEAM_FIELDS},
-            "transcripts": bool(row["transcripts"]), "members": list(members),
-            "created_at": aware(row["created_at"]).isoformat()}
 
 
 def _encode(fields):

@@ -345,7 +345,7 @@ class Settings(BaseSettings):
     alert_thresholds: list[int] = Field(
         [80, 100], min_length=1, max_length=10, description="Percentages of a user's or a team's daily token "
         "budget: each reached sends one alert per day, whichever worker or server settled the request that "
-        "reached it.",
+        "reached it; 100 also when the budget refuses a request.",
     )
     alert_retries: int = Field(5, ge=0, le=20, description="How often a failed alert delivery is tried again "
                                "(waiting 1, 2, 4... s, at most 5 minutes), each failure logged.")
@@ -498,8 +498,8 @@ class Settings(BaseSettings):
     @field_validator("alert_thresholds")
     @classmethod
     def _check_thresholds(cls, value):
-        if not all(1 <= pct <= 1000 for pct in value) or len(set(value)) != len(value):
-            raise ValueError("give distinct percentages between 1 and 1000, such as [80, 100]")
+        if not all(1 <= pct <= 100 for pct in value) or len(set(value)) != len(value):
+            raise ValueError("give distinct percentages between 1 and 100, such as [80, 100]")
         return sorted(value)
 
     @field_validator("console_link_ttl", "console_idle_timeout", "console_session_lifetime")

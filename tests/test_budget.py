@@ -187,7 +187,9 @@ def test_a_threshold_reached_on_two_servers_at_once_raises_one_alert(redis_serve
 
     servers = [RedisCounters(redis_server.uri, ledger=f"ledger:host:1:{i}") for i in (1, 2)]
     servers[0]._redis.flushall()
-    leases = [team_admit(servers[i % 2], f"m{i}", need=100, team_cap=20, alerts=(80, 100)) for i in range(10)]
+    # Nothing reserved up front (as a lease before its need is known): the settles alone move the total across
+    # 80 % (the 8th) and 100 % (the 10th), whichever server's comes then.
+    leases = [team_admit(servers[i % 2], f"m{i}", need=0, team_cap=20, alerts=(80, 100)) for i in range(10)]
     start = threading.Barrier(len(leases))
 
     def settle(i):
@@ -213,3 +215,17 @@ def test_memory_counters_raise_each_alert_once_too():
     assert [(a["who"], a["threshold"]) for a in taken] == [("team:squad", 80), ("team:squad", 100)]
     counters.return_alerts(taken[1:])  # a worker that stops gives back what it did not deliver
     assert counters.take_alerts() == taken[1:]
+
+
+def test_a_budget_that_refuses_a_request_raises_its_100_alert_once(counters):
+    """Reservations keep use from ever reaching 100 % exactly: the refusal is the budget spent."""
+    held = team_admit(counters, "a", need=700, alerts=(80, 100))
+    budget.release(counters, held, used=700)  # 70 %: no alert yet
+    assert counters.take_alerts() == []
+    for _ in range(2):
+        with pytest.raises(Refusal):
+            team_admit(counters, "b", need=400, alerts=(80, 100))
+    [alert] = counters.take_alerts()
+    assert (alert["who"], alert["threshold"], int(alert["total"]), int(alert["refused"])) == ("team:squad", 100, 700, 400)
+    budget.release(counters, team_admit(counters, "c", need=150, alerts=(80, 100)), used=150)
+    assert [(a["who"], a["threshold"]) for a in counters.take_alerts()] == [("team:squad", 80)]  # 85 % settled

@@ -48,7 +48,8 @@ def test_environment_overrides_toml(tmp_path, monkeypatch):
     ("VIBE_CONSOLE_OIDC_ADMINS", "alice", "valid JSON"),
     ("VIBE_ALERT_TARGETS", '["hooks.example.org/s3cret"]', "target 1 is not an Apprise URL"),
     ("VIBE_ALERT_THRESHOLDS", "[80, 80]", "distinct percentages"),
-    ("VIBE_ALERT_THRESHOLDS", "[0]", "distinct percentages between 1 and 1000"),
+    ("VIBE_ALERT_THRESHOLDS", "[0]", "distinct percentages between 1 and 100"),
+    ("VIBE_ALERT_THRESHOLDS", "[150]", "distinct percentages between 1 and 100"),
 ])
 def test_invalid_environment_names_the_setting(monkeypatch, name, value, fragment):
     monkeypatch.setenv(name, value)

@@ -77,7 +77,9 @@ def test_bad_team_requests_get_a_precise_error(app, admin, method, path, body, s
     assert answer.status_code == status, answer.get_json()
     error = answer.get_json()["error"]
     assert (error["code"], error["param"]) == (code, param), error
-    assert state(app).store.get_team("errs")["members"] == []  # a refused change changed nothing
+    # A refused change changed nothing: no member moved, no team made (not even with a bad member).
+    assert store.get_team("errs")["members"] == [] and store.get_team("other")["members"] == ["in-other"]
+    assert [t["name"] for t in store.list_teams()] == ["errs", "other"]
 
 
 def test_teams_are_for_admins_only(app):

@@ -97,7 +97,7 @@ def admit(counters, user, limits, need, lease_s, fail_open=False, now=None, slot
                   limits.levels(user, slots, day), day, tuple(alerts))
     try:
         status, level, value = counters.admit(lease.levels, lease.member, int(lease_s) + SLOT_MARGIN_S, need,
-                                              2 * DAY_S)
+                                              2 * DAY_S, (day, lease.alerts) if lease.alerts else None)
     except StorageUnavailable:
         if not fail_open:
             raise

@@ -3,11 +3,12 @@
 Each operation is one atomic step (one Redis round trip), so two workers (or
 two servers on one Redis) never both take the last unit:
 
-- `admit(levels, member, slot_ttl, amount, budget_ttl)`: at every level
-  (a `Level`: the user's own limits, and their team's), hold one of `cap`
-  slots and add `amount` to the budget, unless a slot or a budget is spent
-  at any level (then nothing is taken anywhere); a slot expires after
-  `slot_ttl` seconds on its own, so a crashed worker cannot leak it.
+- `admit(levels, member, slot_ttl, amount, budget_ttl, alerts)`: at every
+  level (a `Level`: the user's own limits, and their team's), hold one of
+  `cap` slots and add `amount` to the budget, unless a slot or a budget is
+  spent at any level (then nothing is taken anywhere, and a budget that
+  refused raises its 100 % alert); a slot expires after `slot_ttl` seconds on
+  its own, so a crashed worker cannot leak it.
 - `release(levels, member, delta, budget_ttl, alerts)`: free the slots and
   settle the budgets by `delta` (the real use minus the reservation); a
   budget that reaches one of `alerts`' thresholds for the first time that
@@ -43,41 +44,59 @@ log = logging.getLogger("vibethinker.counters")
 PREFIX = "vibethinker:"
 EPOCH_KEY = "auth-epoch"  # the access epoch's mirror (auth.cache)
 
+# Budget alerts: one per who, day and threshold (a marker set NX, kept as long as the budgets), put in the outbox.
+RAISE = """
+local function raise(outbox, markers, who, day, pct, limit, total, ttl, refused)
+  if redis.call('SET', markers .. who .. ':' .. day .. ':' .. pct, '1', 'NX', 'EX', ttl) then
+    redis.call('RPUSH', outbox, cjson.encode({who = who, day = day, threshold = tonumber(pct), limit = limit,
+                                              total = total, refused = refused}))
+  end
+end
+"""
 # A lease counts against one or more levels (the user's own limits, their team's), each a slot set with a cap and a
-# budget with a limit, all taken or none. A ledger entry is "reserved\nslots\nbudget[\nslots\nbudget...]".
-# KEYS: ledger, then per level: slot set, budget. ARGV: member, slot ttl, amount, budget ttl, then per level: cap,
-# limit. {1, 0, total per level}: admitted; {0, level, held}: no slot free there; {-1, level, total}: its budget
-# would pass its limit (nothing taken anywhere).
-ADMIT = """
+# budget with a limit, all taken or none. A ledger entry is "reserved\nslots\nbudget[\nslots\nbudget...]". A slot
+# set and a ledger live as long as their longest lease (a short lease never shortens them).
+# KEYS: ledger, alert outbox, then per level: slot set, budget. ARGV: member, slot ttl, amount, budget ttl, day,
+# thresholds (percentages, comma-separated), the alert markers' prefix, then per level: cap, limit, who ('' for no
+# alerts). {1, 0, total per level}: admitted; {0, level, held}: no slot free there; {-1, level, total}: its budget
+# would pass its limit (nothing taken anywhere; a budget refusing a request raises its 100 % alert).
+ADMIT = RAISE + """
 local now = tonumber(redis.call('TIME')[1])
-local amount, levels = tonumber(ARGV[3]), (#KEYS - 1) / 2
+local amount, ttl, levels = tonumber(ARGV[3]), tonumber(ARGV[2]), (#KEYS - 2) / 2
 for i = 1, levels do
-  local slots, budget = KEYS[2 * i], KEYS[2 * i + 1]
+  local slots, budget = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
   redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
   local held = redis.call('ZCARD', slots)
-  if held >= tonumber(ARGV[3 + 2 * i]) then return {0, i, held} end
+  if held >= tonumber(ARGV[5 + 3 * i]) then return {0, i, held} end
   local current = tonumber(redis.call('GET', budget) or '0')
-  if current + amount > tonumber(ARGV[4 + 2 * i]) then return {-1, i, current} end
+  local limit, who = tonumber(ARGV[6 + 3 * i]), ARGV[7 + 3 * i]
+  if current + amount > limit then
+    if who ~= '' then
+      for pct in string.gmatch(ARGV[6], '%d+') do
+        if tonumber(pct) >= 100 then raise(KEYS[2], ARGV[7], who, ARGV[5], pct, limit, current, ARGV[4], amount) end
+      end
+    end
+    return {-1, i, current}
+  end
 end
 local out, entry = {1, 0}, ARGV[3]
 for i = 1, levels do
-  local slots, budget = KEYS[2 * i], KEYS[2 * i + 1]
-  redis.call('ZADD', slots, now + tonumber(ARGV[2]), ARGV[1])
-  redis.call('EXPIRE', slots, ARGV[2])
+  local slots, budget = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
+  redis.call('ZADD', slots, now + ttl, ARGV[1])
+  if redis.call('TTL', slots) < ttl then redis.call('EXPIRE', slots, ttl) end
   table.insert(out, redis.call('INCRBY', budget, amount))
   if redis.call('TTL', budget) < 0 then redis.call('EXPIRE', budget, ARGV[4]) end
   entry = entry .. '\\n' .. slots .. '\\n' .. budget
 end
 redis.call('HSET', KEYS[1], ARGV[1], entry)
-redis.call('EXPIRE', KEYS[1], ARGV[2])
+if redis.call('TTL', KEYS[1]) < ttl then redis.call('EXPIRE', KEYS[1], ttl) end
 return out
 """
-# KEYS: ledger, alert outbox, then per level: slot set, budget. ARGV: member, delta, budget ttl, day, thresholds
-# (percentages, comma-separated), the alert markers' prefix, then per level: limit, who ('' for no alerts).
-# Frees the slots and settles each budget by delta; a budget that reaches a threshold for the first time today
-# (one marker per who, day and threshold, whichever worker or server settles) puts one alert in the outbox.
-# Returns each level's total.
-RELEASE = """
+# KEYS: ledger, alert outbox, then per level: slot set, budget. ARGV: member, delta, budget ttl, day, thresholds,
+# the alert markers' prefix, then per level: limit, who ('' for no alerts). Frees the slots and settles each budget
+# by delta; a budget that reaches a threshold for the first time today (whichever worker or server settles) puts
+# one alert in the outbox. Returns each level's total.
+RELEASE = RAISE + """
 redis.call('HDEL', KEYS[1], ARGV[1])
 local out = {}
 for i = 1, (#KEYS - 2) / 2 do
@@ -89,11 +108,7 @@ for i = 1, (#KEYS - 2) / 2 do
   local limit, who = tonumber(ARGV[5 + 2 * i]), ARGV[6 + 2 * i]
   if who ~= '' then
     for pct in string.gmatch(ARGV[5], '%d+') do
-      if total * 100 >= tonumber(pct) * limit
-          and redis.call('SET', ARGV[6] .. who .. ':' .. ARGV[4] .. ':' .. pct, '1', 'NX', 'EX', ARGV[3]) then
-        redis.call('RPUSH', KEYS[2], cjson.encode({who = who, day = ARGV[4], threshold = tonumber(pct),
-                                                   limit = limit, total = total}))
-      end
+      if total * 100 >= tonumber(pct) * limit then raise(KEYS[2], ARGV[6], who, ARGV[4], pct, limit, total, ARGV[3]) end
     end
   end
 end
@@ -276,9 +291,12 @@ class RedisCounters:
         except self._errors as exc:
             raise StorageUnavailable(type(exc).__name__) from exc
 
-    def admit(self, levels, member, slot_ttl, amount, budget_ttl):
-        keys = [self._ledger, *(PREFIX + key for level in levels for key in (level.slots, level.budget))]
-        args = [member, slot_ttl, amount, budget_ttl, *(v for level in levels for v in (level.cap, level.limit))]
+    def admit(self, levels, member, slot_ttl, amount, budget_ttl, alerts=None):
+        """`alerts`: (day, thresholds in percent) or None; a budget that refuses raises its 100 % alert."""
+        day, thresholds = alerts or ("", ())
+        keys = [self._ledger, PREFIX + OUTBOX, *(PREFIX + key for level in levels for key in (level.slots, level.budget))]
+        args = [member, slot_ttl, amount, budget_ttl, day, ",".join(map(str, thresholds)), PREFIX + MARKERS,
+                *(v for level in levels for v in (level.cap, level.limit, level.who if alerts else ""))]
         return _outcome(self._call(self._admit, keys=keys, args=args))
 
     def release(self, levels, member, delta, budget_ttl, alerts=None):
@@ -347,7 +365,7 @@ class MemoryCounters:
         value, expires = self._values.get(key, (0, 0))
         return value if expires > self._clock() else 0
 
-    def admit(self, levels, member, slot_ttl, amount, budget_ttl):
+    def admit(self, levels, member, slot_ttl, amount, budget_ttl, alerts=None):
         with self._lock:
             now = self._clock()
             for i, level in enumerate(levels):
@@ -357,6 +375,9 @@ class MemoryCounters:
                     return NO_SLOT, i, len(held)
                 current = self._value(level.budget)
                 if current + amount > level.limit:
+                    day, thresholds = alerts or ("", ())
+                    for pct in (p for p in thresholds if p >= 100) if level.who else ():
+                        self._raise(level.who, day, pct, level.limit, current, amount)
                     return OVER_BUDGET, i, current
             for level in levels:
                 self._slots[level.slots][member] = now + slot_ttl
@@ -372,12 +393,15 @@ class MemoryCounters:
                 totals.append(total)
                 day, thresholds = alerts or ("", ())
                 for pct in thresholds if level.who else ():
-                    marker = f"{level.who}:{day}:{pct}"
-                    if total * 100 >= pct * level.limit and marker not in self._alerted:
-                        self._alerted.add(marker)
-                        self._outbox.append({"who": level.who, "day": day, "threshold": pct,
-                                             "limit": level.limit, "total": total})
+                    if total * 100 >= pct * level.limit:
+                        self._raise(level.who, day, pct, level.limit, total)
             return totals
+
+    def _raise(self, who, day, pct, limit, total, refused=None):
+        if f"{who}:{day}:{pct}" not in self._alerted:
+            self._alerted.add(f"{who}:{day}:{pct}")
+            alert = {"who": who, "day": day, "threshold": pct, "limit": limit, "total": total}
+            self._outbox.append(alert if refused is None else {**alert, "refused": refused})
 
     def resize(self, levels, member, delta, budget_ttl):
         with self._lock:

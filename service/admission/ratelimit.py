@@ -115,14 +115,15 @@ def _windows(limiter, token):
     levels = [(user_key(token["user"]), LIVE_SCOPE, _limit_of(token))]
     if token.get("team") and token.get("team_rate_limit"):
         levels.append((team_key(token["team"]), TEAM_SCOPE, token["team_rate_limit"]))
-    windows = []
+    found = []  # (item, key, scope): the user's, then the team's, as the limits are registered
     for key, scope, limit in levels:
         try:
-            items = sorted(parse_many(limit))
+            found += [(item, key, scope) for item in parse_many(limit)]
         except ValueError:  # a stored limit limits cannot read: flask-limiter says so itself (a 500), as before
-            return windows
-        windows += [(item.key_for(key, scope), item.amount, item.get_expiry(), 1) for item in items]
-    return windows
+            break
+    # flask-limiter hits them smallest window first (a stable sort of its registration order): so do we.
+    return [(item.key_for(key, scope), item.amount, item.get_expiry(), 1)
+            for item, key, scope in sorted(found, key=lambda window: window[0])]
 
 
 def _scratch():

@@ -86,11 +86,8 @@ def read_transcript(transcript_id):
 @bp.post("/teams")
 def add_team():
     body = _body(AdminTeamCreate)
-    store = _store()
-    team = store.add_team(body.name, transcripts=body.transcripts,
-                          **{name: getattr(body, name) for name in TEAM_FIELDS}, **_who())
-    if body.members:
-        team = store.set_members(body.name, add=body.members, **_who())
+    team = _store().add_team(body.name, body.members, transcripts=body.transcripts,
+                             **{name: getattr(body, name) for name in TEAM_FIELDS}, **_who())
     return team, 201
 
 
@@ -108,7 +105,8 @@ def get_team(name):
 def update_team(name):
     changes = _body(AdminTeamPatch).model_dump(exclude_unset=True)
     if not changes:
-        raise BadRequest("nothing to change: give rate_limit, daily_tokens or max_concurrent", "empty", None)
+        raise BadRequest("nothing to change: give rate_limit, daily_tokens, max_concurrent or transcripts", "empty",
+                         None)
     return _store().update_team(name, **changes, **_who())
 
 

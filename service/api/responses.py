@@ -98,6 +98,7 @@ class User(BaseModel):
     team_rate_limit: str | None
     team_daily_tokens: int | None
     team_max_concurrent: int | None
+    team_transcripts: bool | None  # the team's transcripts flag (a member's are kept when theirs or this is on)
     transcripts: bool  # whether the user's generations are kept (an admin's choice; off by default)
     created_at: str
 

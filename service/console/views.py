@@ -40,8 +40,8 @@ PROMPT_SEPARATOR = "---"  # a line of its own between system prompts (a prompt m
 AUDIT_ACTIONS = ("user.add", "user.update", "user.enable", "user.disable", "user.remove", "team.add", "team.update",
                  "team.members", "team.remove", "token.issue", "token.revoke", "token.rotate", "token.revoke_all",
                  "console.link", "console.sign_in", "console.sign_out", "console.refused", "batch.cancel",
-                 "cache.purge", "key.generate", "key.rotate", "key.retire", "db.restore", "transcript.read",
-                 "transcript.export")
+                 "cache.purge", "key.generate", "key.rotate", "key.retire", "key.transcripts", "db.restore",
+                 "transcript.read", "transcript.export")
 
 
 class NotSignedIn(Exception):

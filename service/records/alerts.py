@@ -21,14 +21,17 @@ BACKOFF_MAX_S = 300.0
 
 
 def message(alert):
-    """(title, body) of an alert {who, day, threshold, limit, total}."""
+    """(title, body) of an alert {who, day, threshold, limit, total[, refused]}: `refused`, the tokens of a request
+    the budget refused (its 100 % alert, raised when the budget no longer fits a request)."""
     kind, name = alert["who"].split(":", 1)
     whose = f"user {name}" if kind == "user" else f"team {name}"
     total, limit = int(alert["total"]), int(alert["limit"])
     title = f"VibeThinker: {whose} reached {alert['threshold']}% of its daily token budget"
-    body = (f"{whose} has used {total:,} of its {limit:,} tokens on {alert['day']} ({100 * total // limit}%, "
-            "requests in flight included). The budget resets at 00:00 UTC; an admin can raise it.")
-    return title, body
+    used = f"{whose} has used {total:,} of its {limit:,} tokens on {alert['day']} ({100 * total // limit}%, " \
+           "requests in flight included)"
+    if "refused" in alert:
+        used += f", and a request for {int(alert['refused']):,} more was refused"
+    return title, used + ". The budget resets at 00:00 UTC; an admin can raise it."
 
 
 def apprise_sender(url):

@@ -87,9 +87,10 @@ def lease(state, caller, need, deadline_s):
     """`caller`'s budget lease of `need` tokens on one of their concurrency slots, held at most `deadline_s`
     (and a margin); NoSlot or OverBudget when refused."""
     settings = state.settings
+    sending = state.alerts is not None and state.alerts.targets  # none usable: raise none (they would pile up)
     return budget.admit(state.counters, caller.user, caller.limits(settings), need, deadline_s,
                         fail_open=settings.ratelimit_fail_open, slots=caller.slots,
-                        alerts=settings.alert_thresholds if settings.alert_targets else ())
+                        alerts=settings.alert_thresholds if sending else ())
 
 
 def let_go(state, job):
