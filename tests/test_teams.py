@@ -148,3 +148,24 @@ def test_a_members_batch_lines_count_against_the_teams_budget(app):
     rows = [r for r in store.usage_rows("bat-1") if r["status"] == 200]
     assert sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows) <= 150
     assert 429 in outcomes and all(r["team"] == "batching" for r in rows), outcomes
+
+
+def test_batch_lines_wait_for_the_teams_rate_window_with_its_live_requests():
+    """The lines' side of a team's rate limit (service.admission.rates): live requests and lines of all members
+    together fit the team's window; a line that does not fit waits, it is never failed."""
+    from limits import parse
+    from limits.storage import MemoryStorage
+    from limits.strategies import MovingWindowRateLimiter
+
+    from service.admission.rates import TEAM_SCOPE, LineRates, team_key
+
+    strategy = MovingWindowRateLimiter(MemoryStorage())
+    rates = LineRates(strategy, "1000/minute")
+    row = lambda name: {"name": name, "active": True, "team": "lines", "team_rate_limit": "3/minute"}  # noqa: E731
+    strategy.hit(parse("3/minute"), team_key("lines"), TEAM_SCOPE)  # a member's live request
+    assert not rates.must_wait(row("l-1"))
+    rates.count(row("l-1"))
+    assert not rates.must_wait(row("l-2"))
+    rates.count(row("l-2"))  # 1 live + 2 lines: the team's window is full
+    assert rates.must_wait(row("l-2")) and rates.must_wait(row("l-3"))
+    assert not rates.must_wait({**row("l-4"), "team": None})  # not a member: their own window only
