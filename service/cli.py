@@ -153,6 +153,7 @@ def build_parser():
     export.set_defaults(handler=commands.transcripts_export)
     listing = kept.add_parser("list", help="transcripts' metadata, newest first (no content)")
     listing.add_argument("--user")
+    listing.add_argument("--team", help="only requests that counted against this team")
     listing.add_argument("--since", type=_date, help="YYYY-MM-DD")
     listing.add_argument("--limit", type=int, default=100)
     listing.set_defaults(handler=commands.transcripts_list)

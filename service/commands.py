@@ -192,8 +192,9 @@ def transcripts_purge(args, settings):
 
 
 def transcripts_list(args, settings):
-    rows = Transcripts(_store(settings), settings.jwt_key_dir).list(args.user, args.since, limit=args.limit)
-    _emit(args, rows, _table(rows, ("id", "created_at", "user", "model", "route", "status", "request_id")))
+    rows = Transcripts(_store(settings), settings.jwt_key_dir).list(args.user, args.since, limit=args.limit,
+                                                                    team=args.team)
+    _emit(args, rows, _table(rows, ("id", "created_at", "user", "team", "model", "route", "status", "request_id")))
 
 
 def keys_list(args, settings):
