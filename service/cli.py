@@ -80,8 +80,8 @@ def build_parser():
     remove.add_argument("name")
     remove.set_defaults(handler=commands.users_remove)
 
-    teams = groups.add_parser("teams", help="add, list, set, members, remove: limits a team's members share").add_subparsers(
-        dest="cmd", required=True)
+    teams = groups.add_parser("teams", help="add, list, set, members, remove: limits a team's members share")
+    teams = teams.add_subparsers(dest="cmd", required=True)
     team_add = teams.add_parser("add", help="create a team")
     team_add.add_argument("name")
     _team_options(team_add)

@@ -226,6 +226,7 @@ def test_a_budget_that_refuses_a_request_raises_its_100_alert_once(counters):
         with pytest.raises(Refusal):
             team_admit(counters, "b", need=400, alerts=(80, 100))
     [alert] = counters.take_alerts()
-    assert (alert["who"], alert["threshold"], int(alert["total"]), int(alert["refused"])) == ("team:squad", 100, 700, 400)
+    assert (alert["who"], alert["threshold"], int(alert["total"]), int(alert["refused"])) == \
+        ("team:squad", 100, 700, 400)
     budget.release(counters, team_admit(counters, "c", need=150, alerts=(80, 100)), used=150)
     assert [(a["who"], a["threshold"]) for a in counters.take_alerts()] == [("team:squad", 80)]  # 85 % settled

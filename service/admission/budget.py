@@ -119,7 +119,8 @@ def _over(lease, level, value, asked):
     limit = lease.levels[level].limit
     lease.daily, lease.total = limit, value
     left = max(limit - value, 0)
-    whose = "daily token budget" if level == 0 else f"team {lease.levels[level].who.removeprefix('team:')}'s daily token budget"
+    team = lease.levels[level].who.removeprefix("team:")  # a team level refuses only when it has a budget
+    whose = "daily token budget" if level == 0 else f"team {team}'s daily token budget"
     spent = "is spent" if left == 0 else f"has {left} tokens left"
     return OverBudget(f"{whose} of {limit} {spent}; {asked}; it resets at 00:00 UTC", "daily_token_quota_exceeded",
                       "max_new_tokens", retry_after=lease.reset_s, lease=lease)

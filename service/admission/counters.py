@@ -294,7 +294,8 @@ class RedisCounters:
     def admit(self, levels, member, slot_ttl, amount, budget_ttl, alerts=None):
         """`alerts`: (day, thresholds in percent) or None; a budget that refuses raises its 100 % alert."""
         day, thresholds = alerts or ("", ())
-        keys = [self._ledger, PREFIX + OUTBOX, *(PREFIX + key for level in levels for key in (level.slots, level.budget))]
+        keys = [self._ledger, PREFIX + OUTBOX,
+                *(PREFIX + key for level in levels for key in (level.slots, level.budget))]
         args = [member, slot_ttl, amount, budget_ttl, day, ",".join(map(str, thresholds)), PREFIX + MARKERS,
                 *(v for level in levels for v in (level.cap, level.limit, level.who if alerts else ""))]
         return _outcome(self._call(self._admit, keys=keys, args=args))
