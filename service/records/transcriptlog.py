@@ -13,6 +13,8 @@ import queue
 import threading
 import time
 
+from service.records.usagelog import next_group, running
+
 log = logging.getLogger("vibethinker.transcripts")
 MAX_PENDING = 1024  # transcripts waiting for the writer; more are dropped (and logged)
 MAX_GROUP = 64  # transcripts in one transaction at most
@@ -45,20 +47,12 @@ class TranscriptLog:
         return not self._queue.unfinished_tasks
 
     def _ensure_thread(self):
-        # Started on first use, in the process that serves (gunicorn forks after importing the app module).
         with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="vibethinker-transcripts", daemon=True)
-                self._thread.start()
+            self._thread = running(self._thread, self._run, "vibethinker-transcripts")
 
     def _run(self):
         while True:
-            group = [self._queue.get()]
-            while len(group) < MAX_GROUP:
-                try:
-                    group.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            group = next_group(self._queue, MAX_GROUP)
             try:
                 self._write(group)
             except Exception as exc:  # noqa: BLE001 - the requests were answered; only their transcripts are lost

@@ -36,20 +36,12 @@ class UsageLog:
             raise pending.error
 
     def _ensure_thread(self):
-        # Started on first use, in the process that serves (gunicorn forks after importing the app module).
         with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="vibethinker-usage", daemon=True)
-                self._thread.start()
+            self._thread = running(self._thread, self._run, "vibethinker-usage")
 
     def _run(self):
         while True:
-            group = [self._queue.get()]
-            while len(group) < MAX_GROUP:
-                try:
-                    group.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            group = next_group(self._queue, MAX_GROUP)
             error = None
             try:
                 self._store.record_usage([p.row for p in group])
@@ -58,6 +50,26 @@ class UsageLog:
             for pending in group:
                 pending.error = error
                 pending.done.set()
+
+
+def running(thread, target, name):
+    """`thread` if it is alive, else a new daemon thread running `target`, started: a writer is started on first
+    use, in the process that serves (gunicorn forks after importing the app module). Call it under a lock."""
+    if thread is None or not thread.is_alive():
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+    return thread
+
+
+def next_group(pending, most):
+    """The next item of queue `pending` (waiting for it) and those queued behind it, `most` at most."""
+    group = [pending.get()]
+    while len(group) < most:
+        try:
+            group.append(pending.get_nowait())
+        except queue.Empty:
+            break
+    return group
 
 
 class _Pending:
