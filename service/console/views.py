@@ -316,12 +316,12 @@ def _flag(text, field):
     return text == "true"
 
 
-def _form_quotas(form, clear_empty):
-    """The quota fields given in a form as the admin API takes them: numbers as numbers, allow-lists as lists
-    (models one per line, system prompts separated by a line of ---); an empty field is not given (a new user)
-    or cleared (a change: the server's default applies)."""
+def _form_quotas(form, clear_empty, fields=QUOTA_FIELDS):
+    """The quota `fields` (a user's, or a team's TEAM_FIELDS) given in a form as the admin API takes them:
+    numbers as numbers, allow-lists as lists (models one per line, system prompts separated by a line of ---);
+    an empty field is not given (a new user or team) or cleared (a change: the default, or no team limit)."""
     out = {}
-    for name in QUOTA_FIELDS:
+    for name in fields:
         if name not in form:
             continue
         text = form[name]
@@ -361,7 +361,7 @@ def teams():
 @bp.post("/teams")
 def team_add():
     body = parse(AdminTeamCreate, check_unicode({"name": request.form.get("name", "").strip(),
-                                                 **_form_team(request.form, clear_empty=False)}))
+                                                 **_form_quotas(request.form, False, TEAM_FIELDS)}))
     team = state().store.add_team(body.name, **{k: getattr(body, k) for k in TEAM_FIELDS}, **_who())
     flash(f"created team {team['name']}")
     return redirect(url_for("console.team_detail", name=team["name"]), 303)
@@ -384,7 +384,8 @@ def team_set(name):
     team = store.get_team(name)
     edited = {k: v for k, v in request.form.items()
               if k in TEAM_FIELDS and v.strip() != ("" if team[k] is None else str(team[k]))}
-    body = parse(AdminTeamPatch, check_unicode(_form_team(edited, clear_empty=True))).model_dump(exclude_unset=True)
+    body = parse(AdminTeamPatch, check_unicode(_form_quotas(edited, True, TEAM_FIELDS)))
+    body = body.model_dump(exclude_unset=True)
     if body:
         store.update_team(name, **body, **_who())
         flash(f"saved team {name}'s {', '.join(sorted(body))}")
@@ -418,18 +419,6 @@ def team_remove(name):
     team = state().store.remove_team(name, **_who())
     flash(f"removed team {name}; {len(team['members'])} member(s) now in no team")
     return redirect(url_for("console.teams"), 303)
-
-
-def _form_team(form, clear_empty):
-    """A team's limit fields from a form as the admin API takes them (see _form_quotas)."""
-    out = {}
-    for name in TEAM_FIELDS:
-        if name in form:
-            text = form[name].strip()
-            value = int(text) if name != "rate_limit" and re.fullmatch(r"-?[0-9]{1,19}", text) else text or None
-            if value is not None or clear_empty:
-                out[name] = value
-    return out
 
 
 # --- tokens ---
