@@ -16,7 +16,7 @@ from auth.store import utcnow
 from service.console import charts, figures
 from service.console.parts import KEY
 from service.state import state
-from tests.support.inprocess import BatchUser, bearer, make_app, stop_app, token_header
+from tests.support.inprocess import BatchUser, bearer, make_app, moved_clock, stop_app, token_header
 from tests.support.servers import free_port
 
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
@@ -32,22 +32,10 @@ def app(tiny_model, tmp_path_factory):
     stop_app(app)
 
 
-class Clock:
-    """The store's clock, moved by the test."""
-
-    def __init__(self):
-        self.offset = timedelta()
-
-    def __call__(self):
-        return utcnow() + self.offset
-
-
 @pytest.fixture
 def clock(app):
-    store = state(app).store
-    before, store.clock = store.clock, Clock()
-    yield store.clock
-    store.clock = before
+    with moved_clock(app) as moved:
+        yield moved
 
 
 def access(app):

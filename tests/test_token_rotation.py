@@ -12,19 +12,9 @@ from auth.schema import tokens
 from auth.store import utcnow
 from auth.tokens import issue_token, rotate_token
 from service.state import state
-from tests.support.inprocess import make_app, stop_app, token_header
+from tests.support.inprocess import StoreClock, make_app, moved_clock, stop_app, token_header
 
 NAMES = itertools.count()
-
-
-class Clock:
-    """The store's clock (the guard's and the token cache's too), moved by the test."""
-
-    def __init__(self):
-        self.offset = timedelta()
-
-    def __call__(self):
-        return utcnow() + self.offset
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +27,8 @@ def app(tiny_model, tmp_path_factory, redis_server):
 
 @pytest.fixture
 def clock(app):
-    store = state(app).store
-    before, store.clock = store.clock, Clock()
-    yield store.clock
-    store.clock = before
+    with moved_clock(app) as moved:
+        yield moved
 
 
 @pytest.fixture
@@ -191,7 +179,7 @@ def test_a_restore_keeps_a_scheduled_end_and_an_earlier_revocation_made_since(tm
     from auth.store import Store
 
     keys.generate(tmp_path / "keys")
-    keyset, url, clock = keys.KeySet(tmp_path / "keys"), f"sqlite:///{tmp_path}/db.sqlite", Clock()
+    keyset, url, clock = keys.KeySet(tmp_path / "keys"), f"sqlite:///{tmp_path}/db.sqlite", StoreClock()
     store = Store(url, clock=clock)
     store.add_user("rot-g")
     jtis = [issue_token(store, keyset, "rot-g", issuer="i", audience="a")[1]["jti"] for _ in range(2)]

@@ -7,11 +7,14 @@ a test sets the stage (a user disabled, an allow-list narrowed) before a runner 
 import io
 import json
 import time
+from contextlib import contextmanager
+from datetime import timedelta
 
 from werkzeug.datastructures import FileStorage
 from werkzeug.test import encode_multipart
 
 from auth import keys
+from auth.store import utcnow
 from auth.tokens import issue_token
 from service.app import create_app
 from service.batches.runner import BatchRunner
@@ -42,6 +45,27 @@ def stop_app(app):
         if pool is not None:
             pool.close()
     held.store.close()
+
+
+class StoreClock:
+    """A store's clock (the guard's and the token cache's too), `offset` ahead of the real one."""
+
+    def __init__(self):
+        self.offset = timedelta()
+
+    def __call__(self):
+        return utcnow() + self.offset
+
+
+@contextmanager
+def moved_clock(app):
+    """The app's store on a StoreClock the test moves; its own clock again afterwards."""
+    store = state(app).store
+    before, store.clock = store.clock, StoreClock()
+    try:
+        yield store.clock
+    finally:
+        store.clock = before
 
 
 def bearer(app, name, scope="generate", **quotas):
