@@ -386,13 +386,13 @@ class MemoryCounters:
                                     for level in levels]
 
     def release(self, levels, member, delta, budget_ttl, alerts=None):
+        day, thresholds = alerts or ("", ())
         with self._lock:
             totals = []
             for level in levels:
                 self._slots.get(level.slots, {}).pop(member, None)
                 total = self._set(level.budget, self._value(level.budget) + delta, budget_ttl)
                 totals.append(total)
-                day, thresholds = alerts or ("", ())
                 for pct in thresholds if level.who else ():
                     if total * 100 >= pct * level.limit:
                         self._raise(level.who, day, pct, level.limit, total)

@@ -81,8 +81,8 @@ class LineRates:
     def wait_s(self, name, rate_limit, team=False):
         """0.0 when one more line of user `name` (or team, with `team`) fits every window of `rate_limit`; else
         seconds to wait."""
-        key, wait = team_key(name) if team else user_key(name), None
-        live_scope, line_scope = (TEAM_SCOPE, TEAM_LINE_SCOPE) if team else (LIVE_SCOPE, LINE_SCOPE)
+        key, live_scope, line_scope = _counted(name, team)
+        wait = None
         for item in parse_many(rate_limit):
             live_reset, live_left = self.strategy.get_window_stats(item, key, live_scope)
             line_reset, line_left = self.strategy.get_window_stats(item, key, line_scope)
@@ -94,11 +94,14 @@ class LineRates:
 
     def hit(self, name, rate_limit, team=False):
         """Count one line of user `name` (or team, with `team`) in every window of `rate_limit`."""
+        key, _, line_scope = _counted(name, team)
         for item in parse_many(rate_limit):
-            if team:
-                self.strategy.hit(item, team_key(name), TEAM_LINE_SCOPE)
-            else:
-                self.strategy.hit(item, user_key(name), LINE_SCOPE)
+            self.strategy.hit(item, key, line_scope)
+
+
+def _counted(name, team):
+    """(key, live requests' scope, lines' scope) of user `name`'s windows, or of team `name`'s with `team`."""
+    return (team_key(name), TEAM_SCOPE, TEAM_LINE_SCOPE) if team else (user_key(name), LIVE_SCOPE, LINE_SCOPE)
 
 
 def _team_rate(row):
